@@ -1,0 +1,59 @@
+"""vLLM engine arguments for a pdcluster engine, with or without our KV connector."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cluster.worker_config import EngineConfig
+
+
+def resolve_model(model: str) -> str:
+    if model:
+        return model
+    from cluster.tiny_model.generate import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+def prepare_environment(engine: EngineConfig) -> None:
+    """Environment vLLM reads at engine start (CPU KV size must be explicit here)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+
+
+def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for vLLM's (Async)EngineArgs / LLM."""
+    kwargs: dict[str, Any] = dict(
+        model=resolve_model(engine.model),
+        # The tiny model is float32 so greedy output is stable; "auto" could pick bf16.
+        dtype="float32" if not engine.model and engine.dtype == "auto" else engine.dtype,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        seed=0,
+    )
+    if _has_gpu():
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if kv_transfer is not None:
+        from vllm.config import KVTransferConfig
+
+        kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
+    return kwargs
+
+
+def pd_kv_transfer(role: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """KVTransferConfig fields that load our connector in the given pool role."""
+    return dict(
+        kv_connector="PdConnector",
+        kv_connector_module_path="kv_transfer.connector",
+        kv_role="kv_producer" if role == "prefill" else "kv_consumer",
+        kv_connector_extra_config=extra,
+        kv_load_failure_policy="recompute",
+    )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,80 @@
+"""Typed configuration of one worker process (engine + KV endpoint + servers), from CLI."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Role = Literal["prefill", "decode"]
+
+
+class EngineConfig(BaseModel):
+    model: str = ""  # empty: the tiny generated model
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+
+
+class WorkerConfig(BaseModel):
+    role: Role
+    worker_id: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0  # Worker gRPC service; 0 picks a free port
+    kv_port: int = 0
+    metrics_port: int = 0
+    auth_token: str = ""
+    kv_chunk_bytes: int = 4 << 20
+    kv_load_timeout_s: float = 60.0
+    kv_send_timeout_s: float = 60.0
+    ready_file: str = ""  # written (JSON with ports) once the worker serves
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig:
+    parser = argparse.ArgumentParser(prog=f"python -m {role}_worker", description=f"pdcluster {role} worker")
+    parser.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--worker-id", default="")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--kv-port", type=int, default=0)
+    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--auth-token", default="")
+    parser.add_argument("--kv-chunk-bytes", type=int, default=4 << 20)
+    parser.add_argument("--kv-load-timeout", type=float, default=60.0)
+    parser.add_argument("--kv-send-timeout", type=float, default=60.0)
+    parser.add_argument("--ready-file", default="")
+    a = parser.parse_args(argv)
+    return WorkerConfig(
+        role=role,
+        worker_id=a.worker_id,
+        host=a.host,
+        port=a.port,
+        kv_port=a.kv_port,
+        metrics_port=a.metrics_port,
+        auth_token=a.auth_token,
+        kv_chunk_bytes=a.kv_chunk_bytes,
+        kv_load_timeout_s=a.kv_load_timeout,
+        kv_send_timeout_s=a.kv_send_timeout,
+        ready_file=a.ready_file,
+        engine=EngineConfig(
+            model=a.model,
+            dtype=a.dtype,
+            max_model_len=a.max_model_len,
+            kv_cache_gib=a.kv_cache_gib,
+            max_num_seqs=a.max_num_seqs,
+            enable_prefix_caching=not a.no_prefix_caching,
+            tensor_parallel_size=a.tensor_parallel_size,
+        ),
+    )

@@ -1,0 +1,279 @@
+"""The process shell shared by prefill and decode workers.
+
+It starts vLLM's async engine with our KV connector, serves the internal `Worker` gRPC
+service (the role's handler answers Prefill or Decode; Health and Stats are answered
+here), exports Prometheus metrics, and drains in-flight requests before it exits on
+SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+import uuid
+from typing import Protocol
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cluster.engine_args import engine_kwargs, pd_kv_transfer, prepare_environment
+from cluster.worker_config import WorkerConfig
+from kv_transfer.grpc_options import bulk_channel_options
+from kv_transfer.grpc_transport import fetch_kv_stats
+from protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger("pdcluster.worker")
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+class RoleHandler(Protocol):
+    """What a pool adds to the shell: the RPC its role serves (`prefill` or `decode`)."""
+
+    @property
+    def queued_prefill_tokens(self) -> int: ...
+
+
+def _scheduler_stats_logger(holder: dict):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsLogger(StatLoggerBase):
+        """Keeps the engine's latest scheduler stats for Stats and metrics."""
+
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                holder["scheduler"] = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerStatsLogger
+
+
+class WorkerHost(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, handler_cls) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
+        self._handler_cls = handler_cls
+        self.handler: RoleHandler | None = None
+        self.engine = None
+        self.kv_endpoint = ""
+        self._scheduler_stats: dict = {}
+        self._kv_stats = kv_transfer_pb2.KVStats()
+        self._active = 0
+        self._draining = False
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.config
+        prepare_environment(cfg.engine)
+        endpoint_file = os.path.join(tempfile.mkdtemp(prefix="pdcluster-kv-"), "endpoint.json")
+        extra = dict(
+            host=cfg.host,
+            port=cfg.kv_port,
+            endpoint_file=endpoint_file,
+            auth_token=cfg.auth_token,
+            chunk_bytes=cfg.kv_chunk_bytes,
+            load_timeout_s=cfg.kv_load_timeout_s,
+            send_timeout_s=cfg.kv_send_timeout_s,
+        )
+        kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra))
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**kwargs), stat_loggers=[_scheduler_stats_logger(self._scheduler_stats)]
+        )
+        with open(endpoint_file) as f:
+            self.kv_endpoint = json.load(f)["endpoint"]
+        self.handler = self._handler_cls(self)
+
+        self._server = grpc.aio.server(options=bulk_channel_options(16 << 20))
+        worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        await self._server.start()
+        registry = CollectorRegistry()
+        registry.register(_WorkerCollector(self))
+        metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
+        self.metrics_port = metrics_server.server_port
+        logger.info("%s worker %s serving on %s:%d (KV %s, metrics %d)", cfg.role, self.worker_id, cfg.host, self.port, self.kv_endpoint, self.metrics_port)
+        if cfg.ready_file:
+            with open(cfg.ready_file + ".tmp", "w") as f:
+                json.dump(self.describe(), f)
+            os.replace(cfg.ready_file + ".tmp", cfg.ready_file)
+
+    def describe(self) -> dict:
+        return {
+            "worker_id": self.worker_id,
+            "role": self.config.role,
+            "address": f"{self.config.host}:{self.port}",
+            "kv_endpoint": self.kv_endpoint,
+            "metrics_port": self.metrics_port,
+            "pid": os.getpid(),
+        }
+
+    async def serve_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        refresher = asyncio.create_task(self._refresh_kv_stats())
+        await stop.wait()
+        refresher.cancel()
+        await self.drain_and_stop()
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, let running requests (and their KV pulls) finish, then exit."""
+        self._draining = True
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    async def _refresh_kv_stats(self) -> None:
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                self._kv_stats = await fetch_kv_stats(self.kv_endpoint)
+            await asyncio.sleep(1.0)
+
+    # -- request accounting shared by the role handlers --------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self, context):
+        if self._draining:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+
+    # -- Worker service ---------------------------------------------------------------
+
+    async def Prefill(self, request, context):
+        if self.config.role != "prefill":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
+        try:
+            with self.admitted(context):
+                return await self.handler.prefill(request, context)
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def Decode(self, request, context):
+        if self.config.role != "decode":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
+        try:
+            with self.admitted(context):
+                async for chunk in self.handler.decode(request, context):
+                    yield chunk
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def Health(self, request, context):
+        return worker_pb2.HealthReply(ready=self.engine is not None and not self._draining, role=self.config.role)
+
+    async def Stats(self, request, context):
+        return await self.stats()
+
+    async def stats(self) -> worker_pb2.WorkerStats:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            self._kv_stats = await fetch_kv_stats(self.kv_endpoint, timeout=2.0)
+        sched = self._scheduler_stats.get("scheduler")
+        cache = self.engine.vllm_config.cache_config
+        total = cache.num_gpu_blocks or 0
+        usage = sched.kv_cache_usage if sched else 0.0
+        return worker_pb2.WorkerStats(
+            role=self.config.role,
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            running=sched.num_running_reqs if sched else 0,
+            queued=sched.num_waiting_reqs if sched else 0,
+            free_kv_blocks=int(total * (1.0 - usage)),
+            total_kv_blocks=total,
+            kv_bytes_sent=self._kv_stats.bytes_sent,
+            kv_bytes_received=self._kv_stats.bytes_received,
+            kv_endpoint=self.kv_endpoint,
+            model=self.engine.vllm_config.model_config.model,
+            queued_prefill_tokens=self.handler.queued_prefill_tokens,
+            block_size=cache.block_size,
+            draining=self._draining,
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code, self.message = code, message
+
+
+class _WorkerCollector:
+    """Prometheus view of the worker; read at scrape time from the latest stats."""
+
+    def __init__(self, host: WorkerHost) -> None:
+        self._host = host
+
+    def collect(self):
+        host = self._host
+        labels = ["role", "worker_id"]
+        values = [host.config.role, host.worker_id]
+        sched = host._scheduler_stats.get("scheduler")
+        kv = host._kv_stats
+        gauges = {
+            "pdcluster_worker_running_requests": sched.num_running_reqs if sched else 0,
+            "pdcluster_worker_queued_requests": sched.num_waiting_reqs if sched else 0,
+            "pdcluster_worker_kv_cache_usage": sched.kv_cache_usage if sched else 0.0,
+            "pdcluster_worker_active_rpcs": host._active,
+            "pdcluster_worker_draining": int(host._draining),
+            "pdcluster_kv_pending_sends": kv.pending_sends,
+            "pdcluster_kv_pending_receives": kv.pending_receives,
+            "pdcluster_kv_staged_bytes": kv.staged_bytes,
+        }
+        for name, value in gauges.items():
+            g = GaugeMetricFamily(name, name.replace("_", " "), labels=labels)
+            g.add_metric(values, value)
+            yield g
+        counters = {
+            "pdcluster_kv_bytes_sent": kv.bytes_sent,
+            "pdcluster_kv_bytes_received": kv.bytes_received,
+            "pdcluster_kv_send_seconds": kv.send_seconds,
+            "pdcluster_kv_receive_seconds": kv.receive_seconds,
+            "pdcluster_kv_transfers_sent": kv.transfers_sent,
+            "pdcluster_kv_transfers_received": kv.transfers_received,
+            "pdcluster_kv_transfers_failed": kv.transfers_failed,
+            "pdcluster_kv_checksum_failures": kv.checksum_failures,
+            "pdcluster_kv_send_retries": kv.send_retries,
+            "pdcluster_kv_recomputes": kv.recomputes,
+            "pdcluster_kv_expired_leases": kv.expired_leases,
+        }
+        for name, value in counters.items():
+            c = CounterMetricFamily(name, name.replace("_", " "), labels=labels)
+            c.add_metric(values, value)
+            yield c
+
+
+def run_worker(config: WorkerConfig, handler_cls) -> None:
+    """Entry point of `python -m prefill_worker` / `python -m decode_worker`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        host = WorkerHost(config, handler_cls)
+        await host.start()
+        await host.serve_until_signalled()
+
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""The decode pool: a process hosting a vLLM engine that consumes transferred KV."""

@@ -1,0 +1,1 @@
+"""Moving KV blocks between vLLM engines: the connector, transports and framing."""

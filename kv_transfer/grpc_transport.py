@@ -1,0 +1,192 @@
+"""The gRPC transport of KV chunks: the `KVTransfer` service and the client that pushes.
+
+Chunks travel as `KVChunk` messages on client streams; see kv_chunk_wire for why they are
+encoded by hand. Several streams (each on its own channel and TCP connection) carry one
+transfer in parallel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from kv_transfer.chunk_header import ChunkError, KVChunkHeader
+from kv_transfer.grpc_options import bulk_channel_options
+from kv_transfer.kv_chunk_wire import decode_kv_chunk
+from kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
+from kv_transfer.settings import KVTransferSettings
+from protos import kv_transfer_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "pdcluster.v1.KVTransfer"
+PUSH = f"/{SERVICE}/Push"
+ABORT = f"/{SERVICE}/Abort"
+STATS = f"/{SERVICE}/Stats"
+
+_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+class TransferFailed(Exception):
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _status_for(error: Exception) -> grpc.StatusCode:
+    if isinstance(error, PermissionError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(error, TransferNotWanted):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, StagingFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, ChunkError) and "checksum" in str(error):
+        return grpc.StatusCode.DATA_LOSS
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+class KVTransferService:
+    """Serves one engine's KV endpoint; `receiver` is None on a producer-only engine."""
+
+    def __init__(self, receiver: KVReceiver | None, stats: Callable[[], pb.KVStats], auth: Callable[[str], None]) -> None:
+        self._receiver = receiver
+        self._stats = stats
+        self._auth = auth
+
+    async def push(self, chunks: AsyncIterator[tuple[bytes, memoryview]], context) -> pb.PushAck:
+        transfer_id, complete, nbytes = "", False, 0
+        async for raw_header, payload in chunks:
+            try:
+                header = KVChunkHeader.decode(raw_header)
+                transfer_id = header.transfer_id
+                if self._receiver is None:
+                    raise TransferNotWanted("this engine is not a KV consumer")
+                complete = self._receiver.on_chunk(header, payload)
+                nbytes += len(payload)
+            except (ChunkError, PermissionError, TransferNotWanted, StagingFull) as e:
+                await context.abort(_status_for(e), str(e))
+        return pb.PushAck(transfer_id=transfer_id, bytes_received=nbytes, complete=complete)
+
+    async def abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferReply:
+        try:
+            self._auth(request.auth_token)
+        except PermissionError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        known = bool(self._receiver and self._receiver.fail(request.transfer_id, f"aborted by producer: {request.reason}"))
+        return pb.AbortTransferReply(known=known)
+
+    async def stats(self, request: pb.KVStatsRequest, context) -> pb.KVStats:
+        return self._stats()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Push": grpc.stream_unary_rpc_method_handler(
+                    self.push,
+                    request_deserializer=decode_kv_chunk,
+                    response_serializer=pb.PushAck.SerializeToString,
+                ),
+                "Abort": grpc.unary_unary_rpc_method_handler(
+                    self.abort,
+                    request_deserializer=pb.AbortTransferRequest.FromString,
+                    response_serializer=pb.AbortTransferReply.SerializeToString,
+                ),
+                "Stats": grpc.unary_unary_rpc_method_handler(
+                    self.stats,
+                    request_deserializer=pb.KVStatsRequest.FromString,
+                    response_serializer=pb.KVStats.SerializeToString,
+                ),
+            },
+        )
+
+
+async def start_kv_server(service: KVTransferService, settings: KVTransferSettings) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=bulk_channel_options(settings.chunk_bytes))
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind the KV endpoint on {settings.host}:{settings.port}")
+    await server.start()
+    return server, port
+
+
+class GrpcKVClient:
+    """Pushes encoded chunks to consumers; one set of channels per consumer endpoint."""
+
+    def __init__(self, settings: KVTransferSettings) -> None:
+        self._settings = settings
+        self._channels: dict[str, list[grpc.aio.Channel]] = {}
+        self._rr = itertools.count()
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        channels = self._channels.get(endpoint)
+        if channels is None:
+            options = bulk_channel_options(self._settings.chunk_bytes)
+            channels = [
+                grpc.aio.insecure_channel(endpoint, options=options)
+                for _ in range(self._settings.streams_per_transfer)
+            ]
+            self._channels[endpoint] = channels
+        return channels[next(self._rr) % len(channels)]
+
+    async def push(self, endpoint: str, chunks: AsyncIterator[bytes], timeout: float) -> pb.PushAck:
+        call = self._channel(endpoint).stream_unary(
+            PUSH, request_serializer=lambda b: b, response_deserializer=pb.PushAck.FromString
+        )
+        try:
+            return await call(chunks, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise TransferFailed(
+                f"push to {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE
+            ) from None
+
+    async def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
+        call = self._channel(endpoint).unary_unary(
+            ABORT,
+            request_serializer=pb.AbortTransferRequest.SerializeToString,
+            response_deserializer=pb.AbortTransferReply.FromString,
+        )
+        try:
+            await call(
+                pb.AbortTransferRequest(
+                    transfer_id=transfer_id, reason=reason, auth_token=self._settings.auth_token
+                ),
+                timeout=5,
+            )
+        except grpc.aio.AioRpcError as e:
+            logger.warning("could not tell %s that transfer %s is aborted: %s", endpoint, transfer_id, e.code().name)
+
+    async def close(self) -> None:
+        for channels in self._channels.values():
+            for channel in channels:
+                await channel.close()
+        self._channels.clear()
+
+
+async def fetch_kv_stats(endpoint: str, timeout: float = 5.0) -> pb.KVStats:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        call = channel.unary_unary(
+            STATS,
+            request_serializer=pb.KVStatsRequest.SerializeToString,
+            response_deserializer=pb.KVStats.FromString,
+        )
+        return await call(pb.KVStatsRequest(), timeout=timeout)
+
+
+def kv_stats_from(snapshot: dict, **extra: int) -> pb.KVStats:
+    return pb.KVStats(**snapshot, **extra)
+

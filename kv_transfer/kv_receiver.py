@@ -1,0 +1,281 @@
+"""Consumer side of KV transfer: writes arriving chunks into the blocks vLLM allocated.
+
+A transfer becomes *expected* when the decode engine schedules its request and allocates
+blocks for it. Chunks that arrive earlier are staged in memory (bounded in bytes and
+time) and written when the request is scheduled. Every expected transfer has a deadline;
+a transfer that misses it, is aborted by its producer, or fails a check is reported as
+failed so vLLM recomputes the prompt instead of waiting forever or using bad KV.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kv_transfer.chunk_header import ChunkError, KVChunkHeader
+from kv_transfer.paged_kv_layout import PagedKVLayout
+from kv_transfer.settings import KVTransferSettings
+from kv_transfer.transfer_stats import TransferStats
+
+logger = logging.getLogger(__name__)
+
+_CLOSED_IDS_KEPT = 10_000
+
+
+class TransferNotWanted(Exception):
+    """The consumer will not take this transfer (finished, failed, aborted or unknown)."""
+
+
+class StagingFull(Exception):
+    """Too many bytes are staged for transfers whose requests are not scheduled yet."""
+
+
+@dataclass
+class ExpectedTransfer:
+    transfer_id: str
+    request_id: str
+    block_ids: list[int]
+    first_token: int  # tokens before this are already in the local prefix cache
+    num_tokens: int
+    deadline: float
+    received: np.ndarray  # [layers, tokens] bool: which tokens of which layer arrived
+    started: float = field(default_factory=time.monotonic)
+    bytes_received: int = 0
+    writers: int = 0  # chunk writes in progress; blocks must not be released meanwhile
+    failure: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.received.all())
+
+
+@dataclass
+class StagedTransfer:
+    chunks: list[tuple[KVChunkHeader, bytes]] = field(default_factory=list)
+    nbytes: int = 0
+    created: float = field(default_factory=time.monotonic)
+
+
+class KVReceiver:
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        layout: PagedKVLayout,
+        settings: KVTransferSettings,
+        stats: TransferStats,
+    ) -> None:
+        self._layers = list(layers)
+        self._layout = layout
+        self._settings = settings
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._expected: dict[str, ExpectedTransfer] = {}
+        self._by_request: dict[str, str] = {}
+        self._staged: dict[str, StagedTransfer] = {}
+        self._staged_bytes = 0
+        self._closed: OrderedDict[str, None] = OrderedDict()
+
+    # -- called by the engine thread --------------------------------------------------
+
+    def expect(
+        self,
+        transfer_id: str,
+        request_id: str,
+        block_ids: list[int],
+        first_token: int,
+        num_tokens: int,
+    ) -> None:
+        received = np.zeros((len(self._layers), num_tokens), dtype=bool)
+        received[:, :first_token] = True
+        transfer = ExpectedTransfer(
+            transfer_id=transfer_id,
+            request_id=request_id,
+            block_ids=list(block_ids),
+            first_token=first_token,
+            num_tokens=num_tokens,
+            deadline=time.monotonic() + self._settings.load_timeout_s,
+            received=received,
+        )
+        with self._lock:
+            self._expected[transfer_id] = transfer
+            self._by_request[request_id] = transfer_id
+            staged = self._staged.pop(transfer_id, None)
+            if staged:
+                self._staged_bytes -= staged.nbytes
+        for header, payload in staged.chunks if staged else ():
+            try:
+                self._write(transfer, header, payload)
+            except (ChunkError, TransferNotWanted) as e:
+                self.fail(transfer_id, str(e))
+                break
+
+    def cancel_request(self, request_id: str) -> bool:
+        """The consumer's own request ended (aborted); stop taking its chunks."""
+        with self._lock:
+            transfer_id = self._by_request.get(request_id)
+            if transfer_id is None:
+                return False
+            self._expected[transfer_id].failure = self._expected[transfer_id].failure or "cancelled"
+            return True
+
+    def poll(self) -> tuple[set[str], set[str]]:
+        """Request ids whose loads ended since the last poll: (finished, failed).
+
+        Failed ones are finished too (vLLM's contract); their blocks are released only
+        once no chunk write is in flight.
+        """
+        now = time.monotonic()
+        finished: set[str] = set()
+        failed: set[str] = set()
+        with self._lock:
+            for transfer_id, t in list(self._expected.items()):
+                if not t.failure and not t.complete and now > t.deadline:
+                    t.failure = f"no complete KV within {self._settings.load_timeout_s}s"
+                if t.writers or not (t.failure or t.complete):
+                    continue
+                del self._expected[transfer_id]
+                self._by_request.pop(t.request_id, None)
+                self._close(transfer_id)
+                finished.add(t.request_id)
+                if t.complete and not t.failure:
+                    self._stats.add(
+                        transfers_received=1, receive_seconds=time.monotonic() - t.started
+                    )
+                    continue
+                failed.add(t.request_id)
+                if t.failure != "cancelled":
+                    logger.warning("KV load of %s failed (%s): recomputing", transfer_id, t.failure)
+                    self._stats.add(transfers_failed=1, recomputes=1)
+            self._expire_staged(now)
+        return finished, failed
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._expected)
+
+    @property
+    def staged_bytes(self) -> int:
+        with self._lock:
+            return self._staged_bytes
+
+    # -- called by the transport ------------------------------------------------------
+
+    def on_chunk(self, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
+        """Take one chunk. Returns whether its transfer is now complete.
+
+        Raises ChunkError for a corrupted or mismatched chunk (the transfer then fails),
+        TransferNotWanted / StagingFull when the chunk is refused.
+        """
+        self._authorize(header.auth_token)
+        try:
+            self._check_compatible(header)
+            header.check_payload(payload)
+        except ChunkError as e:
+            if "checksum" in str(e):
+                self._stats.add(checksum_failures=1)
+            self.fail(header.transfer_id, str(e))
+            raise
+        with self._lock:
+            transfer = self._expected.get(header.transfer_id)
+            if transfer is None:
+                self._stage(header, payload)
+                return False
+        return self._write(transfer, header, payload)
+
+    def fail(self, transfer_id: str, reason: str) -> bool:
+        with self._lock:
+            transfer = self._expected.get(transfer_id)
+            if transfer is None:
+                staged = self._staged.pop(transfer_id, None)
+                if staged:
+                    self._staged_bytes -= staged.nbytes
+                self._close(transfer_id)
+                return staged is not None
+            transfer.failure = transfer.failure or reason
+            return True
+
+    def authorize(self, token: str) -> None:
+        self._authorize(token)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _authorize(self, token: str) -> None:
+        expected = self._settings.auth_token
+        if expected and not hmac.compare_digest(token.encode(), expected.encode()):
+            raise PermissionError("KV transfer peer did not present the cluster token")
+
+    def _check_compatible(self, header: KVChunkHeader) -> None:
+        layout = self._layout
+        if header.layout != layout.signature or header.dtype != layout.dtype_name:
+            raise ChunkError(
+                f"KV layout {header.layout}/{header.dtype} does not match this engine's "
+                f"{layout.signature}/{layout.dtype_name}"
+            )
+        if header.token_bytes != layout.token_bytes or header.layer >= len(self._layers):
+            raise ChunkError("chunk token size or layer index does not match this engine")
+
+    def _stage(self, header: KVChunkHeader, payload: bytes | memoryview) -> None:
+        # Caller holds the lock.
+        if header.transfer_id in self._closed:
+            raise TransferNotWanted(f"transfer {header.transfer_id} is already closed")
+        if self._staged_bytes + len(payload) > self._settings.max_staged_bytes:
+            raise StagingFull("KV staging buffer is full")
+        staged = self._staged.setdefault(header.transfer_id, StagedTransfer())
+        staged.chunks.append((header, bytes(payload)))
+        staged.nbytes += len(payload)
+        self._staged_bytes += len(payload)
+        self._stats.add(bytes_received=len(payload))
+
+    def _write(self, t: ExpectedTransfer, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
+        start, end = header.token_start, header.token_start + header.num_tokens
+        with self._lock:
+            if t.failure:
+                raise TransferNotWanted(f"transfer {t.transfer_id} failed: {t.failure}")
+            if end > t.num_tokens:
+                t.failure = f"chunk tokens {start}:{end} beyond the prompt's {t.num_tokens}"
+                raise ChunkError(t.failure)
+            t.writers += 1
+        try:
+            # Tokens below first_token sit in shared prefix-cache blocks: leave them be.
+            # first_token is block-aligned, so the skipped bytes are whole packed blocks.
+            lo = max(start, t.first_token)
+            if lo < end:
+                skip = (lo - start) * header.token_bytes
+                self._layout.unpack(
+                    memoryview(payload)[skip:], self._layers[header.layer], t.block_ids, lo, end
+                )
+        except Exception as e:
+            with self._lock:
+                t.writers -= 1
+                t.failure = t.failure or f"writing KV failed: {e}"
+            raise
+        with self._lock:
+            t.writers -= 1
+            t.received[header.layer, start:end] = True
+            t.bytes_received += len(payload)
+            complete = t.complete
+        self._stats.add(bytes_received=len(payload))
+        return complete
+
+    def _close(self, transfer_id: str) -> None:
+        self._closed[transfer_id] = None
+        while len(self._closed) > _CLOSED_IDS_KEPT:
+            self._closed.popitem(last=False)
+
+    def _expire_staged(self, now: float) -> None:
+        for transfer_id, staged in list(self._staged.items()):
+            if now - staged.created > self._settings.staged_ttl_s:
+                logger.warning("dropping staged KV of %s: its request never arrived", transfer_id)
+                del self._staged[transfer_id]
+                self._staged_bytes -= staged.nbytes
+                self._close(transfer_id)
+                self._stats.add(expired_leases=1)

@@ -1,0 +1,209 @@
+"""Producer side of KV transfer: streams a request's KV to its consumer layer by layer.
+
+The engine thread announces, per layer, which prompt tokens were just computed; the I/O
+loop reads those tokens out of the paged cache and pushes them while the engine computes
+the next layer. The request's blocks stay allocated (vLLM's delayed free) until the
+consumer has taken every chunk, the send deadline passes, or the consumer refuses the
+transfer; then `poll` hands the request back so vLLM frees them. A failed attempt is
+retried from the held blocks; a transfer that finally fails is aborted at the consumer so
+it recomputes at once instead of waiting out its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer.chunk_header import KVChunkHeader, payload_checksum
+from kv_transfer.grpc_transport import GrpcKVClient, TransferFailed
+from kv_transfer.kv_chunk_wire import encode_kv_chunk
+from kv_transfer.kv_io_loop import KVIOLoop
+from kv_transfer.paged_kv_layout import PagedKVLayout, split_token_range
+from kv_transfer.settings import KVTransferSettings
+from kv_transfer.transfer_stats import TransferStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OutgoingTransfer:
+    request_id: str
+    transfer_id: str
+    endpoint: str
+    block_ids: list[int]
+    deadline: float
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, start, end)
+    final: bool = False
+    cursor: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task | None = None
+
+
+class KVSender:
+    def __init__(
+        self,
+        io: KVIOLoop,
+        client: GrpcKVClient,
+        layers: Sequence[torch.Tensor],
+        layout: PagedKVLayout,
+        settings: KVTransferSettings,
+        stats: TransferStats,
+    ) -> None:
+        self._io = io
+        self._client = client
+        self._layers = list(layers)
+        self._layout = layout
+        self._settings = settings
+        self._stats = stats
+        self._transfers: dict[str, OutgoingTransfer] = {}  # touched on the I/O loop only
+        self._lock = threading.Lock()
+        self._done: set[str] = set()
+        self._finished: set[str] = set()
+        self._pending = 0
+
+    # -- engine thread ----------------------------------------------------------------
+
+    def begin(self, request_id: str, transfer_id: str, endpoint: str) -> None:
+        with self._lock:
+            self._pending += 1
+        self._io.call_soon(self._begin, request_id, transfer_id, endpoint)
+
+    def add_layer(self, request_id: str, block_ids: list[int], layer: int, start: int, end: int) -> None:
+        """Tokens [start, end) of `layer` are computed and may be sent now."""
+        self._io.call_soon(self._add_layer, request_id, list(block_ids), layer, start, end)
+
+    def finalize(self, request_id: str) -> None:
+        """Every token of the prompt has been announced."""
+        self._io.call_soon(self._finalize, request_id)
+
+    def poll(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests whose blocks may be freed now (finished in vLLM and done sending)."""
+        with self._lock:
+            self._finished |= finished_req_ids
+            ready = self._done & self._finished
+            self._done -= ready
+            self._finished -= ready
+        for request_id in finished_req_ids:
+            self._io.call_soon(self._abort_if_unfinished, request_id)
+        return ready
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
+
+    # -- I/O loop ---------------------------------------------------------------------
+
+    def _begin(self, request_id: str, transfer_id: str, endpoint: str) -> None:
+        t = OutgoingTransfer(
+            request_id=request_id,
+            transfer_id=transfer_id,
+            endpoint=endpoint,
+            block_ids=[],
+            deadline=time.monotonic() + self._settings.send_timeout_s,
+        )
+        self._transfers[request_id] = t
+        t.task = asyncio.get_running_loop().create_task(self._drive(t))
+
+    def _add_layer(self, request_id: str, block_ids: list[int], layer: int, start: int, end: int) -> None:
+        t = self._transfers.get(request_id)
+        if t is None:
+            return
+        t.block_ids = block_ids
+        for s, e in split_token_range(start, end, self._layout.token_bytes, self._settings.chunk_bytes):
+            t.ranges.append((layer, s, e))
+        t.changed.set()
+
+    def _finalize(self, request_id: str) -> None:
+        t = self._transfers.get(request_id)
+        if t is not None:
+            t.final = True
+            t.changed.set()
+
+    def _abort_if_unfinished(self, request_id: str) -> None:
+        # vLLM finished the request: a transfer never finalized will never be complete.
+        t = self._transfers.get(request_id)
+        if t is not None and not t.final and t.task is not None:
+            t.task.cancel()
+
+    async def _drive(self, t: OutgoingTransfer) -> None:
+        failure = ""
+        try:
+            for attempt in range(self._settings.send_retries + 1):
+                try:
+                    remaining = t.deadline - time.monotonic()
+                    await asyncio.wait_for(self._attempt(t), timeout=max(remaining, 0.001))
+                    failure = ""
+                    break
+                except TransferFailed as e:
+                    failure = str(e)
+                    if not e.retryable or attempt == self._settings.send_retries:
+                        break
+                    logger.warning("retrying KV transfer %s: %s", t.transfer_id, e)
+                    self._stats.add(send_retries=1)
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                except asyncio.TimeoutError:
+                    failure = f"not confirmed within {self._settings.send_timeout_s}s"
+                    self._stats.add(expired_leases=1)
+                    break
+        except asyncio.CancelledError:
+            failure = "request ended before its prompt was computed"
+        finally:
+            await self._finish(t, failure)
+
+    async def _attempt(self, t: OutgoingTransfer) -> None:
+        t.cursor = 0  # a retry resends everything from the held blocks
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self._settings.streams_per_transfer):
+                group.create_task(
+                    self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic())
+                )
+
+    async def _chunks(self, t: OutgoingTransfer):
+        while True:
+            while t.cursor >= len(t.ranges) and not t.final:
+                t.changed.clear()
+                await t.changed.wait()
+            if t.cursor >= len(t.ranges):
+                return
+            layer, start, end = t.ranges[t.cursor]
+            t.cursor += 1
+            yield self._encode(t, layer, start, end)
+
+    def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int) -> bytes:
+        payload = self._layout.pack(self._layers[layer], t.block_ids, start, end).numpy()
+        header = KVChunkHeader(
+            transfer_id=t.transfer_id,
+            layer=layer,
+            token_start=start,
+            num_tokens=end - start,
+            dtype=self._layout.dtype_name,
+            token_bytes=self._layout.token_bytes,
+            layout=self._layout.signature,
+            payload_bytes=payload.nbytes,
+            checksum=payload_checksum(payload),
+            auth_token=self._settings.auth_token,
+        )
+        return encode_kv_chunk(header.encode(), payload)
+
+    async def _finish(self, t: OutgoingTransfer, failure: str) -> None:
+        self._transfers.pop(t.request_id, None)
+        if failure:
+            logger.warning("KV transfer %s failed: %s", t.transfer_id, failure)
+            self._stats.add(transfers_failed=1)
+            await self._client.abort(t.endpoint, t.transfer_id, failure)
+        else:
+            nbytes = sum(e - s for _, s, e in t.ranges) * self._layout.token_bytes
+            self._stats.add(
+                bytes_sent=nbytes, transfers_sent=1, send_seconds=time.monotonic() - t.started
+            )
+        with self._lock:
+            self._done.add(t.request_id)
+            self._pending -= 1

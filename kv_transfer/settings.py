@@ -1,0 +1,45 @@
+"""Typed settings of the KV connector, read from vLLM's `kv_connector_extra_config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KVTransferSettings:
+    # Where this engine's KVTransfer service listens (port 0: pick a free one).
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Largest payload of one chunk; a layer's token range is split to fit.
+    chunk_bytes: int = 4 << 20
+    # Concurrent gRPC streams a producer opens to one consumer.
+    streams_per_transfer: int = 2
+    # Consumer: how long a registered transfer may wait for all its chunks.
+    load_timeout_s: float = 60.0
+    # Producer: how long blocks stay held for a consumer that never confirms.
+    send_timeout_s: float = 60.0
+    send_retries: int = 2
+    # Consumer: chunks that arrive before their request is scheduled are staged.
+    max_staged_bytes: int = 2 << 30
+    staged_ttl_s: float = 60.0
+    # Shared secret of the cluster; chunks without it are rejected. Empty: no check.
+    auth_token: str = ""
+    # Where the connector writes the endpoint it bound, for the hosting worker to read.
+    endpoint_file: str = ""
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTransferSettings":
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ValueError(f"unknown kv_connector_extra_config keys: {unknown}")
+        values = {}
+        for name, value in extra.items():
+            kind = type(getattr(cls(), name))
+            values[name] = kind(value)
+        settings = cls(**values)
+        if settings.chunk_bytes <= 0 or settings.streams_per_transfer <= 0:
+            raise ValueError("chunk_bytes and streams_per_transfer must be positive")
+        return settings

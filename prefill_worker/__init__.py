@@ -1,0 +1,1 @@
+"""The prefill pool: a process hosting a vLLM engine that produces KV for decode workers."""

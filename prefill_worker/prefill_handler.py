@@ -1,0 +1,60 @@
+"""Prefill role: computes a prompt once and streams its KV to the chosen decode worker.
+
+The engine runs the prompt with max_tokens=1; our connector pushes each layer's KV to
+the target's KV endpoint while the next layer computes. The reply carries the first
+token and the transfer parameters the decode side needs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from decode_worker.sampling import sampling_params_from
+from kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
+from protos import worker_pb2
+
+
+class PrefillHandler:
+    def __init__(self, host) -> None:
+        self._host = host
+        self._queued_tokens = 0
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        return self._queued_tokens
+
+    async def prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillReply:
+        from vllm.inputs import TokensPrompt
+
+        target = request.target
+        if not request.request_id or not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required")
+        if not target.transfer_id or not target.consumer_endpoint:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target.transfer_id and target.consumer_endpoint are required")
+        kv = {TRANSFER_ID: target.transfer_id, PRODUCE_TO: target.consumer_endpoint}
+        started = time.monotonic()
+        num_tokens = len(request.prompt_token_ids)
+        self._queued_tokens += num_tokens
+        final = None
+        try:
+            params = sampling_params_from(request.sampling, kv, max_tokens=1, stop=None, min_tokens=0)
+            async for out in self._host.engine.generate(
+                TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, f"{request.request_id}-prefill"
+            ):
+                final = out
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self._queued_tokens -= num_tokens
+        params_out = final.kv_transfer_params or {}
+        return worker_pb2.PrefillReply(
+            first_token_id=final.outputs[0].token_ids[0],
+            transfer_id=target.transfer_id,
+            engine_id=params_out.get("engine_id", ""),
+            producer_endpoint=self._host.kv_endpoint,
+            num_prompt_tokens=num_tokens,
+            num_cached_tokens=final.num_cached_tokens or 0,
+            prefill_seconds=time.monotonic() - started,
+        )
