@@ -19,6 +19,11 @@ def resolve_model(model: str) -> str:
 def prepare_environment(engine: EngineConfig) -> None:
     """Environment vLLM reads at engine start (CPU KV size must be explicit here)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+    if not _has_gpu() and engine.tensor_parallel_size == 1:
+        # AsyncLLM keeps its engine core in its own process either way; this only runs
+        # the CPU model inside that process instead of a further worker process whose
+        # shared-memory queue busy-spins and starves the other pool on small machines.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -33,6 +38,7 @@ def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = Non
         tensor_parallel_size=engine.tensor_parallel_size,
         seed=0,
     )
+
     if _has_gpu():
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if kv_transfer is not None:

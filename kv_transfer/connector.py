@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+IDLE_STEP_WAIT_S = 0.005
+
 
 @dataclass
 class _Producing:
@@ -84,6 +87,7 @@ class PdConnector(KVConnectorBase_V1):
         self._io: KVIOLoop | None = None
         self._server = None
         self._stats = TransferStats()
+        self._progress = threading.Event()  # a transfer ended, either direction
         self._layer_index: dict[str, int] = {}
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
@@ -116,7 +120,9 @@ class PdConnector(KVConnectorBase_V1):
         )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = PdConnectorMetadata(loads=self._pending_loads)
+        meta = PdConnectorMetadata(
+            loads=self._pending_loads, idle=scheduler_output.total_num_scheduled_tokens == 0
+        )
         self._pending_loads = []
         for new in scheduler_output.scheduled_new_reqs:
             params = (new.sampling_params.extra_args or {}).get("kv_transfer_params") if new.sampling_params else None
@@ -191,11 +197,11 @@ class PdConnector(KVConnectorBase_V1):
         self._io = KVIOLoop()
         config = self._kv_transfer_config
         if config.is_kv_consumer:
-            self._receiver = KVReceiver(layers, layout, self._settings, self._stats)
+            self._receiver = KVReceiver(layers, layout, self._settings, self._stats, self._progress)
         if config.is_kv_producer:
             client = GrpcKVClient(self._settings)
-            self._sender = KVSender(self._io, client, layers, layout, self._settings, self._stats)
-        service = KVTransferService(self._receiver, self._kv_stats, self._authorize)
+            self._sender = KVSender(self._io, client, layers, layout, self._settings, self._stats, self._progress)
+        service = KVTransferService(self._receiver, self._kv_stats, self._settings.check_token)
         self._server, port = self._io.run(start_kv_server(service, self._settings))
         self.endpoint = f"{self._settings.host}:{port}"
         logger.info("pdcluster KV endpoint %s (%s, layout %s)", self.endpoint, config.kv_role, layout.signature)
@@ -209,9 +215,6 @@ class PdConnector(KVConnectorBase_V1):
         meta = self._meta()
         for load in meta.loads:
             self._receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_token, load.num_tokens)
-        for save in meta.saves:
-            if save.first:
-                self._sender.begin(save.request_id, save.transfer_id, save.endpoint)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete before vLLM schedules the request
@@ -219,7 +222,7 @@ class PdConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         layer = self._layer_index[layer_name]
         for save in self._meta().saves:
-            self._sender.add_layer(save.request_id, save.block_ids, layer, save.start, save.end)
+            self._sender.add_layer(save, layer)
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():
@@ -229,6 +232,10 @@ class PdConnector(KVConnectorBase_V1):
                 self._sender.finalize(save.request_id)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        if self.has_connector_metadata() and self._meta().idle:
+            # vLLM steps back to back while it only waits for transfers; pace it.
+            self._progress.wait(IDLE_STEP_WAIT_S)
+        self._progress.clear()
         results = KVConnectorTransferResults()
         if self._sender is not None:
             results.finished_sending = self._sender.poll(finished_req_ids)
@@ -264,11 +271,6 @@ class PdConnector(KVConnectorBase_V1):
             pending_receives=self._receiver.pending if self._receiver else 0,
             staged_bytes=self._receiver.staged_bytes if self._receiver else 0,
         )
-
-    def _authorize(self, token: str) -> None:
-        expected = self._settings.auth_token
-        if expected and token != expected:
-            raise PermissionError("KV transfer peer did not present the cluster token")
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -42,3 +42,4 @@ class LoadSpec:
 class PdConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
+    idle: bool = False  # nothing computes this step: wait for transfers, don't spin

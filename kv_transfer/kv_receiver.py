@@ -9,7 +9,6 @@ failed so vLLM recomputes the prompt instead of waiting forever or using bad KV.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -71,7 +70,9 @@ class KVReceiver:
         layout: PagedKVLayout,
         settings: KVTransferSettings,
         stats: TransferStats,
+        progress: threading.Event | None = None,
     ) -> None:
+        self._progress = progress or threading.Event()  # set when a transfer completes or fails
         self._layers = list(layers)
         self._layout = layout
         self._settings = settings
@@ -105,6 +106,8 @@ class KVReceiver:
             received=received,
         )
         with self._lock:
+            if transfer_id in self._closed:  # its producer gave up before we got here
+                transfer.failure = "aborted by the producer before the request was scheduled"
             self._expected[transfer_id] = transfer
             self._by_request[request_id] = transfer_id
             staged = self._staged.pop(transfer_id, None)
@@ -172,18 +175,23 @@ class KVReceiver:
     def on_chunk(self, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
         """Take one chunk. Returns whether its transfer is now complete.
 
-        Raises ChunkError for a corrupted or mismatched chunk (the transfer then fails),
-        TransferNotWanted / StagingFull when the chunk is refused.
+        Raises ChunkError for a corrupted chunk (the producer may resend) or a mismatched
+        one (the transfer fails), TransferNotWanted / StagingFull when it is refused.
         """
-        self._authorize(header.auth_token)
+        self._settings.check_token(header.auth_token)
         try:
             self._check_compatible(header)
-            header.check_payload(payload)
         except ChunkError as e:
-            if "checksum" in str(e):
-                self._stats.add(checksum_failures=1)
-            self.fail(header.transfer_id, str(e))
+            self.fail(header.transfer_id, str(e))  # no retry can fix a mismatch
             raise
+        try:
+            header.check_payload(payload)
+        except ChunkError:
+            # Corrupted in flight: refuse the stream; the producer resends from its
+            # held blocks, and rewriting a range is harmless.
+            self._stats.add(checksum_failures=1)
+            raise
+        self._stats.add(bytes_received=len(payload))
         with self._lock:
             transfer = self._expected.get(header.transfer_id)
             if transfer is None:
@@ -201,17 +209,10 @@ class KVReceiver:
                 self._close(transfer_id)
                 return staged is not None
             transfer.failure = transfer.failure or reason
-            return True
-
-    def authorize(self, token: str) -> None:
-        self._authorize(token)
+        self._progress.set()
+        return True
 
     # -- internals --------------------------------------------------------------------
-
-    def _authorize(self, token: str) -> None:
-        expected = self._settings.auth_token
-        if expected and not hmac.compare_digest(token.encode(), expected.encode()):
-            raise PermissionError("KV transfer peer did not present the cluster token")
 
     def _check_compatible(self, header: KVChunkHeader) -> None:
         layout = self._layout
@@ -233,7 +234,6 @@ class KVReceiver:
         staged.chunks.append((header, bytes(payload)))
         staged.nbytes += len(payload)
         self._staged_bytes += len(payload)
-        self._stats.add(bytes_received=len(payload))
 
     def _write(self, t: ExpectedTransfer, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
         start, end = header.token_start, header.token_start + header.num_tokens
@@ -263,7 +263,8 @@ class KVReceiver:
             t.received[header.layer, start:end] = True
             t.bytes_received += len(payload)
             complete = t.complete
-        self._stats.add(bytes_received=len(payload))
+        if complete:
+            self._progress.set()
         return complete
 
     def _close(self, transfer_id: str) -> None:

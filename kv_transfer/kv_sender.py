@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kv_transfer.connector_metadata import SaveSpec
 from kv_transfer.chunk_header import KVChunkHeader, payload_checksum
 from kv_transfer.grpc_transport import GrpcKVClient, TransferFailed
 from kv_transfer.kv_chunk_wire import encode_kv_chunk
@@ -55,7 +56,9 @@ class KVSender:
         layout: PagedKVLayout,
         settings: KVTransferSettings,
         stats: TransferStats,
+        progress: threading.Event | None = None,
     ) -> None:
+        self._progress = progress or threading.Event()  # set when a transfer ends
         self._io = io
         self._client = client
         self._layers = list(layers)
@@ -70,14 +73,15 @@ class KVSender:
 
     # -- engine thread ----------------------------------------------------------------
 
-    def begin(self, request_id: str, transfer_id: str, endpoint: str) -> None:
-        with self._lock:
-            self._pending += 1
-        self._io.call_soon(self._begin, request_id, transfer_id, endpoint)
+    def add_layer(self, save: SaveSpec, layer: int) -> None:
+        """Tokens [save.start, save.end) of `layer` are computed and may be sent now.
 
-    def add_layer(self, request_id: str, block_ids: list[int], layer: int, start: int, end: int) -> None:
-        """Tokens [start, end) of `layer` are computed and may be sent now."""
-        self._io.call_soon(self._add_layer, request_id, list(block_ids), layer, start, end)
+        The first layer of a request's first step opens its transfer.
+        """
+        if save.first and layer == 0:
+            with self._lock:
+                self._pending += 1
+        self._io.call_soon(self._add_layer, save, layer)
 
     def finalize(self, request_id: str) -> None:
         """Every token of the prompt has been announced."""
@@ -101,23 +105,22 @@ class KVSender:
 
     # -- I/O loop ---------------------------------------------------------------------
 
-    def _begin(self, request_id: str, transfer_id: str, endpoint: str) -> None:
-        t = OutgoingTransfer(
-            request_id=request_id,
-            transfer_id=transfer_id,
-            endpoint=endpoint,
-            block_ids=[],
-            deadline=time.monotonic() + self._settings.send_timeout_s,
-        )
-        self._transfers[request_id] = t
-        t.task = asyncio.get_running_loop().create_task(self._drive(t))
-
-    def _add_layer(self, request_id: str, block_ids: list[int], layer: int, start: int, end: int) -> None:
-        t = self._transfers.get(request_id)
+    def _add_layer(self, save: SaveSpec, layer: int) -> None:
+        t = self._transfers.get(save.request_id)
         if t is None:
-            return
-        t.block_ids = block_ids
-        for s, e in split_token_range(start, end, self._layout.token_bytes, self._settings.chunk_bytes):
+            if not (save.first and layer == 0):
+                return  # the transfer already ended (failed or aborted)
+            t = OutgoingTransfer(
+                request_id=save.request_id,
+                transfer_id=save.transfer_id,
+                endpoint=save.endpoint,
+                block_ids=[],
+                deadline=time.monotonic() + self._settings.send_timeout_s,
+            )
+            self._transfers[save.request_id] = t
+            t.task = asyncio.get_running_loop().create_task(self._drive(t))
+        t.block_ids = save.block_ids
+        for s, e in split_token_range(save.start, save.end, self._layout.token_bytes, self._settings.chunk_bytes):
             t.ranges.append((layer, s, e))
         t.changed.set()
 
@@ -160,11 +163,19 @@ class KVSender:
 
     async def _attempt(self, t: OutgoingTransfer) -> None:
         t.cursor = 0  # a retry resends everything from the held blocks
-        async with asyncio.TaskGroup() as group:
-            for _ in range(self._settings.streams_per_transfer):
-                group.create_task(
-                    self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic())
-                )
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self._settings.streams_per_transfer):
+                    group.create_task(
+                        self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic())
+                    )
+        except ExceptionGroup as group:
+            failed, other = group.split(TransferFailed)
+            if other is not None:
+                raise other
+            errors = failed.exceptions
+            # Retry only if every stream failed in a way a retry can fix.
+            raise TransferFailed(str(errors[0]), all(e.retryable for e in errors)) from None
 
     async def _chunks(self, t: OutgoingTransfer):
         while True:
@@ -207,3 +218,4 @@ class KVSender:
         with self._lock:
             self._done.add(t.request_id)
             self._pending -= 1
+        self._progress.set()

