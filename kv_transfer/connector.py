@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +33,8 @@ from kv_transfer.connector_metadata import (
     PdConnectorMetadata,
     SaveSpec,
 )
-from kv_transfer.grpc_transport import GrpcKVClient, KVTransferService, kv_stats_from, start_kv_server
-from kv_transfer.kv_io_loop import KVIOLoop
-from kv_transfer.kv_receiver import KVReceiver
-from kv_transfer.kv_sender import KVSender
-from kv_transfer.paged_kv_layout import PagedKVLayout
+from kv_transfer.kv_endpoint import KVEndpoint
 from kv_transfer.settings import KVTransferSettings
-from kv_transfer.transfer_stats import TransferStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -84,14 +78,8 @@ class PdConnector(KVConnectorBase_V1):
         self._load_claimed: set[str] = set()
         self._pending_loads: list[LoadSpec] = []
         # worker side
-        self._io: KVIOLoop | None = None
-        self._server = None
-        self._stats = TransferStats()
-        self._progress = threading.Event()  # a transfer ended, either direction
+        self._kv: KVEndpoint | None = None
         self._layer_index: dict[str, int] = {}
-        self._sender: KVSender | None = None
-        self._receiver: KVReceiver | None = None
-        self.endpoint = ""
 
     # ================================ scheduler side ==================================
 
@@ -191,30 +179,27 @@ class PdConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = list(kv_caches)
-        layers = [kv_caches[n] for n in names]
         self._layer_index = {n: i for i, n in enumerate(names)}
-        layout = PagedKVLayout.of(layers[0], self._kv_cache_config.num_blocks, self._block_size)
-        self._io = KVIOLoop()
         config = self._kv_transfer_config
-        if config.is_kv_consumer:
-            self._receiver = KVReceiver(layers, layout, self._settings, self._stats, self._progress)
-        if config.is_kv_producer:
-            client = GrpcKVClient(self._settings)
-            self._sender = KVSender(self._io, client, layers, layout, self._settings, self._stats, self._progress)
-        service = KVTransferService(self._receiver, self._kv_stats, self._settings.check_token)
-        self._server, port = self._io.run(start_kv_server(service, self._settings))
-        self.endpoint = f"{self._settings.host}:{port}"
-        logger.info("pdcluster KV endpoint %s (%s, layout %s)", self.endpoint, config.kv_role, layout.signature)
+        self._kv = KVEndpoint(
+            [kv_caches[n] for n in names],
+            self._kv_cache_config.num_blocks,
+            self._block_size,
+            self._settings,
+            produce=config.is_kv_producer,
+            consume=config.is_kv_consumer,
+        )
+        logger.info("pdcluster KV endpoint %s (%s, layout %s)", self._kv.address, config.kv_role, self._kv.layout.signature)
         if self._settings.endpoint_file:
             _write_atomically(
                 self._settings.endpoint_file,
-                json.dumps({"endpoint": self.endpoint, "engine_id": self._engine_id, "pid": os.getpid()}),
+                json.dumps({"endpoint": self._kv.address, "engine_id": self._engine_id, "pid": os.getpid()}),
             )
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._meta()
         for load in meta.loads:
-            self._receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_token, load.num_tokens)
+            self._kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_token, load.num_tokens)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete before vLLM schedules the request
@@ -222,27 +207,28 @@ class PdConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         layer = self._layer_index[layer_name]
         for save in self._meta().saves:
-            self._sender.add_layer(save, layer)
+            self._kv.sender.add_layer(save, layer)
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():
             return
         for save in self._meta().saves:
             if save.final:
-                self._sender.finalize(save.request_id)
+                self._kv.sender.finalize(save.request_id)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        kv = self._kv
         if self.has_connector_metadata() and self._meta().idle:
             # vLLM steps back to back while it only waits for transfers; pace it.
-            self._progress.wait(IDLE_STEP_WAIT_S)
-        self._progress.clear()
+            kv.progress.wait(IDLE_STEP_WAIT_S)
+        kv.progress.clear()
         results = KVConnectorTransferResults()
-        if self._sender is not None:
-            results.finished_sending = self._sender.poll(finished_req_ids)
-        if self._receiver is not None:
+        if kv.sender is not None:
+            results.finished_sending = kv.sender.poll(finished_req_ids)
+        if kv.receiver is not None:
             for request_id in finished_req_ids:
-                self._receiver.cancel_request(request_id)
-            results.finished_recving, results.failed_recving = self._receiver.poll()
+                kv.receiver.cancel_request(request_id)
+            results.finished_recving, results.failed_recving = kv.receiver.poll()
         return results
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -250,12 +236,9 @@ class PdConnector(KVConnectorBase_V1):
         return results.finished_sending, results.finished_recving
 
     def shutdown(self) -> None:
-        if self._io is None:
-            return
-        if self._server is not None:
-            self._io.run(self._server.stop(grace=1.0), timeout=10)
-        self._io.stop()
-        self._io = None
+        if self._kv is not None:
+            self._kv.close()
+            self._kv = None
 
     # ================================= helpers ========================================
 
@@ -263,14 +246,6 @@ class PdConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, PdConnectorMetadata)
         return meta
-
-    def _kv_stats(self):
-        return kv_stats_from(
-            self._stats.snapshot(),
-            pending_sends=self._sender.pending if self._sender else 0,
-            pending_receives=self._receiver.pending if self._receiver else 0,
-            staged_bytes=self._receiver.staged_bytes if self._receiver else 0,
-        )
 
 
 def _write_atomically(path: str, text: str) -> None:

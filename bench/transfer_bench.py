@@ -1,0 +1,169 @@
+"""`pdcluster bench transfer`: KV transfer throughput beside its ceilings, in one run.
+
+Moves Llama-3-8B-shaped KV (32 layers x 8 KV heads x 128 dims x bf16 = 128 KiB per token)
+for 1K/4K/16K-token prompts from paged blocks in this process into paged blocks in a
+consumer process, over our gRPC transport on loopback. The ceilings, measured in the same
+run between the same two processes: a raw TCP socket (4 MiB sendall / recv_into a
+preallocated buffer) and an in-memory copy.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import socket
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from kv_transfer.connector_metadata import SaveSpec
+from kv_transfer.kv_endpoint import KVEndpoint
+from kv_transfer.settings import KVTransferSettings
+
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
+DTYPE = torch.bfloat16
+TOKEN_BYTES = LAYERS * KV_HEADS * HEAD_DIM * 2 * 2  # K and V, 2 bytes each: 128 KiB
+SIZES = (1024, 4096, 16384)
+TCP_CHUNK = 4 << 20
+
+
+@dataclass
+class Row:
+    tokens: int
+    nbytes: int
+    grpc_gbps: float
+    tcp_gbps: float
+    memcpy_gbps: float
+
+
+def _paged_layers(tokens: int, fill: bool) -> list[torch.Tensor]:
+    blocks = tokens // BLOCK + 1
+    shape = (blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM)  # vLLM's CPU layout
+    make = (lambda: torch.randn(shape).to(DTYPE)) if fill else (lambda: torch.zeros(shape, dtype=DTYPE))
+    return [make() for _ in range(LAYERS)]
+
+
+def _consumer(conn, tokens: int) -> None:
+    """Child process: a KV consumer endpoint, and a raw TCP sink."""
+    layers = _paged_layers(tokens, fill=False)
+    endpoint = KVEndpoint(layers, layers[0].shape[0], BLOCK, KVTransferSettings(), produce=False, consume=True)
+    sink = socket.create_server(("127.0.0.1", 0))
+    conn.send((endpoint.address, sink.getsockname()[1]))
+    buf = bytearray(TCP_CHUNK)
+    view = memoryview(buf)
+    while True:
+        msg = conn.recv()
+        if msg[0] == "expect":
+            endpoint.receiver.expect(msg[1], msg[1], list(range(layers[0].shape[0])), 0, tokens)
+            conn.send("ok")
+        elif msg[0] == "poll":
+            endpoint.receiver.poll()
+            conn.send("ok")
+        elif msg[0] == "tcp":
+            sock, _ = sink.accept()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            remaining = msg[1]
+            while remaining:
+                n = sock.recv_into(view[: min(len(buf), remaining)])
+                if not n:
+                    break
+                remaining -= n
+            sock.sendall(b"k")
+            sock.close()
+            conn.send("ok")
+        else:
+            endpoint.close()
+            conn.send("bye")
+            return
+
+
+def _grpc_once(producer: KVEndpoint, consumer: str, conn, tokens: int) -> float:
+    transfer_id = uuid.uuid4().hex
+    conn.send(("expect", transfer_id))
+    conn.recv()
+    blocks = list(range(tokens // BLOCK + 1))
+    spec = SaveSpec(transfer_id, transfer_id, consumer, blocks, 0, tokens, True, True)
+    started = time.perf_counter()
+    for layer in range(LAYERS):
+        producer.sender.add_layer(spec, layer)
+    producer.sender.finalize(transfer_id)
+    while not producer.sender.poll({transfer_id}):
+        producer.progress.wait(0.001)
+        producer.progress.clear()
+    elapsed = time.perf_counter() - started
+    conn.send(("poll",))
+    conn.recv()
+    if producer.stats.snapshot()["transfers_failed"]:
+        raise RuntimeError("a benchmark transfer failed")
+    return tokens * TOKEN_BYTES / elapsed / 1e9
+
+
+def _tcp_once(port: int, conn, nbytes: int) -> float:
+    payload = memoryview(bytearray(TCP_CHUNK))
+    conn.send(("tcp", nbytes))
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    started = time.perf_counter()
+    remaining = nbytes
+    while remaining:
+        n = min(TCP_CHUNK, remaining)
+        sock.sendall(payload[:n])
+        remaining -= n
+    sock.recv(1)
+    elapsed = time.perf_counter() - started
+    sock.close()
+    conn.recv()
+    return nbytes / elapsed / 1e9
+
+
+def _memcpy_once(nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in first
+    started = time.perf_counter()
+    dst.copy_(src)
+    return nbytes / (time.perf_counter() - started) / 1e9
+
+
+def measure(tokens: int, repeats: int) -> Row:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_consumer, args=(child, tokens), daemon=True)
+    proc.start()
+    kv_endpoint, tcp_port = parent.recv()
+    layers = _paged_layers(tokens, fill=True)
+    producer = KVEndpoint(layers, layers[0].shape[0], BLOCK, KVTransferSettings(), produce=True, consume=False)
+    nbytes = tokens * TOKEN_BYTES
+    try:
+        _grpc_once(producer, kv_endpoint, parent, tokens)  # warm the channels up
+        grpc = statistics.median(_grpc_once(producer, kv_endpoint, parent, tokens) for _ in range(repeats))
+        tcp = statistics.median(_tcp_once(tcp_port, parent, nbytes) for _ in range(repeats))
+        mem = statistics.median(_memcpy_once(nbytes) for _ in range(repeats))
+    finally:
+        producer.close()
+        parent.send(("stop",))
+        parent.recv()
+        proc.join(10)
+    return Row(tokens, nbytes, grpc, tcp, mem)
+
+
+def main(json_output: bool = False, repeats: int = 3) -> int:
+    rows = []
+    print(f"{'tokens':>7} {'MiB':>7} {'gRPC GB/s':>10} {'raw TCP GB/s':>13} {'memcpy GB/s':>12} {'gRPC/TCP':>9}")
+    for tokens in SIZES:
+        row = measure(tokens, repeats)
+        rows.append(row)
+        print(
+            f"{row.tokens:>7} {row.nbytes / 2**20:>7.0f} {row.grpc_gbps:>10.2f} {row.tcp_gbps:>13.2f} "
+            f"{row.memcpy_gbps:>12.2f} {row.grpc_gbps / row.tcp_gbps:>9.2f}",
+            flush=True,
+        )
+    ref = next(r for r in rows if r.tokens == 4096)
+    if json_output:
+        print(json.dumps({"gbps": round(ref.grpc_gbps, 3), "ceiling_gbps": round(ref.tcp_gbps, 3),
+                          "ratio": round(ref.grpc_gbps / ref.tcp_gbps, 3),
+                          "memcpy_gbps": round(ref.memcpy_gbps, 3), "tokens": 4096}))
+    return 0

@@ -1,0 +1,61 @@
+"""One engine's KV endpoint: its paged layers, the I/O loop, the served KVTransfer
+service, and a sender and/or receiver. The connector's worker side is one of these."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from kv_transfer.grpc_transport import GrpcKVClient, KVTransferService, kv_stats_from, start_kv_server
+from kv_transfer.kv_io_loop import KVIOLoop
+from kv_transfer.kv_receiver import KVReceiver
+from kv_transfer.kv_sender import KVSender
+from kv_transfer.paged_kv_layout import PagedKVLayout
+from kv_transfer.settings import KVTransferSettings
+from kv_transfer.transfer_stats import TransferStats
+from protos import kv_transfer_pb2 as pb
+
+
+class KVEndpoint:
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        num_blocks: int,
+        block_size: int,
+        settings: KVTransferSettings,
+        *,
+        produce: bool,
+        consume: bool,
+    ) -> None:
+        self.layers = list(layers)
+        self.layout = PagedKVLayout.of(self.layers[0], num_blocks, block_size)
+        self.settings = settings
+        self.stats = TransferStats()
+        self.progress = threading.Event()  # set whenever a transfer ends, either direction
+        self.io = KVIOLoop()
+        self.receiver = KVReceiver(self.layers, self.layout, settings, self.stats, self.progress) if consume else None
+        self._client = GrpcKVClient(settings) if produce else None
+        self.sender = (
+            KVSender(self.io, self._client, self.layers, self.layout, settings, self.stats, self.progress)
+            if produce
+            else None
+        )
+        service = KVTransferService(self.receiver, self.kv_stats, settings.check_token)
+        self._server, port = self.io.run(start_kv_server(service, settings))
+        self.address = f"{settings.host}:{port}"
+
+    def kv_stats(self) -> pb.KVStats:
+        return kv_stats_from(
+            self.stats.snapshot(),
+            pending_sends=self.sender.pending if self.sender else 0,
+            pending_receives=self.receiver.pending if self.receiver else 0,
+            staged_bytes=self.receiver.staged_bytes if self.receiver else 0,
+        )
+
+    def close(self) -> None:
+        if self._client is not None:
+            self.io.run(self._client.close(), timeout=10)
+        self.io.run(self._server.stop(grace=1.0), timeout=10)
+        self.io.stop()
