@@ -57,7 +57,7 @@ def _consumer(conn, tokens: int) -> None:
     while True:
         msg = conn.recv()
         if msg[0] == "expect":
-            endpoint.receiver.expect(msg[1], msg[1], list(range(layers[0].shape[0])), 0, tokens)
+            endpoint.receiver.expect(msg[1], msg[1], list(range(tokens // BLOCK)), 0)
             conn.send("ok")
         elif msg[0] == "poll":
             endpoint.receiver.poll()
@@ -84,8 +84,8 @@ def _grpc_once(producer: KVEndpoint, consumer: str, conn, tokens: int) -> float:
     transfer_id = uuid.uuid4().hex
     conn.send(("expect", transfer_id))
     conn.recv()
-    blocks = list(range(tokens // BLOCK + 1))
-    spec = SaveSpec(transfer_id, transfer_id, consumer, blocks, 0, tokens, True, True)
+    blocks = list(range(tokens // BLOCK))
+    spec = SaveSpec(transfer_id, transfer_id, consumer, blocks, 0, len(blocks), True, True)
     started = time.perf_counter()
     for layer in range(LAYERS):
         producer.sender.add_layer(spec, layer)

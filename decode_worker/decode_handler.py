@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from decode_worker.sampling import sampling_params_from
+from decode_worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
 from kv_transfer.connector_metadata import CONSUME, TRANSFER_ID
 from protos import worker_pb2
 
@@ -45,5 +45,5 @@ class DecodeHandler:
                     num_output_tokens=num_output,
                     num_cached_tokens=out.num_cached_tokens or 0,
                 )
-        except ValueError as e:  # vLLM's validation of params, prompt length, token ids
+        except INVALID_REQUEST_ERRORS as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

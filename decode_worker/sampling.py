@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.exceptions import VLLMClientError
+
 from protos import worker_pb2
+
+# What vLLM raises for a request that is the client's fault (bad params, prompt too long,
+# token ids out of vocabulary): answered with INVALID_ARGUMENT.
+INVALID_REQUEST_ERRORS = (ValueError, VLLMClientError)
 
 
 def sampling_params_from(options: worker_pb2.SamplingOptions, kv_transfer_params: dict[str, Any] | None = None, **overrides: Any):
@@ -30,4 +36,4 @@ def sampling_params_from(options: worker_pb2.SamplingOptions, kv_transfer_params
     if kv_transfer_params is not None:
         kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
     kwargs.update(overrides)
-    return SamplingParams(**kwargs)  # raises ValueError on out-of-range values
+    return SamplingParams(**kwargs)  # raises INVALID_REQUEST_ERRORS on out-of-range values

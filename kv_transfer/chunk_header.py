@@ -1,7 +1,7 @@
 """The msgpack header that precedes each chunk of raw KV bytes on the wire.
 
-A chunk carries the KV of one layer for a contiguous range of a request's prompt tokens,
-for every block the range touches, in the engine's own per-block layout. Decoders bound
+A chunk carries the KV of one layer for a contiguous range of a request's blocks (indexes
+into the request's block list, not block ids), whole blocks in the engine's own layout. Decoders bound
 every size and check every field before anything is written into a KV cache.
 """
 
@@ -15,7 +15,7 @@ import xxhash
 MAX_HEADER_BYTES = 4096
 MAX_ID_CHARS = 256
 MAX_LAYERS = 4096
-MAX_TOKENS = 1 << 24
+MAX_BLOCKS = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 30
 DTYPES = frozenset({"float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "uint8"})
 
@@ -32,11 +32,11 @@ def payload_checksum(payload: bytes | memoryview) -> int:
 class KVChunkHeader:
     transfer_id: str
     layer: int  # index into the engine's ordered list of attention layers
-    token_start: int  # first prompt token of the range
-    num_tokens: int
+    block_start: int  # index of the first block in the request's block list
+    num_blocks: int
     dtype: str
-    token_bytes: int  # bytes one token takes in one layer: sizes the payload
-    layout: str  # the per-block layout, e.g. "LBHNC:2x128x64"; must match the consumer's
+    block_bytes: int  # bytes of one block of one layer: sizes the payload
+    layout: str  # PagedKVLayout.signature; must match the consumer's
     payload_bytes: int
     checksum: int
     auth_token: str = ""
@@ -63,19 +63,19 @@ class KVChunkHeader:
             value = getattr(self, name)
             if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
                 raise ChunkError(f"chunk header field {name!r} is not a short string")
-        for name in ("layer", "token_start", "num_tokens", "token_bytes", "payload_bytes", "checksum"):
+        for name in ("layer", "block_start", "num_blocks", "block_bytes", "payload_bytes", "checksum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ChunkError(f"chunk header field {name!r} is not a non-negative integer")
         if not self.transfer_id:
             raise ChunkError("chunk header has an empty transfer_id")
         if self.dtype not in DTYPES:
             raise ChunkError(f"unsupported KV dtype {self.dtype!r}")
-        if self.layer >= MAX_LAYERS or self.token_start + self.num_tokens > MAX_TOKENS:
-            raise ChunkError("chunk header layer or token range out of bounds")
-        if self.num_tokens == 0 or self.payload_bytes > MAX_PAYLOAD_BYTES:
-            raise ChunkError("chunk header has no tokens or an oversized payload")
-        if self.payload_bytes != self.num_tokens * self.token_bytes:
-            raise ChunkError("chunk payload size does not match its token count")
+        if self.layer >= MAX_LAYERS or self.block_start + self.num_blocks > MAX_BLOCKS:
+            raise ChunkError("chunk header layer or block range out of bounds")
+        if self.num_blocks == 0 or self.payload_bytes > MAX_PAYLOAD_BYTES:
+            raise ChunkError("chunk header has no blocks or an oversized payload")
+        if self.payload_bytes != self.num_blocks * self.block_bytes:
+            raise ChunkError("chunk payload size does not match its block count")
 
     def check_payload(self, payload: bytes | memoryview) -> None:
         if len(payload) != self.payload_bytes:
@@ -85,7 +85,7 @@ class KVChunkHeader:
         if payload_checksum(payload) != self.checksum:
             raise ChunkError(
                 f"checksum mismatch in transfer {self.transfer_id} layer {self.layer} "
-                f"tokens {self.token_start}+{self.num_tokens}"
+                f"blocks {self.block_start}+{self.num_blocks}"
             )
 
 

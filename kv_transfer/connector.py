@@ -34,6 +34,7 @@ from kv_transfer.connector_metadata import (
     SaveSpec,
 )
 from kv_transfer.kv_endpoint import KVEndpoint
+from kv_transfer.paged_kv_layout import blocks_for_tokens
 from kv_transfer.settings import KVTransferSettings
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ class _Producing:
     endpoint: str
     num_prompt_tokens: int
     block_ids: list[int]
-    sent: int = 0
+    sent_blocks: int = 0
+    started: bool = False  # the worker side has opened the transfer
+    final: bool = False
 
 
 class PdConnector(KVConnectorBase_V1):
@@ -97,13 +100,14 @@ class PdConnector(KVConnectorBase_V1):
         if request.request_id in self._load_claimed:
             return
         self._load_claimed.add(request.request_id)
+        num_blocks = blocks_for_tokens(request.num_prompt_tokens, self._block_size)
         self._pending_loads.append(
             LoadSpec(
                 request_id=request.request_id,
                 transfer_id=params[TRANSFER_ID],
-                block_ids=list(blocks.get_block_ids()[0]),
-                first_token=request.num_prompt_tokens - num_external_tokens,
-                num_tokens=request.num_prompt_tokens,
+                block_ids=list(blocks.get_block_ids()[0][:num_blocks]),
+                # vLLM hands us a block-aligned local prefix hit
+                first_block=(request.num_prompt_tokens - num_external_tokens) // self._block_size,
             )
         )
 
@@ -138,8 +142,13 @@ class PdConnector(KVConnectorBase_V1):
 
     def _plan_save(self, meta: PdConnectorMetadata, req_id: str, num_computed: int, out: "SchedulerOutput") -> None:
         state = self._producing[req_id]
-        end = min(num_computed + out.num_scheduled_tokens.get(req_id, 0), state.num_prompt_tokens)
-        if end <= state.sent:
+        if state.final:
+            return
+        computed = min(num_computed + out.num_scheduled_tokens.get(req_id, 0), state.num_prompt_tokens)
+        final = computed == state.num_prompt_tokens
+        # Full blocks as soon as they are computed; the partial last one with the prompt's end.
+        end = blocks_for_tokens(computed, self._block_size) if final else computed // self._block_size
+        if end <= state.sent_blocks and not final:
             return
         meta.saves.append(
             SaveSpec(
@@ -147,18 +156,18 @@ class PdConnector(KVConnectorBase_V1):
                 transfer_id=state.transfer_id,
                 endpoint=state.endpoint,
                 block_ids=list(state.block_ids),
-                start=state.sent,
+                start=state.sent_blocks,
                 end=end,
-                first=state.sent == 0,
-                final=end == state.num_prompt_tokens,
+                first=not state.started,
+                final=final,
             )
         )
-        state.sent = end
+        state.sent_blocks, state.started, state.final = end, True, final
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._load_claimed.discard(request.request_id)
         state = self._producing.pop(request.request_id, None)
-        if state is None or state.sent == 0:
+        if state is None or not state.started:
             return False, None
         # Hold the blocks until the worker side reports the transfer done.
         self._awaiting_send.add(request.request_id)
@@ -166,7 +175,7 @@ class PdConnector(KVConnectorBase_V1):
             TRANSFER_ID: state.transfer_id,
             "engine_id": self._engine_id,
             "num_prompt_tokens": state.num_prompt_tokens,
-            "sent_tokens": state.sent,
+            "sent_blocks": state.sent_blocks,
         }
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
@@ -199,7 +208,7 @@ class PdConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._meta()
         for load in meta.loads:
-            self._kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_token, load.num_tokens)
+            self._kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_block)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete before vLLM schedules the request
@@ -207,7 +216,8 @@ class PdConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         layer = self._layer_index[layer_name]
         for save in self._meta().saves:
-            self._kv.sender.add_layer(save, layer)
+            if save.end > save.start:
+                self._kv.sender.add_layer(save, layer)
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():

@@ -15,7 +15,8 @@ CONSUME = "pd_consume"  # this engine waits for the KV instead of computing the 
 
 @dataclass(frozen=True)
 class SaveSpec:
-    """Send tokens [start, end) of every layer of a request computed in this step."""
+    """Send blocks [start, end) (indexes into `block_ids`) of every layer once this
+    step has computed them. A block is sent when full, the last one when the prompt ends."""
 
     request_id: str
     transfer_id: str
@@ -24,18 +25,18 @@ class SaveSpec:
     start: int
     end: int
     first: bool  # the first step of this request's transfer
-    final: bool  # `end` is the end of the prompt
+    final: bool  # `end` is the prompt's last block
 
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """Expect the KV of tokens [first_token, num_tokens) into `block_ids`."""
+    """Expect the KV of blocks [first_block, len(block_ids)) into `block_ids`; earlier
+    blocks are already in the local prefix cache."""
 
     request_id: str
     transfer_id: str
     block_ids: list[int]
-    first_token: int
-    num_tokens: int
+    first_block: int
 
 
 @dataclass

@@ -42,10 +42,9 @@ class ExpectedTransfer:
     transfer_id: str
     request_id: str
     block_ids: list[int]
-    first_token: int  # tokens before this are already in the local prefix cache
-    num_tokens: int
+    first_block: int  # blocks before this are already in the local prefix cache
     deadline: float
-    received: np.ndarray  # [layers, tokens] bool: which tokens of which layer arrived
+    received: np.ndarray  # [layers, blocks] bool: which blocks of which layer arrived
     started: float = field(default_factory=time.monotonic)
     bytes_received: int = 0
     writers: int = 0  # chunk writes in progress; blocks must not be released meanwhile
@@ -91,17 +90,15 @@ class KVReceiver:
         transfer_id: str,
         request_id: str,
         block_ids: list[int],
-        first_token: int,
-        num_tokens: int,
+        first_block: int,
     ) -> None:
-        received = np.zeros((len(self._layers), num_tokens), dtype=bool)
-        received[:, :first_token] = True
+        received = np.zeros((len(self._layers), len(block_ids)), dtype=bool)
+        received[:, :first_block] = True
         transfer = ExpectedTransfer(
             transfer_id=transfer_id,
             request_id=request_id,
             block_ids=list(block_ids),
-            first_token=first_token,
-            num_tokens=num_tokens,
+            first_block=first_block,
             deadline=time.monotonic() + self._settings.load_timeout_s,
             received=received,
         )
@@ -221,8 +218,8 @@ class KVReceiver:
                 f"KV layout {header.layout}/{header.dtype} does not match this engine's "
                 f"{layout.signature}/{layout.dtype_name}"
             )
-        if header.token_bytes != layout.token_bytes or header.layer >= len(self._layers):
-            raise ChunkError("chunk token size or layer index does not match this engine")
+        if header.block_bytes != layout.block_bytes or header.layer >= len(self._layers):
+            raise ChunkError("chunk block size or layer index does not match this engine")
 
     def _stage(self, header: KVChunkHeader, payload: bytes | memoryview) -> None:
         # Caller holds the lock.
@@ -236,23 +233,20 @@ class KVReceiver:
         self._staged_bytes += len(payload)
 
     def _write(self, t: ExpectedTransfer, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
-        start, end = header.token_start, header.token_start + header.num_tokens
+        start, end = header.block_start, header.block_start + header.num_blocks
         with self._lock:
             if t.failure:
                 raise TransferNotWanted(f"transfer {t.transfer_id} failed: {t.failure}")
-            if end > t.num_tokens:
-                t.failure = f"chunk tokens {start}:{end} beyond the prompt's {t.num_tokens}"
+            if end > len(t.block_ids):
+                t.failure = f"chunk blocks {start}:{end} beyond the request's {len(t.block_ids)}"
                 raise ChunkError(t.failure)
             t.writers += 1
         try:
-            # Tokens below first_token sit in shared prefix-cache blocks: leave them be.
-            # first_token is block-aligned, so the skipped bytes are whole packed blocks.
-            lo = max(start, t.first_token)
+            # Blocks below first_block are shared prefix-cache blocks: leave them be.
+            lo = max(start, t.first_block)
             if lo < end:
-                skip = (lo - start) * header.token_bytes
-                self._layout.unpack(
-                    memoryview(payload)[skip:], self._layers[header.layer], t.block_ids, lo, end
-                )
+                skip = (lo - start) * header.block_bytes
+                self._layout.unpack(memoryview(payload)[skip:], self._layers[header.layer], t.block_ids[lo:end])
         except Exception as e:
             with self._lock:
                 t.writers -= 1

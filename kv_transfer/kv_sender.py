@@ -1,7 +1,7 @@
 """Producer side of KV transfer: streams a request's KV to its consumer layer by layer.
 
-The engine thread announces, per layer, which prompt tokens were just computed; the I/O
-loop reads those tokens out of the paged cache and pushes them while the engine computes
+The engine thread announces, per layer, which of the prompt's blocks were just computed;
+the I/O loop reads those blocks out of the paged cache and pushes them while the engine computes
 the next layer. The request's blocks stay allocated (vLLM's delayed free) until the
 consumer has taken every chunk, the send deadline passes, or the consumer refuses the
 transfer; then `poll` hands the request back so vLLM frees them. A failed attempt is
@@ -25,7 +25,7 @@ from kv_transfer.chunk_header import KVChunkHeader, payload_checksum
 from kv_transfer.grpc_transport import GrpcKVClient, TransferFailed
 from kv_transfer.kv_chunk_wire import encode_kv_chunk
 from kv_transfer.kv_io_loop import KVIOLoop
-from kv_transfer.paged_kv_layout import PagedKVLayout, split_token_range
+from kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
 from kv_transfer.settings import KVTransferSettings
 from kv_transfer.transfer_stats import TransferStats
 
@@ -39,7 +39,7 @@ class OutgoingTransfer:
     endpoint: str
     block_ids: list[int]
     deadline: float
-    ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, start, end)
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, first block, end block)
     final: bool = False
     cursor: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,7 +74,7 @@ class KVSender:
     # -- engine thread ----------------------------------------------------------------
 
     def add_layer(self, save: SaveSpec, layer: int) -> None:
-        """Tokens [save.start, save.end) of `layer` are computed and may be sent now.
+        """Blocks [save.start, save.end) of `layer` are computed and may be sent now.
 
         The first layer of a request's first step opens its transfer.
         """
@@ -120,7 +120,7 @@ class KVSender:
             self._transfers[save.request_id] = t
             t.task = asyncio.get_running_loop().create_task(self._drive(t))
         t.block_ids = save.block_ids
-        for s, e in split_token_range(save.start, save.end, self._layout.token_bytes, self._settings.chunk_bytes):
+        for s, e in split_block_range(save.start, save.end, self._layout.block_bytes, self._settings.chunk_bytes):
             t.ranges.append((layer, s, e))
         t.changed.set()
 
@@ -189,14 +189,14 @@ class KVSender:
             yield self._encode(t, layer, start, end)
 
     def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int) -> bytes:
-        payload = self._layout.pack(self._layers[layer], t.block_ids, start, end).numpy()
+        payload = self._layout.pack(self._layers[layer], t.block_ids[start:end]).numpy()
         header = KVChunkHeader(
             transfer_id=t.transfer_id,
             layer=layer,
-            token_start=start,
-            num_tokens=end - start,
+            block_start=start,
+            num_blocks=end - start,
             dtype=self._layout.dtype_name,
-            token_bytes=self._layout.token_bytes,
+            block_bytes=self._layout.block_bytes,
             layout=self._layout.signature,
             payload_bytes=payload.nbytes,
             checksum=payload_checksum(payload),
@@ -211,7 +211,7 @@ class KVSender:
             self._stats.add(transfers_failed=1)
             await self._client.abort(t.endpoint, t.transfer_id, failure)
         else:
-            nbytes = sum(e - s for _, s, e in t.ranges) * self._layout.token_bytes
+            nbytes = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes
             self._stats.add(
                 bytes_sent=nbytes, transfers_sent=1, send_seconds=time.monotonic() - t.started
             )

@@ -12,7 +12,7 @@ class KVTransferSettings:
     # Where this engine's KVTransfer service listens (port 0: pick a free one).
     host: str = "127.0.0.1"
     port: int = 0
-    # Largest payload of one chunk; a layer's token range is split to fit.
+    # Largest payload of one chunk; a layer's block range is split to fit.
     chunk_bytes: int = 4 << 20
     # Concurrent gRPC streams a producer opens to one consumer.
     streams_per_transfer: int = 2

@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from decode_worker.sampling import sampling_params_from
+from decode_worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
 from kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
 from protos import worker_pb2
 
@@ -44,10 +44,12 @@ class PrefillHandler:
                 TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, f"{request.request_id}-prefill"
             ):
                 final = out
-        except ValueError as e:
+        except INVALID_REQUEST_ERRORS as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self._queued_tokens -= num_tokens
+        if final is None or not final.outputs[0].token_ids:
+            await context.abort(grpc.StatusCode.INTERNAL, "the engine returned no output for the prefill")
         params_out = final.kv_transfer_params or {}
         return worker_pb2.PrefillReply(
             first_token_id=final.outputs[0].token_ids[0],

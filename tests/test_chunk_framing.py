@@ -11,8 +11,8 @@ from protos import kv_transfer_pb2 as pb
 
 def make_header(payload: bytes, **overrides) -> KVChunkHeader:
     fields = dict(
-        transfer_id="t-1", layer=3, token_start=128, num_tokens=len(payload) // 64, dtype="float32",
-        token_bytes=64, layout="b0t2:2x16x64", payload_bytes=len(payload), checksum=payload_checksum(payload),
+        transfer_id="t-1", layer=3, block_start=2, num_blocks=len(payload) // 64, dtype="float32",
+        block_bytes=64, layout="b0:2x16x64:bs16", payload_bytes=len(payload), checksum=payload_checksum(payload),
     )
     fields.update(overrides)
     return KVChunkHeader(**fields)
@@ -46,8 +46,8 @@ def test_corrupted_payload_fails_checksum():
         (lambda d: d.update(layer=10**6), "out of bounds"),
         (lambda d: d.update(transfer_id=""), "empty transfer_id"),
         (lambda d: d.update(transfer_id="x" * 300), "short string"),
-        (lambda d: d.update(num_tokens=3), "does not match its token count"),
-        (lambda d: d.update(token_start="0"), "non-negative integer"),
+        (lambda d: d.update(num_blocks=3), "does not match its block count"),
+        (lambda d: d.update(block_start="0"), "non-negative integer"),
     ],
 )
 def test_header_decoder_rejects_bad_fields(mutate, message):
@@ -69,7 +69,7 @@ def test_header_decoder_rejects_garbage_and_oversize():
 
 def test_wire_encoding_is_the_protobuf_message():
     payload = np.random.default_rng(0).integers(0, 255, 70_000, dtype=np.uint8)
-    header = make_header(payload.tobytes(), num_tokens=70_000 // 64, payload_bytes=70_000, token_bytes=64)
+    header = make_header(payload.tobytes(), num_blocks=7, payload_bytes=70_000, block_bytes=10_000)
     encoded = encode_kv_chunk(header.encode(), payload)
     via_protobuf = pb.KVChunk(header=header.encode(), payload=payload.tobytes()).SerializeToString()
     assert encoded == via_protobuf

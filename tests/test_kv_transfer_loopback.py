@@ -7,12 +7,13 @@ import torch
 
 from kv_transfer.connector_metadata import SaveSpec
 from kv_transfer.settings import KVTransferSettings
-from tests.kv_fakes import BLOCK_SIZE, endpoint, paged_layers
+from tests.kv_fakes import endpoint, paged_layers
 from tests.tcp_proxy import CorruptingProxy
 
 SRC_BLOCKS = [3, 7, 9, 21, 40]
 DST_BLOCKS = [10, 2, 41, 33, 5]
-TOKENS = 70  # ends mid-block (block size 16)
+TOKENS = 70  # ends mid-block (block size 16): five blocks, the last one partial
+NUM_BLOCKS = len(SRC_BLOCKS)
 
 
 @pytest.fixture
@@ -25,9 +26,9 @@ def pair(request):
     cons.close()
 
 
-def send(prod, consumer_address, transfer_id="t1", request_id="r1", tokens=TOKENS, steps=1):
-    """Announce the prompt's layers like vLLM would, in `steps` scheduler steps."""
-    bounds = [round(tokens * i / steps) for i in range(steps + 1)]
+def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1):
+    """Announce the prompt's blocks layer by layer as vLLM would, in `steps` steps."""
+    bounds = [round(NUM_BLOCKS * i / steps) for i in range(steps + 1)]
     for i in range(steps):
         spec = SaveSpec(request_id, transfer_id, consumer_address, SRC_BLOCKS, bounds[i], bounds[i + 1],
                         first=i == 0, final=i == steps - 1)
@@ -59,24 +60,24 @@ def poll_consumer(cons):
     return collected
 
 
-def assert_same_kv(prod, cons, start=0, end=TOKENS):
+def assert_same_kv(prod, cons, start=0):
     for layer in range(len(prod.layers)):
-        a = prod.layout.pack(prod.layers[layer], SRC_BLOCKS, start, end)
-        b = cons.layout.pack(cons.layers[layer], DST_BLOCKS, start, end)
+        a = prod.layout.pack(prod.layers[layer], SRC_BLOCKS[start:])
+        b = cons.layout.pack(cons.layers[layer], DST_BLOCKS[start:])
         assert torch.equal(a, b), f"layer {layer} differs"
 
 
-@pytest.mark.parametrize("pair", [{"chunk_bytes": 4096}], indirect=True)
+@pytest.mark.parametrize("pair", [{"chunk_bytes": 8192}], indirect=True)  # one block a chunk
 @pytest.mark.parametrize("steps", [1, 3])
 def test_transfer_lands_in_the_allocated_blocks(pair, steps):
     prod, cons = pair
-    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, TOKENS)
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
     send(prod, cons.address, steps=steps)
     finished, failed = poll_consumer(cons)
     assert finished == {"r1"} and not failed
     assert_same_kv(prod, cons)
     assert wait_until(lambda: prod.sender.poll({"r1"})) == {"r1"}  # blocks released
-    nbytes = TOKENS * prod.layout.token_bytes * len(prod.layers)
+    nbytes = NUM_BLOCKS * prod.layout.block_bytes * len(prod.layers)
     assert prod.stats.snapshot()["bytes_sent"] == nbytes
     assert cons.stats.snapshot()["bytes_received"] == nbytes
     assert cons.stats.snapshot()["transfers_received"] == 1
@@ -86,8 +87,8 @@ def test_chunks_before_the_request_is_scheduled_are_staged(pair):
     prod, cons = pair
     send(prod, cons.address)
     assert wait_until(lambda: prod.sender.poll({"r1"}))  # producer freed once staged
-    assert cons.receiver.staged_bytes == TOKENS * prod.layout.token_bytes * len(prod.layers)
-    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, TOKENS)
+    assert cons.receiver.staged_bytes == NUM_BLOCKS * prod.layout.block_bytes * len(prod.layers)
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
     assert poll_consumer(cons) == ({"r1"}, set())
     assert cons.receiver.staged_bytes == 0
     assert_same_kv(prod, cons)
@@ -95,20 +96,21 @@ def test_chunks_before_the_request_is_scheduled_are_staged(pair):
 
 def test_prefix_cached_blocks_are_left_alone(pair):
     prod, cons = pair
-    cached = cons.layout.pack(cons.layers[0], DST_BLOCKS, 0, 2 * BLOCK_SIZE).clone()
-    cons.receiver.expect("t1", "r1", DST_BLOCKS, 2 * BLOCK_SIZE, TOKENS)
+    cons.layers[0].select(0, DST_BLOCKS[0]).fill_(7.0)  # a block this engine had cached
+    cached = cons.layout.pack(cons.layers[0], DST_BLOCKS[:2]).clone()
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 2)
     send(prod, cons.address)
     assert poll_consumer(cons) == ({"r1"}, set())
-    assert torch.equal(cons.layout.pack(cons.layers[0], DST_BLOCKS, 0, 2 * BLOCK_SIZE), cached)
-    assert_same_kv(prod, cons, start=2 * BLOCK_SIZE)
+    assert torch.equal(cons.layout.pack(cons.layers[0], DST_BLOCKS[:2]), cached)
+    assert_same_kv(prod, cons, start=2)
 
 
 @pytest.mark.parametrize("pair", [{"chunk_bytes": 8192, "streams_per_transfer": 1}], indirect=True)
 def test_corruption_in_flight_is_caught_and_resent(pair):
     prod, cons = pair
-    proxy = CorruptingProxy(cons.address, corrupt_at=6000)  # inside the first chunk's payload
+    proxy = CorruptingProxy(cons.address, corrupt_at=6000)  # inside the first chunk's 8 KiB payload
     try:
-        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, TOKENS)
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
         send(prod, proxy.address)
         assert poll_consumer(cons) == ({"r1"}, set())
     finally:
@@ -132,7 +134,7 @@ def test_unreachable_consumer_releases_producer_blocks(pair):
 @pytest.mark.parametrize("pair", [{"load_timeout_s": 0.5}], indirect=True)
 def test_consumer_gives_up_at_its_deadline(pair):
     _, cons = pair
-    cons.receiver.expect("t-never", "r1", DST_BLOCKS, 0, TOKENS)
+    cons.receiver.expect("t-never", "r1", DST_BLOCKS, 0)
     finished, failed = poll_consumer(cons)
     assert finished == failed == {"r1"}
     assert cons.stats.snapshot()["recomputes"] == 1
@@ -140,12 +142,12 @@ def test_consumer_gives_up_at_its_deadline(pair):
 
 def test_producer_abort_fails_the_load_at_once(pair):
     prod, cons = pair
-    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, TOKENS)
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
     prod.io.run(prod._client.abort(cons.address, "t1", "prefill failed"))
     assert poll_consumer(cons) == ({"r1"}, {"r1"})
     # an abort that comes before the decode engine schedules the request
     prod.io.run(prod._client.abort(cons.address, "t2", "prefill failed"))
-    cons.receiver.expect("t2", "r2", DST_BLOCKS, 0, TOKENS)
+    cons.receiver.expect("t2", "r2", DST_BLOCKS, 0)
     assert poll_consumer(cons) == ({"r2"}, {"r2"})
 
 
@@ -154,7 +156,7 @@ def test_peer_without_the_cluster_token_is_refused(pair):
     prod, cons = pair
     intruder = endpoint(paged_layers(seed=2), KVTransferSettings(auth_token="wrong"), consume=False)
     try:
-        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, TOKENS)
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
         send(intruder, cons.address)
         assert wait_until(lambda: intruder.sender.poll({"r1"}))
         assert intruder.stats.snapshot()["transfers_failed"] == 1
@@ -188,7 +190,7 @@ def test_staging_is_bounded(pair):
 
 def test_cancelled_request_stops_taking_chunks(pair):
     prod, cons = pair
-    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, TOKENS)
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
     assert cons.receiver.cancel_request("r1")
     assert poll_consumer(cons) == ({"r1"}, {"r1"})
     assert cons.stats.snapshot()["recomputes"] == 0  # a cancel is not a failed load
