@@ -46,10 +46,10 @@ def _paged_layers(tokens: int, fill: bool) -> list[torch.Tensor]:
     return [make() for _ in range(LAYERS)]
 
 
-def _consumer(conn, tokens: int) -> None:
+def _consumer(conn, tokens: int, settings: KVTransferSettings) -> None:
     """Child process: a KV consumer endpoint, and a raw TCP sink."""
     layers = _paged_layers(tokens, fill=False)
-    endpoint = KVEndpoint(layers, layers[0].shape[0], BLOCK, KVTransferSettings(), produce=False, consume=True)
+    endpoint = KVEndpoint(layers, layers[0].shape[0], BLOCK, settings, produce=False, consume=True)
     sink = socket.create_server(("127.0.0.1", 0))
     conn.send((endpoint.address, sink.getsockname()[1]))
     buf = bytearray(TCP_CHUNK)
@@ -128,14 +128,14 @@ def _memcpy_once(nbytes: int) -> float:
     return nbytes / (time.perf_counter() - started) / 1e9
 
 
-def measure(tokens: int, repeats: int) -> Row:
+def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_consumer, args=(child, tokens), daemon=True)
+    proc = ctx.Process(target=_consumer, args=(child, tokens, settings), daemon=True)
     proc.start()
     kv_endpoint, tcp_port = parent.recv()
     layers = _paged_layers(tokens, fill=True)
-    producer = KVEndpoint(layers, layers[0].shape[0], BLOCK, KVTransferSettings(), produce=True, consume=False)
+    producer = KVEndpoint(layers, layers[0].shape[0], BLOCK, settings, produce=True, consume=False)
     nbytes = tokens * TOKEN_BYTES
     try:
         _grpc_once(producer, kv_endpoint, parent, tokens)  # warm the channels up
@@ -150,20 +150,22 @@ def measure(tokens: int, repeats: int) -> Row:
     return Row(tokens, nbytes, grpc, tcp, mem)
 
 
-def main(json_output: bool = False, repeats: int = 3) -> int:
+def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:
+    settings = KVTransferSettings(**{k: v for k, v in overrides.items() if v is not None})
+    print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes >> 20} MiB chunks")
     rows = []
     print(f"{'tokens':>7} {'MiB':>7} {'gRPC GB/s':>10} {'raw TCP GB/s':>13} {'memcpy GB/s':>12} {'gRPC/TCP':>9}")
-    for tokens in SIZES:
-        row = measure(tokens, repeats)
+    for tokens in sizes:
+        row = measure(tokens, repeats, settings)
         rows.append(row)
         print(
             f"{row.tokens:>7} {row.nbytes / 2**20:>7.0f} {row.grpc_gbps:>10.2f} {row.tcp_gbps:>13.2f} "
             f"{row.memcpy_gbps:>12.2f} {row.grpc_gbps / row.tcp_gbps:>9.2f}",
             flush=True,
         )
-    ref = next(r for r in rows if r.tokens == 4096)
+    ref = next((r for r in rows if r.tokens == 4096), rows[0])
     if json_output:
         print(json.dumps({"gbps": round(ref.grpc_gbps, 3), "ceiling_gbps": round(ref.tcp_gbps, 3),
                           "ratio": round(ref.grpc_gbps / ref.tcp_gbps, 3),
-                          "memcpy_gbps": round(ref.memcpy_gbps, 3), "tokens": 4096}))
+                          "memcpy_gbps": round(ref.memcpy_gbps, 3), "tokens": ref.tokens}))
     return 0

@@ -47,7 +47,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench_transfer(args: argparse.Namespace) -> int:
     from bench.transfer_bench import main as bench_main
 
-    return bench_main(json_output=args.json, repeats=args.repeats)
+    return bench_main(
+        json_output=args.json, repeats=args.repeats, sizes=args.tokens,
+        streams_per_transfer=args.streams, chunk_bytes=args.chunk_mib << 20 if args.chunk_mib else None,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer = bench_sub.add_parser("transfer", help="KV transfer throughput against raw TCP and memcpy")
     transfer.add_argument("--json", action="store_true", help="end with a JSON line")
     transfer.add_argument("--repeats", type=int, default=3)
+    transfer.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384], help="prompt sizes")
+    transfer.add_argument("--streams", type=int, default=None, help="streams per transfer (default: the setting)")
+    transfer.add_argument("--chunk-mib", type=int, default=None, help="chunk size in MiB (default: the setting)")
     transfer.set_defaults(func=_bench_transfer)
     return parser
 

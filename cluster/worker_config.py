@@ -29,7 +29,10 @@ class WorkerConfig(BaseModel):
     kv_port: int = 0
     metrics_port: int = 0
     auth_token: str = ""
-    kv_chunk_bytes: int = 4 << 20
+    kv_transport: str = "tcp"
+    kv_data_port: int = 0
+    kv_data_advertise: str = ""
+    kv_chunk_bytes: int = 1 << 20
     kv_load_timeout_s: float = 60.0
     kv_send_timeout_s: float = 60.0
     ready_file: str = ""  # written (JSON with ports) once the worker serves
@@ -51,7 +54,11 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
     parser.add_argument("--kv-port", type=int, default=0)
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--auth-token", default="")
-    parser.add_argument("--kv-chunk-bytes", type=int, default=4 << 20)
+    parser.add_argument("--kv-transport", choices=["tcp", "grpc"], default="tcp",
+                        help="KV data path: raw TCP negotiated over gRPC, or gRPC streams")
+    parser.add_argument("--kv-data-port", type=int, default=0)
+    parser.add_argument("--kv-data-advertise", default="", help="host:port producers dial for KV data")
+    parser.add_argument("--kv-chunk-bytes", type=int, default=1 << 20)
     parser.add_argument("--kv-load-timeout", type=float, default=60.0)
     parser.add_argument("--kv-send-timeout", type=float, default=60.0)
     parser.add_argument("--ready-file", default="")
@@ -64,6 +71,9 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
         kv_port=a.kv_port,
         metrics_port=a.metrics_port,
         auth_token=a.auth_token,
+        kv_transport=a.kv_transport,
+        kv_data_port=a.kv_data_port,
+        kv_data_advertise=a.kv_data_advertise,
         kv_chunk_bytes=a.kv_chunk_bytes,
         kv_load_timeout_s=a.kv_load_timeout,
         kv_send_timeout_s=a.kv_send_timeout,

@@ -1,12 +1,15 @@
-"""The gRPC transport of KV chunks: the `KVTransfer` service and the client that pushes.
+"""The `KVTransfer` gRPC service and the client that pushes KV to it.
 
-Chunks travel as `KVChunk` messages on client streams; see kv_chunk_wire for why they are
-encoded by hand. Several streams (each on its own channel and TCP connection) carry one
-transfer in parallel.
+gRPC is always the control channel (Abort, Stats, OpenDataChannel). The chunks themselves
+go either on gRPC client streams of `KVChunk` messages (`transport="grpc"`; see
+kv_chunk_wire for why they are encoded by hand) or on the raw-TCP data channel the
+service hands out (`transport="tcp"`, the default; see tcp_transport). Several streams,
+each on its own connection, carry one transfer in parallel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +18,10 @@ import grpc
 
 from kv_transfer.chunk_header import ChunkError, KVChunkHeader
 from kv_transfer.grpc_options import bulk_channel_options
-from kv_transfer.kv_chunk_wire import decode_kv_chunk
+from kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
 from kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
 from kv_transfer.settings import KVTransferSettings
+from kv_transfer.tcp_transport import push_over_tcp
 from protos import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,7 @@ SERVICE = "pdcluster.v1.KVTransfer"
 PUSH = f"/{SERVICE}/Push"
 ABORT = f"/{SERVICE}/Abort"
 STATS = f"/{SERVICE}/Stats"
+OPEN_DATA_CHANNEL = f"/{SERVICE}/OpenDataChannel"
 
 _RETRYABLE = frozenset(
     {
@@ -38,6 +43,7 @@ _RETRYABLE = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+_RETRYABLE_NAMES = frozenset(code.name for code in _RETRYABLE)
 
 
 class TransferFailed(Exception):
@@ -46,7 +52,7 @@ class TransferFailed(Exception):
         self.retryable = retryable
 
 
-def _status_for(error: Exception) -> grpc.StatusCode:
+def status_for(error: Exception) -> grpc.StatusCode:
     if isinstance(error, PermissionError):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(error, TransferNotWanted):
@@ -61,10 +67,17 @@ def _status_for(error: Exception) -> grpc.StatusCode:
 class KVTransferService:
     """Serves one engine's KV endpoint; `receiver` is None on a producer-only engine."""
 
-    def __init__(self, receiver: KVReceiver | None, stats: Callable[[], pb.KVStats], auth: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        receiver: KVReceiver | None,
+        stats: Callable[[], pb.KVStats],
+        auth: Callable[[str], None],
+        data_channel: pb.DataChannel,
+    ) -> None:
         self._receiver = receiver
         self._stats = stats
         self._auth = auth
+        self._data_channel = data_channel
 
     async def push(self, chunks: AsyncIterator[tuple[bytes, memoryview]], context) -> pb.PushAck:
         transfer_id, complete, nbytes = "", False, 0
@@ -77,7 +90,7 @@ class KVTransferService:
                 complete = self._receiver.on_chunk(header, payload)
                 nbytes += len(payload)
             except (ChunkError, PermissionError, TransferNotWanted, StagingFull) as e:
-                await context.abort(_status_for(e), str(e))
+                await context.abort(status_for(e), str(e))
         return pb.PushAck(transfer_id=transfer_id, bytes_received=nbytes, complete=complete)
 
     async def abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferReply:
@@ -90,6 +103,13 @@ class KVTransferService:
 
     async def stats(self, request: pb.KVStatsRequest, context) -> pb.KVStats:
         return self._stats()
+
+    async def open_data_channel(self, request: pb.DataChannelRequest, context) -> pb.DataChannel:
+        try:
+            self._auth(request.auth_token)
+        except PermissionError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        return self._data_channel
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -110,6 +130,11 @@ class KVTransferService:
                     request_deserializer=pb.KVStatsRequest.FromString,
                     response_serializer=pb.KVStats.SerializeToString,
                 ),
+                "OpenDataChannel": grpc.unary_unary_rpc_method_handler(
+                    self.open_data_channel,
+                    request_deserializer=pb.DataChannelRequest.FromString,
+                    response_serializer=pb.DataChannel.SerializeToString,
+                ),
             },
         )
 
@@ -124,12 +149,14 @@ async def start_kv_server(service: KVTransferService, settings: KVTransferSettin
     return server, port
 
 
-class GrpcKVClient:
-    """Pushes encoded chunks to consumers; one set of channels per consumer endpoint."""
+class KVClient:
+    """Pushes chunks to consumers over the configured data path; one set of gRPC
+    channels per consumer endpoint."""
 
     def __init__(self, settings: KVTransferSettings) -> None:
         self._settings = settings
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
+        self._data_channels: dict[str, tuple[str, int]] = {}
         self._rr = itertools.count()
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
@@ -143,16 +170,39 @@ class GrpcKVClient:
             self._channels[endpoint] = channels
         return channels[next(self._rr) % len(channels)]
 
-    async def push(self, endpoint: str, chunks: AsyncIterator[bytes], timeout: float) -> pb.PushAck:
-        call = self._channel(endpoint).stream_unary(
-            PUSH, request_serializer=lambda b: b, response_deserializer=pb.PushAck.FromString
-        )
+    async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, memoryview]], timeout: float) -> None:
+        """Send one stream of (header, payload) chunks; raises TransferFailed."""
         try:
-            return await call(chunks, timeout=timeout)
+            if self._settings.transport == "tcp":
+                host, port = await self._data_channel(endpoint)
+                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks), timeout)
+                if status != "OK":
+                    raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
+                return
+            call = self._channel(endpoint).stream_unary(
+                PUSH, request_serializer=lambda chunk: encode_kv_chunk(*chunk),
+                response_deserializer=pb.PushAck.FromString,
+            )
+            await call(chunks, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise TransferFailed(
                 f"push to {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE
             ) from None
+        except (OSError, asyncio.TimeoutError) as e:
+            raise TransferFailed(f"push to {endpoint} failed: {e!r}", True) from None
+
+    async def _data_channel(self, endpoint: str) -> tuple[str, int]:
+        if endpoint not in self._data_channels:
+            call = self._channel(endpoint).unary_unary(
+                OPEN_DATA_CHANNEL,
+                request_serializer=pb.DataChannelRequest.SerializeToString,
+                response_deserializer=pb.DataChannel.FromString,
+            )
+            reply = await call(pb.DataChannelRequest(auth_token=self._settings.auth_token), timeout=10)
+            # A consumer bound to a wildcard address is reached the way we reached its endpoint.
+            host = reply.host if reply.host not in ("", "0.0.0.0", "::") else endpoint.rsplit(":", 1)[0]
+            self._data_channels[endpoint] = (host, reply.port)
+        return self._data_channels[endpoint]
 
     async def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
         call = self._channel(endpoint).unary_unary(

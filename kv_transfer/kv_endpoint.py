@@ -8,12 +8,13 @@ from collections.abc import Sequence
 
 import torch
 
-from kv_transfer.grpc_transport import GrpcKVClient, KVTransferService, kv_stats_from, start_kv_server
+from kv_transfer.grpc_transport import KVClient, KVTransferService, kv_stats_from, start_kv_server, status_for
 from kv_transfer.kv_io_loop import KVIOLoop
 from kv_transfer.kv_receiver import KVReceiver
 from kv_transfer.kv_sender import KVSender
 from kv_transfer.paged_kv_layout import PagedKVLayout
 from kv_transfer.settings import KVTransferSettings
+from kv_transfer.tcp_transport import TcpChunkServer
 from kv_transfer.transfer_stats import TransferStats
 from protos import kv_transfer_pb2 as pb
 
@@ -36,13 +37,19 @@ class KVEndpoint:
         self.progress = threading.Event()  # set whenever a transfer ends, either direction
         self.io = KVIOLoop()
         self.receiver = KVReceiver(self.layers, self.layout, settings, self.stats, self.progress) if consume else None
-        self._client = GrpcKVClient(settings) if produce else None
+        self._client = KVClient(settings) if produce else None
         self.sender = (
             KVSender(self.io, self._client, self.layers, self.layout, settings, self.stats, self.progress)
             if produce
             else None
         )
-        service = KVTransferService(self.receiver, self.kv_stats, settings.check_token)
+        self._tcp = TcpChunkServer(self.receiver, settings.host, settings.data_port, lambda e: status_for(e).name)
+        if settings.data_advertise:
+            host, port = settings.data_advertise.rsplit(":", 1)
+            data_channel = pb.DataChannel(host=host, port=int(port))
+        else:
+            data_channel = pb.DataChannel(host=settings.host, port=self._tcp.port)
+        service = KVTransferService(self.receiver, self.kv_stats, settings.check_token, data_channel)
         self._server, port = self.io.run(start_kv_server(service, settings))
         self.address = f"{settings.host}:{port}"
 
@@ -58,4 +65,5 @@ class KVEndpoint:
         if self._client is not None:
             self.io.run(self._client.close(), timeout=10)
         self.io.run(self._server.stop(grace=1.0), timeout=10)
+        self._tcp.close()
         self.io.stop()

@@ -22,8 +22,7 @@ import torch
 
 from kv_transfer.connector_metadata import SaveSpec
 from kv_transfer.chunk_header import KVChunkHeader, payload_checksum
-from kv_transfer.grpc_transport import GrpcKVClient, TransferFailed
-from kv_transfer.kv_chunk_wire import encode_kv_chunk
+from kv_transfer.grpc_transport import KVClient, TransferFailed
 from kv_transfer.kv_io_loop import KVIOLoop
 from kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
 from kv_transfer.settings import KVTransferSettings
@@ -51,7 +50,7 @@ class KVSender:
     def __init__(
         self,
         io: KVIOLoop,
-        client: GrpcKVClient,
+        client: KVClient,
         layers: Sequence[torch.Tensor],
         layout: PagedKVLayout,
         settings: KVTransferSettings,
@@ -188,7 +187,7 @@ class KVSender:
             t.cursor += 1
             yield self._encode(t, layer, start, end)
 
-    def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int) -> bytes:
+    def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int) -> tuple[bytes, memoryview]:
         payload = self._layout.pack(self._layers[layer], t.block_ids[start:end]).numpy()
         header = KVChunkHeader(
             transfer_id=t.transfer_id,
@@ -202,7 +201,7 @@ class KVSender:
             checksum=payload_checksum(payload),
             auth_token=self._settings.auth_token,
         )
-        return encode_kv_chunk(header.encode(), payload)
+        return header.encode(), memoryview(payload)
 
     async def _finish(self, t: OutgoingTransfer, failure: str) -> None:
         self._transfers.pop(t.request_id, None)

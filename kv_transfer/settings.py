@@ -12,8 +12,15 @@ class KVTransferSettings:
     # Where this engine's KVTransfer service listens (port 0: pick a free one).
     host: str = "127.0.0.1"
     port: int = 0
-    # Largest payload of one chunk; a layer's block range is split to fit.
-    chunk_bytes: int = 4 << 20
+    # Data path for chunks: "tcp" (a raw socket negotiated over gRPC) or "grpc" (streams).
+    transport: str = "tcp"
+    data_port: int = 0  # the raw-TCP data channel's port (0: pick a free one)
+    # "host:port" producers should dial for the data channel when it differs from the
+    # bound one (NAT, a Kubernetes Service, a proxy). Empty: the bound address.
+    data_advertise: str = ""
+    # Largest payload of one chunk; a layer's block range is split to fit (at least one
+    # block). 1 MiB measured fastest here (bench/RESULTS.md).
+    chunk_bytes: int = 1 << 20
     # Concurrent gRPC streams a producer opens to one consumer.
     streams_per_transfer: int = 2
     # Consumer: how long a registered transfer may wait for all its chunks.
@@ -43,6 +50,8 @@ class KVTransferSettings:
         settings = cls(**values)
         if settings.chunk_bytes <= 0 or settings.streams_per_transfer <= 0:
             raise ValueError("chunk_bytes and streams_per_transfer must be positive")
+        if settings.transport not in ("tcp", "grpc"):
+            raise ValueError(f"transport must be 'tcp' or 'grpc', not {settings.transport!r}")
         return settings
 
     def check_token(self, token: str) -> None:

@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\x0cpdcluster.v1\"*\n\x07KVChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x07PushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"O\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nauth_token\x18\x03 \x01(\t\"#\n\x12\x41\x62ortTransferReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x10\n\x0eKVStatsRequest\"\xd6\x02\n\x07KVStats\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0csend_seconds\x18\x03 \x01(\x01\x12\x17\n\x0freceive_seconds\x18\x04 \x01(\x01\x12\x16\n\x0etransfers_sent\x18\x05 \x01(\x04\x12\x1a\n\x12transfers_received\x18\x06 \x01(\x04\x12\x18\n\x10transfers_failed\x18\x07 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x08 \x01(\x04\x12\x14\n\x0csend_retries\x18\t \x01(\x04\x12\x12\n\nrecomputes\x18\n \x01(\x04\x12\x16\n\x0e\x65xpired_leases\x18\x0b \x01(\x04\x12\x15\n\rpending_sends\x18\x0c \x01(\x04\x12\x18\n\x10pending_receives\x18\r \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x0e \x01(\x04\x32\xd1\x01\n\nKVTransfer\x12\x36\n\x04Push\x12\x15.pdcluster.v1.KVChunk\x1a\x15.pdcluster.v1.PushAck(\x01\x12M\n\x05\x41\x62ort\x12\".pdcluster.v1.AbortTransferRequest\x1a .pdcluster.v1.AbortTransferReply\x12<\n\x05Stats\x12\x1c.pdcluster.v1.KVStatsRequest\x1a\x15.pdcluster.v1.KVStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\x0cpdcluster.v1\"(\n\x12\x44\x61taChannelRequest\x12\x12\n\nauth_token\x18\x01 \x01(\t\")\n\x0b\x44\x61taChannel\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"*\n\x07KVChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x07PushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"O\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nauth_token\x18\x03 \x01(\t\"#\n\x12\x41\x62ortTransferReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x10\n\x0eKVStatsRequest\"\xd6\x02\n\x07KVStats\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0csend_seconds\x18\x03 \x01(\x01\x12\x17\n\x0freceive_seconds\x18\x04 \x01(\x01\x12\x16\n\x0etransfers_sent\x18\x05 \x01(\x04\x12\x1a\n\x12transfers_received\x18\x06 \x01(\x04\x12\x18\n\x10transfers_failed\x18\x07 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x08 \x01(\x04\x12\x14\n\x0csend_retries\x18\t \x01(\x04\x12\x12\n\nrecomputes\x18\n \x01(\x04\x12\x16\n\x0e\x65xpired_leases\x18\x0b \x01(\x04\x12\x15\n\rpending_sends\x18\x0c \x01(\x04\x12\x18\n\x10pending_receives\x18\r \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x0e \x01(\x04\x32\xa1\x02\n\nKVTransfer\x12\x36\n\x04Push\x12\x15.pdcluster.v1.KVChunk\x1a\x15.pdcluster.v1.PushAck(\x01\x12M\n\x05\x41\x62ort\x12\".pdcluster.v1.AbortTransferRequest\x1a .pdcluster.v1.AbortTransferReply\x12<\n\x05Stats\x12\x1c.pdcluster.v1.KVStatsRequest\x1a\x15.pdcluster.v1.KVStats\x12N\n\x0fOpenDataChannel\x12 .pdcluster.v1.DataChannelRequest\x1a\x19.pdcluster.v1.DataChannelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVCHUNK']._serialized_start=42
-  _globals['_KVCHUNK']._serialized_end=84
-  _globals['_PUSHACK']._serialized_start=86
-  _globals['_PUSHACK']._serialized_end=158
-  _globals['_ABORTTRANSFERREQUEST']._serialized_start=160
-  _globals['_ABORTTRANSFERREQUEST']._serialized_end=239
-  _globals['_ABORTTRANSFERREPLY']._serialized_start=241
-  _globals['_ABORTTRANSFERREPLY']._serialized_end=276
-  _globals['_KVSTATSREQUEST']._serialized_start=278
-  _globals['_KVSTATSREQUEST']._serialized_end=294
-  _globals['_KVSTATS']._serialized_start=297
-  _globals['_KVSTATS']._serialized_end=639
-  _globals['_KVTRANSFER']._serialized_start=642
-  _globals['_KVTRANSFER']._serialized_end=851
+  _globals['_DATACHANNELREQUEST']._serialized_start=42
+  _globals['_DATACHANNELREQUEST']._serialized_end=82
+  _globals['_DATACHANNEL']._serialized_start=84
+  _globals['_DATACHANNEL']._serialized_end=125
+  _globals['_KVCHUNK']._serialized_start=127
+  _globals['_KVCHUNK']._serialized_end=169
+  _globals['_PUSHACK']._serialized_start=171
+  _globals['_PUSHACK']._serialized_end=243
+  _globals['_ABORTTRANSFERREQUEST']._serialized_start=245
+  _globals['_ABORTTRANSFERREQUEST']._serialized_end=324
+  _globals['_ABORTTRANSFERREPLY']._serialized_start=326
+  _globals['_ABORTTRANSFERREPLY']._serialized_end=361
+  _globals['_KVSTATSREQUEST']._serialized_start=363
+  _globals['_KVSTATSREQUEST']._serialized_end=379
+  _globals['_KVSTATS']._serialized_start=382
+  _globals['_KVSTATS']._serialized_end=724
+  _globals['_KVTRANSFER']._serialized_start=727
+  _globals['_KVTRANSFER']._serialized_end=1016
 # @@protoc_insertion_point(module_scope)

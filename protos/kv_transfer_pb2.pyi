@@ -4,6 +4,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DataChannelRequest(_message.Message):
+    __slots__ = ("auth_token",)
+    AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    auth_token: str
+    def __init__(self, auth_token: _Optional[str] = ...) -> None: ...
+
+class DataChannel(_message.Message):
+    __slots__ = ("host", "port")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload")
     HEADER_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class KVTransferStub:
                 request_serializer=protos_dot_kv__transfer__pb2.KVStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_kv__transfer__pb2.KVStats.FromString,
                 _registered_method=True)
+        self.OpenDataChannel = channel.unary_unary(
+                '/pdcluster.v1.KVTransfer/OpenDataChannel',
+                request_serializer=protos_dot_kv__transfer__pb2.DataChannelRequest.SerializeToString,
+                response_deserializer=protos_dot_kv__transfer__pb2.DataChannel.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -77,6 +82,15 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataChannel(self, request, context):
+        """Where this endpoint takes the same chunks over a raw TCP socket (the fast data
+        path): frames of [u32 header length][KVChunkHeader][payload], then a zero length;
+        the reply is one status frame. Chunks there carry the cluster token like on Push.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_kv__transfer__pb2.KVStatsRequest.FromString,
                     response_serializer=protos_dot_kv__transfer__pb2.KVStats.SerializeToString,
+            ),
+            'OpenDataChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataChannel,
+                    request_deserializer=protos_dot_kv__transfer__pb2.DataChannelRequest.FromString,
+                    response_serializer=protos_dot_kv__transfer__pb2.DataChannel.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +196,33 @@ class KVTransfer:
             '/pdcluster.v1.KVTransfer/Stats',
             protos_dot_kv__transfer__pb2.KVStatsRequest.SerializeToString,
             protos_dot_kv__transfer__pb2.KVStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdcluster.v1.KVTransfer/OpenDataChannel',
+            protos_dot_kv__transfer__pb2.DataChannelRequest.SerializeToString,
+            protos_dot_kv__transfer__pb2.DataChannel.FromString,
             options,
             channel_credentials,
             insecure,

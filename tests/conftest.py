@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from cluster.local_launcher import start_worker, wait_ready
 from cluster.tiny_model.generate import ensure_tiny_model
+from tests.tcp_proxy import CorruptingProxy
 
 # Small chunks so most test prompts span several chunks per layer.
 KV_CHUNK_BYTES = 64 * 1024
@@ -29,11 +31,28 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def pd_pair(model_dir):
+def kv_data_proxy():
+    """Sits in front of the decode worker's KV data channel; tests arm it to corrupt."""
+    port = free_port()
+    proxy = CorruptingProxy(f"127.0.0.1:{port}")
+    proxy.upstream_port = port
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def pd_pair(model_dir, kv_data_proxy):
     """One prefill and one decode worker process on the tiny model."""
     args = ["--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]
-    workers = [start_worker("prefill", args), start_worker("decode", args)]
+    decode_args = ["--kv-data-port", str(kv_data_proxy.upstream_port), "--kv-data-advertise", kv_data_proxy.address]
+    workers = [start_worker("prefill", args), start_worker("decode", args + decode_args)]
     try:
         for w in workers:
             wait_ready(w)

@@ -1,5 +1,6 @@
-"""A loopback TCP proxy that can flip one byte of the first connection's client-to-server
-stream: real corruption in flight, below gRPC."""
+"""A loopback TCP proxy that can flip one byte of a connection's client-to-server stream:
+real corruption in flight, below gRPC or our framing. `corrupt_at` applies to the first
+connection; `arm` to the next one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ class CorruptingProxy:
         host, port = upstream.rsplit(":", 1)
         self._upstream = (host, int(port))
         self._corrupt_at = corrupt_at
-        self._connections = 0
         self.corrupted = False
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -26,9 +26,12 @@ class CorruptingProxy:
         ready.set()
         self._loop.run_forever()
 
+    def arm(self, corrupt_at: int) -> None:
+        self.corrupted = False
+        self._corrupt_at = corrupt_at
+
     async def _handle(self, reader, writer) -> None:
-        self._connections += 1
-        corrupt_at = self._corrupt_at if self._connections == 1 else None
+        corrupt_at, self._corrupt_at = self._corrupt_at, None
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         await asyncio.gather(
             self._pipe(reader, up_writer, corrupt_at), self._pipe(up_reader, writer, None), return_exceptions=True

@@ -10,12 +10,11 @@ import grpc
 import pytest
 
 from cluster.tiny_model.generate import CORPUS
-from kv_transfer.grpc_transport import GrpcKVClient, fetch_kv_stats
+from kv_transfer.grpc_transport import KVClient, fetch_kv_stats
 from kv_transfer.settings import KVTransferSettings
 from protos import worker_pb2 as wpb
 from protos import worker_pb2_grpc as wgrpc
 from tests.conftest import KV_LOAD_TIMEOUT_S, reference_outputs
-from tests.tcp_proxy import CorruptingProxy
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +39,7 @@ def expected(prompts, tmp_path_factory) -> list[list[int]]:
     return reference_outputs(prompts, MAX_TOKENS, tmp_path_factory.mktemp("reference"))
 
 
-async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, consumer_endpoint=None,
-                   skip_prefill=False, transfer_id=None):
+async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, skip_prefill=False, transfer_id=None):
     """Route one request the way the router does: reserve on decode, prefill, stream."""
     rid = uuid.uuid4().hex
     transfer_id = transfer_id or f"kv-{rid}"
@@ -58,7 +56,7 @@ async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, c
                     prompt_token_ids=prefill_prompt or prompt,
                     sampling=sampling,
                     target=wpb.KVTransferTarget(
-                        transfer_id=transfer_id, consumer_endpoint=consumer_endpoint or decode.kv_endpoint
+                        transfer_id=transfer_id, consumer_endpoint=decode.kv_endpoint
                     ),
                 )
             )
@@ -111,16 +109,13 @@ def test_decode_uses_the_transferred_kv(pd_pair, prompts, expected):
     assert tokens != expected[6]
 
 
-def test_chunk_corrupted_in_flight_is_detected_and_output_stays_exact(pd_pair, prompts, expected):
+def test_chunk_corrupted_in_flight_is_detected_and_output_stays_exact(pd_pair, kv_data_proxy, prompts, expected):
     prefill, decode = pd_pair
     failures_before = kv_stats(decode).checksum_failures
-    # Byte 40,000 of the first connection lands inside the first 64 KiB chunk's payload.
-    proxy = CorruptingProxy(decode.kv_endpoint, corrupt_at=40_000)
-    try:
-        tokens, _, _ = asyncio.run(generate(prefill, decode, prompts[8], consumer_endpoint=proxy.address))
-    finally:
-        proxy.close()
-    assert proxy.corrupted
+    # Byte 40,000 of the next data connection lands inside its first 64 KiB payload.
+    kv_data_proxy.arm(40_000)
+    tokens, _, _ = asyncio.run(generate(prefill, decode, prompts[8]))
+    assert kv_data_proxy.corrupted
     assert kv_stats(decode).checksum_failures == failures_before + 1
     assert kv_stats(prefill).send_retries >= 1
     assert tokens == expected[8]
@@ -139,7 +134,7 @@ def test_failed_prefill_does_not_hang_decode(pd_pair, prompts, expected):
         )
         while not (await fetch_kv_stats(decode.kv_endpoint)).pending_receives:
             await asyncio.sleep(0.05)
-        client = GrpcKVClient(KVTransferSettings())
+        client = KVClient(KVTransferSettings())
         await client.abort(decode.kv_endpoint, transfer_id, "prefill failed")
         await client.close()
         # well inside the decode side's own deadline: the abort ended the wait

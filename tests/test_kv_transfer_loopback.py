@@ -7,6 +7,7 @@ import torch
 
 from kv_transfer.connector_metadata import SaveSpec
 from kv_transfer.settings import KVTransferSettings
+from tests.conftest import free_port
 from tests.kv_fakes import endpoint, paged_layers
 from tests.tcp_proxy import CorruptingProxy
 
@@ -16,9 +17,14 @@ TOKENS = 70  # ends mid-block (block size 16): five blocks, the last one partial
 NUM_BLOCKS = len(SRC_BLOCKS)
 
 
+@pytest.fixture(params=["tcp", "grpc"])
+def transport(request):
+    return request.param
+
+
 @pytest.fixture
-def pair(request):
-    settings = KVTransferSettings(**getattr(request, "param", {}))
+def pair(request, transport):
+    settings = KVTransferSettings(transport=transport, **getattr(request, "param", {}))
     prod = endpoint(paged_layers(seed=1), settings, consume=False)
     cons = endpoint(paged_layers(seed=None), settings, consume=True)
     yield prod, cons
@@ -105,20 +111,29 @@ def test_prefix_cached_blocks_are_left_alone(pair):
     assert_same_kv(prod, cons, start=2)
 
 
-@pytest.mark.parametrize("pair", [{"chunk_bytes": 8192, "streams_per_transfer": 1}], indirect=True)
-def test_corruption_in_flight_is_caught_and_resent(pair):
-    prod, cons = pair
-    proxy = CorruptingProxy(cons.address, corrupt_at=6000)  # inside the first chunk's 8 KiB payload
+def test_corruption_in_flight_is_caught_and_resent(transport):
+    settings = dict(transport=transport, chunk_bytes=8192, streams_per_transfer=1)
+    data_port = free_port()
+    # In front of the gRPC endpoint or of the raw-TCP data channel, whichever carries chunks.
+    proxy = CorruptingProxy(f"127.0.0.1:{data_port}", corrupt_at=6000)  # inside the first 8 KiB payload
+    prod = endpoint(paged_layers(seed=1), KVTransferSettings(**settings), consume=False)
+    cons = endpoint(paged_layers(seed=None), KVTransferSettings(
+        **settings, data_port=data_port, data_advertise=proxy.address), consume=True)
+    grpc_proxy = CorruptingProxy(cons.address, corrupt_at=6000) if transport == "grpc" else None
     try:
         cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
-        send(prod, proxy.address)
+        send(prod, grpc_proxy.address if grpc_proxy else cons.address)
         assert poll_consumer(cons) == ({"r1"}, set())
+        assert (grpc_proxy or proxy).corrupted
+        assert cons.stats.snapshot()["checksum_failures"] == 1
+        assert prod.stats.snapshot()["send_retries"] == 1
+        assert_same_kv(prod, cons)
     finally:
-        proxy.close()
-    assert proxy.corrupted
-    assert cons.stats.snapshot()["checksum_failures"] == 1
-    assert prod.stats.snapshot()["send_retries"] == 1
-    assert_same_kv(prod, cons)
+        for p in (proxy, grpc_proxy):
+            if p:
+                p.close()
+        prod.close()
+        cons.close()
 
 
 @pytest.mark.parametrize("pair", [{"send_timeout_s": 2.0, "send_retries": 1}], indirect=True)
@@ -152,9 +167,9 @@ def test_producer_abort_fails_the_load_at_once(pair):
 
 
 @pytest.mark.parametrize("pair", [{"auth_token": "s3cret"}], indirect=True)
-def test_peer_without_the_cluster_token_is_refused(pair):
+def test_peer_without_the_cluster_token_is_refused(pair, transport):
     prod, cons = pair
-    intruder = endpoint(paged_layers(seed=2), KVTransferSettings(auth_token="wrong"), consume=False)
+    intruder = endpoint(paged_layers(seed=2), KVTransferSettings(transport=transport, auth_token="wrong"), consume=False)
     try:
         cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
         send(intruder, cons.address)

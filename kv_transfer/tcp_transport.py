@@ -1,0 +1,150 @@
+"""The raw-TCP data path for KV chunks, negotiated over gRPC (`OpenDataChannel`).
+
+Python gRPC tops out well below what a socket carries here (see bench/RESULTS.md), so the
+bulk bytes may skip it: one connection per stream of a transfer, carrying frames
+[u32 header length][msgpack KVChunkHeader][payload] and then a zero length. The consumer
+answers once with a status frame [u8 name length][status name][u32 length][message]
+(status names are gRPC's), early if it refuses a chunk. Payloads are sent from the packed
+tensor and received into a reused buffer, then written into the KV blocks; the same
+KVReceiver checks every chunk as on the gRPC path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from kv_transfer.chunk_header import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, ChunkError, KVChunkHeader
+from kv_transfer.kv_receiver import KVReceiver
+
+logger = logging.getLogger(__name__)
+
+_U32 = struct.Struct("<I")
+SOCKET_BUFFER_BYTES = 8 << 20
+DRAIN_AFTER_ERROR_S = 5.0
+
+
+def _status_frame(name: str, message: str) -> bytes:
+    msg = message.encode()[:65536]
+    return bytes((len(name),)) + name.encode() + _U32.pack(len(msg)) + msg
+
+
+def _recv_exactly(conn: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed mid-frame")
+        got += n
+
+
+class TcpChunkServer:
+    """Consumer side: accepts data connections and feeds their chunks to a KVReceiver."""
+
+    def __init__(self, receiver: KVReceiver | None, host: str, port: int, status_for: Callable[[Exception], str]) -> None:
+        self._receiver = receiver
+        self._status_for = status_for
+        self._sock = socket.create_server((host, port))
+        self.port = self._sock.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name="pdcluster-kv-tcp", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        buf = bytearray(1 << 20)
+        word = memoryview(bytearray(4))
+        with conn:
+            try:
+                while True:
+                    _recv_exactly(conn, word)
+                    (header_len,) = _U32.unpack(word)
+                    if header_len == 0:
+                        conn.sendall(_status_frame("OK", ""))
+                        return
+                    if header_len > MAX_HEADER_BYTES:
+                        raise ChunkError(f"chunk header of {header_len} bytes is too large")
+                    raw = bytearray(header_len)
+                    _recv_exactly(conn, memoryview(raw))
+                    header = KVChunkHeader.decode(bytes(raw))
+                    if header.payload_bytes > MAX_PAYLOAD_BYTES:
+                        raise ChunkError("chunk payload is too large")
+                    if header.payload_bytes > len(buf):
+                        buf = bytearray(header.payload_bytes)
+                    payload = memoryview(buf)[: header.payload_bytes]
+                    _recv_exactly(conn, payload)
+                    if self._receiver is None:
+                        raise ChunkError("this engine is not a KV consumer")
+                    self._receiver.on_chunk(header, payload)
+            except ConnectionError:
+                return  # the producer went away; it retries or gives up on its side
+            except Exception as e:  # a refused chunk: tell the producer why, then hang up
+                self._refuse(conn, self._status_for(e), str(e))
+
+    def _refuse(self, conn: socket.socket, status: str, message: str) -> None:
+        try:
+            conn.sendall(_status_frame(status, message))
+            conn.shutdown(socket.SHUT_WR)
+            # Read what is still in flight so closing does not reset the connection
+            # before the producer has read our status.
+            conn.settimeout(DRAIN_AFTER_ERROR_S)
+            while conn.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+
+
+async def _read_status(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[str, str]:
+    async def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            part = await loop.sock_recv(sock, n - len(data))
+            if not part:
+                raise ConnectionError("KV data channel closed without a status")
+            data += part
+        return data
+
+    name = (await exactly((await exactly(1))[0])).decode()
+    (length,) = _U32.unpack(await exactly(4))
+    return name, (await exactly(length)).decode(errors="replace")
+
+
+async def push_over_tcp(host: str, port: int, chunks: AsyncIterator[tuple[bytes, memoryview]]) -> tuple[str, str]:
+    """Send every chunk on one connection; returns the consumer's (status, message)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        await loop.sock_connect(sock, (host, port))
+        status = asyncio.ensure_future(_read_status(loop, sock))
+        try:
+            async for header, payload in chunks:
+                if status.done():
+                    break  # refused early: stop sending
+                await loop.sock_sendall(sock, _U32.pack(len(header)) + header)
+                await loop.sock_sendall(sock, payload)
+            else:
+                await loop.sock_sendall(sock, _U32.pack(0))
+        except OSError:
+            if not status.done():
+                raise
+        return await status
+    finally:
+        sock.close()
