@@ -24,8 +24,14 @@ class ChunkError(ValueError):
     """A chunk is malformed or corrupted; it must not be written anywhere."""
 
 
-def payload_checksum(payload: bytes | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(payload)
+def payload_checksum(*parts: bytes | memoryview) -> int:
+    """xxh3-64 of the parts as if concatenated."""
+    if len(parts) == 1:
+        return xxhash.xxh3_64_intdigest(parts[0])
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    return digest.intdigest()
 
 
 @dataclass(frozen=True)

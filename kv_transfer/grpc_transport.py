@@ -170,12 +170,12 @@ class KVClient:
             self._channels[endpoint] = channels
         return channels[next(self._rr) % len(channels)]
 
-    async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, memoryview]], timeout: float) -> None:
-        """Send one stream of (header, payload) chunks; raises TransferFailed."""
+    async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float) -> None:
+        """Send one stream of (header, payload parts) chunks; raises TransferFailed."""
         try:
             if self._settings.transport == "tcp":
                 host, port = await self._data_channel(endpoint)
-                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks), timeout)
+                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout), timeout)
                 if status != "OK":
                     raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
                 return

@@ -36,12 +36,12 @@ def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def encode_kv_chunk(header: bytes, payload) -> bytes:
-    """One KVChunk message; `payload` is anything exposing the buffer protocol."""
-    body = memoryview(payload).cast("B")
+def encode_kv_chunk(header: bytes, parts) -> bytes:
+    """One KVChunk message; the payload is the concatenation of `parts` (buffers)."""
+    body = [memoryview(p).cast("B") for p in parts]
+    size = sum(len(b) for b in body)
     return b"".join(
-        (bytes((_HEADER_TAG,)), _varint(len(header)), header,
-         bytes((_PAYLOAD_TAG,)), _varint(len(body)), body)
+        (bytes((_HEADER_TAG,)), _varint(len(header)), header, bytes((_PAYLOAD_TAG,)), _varint(size), *body)
     )
 
 

@@ -177,6 +177,10 @@ class KVSender:
             raise TransferFailed(str(errors[0]), all(e.retryable for e in errors)) from None
 
     async def _chunks(self, t: OutgoingTransfer):
+        # One pack buffer per stream (for layouts that need packing): a chunk is handed
+        # over before the next is packed.
+        step = max(1, self._settings.chunk_bytes // self._layout.block_bytes)
+        buffer = torch.empty(step * self._layout.block_bytes, dtype=torch.uint8)
         while True:
             while t.cursor >= len(t.ranges) and not t.final:
                 t.changed.clear()
@@ -185,10 +189,10 @@ class KVSender:
                 return
             layer, start, end = t.ranges[t.cursor]
             t.cursor += 1
-            yield self._encode(t, layer, start, end)
+            yield self._encode(t, layer, start, end, buffer)
 
-    def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int) -> tuple[bytes, memoryview]:
-        payload = self._layout.pack(self._layers[layer], t.block_ids[start:end]).numpy()
+    def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int, buffer: torch.Tensor) -> tuple[bytes, list[memoryview]]:
+        parts = self._layout.payload_parts(self._layers[layer], t.block_ids[start:end], into=buffer)
         header = KVChunkHeader(
             transfer_id=t.transfer_id,
             layer=layer,
@@ -197,11 +201,11 @@ class KVSender:
             dtype=self._layout.dtype_name,
             block_bytes=self._layout.block_bytes,
             layout=self._layout.signature,
-            payload_bytes=payload.nbytes,
-            checksum=payload_checksum(payload),
+            payload_bytes=sum(p.nbytes for p in parts),
+            checksum=payload_checksum(*parts),
             auth_token=self._settings.auth_token,
         )
-        return header.encode(), memoryview(payload)
+        return header.encode(), parts
 
     async def _finish(self, t: OutgoingTransfer, failure: str) -> None:
         self._transfers.pop(t.request_id, None)

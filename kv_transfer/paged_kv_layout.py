@@ -55,14 +55,24 @@ class PagedKVLayout:
         for block_id in block_ids:
             yield layer.select(self.block_dim, block_id)
 
-    def pack(self, layer: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
-        """Copy the given blocks, in order, into one flat byte tensor."""
-        out = torch.empty(len(block_ids) * self.block_bytes, dtype=torch.uint8)
+    def pack(self, layer: torch.Tensor, block_ids: Sequence[int], into: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy the given blocks, in order, into one flat byte tensor (the front of `into`
+        when given: reusing a buffer avoids page faults on every chunk)."""
+        nbytes = len(block_ids) * self.block_bytes
+        out = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
         flat = out.view(self.dtype)
         n = math.prod(self.per_block_shape)
         for i, view in enumerate(self.views(layer, block_ids)):
             flat[i * n : (i + 1) * n].view(view.shape).copy_(view)
         return out
+
+    def payload_parts(self, layer: torch.Tensor, block_ids: Sequence[int], into: torch.Tensor) -> list[memoryview]:
+        """The bytes of the given blocks, in order, for sending: views of the cache itself
+        where each block is contiguous (vLLM's CPU layout), else packed into `into`."""
+        views = list(self.views(layer, block_ids))
+        if all(v.is_contiguous() for v in views):
+            return [memoryview(v.view(-1).view(torch.uint8).numpy()) for v in views]
+        return [memoryview(self.pack(layer, block_ids, into=into).numpy())]
 
     def unpack(self, payload: bytes | memoryview, layer: torch.Tensor, block_ids: Sequence[int]) -> None:
         """Write a packed payload into the given blocks."""

@@ -4,8 +4,8 @@ Python gRPC tops out well below what a socket carries here (see bench/RESULTS.md
 bulk bytes may skip it: one connection per stream of a transfer, carrying frames
 [u32 header length][msgpack KVChunkHeader][payload] and then a zero length. The consumer
 answers once with a status frame [u8 name length][status name][u32 length][message]
-(status names are gRPC's), early if it refuses a chunk. Payloads are sent from the packed
-tensor and received into a reused buffer, then written into the KV blocks; the same
+(status names are gRPC's), early if it refuses a chunk. Payloads are sent straight from the KV
+blocks where the layout allows (else from a packed copy) and received into a reused buffer, then written into the KV blocks; the same
 KVReceiver checks every chunk as on the gRPC path.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import struct
 import threading
@@ -109,42 +110,50 @@ class TcpChunkServer:
         self._sock.close()
 
 
-async def _read_status(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[str, str]:
-    async def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            part = await loop.sock_recv(sock, n - len(data))
-            if not part:
-                raise ConnectionError("KV data channel closed without a status")
-            data += part
-        return data
+def _read_status(sock: socket.socket) -> tuple[str, str]:
+    def exactly(n: int) -> bytes:
+        data = bytearray(n)
+        _recv_exactly(sock, memoryview(data))
+        return bytes(data)
 
-    name = (await exactly((await exactly(1))[0])).decode()
-    (length,) = _U32.unpack(await exactly(4))
-    return name, (await exactly(length)).decode(errors="replace")
+    name = exactly(exactly(1)[0]).decode()
+    (length,) = _U32.unpack(exactly(4))
+    return name, exactly(length).decode(errors="replace")
 
 
-async def push_over_tcp(host: str, port: int, chunks: AsyncIterator[tuple[bytes, memoryview]]) -> tuple[str, str]:
-    """Send every chunk on one connection; returns the consumer's (status, message)."""
+def _status_waiting(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+async def push_over_tcp(
+    host: str, port: int, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float
+) -> tuple[str, str]:
+    """Send every chunk on one connection; returns the consumer's (status, message).
+
+    Sends block in a worker thread, like the raw-socket ceiling: the kernel copies each
+    payload from the packed tensor without waking the event loop per partial write.
+    """
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = await loop.run_in_executor(None, lambda: socket.create_connection((host, port), timeout=timeout))
     try:
-        await loop.sock_connect(sock, (host, port))
-        status = asyncio.ensure_future(_read_status(loop, sock))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            async for header, payload in chunks:
-                if status.done():
-                    break  # refused early: stop sending
-                await loop.sock_sendall(sock, _U32.pack(len(header)) + header)
-                await loop.sock_sendall(sock, payload)
+            async for header, parts in chunks:
+                if _status_waiting(sock):
+                    break  # refused early: stop sending and read why
+                await loop.run_in_executor(None, _send_frame, sock, header, parts)
             else:
-                await loop.sock_sendall(sock, _U32.pack(0))
+                await loop.run_in_executor(None, sock.sendall, _U32.pack(0))
         except OSError:
-            if not status.done():
+            if not _status_waiting(sock):
                 raise
-        return await status
+        return await loop.run_in_executor(None, _read_status, sock)
     finally:
         sock.close()
+
+
+def _send_frame(sock: socket.socket, header: bytes, parts: list[memoryview]) -> None:
+    sock.sendall(_U32.pack(len(header)) + header)
+    for part in parts:
+        sock.sendall(part)

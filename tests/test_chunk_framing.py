@@ -70,7 +70,8 @@ def test_header_decoder_rejects_garbage_and_oversize():
 def test_wire_encoding_is_the_protobuf_message():
     payload = np.random.default_rng(0).integers(0, 255, 70_000, dtype=np.uint8)
     header = make_header(payload.tobytes(), num_blocks=7, payload_bytes=70_000, block_bytes=10_000)
-    encoded = encode_kv_chunk(header.encode(), payload)
+    encoded = encode_kv_chunk(header.encode(), [payload[:30_000], payload[30_000:]])
+    assert payload_checksum(payload[:30_000], payload[30_000:]) == header.checksum
     via_protobuf = pb.KVChunk(header=header.encode(), payload=payload.tobytes()).SerializeToString()
     assert encoded == via_protobuf
     raw_header, view = decode_kv_chunk(via_protobuf)
