@@ -32,7 +32,7 @@ class WorkerConfig(BaseModel):
     kv_transport: str = "tcp"
     kv_data_port: int = 0
     kv_data_advertise: str = ""
-    kv_chunk_bytes: int = 1 << 20
+    kv_chunk_bytes: int = 4 << 20
     kv_load_timeout_s: float = 60.0
     kv_send_timeout_s: float = 60.0
     ready_file: str = ""  # written (JSON with ports) once the worker serves
@@ -58,7 +58,7 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
                         help="KV data path: raw TCP negotiated over gRPC, or gRPC streams")
     parser.add_argument("--kv-data-port", type=int, default=0)
     parser.add_argument("--kv-data-advertise", default="", help="host:port producers dial for KV data")
-    parser.add_argument("--kv-chunk-bytes", type=int, default=1 << 20)
+    parser.add_argument("--kv-chunk-bytes", type=int, default=4 << 20, help="4 MiB suits tcp, 1 MiB grpc")
     parser.add_argument("--kv-load-timeout", type=float, default=60.0)
     parser.add_argument("--kv-send-timeout", type=float, default=60.0)
     parser.add_argument("--ready-file", default="")

@@ -247,10 +247,6 @@ class _WorkerCollector:
             "pdcluster_kv_pending_receives": kv.pending_receives,
             "pdcluster_kv_staged_bytes": kv.staged_bytes,
         }
-        for name, value in gauges.items():
-            g = GaugeMetricFamily(name, name.replace("_", " "), labels=labels)
-            g.add_metric(values, value)
-            yield g
         counters = {
             "pdcluster_kv_bytes_sent": kv.bytes_sent,
             "pdcluster_kv_bytes_received": kv.bytes_received,
@@ -264,10 +260,11 @@ class _WorkerCollector:
             "pdcluster_kv_recomputes": kv.recomputes,
             "pdcluster_kv_expired_leases": kv.expired_leases,
         }
-        for name, value in counters.items():
-            c = CounterMetricFamily(name, name.replace("_", " "), labels=labels)
-            c.add_metric(values, value)
-            yield c
+        for family, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, value in metrics.items():
+                metric = family(name, name.replace("_", " "), labels=labels)
+                metric.add_metric(values, value)
+                yield metric
 
 
 def run_worker(config: WorkerConfig, handler_cls) -> None:

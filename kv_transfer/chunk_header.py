@@ -83,16 +83,5 @@ class KVChunkHeader:
         if self.payload_bytes != self.num_blocks * self.block_bytes:
             raise ChunkError("chunk payload size does not match its block count")
 
-    def check_payload(self, payload: bytes | memoryview) -> None:
-        if len(payload) != self.payload_bytes:
-            raise ChunkError(
-                f"chunk payload is {len(payload)} bytes, header says {self.payload_bytes}"
-            )
-        if payload_checksum(payload) != self.checksum:
-            raise ChunkError(
-                f"checksum mismatch in transfer {self.transfer_id} layer {self.layer} "
-                f"blocks {self.block_start}+{self.num_blocks}"
-            )
-
 
 _FIELDS = frozenset(KVChunkHeader.__dataclass_fields__)

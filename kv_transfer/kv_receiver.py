@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kv_transfer.chunk_header import ChunkError, KVChunkHeader
+from kv_transfer.chunk_header import ChunkError, KVChunkHeader, payload_checksum
 from kv_transfer.paged_kv_layout import PagedKVLayout
 from kv_transfer.settings import KVTransferSettings
 from kv_transfer.transfer_stats import TransferStats
@@ -56,8 +56,19 @@ class ExpectedTransfer:
 
 
 @dataclass
+class ChunkLanding:
+    """Where one chunk's payload is received; `parts` cover it, in order."""
+
+    header: KVChunkHeader
+    parts: list[memoryview]
+    transfer: ExpectedTransfer | None  # None: staged, its request is not scheduled yet
+    buffer: bytearray | None  # staging buffer, or the bytes to unpack from
+    replay: bool  # a staged chunk written at last: its bytes were counted on arrival
+
+
+@dataclass
 class StagedTransfer:
-    chunks: list[tuple[KVChunkHeader, bytes]] = field(default_factory=list)
+    chunks: list[tuple[KVChunkHeader, bytearray]] = field(default_factory=list)
     nbytes: int = 0
     created: float = field(default_factory=time.monotonic)
 
@@ -112,7 +123,7 @@ class KVReceiver:
                 self._staged_bytes -= staged.nbytes
         for header, payload in staged.chunks if staged else ():
             try:
-                self._write(transfer, header, payload)
+                self._deliver(header, payload, replay=True)
             except (ChunkError, TransferNotWanted) as e:
                 self.fail(transfer_id, str(e))
                 break
@@ -170,31 +181,88 @@ class KVReceiver:
     # -- called by the transport ------------------------------------------------------
 
     def on_chunk(self, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
-        """Take one chunk. Returns whether its transfer is now complete.
+        """Take one chunk already in memory. Returns whether its transfer is now complete.
 
         Raises ChunkError for a corrupted chunk (the producer may resend) or a mismatched
         one (the transfer fails), TransferNotWanted / StagingFull when it is refused.
         """
+        return self._deliver(header, payload, replay=False)
+
+    def land(self, header: KVChunkHeader, replay: bool = False) -> "ChunkLanding":
+        """Where to receive a chunk's payload: straight into its destination blocks when
+        its request is scheduled and the layout keeps blocks contiguous, else a buffer.
+        Follow with `landed` once the parts are filled, or `abandon`."""
         self._settings.check_token(header.auth_token)
         try:
             self._check_compatible(header)
         except ChunkError as e:
             self.fail(header.transfer_id, str(e))  # no retry can fix a mismatch
             raise
-        try:
-            header.check_payload(payload)
-        except ChunkError:
-            # Corrupted in flight: refuse the stream; the producer resends from its
-            # held blocks, and rewriting a range is harmless.
-            self._stats.add(checksum_failures=1)
-            raise
-        self._stats.add(bytes_received=len(payload))
+        start, end = header.block_start, header.block_start + header.num_blocks
         with self._lock:
-            transfer = self._expected.get(header.transfer_id)
-            if transfer is None:
-                self._stage(header, payload)
-                return False
-        return self._write(transfer, header, payload)
+            t = self._expected.get(header.transfer_id)
+            if t is None:
+                return self._reserve_staging(header)
+            if t.failure:
+                raise TransferNotWanted(f"transfer {t.transfer_id} failed: {t.failure}")
+            if end > len(t.block_ids):
+                t.failure = f"chunk blocks {start}:{end} beyond the request's {len(t.block_ids)}"
+                raise ChunkError(t.failure)
+            t.writers += 1
+        views = list(self._layout.views(self._layers[header.layer], t.block_ids[start:end]))
+        if not all(v.is_contiguous() for v in views):
+            buffer = bytearray(header.payload_bytes)
+            return ChunkLanding(header, [memoryview(buffer)], t, buffer, replay)
+        # Blocks below first_block are shared prefix-cache blocks: land those in scratch.
+        parts = [
+            memoryview(bytearray(header.block_bytes)) if i < t.first_block
+            else memoryview(v.view(-1).view(torch.uint8).numpy())
+            for i, v in zip(range(start, end), views)
+        ]
+        return ChunkLanding(header, parts, t, None, replay)
+
+    def landed(self, landing: "ChunkLanding") -> bool:
+        """Verify a filled landing; returns whether its transfer is now complete."""
+        header, t = landing.header, landing.transfer
+        if payload_checksum(*landing.parts) != header.checksum:
+            # Corrupted in flight: refuse the stream; the producer resends from its held
+            # blocks. Blocks already written stay unreceived until then.
+            self._stats.add(checksum_failures=1)
+            self.abandon(landing)
+            raise ChunkError(
+                f"checksum mismatch in transfer {header.transfer_id} layer {header.layer} "
+                f"blocks {header.block_start}+{header.num_blocks}"
+            )
+        if not landing.replay:
+            self._stats.add(bytes_received=header.payload_bytes)
+        if t is None:
+            with self._lock:
+                staged = self._staged.setdefault(header.transfer_id, StagedTransfer())
+                staged.chunks.append((header, landing.buffer))
+                staged.nbytes += header.payload_bytes
+            return False
+        start, end = header.block_start, header.block_start + header.num_blocks
+        if landing.buffer is not None:  # a layout that needs unpacking
+            lo = max(start, t.first_block)
+            skip = (lo - start) * header.block_bytes
+            if lo < end:
+                self._layout.unpack(memoryview(landing.buffer)[skip:], self._layers[header.layer], t.block_ids[lo:end])
+        with self._lock:
+            t.writers -= 1
+            t.received[header.layer, start:end] = True
+            t.bytes_received += header.payload_bytes
+            complete = t.complete
+        if complete:
+            self._progress.set()
+        return complete
+
+    def abandon(self, landing: "ChunkLanding") -> None:
+        """A landing that will not be completed (the connection broke, or it was bad)."""
+        with self._lock:
+            if landing.transfer is not None:
+                landing.transfer.writers -= 1
+            else:
+                self._staged_bytes -= landing.header.payload_bytes
 
     def fail(self, transfer_id: str, reason: str) -> bool:
         with self._lock:
@@ -211,6 +279,20 @@ class KVReceiver:
 
     # -- internals --------------------------------------------------------------------
 
+    def _deliver(self, header: KVChunkHeader, payload: bytes | memoryview, replay: bool) -> bool:
+        if len(payload) != header.payload_bytes:
+            raise ChunkError(f"chunk payload is {len(payload)} bytes, header says {header.payload_bytes}")
+        landing = self.land(header, replay)
+        try:
+            view, offset = memoryview(payload).cast("B"), 0
+            for part in landing.parts:
+                part[:] = view[offset : offset + len(part)]
+                offset += len(part)
+        except Exception:
+            self.abandon(landing)
+            raise
+        return self.landed(landing)
+
     def _check_compatible(self, header: KVChunkHeader) -> None:
         layout = self._layout
         if header.layout != layout.signature or header.dtype != layout.dtype_name:
@@ -221,45 +303,15 @@ class KVReceiver:
         if header.block_bytes != layout.block_bytes or header.layer >= len(self._layers):
             raise ChunkError("chunk block size or layer index does not match this engine")
 
-    def _stage(self, header: KVChunkHeader, payload: bytes | memoryview) -> None:
+    def _reserve_staging(self, header: KVChunkHeader) -> "ChunkLanding":
         # Caller holds the lock.
         if header.transfer_id in self._closed:
             raise TransferNotWanted(f"transfer {header.transfer_id} is already closed")
-        if self._staged_bytes + len(payload) > self._settings.max_staged_bytes:
+        if self._staged_bytes + header.payload_bytes > self._settings.max_staged_bytes:
             raise StagingFull("KV staging buffer is full")
-        staged = self._staged.setdefault(header.transfer_id, StagedTransfer())
-        staged.chunks.append((header, bytes(payload)))
-        staged.nbytes += len(payload)
-        self._staged_bytes += len(payload)
-
-    def _write(self, t: ExpectedTransfer, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
-        start, end = header.block_start, header.block_start + header.num_blocks
-        with self._lock:
-            if t.failure:
-                raise TransferNotWanted(f"transfer {t.transfer_id} failed: {t.failure}")
-            if end > len(t.block_ids):
-                t.failure = f"chunk blocks {start}:{end} beyond the request's {len(t.block_ids)}"
-                raise ChunkError(t.failure)
-            t.writers += 1
-        try:
-            # Blocks below first_block are shared prefix-cache blocks: leave them be.
-            lo = max(start, t.first_block)
-            if lo < end:
-                skip = (lo - start) * header.block_bytes
-                self._layout.unpack(memoryview(payload)[skip:], self._layers[header.layer], t.block_ids[lo:end])
-        except Exception as e:
-            with self._lock:
-                t.writers -= 1
-                t.failure = t.failure or f"writing KV failed: {e}"
-            raise
-        with self._lock:
-            t.writers -= 1
-            t.received[header.layer, start:end] = True
-            t.bytes_received += len(payload)
-            complete = t.complete
-        if complete:
-            self._progress.set()
-        return complete
+        self._staged_bytes += header.payload_bytes
+        buffer = bytearray(header.payload_bytes)
+        return ChunkLanding(header, [memoryview(buffer)], None, buffer, False)
 
     def _close(self, transfer_id: str) -> None:
         self._closed[transfer_id] = None

@@ -4,9 +4,9 @@ Python gRPC tops out well below what a socket carries here (see bench/RESULTS.md
 bulk bytes may skip it: one connection per stream of a transfer, carrying frames
 [u32 header length][msgpack KVChunkHeader][payload] and then a zero length. The consumer
 answers once with a status frame [u8 name length][status name][u32 length][message]
-(status names are gRPC's), early if it refuses a chunk. Payloads are sent straight from the KV
-blocks where the layout allows (else from a packed copy) and received into a reused buffer, then written into the KV blocks; the same
-KVReceiver checks every chunk as on the gRPC path.
+(status names are gRPC's), early if it refuses a chunk. Payloads go straight from the producer's
+KV blocks into the consumer's (where the layout keeps blocks contiguous; else through a
+packed copy), and the same KVReceiver checks every chunk as on the gRPC path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import struct
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from kv_transfer.chunk_header import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, ChunkError, KVChunkHeader
+from kv_transfer.chunk_header import MAX_HEADER_BYTES, ChunkError, KVChunkHeader
 from kv_transfer.kv_receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ class TcpChunkServer:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-        buf = bytearray(1 << 20)
         word = memoryview(bytearray(4))
         with conn:
             try:
@@ -79,15 +78,17 @@ class TcpChunkServer:
                     raw = bytearray(header_len)
                     _recv_exactly(conn, memoryview(raw))
                     header = KVChunkHeader.decode(bytes(raw))
-                    if header.payload_bytes > MAX_PAYLOAD_BYTES:
-                        raise ChunkError("chunk payload is too large")
-                    if header.payload_bytes > len(buf):
-                        buf = bytearray(header.payload_bytes)
-                    payload = memoryview(buf)[: header.payload_bytes]
-                    _recv_exactly(conn, payload)
                     if self._receiver is None:
                         raise ChunkError("this engine is not a KV consumer")
-                    self._receiver.on_chunk(header, payload)
+                    # Received straight into the KV blocks where possible.
+                    landing = self._receiver.land(header)
+                    try:
+                        for part in landing.parts:
+                            _recv_exactly(conn, part)
+                    except BaseException:
+                        self._receiver.abandon(landing)
+                        raise
+                    self._receiver.landed(landing)
             except ConnectionError:
                 return  # the producer went away; it retries or gives up on its side
             except Exception as e:  # a refused chunk: tell the producer why, then hang up

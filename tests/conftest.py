@@ -37,7 +37,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kv_data_proxy():
     """Sits in front of the decode worker's KV data channel; tests arm it to corrupt."""
     port = free_port()
@@ -47,7 +47,7 @@ def kv_data_proxy():
     proxy.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down before another module starts its engines
 def pd_pair(model_dir, kv_data_proxy):
     """One prefill and one decode worker process on the tiny model."""
     args = ["--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]

@@ -1,5 +1,5 @@
-"""Real paged KV tensors shaped like vLLM's CPU layout, for transfer tests that do not
-need a whole engine."""
+"""Real paged KV tensors shaped like vLLM's CPU layout (or its CUDA one), for transfer
+tests that do not need a whole engine."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from kv_transfer.settings import KVTransferSettings
 NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD2 = 64, 2, 16, 64
 
 
-def paged_layers(num_layers: int = 3, seed: int | None = 0) -> list[torch.Tensor]:
-    shape = (NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD2)
+CPU_SHAPE = (NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD2)
+CUDA_SHAPE = (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD2 // 2)  # blocks not contiguous
+
+
+def paged_layers(num_layers: int = 3, seed: int | None = 0, shape=CPU_SHAPE) -> list[torch.Tensor]:
     if seed is None:
         return [torch.zeros(shape) for _ in range(num_layers)]
     gen = torch.Generator().manual_seed(seed)

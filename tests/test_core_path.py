@@ -4,6 +4,7 @@ returns exactly the tokens one plain vLLM engine returns."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 
 import grpc
@@ -176,6 +177,11 @@ def test_worker_stats_and_health(pd_pair):
     prefill, decode = pd_pair
     assert asyncio.run(run(prefill))[1].kv_bytes_sent > 0
     assert asyncio.run(run(decode))[1].kv_bytes_received > 0
+    for worker, counter in ((prefill, "pdcluster_kv_bytes_sent_total"), (decode, "pdcluster_kv_bytes_received_total")):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{worker.info['metrics_port']}/metrics", timeout=5).read().decode()
+        line = next(l for l in text.splitlines() if l.startswith(counter))
+        assert f'role="{worker.role}"' in line and float(line.rsplit(" ", 1)[1]) > 0
+        assert "pdcluster_worker_running_requests" in text
 
 
 def test_bad_input_gets_invalid_argument_and_workers_keep_serving(pd_pair, prompts, expected):

@@ -8,7 +8,7 @@ import torch
 from kv_transfer.connector_metadata import SaveSpec
 from kv_transfer.settings import KVTransferSettings
 from tests.conftest import free_port
-from tests.kv_fakes import endpoint, paged_layers
+from tests.kv_fakes import CUDA_SHAPE, endpoint, paged_layers
 from tests.tcp_proxy import CorruptingProxy
 
 SRC_BLOCKS = [3, 7, 9, 21, 40]
@@ -87,6 +87,21 @@ def test_transfer_lands_in_the_allocated_blocks(pair, steps):
     assert prod.stats.snapshot()["bytes_sent"] == nbytes
     assert cons.stats.snapshot()["bytes_received"] == nbytes
     assert cons.stats.snapshot()["transfers_received"] == 1
+
+
+def test_layout_with_non_contiguous_blocks_is_packed_and_unpacked(transport):
+    settings = KVTransferSettings(transport=transport, chunk_bytes=8192)
+    prod = endpoint(paged_layers(seed=1, shape=CUDA_SHAPE), settings, consume=False)
+    cons = endpoint(paged_layers(seed=None, shape=CUDA_SHAPE), settings, consume=True)
+    try:
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 1)
+        send(prod, cons.address)
+        assert poll_consumer(cons) == ({"r1"}, set())
+        assert_same_kv(prod, cons, start=1)
+        assert not cons.layout.pack(cons.layers[0], DST_BLOCKS[:1]).any()  # cached block untouched
+    finally:
+        prod.close()
+        cons.close()
 
 
 def test_chunks_before_the_request_is_scheduled_are_staged(pair):

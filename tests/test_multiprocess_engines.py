@@ -1,0 +1,39 @@
+"""vLLM's default multiprocess CPU executor (a separate model process per engine) with our
+connector: the transfer and token-exactness hold there too."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.local_launcher import start_worker, wait_ready
+from tests.conftest import reference_outputs
+from tests.test_core_path import MAX_TOKENS, generate, kv_stats
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [list(range(20, 20 + n)) for n in (5, 200)]
+
+
+@pytest.fixture(scope="module")
+def mp_pair(model_dir):
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    workers = [start_worker("prefill", env=env), start_worker("decode", env=env)]
+    try:
+        for w in workers:
+            wait_ready(w)
+        yield tuple(workers)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_multiprocess_executor_transfer_is_token_exact(mp_pair, tmp_path):
+    expected = reference_outputs(PROMPTS, MAX_TOKENS, tmp_path)
+    prefill, decode = mp_pair
+    for prompt, want in zip(PROMPTS, expected):
+        tokens, _, _ = asyncio.run(generate(prefill, decode, prompt))
+        assert tokens == want
+    stats = kv_stats(decode)
+    assert stats.transfers_received == len(PROMPTS) and stats.recomputes == 0
