@@ -159,7 +159,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
     # -- request accounting shared by the role handlers --------------------------------
 
     @contextlib.contextmanager
-    def admitted(self, context):
+    def admitted(self):
         if self._draining:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "worker is draining")
         self._active += 1
@@ -174,7 +174,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         if self.config.role != "prefill":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
         try:
-            with self.admitted(context):
+            with self.admitted():
                 return await self.handler.prefill(request, context)
         except _Refused as e:
             await context.abort(e.code, e.message)
@@ -183,7 +183,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         if self.config.role != "decode":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
         try:
-            with self.admitted(context):
+            with self.admitted():
                 async for chunk in self.handler.decode(request, context):
                     yield chunk
         except _Refused as e:

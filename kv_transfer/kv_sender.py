@@ -66,9 +66,9 @@ class KVSender:
         self._stats = stats
         self._transfers: dict[str, OutgoingTransfer] = {}  # touched on the I/O loop only
         self._lock = threading.Lock()
+        self._open: set[str] = set()  # requests with a transfer not yet handed back
         self._done: set[str] = set()
         self._finished: set[str] = set()
-        self._pending = 0
 
     # -- engine thread ----------------------------------------------------------------
 
@@ -79,7 +79,7 @@ class KVSender:
         """
         if save.first and layer == 0:
             with self._lock:
-                self._pending += 1
+                self._open.add(save.request_id)
         self._io.call_soon(self._add_layer, save, layer)
 
     def finalize(self, request_id: str) -> None:
@@ -89,18 +89,21 @@ class KVSender:
     def poll(self, finished_req_ids: set[str]) -> set[str]:
         """Requests whose blocks may be freed now (finished in vLLM and done sending)."""
         with self._lock:
-            self._finished |= finished_req_ids
+            finished = finished_req_ids & self._open
+            self._finished |= finished
             ready = self._done & self._finished
             self._done -= ready
             self._finished -= ready
-        for request_id in finished_req_ids:
+            self._open -= ready
+        for request_id in finished:
             self._io.call_soon(self._abort_if_unfinished, request_id)
         return ready
 
     @property
     def pending(self) -> int:
+        """Transfers whose blocks are still held."""
         with self._lock:
-            return self._pending
+            return len(self._open)
 
     # -- I/O loop ---------------------------------------------------------------------
 
@@ -220,5 +223,4 @@ class KVSender:
             )
         with self._lock:
             self._done.add(t.request_id)
-            self._pending -= 1
         self._progress.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -52,7 +53,14 @@ def pd_pair(model_dir, kv_data_proxy):
     """One prefill and one decode worker process on the tiny model."""
     args = ["--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]
     decode_args = ["--kv-data-port", str(kv_data_proxy.upstream_port), "--kv-data-advertise", kv_data_proxy.address]
-    workers = [start_worker("prefill", args), start_worker("decode", args + decode_args)]
+    with running_pair(args, args + decode_args) as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None):
+    """A prefill and a decode worker process, ready, stopped on exit."""
+    workers = [start_worker("prefill", prefill_args, env=env), start_worker("decode", decode_args, env=env)]
     try:
         for w in workers:
             wait_ready(w)

@@ -7,8 +7,7 @@ import asyncio
 
 import pytest
 
-from cluster.local_launcher import start_worker, wait_ready
-from tests.conftest import reference_outputs
+from tests.conftest import reference_outputs, running_pair
 from tests.test_core_path import MAX_TOKENS, generate, kv_stats
 
 pytestmark = pytest.mark.slow
@@ -18,15 +17,8 @@ PROMPTS = [list(range(20, 20 + n)) for n in (5, 200)]
 
 @pytest.fixture(scope="module")
 def mp_pair(model_dir):
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    workers = [start_worker("prefill", env=env), start_worker("decode", env=env)]
-    try:
-        for w in workers:
-            wait_ready(w)
-        yield tuple(workers)
-    finally:
-        for w in workers:
-            w.stop()
+    with running_pair(env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as pair:
+        yield pair
 
 
 def test_multiprocess_executor_transfer_is_token_exact(mp_pair, tmp_path):
