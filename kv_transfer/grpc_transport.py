@@ -93,11 +93,14 @@ class KVTransferService:
                 await context.abort(status_for(e), str(e))
         return pb.PushAck(transfer_id=transfer_id, bytes_received=nbytes, complete=complete)
 
-    async def abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferReply:
+    async def _authorize(self, token: str, context) -> None:
         try:
-            self._auth(request.auth_token)
+            self._auth(token)
         except PermissionError as e:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    async def abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferReply:
+        await self._authorize(request.auth_token, context)
         known = bool(self._receiver and self._receiver.fail(request.transfer_id, f"aborted by producer: {request.reason}"))
         return pb.AbortTransferReply(known=known)
 
@@ -105,10 +108,7 @@ class KVTransferService:
         return self._stats()
 
     async def open_data_channel(self, request: pb.DataChannelRequest, context) -> pb.DataChannel:
-        try:
-            self._auth(request.auth_token)
-        except PermissionError as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        await self._authorize(request.auth_token, context)
         return self._data_channel
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -235,8 +235,4 @@ async def fetch_kv_stats(endpoint: str, timeout: float = 5.0) -> pb.KVStats:
             response_deserializer=pb.KVStats.FromString,
         )
         return await call(pb.KVStatsRequest(), timeout=timeout)
-
-
-def kv_stats_from(snapshot: dict, **extra: int) -> pb.KVStats:
-    return pb.KVStats(**snapshot, **extra)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kv_transfer.grpc_transport import KVClient, KVTransferService, kv_stats_from, start_kv_server, status_for
+from kv_transfer.grpc_transport import KVClient, KVTransferService, start_kv_server, status_for
 from kv_transfer.kv_io_loop import KVIOLoop
 from kv_transfer.kv_receiver import KVReceiver
 from kv_transfer.kv_sender import KVSender
@@ -54,8 +54,8 @@ class KVEndpoint:
         self.address = f"{settings.host}:{port}"
 
     def kv_stats(self) -> pb.KVStats:
-        return kv_stats_from(
-            self.stats.snapshot(),
+        return pb.KVStats(
+            **self.stats.snapshot(),
             pending_sends=self.sender.pending if self.sender else 0,
             pending_receives=self.receiver.pending if self.receiver else 0,
             staged_bytes=self.receiver.staged_bytes if self.receiver else 0,
