@@ -46,7 +46,6 @@ class ExpectedTransfer:
     deadline: float
     received: np.ndarray  # [layers, blocks] bool: which blocks of which layer arrived
     started: float = field(default_factory=time.monotonic)
-    bytes_received: int = 0
     writers: int = 0  # chunk writes in progress; blocks must not be released meanwhile
     failure: str = ""
 
@@ -237,10 +236,15 @@ class KVReceiver:
             self._stats.add(bytes_received=header.payload_bytes)
         if t is None:
             with self._lock:
-                staged = self._staged.setdefault(header.transfer_id, StagedTransfer())
-                staged.chunks.append((header, landing.buffer))
-                staged.nbytes += header.payload_bytes
-            return False
+                if header.transfer_id not in self._expected:
+                    staged = self._staged.setdefault(header.transfer_id, StagedTransfer())
+                    staged.chunks.append((header, landing.buffer))
+                    staged.nbytes += header.payload_bytes
+                    return False
+                # Its request was scheduled while this chunk was arriving: write it now,
+                # or it would sit in staging that expect() has already drained.
+                self._staged_bytes -= header.payload_bytes
+            return self._deliver(header, landing.buffer, replay=True)
         start, end = header.block_start, header.block_start + header.num_blocks
         if landing.buffer is not None:  # a layout that needs unpacking
             lo = max(start, t.first_block)
@@ -250,7 +254,6 @@ class KVReceiver:
         with self._lock:
             t.writers -= 1
             t.received[header.layer, start:end] = True
-            t.bytes_received += header.payload_bytes
             complete = t.complete
         if complete:
             self._progress.set()

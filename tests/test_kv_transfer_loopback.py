@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from kv_transfer.chunk_header import KVChunkHeader, payload_checksum
 from kv_transfer.connector_metadata import SaveSpec
 from kv_transfer.settings import KVTransferSettings
 from tests.conftest import free_port
@@ -113,6 +114,20 @@ def test_chunks_before_the_request_is_scheduled_are_staged(pair):
     assert poll_consumer(cons) == ({"r1"}, set())
     assert cons.receiver.staged_bytes == 0
     assert_same_kv(prod, cons)
+
+
+def test_chunk_arriving_while_its_request_is_scheduled_is_not_stranded(pair):
+    prod, cons = pair
+    layout, src = prod.layout, prod.layers[0]
+    parts = layout.payload_parts(src, SRC_BLOCKS[:1], into=None)
+    header = KVChunkHeader("t1", 0, 0, 1, layout.dtype_name, layout.block_bytes, layout.signature,
+                           layout.block_bytes, payload_checksum(*parts))
+    landing = cons.receiver.land(header)  # not scheduled yet: lands in staging
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)  # scheduled before the bytes are in
+    landing.parts[0][:] = parts[0]
+    cons.receiver.landed(landing)
+    assert cons.receiver.staged_bytes == 0
+    assert torch.equal(layout.pack(cons.layers[0], DST_BLOCKS[:1]), layout.pack(src, SRC_BLOCKS[:1]))
 
 
 def test_prefix_cached_blocks_are_left_alone(pair):
