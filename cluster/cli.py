@@ -17,11 +17,15 @@ def _model_tiny(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cluster.local_launcher import start_worker, wait_ready
+    import asyncio
+
+    from cluster.local_launcher import start_process, wait_ready
+    from router.config import router_config_from
+    from router.server import serve_router
 
     worker_args = ["--model", args.model] if args.model else []
-    workers = [start_worker("prefill", worker_args) for _ in range(args.prefill)]
-    workers += [start_worker("decode", worker_args) for _ in range(args.decode)]
+    workers = [start_process("prefill", worker_args) for _ in range(args.prefill)]
+    workers += [start_process("decode", worker_args) for _ in range(args.decode)]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -29,19 +33,25 @@ def _serve(args: argparse.Namespace) -> int:
         started = time.monotonic()
         print(f"starting {args.prefill} prefill + {args.decode} decode workers (engines load in ~30-60 s)...", flush=True)
         for w in workers:
-            wait_ready(w)
+            try:
+                wait_ready(w, cancel=stop)
+            except InterruptedError:
+                return 130
             print(f"  {w.role} worker ready at {w.address} after {time.monotonic() - started:.0f}s", flush=True)
-        summary = " ".join(f"{w.role}={w.address}" for w in workers)
-        print(f"pdcluster ready: {summary} (Ctrl-C to stop)", flush=True)
-        while not stop.wait(1.0):
-            dead = [w for w in workers if w.process.poll() is not None]
-            if dead:
-                print(f"worker {dead[0].role} exited:\n{dead[0].log_tail()}", file=sys.stderr)
-                return 1
+        if stop.is_set():
+            return 130
+        config = router_config_from(args, workers=[w.address for w in workers])
+        asyncio.run(serve_router(config, on_ready=lambda info: _print_ready(info, workers)))
         return 0
     finally:
         for w in workers:
             w.stop()
+
+
+def _print_ready(info: dict, workers) -> None:
+    counts = " + ".join(f"{sum(w.role == r for w in workers)} {r}" for r in ("prefill", "decode"))
+    print(f"pdcluster ready: {info['http']}/v1 (OpenAI), grpc {info['grpc']}, model {info['model']}, "
+          f"{counts} workers (Ctrl-C to stop)", flush=True)
 
 
 def _bench_transfer(args: argparse.Namespace) -> int:
@@ -54,6 +64,8 @@ def _bench_transfer(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from router.config import add_router_flags
+
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -64,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_model_tiny)
 
     serve = sub.add_parser("serve", help="run a local cluster")
-    serve.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
+    add_router_flags(serve)
     serve.add_argument("--prefill", type=int, default=1)
     serve.add_argument("--decode", type=int, default=1)
     serve.set_defaults(func=_serve)

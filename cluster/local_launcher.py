@@ -1,4 +1,4 @@
-"""Starting worker processes on this machine and waiting until they serve."""
+"""Starting pdcluster processes (workers, the router) on this machine and waiting until they serve."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 @dataclass
-class WorkerProcess:
+class LocalProcess:
     role: str
     process: subprocess.Popen
     info: dict = field(default_factory=dict)
@@ -43,32 +43,39 @@ class WorkerProcess:
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
 
 
-def start_worker(role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None) -> WorkerProcess:
-    """Spawn `python -m {role}_worker`; call `wait_ready` to block until it serves."""
+# What each kind of process runs; each writes its ready file once it serves.
+_MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}
+
+
+def start_process(role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None) -> LocalProcess:
+    """Spawn a `role` process (prefill, decode or router); `wait_ready` blocks until it serves."""
     run_dir = tempfile.mkdtemp(prefix=f"pdcluster-{role}-", dir=log_dir)
     ready = os.path.join(run_dir, "ready.json")
-    log_path = os.path.join(run_dir, "worker.log")
-    cmd = [sys.executable, "-m", f"{role}_worker", "--ready-file", ready, *args]
+    log_path = os.path.join(run_dir, f"{role}.log")
+    cmd = [sys.executable, "-m", _MODULES[role], "--ready-file", ready, *args]
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
     )
-    worker = WorkerProcess(role=role, process=proc, log_path=log_path)
-    worker.info["ready_file"] = ready
-    return worker
+    started = LocalProcess(role=role, process=proc, log_path=log_path)
+    started.info["ready_file"] = ready
+    return started
 
 
-def wait_ready(worker: WorkerProcess, timeout: float = 300.0) -> WorkerProcess:
-    ready = worker.info["ready_file"]
+def wait_ready(proc: LocalProcess, timeout: float = 300.0, cancel=None) -> LocalProcess:
+    """Block until the process serves; `cancel` (a threading.Event) set means give up."""
+    ready = proc.info["ready_file"]
     deadline = time.monotonic() + timeout
     while not os.path.exists(ready):
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"{worker.role} worker exited with {worker.process.returncode}:\n{worker.log_tail()}")
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"{proc.role} process exited with {proc.process.returncode}:\n{proc.log_tail()}")
+        if cancel is not None and cancel.is_set():
+            raise InterruptedError(f"stopped waiting for the {proc.role} process")
         if time.monotonic() > deadline:
-            worker.stop()
-            raise TimeoutError(f"{worker.role} worker not ready after {timeout}s:\n{worker.log_tail()}")
+            proc.stop()
+            raise TimeoutError(f"{proc.role} process not ready after {timeout}s:\n{proc.log_tail()}")
         time.sleep(0.2)
     with open(ready) as f:
-        worker.info.update(json.load(f))
-    return worker
+        proc.info.update(json.load(f))
+    return proc

@@ -217,6 +217,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             queued_prefill_tokens=self.handler.queued_prefill_tokens,
             block_size=cache.block_size,
             draining=self._draining,
+            max_model_len=self.engine.vllm_config.model_config.max_model_len,
         )
 
 

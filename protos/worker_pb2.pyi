@@ -117,7 +117,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "worker_id", "pid", "running", "queued", "free_kv_blocks", "total_kv_blocks", "kv_bytes_sent", "kv_bytes_received", "kv_endpoint", "model", "queued_prefill_tokens", "block_size", "draining")
+    __slots__ = ("role", "worker_id", "pid", "running", "queued", "free_kv_blocks", "total_kv_blocks", "kv_bytes_sent", "kv_bytes_received", "kv_endpoint", "model", "queued_prefill_tokens", "block_size", "draining", "max_model_len")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class WorkerStats(_message.Message):
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: str
     pid: int
@@ -146,4 +147,5 @@ class WorkerStats(_message.Message):
     queued_prefill_tokens: int
     block_size: int
     draining: bool
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    max_model_len: int
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ...) -> None: ...

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cluster.local_launcher import start_worker, wait_ready
+from cluster.local_launcher import start_process, wait_ready
 from cluster.tiny_model.generate import ensure_tiny_model
 from tests.tcp_proxy import CorruptingProxy
 
@@ -58,9 +58,34 @@ def pd_pair(model_dir, kv_data_proxy):
 
 
 @contextlib.contextmanager
+def running_cluster(prefill: int = 1, decode: int = 1, worker_args: list[str] = (), router_args: list[str] = ()):
+    """Workers and a router in front of them, each its own process; yields (router, workers)."""
+    workers = [start_process("prefill", worker_args) for _ in range(prefill)]
+    workers += [start_process("decode", worker_args) for _ in range(decode)]
+    started = list(workers)
+    try:
+        for w in workers:
+            wait_ready(w)
+        router = start_router([w.address for w in workers], router_args)
+        started.append(router)
+        yield router, workers
+    finally:
+        for p in started:
+            p.stop()
+
+
+def start_router(worker_addresses: list[str], router_args: list[str] = ()):
+    """A router process on free ports in front of the given workers, ready."""
+    args = ["--port", "0", "--grpc-port", "0", *router_args]
+    for address in worker_addresses:
+        args += ["--worker", address]
+    return wait_ready(start_process("router", args))
+
+
+@contextlib.contextmanager
 def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None):
     """A prefill and a decode worker process, ready, stopped on exit."""
-    workers = [start_worker("prefill", prefill_args, env=env), start_worker("decode", decode_args, env=env)]
+    workers = [start_process("prefill", prefill_args, env=env), start_process("decode", decode_args, env=env)]
     try:
         for w in workers:
             wait_ready(w)

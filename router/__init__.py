@@ -1,0 +1,1 @@
+"""The front door: OpenAI-compatible HTTP and gRPC `Inference`, routing prefill -> decode."""

@@ -1,0 +1,6 @@
+"""`python -m router --worker HOST:PORT ...`: the router alone, in front of running workers."""
+from router.config import parse_router_args
+from router.server import run_router
+
+if __name__ == "__main__":
+    run_router(parse_router_args())

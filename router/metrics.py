@@ -1,0 +1,57 @@
+"""The router's Prometheus metrics (prefix `pdcluster_router_`), plus a per-worker view."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from router.worker_pool import WorkerPool
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
+
+
+class RouterMetrics:
+    def __init__(self, pool: WorkerPool) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("pdcluster_router_ttft_seconds", "Time to first token", registry=r, buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("pdcluster_router_itl_seconds", "Time between output tokens", registry=r, buckets=_ITL_BUCKETS)
+        self.e2e = Histogram("pdcluster_router_e2e_seconds", "Request latency, arrival to last token", registry=r, buckets=_LATENCY_BUCKETS)
+        self.requests = Counter("pdcluster_router_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.queue_depth = Gauge("pdcluster_router_queue_depth", "Requests waiting for an admission slot", registry=r)
+        self.inflight = Gauge("pdcluster_router_inflight_requests", "Requests being served", registry=r)
+        self.retries = Counter("pdcluster_router_retries", "Attempts restarted on another worker before the first token", ["role"], registry=r)
+        self.resumes = Counter("pdcluster_router_resumes", "Streams resumed on another decode worker mid-generation", registry=r)
+        self.picks = Counter("pdcluster_router_worker_picks", "Workers chosen per request", ["role", "worker_id"], registry=r)
+        self.bypass = Counter("pdcluster_router_prefill_bypass", "Requests run on a decode worker alone", ["reason"], registry=r)
+        self.prefix_hit_tokens = Counter("pdcluster_router_prefix_hit_tokens", "Prompt tokens routed to a prefill worker expected to hold them", registry=r)
+        self.prompt_tokens = Counter("pdcluster_router_prompt_tokens", "Prompt tokens received", registry=r)
+        self.output_tokens = Counter("pdcluster_router_output_tokens", "Tokens streamed to clients", registry=r)
+        r.register(_PoolCollector(pool))
+
+
+class _PoolCollector:
+    """Workers as the router sees them, read from the latest Stats poll at scrape time."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def collect(self):
+        healthy = GaugeMetricFamily("pdcluster_router_healthy_workers", "Healthy workers per pool", labels=["role"])
+        for role in ("prefill", "decode"):
+            healthy.add_metric([role], len(self._pool.healthy(role)))
+        yield healthy
+        labels = ["role", "worker_id"]
+        usage = GaugeMetricFamily("pdcluster_cluster_kv_cache_usage", "KV blocks in use / total per worker", labels=labels)
+        sent = CounterMetricFamily("pdcluster_cluster_kv_bytes_sent", "KV bytes sent per worker", labels=labels)
+        received = CounterMetricFamily("pdcluster_cluster_kv_bytes_received", "KV bytes received per worker", labels=labels)
+        for w in self._pool.workers():
+            if w.stats is None:
+                continue
+            values = [w.role, w.worker_id]
+            total = w.stats.total_kv_blocks
+            usage.add_metric(values, 1.0 - w.stats.free_kv_blocks / total if total else 0.0)
+            sent.add_metric(values, w.stats.kv_bytes_sent)
+            received.add_metric(values, w.stats.kv_bytes_received)
+        yield from (usage, sent, received)

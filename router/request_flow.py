@@ -1,0 +1,230 @@
+"""One request through the cluster: pick workers, prefill remotely, stream decode tokens.
+
+A decode stream opens first (the decode engine reserves blocks for the prompt and waits
+for its KV), then the prefill worker computes the prompt and pushes the KV to it. A failed
+prefill or decode worker is excluded and the request tried again elsewhere; a decode
+worker lost mid-stream is resumed on another from the prompt plus the tokens already
+sent, so the caller sees one uninterrupted stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from router.admission import AdmissionGate
+from router.config import RouterConfig
+from router.errors import InvalidRequest, NoCapacity
+from router.metrics import RouterMetrics
+from router.routing_policy import PrefixIndex, pick_decode_worker, pick_prefill_worker, prompt_block_hashes, should_bypass_prefill
+from router.worker_pool import WorkerPool, WorkerView
+from protos import worker_pb2
+
+logger = logging.getLogger("pdcluster.router.flow")
+
+# Codes that say the request itself is wrong: retrying elsewhere would fail the same way.
+_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: worker_pb2.SamplingOptions  # max_tokens is always set
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    text: str
+    finish_reason: str = ""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class _Attempt:
+    number: int
+    excluded: set = field(default_factory=set)
+
+
+class WorkerFailed(Exception):
+    def __init__(self, worker: WorkerView, role: str, reason: str) -> None:
+        super().__init__(f"{role} worker {worker.address}: {reason}")
+        self.worker, self.role = worker, role
+
+
+class RequestFlow:
+    def __init__(self, pool: WorkerPool, config: RouterConfig, metrics: RouterMetrics) -> None:
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics
+        self.prefix_index = PrefixIndex(config.prefix_index_blocks)
+        self.admission = AdmissionGate(config.max_inflight, config.max_queue, metrics)
+
+    async def generate(self, request: GenerationRequest, usage: Usage):
+        """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
+        arrived = time.monotonic()
+        outcome = "error"
+        async with self.admission.slot():
+            try:
+                async for delta in self._generate_with_failover(request, usage, arrived):
+                    yield delta
+                outcome = "ok"
+            except InvalidRequest:
+                outcome = "invalid"
+                raise
+            except NoCapacity:
+                outcome = "unavailable"
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome = "cancelled"
+                raise
+            finally:
+                self.metrics.requests.labels(outcome).inc()
+        self.metrics.e2e.observe(time.monotonic() - arrived)
+
+    async def _generate_with_failover(self, request: GenerationRequest, usage: Usage, arrived: float):
+        usage.prompt_tokens = len(request.prompt_token_ids)
+        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        sent: list[int] = []
+        attempt = _Attempt(0)
+        last_token_at = None
+        while True:
+            try:
+                async for delta in self._run_attempt(request, sent, attempt, usage):
+                    now = time.monotonic()
+                    if delta.token_ids:
+                        if last_token_at is None:
+                            self.metrics.ttft.observe(now - arrived)
+                        else:
+                            self.metrics.itl.observe((now - last_token_at) / len(delta.token_ids))
+                        last_token_at = now
+                    sent.extend(delta.token_ids)
+                    usage.completion_tokens = len(sent)
+                    self.metrics.output_tokens.inc(len(delta.token_ids))
+                    yield delta
+                return
+            except WorkerFailed as e:
+                self.pool.mark_unreachable(e.worker)
+                attempt.excluded.add(e.worker)
+                attempt.number += 1
+                if sent:
+                    self.metrics.resumes.inc()
+                else:
+                    self.metrics.retries.labels(e.role).inc()
+                logger.warning("request %s: %s; attempt %d, %d tokens sent", request.request_id, e, attempt.number + 1, len(sent))
+                if attempt.number >= self.config.max_attempts:
+                    raise NoCapacity(f"request failed on {attempt.number} workers; last: {e}", code="workers_failed") from e
+
+    async def _run_attempt(self, request: GenerationRequest, sent: list[int], attempt: _Attempt, usage: Usage):
+        prompt = request.prompt_token_ids + sent
+        sampling = worker_pb2.SamplingOptions()
+        sampling.CopyFrom(request.sampling)
+        sampling.max_tokens = request.sampling.max_tokens - len(sent)
+        if sampling.max_tokens <= 0:  # the lost worker had sent every token but not the finish
+            yield TokenDelta([], "", "length")
+            return
+        decode = pick_decode_worker(self._candidates("decode", attempt), len(prompt) + sampling.max_tokens)
+        if decode is None:
+            raise NoCapacity("no healthy decode worker", code="no_decode_worker")
+        prefill = self._pick_prefill(prompt, attempt)
+        self.metrics.picks.labels("decode", decode.worker_id).inc()
+        transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
+        decode_request = worker_pb2.DecodeRequest(
+            request_id=f"{request.request_id}-{attempt.number}", prompt_token_ids=prompt, sampling=sampling, transfer_id=transfer_id
+        )
+        decode.inflight += 1
+        stream = decode.stub.Decode(decode_request)
+        prefill_task = None
+        if prefill is not None:
+            prefill_task = asyncio.create_task(self._prefill(prefill, decode, decode_request, usage))
+            # A failed prefill must not leave decode waiting for KV that will not come.
+            prefill_task.add_done_callback(lambda task: _failure_of(task) and stream.cancel())
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.read(), self.config.decode_idle_timeout_s)
+                except asyncio.TimeoutError:
+                    raise WorkerFailed(decode, "decode", f"no token for {self.config.decode_idle_timeout_s:.0f}s") from None
+                except asyncio.CancelledError:
+                    # grpc.aio reports our own stream.cancel() (after a failed prefill) this way.
+                    if _failure_of(prefill_task) is None or asyncio.current_task().cancelling():
+                        raise
+                    raise _failure_of(prefill_task) from None
+                except grpc.aio.AioRpcError as e:
+                    raise _failure_of(prefill_task) or _classify(e, decode, "decode") from None
+                if chunk is grpc.aio.EOF:
+                    return
+                if not usage.cached_tokens and prefill is None:
+                    usage.cached_tokens = chunk.num_cached_tokens
+                yield TokenDelta(list(chunk.token_ids), chunk.text, chunk.finish_reason)
+        finally:
+            decode.inflight -= 1
+            stream.cancel()  # no-op once finished; aborts the request on the worker otherwise
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+
+    def _candidates(self, role: str, attempt: _Attempt) -> list[WorkerView]:
+        return [w for w in self.pool.healthy(role) if w not in attempt.excluded]
+
+    def _pick_prefill(self, prompt: list[int], attempt: _Attempt) -> WorkerView | None:
+        if should_bypass_prefill(len(prompt), self.config.bypass_prefill_below_tokens):
+            self.metrics.bypass.labels("short_prompt").inc()
+            return None
+        hashes: dict[int, list[int]] = {}
+        prefill, overlap = pick_prefill_worker(
+            self._candidates("prefill", attempt), len(prompt), self.prefix_index,
+            lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs)),
+        )
+        if prefill is None:
+            self.metrics.bypass.labels("no_prefill_worker").inc()
+            return None
+        self.metrics.picks.labels("prefill", prefill.worker_id).inc()
+        self.metrics.prefix_hit_tokens.inc(overlap)
+        self.prefix_index.record(prefill.worker_id, hashes[max(prefill.stats.block_size, 1)])
+        return prefill
+
+    async def _prefill(self, prefill: WorkerView, decode: WorkerView, decode_request, usage: Usage) -> None:
+        num_tokens = len(decode_request.prompt_token_ids)
+        prefill.pending_prefill_tokens += num_tokens
+        prefill.inflight += 1
+        try:
+            reply = await prefill.stub.Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id=decode_request.request_id,
+                    prompt_token_ids=decode_request.prompt_token_ids,
+                    sampling=decode_request.sampling,
+                    target=worker_pb2.KVTransferTarget(
+                        transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint
+                    ),
+                ),
+                timeout=self.config.prefill_timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise _classify(e, prefill, "prefill") from None
+        finally:
+            prefill.pending_prefill_tokens -= num_tokens
+            prefill.inflight -= 1
+        usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
+
+
+def _failure_of(task: asyncio.Task | None) -> BaseException | None:
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+def _classify(error: grpc.aio.AioRpcError, worker: WorkerView, role: str) -> Exception:
+    if error.code() in _CLIENT_ERRORS:
+        return InvalidRequest(error.details() or "invalid request")
+    return WorkerFailed(worker, role, f"{error.code().name}: {error.details()}")

@@ -1,0 +1,95 @@
+"""Which workers serve a request: pure functions over the pool's view, unit-tested alone.
+
+The decode worker is picked first (it must hold the whole sequence), then the prefill
+worker by the work it would do: its queued prefill tokens plus the part of this prompt it
+does not already hold in its prefix cache (the approach Dynamo's KV router and llm-d take).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import xxhash
+
+from router.worker_pool import WorkerView
+
+
+def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks: equal hashes mean equal prefixes."""
+    tokens = np.asarray(token_ids, dtype=np.uint32)
+    hashes, parent = [], 0
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        parent = xxhash.xxh3_64_intdigest(tokens[start : start + block_size].tobytes(), seed=parent)
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixIndex:
+    """Per worker, the block hashes of prompts it prefilled recently (LRU, bounded)."""
+
+    def __init__(self, capacity_blocks: int = 65536) -> None:
+        self._capacity = capacity_blocks
+        self._blocks: dict[str, OrderedDict[int, None]] = {}
+
+    def record(self, worker_id: str, hashes: list[int]) -> None:
+        blocks = self._blocks.setdefault(worker_id, OrderedDict())
+        for h in hashes:
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > self._capacity:
+            blocks.popitem(last=False)
+
+    def overlap_blocks(self, worker_id: str, hashes: list[int]) -> int:
+        """How many leading blocks of the prompt the worker is likely to have cached."""
+        blocks = self._blocks.get(worker_id, {})
+        count = 0
+        for h in hashes:
+            if h not in blocks:
+                break
+            count += 1
+        return count
+
+    def forget(self, worker_id: str) -> None:
+        self._blocks.pop(worker_id, None)
+
+
+def _load(worker: WorkerView) -> int:
+    """Requests on the worker: its own count, or ours where the last poll lags behind."""
+    stats = worker.stats
+    return max(stats.running + stats.queued, worker.inflight)
+
+
+def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerView | None:
+    """Prefer workers with room for the whole sequence, then the least loaded, then the most free KV."""
+    if not workers:
+        return None
+
+    def key(w: WorkerView):
+        blocks_needed = -(-total_tokens // max(w.stats.block_size, 1))
+        fits = w.stats.free_kv_blocks >= blocks_needed or w.stats.total_kv_blocks == 0
+        return (not fits, _load(w), -int(w.stats.free_kv_blocks))
+
+    return min(workers, key=key)
+
+
+def pick_prefill_worker(
+    workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for
+) -> tuple[WorkerView | None, int]:
+    """The worker with the least prefill work ahead once this prompt's cached prefix is
+    subtracted; returns it and the prefix tokens it likely holds. `hashes_for(block_size)`
+    gives the prompt's block hashes for a worker's block size."""
+    best, best_key, best_overlap = None, None, 0
+    for w in workers:
+        block_size = max(w.stats.block_size, 1)
+        overlap = index.overlap_blocks(w.worker_id, hashes_for(block_size)) * block_size
+        queued = max(w.stats.queued_prefill_tokens, w.pending_prefill_tokens)
+        key = (queued + prompt_len - overlap, _load(w))
+        if best_key is None or key < best_key:
+            best, best_key, best_overlap = w, key, overlap
+    return best, best_overlap
+
+
+def should_bypass_prefill(prompt_len: int, threshold_tokens: int) -> bool:
+    """Tiny prompts cost the decode worker less than a transfer would."""
+    return prompt_len < threshold_tokens

@@ -1,0 +1,71 @@
+"""Running the router: the HTTP API (uvicorn) and the gRPC Inference service in one event
+loop, until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+
+import grpc
+import uvicorn
+
+from protos import inference_pb2_grpc
+from router.config import RouterConfig
+from router.inference_service import InferenceService
+from router.openai_api import build_app
+from router.router_service import Router
+
+logger = logging.getLogger("pdcluster.router")
+
+
+async def serve_router(config: RouterConfig, on_ready=None) -> None:
+    """Serve until a signal; `on_ready(info)` is called once both APIs listen."""
+    router = Router(config)
+    await router.start()
+    grpc_server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router), grpc_server)
+    grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    await grpc_server.start()
+
+    sock = socket.create_server((config.host, config.port), reuse_port=False)
+    http_port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10))
+    # Ours, so that uvicorn re-raising the signal after its shutdown only asks us to stop too.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    info = {
+        "http": f"http://{config.host}:{http_port}",
+        "grpc": f"{config.host}:{grpc_port}",
+        "model": router.model_name,
+        "pid": os.getpid(),
+    }
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        logger.info("router serving %s (HTTP) and %s (gRPC)", info["http"], info["grpc"])
+        _write_ready_file(config.ready_file, info)
+        if on_ready is not None:
+            on_ready(info)
+    try:
+        await serving
+    finally:
+        await grpc_server.stop(grace=5.0)
+        await router.close()
+
+
+def _write_ready_file(path: str, info: dict) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(path + ".tmp", path)
+
+
+def run_router(config: RouterConfig) -> None:
+    """Entry point of `python -m router`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve_router(config))

@@ -1,0 +1,82 @@
+"""Workers dying under the router: a decode worker SIGKILLed mid-stream is resumed on
+another with the exact greedy text; a dead prefill worker costs a retry, not the request."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from cluster.tiny_model.generate import CORPUS
+from protos import worker_pb2, worker_pb2_grpc
+from tests.conftest import running_cluster
+from tests.test_router_api import metric
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster(prefill=1, decode=2, router_args=["--bypass-prefill-below", "32"]) as (router, workers):
+        yield router, workers
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer) -> str:
+    return tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[500:800])
+
+
+def running_on(worker) -> int:
+    with grpc.insecure_channel(worker.address) as channel:
+        return worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5).running
+
+
+def complete(client, prompt: str, stream: bool):
+    kwargs = dict(model="tiny-llama-v2-s0", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    if not stream:
+        return client.completions.create(**kwargs).choices[0].text
+    return client.completions.create(stream=True, **kwargs)
+
+
+def test_decode_killed_mid_stream_resumes_with_exact_text(cluster, prompt):
+    router, workers = cluster
+    client = openai.OpenAI(base_url=router.info["http"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    expected = complete(client, prompt, stream=False)
+    http = httpx.Client(base_url=router.info["http"], timeout=60)
+    resumes_before = metric(http, "pdcluster_router_resumes_total")
+
+    pieces, finish, killed = [], None, None
+    for chunk in complete(client, prompt, stream=True):
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+        if killed is None and chunk.choices[0].text:
+            # The decode worker serving this stream: the one with a running request.
+            killed = next(w for w in workers if w.role == "decode" and running_on(w) > 0)
+            os.kill(killed.process.pid, signal.SIGKILL)
+    assert killed is not None and killed.process.wait(10) == -signal.SIGKILL
+    assert "".join(pieces) == expected
+    assert finish == "length"
+    assert metric(http, "pdcluster_router_resumes_total") == resumes_before + 1
+    dead = next(w for w in http.get("/cluster").json()["workers"] if w["address"] == killed.address)
+    assert not dead["healthy"]
+    assert http.get("/health").status_code == 200  # one decode worker is enough
+
+
+def test_dead_prefill_worker_costs_a_retry_not_the_request(cluster, prompt):
+    router, workers = cluster
+    client = openai.OpenAI(base_url=router.info["http"] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    expected = complete(client, prompt, stream=False)
+    http = httpx.Client(base_url=router.info["http"], timeout=60)
+    prefill = next(w for w in workers if w.role == "prefill")
+    os.kill(prefill.process.pid, signal.SIGKILL)
+    prefill.process.wait(10)
+    # Routed before or after the router notices: either way the decode worker computes the prompt.
+    assert complete(client, prompt, stream=False) == expected
+    assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="no_prefill_worker"') >= 1
+    assert http.get("/health").status_code == 503  # no prefill worker left
