@@ -63,6 +63,12 @@ def _bench_transfer(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_router(args: argparse.Namespace) -> int:
+    from bench.router_bench import main as bench_main
+
+    return bench_main(json_output=args.json, concurrency=args.concurrency, requests=args.requests, model=args.model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from router.config import add_router_flags
 
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--streams", type=int, default=None, help="streams per transfer (default: the setting)")
     transfer.add_argument("--chunk-mib", type=int, default=None, help="chunk size in MiB (default: the setting)")
     transfer.set_defaults(func=_bench_transfer)
+    router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")
+    router.add_argument("--json", action="store_true", help="end with a JSON line")
+    router.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    router.add_argument("--requests", type=int, default=200, help="requests per path and concurrency")
+    router.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
+    router.set_defaults(func=_bench_router)
     return parser
 
 

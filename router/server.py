@@ -31,7 +31,8 @@ async def serve_router(config: RouterConfig, on_ready=None) -> None:
     grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
     await grpc_server.start()
 
-    sock = socket.create_server((config.host, config.port), reuse_port=False)
+    sock = socket.create_server((config.host, config.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     http_port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10))
     # Ours, so that uvicorn re-raising the signal after its shutdown only asks us to stop too.
