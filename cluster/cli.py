@@ -19,39 +19,84 @@ def _model_tiny(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from cluster.local_launcher import start_process, wait_ready
-    from router.config import router_config_from
+    import ray
+
+    from cluster.cluster_spec import load_cluster_spec
+    from cluster.ray_cluster import connect_ray, start_controller
     from router.server import serve_router
 
-    worker_args = ["--model", args.model] if args.model else []
-    workers = [start_process("prefill", worker_args) for _ in range(args.prefill)]
-    workers += [start_process("decode", worker_args) for _ in range(args.decode)]
+    spec = load_cluster_spec(args)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    connect_ray(spec)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
+    controller = None
     try:
-        started = time.monotonic()
-        print(f"starting {args.prefill} prefill + {args.decode} decode workers (engines load in ~30-60 s)...", flush=True)
-        for w in workers:
-            try:
-                wait_ready(w, cancel=stop)
-            except InterruptedError:
-                return 130
-            print(f"  {w.role} worker ready at {w.address} after {time.monotonic() - started:.0f}s", flush=True)
-        if stop.is_set():
+        controller = start_controller(spec)
+        if not _wait_for_pools(controller, stop):
             return 130
-        config = router_config_from(args, workers=[w.address for w in workers])
-        asyncio.run(serve_router(config, on_ready=lambda info: _print_ready(info, workers)))
+        config = spec.router.model_copy(update={"registry": spec.registry, "cluster_name": spec.name})
+        membership = None if spec.registry else (lambda: controller.members.remote())
+        asyncio.run(serve_router(config, on_ready=lambda info: _print_ready(info, spec), membership=membership))
         return 0
     finally:
-        for w in workers:
-            w.stop()
+        print("stopping workers...", flush=True)
+        if controller is not None:
+            try:
+                ray.get(controller.shutdown.remote(), timeout=120)
+            except Exception as e:  # still shut Ray down below
+                print(f"controller shutdown: {e}", file=sys.stderr)
+        ray.shutdown()
 
 
-def _print_ready(info: dict, workers) -> None:
-    counts = " + ".join(f"{sum(w.role == r for w in workers)} {r}" for r in ("prefill", "decode"))
+def _wait_for_pools(controller, stop: threading.Event) -> bool:
+    """Print each replica as it becomes ready; False if stopped first."""
+    import ray
+
+    started = time.monotonic()
+    status = ray.get(controller.status.remote())
+    targets = {role: pool["target"] for role, pool in status["pools"].items()}
+    print(f"starting {targets['prefill']} prefill + {targets['decode']} decode workers on Ray "
+          "(engines load in ~30-60 s)...", flush=True)
+    seen: set[str] = set()
+    while not stop.wait(1.0):
+        status = ray.get(controller.status.remote())
+        for r in status["replicas"]:
+            if r["state"] == "ready" and r["id"] not in seen:
+                seen.add(r["id"])
+                print(f"  {r['role']} worker {r['id']} ready at {r['address']} after {time.monotonic() - started:.0f}s", flush=True)
+        if all(pool["ready"] >= pool["target"] for pool in status["pools"].values()):
+            return True
+    return False
+
+
+def _print_ready(info: dict, spec) -> None:
     print(f"pdcluster ready: {info['http']}/v1 (OpenAI), grpc {info['grpc']}, model {info['model']}, "
-          f"{counts} workers (Ctrl-C to stop)", flush=True)
+          f"{spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers (Ctrl-C to stop)", flush=True)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    import ray
+
+    from cluster.ray_cluster import find_controller
+
+    status = ray.get(find_controller(args.name, args.address).status.remote())
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"cluster {status['name']} (autoscaling {'on' if status['autoscaling'] else 'off'})")
+    for role, pool in status["pools"].items():
+        print(f"  {role:<8} ready {pool['ready']}/{pool['target']} (min {pool['min']}, max {pool['max']}) per replica {pool['resources']}")
+    for r in status["replicas"]:
+        print(f"    {r['id']:<18} {r['state']:<9} {r['address']:<22} pid {r['pid']:<7} running {r['running']:<3} "
+              f"free KV {r['free_kv_blocks']}/{r['total_kv_blocks']}  up {r['age_s']:.0f}s")
+    for d in status["decisions"][-10:]:
+        print(f"  autoscaler {time.strftime('%H:%M:%S', time.localtime(d['at']))} {d['role']} {d['from_replicas']} -> {d['to_replicas']}: {d['reason']}")
+    for h in status["heals"][-10:]:
+        print(f"  healed {h['role']}: {h['replaced']} ({h['reason']}) -> {h['replacement']} in {h['seconds']}s")
+    return 0
 
 
 def _bench_transfer(args: argparse.Namespace) -> int:
@@ -70,7 +115,7 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from router.config import add_router_flags
+    from cluster.cluster_spec import add_cluster_flags
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", default=None, help="directory to write it to (default: the cache)")
     tiny.set_defaults(func=_model_tiny)
 
-    serve = sub.add_parser("serve", help="run a local cluster")
-    add_router_flags(serve)
-    serve.add_argument("--prefill", type=int, default=1)
-    serve.add_argument("--decode", type=int, default=1)
+    serve = sub.add_parser("serve", help="run a cluster: workers on Ray, and the router")
+    add_cluster_flags(serve)
     serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="pools, replicas, health and autoscaler decisions of a running cluster")
+    status.add_argument("--address", default="auto", help="Ray address (default: the local one)")
+    status.add_argument("--name", default="pdcluster", help="cluster name in the spec")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kv_transfer.process_lifetime import die_with_parent
+
 
 @dataclass
 class LocalProcess:
@@ -57,6 +59,7 @@ def start_process(role: str, args: list[str] = (), env: dict | None = None, log_
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),  # no orphans if the launcher dies
     )
     started = LocalProcess(role=role, process=proc, log_path=log_path)
     started.info["ready_file"] = ready

@@ -36,6 +36,8 @@ class WorkerConfig(BaseModel):
     kv_load_timeout_s: float = 60.0
     kv_send_timeout_s: float = 60.0
     ready_file: str = ""  # written (JSON with ports) once the worker serves
+    registry: str = ""  # redis://...: heartbeat this worker's record there (TTL)
+    cluster_name: str = "pdcluster"
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
@@ -62,6 +64,8 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
     parser.add_argument("--kv-load-timeout", type=float, default=60.0)
     parser.add_argument("--kv-send-timeout", type=float, default=60.0)
     parser.add_argument("--ready-file", default="")
+    parser.add_argument("--registry", default="", help="redis://HOST:PORT/DB: announce this worker there")
+    parser.add_argument("--cluster-name", default="pdcluster")
     a = parser.parse_args(argv)
     return WorkerConfig(
         role=role,
@@ -78,6 +82,8 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
         kv_load_timeout_s=a.kv_load_timeout,
         kv_send_timeout_s=a.kv_send_timeout,
         ready_file=a.ready_file,
+        registry=a.registry,
+        cluster_name=a.cluster_name,
         engine=EngineConfig(
             model=a.model,
             dtype=a.dtype,
@@ -88,3 +94,19 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
             tensor_parallel_size=a.tensor_parallel_size,
         ),
     )
+
+
+def engine_flags(engine: EngineConfig) -> list[str]:
+    """The worker CLI flags that reproduce `engine` (for launching workers from a spec)."""
+    flags = [
+        "--dtype", engine.dtype,
+        "--max-model-len", str(engine.max_model_len),
+        "--kv-cache-gib", str(engine.kv_cache_gib),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+    ]
+    if engine.model:
+        flags += ["--model", engine.model]
+    if not engine.enable_prefix_caching:
+        flags.append("--no-prefix-caching")
+    return flags

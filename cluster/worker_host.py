@@ -134,9 +134,20 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        refresher = asyncio.create_task(self._refresh_kv_stats())
+        tasks = [asyncio.create_task(self._refresh_kv_stats())]
+        registry = None
+        if self.config.registry:
+            from cluster.worker_registry import RedisRegistry
+
+            registry = RedisRegistry(self.config.registry, self.config.cluster_name)
+            tasks.append(asyncio.create_task(self._announce_forever(registry)))
         await stop.wait()
-        refresher.cancel()
+        for task in tasks:
+            task.cancel()
+        if registry is not None:  # routers stop sending before the drain starts
+            with contextlib.suppress(Exception):
+                await registry.withdraw(self.worker_id)
+            await registry.close()
         await self.drain_and_stop()
 
     async def drain_and_stop(self) -> None:
@@ -149,6 +160,16 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             await self._server.stop(grace=1.0)
         if self.engine is not None:
             self.engine.shutdown()
+
+    async def _announce_forever(self, registry) -> None:
+        from cluster.worker_registry import HEARTBEAT_INTERVAL_S
+
+        while True:
+            try:
+                await registry.announce(self.describe())
+            except Exception as e:  # Redis away for a moment: the record expires, routers skip us
+                logger.warning("registry heartbeat failed: %s", e)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _refresh_kv_stats(self) -> None:
         while True:

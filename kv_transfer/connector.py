@@ -35,6 +35,7 @@ from kv_transfer.connector_metadata import (
 )
 from kv_transfer.kv_endpoint import KVEndpoint
 from kv_transfer.paged_kv_layout import blocks_for_tokens
+from kv_transfer.process_lifetime import die_with_parent
 from kv_transfer.settings import KVTransferSettings
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ class PdConnector(KVConnectorBase_V1):
         kv_cache_config: "KVCacheConfig",
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        # This runs inside vLLM's engine-core and model-worker processes: make them exit
+        # with the worker that spawned them instead of lingering after it is killed.
+        die_with_parent()
         self._settings = KVTransferSettings.from_extra_config(
             self._kv_transfer_config.kv_connector_extra_config
         )

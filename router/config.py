@@ -15,6 +15,8 @@ class RouterConfig(BaseModel):
     model: str = ""  # tokenizer/model directory; empty: the tiny generated model
     served_model_name: str = ""  # the `model` clients send; empty: the directory's name
     workers: list[str] = Field(default_factory=list)  # Worker gRPC addresses (host:port)
+    registry: str = ""  # redis://...: follow the workers announced there instead of `workers`
+    cluster_name: str = "pdcluster"
     api_key: str = ""  # empty: no auth
     bypass_prefill_below_tokens: int = 64  # shorter prompts run on the decode worker alone
     max_inflight: int = 256  # requests running at once
@@ -24,6 +26,7 @@ class RouterConfig(BaseModel):
     max_attempts: int = 4  # tries per request across workers (prefill retries, decode resumes)
     prefill_timeout_s: float = 300.0
     decode_idle_timeout_s: float = 300.0  # longest silence on a token stream before failover
+    capacity_wait_s: float = 120.0  # how long a request waits for a healthy decode worker (one restarting)
     health_interval_s: float = 1.0
     prefix_index_blocks: int = 65536  # block hashes remembered per prefill worker
     ready_file: str = ""
@@ -64,6 +67,10 @@ def parse_router_args(argv: list[str] | None = None) -> RouterConfig:
     parser = argparse.ArgumentParser(prog="python -m router", description="pdcluster router")
     add_router_flags(parser)
     parser.add_argument("--worker", action="append", default=[], help="Worker gRPC address; repeat per worker")
+    parser.add_argument("--registry", default="", help="redis://HOST:PORT/DB: follow the workers announced there")
+    parser.add_argument("--cluster-name", default="pdcluster")
     parser.add_argument("--ready-file", default="")
     args = parser.parse_args(argv)
-    return router_config_from(args, workers=args.worker, ready_file=args.ready_file)
+    return router_config_from(
+        args, workers=args.worker, ready_file=args.ready_file, registry=args.registry, cluster_name=args.cluster_name
+    )

@@ -73,7 +73,11 @@ def build_app(router: Router) -> FastAPI:
 
     @app.get("/cluster", dependencies=[Depends(authorized)])
     async def cluster():
-        return {"model": router.model_name, "workers": [w.describe() for w in router.pool.workers()]}
+        return {
+            "model": router.model_name,
+            "workers": [w.describe() for w in router.pool.workers()],
+            "prefix_index_blocks": router.flow.prefix_index.sizes(),
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():

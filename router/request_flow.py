@@ -18,6 +18,7 @@ import grpc
 
 from router.admission import AdmissionGate
 from router.config import RouterConfig
+from router.continuation_text import ContinuationText
 from router.errors import InvalidRequest, NoCapacity
 from router.metrics import RouterMetrics
 from router.routing_policy import PrefixIndex, pick_decode_worker, pick_prefill_worker, prompt_block_hashes, should_bypass_prefill
@@ -64,8 +65,9 @@ class WorkerFailed(Exception):
 
 
 class RequestFlow:
-    def __init__(self, pool: WorkerPool, config: RouterConfig, metrics: RouterMetrics) -> None:
+    def __init__(self, pool: WorkerPool, config: RouterConfig, metrics: RouterMetrics, tokenizer) -> None:
         self.pool = pool
+        self.tokenizer = tokenizer
         self.config = config
         self.metrics = metrics
         self.prefix_index = PrefixIndex(config.prefix_index_blocks)
@@ -134,15 +136,14 @@ class RequestFlow:
         if sampling.max_tokens <= 0:  # the lost worker had sent every token but not the finish
             yield TokenDelta([], "", "length")
             return
-        decode = pick_decode_worker(self._candidates("decode", attempt), len(prompt) + sampling.max_tokens)
-        if decode is None:
-            raise NoCapacity("no healthy decode worker", code="no_decode_worker")
+        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + sampling.max_tokens)
         prefill = self._pick_prefill(prompt, attempt)
         self.metrics.picks.labels("decode", decode.worker_id).inc()
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
         decode_request = worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-{attempt.number}", prompt_token_ids=prompt, sampling=sampling, transfer_id=transfer_id
         )
+        continuation = ContinuationText(self.tokenizer, sent, list(sampling.stop)) if sent else None
         decode.inflight += 1
         stream = decode.stub.Decode(decode_request)
         prefill_task = None
@@ -167,7 +168,8 @@ class RequestFlow:
                     return
                 if not usage.cached_tokens and prefill is None:
                     usage.cached_tokens = chunk.num_cached_tokens
-                yield TokenDelta(list(chunk.token_ids), chunk.text, chunk.finish_reason)
+                text = continuation.delta(list(chunk.token_ids), chunk.finish_reason) if continuation else chunk.text
+                yield TokenDelta(list(chunk.token_ids), text, chunk.finish_reason)
         finally:
             decode.inflight -= 1
             stream.cancel()  # no-op once finished; aborts the request on the worker otherwise
@@ -176,6 +178,15 @@ class RequestFlow:
 
     def _candidates(self, role: str, attempt: _Attempt) -> list[WorkerView]:
         return [w for w in self.pool.healthy(role) if w not in attempt.excluded]
+
+    async def _decode_candidates(self, attempt: _Attempt) -> list[WorkerView]:
+        """Healthy decode workers; while there are none (one being replaced), wait a bounded time."""
+        deadline = time.monotonic() + self.config.capacity_wait_s
+        while not (candidates := self._candidates("decode", attempt)):
+            if time.monotonic() >= deadline:
+                raise NoCapacity(f"no healthy decode worker for {self.config.capacity_wait_s:.0f}s", code="no_decode_worker")
+            await asyncio.sleep(0.25)
+        return candidates
 
     def _pick_prefill(self, prompt: list[int], attempt: _Attempt) -> WorkerView | None:
         if should_bypass_prefill(len(prompt), self.config.bypass_prefill_below_tokens):

@@ -9,6 +9,7 @@ import uuid
 
 from router.config import RouterConfig
 from router.errors import InvalidRequest, ModelNotFound
+from router.membership import MembershipFollower, follow_registry
 from router.metrics import RouterMetrics
 from router.prompt_builder import PromptBuilder, fit_max_tokens
 from router.request_flow import GenerationRequest, RequestFlow
@@ -17,7 +18,9 @@ from router.worker_pool import WorkerPool
 
 
 class Router:
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, membership=None) -> None:
+        """`membership`: an async callable returning worker addresses (the cluster
+        controller's view); without it, the Redis registry or the fixed `config.workers`."""
         from cluster.tiny_model.generate import ensure_tiny_model
 
         self.config = config
@@ -26,13 +29,27 @@ class Router:
         self.prompts = PromptBuilder(self.model_dir)
         self.pool = WorkerPool(config.workers, config.health_interval_s)
         self.metrics = RouterMetrics(self.pool)
-        self.flow = RequestFlow(self.pool, config, self.metrics)
+        self.flow = RequestFlow(self.pool, config, self.metrics, self.prompts.tokenizer)
         self._model_max_len = _model_max_len(self.model_dir)
+        self._membership = membership
+        self._follower: MembershipFollower | None = None
+        self._registry = None
 
     async def start(self) -> None:
+        cfg = self.config
+        if cfg.registry:
+            self._follower, self._registry = follow_registry(self.pool, self.flow.prefix_index, cfg.registry, cfg.cluster_name, cfg.health_interval_s)
+        elif self._membership is not None:
+            self._follower = MembershipFollower(self.pool, self._membership, cfg.health_interval_s)
+        if self._follower is not None:
+            await self._follower.start()
         await self.pool.start()
 
     async def close(self) -> None:
+        if self._follower is not None:
+            await self._follower.close()
+        if self._registry is not None:
+            await self._registry.close()
         await self.pool.close()
 
     @property

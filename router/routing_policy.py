@@ -31,8 +31,13 @@ class PrefixIndex:
     def __init__(self, capacity_blocks: int = 65536) -> None:
         self._capacity = capacity_blocks
         self._blocks: dict[str, OrderedDict[int, None]] = {}
+        self.on_record = None  # called with (worker_id, hashes) for routing decisions made here
 
-    def record(self, worker_id: str, hashes: list[int]) -> None:
+    def record(self, worker_id: str, hashes: list[int], shared: bool = True) -> None:
+        """Remember that `worker_id` now holds these blocks; `shared=False` for hints that
+        came from other routers (they are not passed on again)."""
+        if shared and self.on_record is not None:
+            self.on_record(worker_id, hashes)
         blocks = self._blocks.setdefault(worker_id, OrderedDict())
         for h in hashes:
             blocks[h] = None
@@ -49,6 +54,10 @@ class PrefixIndex:
                 break
             count += 1
         return count
+
+    def sizes(self) -> dict[str, int]:
+        """Blocks remembered per worker."""
+        return {worker_id: len(blocks) for worker_id, blocks in self._blocks.items()}
 
     def forget(self, worker_id: str) -> None:
         self._blocks.pop(worker_id, None)

@@ -22,9 +22,10 @@ from router.router_service import Router
 logger = logging.getLogger("pdcluster.router")
 
 
-async def serve_router(config: RouterConfig, on_ready=None) -> None:
-    """Serve until a signal; `on_ready(info)` is called once both APIs listen."""
-    router = Router(config)
+async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> None:
+    """Serve until a signal; `on_ready(info)` is called once both APIs listen. See Router
+    for `membership`."""
+    router = Router(config, membership)
     await router.start()
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router), grpc_server)

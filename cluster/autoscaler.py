@@ -1,0 +1,79 @@
+"""The autoscaling policy: each pool's target replica count from its own load signal.
+
+Prefill load is queued prefill tokens per replica against a target; decode load is the
+larger of KV-block utilization and running requests per replica against theirs. A pool
+grows once its load has stayed above target for `upscale_delay_s`, shrinks by one once it
+has stayed below `downscale_ratio` x target for `downscale_delay_s`, and never acts twice
+within `cooldown_s`: the gap between the two thresholds is the hysteresis that stops flapping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from cluster.cluster_spec import AutoscalingSpec, PoolSpec
+from protos import worker_pb2
+
+
+@dataclass
+class ScalingDecision:
+    at: float
+    role: str
+    from_replicas: int
+    to_replicas: int
+    load: float  # relative to target; 1.0 = at target
+    reason: str
+
+
+def pool_load(role: str, stats: list[worker_pb2.WorkerStats], spec: AutoscalingSpec) -> float:
+    """Mean load of the pool's ready replicas relative to its target (1.0 = on target)."""
+    if not stats:
+        return 0.0
+    if role == "prefill":
+        return sum(s.queued_prefill_tokens for s in stats) / len(stats) / spec.prefill_target_queued_tokens
+    kv_usage = sum(1.0 - s.free_kv_blocks / s.total_kv_blocks for s in stats if s.total_kv_blocks) / len(stats)
+    running = sum(s.running + s.queued for s in stats) / len(stats)
+    return max(kv_usage / spec.decode_target_kv_usage, running / spec.decode_target_running)
+
+
+@dataclass
+class _PoolState:
+    over_since: float | None = None
+    under_since: float | None = None
+    last_action: float = -math.inf
+
+
+@dataclass
+class Autoscaler:
+    spec: AutoscalingSpec
+    _pools: dict[str, _PoolState] = field(default_factory=dict)
+
+    def decide(self, role: str, pool: PoolSpec, target: int, ready: int, load: float, now: float | None = None) -> ScalingDecision | None:
+        """A new target for the pool, or None to keep it. Replicas still starting count as
+        capacity already on its way, so nothing is added until they are ready."""
+        now = time.monotonic() if now is None else now
+        state = self._pools.setdefault(role, _PoolState())
+        if load > 1.0:
+            state.under_since = None
+            state.over_since = now if state.over_since is None else state.over_since
+        elif load < self.spec.downscale_ratio:
+            state.over_since = None
+            state.under_since = now if state.under_since is None else state.under_since
+        else:
+            state.over_since = state.under_since = None
+        if now - state.last_action < self.spec.cooldown_s:
+            return None
+        new = target
+        if state.over_since is not None and now - state.over_since >= self.spec.upscale_delay_s and ready >= target:
+            new = min(pool.max_replicas, max(target + 1, math.ceil(target * load)))
+            reason = f"load {load:.2f} x target for {now - state.over_since:.0f}s"
+        elif state.under_since is not None and now - state.under_since >= self.spec.downscale_delay_s:
+            new = max(pool.min_replicas, target - 1)
+            reason = f"load {load:.2f} x target (< {self.spec.downscale_ratio}) for {now - state.under_since:.0f}s"
+        if new == target:
+            return None
+        state.last_action = now
+        state.over_since = state.under_since = None
+        return ScalingDecision(time.time(), role, target, new, load, reason)

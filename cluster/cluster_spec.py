@@ -1,0 +1,120 @@
+"""The typed cluster spec: model and engine, the two pools, router, registry, autoscaling.
+
+Loaded in one place (`load_cluster_spec`) from an optional YAML file with CLI flags on
+top; `deploy/cluster.example.yaml` shows every field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.worker_config import EngineConfig
+from router.config import RouterConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in the YAML is an error, not a default
+
+
+class PoolSpec(_Strict):
+    replicas: int = Field(1, ge=0)  # at start; the autoscaler moves it within [min, max]
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    # A Ray custom resource only this pool's nodes advertise (e.g. `prefill_pool`); each
+    # replica takes one unit of it, so pools land on their own node types.
+    node_resource: str = ""
+    kv_transport: Literal["tcp", "grpc"] = "tcp"
+    extra_args: list[str] = Field(default_factory=list)  # more worker CLI flags
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        self.max_replicas = max(self.max_replicas, self.replicas, self.min_replicas)
+        self.min_replicas = min(self.min_replicas, self.replicas)
+        return self
+
+    def bundle(self) -> dict[str, float]:
+        """One replica's resources, one placement-group bundle (STRICT_PACK: one node)."""
+        bundle = {"CPU": self.num_cpus}
+        if self.num_gpus or self.tensor_parallel_size > 1:
+            bundle["GPU"] = max(self.num_gpus, float(self.tensor_parallel_size))
+        if self.node_resource:
+            bundle[self.node_resource] = 1.0
+        return bundle
+
+
+class AutoscalingSpec(_Strict):
+    enabled: bool = False
+    interval_s: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(4.0, ge=0)  # over target this long before adding a replica
+    downscale_delay_s: float = Field(30.0, ge=0)  # under target this long before removing one
+    cooldown_s: float = Field(10.0, ge=0)  # between two decisions for one pool
+    downscale_ratio: float = Field(0.5, gt=0, lt=1)  # hysteresis: remove only below ratio x target
+    prefill_target_queued_tokens: int = Field(2048, ge=1)  # per replica
+    decode_target_kv_usage: float = Field(0.7, gt=0, le=1)
+    decode_target_running: int = Field(32, ge=1)  # requests per replica
+
+
+class ClusterSpec(_Strict):
+    name: str = "pdcluster"
+    ray_address: str = ""  # empty: start a local Ray instance
+    registry: str = ""  # empty: in-process (one router); redis://host:port/db shares it
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    prefill: PoolSpec = Field(default_factory=PoolSpec)
+    decode: PoolSpec = Field(default_factory=PoolSpec)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    health_interval_s: float = Field(1.0, gt=0)
+    unhealthy_after: int = Field(3, ge=1)  # failed health checks in a row before a replace
+
+    def pool(self, role: str) -> PoolSpec:
+        return self.prefill if role == "prefill" else self.decode
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """`pdcluster serve` flags; each one given overrides the spec file."""
+    parser.add_argument("--config", default="", help="cluster spec YAML (see deploy/cluster.example.yaml)")
+    parser.add_argument("--model", default=None, help="HF model directory (default: the tiny generated model)")
+    parser.add_argument("--host", default=None, help="router bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC Inference port (default 50051)")
+    parser.add_argument("--api-key", default=os.environ.get("PDCLUSTER_API_KEY"), help="env PDCLUSTER_API_KEY")
+    parser.add_argument("--prefill", type=int, default=None, help="prefill replicas")
+    parser.add_argument("--decode", type=int, default=None, help="decode replicas")
+    parser.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
+    parser.add_argument("--registry", default=None, help="redis://HOST:PORT/DB to share membership between routers")
+
+
+def load_cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The spec from `--config` (if any), with the flags given on the command line on top."""
+    data: dict = {}
+    if args.config:
+        with open(args.config) as f:
+            data = yaml.safe_load(f) or {}
+    spec = ClusterSpec.model_validate(data)
+    if args.model:
+        spec.engine.model = args.model
+    spec.router.model = spec.engine.model
+    for role in ("prefill", "decode"):
+        replicas = getattr(args, role)
+        if replicas is not None:
+            pool = spec.pool(role)
+            pool.replicas = replicas
+            pool.min_replicas = min(pool.min_replicas, replicas)
+            pool.max_replicas = max(pool.max_replicas, replicas)
+    if args.address is not None:
+        spec.ray_address = args.address
+    if args.registry is not None:
+        spec.registry = args.registry
+    for flag, field in (("host", "host"), ("port", "port"), ("grpc_port", "grpc_port"), ("api_key", "api_key")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(spec.router, field, value)
+    return spec

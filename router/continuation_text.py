@@ -1,0 +1,40 @@
+"""Text of the tokens a resumed request generates, decoded by the router.
+
+A worker that takes over a request starts its detokenizer cold on the prompt plus the
+tokens already sent; when that tail is not valid UTF-8 on its own (a character split
+across tokens) it can re-emit text the client already has. The router holds every token
+sent, so it decodes the continuation itself with the usual incremental window.
+"""
+
+from __future__ import annotations
+
+_CONTEXT_TOKENS = 5  # tokens before the new ones that are decoded with them, for spacing
+
+
+class ContinuationText:
+    def __init__(self, tokenizer, sent_token_ids: list[int], stop: list[str]) -> None:
+        self._tokenizer = tokenizer
+        self._tokens = list(sent_token_ids)
+        self._read = len(self._tokens)
+        self._prefix = max(0, self._read - _CONTEXT_TOKENS)
+        self._stop = stop
+        self._text = ""
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def delta(self, token_ids: list[int], finish_reason: str) -> str:
+        self._tokens += token_ids
+        prefix_text = self._decode(self._tokens[self._prefix : self._read])
+        new_text = self._decode(self._tokens[self._prefix :])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not finish_reason):
+            return ""  # an unfinished character: wait for the tokens that complete it
+        delta = new_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self._tokens)
+        if finish_reason == "stop" and self._stop:
+            # The worker stopped on a stop string; like vLLM, leave it out of the text.
+            whole = self._text + delta
+            cut = min((whole.find(s) for s in self._stop if s in whole), default=len(whole))
+            delta = whole[len(self._text) : cut] if cut >= len(self._text) else ""
+        self._text += delta
+        return delta

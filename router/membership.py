@@ -1,0 +1,73 @@
+"""Where the router learns which workers exist: a fixed list, the cluster controller, or
+the Redis registry (which also carries prefix-cache hints between routers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from router.routing_policy import PrefixIndex
+from router.worker_pool import WorkerPool
+
+logger = logging.getLogger("pdcluster.router.membership")
+
+
+class MembershipFollower:
+    """Keeps the pool's membership equal to `source()` (an async list of addresses)."""
+
+    def __init__(self, pool: WorkerPool, source, interval_s: float) -> None:
+        self._pool, self._source, self._interval_s = pool, source, interval_s
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await self._sync()
+        self._tasks.append(asyncio.create_task(self._follow()))
+
+    async def _sync(self) -> None:
+        try:
+            addresses = await self._source()
+        except Exception as e:  # keep the last membership while the source is away
+            logger.warning("membership source failed: %s", e)
+            return
+        self._pool.set_addresses(addresses)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self._sync()
+
+    def add_task(self, task: asyncio.Task) -> None:
+        self._tasks.append(task)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def follow_registry(pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float) -> tuple[MembershipFollower, object]:
+    """Membership from the Redis registry, and prefix hints shared with the other routers."""
+    from cluster.worker_registry import RedisRegistry
+
+    registry = RedisRegistry(url, cluster_name)
+    router_id = uuid.uuid4().hex
+
+    async def addresses() -> list[str]:
+        return [w["address"] for w in await registry.workers()]
+
+    def publish(worker_id: str, hashes: list[int]) -> None:
+        asyncio.get_running_loop().create_task(registry.publish_prefix(router_id, worker_id, hashes))
+
+    async def apply_hints() -> None:
+        async for origin, worker_id, hashes in registry.prefix_updates():
+            if origin != router_id:
+                index.record(worker_id, hashes, shared=False)
+
+    index.on_record = publish
+    follower = MembershipFollower(pool, addresses, interval_s)
+    follower.add_task(asyncio.create_task(apply_hints()))
+    return follower, registry
