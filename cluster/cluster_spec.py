@@ -71,6 +71,7 @@ class ClusterSpec(_Strict):
     decode: PoolSpec = Field(default_factory=PoolSpec)
     router: RouterConfig = Field(default_factory=RouterConfig)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    controller_metrics_port: int = 0  # the controller's Prometheus endpoint; 0 picks a free port
     health_interval_s: float = Field(1.0, gt=0)
     unhealthy_after: int = Field(3, ge=1)  # failed health checks in a row before a replace
 

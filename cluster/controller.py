@@ -67,10 +67,21 @@ class ClusterController:
         self._open_heals: list[dict] = []
         self._last_autoscale = 0.0
         self._task: asyncio.Task | None = None
+        self.metrics_address = ""
+        self.decision_counts: collections.Counter = collections.Counter()  # (role, "up"|"down")
+        self.heal_counts: collections.Counter = collections.Counter()  # role
 
     # -- what others ask --------------------------------------------------------------
 
     async def start(self) -> None:
+        import ray
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        registry.register(_ControllerCollector(self))
+        host = ray.util.get_node_ip_address()
+        server, _ = start_http_server(self.spec.controller_metrics_port, addr=host, registry=registry)
+        self.metrics_address = f"{host}:{server.server_port}"
         self._task = asyncio.create_task(self._run())
 
     async def members(self) -> list[str]:
@@ -80,6 +91,7 @@ class ClusterController:
     async def status(self) -> dict:
         return {
             "name": self.spec.name,
+            "metrics_address": self.metrics_address,
             "pools": {
                 role: {
                     "target": self.targets[role],
@@ -142,6 +154,7 @@ class ClusterController:
             if decision is not None:
                 logger.info("autoscaler: %s %d -> %d (%s)", role, decision.from_replicas, decision.to_replicas, decision.reason)
                 self.decisions.append(decision)
+                self.decision_counts[(role, "up" if decision.to_replicas > decision.from_replicas else "down")] += 1
                 self.targets[role] = decision.to_replicas
 
     async def _check(self, replica: Replica) -> None:
@@ -185,6 +198,7 @@ class ClusterController:
             self._open_heals.remove(heal)
             heal.update(replacement=replica.id, ready_at=time.time(), seconds=round(time.time() - heal["detected_at"], 1))
             self.heals.append(heal)
+            self.heal_counts[replica.role] += 1
             logger.info("healed %s pool in %.1fs", replica.role, heal["seconds"])
 
     # -- replicas ---------------------------------------------------------------------
@@ -236,3 +250,26 @@ class ClusterController:
             await replica.channel.close()
         if replica in self.replicas:
             self.replicas.remove(replica)
+
+
+class _ControllerCollector:
+    """Pools, autoscaler decisions and heals as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, controller: ClusterController) -> None:
+        self._c = controller
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self._c
+        target = GaugeMetricFamily("pdcluster_pool_target_replicas", "Replicas the pool should have", labels=["role"])
+        ready = GaugeMetricFamily("pdcluster_pool_ready_replicas", "Replicas serving", labels=["role"])
+        decisions = CounterMetricFamily("pdcluster_autoscaler_decisions", "Autoscaler decisions", labels=["role", "direction"])
+        heals = CounterMetricFamily("pdcluster_controller_heals", "Replicas replaced after a failure", labels=["role"])
+        for role in ROLES:
+            target.add_metric([role], c.targets[role])
+            ready.add_metric([role], sum(r.role == role and r.state == "ready" for r in c.replicas))
+            for direction in ("up", "down"):
+                decisions.add_metric([role, direction], c.decision_counts[(role, direction)])
+            heals.add_metric([role], c.heal_counts[role])
+        yield from (target, ready, decisions, heals)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 
-import grpc
 from pydantic import ValidationError
 
 from protos import inference_pb2, inference_pb2_grpc

@@ -29,6 +29,13 @@ class RouterMetrics:
         self.prompt_tokens = Counter("pdcluster_router_prompt_tokens", "Prompt tokens received", registry=r)
         self.output_tokens = Counter("pdcluster_router_output_tokens", "Tokens streamed to clients", registry=r)
         r.register(_PoolCollector(pool))
+        # Export every known series from the start, so dashboards and alerts see zeros, not gaps.
+        for outcome in ("ok", "invalid", "unavailable", "cancelled", "error"):
+            self.requests.labels(outcome)
+        for role in ("prefill", "decode"):
+            self.retries.labels(role)
+        for reason in ("short_prompt", "no_prefill_worker"):
+            self.bypass.labels(reason)
 
 
 class _PoolCollector:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -104,3 +107,32 @@ def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path) -> li
         cwd=root, check=True, timeout=600, stdout=subprocess.DEVNULL,
     )
     return json.loads(out_path.read_text())
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str]]:
+    """`pdcluster serve ARGS` in its own process group, once it prints its ready line; the
+    list fills with its output lines as they come."""
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not any(line.startswith("pdcluster ready") for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_serve(proc, timeout_s=30)
+            raise RuntimeError("pdcluster serve did not become ready:\n" + "".join(lines[-40:]))
+        time.sleep(0.5)
+    return proc, lines
+
+
+def stop_serve(proc: subprocess.Popen, timeout_s: float = 180) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,31 +21,20 @@ import pytest
 from cluster.tiny_model.generate import CORPUS
 from protos import inference_pb2 as ipb
 from protos import inference_pb2_grpc as igrpc
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port, launch_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS = 200
 
 
 @pytest.fixture(scope="module")
 def serve():
-    """`pdcluster serve --prefill 2 --decode 1` on free ports, until it prints its ready line."""
+    """`pdcluster serve --prefill 2 --decode 1` on free ports."""
     port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--prefill", "2", "--decode", "1", "--port", str(port), "--grpc-port", str(grpc_port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 400
-    while not any(line.startswith("pdcluster ready") for line in lines):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.5)
+    proc, lines = launch_serve(["--prefill", "2", "--decode", "1", "--port", str(port), "--grpc-port", str(grpc_port)])
     yield proc, f"http://127.0.0.1:{port}", lines
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_serve(proc)
 
 
 def cluster_workers(url: str) -> list[dict]:
@@ -107,6 +97,25 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     heal = report["heals"][-1]
     assert heal["role"] == "decode" and heal["seconds"] > 0
     print(f"controller heal record: {heal}")
+
+
+def exported_metric_names(url: str) -> set[str]:
+    text = httpx.get(url, timeout=30).text
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_dashboard_metric_is_exported(serve):
+    proc, url, lines = serve
+    status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    controller_metrics = json.loads(status.stdout.strip().splitlines()[-1])["metrics_address"]
+    exported = exported_metric_names(url + "/metrics") | exported_metric_names(f"http://{controller_metrics}/metrics")
+    with open(os.path.join(ROOT, "deploy", "observability", "grafana-dashboard.json")) as f:
+        dashboard = json.load(f)
+    queried = {m for panel in dashboard["panels"] for t in panel["targets"] for m in re.findall(r"pdcluster_[a-z0-9_]+", t["expr"])}
+    assert len(queried) >= 15
+    # A histogram is queried by its _bucket series.
+    missing = sorted(m for m in queried if m not in exported)
+    assert not missing, missing
 
 
 def test_sigint_stops_everything_it_started(serve):
