@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -35,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         controller = start_controller(spec)
         if not _wait_for_pools(controller, stop):
             return 130
-        config = spec.router.model_copy(update={"registry": spec.registry, "cluster_name": spec.name})
+        config = spec.router.model_copy(update={"registry": spec.registry, "cluster_name": spec.name, "tls": spec.tls})
         membership = None if spec.registry else (lambda: controller.members.remote())
         asyncio.run(serve_router(config, on_ready=lambda info: _print_ready(info, spec), membership=membership))
         return 0
@@ -114,6 +115,17 @@ def _bench_router(args: argparse.Namespace) -> int:
     return bench_main(json_output=args.json, concurrency=args.concurrency, requests=args.requests, model=args.model)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import Workload, main as bench_main
+
+    workload = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, distribution=args.distribution,
+                        prefix_share=args.prefix_share, prefix_groups=args.prefix_groups, seed=args.seed)
+    results = bench_main(args.url, args.rates, args.requests, workload, tokenizer=args.tokenizer, model=args.model,
+                         slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms, json_path=args.json_out,
+                         plot_path=args.plot, api_key=args.api_key)
+    return 0 if all(r.completed for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cluster.cluster_spec import add_cluster_flags
 
@@ -151,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--requests", type=int, default=200, help="requests per path and concurrency")
     router.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
     router.set_defaults(func=_bench_router)
+    serve_bench = bench_sub.add_parser("serve", help="open-loop load (Poisson arrivals) against an OpenAI-compatible URL")
+    serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    serve_bench.add_argument("--model", default="", help="model name to send (default: the server's first)")
+    serve_bench.add_argument("--tokenizer", default="", help="HF tokenizer directory for prompt token ids (default: the tiny model)")
+    serve_bench.add_argument("--api-key", default=os.environ.get("PDCLUSTER_API_KEY", ""))
+    serve_bench.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="request rates to sweep (req/s)")
+    serve_bench.add_argument("--requests", type=int, default=50, help="requests per rate")
+    serve_bench.add_argument("--prompt-tokens", type=int, default=512, help="mean prompt length")
+    serve_bench.add_argument("--output-tokens", type=int, default=64, help="mean output length")
+    serve_bench.add_argument("--distribution", choices=["fixed", "uniform", "exponential"], default="uniform")
+    serve_bench.add_argument("--prefix-share", type=float, default=0.0, help="fraction of each prompt from a shared prefix")
+    serve_bench.add_argument("--prefix-groups", type=int, default=4, help="distinct shared prefixes")
+    serve_bench.add_argument("--seed", type=int, default=0)
+    serve_bench.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    serve_bench.add_argument("--slo-itl-ms", type=float, default=100.0)
+    serve_bench.add_argument("--json-out", default="", help="write the results as JSON here")
+    serve_bench.add_argument("--plot", default="", help="write a PNG of latency percentiles against rate here")
+    serve_bench.set_defaults(func=_bench_serve)
     return parser
 
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.worker_config import EngineConfig
+from kv_transfer.tls import TLSFiles
 from router.config import RouterConfig
 
 
@@ -66,6 +67,7 @@ class ClusterSpec(_Strict):
     name: str = "pdcluster"
     ray_address: str = ""  # empty: start a local Ray instance
     registry: str = ""  # empty: in-process (one router); redis://host:port/db shares it
+    tls: TLSFiles = TLSFiles()  # cert/key/ca files present on every node: TLS (mTLS with ca) everywhere
     engine: EngineConfig = Field(default_factory=EngineConfig)
     prefill: PoolSpec = Field(default_factory=PoolSpec)
     decode: PoolSpec = Field(default_factory=PoolSpec)

@@ -20,7 +20,8 @@ import grpc
 
 from cluster.autoscaler import Autoscaler, ScalingDecision, pool_load
 from cluster.cluster_spec import ClusterSpec
-from cluster.worker_config import engine_flags
+from cluster.worker_config import engine_flags, tls_flags
+from kv_transfer.tls import open_channel
 from protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("pdcluster.controller")
@@ -166,7 +167,7 @@ class ClusterController:
                 await self._remove(replica, drain=False)
                 return
             replica.info = replica.ready.result()
-            replica.channel = grpc.aio.insecure_channel(replica.info["address"])
+            replica.channel = open_channel(replica.info["address"], self.spec.tls)
             replica.state = "ready"
             self._close_heal(replica)
             logger.info("%s replica %s ready at %s", replica.role, replica.id, replica.info["address"])
@@ -216,7 +217,7 @@ class ClusterController:
         pg = placement_group([bundle], strategy="STRICT_PACK", name=f"{self.spec.name}-{replica_id}")
         engine = self.spec.engine.model_copy(update={"tensor_parallel_size": pool.tensor_parallel_size})
         args = [*engine_flags(engine), "--worker-id", replica_id, "--kv-transport", pool.kv_transport,
-                "--cluster-name", self.spec.name, *pool.extra_args]
+                "--cluster-name", self.spec.name, *tls_flags(self.spec.tls), *pool.extra_args]
         if self.spec.registry:
             args += ["--registry", self.spec.registry]
         actor = ray.remote(WorkerActor).options(

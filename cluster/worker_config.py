@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from kv_transfer.tls import TLSFiles
+
 Role = Literal["prefill", "decode"]
 
 
@@ -37,6 +39,7 @@ class WorkerConfig(BaseModel):
     kv_send_timeout_s: float = 60.0
     ready_file: str = ""  # written (JSON with ports) once the worker serves
     registry: str = ""  # redis://...: heartbeat this worker's record there (TTL)
+    tls: TLSFiles = TLSFiles()  # on the Worker service, the KV endpoint and the data channel
     cluster_name: str = "pdcluster"
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
@@ -66,6 +69,7 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
     parser.add_argument("--ready-file", default="")
     parser.add_argument("--registry", default="", help="redis://HOST:PORT/DB: announce this worker there")
     parser.add_argument("--cluster-name", default="pdcluster")
+    add_tls_flags(parser)
     a = parser.parse_args(argv)
     return WorkerConfig(
         role=role,
@@ -84,6 +88,7 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
         ready_file=a.ready_file,
         registry=a.registry,
         cluster_name=a.cluster_name,
+        tls=tls_from(a),
         engine=EngineConfig(
             model=a.model,
             dtype=a.dtype,
@@ -110,3 +115,17 @@ def engine_flags(engine: EngineConfig) -> list[str]:
     if not engine.enable_prefix_caching:
         flags.append("--no-prefix-caching")
     return flags
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", default="", help="PEM certificate: serve and connect over TLS")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", default="", help="PEM CA bundle: peers must present a certificate it signed (mTLS)")
+
+
+def tls_from(args: argparse.Namespace) -> TLSFiles:
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def tls_flags(tls: TLSFiles) -> list[str]:
+    return ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca] if tls.enabled else []

@@ -27,6 +27,7 @@ from cluster.engine_args import engine_kwargs, pd_kv_transfer, prepare_environme
 from cluster.worker_config import WorkerConfig
 from kv_transfer.grpc_options import bulk_channel_options
 from kv_transfer.grpc_transport import fetch_kv_stats
+from kv_transfer.tls import add_port
 from protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("pdcluster.worker")
@@ -96,6 +97,9 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             chunk_bytes=cfg.kv_chunk_bytes,
             load_timeout_s=cfg.kv_load_timeout_s,
             send_timeout_s=cfg.kv_send_timeout_s,
+            tls_cert=cfg.tls.cert,
+            tls_key=cfg.tls.key,
+            tls_ca=cfg.tls.ca,
         )
         kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra))
         self.engine = AsyncLLM.from_engine_args(
@@ -107,7 +111,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
         self._server = grpc.aio.server(options=bulk_channel_options(16 << 20))
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.port = add_port(self._server, f"{cfg.host}:{cfg.port}", cfg.tls)
         await self._server.start()
         registry = CollectorRegistry()
         registry.register(_WorkerCollector(self))
@@ -174,7 +178,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
     async def _refresh_kv_stats(self) -> None:
         while True:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                self._kv_stats = await fetch_kv_stats(self.kv_endpoint)
+                self._kv_stats = await fetch_kv_stats(self.kv_endpoint, tls=self.config.tls)
             await asyncio.sleep(1.0)
 
     # -- request accounting shared by the role handlers --------------------------------
@@ -218,7 +222,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
     async def stats(self) -> worker_pb2.WorkerStats:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            self._kv_stats = await fetch_kv_stats(self.kv_endpoint, timeout=2.0)
+            self._kv_stats = await fetch_kv_stats(self.kv_endpoint, timeout=2.0, tls=self.config.tls)
         sched = self._scheduler_stats.get("scheduler")
         cache = self.engine.vllm_config.cache_config
         total = cache.num_gpu_blocks or 0

@@ -22,6 +22,7 @@ from kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
 from kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
 from kv_transfer.settings import KVTransferSettings
 from kv_transfer.tcp_transport import push_over_tcp
+from kv_transfer.tls import TLSFiles, add_port, open_channel
 from protos import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class KVTransferService:
 async def start_kv_server(service: KVTransferService, settings: KVTransferSettings) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=bulk_channel_options(settings.chunk_bytes))
     server.add_generic_rpc_handlers((service.handler(),))
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     if port == 0:
         raise OSError(f"could not bind the KV endpoint on {settings.host}:{settings.port}")
     await server.start()
@@ -163,10 +164,7 @@ class KVClient:
         channels = self._channels.get(endpoint)
         if channels is None:
             options = bulk_channel_options(self._settings.chunk_bytes)
-            channels = [
-                grpc.aio.insecure_channel(endpoint, options=options)
-                for _ in range(self._settings.streams_per_transfer)
-            ]
+            channels = [open_channel(endpoint, self._settings.tls, options) for _ in range(self._settings.streams_per_transfer)]
             self._channels[endpoint] = channels
         return channels[next(self._rr) % len(channels)]
 
@@ -175,7 +173,8 @@ class KVClient:
         try:
             if self._settings.transport == "tcp":
                 host, port = await self._data_channel(endpoint)
-                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout), timeout)
+                tls = self._settings.tls.client_context() if self._settings.tls.enabled else None
+                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, tls), timeout)
                 if status != "OK":
                     raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
                 return
@@ -227,8 +226,8 @@ class KVClient:
         self._channels.clear()
 
 
-async def fetch_kv_stats(endpoint: str, timeout: float = 5.0) -> pb.KVStats:
-    async with grpc.aio.insecure_channel(endpoint) as channel:
+async def fetch_kv_stats(endpoint: str, timeout: float = 5.0, tls: TLSFiles = TLSFiles()) -> pb.KVStats:
+    async with open_channel(endpoint, tls) as channel:
         call = channel.unary_unary(
             STATS,
             request_serializer=pb.KVStatsRequest.SerializeToString,

@@ -43,7 +43,10 @@ class KVEndpoint:
             if produce
             else None
         )
-        self._tcp = TcpChunkServer(self.receiver, settings.host, settings.data_port, lambda e: status_for(e).name)
+        self._tcp = TcpChunkServer(
+            self.receiver, settings.host, settings.data_port, lambda e: status_for(e).name,
+            settings.tls.server_context() if settings.tls.enabled else None,
+        )
         if settings.data_advertise:
             host, port = settings.data_advertise.rsplit(":", 1)
             data_channel = pb.DataChannel(host=host, port=int(port))

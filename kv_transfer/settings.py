@@ -6,6 +6,8 @@ import hmac
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kv_transfer.tls import TLSFiles
+
 
 @dataclass(frozen=True)
 class KVTransferSettings:
@@ -35,6 +37,14 @@ class KVTransferSettings:
     auth_token: str = ""
     # Where the connector writes the endpoint it bound, for the hosting worker to read.
     endpoint_file: str = ""
+    # TLS (see kv_transfer/tls.py) on the KVTransfer service and the data channel.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    @property
+    def tls(self) -> TLSFiles:
+        return TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTransferSettings":

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 _U32 = struct.Struct("<I")
 SOCKET_BUFFER_BYTES = 8 << 20
 DRAIN_AFTER_ERROR_S = 5.0
+TLS_HANDSHAKE_TIMEOUT_S = 30.0
 
 
 def _status_frame(name: str, message: str) -> bytes:
@@ -46,8 +48,10 @@ def _recv_exactly(conn: socket.socket, view: memoryview) -> None:
 class TcpChunkServer:
     """Consumer side: accepts data connections and feeds their chunks to a KVReceiver."""
 
-    def __init__(self, receiver: KVReceiver | None, host: str, port: int, status_for: Callable[[Exception], str]) -> None:
+    def __init__(self, receiver: KVReceiver | None, host: str, port: int, status_for: Callable[[Exception], str],
+                 tls: ssl.SSLContext | None = None) -> None:
         self._receiver = receiver
+        self._tls = tls
         self._status_for = status_for
         self._sock = socket.create_server((host, port))
         self.port = self._sock.getsockname()[1]
@@ -64,6 +68,14 @@ class TcpChunkServer:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        if self._tls is not None:
+            try:
+                conn.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+                conn = self._tls.wrap_socket(conn, server_side=True)
+                conn.settimeout(None)
+            except OSError:  # no TLS, or a certificate our CA did not sign: not one of ours
+                conn.close()
+                return
         word = memoryview(bytearray(4))
         with conn:
             try:
@@ -127,7 +139,8 @@ def _status_waiting(sock: socket.socket) -> bool:
 
 
 async def push_over_tcp(
-    host: str, port: int, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float
+    host: str, port: int, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[str, str]:
     """Send every chunk on one connection; returns the consumer's (status, message).
 
@@ -139,6 +152,8 @@ async def push_over_tcp(
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = await loop.run_in_executor(None, lambda: tls.wrap_socket(sock, server_hostname=host))
         try:
             async for header, parts in chunks:
                 if _status_waiting(sock):

@@ -7,6 +7,9 @@ import os
 
 from pydantic import BaseModel, Field
 
+from cluster.worker_config import add_tls_flags, tls_from
+from kv_transfer.tls import TLSFiles
+
 
 class RouterConfig(BaseModel):
     host: str = "127.0.0.1"
@@ -17,6 +20,7 @@ class RouterConfig(BaseModel):
     workers: list[str] = Field(default_factory=list)  # Worker gRPC addresses (host:port)
     registry: str = ""  # redis://...: follow the workers announced there instead of `workers`
     cluster_name: str = "pdcluster"
+    tls: TLSFiles = TLSFiles()  # HTTPS, the Inference service, and the channels to workers (mTLS with a CA)
     api_key: str = ""  # empty: no auth
     bypass_prefill_below_tokens: int = 64  # shorter prompts run on the decode worker alone
     max_inflight: int = 256  # requests running at once
@@ -45,6 +49,7 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-inflight", type=int, default=256)
     parser.add_argument("--max-queue", type=int, default=512)
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    add_tls_flags(parser)
 
 
 def router_config_from(args: argparse.Namespace, **extra) -> RouterConfig:
@@ -59,6 +64,7 @@ def router_config_from(args: argparse.Namespace, **extra) -> RouterConfig:
         max_inflight=args.max_inflight,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        tls=tls_from(args),
         **extra,
     )
 

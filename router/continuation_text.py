@@ -9,6 +9,7 @@ sent, so it decodes the continuation itself with the usual incremental window.
 from __future__ import annotations
 
 _CONTEXT_TOKENS = 5  # tokens before the new ones that are decoded with them, for spacing
+_MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 byte tokens
 
 
 class ContinuationText:
@@ -16,6 +17,12 @@ class ContinuationText:
         self._tokenizer = tokenizer
         self._tokens = list(sent_token_ids)
         self._read = len(self._tokens)
+        # The last tokens sent may hold the first bytes of a character the old worker's
+        # detokenizer had not shown yet; they are decoded again with what follows them.
+        for _ in range(_MAX_CHAR_TOKENS):
+            if not self._read or not self._decode(self._tokens[max(0, self._read - _CONTEXT_TOKENS) : self._read]).endswith("\ufffd"):
+                break
+            self._read -= 1
         self._prefix = max(0, self._read - _CONTEXT_TOKENS)
         self._stop = stop
         self._text = ""

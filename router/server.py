@@ -13,6 +13,7 @@ import socket
 import grpc
 import uvicorn
 
+from kv_transfer.tls import add_port
 from protos import inference_pb2_grpc
 from router.config import RouterConfig
 from router.inference_service import InferenceService
@@ -29,18 +30,20 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     await router.start()
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router), grpc_server)
-    grpc_port = grpc_server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    grpc_port = add_port(grpc_server, f"{config.host}:{config.grpc_port}", config.tls, clients_need_cert=False)
     await grpc_server.start()
 
     sock = socket.create_server((config.host, config.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     http_port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10))
+    https = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
+    server = uvicorn.Server(uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=10, **https))
     # Ours, so that uvicorn re-raising the signal after its shutdown only asks us to stop too.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     info = {
-        "http": f"http://{config.host}:{http_port}",
+        "http": f"{'https' if config.tls.enabled else 'http'}://{config.host}:{http_port}",
         "grpc": f"{config.host}:{grpc_port}",
         "model": router.model_name,
         "pid": os.getpid(),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from kv_transfer.tls import TLSFiles, open_channel
 from protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("pdcluster.router.pool")
@@ -67,8 +68,9 @@ class WorkerView:
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str] = (), interval_s: float = 1.0) -> None:
+    def __init__(self, addresses: list[str] = (), interval_s: float = 1.0, tls: TLSFiles = TLSFiles()) -> None:
         self._workers: dict[str, WorkerView] = {}
+        self._tls = tls
         self._interval_s = interval_s
         self._task: asyncio.Task | None = None
         self.set_addresses(addresses)
@@ -80,7 +82,7 @@ class WorkerPool:
             if address not in wanted:
                 asyncio.get_running_loop().create_task(self._workers.pop(address).channel.close())
         for address in wanted - set(self._workers):
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = open_channel(address, self._tls, _CHANNEL_OPTIONS)
             self._workers[address] = WorkerView(address, channel, worker_pb2_grpc.WorkerStub(channel))
 
     def workers(self, role: str | None = None) -> list[WorkerView]:

@@ -5,7 +5,10 @@ admission control and API keys."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -288,3 +291,39 @@ def test_admission_control_and_api_key(cluster, long_prompt):
             assert reply.usage.completion_tokens >= 1
     finally:
         router.stop()
+
+
+def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
+    from bench.serve_bench import Workload, main as bench_serve
+
+    json_path, png_path = tmp_path / "serve.json", tmp_path / "serve.png"
+    served_before = metric(http, "pdcluster_router_requests_total", 'outcome="ok"')
+    workload = Workload(prompt_tokens=120, output_tokens=8, distribution="fixed", prefix_share=0.5, prefix_groups=2, seed=3)
+    results = bench_serve(router_url(cluster), [2.0, 8.0], 6, workload, json_path=str(json_path), plot_path=str(png_path), quiet=True)
+    assert [r.rate for r in results] == [2.0, 8.0]
+    for r in results:
+        assert (r.requests, r.completed, r.failed) == (6, 6, 0), r.errors
+        assert r.output_tok_per_s > 0 and 0.0 <= r.goodput <= 1.0
+        assert r.ttft_ms["p50"] <= r.ttft_ms["p99"] and r.e2e_ms["p50"] <= r.e2e_ms["p99"]
+        assert r.ttft_ms["p99"] <= r.e2e_ms["p99"]
+    assert metric(http, "pdcluster_router_requests_total", 'outcome="ok"') == served_before + 12  # every request reached the router
+    report = json.loads(json_path.read_text())
+    assert report["model"] == "tiny-llama-v2-s0" and len(report["results"]) == 2
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Seeded: the same workload twice gives the same prompts.
+    assert workload.requests(4, 977) == workload.requests(4, 977)
+    shared = {tuple(p[:60]) for p, _ in workload.requests(20, 977)}
+    assert len(shared) == 2  # prefix-sharing mode: every prompt starts with one of 2 prefixes
+
+
+def test_vllm_bench_serve_runs_against_the_router_unmodified(cluster, model_dir, tmp_path):
+    """vLLM's own benchmark client, as users run it against an OpenAI-compatible server."""
+    vllm_cli = os.path.join(os.path.dirname(sys.executable), "vllm")
+    cmd = [vllm_cli, "bench", "serve", "--backend", "openai", "--base-url", router_url(cluster), "--model", "tiny-llama-v2-s0",
+           "--tokenizer", model_dir, "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "8",
+           "--num-prompts", "8", "--request-rate", "4", "--ignore-eos", "--seed", "0", "--disable-tqdm",
+           "--save-result", "--result-dir", str(tmp_path), "--result-filename", "vllm_bench.json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "vllm_bench.json").read_text())
+    assert result["completed"] == 8 and result["total_output_tokens"] == 8 * 8

@@ -1,0 +1,208 @@
+"""`pdcluster bench serve`: an open-loop load generator for any OpenAI-compatible URL.
+
+Requests arrive as a seeded Poisson process at each rate of a sweep, whatever the server's
+progress (open loop, as production traffic does). Prompts are token-id lists drawn from the
+tokenizer's vocabulary with lengths from a seeded distribution; in prefix-sharing mode
+every prompt starts with one of a few shared prefixes. Each request streams
+(`/v1/completions`, `ignore_eos` so outputs have the asked length); per rate it reports
+TTFT, ITL (time per output token after the first) and end-to-end p50/p90/p99, throughput
+(req/s, output tok/s) and goodput: the share of requests meeting both SLOs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class Workload:
+    prompt_tokens: int = 512
+    output_tokens: int = 64
+    distribution: str = "uniform"  # fixed | uniform (±50%) | exponential (mean as given)
+    prefix_share: float = 0.0  # fraction of each prompt taken from a shared prefix
+    prefix_groups: int = 4  # how many distinct shared prefixes
+    seed: int = 0
+
+    def _length(self, rng: random.Random, mean: int) -> int:
+        if self.distribution == "fixed":
+            return mean
+        if self.distribution == "exponential":
+            return max(1, int(rng.expovariate(1.0 / mean)))
+        return max(1, int(rng.uniform(0.5 * mean, 1.5 * mean)))
+
+    def requests(self, count: int, vocab: int) -> list[tuple[list[int], int]]:
+        """(prompt token ids, output tokens) per request, the same for the same seed."""
+        rng = random.Random(self.seed)
+        low, high = min(100, vocab // 4), vocab - 1  # clear of the special tokens at the start
+        shared_len = int(self.prompt_tokens * self.prefix_share)
+        prefixes = [[rng.randint(low, high) for _ in range(shared_len)] for _ in range(self.prefix_groups)]
+        out = []
+        for _ in range(count):
+            n = self._length(rng, self.prompt_tokens)
+            head = rng.choice(prefixes)[: min(shared_len, n)] if shared_len else []
+            out.append((head + [rng.randint(low, high) for _ in range(n - len(head))], self._length(rng, self.output_tokens)))
+        return out
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft_s: float = 0.0
+    itl_s: float = 0.0  # mean time per output token after the first
+    e2e_s: float = 0.0
+    output_tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class RateResult:
+    rate: float
+    requests: int
+    completed: int
+    failed: int
+    duration_s: float
+    req_per_s: float
+    output_tok_per_s: float
+    ttft_ms: dict = field(default_factory=dict)
+    itl_ms: dict = field(default_factory=dict)
+    e2e_ms: dict = field(default_factory=dict)
+    goodput: float = 0.0  # share of all requests that completed within both SLOs
+    goodput_req_per_s: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {f"p{p}": None for p in PERCENTILES}
+    ordered = sorted(values)
+    return {f"p{p}": round(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1e3, 2) for p in PERCENTILES}
+
+
+async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with session.post(url + "/v1/completions", json=body, headers=headers) as response:
+            if response.status != 200:
+                return RequestResult(False, error=f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return RequestResult(False, error=event["error"].get("message", "error"))
+                if event.get("choices") and first is None:
+                    first = time.perf_counter()
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    except aiohttp.ClientError as e:
+        return RequestResult(False, error=f"{type(e).__name__}: {e}")
+    end = time.perf_counter()
+    first = first or end
+    itl = (end - first) / (tokens - 1) if tokens > 1 else 0.0
+    return RequestResult(True, first - start, itl, end - start, tokens)
+
+
+async def run_rate(url: str, model: str, rate: float, workload: list[tuple[list[int], int]], seed: int,
+                   slo_ttft_ms: float, slo_itl_ms: float, api_key: str = "", progress=None) -> RateResult:
+    rng = random.Random(seed)
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        tasks = []
+        arrival = 0.0
+        for prompt, max_tokens in workload:
+            arrival += rng.expovariate(rate)
+            delay = start + arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_one(session, url, model, prompt, max_tokens, api_key))
+            if progress is not None:
+                task.add_done_callback(lambda _: progress.update(1))
+            tasks.append(task)
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    done = [r for r in results if r.ok]
+    good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.itl_s * 1e3 <= slo_itl_ms]
+    return RateResult(
+        rate=rate, requests=len(results), completed=len(done), failed=len(results) - len(done), duration_s=round(duration, 3),
+        req_per_s=round(len(done) / duration, 3), output_tok_per_s=round(sum(r.output_tokens for r in done) / duration, 1),
+        ttft_ms=_percentiles([r.ttft_s for r in done]), itl_ms=_percentiles([r.itl_s for r in done]),
+        e2e_ms=_percentiles([r.e2e_s for r in done]), goodput=round(len(good) / len(results), 4),
+        goodput_req_per_s=round(len(good) / duration, 3), errors=sorted({r.error for r in results if not r.ok})[:5],
+    )
+
+
+def plot(results: list[RateResult], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    rates = [r.rate for r in results]
+    for ax, metric, label in zip(axes, ("ttft_ms", "itl_ms", "e2e_ms"), ("TTFT", "ITL (per output token)", "end-to-end")):
+        for p in PERCENTILES:
+            ax.plot(rates, [getattr(r, metric)[f"p{p}"] for r in results], marker="o", label=f"p{p}")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(f"{label} (ms)")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+async def _served_model(url: str, api_key: str) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession() as session, session.get(url + "/v1/models", headers=headers) as response:
+        return (await response.json())["data"][0]["id"]
+
+
+def main(url: str, rates: list[float], requests: int, workload: Workload, tokenizer: str = "", model: str = "",
+         slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 100.0, json_path: str = "", plot_path: str = "",
+         api_key: str = "", quiet: bool = False) -> list[RateResult]:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from cluster.tiny_model.generate import ensure_tiny_model
+
+    url = url.rstrip("/").removesuffix("/v1")
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer or str(ensure_tiny_model())))
+    model = model or asyncio.run(_served_model(url, api_key))
+    results = []
+    for i, rate in enumerate(rates):
+        batch = Workload(**{**asdict(workload), "seed": workload.seed + i}).requests(requests, vocab)
+        with tqdm(total=requests, desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
+            results.append(asyncio.run(run_rate(url, model, rate, batch, workload.seed + i, slo_ttft_ms, slo_itl_ms, api_key, bar)))
+    report = {"url": url, "model": model, "workload": asdict(workload), "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+              "results": [asdict(r) for r in results]}
+    if not quiet:
+        print(f"{'rate':>6} {'done':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
+              f"{'e2e p50/p99 ms':>18} {'goodput':>8}")
+        for r in results:
+            f = lambda d, keys=("p50", "p90", "p99"): "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in keys)  # noqa: E731
+            print(f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {f(r.ttft_ms):>24} "
+                  f"{f(r.itl_ms):>22} {f(r.e2e_ms, ('p50', 'p99')):>18} {r.goodput:>8.2%}")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=1)
+    if plot_path:
+        plot(results, plot_path, f"{model} @ {url}: {workload.prompt_tokens} prompt / {workload.output_tokens} output tokens")
+    return results
