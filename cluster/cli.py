@@ -36,6 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
         controller = start_controller(spec)
         if not _wait_for_pools(controller, stop):
             return 130
+        if args.no_router:
+            print(f"pdcluster pools ready: {spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers", flush=True)
+            stop.wait()
+            return 0
         config = spec.router.model_copy(update={"registry": spec.registry, "cluster_name": spec.name, "tls": spec.tls})
         membership = None if spec.registry else (lambda: controller.members.remote())
         asyncio.run(serve_router(config, on_ready=lambda info: _print_ready(info, spec), membership=membership))

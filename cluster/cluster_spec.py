@@ -93,6 +93,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", type=int, default=None, help="decode replicas")
     parser.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
     parser.add_argument("--registry", default=None, help="redis://HOST:PORT/DB to share membership between routers")
+    parser.add_argument("--no-router", action="store_true", help="controller and pools only (routers run elsewhere, on --registry)")
 
 
 def load_cluster_spec(args: argparse.Namespace) -> ClusterSpec:

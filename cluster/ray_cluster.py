@@ -37,7 +37,8 @@ def start_controller(spec: ClusterSpec):
     from cluster.controller import ClusterController
 
     controller = ray.remote(ClusterController).options(
-        name=controller_name(spec.name), namespace=NAMESPACE, num_cpus=0
+        name=controller_name(spec.name), namespace=NAMESPACE, num_cpus=0,
+        resources={"node:__internal_head__": 0.001},  # on the head: a fixed home for its metrics port
     ).remote(spec.model_dump_json())
     ray.get(controller.start.remote())
     return controller

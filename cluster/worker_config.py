@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -58,7 +59,8 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--kv-port", type=int, default=0)
     parser.add_argument("--metrics-port", type=int, default=0)
-    parser.add_argument("--auth-token", default="")
+    parser.add_argument("--auth-token", default=os.environ.get("PDCLUSTER_KV_TOKEN", ""),
+                        help="the cluster's shared KV transfer secret (env PDCLUSTER_KV_TOKEN)")
     parser.add_argument("--kv-transport", choices=["tcp", "grpc"], default="tcp",
                         help="KV data path: raw TCP negotiated over gRPC, or gRPC streams")
     parser.add_argument("--kv-data-port", type=int, default=0)

@@ -112,9 +112,10 @@ def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path) -> li
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str]]:
+def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str], dict]:
     """`pdcluster serve ARGS` in its own process group, once it prints its ready line; the
-    list fills with its output lines as they come."""
+    list fills with its output lines as they come. Returns also the URLs from the ready
+    line (`http`, `grpc`), so ARGS can ask for free ports (`--port 0 --grpc-port 0`)."""
     cmd = [sys.executable, "-m", "cluster.cli", "serve", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -126,7 +127,9 @@ def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Po
             stop_serve(proc, timeout_s=30)
             raise RuntimeError("pdcluster serve did not become ready:\n" + "".join(lines[-40:]))
         time.sleep(0.5)
-    return proc, lines
+    ready = next(line for line in lines if line.startswith("pdcluster ready"))
+    urls = {"http": ready.split()[2].removesuffix("/v1"), "grpc": ready.split("grpc ")[1].split(",")[0]}
+    return proc, lines, urls
 
 
 def stop_serve(proc: subprocess.Popen, timeout_s: float = 180) -> None:

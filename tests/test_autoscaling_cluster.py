@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cluster.tiny_model.generate import CORPUS
-from tests.conftest import free_port, launch_serve, stop_serve
+from tests.conftest import launch_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -75,16 +75,15 @@ def fake_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve(fake_cluster, tmp_path_factory):
     spec_path = tmp_path_factory.mktemp("spec") / "cluster.yaml"
-    port, grpc_port = free_port(), free_port()
     spec = json.loads(json.dumps(SPEC))
-    spec["router"].update(port=port, grpc_port=grpc_port)
+    spec["router"].update(port=0, grpc_port=0)
     spec_path.write_text(yaml.safe_dump(spec))
-    proc, _ = launch_serve(["--config", str(spec_path)])
+    proc, _, urls = launch_serve(["--config", str(spec_path)])
     import ray
 
     ray.init(address="auto", namespace="pdcluster", log_to_driver=False)
     controller = ray.get_actor("autoscale-test-controller", namespace="pdcluster")
-    yield controller, f"http://127.0.0.1:{port}"
+    yield controller, urls["http"]
     ray.shutdown()
     stop_serve(proc)
 

@@ -21,7 +21,7 @@ import pytest
 from cluster.tiny_model.generate import CORPUS
 from protos import inference_pb2 as ipb
 from protos import inference_pb2_grpc as igrpc
-from tests.conftest import ROOT, free_port, launch_serve, stop_serve
+from tests.conftest import ROOT, launch_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,8 @@ MAX_TOKENS = 200
 @pytest.fixture(scope="module")
 def serve():
     """`pdcluster serve --prefill 2 --decode 1` on free ports."""
-    port, grpc_port = free_port(), free_port()
-    proc, lines = launch_serve(["--prefill", "2", "--decode", "1", "--port", str(port), "--grpc-port", str(grpc_port)])
-    yield proc, f"http://127.0.0.1:{port}", lines
+    proc, lines, urls = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0"])
+    yield proc, urls["http"], lines
     stop_serve(proc)
 
 

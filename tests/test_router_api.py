@@ -240,7 +240,12 @@ def test_client_disconnect_aborts_on_workers(cluster, http, long_prompt):
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    assert b"data: " in sock.recv(65536)  # tokens are flowing
+    received = b""
+    sock.settimeout(60)
+    while b"data: " not in received:  # the headers may come alone, before the first token
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
     sock.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
