@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
+from bench.rate_plot import plot_grid
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -148,28 +150,27 @@ async def run_rate(url: str, model: str, rate: float, workload: list[tuple[list[
 
 
 def plot(results: list[RateResult], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     rates = [r.rate for r in results]
-    for ax, metric, label in zip(axes, ("ttft_ms", "itl_ms", "e2e_ms"), ("TTFT", "ITL (per output token)", "end-to-end")):
-        for p in PERCENTILES:
-            ax.plot(rates, [getattr(r, metric)[f"p{p}"] for r in results], marker="o", label=f"p{p}")
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel(f"{label} (ms)")
-        ax.set_title(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    panels = [(label, f"{label} (ms)", {f"p{p}": (rates, [getattr(r, metric)[f"p{p}"] for r in results]) for p in PERCENTILES})
+              for metric, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL (per output token)"), ("e2e_ms", "end-to-end"))]
+    plot_grid([panels], path, title)
 
 
-async def _served_model(url: str, api_key: str) -> str:
+def sweep(url: str, model: str, rates: list[float], requests: int, workload: Workload, vocab: int, slo_ttft_ms: float,
+          slo_itl_ms: float, api_key: str = "", quiet: bool = False) -> list[RateResult]:
+    """One open-loop run per rate; rate i draws its requests and arrivals from seed + i, so
+    any server given the same arguments gets the same load."""
+    from tqdm import tqdm
+
+    results = []
+    for i, rate in enumerate(rates):
+        batch = Workload(**{**asdict(workload), "seed": workload.seed + i}).requests(requests, vocab)
+        with tqdm(total=requests, desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
+            results.append(asyncio.run(run_rate(url, model, rate, batch, workload.seed + i, slo_ttft_ms, slo_itl_ms, api_key, bar)))
+    return results
+
+
+async def served_model(url: str, api_key: str = "") -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession() as session, session.get(url + "/v1/models", headers=headers) as response:
         return (await response.json())["data"][0]["id"]
@@ -178,19 +179,14 @@ async def _served_model(url: str, api_key: str) -> str:
 def main(url: str, rates: list[float], requests: int, workload: Workload, tokenizer: str = "", model: str = "",
          slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 100.0, json_path: str = "", plot_path: str = "",
          api_key: str = "", quiet: bool = False) -> list[RateResult]:
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from cluster.tiny_model.generate import ensure_tiny_model
 
     url = url.rstrip("/").removesuffix("/v1")
     vocab = len(AutoTokenizer.from_pretrained(tokenizer or str(ensure_tiny_model())))
-    model = model or asyncio.run(_served_model(url, api_key))
-    results = []
-    for i, rate in enumerate(rates):
-        batch = Workload(**{**asdict(workload), "seed": workload.seed + i}).requests(requests, vocab)
-        with tqdm(total=requests, desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
-            results.append(asyncio.run(run_rate(url, model, rate, batch, workload.seed + i, slo_ttft_ms, slo_itl_ms, api_key, bar)))
+    model = model or asyncio.run(served_model(url, api_key))
+    results = sweep(url, model, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet)
     report = {"url": url, "model": model, "workload": asdict(workload), "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
               "results": [asdict(r) for r in results]}
     if not quiet:

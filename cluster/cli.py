@@ -130,7 +130,16 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(r.completed for r in results) else 1
 
 
+def _bench_compare(args: argparse.Namespace) -> int:
+    from bench.compare_bench import main as bench_main
+
+    comparisons = bench_main(model=args.model, rates=args.rates, requests=args.requests, workloads=args.workloads, cores=args.cores,
+                             slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms, json_path=args.json_out, plot_path=args.plot)
+    return 0 if all(c.colocated.completed and c.pdcluster.completed for c in comparisons) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bench.compare_bench import WORKLOADS as COMPARE_WORKLOADS
     from cluster.cluster_spec import add_cluster_flags
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
@@ -185,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--json-out", default="", help="write the results as JSON here")
     serve_bench.add_argument("--plot", default="", help="write a PNG of latency percentiles against rate here")
     serve_bench.set_defaults(func=_bench_serve)
+    compare = bench_sub.add_parser("compare", help="co-located vLLM against pdcluster 1P+1D on the same cores, same load")
+    compare.add_argument("--model", default="", help="HF model directory (default: the generated bench model, ~26M parameters)")
+    compare.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="request rates to sweep (req/s)")
+    compare.add_argument("--requests", type=int, default=30, help="requests per rate")
+    compare.add_argument("--workloads", nargs="+", choices=list(COMPARE_WORKLOADS), default=list(COMPARE_WORKLOADS))
+    compare.add_argument("--cores", type=int, default=0, help="cores to use, split evenly between prefill and decode (default: all)")
+    compare.add_argument("--slo-ttft-ms", type=float, default=3000.0)
+    compare.add_argument("--slo-itl-ms", type=float, default=100.0)
+    compare.add_argument("--json-out", default="", help="write the results as JSON here")
+    compare.add_argument("--plot", default="", help="write a PNG of p99 ITL, p99 TTFT and goodput against rate here")
+    compare.set_defaults(func=_bench_compare)
     return parser
 
 

@@ -39,6 +39,8 @@ def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = Non
         seed=0,
     )
 
+    if engine.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
     if _has_gpu():
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
     if kv_transfer is not None:

@@ -49,21 +49,32 @@ class LocalProcess:
 _MODULES = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}
 
 
-def start_process(role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None) -> LocalProcess:
-    """Spawn a `role` process (prefill, decode or router); `wait_ready` blocks until it serves."""
+def start_process(role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None,
+                  cpus: set[int] | None = None) -> LocalProcess:
+    """Spawn a `role` process (prefill, decode or router), on the given CPU cores if any;
+    `wait_ready` blocks until it serves."""
     run_dir = tempfile.mkdtemp(prefix=f"pdcluster-{role}-", dir=log_dir)
     ready = os.path.join(run_dir, "ready.json")
     log_path = os.path.join(run_dir, f"{role}.log")
     cmd = [sys.executable, "-m", _MODULES[role], "--ready-file", ready, *args]
     log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
-        preexec_fn=lambda: die_with_parent(signal.SIGTERM),  # no orphans if the launcher dies
-    )
+    proc = spawn(cmd, log, env, cpus)
     started = LocalProcess(role=role, process=proc, log_path=log_path)
     started.info["ready_file"] = ready
     return started
+
+
+def spawn(cmd: list[str], log, env: dict | None = None, cpus: set[int] | None = None) -> subprocess.Popen:
+    """Start `cmd` in its own session, writing to `log`, confined to `cpus` when given
+    (children and threads inherit the mask); it dies with this process."""
+
+    def in_child() -> None:
+        die_with_parent(signal.SIGTERM)  # no orphans if the launcher dies
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True, preexec_fn=in_child)
 
 
 def wait_ready(proc: LocalProcess, timeout: float = 300.0, cancel=None) -> LocalProcess:

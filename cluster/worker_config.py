@@ -19,6 +19,7 @@ class EngineConfig(BaseModel):
     max_model_len: int = 4096
     kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 0  # tokens per engine step; 0: vLLM's default
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
@@ -52,6 +53,7 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0, help="tokens per engine step (0: vLLM's default)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--worker-id", default="")
@@ -97,6 +99,7 @@ def parse_worker_args(role: Role, argv: list[str] | None = None) -> WorkerConfig
             max_model_len=a.max_model_len,
             kv_cache_gib=a.kv_cache_gib,
             max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
             enable_prefix_caching=not a.no_prefix_caching,
             tensor_parallel_size=a.tensor_parallel_size,
         ),
@@ -110,6 +113,7 @@ def engine_flags(engine: EngineConfig) -> list[str]:
         "--max-model-len", str(engine.max_model_len),
         "--kv-cache-gib", str(engine.kv_cache_gib),
         "--max-num-seqs", str(engine.max_num_seqs),
+        "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
         "--tensor-parallel-size", str(engine.tensor_parallel_size),
     ]
     if engine.model:

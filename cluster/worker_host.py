@@ -25,7 +25,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cluster.engine_args import engine_kwargs, pd_kv_transfer, prepare_environment
 from cluster.worker_config import WorkerConfig
-from kv_transfer.grpc_options import bulk_channel_options
 from kv_transfer.grpc_transport import fetch_kv_stats
 from kv_transfer.tls import add_port
 from protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
@@ -109,7 +108,10 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             self.kv_endpoint = json.load(f)["endpoint"]
         self.handler = self._handler_cls(self)
 
-        self._server = grpc.aio.server(options=bulk_channel_options(16 << 20))
+        # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
+        # do not belong here; only room for long prompts' token lists.
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                                ("grpc.max_send_message_length", 64 << 20)])
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
         self.port = add_port(self._server, f"{cfg.host}:{cfg.port}", cfg.tls)
         await self._server.start()

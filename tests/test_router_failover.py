@@ -10,28 +10,37 @@ import httpx
 import openai
 import pytest
 
-from cluster.tiny_model.generate import CORPUS
+from cluster.tiny_model.generate import BENCH_MODEL, CORPUS, ensure_tiny_model
 from tests.conftest import running_cluster
 from tests.test_router_api import metric
 
 pytestmark = pytest.mark.slow
 
-MAX_TOKENS = 1500  # several seconds of decoding: the kill lands while the worker still generates
+# The bench model decodes ~150 tokens/s here, slower than router and client relay them, so
+# a kill at the client's first chunk lands while the worker still generates. (The tiny
+# model's ~700 tokens/s outran the test client: the router held every token before the kill.)
+MODEL_NAME = BENCH_MODEL.cache_name
+MAX_TOKENS = 600
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with running_cluster(prefill=1, decode=2, router_args=["--bypass-prefill-below", "32"]) as (router, workers):
+    model = ["--model", str(ensure_tiny_model(spec=BENCH_MODEL))]
+    with running_cluster(prefill=1, decode=2, worker_args=[*model, "--dtype", "float32"],
+                         router_args=["--bypass-prefill-below", "32", *model]) as (router, workers):
         yield router, workers
 
 
 @pytest.fixture(scope="module")
-def prompt(tokenizer) -> str:
+def prompt() -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(spec=BENCH_MODEL))
     return tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[500:800])
 
 
 def complete(client, prompt: str, stream: bool):
-    kwargs = dict(model="tiny-llama-v2-s0", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
     if not stream:
         return client.completions.create(**kwargs).choices[0].text
     return client.completions.create(stream=True, **kwargs)
@@ -53,10 +62,11 @@ def test_decode_killed_mid_stream_resumes_with_exact_text(cluster, prompt):
             serving = next(w["address"] for w in http.get("/cluster").json()["workers"] if w["role"] == "decode" and w["router_inflight"])
             killed = next(w for w in workers if w.address == serving)
             os.kill(killed.process.pid, signal.SIGKILL)
+            killed_after = len(pieces)
     assert killed is not None and killed.process.wait(10) == -signal.SIGKILL
     assert "".join(pieces) == expected
     assert finish == "length"
-    assert metric(http, "pdcluster_router_resumes_total") == resumes_before + 1
+    assert metric(http, "pdcluster_router_resumes_total") == resumes_before + 1, f"killed after {killed_after} chunks"
     dead = next(w for w in http.get("/cluster").json()["workers"] if w["address"] == killed.address)
     assert not dead["healthy"]
     assert http.get("/health").status_code == 200  # one decode worker is enough

@@ -26,8 +26,9 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """The shape of the generated model; part of the cache key."""
+    """The shape of the generated model; `name`, `version` and `seed` make its cache key."""
 
+    name: str = "tiny-llama"
     version: int = 2
     seed: int = 0
     vocab_target: int = 1024
@@ -44,7 +45,15 @@ class TinyModelSpec:
 
     @property
     def cache_name(self) -> str:
-        return f"tiny-llama-v{self.version}-s{self.seed}"
+        return f"{self.name}-v{self.version}-s{self.seed}"
+
+
+# For `pdcluster bench compare`: large enough that a long prompt's prefill keeps a CPU core
+# busy for a real fraction of a second (~26M parameters, float32), still generated locally.
+BENCH_MODEL = TinyModelSpec(
+    name="bench-llama", version=1, hidden_size=512, intermediate_size=1408, num_layers=8,
+    num_heads=8, num_kv_heads=4, head_dim=64, initializer_range=0.02,
+)
 
 
 def default_cache_root() -> Path:

@@ -1,0 +1,199 @@
+"""`pdcluster bench compare`: disaggregated 1P+1D against co-located vLLM, same cores, one run.
+
+(a) co-located: vLLM's own OpenAI server, one engine on all the given cores, prefill and
+decode sharing its steps; (b) pdcluster: one prefill and one decode worker, each pinned to
+half of the cores, behind the router. Both run the same model and engine settings and get
+the same seeded open-loop sweep of request rates (`bench serve`) for each workload. Per
+workload and rate it prints p99 ITL, p99 TTFT and goodput of both and the ratios (b)/(a),
+and can write the JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import aiohttp
+
+from bench.rate_plot import plot_grid
+from bench.serve_bench import RateResult, Workload, run_rate, served_model, sweep
+from cluster.local_launcher import LocalProcess, spawn, start_process, wait_ready
+from cluster.worker_config import EngineConfig, engine_flags
+
+WORKLOADS = {
+    # Long prompts, short answers: prefill steps land between a co-located engine's decode steps.
+    "prefill-heavy": Workload(prompt_tokens=1024, output_tokens=32, distribution="uniform", seed=1),
+    "decode-heavy": Workload(prompt_tokens=128, output_tokens=256, distribution="uniform", seed=2),
+}
+SYSTEMS = ("colocated", "pdcluster")
+WARMUP_REQUESTS = 4
+
+
+@dataclass
+class Comparison:
+    workload: str
+    rate: float
+    colocated: RateResult
+    pdcluster: RateResult
+
+    def ratio(self, metric: str) -> float | None:
+        a, b = (_value(r, metric) for r in (self.colocated, self.pdcluster))
+        return round(b / a, 3) if a and b is not None else None
+
+
+def _value(result: RateResult, metric: str) -> float | None:
+    return result.goodput if metric == "goodput" else getattr(result, metric)["p99"]
+
+
+def _engine_env(cpus: set[int], engine: EngineConfig) -> dict:
+    # The model runs in the engine process (as in pdcluster's workers), one thread per core it owns.
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "OMP_NUM_THREADS": str(len(cpus))}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _healthy(url: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url + "/health") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple[LocalProcess, str]:
+    """vLLM's own OpenAI server, unmodified, on `cpus`; returns it and its base URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+           "--model", engine.model, "--dtype", engine.dtype, "--max-model-len", str(engine.max_model_len),
+           "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+           "--seed", "0"]
+    log_path = os.path.join(log_dir, "colocated-vllm.log")
+    proc = LocalProcess("colocated", spawn(cmd, open(log_path, "wb"), _engine_env(cpus, engine), cpus),
+                        log_path=log_path)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while not asyncio.run(_healthy(url)):
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"vLLM server did not become ready:\n{proc.log_tail()}")
+        time.sleep(1)
+    return proc, url
+
+
+def start_pdcluster(engine: EngineConfig, prefill_cpus: set[int], decode_cpus: set[int], log_dir: str) -> tuple[list[LocalProcess], str]:
+    """One prefill and one decode worker, each on its cores, and the router; returns them and its URL."""
+    workers = [start_process(role, engine_flags(engine), _engine_env(cpus, engine), log_dir, cpus)
+               for role, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus))]
+    started = list(workers)
+    try:
+        for w in workers:
+            wait_ready(w, timeout=600)
+        router = start_process("router", ["--port", "0", "--grpc-port", "0", "--model", engine.model,
+                                          *(a for w in workers for a in ("--worker", w.address))], log_dir=log_dir)
+        started.append(router)
+        wait_ready(router)
+    except BaseException:
+        for p in started:
+            p.stop()
+        raise
+    return started, router.info["http"]
+
+
+def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
+    """A few requests first, so no system's first-request costs land in a measured rate."""
+    warm = Workload(**{**asdict(workload), "seed": workload.seed + 1000}).requests(WARMUP_REQUESTS, vocab)
+    asyncio.run(run_rate(url, model_name, 100.0, warm, 0, slo_ttft_ms=1e9, slo_itl_ms=1e9))
+
+
+def _run_system(system: str, engine: EngineConfig, cpus: list[int], workloads: dict[str, Workload], rates: list[float],
+                requests: int, slo_ttft_ms: float, slo_itl_ms: float, vocab: int) -> dict[str, list[RateResult]]:
+    log_dir = tempfile.mkdtemp(prefix=f"pdcluster-compare-{system}-")
+    print(f"starting {system} on cores {cpus} (logs in {log_dir})...", flush=True)
+    half = len(cpus) // 2
+    if system == "colocated":
+        proc, url = start_colocated(engine, set(cpus), log_dir)
+        processes = [proc]
+    else:
+        processes, url = start_pdcluster(engine, set(cpus[:half]), set(cpus[half:]), log_dir)
+    try:
+        model_name = asyncio.run(served_model(url))
+        out = {}
+        for name, workload in workloads.items():
+            print(f"  {system} / {name}: rates {rates}, {requests} requests each", flush=True)
+            _warm_up(url, model_name, vocab, workload)
+            out[name] = sweep(url, model_name, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms)
+        return out
+    finally:
+        for p in reversed(processes):
+            p.stop()
+
+
+def plot(comparisons: list[Comparison], path: str, title: str) -> None:
+    metrics = (("itl_ms", "p99 ITL (ms)"), ("ttft_ms", "p99 TTFT (ms)"), ("goodput", "goodput (share within SLOs)"))
+    rows = []
+    for workload in dict.fromkeys(c.workload for c in comparisons):
+        chosen = [c for c in comparisons if c.workload == workload]
+        rates = [c.rate for c in chosen]
+        rows.append([(f"{workload}: {label}", label, {s: (rates, [_value(getattr(c, s), metric) for c in chosen]) for s in SYSTEMS})
+                     for metric, label in metrics])
+    plot_grid(rows, path, title)
+
+
+def main(model: str = "", rates: tuple[float, ...] = (0.5, 1.0, 1.5), requests: int = 30, workloads: tuple[str, ...] = tuple(WORKLOADS),
+         cores: int = 0, slo_ttft_ms: float = 3000.0, slo_itl_ms: float = 100.0, json_path: str = "", plot_path: str = "") -> list[Comparison]:
+    from transformers import AutoTokenizer
+
+    from cluster.tiny_model.generate import BENCH_MODEL, ensure_tiny_model
+
+    available = sorted(os.sched_getaffinity(0))
+    cpus = available[: cores or len(available)]
+    if len(cpus) < 2:
+        raise SystemExit("bench compare needs at least 2 cores: one for each pdcluster worker")
+    # Both systems: the same engine settings, with the step size vLLM's OpenAI server uses on CPU.
+    engine = EngineConfig(model=model or str(ensure_tiny_model(spec=BENCH_MODEL)), dtype="auto" if model else "float32",
+                          kv_cache_gib=2.0, max_num_batched_tokens=2048)
+    vocab = len(AutoTokenizer.from_pretrained(engine.model))
+    chosen = {name: WORKLOADS[name] for name in workloads}
+    by_system = {system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab)
+                 for system in SYSTEMS}
+    comparisons = [Comparison(name, rate, by_system["colocated"][name][i], by_system["pdcluster"][name][i])
+                   for name in chosen for i, rate in enumerate(rates)]
+    _print_table(comparisons, engine, cpus, chosen, slo_ttft_ms, slo_itl_ms)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"model": engine.model, "cores": cpus, "workloads": {n: asdict(w) for n, w in chosen.items()},
+                       "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+                       "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in ("itl_ms", "ttft_ms", "goodput")}}
+                                       for c in comparisons]}, fh, indent=1)
+    if plot_path:
+        plot(comparisons, plot_path, f"co-located vLLM ({len(cpus)} cores) vs pdcluster 1P+1D ({len(cpus) // 2}+{len(cpus) - len(cpus) // 2} cores); "
+                                     f"SLO TTFT {slo_ttft_ms:g} ms, ITL {slo_itl_ms:g} ms")
+    return comparisons
+
+
+def _print_table(comparisons: list[Comparison], engine: EngineConfig, cpus: list[int], workloads: dict[str, Workload],
+                 slo_ttft_ms: float, slo_itl_ms: float) -> None:
+    print(f"\nmodel {engine.model}; co-located = one vLLM engine on cores {cpus}; pdcluster = prefill on {cpus[: len(cpus) // 2]}, "
+          f"decode on {cpus[len(cpus) // 2:]}; SLO TTFT <= {slo_ttft_ms:g} ms and ITL <= {slo_itl_ms:g} ms; ratio = pdcluster / co-located")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.0f}"  # noqa: E731
+    for name, workload in workloads.items():
+        print(f"\n{name}: ~{workload.prompt_tokens} prompt / ~{workload.output_tokens} output tokens ({workload.distribution})")
+        print(f"{'rate':>5} | {'p99 ITL ms co/pd':>17} {'ratio':>6} | {'p99 TTFT ms co/pd':>18} {'ratio':>6} | "
+              f"{'goodput co/pd':>14} {'ratio':>6} | {'out tok/s co/pd':>16} | {'failed co/pd':>12}")
+        for c in (c for c in comparisons if c.workload == name):
+            a, b = c.colocated, c.pdcluster
+            print(f"{c.rate:>5g} | {fmt(a.itl_ms['p99']):>8}/{fmt(b.itl_ms['p99']):<8} {fmt(c.ratio('itl_ms')):>6} | "
+                  f"{fmt(a.ttft_ms['p99']):>9}/{fmt(b.ttft_ms['p99']):<8} {fmt(c.ratio('ttft_ms')):>6} | "
+                  f"{a.goodput:>6.0%}/{b.goodput:<7.0%} {fmt(c.ratio('goodput')):>6} | "
+                  f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<8.1f} | {a.failed:>5}/{b.failed:<6}")
