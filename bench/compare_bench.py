@@ -32,6 +32,7 @@ WORKLOADS = {
     "decode-heavy": Workload(prompt_tokens=128, output_tokens=256, distribution="uniform", seed=2),
 }
 SYSTEMS = ("colocated", "pdcluster")
+LATENCIES = {"itl_ms": "ITL", "tpot_ms": "TPOT", "ttft_ms": "TTFT"}  # compared at p99
 WARMUP_REQUESTS = 4
 
 
@@ -140,7 +141,7 @@ def _run_system(system: str, engine: EngineConfig, cpus: list[int], workloads: d
 
 
 def plot(comparisons: list[Comparison], path: str, title: str) -> None:
-    metrics = (("itl_ms", "p99 ITL (ms)"), ("ttft_ms", "p99 TTFT (ms)"), ("goodput", "goodput (share within SLOs)"))
+    metrics = (*((m, f"p99 {label} (ms)") for m, label in LATENCIES.items()), ("goodput", "goodput (share within SLOs)"))
     rows = []
     for workload in dict.fromkeys(c.workload for c in comparisons):
         chosen = [c for c in comparisons if c.workload == workload]
@@ -150,8 +151,8 @@ def plot(comparisons: list[Comparison], path: str, title: str) -> None:
     plot_grid(rows, path, title)
 
 
-def main(model: str = "", rates: tuple[float, ...] = (0.5, 1.0, 1.5), requests: int = 30, workloads: tuple[str, ...] = tuple(WORKLOADS),
-         cores: int = 0, slo_ttft_ms: float = 3000.0, slo_itl_ms: float = 100.0, json_path: str = "", plot_path: str = "") -> list[Comparison]:
+def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), requests: int = 40, workloads: tuple[str, ...] = tuple(WORKLOADS),
+         cores: int = 0, slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 20.0, json_path: str = "", plot_path: str = "") -> list[Comparison]:
     from transformers import AutoTokenizer
 
     from cluster.tiny_model.generate import BENCH_MODEL, ensure_tiny_model
@@ -174,26 +175,25 @@ def main(model: str = "", rates: tuple[float, ...] = (0.5, 1.0, 1.5), requests: 
         with open(json_path, "w") as fh:
             json.dump({"model": engine.model, "cores": cpus, "workloads": {n: asdict(w) for n, w in chosen.items()},
                        "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
-                       "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in ("itl_ms", "ttft_ms", "goodput")}}
+                       "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "goodput")}}
                                        for c in comparisons]}, fh, indent=1)
     if plot_path:
         plot(comparisons, plot_path, f"co-located vLLM ({len(cpus)} cores) vs pdcluster 1P+1D ({len(cpus) // 2}+{len(cpus) - len(cpus) // 2} cores); "
-                                     f"SLO TTFT {slo_ttft_ms:g} ms, ITL {slo_itl_ms:g} ms")
+                                     f"SLO TTFT {slo_ttft_ms:g} ms, TPOT {slo_itl_ms:g} ms")
     return comparisons
 
 
 def _print_table(comparisons: list[Comparison], engine: EngineConfig, cpus: list[int], workloads: dict[str, Workload],
                  slo_ttft_ms: float, slo_itl_ms: float) -> None:
     print(f"\nmodel {engine.model}; co-located = one vLLM engine on cores {cpus}; pdcluster = prefill on {cpus[: len(cpus) // 2]}, "
-          f"decode on {cpus[len(cpus) // 2:]}; SLO TTFT <= {slo_ttft_ms:g} ms and ITL <= {slo_itl_ms:g} ms; ratio = pdcluster / co-located")
+          f"decode on {cpus[len(cpus) // 2:]}; SLO TTFT <= {slo_ttft_ms:g} ms and TPOT <= {slo_itl_ms:g} ms; ratio = pdcluster / co-located")
     fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.0f}"  # noqa: E731
     for name, workload in workloads.items():
         print(f"\n{name}: ~{workload.prompt_tokens} prompt / ~{workload.output_tokens} output tokens ({workload.distribution})")
-        print(f"{'rate':>5} | {'p99 ITL ms co/pd':>17} {'ratio':>6} | {'p99 TTFT ms co/pd':>18} {'ratio':>6} | "
-              f"{'goodput co/pd':>14} {'ratio':>6} | {'out tok/s co/pd':>16} | {'failed co/pd':>12}")
+        print(f"{'rate':>5} | " + " | ".join(f"{'p99 ' + label + ' ms co/pd':>19} {'ratio':>5}" for label in LATENCIES.values())
+              + f" | {'goodput co/pd':>13} {'ratio':>5} | {'out tok/s co/pd':>15} | {'failed co/pd':>12}")
         for c in (c for c in comparisons if c.workload == name):
             a, b = c.colocated, c.pdcluster
-            print(f"{c.rate:>5g} | {fmt(a.itl_ms['p99']):>8}/{fmt(b.itl_ms['p99']):<8} {fmt(c.ratio('itl_ms')):>6} | "
-                  f"{fmt(a.ttft_ms['p99']):>9}/{fmt(b.ttft_ms['p99']):<8} {fmt(c.ratio('ttft_ms')):>6} | "
-                  f"{a.goodput:>6.0%}/{b.goodput:<7.0%} {fmt(c.ratio('goodput')):>6} | "
-                  f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<8.1f} | {a.failed:>5}/{b.failed:<6}")
+            latencies = " | ".join(f"{fmt(_value(a, m)):>9}/{fmt(_value(b, m)):<9} {fmt(c.ratio(m)):>5}" for m in LATENCIES)
+            print(f"{c.rate:>5g} | {latencies} | {a.goodput:>6.0%}/{b.goodput:<6.0%} {fmt(c.ratio('goodput')):>5} | "
+                  f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<7.1f} | {a.failed:>5}/{b.failed:<6}")
