@@ -92,7 +92,8 @@ def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple
     return proc, url
 
 
-def start_pdcluster(engine: EngineConfig, prefill_cpus: set[int], decode_cpus: set[int], log_dir: str) -> tuple[list[LocalProcess], str]:
+def start_pdcluster(engine: EngineConfig, prefill_cpus: set[int], decode_cpus: set[int], log_dir: str,
+                    router_flags: list[str] = ()) -> tuple[list[LocalProcess], str]:
     """One prefill and one decode worker, each on its cores, and the router; returns them and its URL."""
     workers = [start_process(role, engine_flags(engine), _engine_env(cpus, engine), log_dir, cpus)
                for role, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus))]
@@ -100,7 +101,7 @@ def start_pdcluster(engine: EngineConfig, prefill_cpus: set[int], decode_cpus: s
     try:
         for w in workers:
             wait_ready(w, timeout=600)
-        router = start_process("router", ["--port", "0", "--grpc-port", "0", "--model", engine.model,
+        router = start_process("router", ["--port", "0", "--grpc-port", "0", "--model", engine.model, *router_flags,
                                           *(a for w in workers for a in ("--worker", w.address))], log_dir=log_dir)
         started.append(router)
         wait_ready(router)
@@ -118,7 +119,7 @@ def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
 
 
 def _run_system(system: str, engine: EngineConfig, cpus: list[int], workloads: dict[str, Workload], rates: list[float],
-                requests: int, slo_ttft_ms: float, slo_itl_ms: float, vocab: int) -> dict[str, list[RateResult]]:
+                requests: int, slo_ttft_ms: float, slo_itl_ms: float, vocab: int, router_flags: list[str]) -> dict[str, list[RateResult]]:
     log_dir = tempfile.mkdtemp(prefix=f"pdcluster-compare-{system}-")
     print(f"starting {system} on cores {cpus} (logs in {log_dir})...", flush=True)
     half = len(cpus) // 2
@@ -126,7 +127,7 @@ def _run_system(system: str, engine: EngineConfig, cpus: list[int], workloads: d
         proc, url = start_colocated(engine, set(cpus), log_dir)
         processes = [proc]
     else:
-        processes, url = start_pdcluster(engine, set(cpus[:half]), set(cpus[half:]), log_dir)
+        processes, url = start_pdcluster(engine, set(cpus[:half]), set(cpus[half:]), log_dir, router_flags)
     try:
         model_name = asyncio.run(served_model(url))
         out = {}
@@ -152,7 +153,8 @@ def plot(comparisons: list[Comparison], path: str, title: str) -> None:
 
 
 def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), requests: int = 40, workloads: tuple[str, ...] = tuple(WORKLOADS),
-         cores: int = 0, slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 20.0, json_path: str = "", plot_path: str = "") -> list[Comparison]:
+         cores: int = 0, slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 20.0, json_path: str = "", plot_path: str = "",
+         router_flags: list[str] = ()) -> list[Comparison]:
     from transformers import AutoTokenizer
 
     from cluster.tiny_model.generate import BENCH_MODEL, ensure_tiny_model
@@ -166,14 +168,14 @@ def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), reque
                           kv_cache_gib=2.0, max_num_batched_tokens=2048)
     vocab = len(AutoTokenizer.from_pretrained(engine.model))
     chosen = {name: WORKLOADS[name] for name in workloads}
-    by_system = {system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab)
+    by_system = {system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab, list(router_flags))
                  for system in SYSTEMS}
     comparisons = [Comparison(name, rate, by_system["colocated"][name][i], by_system["pdcluster"][name][i])
                    for name in chosen for i, rate in enumerate(rates)]
     _print_table(comparisons, engine, cpus, chosen, slo_ttft_ms, slo_itl_ms)
     if json_path:
         with open(json_path, "w") as fh:
-            json.dump({"model": engine.model, "cores": cpus, "workloads": {n: asdict(w) for n, w in chosen.items()},
+            json.dump({"model": engine.model, "cores": cpus, "router_flags": list(router_flags), "workloads": {n: asdict(w) for n, w in chosen.items()},
                        "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
                        "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "goodput")}}
                                        for c in comparisons]}, fh, indent=1)

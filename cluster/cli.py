@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -134,7 +135,8 @@ def _bench_compare(args: argparse.Namespace) -> int:
     from bench.compare_bench import main as bench_main
 
     comparisons = bench_main(model=args.model, rates=args.rates, requests=args.requests, workloads=args.workloads, cores=args.cores,
-                             slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms, json_path=args.json_out, plot_path=args.plot)
+                             slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms, json_path=args.json_out, plot_path=args.plot,
+                             router_flags=shlex.split(args.router_flags))
     return 0 if all(c.colocated.completed and c.pdcluster.completed for c in comparisons) else 1
 
 
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--cores", type=int, default=0, help="cores to use, split evenly between prefill and decode (default: all)")
     compare.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     compare.add_argument("--slo-itl-ms", type=float, default=20.0, help="bound on each request's TPOT (mean inter-token latency)")
+    compare.add_argument("--router-flags", default="", help="extra flags for pdcluster's router, e.g. '--local-prefill-above-queued 2048'")
     compare.add_argument("--json-out", default="", help="write the results as JSON here")
     compare.add_argument("--plot", default="", help="write a PNG of p99 ITL, p99 TTFT and goodput against rate here")
     compare.set_defaults(func=_bench_compare)

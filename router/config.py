@@ -23,6 +23,9 @@ class RouterConfig(BaseModel):
     tls: TLSFiles = TLSFiles()  # HTTPS, the Inference service, and the channels to workers (mTLS with a CA)
     api_key: str = ""  # empty: no auth
     bypass_prefill_below_tokens: int = 64  # shorter prompts run on the decode worker alone
+    # Prefill on the decode worker when the chosen prefill worker has more prompt tokens than
+    # this queued: better TTFT under a prefill backlog, at some ITL cost. 0: never.
+    local_prefill_above_queued_tokens: int = 0
     max_inflight: int = 256  # requests running at once
     max_queue: int = 512  # requests waiting for a slot; past it: 429
     max_body_bytes: int = 4 << 20
@@ -46,6 +49,9 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
                         help="require `Authorization: Bearer KEY` (env PDCLUSTER_API_KEY)")
     parser.add_argument("--bypass-prefill-below", type=int, default=64,
                         help="prompts shorter than this many tokens skip remote prefill")
+    parser.add_argument("--local-prefill-above-queued", type=int, default=0,
+                        help="run a prompt on the decode worker when the best prefill worker already has more than "
+                             "this many prompt tokens queued (trades ITL for TTFT under a prefill backlog; 0: never)")
     parser.add_argument("--max-inflight", type=int, default=256)
     parser.add_argument("--max-queue", type=int, default=512)
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20)
@@ -61,6 +67,7 @@ def router_config_from(args: argparse.Namespace, **extra) -> RouterConfig:
         served_model_name=args.served_model_name,
         api_key=args.api_key,
         bypass_prefill_below_tokens=args.bypass_prefill_below,
+        local_prefill_above_queued_tokens=args.local_prefill_above_queued,
         max_inflight=args.max_inflight,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,

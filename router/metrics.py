@@ -34,7 +34,7 @@ class RouterMetrics:
             self.requests.labels(outcome)
         for role in ("prefill", "decode"):
             self.retries.labels(role)
-        for reason in ("short_prompt", "no_prefill_worker"):
+        for reason in ("short_prompt", "no_prefill_worker", "prefill_backlog"):
             self.bypass.labels(reason)
 
 

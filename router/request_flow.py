@@ -21,7 +21,9 @@ from router.config import RouterConfig
 from router.continuation_text import ContinuationText
 from router.errors import InvalidRequest, NoCapacity
 from router.metrics import RouterMetrics
-from router.routing_policy import PrefixIndex, pick_decode_worker, pick_prefill_worker, prompt_block_hashes, should_bypass_prefill
+from router.routing_policy import (
+    PrefixIndex, pick_decode_worker, pick_prefill_worker, prefill_backlog_too_deep, prompt_block_hashes, should_bypass_prefill,
+)
 from router.worker_pool import WorkerPool, WorkerView
 from protos import worker_pb2
 
@@ -199,6 +201,9 @@ class RequestFlow:
         )
         if prefill is None:
             self.metrics.bypass.labels("no_prefill_worker").inc()
+            return None
+        if prefill_backlog_too_deep(prefill, self.config.local_prefill_above_queued_tokens):
+            self.metrics.bypass.labels("prefill_backlog").inc()
             return None
         self.metrics.picks.labels("prefill", prefill.worker_id).inc()
         self.metrics.prefix_hit_tokens.inc(overlap)

@@ -82,6 +82,11 @@ def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerVi
     return min(workers, key=key)
 
 
+def queued_prefill_tokens(worker: WorkerView) -> int:
+    """Prompt tokens ahead of a new prompt on a prefill worker: its count, or ours if the poll lags."""
+    return max(worker.stats.queued_prefill_tokens, worker.pending_prefill_tokens)
+
+
 def pick_prefill_worker(
     workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for
 ) -> tuple[WorkerView | None, int]:
@@ -92,8 +97,7 @@ def pick_prefill_worker(
     for w in workers:
         block_size = max(w.stats.block_size, 1)
         overlap = index.overlap_blocks(w.worker_id, hashes_for(block_size)) * block_size
-        queued = max(w.stats.queued_prefill_tokens, w.pending_prefill_tokens)
-        key = (queued + prompt_len - overlap, _load(w))
+        key = (queued_prefill_tokens(w) + prompt_len - overlap, _load(w))
         if best_key is None or key < best_key:
             best, best_key, best_overlap = w, key, overlap
     return best, best_overlap
@@ -102,3 +106,9 @@ def pick_prefill_worker(
 def should_bypass_prefill(prompt_len: int, threshold_tokens: int) -> bool:
     """Tiny prompts cost the decode worker less than a transfer would."""
     return prompt_len < threshold_tokens
+
+
+def prefill_backlog_too_deep(prefill: WorkerView, limit_tokens: int) -> bool:
+    """With a limit set: the best prefill worker's backlog would delay this prompt more than
+    computing it on the decode worker does (a per-request choice, as llm-d and Dynamo make)."""
+    return limit_tokens > 0 and queued_prefill_tokens(prefill) > limit_tokens

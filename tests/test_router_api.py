@@ -298,6 +298,29 @@ def test_admission_control_and_api_key(cluster, long_prompt):
         router.stop()
 
 
+def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long_prompt):
+    """With --local-prefill-above-queued, prompts that arrive while the prefill worker is busy
+    are computed on the decode worker instead, with the same greedy text."""
+    kwargs = dict(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**kwargs).choices[0].text
+    router = start_router([w.address for w in cluster[1]], ["--bypass-prefill-below", str(BYPASS_BELOW), "--local-prefill-above-queued", "1"])
+    try:
+        backlog_client = openai.OpenAI(base_url=router.info["http"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+        texts: list[str] = []
+        threads = [threading.Thread(target=lambda: texts.append(backlog_client.completions.create(**kwargs).choices[0].text)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert texts == [expected] * 6
+        with httpx.Client(base_url=router.info["http"], timeout=60) as http:
+            # The first prompt goes to the idle prefill worker; some of the rest arrive behind it.
+            assert metric(http, "pdcluster_router_worker_picks_total", 'role="prefill"') >= 1
+            assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="prefill_backlog"') >= 1
+    finally:
+        router.stop()
+
+
 def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
     from bench.serve_bench import Workload, main as bench_serve
 

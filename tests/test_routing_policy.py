@@ -10,7 +10,9 @@ from protos import worker_pb2
 from router.admission import AdmissionGate
 from router.errors import Overloaded
 from router.metrics import RouterMetrics
-from router.routing_policy import PrefixIndex, pick_decode_worker, pick_prefill_worker, prompt_block_hashes, should_bypass_prefill
+from router.routing_policy import (
+    PrefixIndex, pick_decode_worker, pick_prefill_worker, prefill_backlog_too_deep, prompt_block_hashes, should_bypass_prefill,
+)
 from router.worker_pool import WorkerPool, WorkerView
 
 BLOCK = 16
@@ -92,6 +94,17 @@ def test_short_prompts_bypass_prefill():
     assert should_bypass_prefill(10, 64)
     assert not should_bypass_prefill(64, 64)
     assert not should_bypass_prefill(10, 0)
+
+
+def test_a_deep_prefill_backlog_sends_the_prompt_to_the_decode_worker_only_when_enabled():
+    busy = worker("p", "prefill", queued_prefill_tokens=3000)
+    assert prefill_backlog_too_deep(busy, 2048)
+    assert not prefill_backlog_too_deep(busy, 0)  # off by default
+    assert not prefill_backlog_too_deep(worker("q", "prefill", queued_prefill_tokens=2048), 2048)
+    # Our own count of prompts sent and not yet answered counts while the last poll lags.
+    lagging = worker("r", "prefill")
+    lagging.pending_prefill_tokens = 4096
+    assert prefill_backlog_too_deep(lagging, 2048)
 
 
 async def test_admission_gate_queues_then_refuses():
