@@ -4,7 +4,7 @@
 decode sharing its steps; (b) pdcluster: one prefill and one decode worker, each pinned to
 half of the cores, behind the router. Both run the same model and engine settings and get
 the same seeded open-loop sweep of request rates (`bench serve`) for each workload. Per
-workload and rate it prints p99 ITL, p99 TTFT and goodput of both and the ratios (b)/(a),
+workload and rate it prints p99 ITL, TPOT and TTFT and goodput of both and the ratios (b)/(a),
 and can write the JSON and a plot.
 """
 
@@ -17,20 +17,17 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import aiohttp
 
 from bench.rate_plot import plot_grid
-from bench.serve_bench import RateResult, Workload, run_rate, served_model, sweep
+from bench.serve_bench import RateResult, run_rate, served_model, sweep
+from bench.workloads import COMPARE_WORKLOADS, Workload
+from cluster.engine_args import engine_environment
 from cluster.local_launcher import LocalProcess, spawn, start_process, wait_ready
 from cluster.worker_config import EngineConfig, engine_flags
 
-WORKLOADS = {
-    # Long prompts, short answers: prefill steps land between a co-located engine's decode steps.
-    "prefill-heavy": Workload(prompt_tokens=1024, output_tokens=32, distribution="uniform", seed=1),
-    "decode-heavy": Workload(prompt_tokens=128, output_tokens=256, distribution="uniform", seed=2),
-}
 SYSTEMS = ("colocated", "pdcluster")
 LATENCIES = {"itl_ms": "ITL", "tpot_ms": "TPOT", "ttft_ms": "TTFT"}  # compared at p99
 WARMUP_REQUESTS = 4
@@ -53,9 +50,8 @@ def _value(result: RateResult, metric: str) -> float | None:
 
 
 def _engine_env(cpus: set[int], engine: EngineConfig) -> dict:
-    # The model runs in the engine process (as in pdcluster's workers), one thread per core it owns.
-    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "OMP_NUM_THREADS": str(len(cpus))}
+    # Both systems' engines as pdcluster's workers start theirs, one model thread per core owned.
+    return {**engine_environment(engine), "OMP_NUM_THREADS": str(len(cpus))}
 
 
 def _free_port() -> int:
@@ -114,7 +110,7 @@ def start_pdcluster(engine: EngineConfig, prefill_cpus: set[int], decode_cpus: s
 
 def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
     """A few requests first, so no system's first-request costs land in a measured rate."""
-    warm = Workload(**{**asdict(workload), "seed": workload.seed + 1000}).requests(WARMUP_REQUESTS, vocab)
+    warm = replace(workload, seed=workload.seed + 1000).requests(WARMUP_REQUESTS, vocab)
     asyncio.run(run_rate(url, model_name, 100.0, warm, 0, slo_ttft_ms=1e9, slo_itl_ms=1e9))
 
 
@@ -152,7 +148,7 @@ def plot(comparisons: list[Comparison], path: str, title: str) -> None:
     plot_grid(rows, path, title)
 
 
-def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), requests: int = 40, workloads: tuple[str, ...] = tuple(WORKLOADS),
+def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), requests: int = 40, workloads: tuple[str, ...] = tuple(COMPARE_WORKLOADS),
          cores: int = 0, slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 20.0, json_path: str = "", plot_path: str = "",
          router_flags: list[str] = ()) -> list[Comparison]:
     from transformers import AutoTokenizer
@@ -167,7 +163,7 @@ def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), reque
     engine = EngineConfig(model=model or str(ensure_tiny_model(spec=BENCH_MODEL)), dtype="auto" if model else "float32",
                           kv_cache_gib=2.0, max_num_batched_tokens=2048)
     vocab = len(AutoTokenizer.from_pretrained(engine.model))
-    chosen = {name: WORKLOADS[name] for name in workloads}
+    chosen = {name: COMPARE_WORKLOADS[name] for name in workloads}
     by_system = {system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab, list(router_flags))
                  for system in SYSTEMS}
     comparisons = [Comparison(name, rate, by_system["colocated"][name][i], by_system["pdcluster"][name][i])

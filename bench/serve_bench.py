@@ -17,43 +17,14 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
 
 from bench.rate_plot import plot_grid
+from bench.workloads import Workload
 
 PERCENTILES = (50, 90, 99)
-
-
-@dataclass
-class Workload:
-    prompt_tokens: int = 512
-    output_tokens: int = 64
-    distribution: str = "uniform"  # fixed | uniform (±50%) | exponential (mean as given)
-    prefix_share: float = 0.0  # fraction of each prompt taken from a shared prefix
-    prefix_groups: int = 4  # how many distinct shared prefixes
-    seed: int = 0
-
-    def _length(self, rng: random.Random, mean: int) -> int:
-        if self.distribution == "fixed":
-            return mean
-        if self.distribution == "exponential":
-            return max(1, int(rng.expovariate(1.0 / mean)))
-        return max(1, int(rng.uniform(0.5 * mean, 1.5 * mean)))
-
-    def requests(self, count: int, vocab: int) -> list[tuple[list[int], int]]:
-        """(prompt token ids, output tokens) per request, the same for the same seed."""
-        rng = random.Random(self.seed)
-        low, high = min(100, vocab // 4), vocab - 1  # clear of the special tokens at the start
-        shared_len = int(self.prompt_tokens * self.prefix_share)
-        prefixes = [[rng.randint(low, high) for _ in range(shared_len)] for _ in range(self.prefix_groups)]
-        out = []
-        for _ in range(count):
-            n = self._length(rng, self.prompt_tokens)
-            head = rng.choice(prefixes)[: min(shared_len, n)] if shared_len else []
-            out.append((head + [rng.randint(low, high) for _ in range(n - len(head))], self._length(rng, self.output_tokens)))
-        return out
 
 
 @dataclass
@@ -174,7 +145,7 @@ def sweep(url: str, model: str, rates: list[float], requests: int, workload: Wor
 
     results = []
     for i, rate in enumerate(rates):
-        batch = Workload(**{**asdict(workload), "seed": workload.seed + i}).requests(requests, vocab)
+        batch = replace(workload, seed=workload.seed + i).requests(requests, vocab)
         with tqdm(total=requests, desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
             results.append(asyncio.run(run_rate(url, model, rate, batch, workload.seed + i, slo_ttft_ms, slo_itl_ms, api_key, bar)))
     return results

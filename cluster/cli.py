@@ -121,7 +121,8 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve_bench import Workload, main as bench_main
+    from bench.serve_bench import main as bench_main
+    from bench.workloads import Workload
 
     workload = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, distribution=args.distribution,
                         prefix_share=args.prefix_share, prefix_groups=args.prefix_groups, seed=args.seed)
@@ -141,7 +142,7 @@ def _bench_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.compare_bench import WORKLOADS as COMPARE_WORKLOADS
+    from bench.workloads import COMPARE_WORKLOADS
     from cluster.cluster_spec import add_cluster_flags
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--slo-itl-ms", type=float, default=20.0, help="bound on each request's TPOT (mean inter-token latency)")
     compare.add_argument("--router-flags", default="", help="extra flags for pdcluster's router, e.g. '--local-prefill-above-queued 2048'")
     compare.add_argument("--json-out", default="", help="write the results as JSON here")
-    compare.add_argument("--plot", default="", help="write a PNG of p99 ITL, p99 TTFT and goodput against rate here")
+    compare.add_argument("--plot", default="", help="write a PNG of p99 ITL, TPOT and TTFT and goodput against rate here")
     compare.set_defaults(func=_bench_compare)
     return parser
 

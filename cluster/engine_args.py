@@ -16,14 +16,21 @@ def resolve_model(model: str) -> str:
     return str(ensure_tiny_model())
 
 
-def prepare_environment(engine: EngineConfig) -> None:
+def engine_environment(engine: EngineConfig) -> dict[str, str]:
     """Environment vLLM reads at engine start (CPU KV size must be explicit here)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(engine.kv_cache_gib))))
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib)))}
     if not _has_gpu() and engine.tensor_parallel_size == 1:
         # AsyncLLM keeps its engine core in its own process either way; this only runs
         # the CPU model inside that process instead of a further worker process whose
         # shared-memory queue busy-spins and starves the other pool on small machines.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def prepare_environment(engine: EngineConfig) -> None:
+    """Apply `engine_environment`, leaving what the caller already set."""
+    for name, value in engine_environment(engine).items():
+        os.environ.setdefault(name, value)
 
 
 def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = None) -> dict[str, Any]:

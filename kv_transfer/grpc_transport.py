@@ -159,6 +159,8 @@ class KVClient:
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
         self._data_channels: dict[str, tuple[str, int]] = {}
         self._rr = itertools.count()
+        # Built once: it reads the certificate files.
+        self._tls_context = settings.tls.client_context() if settings.tls.enabled else None
 
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channels = self._channels.get(endpoint)
@@ -173,8 +175,7 @@ class KVClient:
         try:
             if self._settings.transport == "tcp":
                 host, port = await self._data_channel(endpoint)
-                tls = self._settings.tls.client_context() if self._settings.tls.enabled else None
-                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, tls), timeout)
+                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, self._tls_context), timeout)
                 if status != "OK":
                     raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
                 return

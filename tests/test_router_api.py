@@ -322,7 +322,8 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long
 
 
 def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
-    from bench.serve_bench import Workload, main as bench_serve
+    from bench.serve_bench import main as bench_serve
+    from bench.workloads import Workload
 
     json_path, png_path = tmp_path / "serve.json", tmp_path / "serve.png"
     served_before = metric(http, "pdcluster_router_requests_total", 'outcome="ok"')
