@@ -16,11 +16,12 @@ from tests.test_router_api import metric
 
 pytestmark = pytest.mark.slow
 
-# The bench model decodes ~150 tokens/s here, slower than router and client relay them, so
-# a kill at the client's first chunk lands while the worker still generates. (The tiny
-# model's ~700 tokens/s outran the test client: the router held every token before the kill.)
+# The kill lands at the client's first chunk and must find the worker still generating. The
+# tiny model's ~700 tokens/s, and once even 600 tokens of the bench model (~4 s), finished
+# before a lagging test client saw its first chunk (the router then held every token). The
+# bench model at ~150 tokens/s gives 3000 tokens ~20 s. Prompt + output < 4096.
 MODEL_NAME = BENCH_MODEL.cache_name
-MAX_TOKENS = 600
+MAX_TOKENS = 3000
 
 
 @pytest.fixture(scope="module")
