@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -21,12 +20,14 @@ from dataclasses import asdict, dataclass, replace
 
 import aiohttp
 
-from bench.rate_plot import plot_grid
-from bench.serve_bench import RateResult, run_rate, served_model, sweep
-from bench.workloads import COMPARE_WORKLOADS, Workload
-from cluster.engine_args import engine_environment
-from cluster.local_launcher import LocalProcess, spawn, start_process, wait_ready
-from cluster.worker_config import EngineConfig, engine_flags
+from pdcluster.bench.rate_plot import plot_grid
+from pdcluster.bench.serve_bench import RateResult, run_rate, served_model, sweep
+from pdcluster.bench.workloads import COMPARE_WORKLOADS, Workload
+from pdcluster.common.ports import free_port
+from pdcluster.common.processes import LocalProcess, spawn, start_process, wait_ready
+from pdcluster.common.worker_record import Role
+from pdcluster.worker.config import EngineConfig, WorkerConfig, worker_args
+from pdcluster.worker.engine_args import engine_environment
 
 SYSTEMS = ("colocated", "pdcluster")
 LATENCIES = {"itl_ms": "ITL", "tpot_ms": "TPOT", "ttft_ms": "TTFT"}  # compared at p99
@@ -54,12 +55,6 @@ def _engine_env(cpus: set[int], engine: EngineConfig) -> dict:
     return {**engine_environment(engine), "OMP_NUM_THREADS": str(len(cpus))}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _healthy(url: str) -> bool:
     try:
         async with aiohttp.ClientSession() as session, session.get(url + "/health") as response:
@@ -70,14 +65,30 @@ async def _healthy(url: str) -> bool:
 
 def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple[LocalProcess, str]:
     """vLLM's own OpenAI server, unmodified, on `cpus`; returns it and its base URL."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-           "--model", engine.model, "--dtype", engine.dtype, "--max-model-len", str(engine.max_model_len),
-           "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
-           "--seed", "0"]
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        engine.model,
+        "--dtype",
+        engine.dtype,
+        "--max-model-len",
+        str(engine.max_model_len),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(engine.max_num_batched_tokens),
+        "--seed",
+        "0",
+    ]
     log_path = os.path.join(log_dir, "colocated-vllm.log")
-    proc = LocalProcess("colocated", spawn(cmd, open(log_path, "wb"), _engine_env(cpus, engine), cpus),
-                        log_path=log_path)
+    proc = LocalProcess("colocated", spawn(cmd, open(log_path, "wb"), _engine_env(cpus, engine), cpus), log_path=log_path)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while not asyncio.run(_healthy(url)):
@@ -88,24 +99,39 @@ def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple
     return proc, url
 
 
-def start_pdcluster(engine: EngineConfig, prefill_cpus: set[int], decode_cpus: set[int], log_dir: str,
-                    router_flags: list[str] = ()) -> tuple[list[LocalProcess], str]:
+def start_pdcluster(
+    engine: EngineConfig, prefill_cpus: set[int], decode_cpus: set[int], log_dir: str, router_flags: list[str] = ()
+) -> tuple[list[LocalProcess], str]:
     """One prefill and one decode worker, each on its cores, and the router; returns them and its URL."""
-    workers = [start_process(role, engine_flags(engine), _engine_env(cpus, engine), log_dir, cpus)
-               for role, cpus in (("prefill", prefill_cpus), ("decode", decode_cpus))]
+    workers = [
+        start_process(role, worker_args(WorkerConfig(role=role, engine=engine)), _engine_env(cpus, engine), log_dir, cpus)
+        for role, cpus in ((Role.PREFILL, prefill_cpus), (Role.DECODE, decode_cpus))
+    ]
     started = list(workers)
     try:
         for w in workers:
             wait_ready(w, timeout=600)
-        router = start_process("router", ["--port", "0", "--grpc-port", "0", "--model", engine.model, *router_flags,
-                                          *(a for w in workers for a in ("--worker", w.address))], log_dir=log_dir)
+        router = start_process(
+            "router",
+            [
+                "--port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--model",
+                engine.model,
+                *router_flags,
+                *(a for w in workers for a in ("--worker", w.address)),
+            ],
+            log_dir=log_dir,
+        )
         started.append(router)
         wait_ready(router)
     except BaseException:
         for p in started:
             p.stop()
         raise
-    return started, router.info["http"]
+    return started, router.record.http
 
 
 def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
@@ -114,8 +140,18 @@ def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
     asyncio.run(run_rate(url, model_name, 100.0, warm, 0, slo_ttft_ms=1e9, slo_itl_ms=1e9))
 
 
-def _run_system(system: str, engine: EngineConfig, cpus: list[int], workloads: dict[str, Workload], rates: list[float],
-                requests: int, slo_ttft_ms: float, slo_itl_ms: float, vocab: int, router_flags: list[str]) -> dict[str, list[RateResult]]:
+def _run_system(
+    system: str,
+    engine: EngineConfig,
+    cpus: list[int],
+    workloads: dict[str, Workload],
+    rates: list[float],
+    requests: int,
+    slo_ttft_ms: float,
+    slo_itl_ms: float,
+    vocab: int,
+    router_flags: list[str],
+) -> dict[str, list[RateResult]]:
     log_dir = tempfile.mkdtemp(prefix=f"pdcluster-compare-{system}-")
     print(f"starting {system} on cores {cpus} (logs in {log_dir})...", flush=True)
     half = len(cpus) // 2
@@ -143,55 +179,105 @@ def plot(comparisons: list[Comparison], path: str, title: str) -> None:
     for workload in dict.fromkeys(c.workload for c in comparisons):
         chosen = [c for c in comparisons if c.workload == workload]
         rates = [c.rate for c in chosen]
-        rows.append([(f"{workload}: {label}", label, {s: (rates, [_value(getattr(c, s), metric) for c in chosen]) for s in SYSTEMS})
-                     for metric, label in metrics])
+        rows.append(
+            [
+                (f"{workload}: {label}", label, {s: (rates, [_value(getattr(c, s), metric) for c in chosen]) for s in SYSTEMS})
+                for metric, label in metrics
+            ]
+        )
     plot_grid(rows, path, title)
 
 
-def main(model: str = "", rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), requests: int = 40, workloads: tuple[str, ...] = tuple(COMPARE_WORKLOADS),
-         cores: int = 0, slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 20.0, json_path: str = "", plot_path: str = "",
-         router_flags: list[str] = ()) -> list[Comparison]:
+def main(
+    model: str = "",
+    rates: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0),
+    requests: int = 40,
+    workloads: tuple[str, ...] = tuple(COMPARE_WORKLOADS),
+    cores: int = 0,
+    slo_ttft_ms: float = 1000.0,
+    slo_itl_ms: float = 20.0,
+    json_path: str = "",
+    plot_path: str = "",
+    router_flags: list[str] = (),
+) -> list[Comparison]:
     from transformers import AutoTokenizer
 
-    from cluster.tiny_model.generate import BENCH_MODEL, ensure_tiny_model
+    from pdcluster.common.tiny_model.generate import BENCH_MODEL, ensure_tiny_model
 
     available = sorted(os.sched_getaffinity(0))
     cpus = available[: cores or len(available)]
     if len(cpus) < 2:
         raise SystemExit("bench compare needs at least 2 cores: one for each pdcluster worker")
     # Both systems: the same engine settings, with the step size vLLM's OpenAI server uses on CPU.
-    engine = EngineConfig(model=model or str(ensure_tiny_model(spec=BENCH_MODEL)), dtype="auto" if model else "float32",
-                          kv_cache_gib=2.0, max_num_batched_tokens=2048)
+    engine = EngineConfig(
+        model=model or str(ensure_tiny_model(spec=BENCH_MODEL)),
+        dtype="auto" if model else "float32",
+        kv_cache_gib=2.0,
+        max_num_batched_tokens=2048,
+    )
     vocab = len(AutoTokenizer.from_pretrained(engine.model))
     chosen = {name: COMPARE_WORKLOADS[name] for name in workloads}
-    by_system = {system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab, list(router_flags))
-                 for system in SYSTEMS}
-    comparisons = [Comparison(name, rate, by_system["colocated"][name][i], by_system["pdcluster"][name][i])
-                   for name in chosen for i, rate in enumerate(rates)]
+    by_system = {
+        system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab, list(router_flags))
+        for system in SYSTEMS
+    }
+    comparisons = [
+        Comparison(name, rate, by_system["colocated"][name][i], by_system["pdcluster"][name][i])
+        for name in chosen
+        for i, rate in enumerate(rates)
+    ]
     _print_table(comparisons, engine, cpus, chosen, slo_ttft_ms, slo_itl_ms)
     if json_path:
         with open(json_path, "w") as fh:
-            json.dump({"model": engine.model, "cores": cpus, "router_flags": list(router_flags), "workloads": {n: asdict(w) for n, w in chosen.items()},
-                       "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
-                       "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "goodput")}}
-                                       for c in comparisons]}, fh, indent=1)
+            json.dump(
+                {
+                    "model": engine.model,
+                    "cores": cpus,
+                    "router_flags": list(router_flags),
+                    "workloads": {n: asdict(w) for n, w in chosen.items()},
+                    "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+                    "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "goodput")}} for c in comparisons],
+                },
+                fh,
+                indent=1,
+            )
     if plot_path:
-        plot(comparisons, plot_path, f"co-located vLLM ({len(cpus)} cores) vs pdcluster 1P+1D ({len(cpus) // 2}+{len(cpus) - len(cpus) // 2} cores); "
-                                     f"SLO TTFT {slo_ttft_ms:g} ms, TPOT {slo_itl_ms:g} ms")
+        plot(
+            comparisons,
+            plot_path,
+            f"co-located vLLM ({len(cpus)} cores) vs pdcluster 1P+1D ({len(cpus) // 2}+{len(cpus) - len(cpus) // 2} cores); "
+            f"SLO TTFT {slo_ttft_ms:g} ms, TPOT {slo_itl_ms:g} ms",
+        )
     return comparisons
 
 
-def _print_table(comparisons: list[Comparison], engine: EngineConfig, cpus: list[int], workloads: dict[str, Workload],
-                 slo_ttft_ms: float, slo_itl_ms: float) -> None:
-    print(f"\nmodel {engine.model}; co-located = one vLLM engine on cores {cpus}; pdcluster = prefill on {cpus[: len(cpus) // 2]}, "
-          f"decode on {cpus[len(cpus) // 2:]}; SLO TTFT <= {slo_ttft_ms:g} ms and TPOT <= {slo_itl_ms:g} ms; ratio = pdcluster / co-located")
-    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.0f}"  # noqa: E731
+def _print_table(
+    comparisons: list[Comparison],
+    engine: EngineConfig,
+    cpus: list[int],
+    workloads: dict[str, Workload],
+    slo_ttft_ms: float,
+    slo_itl_ms: float,
+) -> None:
+    print(
+        f"\nmodel {engine.model}; co-located = one vLLM engine on cores {cpus}; pdcluster = prefill on {cpus[: len(cpus) // 2]}, "
+        f"decode on {cpus[len(cpus) // 2 :]}; SLO TTFT <= {slo_ttft_ms:g} ms and TPOT <= {slo_itl_ms:g} ms; ratio = pdcluster / co-located"
+    )
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.0f}"
+
     for name, workload in workloads.items():
         print(f"\n{name}: ~{workload.prompt_tokens} prompt / ~{workload.output_tokens} output tokens ({workload.distribution})")
-        print(f"{'rate':>5} | " + " | ".join(f"{'p99 ' + label + ' ms co/pd':>19} {'ratio':>5}" for label in LATENCIES.values())
-              + f" | {'goodput co/pd':>13} {'ratio':>5} | {'out tok/s co/pd':>15} | {'failed co/pd':>12}")
+        print(
+            f"{'rate':>5} | "
+            + " | ".join(f"{'p99 ' + label + ' ms co/pd':>19} {'ratio':>5}" for label in LATENCIES.values())
+            + f" | {'goodput co/pd':>13} {'ratio':>5} | {'out tok/s co/pd':>15} | {'failed co/pd':>12}"
+        )
         for c in (c for c in comparisons if c.workload == name):
             a, b = c.colocated, c.pdcluster
             latencies = " | ".join(f"{fmt(_value(a, m)):>9}/{fmt(_value(b, m)):<9} {fmt(c.ratio(m)):>5}" for m in LATENCIES)
-            print(f"{c.rate:>5g} | {latencies} | {a.goodput:>6.0%}/{b.goodput:<6.0%} {fmt(c.ratio('goodput')):>5} | "
-                  f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<7.1f} | {a.failed:>5}/{b.failed:<6}")
+            print(
+                f"{c.rate:>5g} | {latencies} | {a.goodput:>6.0%}/{b.goodput:<6.0%} {fmt(c.ratio('goodput')):>5} | "
+                f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<7.1f} | {a.failed:>5}/{b.failed:<6}"
+            )

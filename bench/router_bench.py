@@ -17,12 +17,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-import grpc
 import aiohttp
+import grpc
 import psutil
 
-from cluster.local_launcher import start_process, wait_ready
-from protos import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdcluster.bench.percentiles import percentile
+from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.worker_record import Role, RouterRecord
+from pdcluster.protos import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 PROMPT_TOKENS = 32
 OUTPUT_TOKENS = 8
@@ -51,11 +53,6 @@ class Row:
         return 1000.0 / self.router_cpu_ms_per_request if self.router_cpu_ms_per_request else float("inf")
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 async def _run(call, prompts: list[list[int]], concurrency: int) -> PathResult:
     latencies: list[float] = []
     queue = list(prompts)
@@ -70,22 +67,27 @@ async def _run(call, prompts: list[list[int]], concurrency: int) -> PathResult:
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
-    return PathResult(_percentile(latencies, 0.5) * 1e3, _percentile(latencies, 0.99) * 1e3, len(prompts) / elapsed)
+    return PathResult(percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3, len(prompts) / elapsed)
 
 
 def _sampling() -> dict:
     return dict(max_tokens=OUTPUT_TOKENS, temperature=0.0, ignore_eos=True)
 
 
-async def _measure(decode_address: str, router_info: dict, router_pid: int, concurrency: int, requests: int, vocab: int) -> Row:
+async def _measure(decode_address: str, router: RouterRecord, router_pid: int, concurrency: int, requests: int, vocab: int) -> Row:
     prompts = [[(i * 7 + j * 13) % (vocab - 10) + 5 for j in range(PROMPT_TOKENS)] for i in range(requests)]
-    async with grpc.aio.insecure_channel(decode_address) as wc, grpc.aio.insecure_channel(router_info["grpc"]) as rc, \
-            aiohttp.ClientSession(router_info["http"], connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+    async with (
+        grpc.aio.insecure_channel(decode_address) as wc,
+        grpc.aio.insecure_channel(router.grpc) as rc,
+        aiohttp.ClientSession(router.http, connector=aiohttp.TCPConnector(limit=concurrency)) as http,
+    ):
         worker = worker_pb2_grpc.WorkerStub(wc)
         inference = inference_pb2_grpc.InferenceStub(rc)
 
         async def direct(prompt):
-            request = worker_pb2.DecodeRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=worker_pb2.SamplingOptions(**_sampling()))
+            request = worker_pb2.DecodeRequest(
+                request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=worker_pb2.SamplingOptions(**_sampling())
+            )
             async for _ in worker.Decode(request):
                 pass
 
@@ -106,39 +108,56 @@ async def _measure(decode_address: str, router_info: dict, router_pid: int, conc
         http_result = await _run(via_http, prompts, concurrency)
         grpc_result = await _run(via_grpc, prompts, concurrency)
         cpu_ms = (sum(cpu.cpu_times()[:2]) - before) * 1e3 / (2 * requests)
-    return Row(concurrency, requests, direct_result, http_result, grpc_result,
-               http_result.p50_ms - direct_result.p50_ms, http_result.p99_ms - direct_result.p99_ms, cpu_ms)
+    return Row(
+        concurrency,
+        requests,
+        direct_result,
+        http_result,
+        grpc_result,
+        http_result.p50_ms - direct_result.p50_ms,
+        http_result.p99_ms - direct_result.p99_ms,
+        cpu_ms,
+    )
 
 
 def main(json_output: bool = False, concurrency=(1, 8, 32), requests: int = 200, model: str = "") -> int:
     from transformers import AutoTokenizer
 
-    from cluster.tiny_model.generate import ensure_tiny_model
+    from pdcluster.common.tiny_model.generate import ensure_tiny_model
 
     model_args = ["--model", model] if model else []
     vocab = len(AutoTokenizer.from_pretrained(model or str(ensure_tiny_model())))
-    decode = start_process("decode", model_args)
+    decode = start_process(Role.DECODE, model_args)
     router = None
     try:
         wait_ready(decode)
         # Every prompt bypasses remote prefill: both paths do the same work on the same worker.
-        router = wait_ready(start_process("router", ["--port", "0", "--grpc-port", "0", "--worker", decode.address,
-                                                     "--bypass-prefill-below", "1000000", *model_args]))
+        router = wait_ready(
+            start_process(
+                "router", ["--port", "0", "--grpc-port", "0", "--worker", decode.address, "--bypass-prefill-below", "1000000", *model_args]
+            )
+        )
         os.sched_setaffinity(router.process.pid, {0})
-        rows = [asyncio.run(_measure(decode.address, router.info, router.process.pid, c, requests, vocab)) for c in concurrency]
+        rows = [asyncio.run(_measure(decode.address, router.record, router.process.pid, c, requests, vocab)) for c in concurrency]
     finally:
         for p in (router, decode):
             if p is not None:
                 p.stop()
-    print(f"router overhead: {PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, router pinned to one core; "
-          "ceiling = Worker.Decode called directly")
-    print(f"{'conc':>4} {'direct p50/p99 ms':>18} {'http p50/p99 ms':>16} {'grpc p50/p99 ms':>16} {'added p50/p99 ms':>17} "
-          f"{'direct req/s':>12} {'http req/s':>10} {'ratio':>6} {'router cpu ms/req':>17} {'req/s/core':>10}")
+    print(
+        f"router overhead: {PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, router pinned to one core; "
+        "ceiling = Worker.Decode called directly"
+    )
+    print(
+        f"{'conc':>4} {'direct p50/p99 ms':>18} {'http p50/p99 ms':>16} {'grpc p50/p99 ms':>16} {'added p50/p99 ms':>17} "
+        f"{'direct req/s':>12} {'http req/s':>10} {'ratio':>6} {'router cpu ms/req':>17} {'req/s/core':>10}"
+    )
     for r in rows:
-        print(f"{r.concurrency:>4} {r.direct.p50_ms:>8.1f}/{r.direct.p99_ms:<9.1f} {r.router_http.p50_ms:>7.1f}/{r.router_http.p99_ms:<8.1f} "
-              f"{r.router_grpc.p50_ms:>7.1f}/{r.router_grpc.p99_ms:<8.1f} {r.added_p50_ms:>8.1f}/{r.added_p99_ms:<8.1f} "
-              f"{r.direct.req_per_s:>12.1f} {r.router_http.req_per_s:>10.1f} {r.router_http.req_per_s / r.direct.req_per_s:>6.2f} "
-              f"{r.router_cpu_ms_per_request:>17.2f} {r.router_core_req_per_s:>10.0f}")
+        print(
+            f"{r.concurrency:>4} {r.direct.p50_ms:>8.1f}/{r.direct.p99_ms:<9.1f} {r.router_http.p50_ms:>7.1f}/{r.router_http.p99_ms:<8.1f} "
+            f"{r.router_grpc.p50_ms:>7.1f}/{r.router_grpc.p99_ms:<8.1f} {r.added_p50_ms:>8.1f}/{r.added_p99_ms:<8.1f} "
+            f"{r.direct.req_per_s:>12.1f} {r.router_http.req_per_s:>10.1f} {r.router_http.req_per_s / r.direct.req_per_s:>6.2f} "
+            f"{r.router_cpu_ms_per_request:>17.2f} {r.router_core_req_per_s:>10.0f}"
+        )
     if json_output:
         print(json.dumps([{**asdict(r), "router_core_req_per_s": r.router_core_req_per_s} for r in rows]))
     return 0

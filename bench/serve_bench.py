@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
 
-from bench.rate_plot import plot_grid
-from bench.workloads import Workload
+from pdcluster.bench.percentiles import percentile
+from pdcluster.bench.rate_plot import plot_grid
+from pdcluster.bench.workloads import Workload
 
 PERCENTILES = (50, 90, 99)
 
@@ -59,13 +60,19 @@ class RateResult:
 def _percentiles(values: list[float]) -> dict:
     if not values:
         return {f"p{p}": None for p in PERCENTILES}
-    ordered = sorted(values)
-    return {f"p{p}": round(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] * 1e3, 2) for p in PERCENTILES}
+    return {f"p{p}": round(percentile(values, p / 100) * 1e3, 2) for p in PERCENTILES}
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     start = time.perf_counter()
     first = last = None
@@ -98,8 +105,17 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: lis
     return RequestResult(True, first - start, tpot, gaps, end - start, tokens)
 
 
-async def run_rate(url: str, model: str, rate: float, workload: list[tuple[list[int], int]], seed: int,
-                   slo_ttft_ms: float, slo_itl_ms: float, api_key: str = "", progress=None) -> RateResult:
+async def run_rate(
+    url: str,
+    model: str,
+    rate: float,
+    workload: list[tuple[list[int], int]],
+    seed: int,
+    slo_ttft_ms: float,
+    slo_itl_ms: float,
+    api_key: str = "",
+    progress=None,
+) -> RateResult:
     rng = random.Random(seed)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=3600)
@@ -121,24 +137,49 @@ async def run_rate(url: str, model: str, rate: float, workload: list[tuple[list[
     done = [r for r in results if r.ok]
     good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.tpot_s * 1e3 <= slo_itl_ms]
     return RateResult(
-        rate=rate, requests=len(results), completed=len(done), failed=len(results) - len(done), duration_s=round(duration, 3),
-        req_per_s=round(len(done) / duration, 3), output_tok_per_s=round(sum(r.output_tokens for r in done) / duration, 1),
-        ttft_ms=_percentiles([r.ttft_s for r in done]), itl_ms=_percentiles([g for r in done for g in r.gaps_s]),
-        tpot_ms=_percentiles([r.tpot_s for r in done]), e2e_ms=_percentiles([r.e2e_s for r in done]), goodput=round(len(good) / len(results), 4),
-        goodput_req_per_s=round(len(good) / duration, 3), errors=sorted({r.error for r in results if not r.ok})[:5],
+        rate=rate,
+        requests=len(results),
+        completed=len(done),
+        failed=len(results) - len(done),
+        duration_s=round(duration, 3),
+        req_per_s=round(len(done) / duration, 3),
+        output_tok_per_s=round(sum(r.output_tokens for r in done) / duration, 1),
+        ttft_ms=_percentiles([r.ttft_s for r in done]),
+        itl_ms=_percentiles([g for r in done for g in r.gaps_s]),
+        tpot_ms=_percentiles([r.tpot_s for r in done]),
+        e2e_ms=_percentiles([r.e2e_s for r in done]),
+        goodput=round(len(good) / len(results), 4),
+        goodput_req_per_s=round(len(good) / duration, 3),
+        errors=sorted({r.error for r in results if not r.ok})[:5],
     )
 
 
 def plot(results: list[RateResult], path: str, title: str) -> None:
     rates = [r.rate for r in results]
-    panels = [(label, f"{label} (ms)", {f"p{p}": (rates, [getattr(r, metric)[f"p{p}"] for r in results]) for p in PERCENTILES})
-              for metric, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL (between chunks)"), ("tpot_ms", "TPOT (per request)"),
-                                    ("e2e_ms", "end-to-end"))]
+    panels = [
+        (label, f"{label} (ms)", {f"p{p}": (rates, [getattr(r, metric)[f"p{p}"] for r in results]) for p in PERCENTILES})
+        for metric, label in (
+            ("ttft_ms", "TTFT"),
+            ("itl_ms", "ITL (between chunks)"),
+            ("tpot_ms", "TPOT (per request)"),
+            ("e2e_ms", "end-to-end"),
+        )
+    ]
     plot_grid([panels], path, title)
 
 
-def sweep(url: str, model: str, rates: list[float], requests: int, workload: Workload, vocab: int, slo_ttft_ms: float,
-          slo_itl_ms: float, api_key: str = "", quiet: bool = False) -> list[RateResult]:
+def sweep(
+    url: str,
+    model: str,
+    rates: list[float],
+    requests: int,
+    workload: Workload,
+    vocab: int,
+    slo_ttft_ms: float,
+    slo_itl_ms: float,
+    api_key: str = "",
+    quiet: bool = False,
+) -> list[RateResult]:
     """One open-loop run per rate; rate i draws its requests and arrivals from seed + i, so
     any server given the same arguments gets the same load."""
     from tqdm import tqdm
@@ -157,26 +198,49 @@ async def served_model(url: str, api_key: str = "") -> str:
         return (await response.json())["data"][0]["id"]
 
 
-def main(url: str, rates: list[float], requests: int, workload: Workload, tokenizer: str = "", model: str = "",
-         slo_ttft_ms: float = 1000.0, slo_itl_ms: float = 100.0, json_path: str = "", plot_path: str = "",
-         api_key: str = "", quiet: bool = False) -> list[RateResult]:
+def main(
+    url: str,
+    rates: list[float],
+    requests: int,
+    workload: Workload,
+    tokenizer: str = "",
+    model: str = "",
+    slo_ttft_ms: float = 1000.0,
+    slo_itl_ms: float = 100.0,
+    json_path: str = "",
+    plot_path: str = "",
+    api_key: str = "",
+    quiet: bool = False,
+) -> list[RateResult]:
     from transformers import AutoTokenizer
 
-    from cluster.tiny_model.generate import ensure_tiny_model
+    from pdcluster.common.tiny_model.generate import ensure_tiny_model
 
     url = url.rstrip("/").removesuffix("/v1")
     vocab = len(AutoTokenizer.from_pretrained(tokenizer or str(ensure_tiny_model())))
     model = model or asyncio.run(served_model(url, api_key))
     results = sweep(url, model, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet)
-    report = {"url": url, "model": model, "workload": asdict(workload), "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
-              "results": [asdict(r) for r in results]}
+    report = {
+        "url": url,
+        "model": model,
+        "workload": asdict(workload),
+        "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+        "results": [asdict(r) for r in results],
+    }
     if not quiet:
-        print(f"{'rate':>6} {'done':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
-              f"{'TPOT p50/p99 ms':>16} {'e2e p50/p99 ms':>18} {'goodput':>8}")
+        print(
+            f"{'rate':>6} {'done':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
+            f"{'TPOT p50/p99 ms':>16} {'e2e p50/p99 ms':>18} {'goodput':>8}"
+        )
         for r in results:
-            f = lambda d, keys=("p50", "p90", "p99"): "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in keys)  # noqa: E731
-            print(f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {f(r.ttft_ms):>24} "
-                  f"{f(r.itl_ms):>22} {f(r.tpot_ms, ('p50', 'p99')):>16} {f(r.e2e_ms, ('p50', 'p99')):>18} {r.goodput:>8.2%}")
+
+            def f(d, keys=("p50", "p90", "p99")):
+                return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in keys)
+
+            print(
+                f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {f(r.ttft_ms):>24} "
+                f"{f(r.itl_ms):>22} {f(r.tpot_ms, ('p50', 'p99')):>16} {f(r.e2e_ms, ('p50', 'p99')):>18} {r.goodput:>8.2%}"
+            )
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(report, fh, indent=1)

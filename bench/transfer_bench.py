@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kv_transfer.connector_metadata import SaveSpec
-from kv_transfer.kv_endpoint import KVEndpoint
-from kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.connector_metadata import SaveSpec
+from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
+from pdcluster.kv_transfer.settings import KVTransferSettings
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -139,8 +139,7 @@ def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
     layers = _paged_layers(tokens, fill=True)
     nbytes = tokens * TOKEN_BYTES
     producers = {
-        transport: KVEndpoint(layers, layers[0].shape[0], BLOCK, replace(settings, transport=transport),
-                              produce=True, consume=False)
+        transport: KVEndpoint(layers, layers[0].shape[0], BLOCK, replace(settings, transport=transport), produce=True, consume=False)
         for transport in ("tcp", "grpc")
     }
     gbps = {}
@@ -161,10 +160,11 @@ def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
 
 def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:
     settings = KVTransferSettings(**{k: v for k, v in overrides.items() if v is not None})
-    print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes / 2**20:g} MiB chunks; "
-          f"GB/s, median of {repeats}")
-    print(f"{'tokens':>7} {'MiB':>6} {'KV (gRPC+TCP)':>14} {'KV (gRPC stream)':>17} {'raw TCP':>8} {'memcpy':>7} "
-          f"{'ratio':>6} {'ratio stream':>13}")
+    print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes / 2**20:g} MiB chunks; GB/s, median of {repeats}")
+    print(
+        f"{'tokens':>7} {'MiB':>6} {'KV (gRPC+TCP)':>14} {'KV (gRPC stream)':>17} {'raw TCP':>8} {'memcpy':>7} "
+        f"{'ratio':>6} {'ratio stream':>13}"
+    )
     rows = []
     for tokens in sizes:
         r = measure(tokens, repeats, settings)
@@ -177,11 +177,17 @@ def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) 
         )
     ref = next((r for r in rows if r.tokens == 4096), rows[0])
     if json_output:
-        print(json.dumps({
-            "gbps": round(ref.kv_gbps, 3), "ceiling_gbps": round(ref.tcp_gbps, 3),
-            "ratio": round(ref.kv_gbps / ref.tcp_gbps, 3),
-            "grpc_stream_gbps": round(ref.kv_grpc_stream_gbps, 3),
-            "grpc_stream_ratio": round(ref.kv_grpc_stream_gbps / ref.tcp_gbps, 3),
-            "memcpy_gbps": round(ref.memcpy_gbps, 3), "tokens": ref.tokens,
-        }))
+        print(
+            json.dumps(
+                {
+                    "gbps": round(ref.kv_gbps, 3),
+                    "ceiling_gbps": round(ref.tcp_gbps, 3),
+                    "ratio": round(ref.kv_gbps / ref.tcp_gbps, 3),
+                    "grpc_stream_gbps": round(ref.kv_grpc_stream_gbps, 3),
+                    "grpc_stream_ratio": round(ref.kv_grpc_stream_gbps / ref.tcp_gbps, 3),
+                    "memcpy_gbps": round(ref.memcpy_gbps, 3),
+                    "tokens": ref.tokens,
+                }
+            )
+        )
     return 0

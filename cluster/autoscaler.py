@@ -13,8 +13,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from cluster.cluster_spec import AutoscalingSpec, PoolSpec
-from protos import worker_pb2
+from pdcluster.cluster.cluster_spec import AutoscalingSpec, PoolSpec
+from pdcluster.common.worker_record import Role
+from pdcluster.protos import worker_pb2
 
 
 @dataclass
@@ -31,7 +32,7 @@ def pool_load(role: str, stats: list[worker_pb2.WorkerStats], spec: AutoscalingS
     """Mean load of the pool's ready replicas relative to its target (1.0 = on target)."""
     if not stats:
         return 0.0
-    if role == "prefill":
+    if role == Role.PREFILL:
         return sum(s.queued_prefill_tokens for s in stats) / len(stats) / spec.prefill_target_queued_tokens
     kv_usage = sum(1.0 - s.free_kv_blocks / s.total_kv_blocks for s in stats if s.total_kv_blocks) / len(stats)
     running = sum(s.running + s.queued for s in stats) / len(stats)

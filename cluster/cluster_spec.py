@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.worker_config import EngineConfig
-from kv_transfer.tls import TLSFiles
-from router.config import RouterConfig
+from pdcluster.common.tls import TLSFiles
+from pdcluster.common.worker_record import Role
+from pdcluster.router.config import RouterConfig
+from pdcluster.worker.config import EngineConfig, KVTransport, WorkerConfig
 
 
 class _Strict(BaseModel):
@@ -32,8 +32,8 @@ class PoolSpec(_Strict):
     # A Ray custom resource only this pool's nodes advertise (e.g. `prefill_pool`); each
     # replica takes one unit of it, so pools land on their own node types.
     node_resource: str = ""
-    kv_transport: Literal["tcp", "grpc"] = "tcp"
-    extra_args: list[str] = Field(default_factory=list)  # more worker CLI flags
+    kv_transport: KVTransport = "tcp"
+    extra_args: list[str] = Field(default_factory=list)  # more worker CLI flags, on top of the config
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -77,22 +77,48 @@ class ClusterSpec(_Strict):
     health_interval_s: float = Field(1.0, gt=0)
     unhealthy_after: int = Field(3, ge=1)  # failed health checks in a row before a replace
 
-    def pool(self, role: str) -> PoolSpec:
-        return self.prefill if role == "prefill" else self.decode
+    def pool(self, role: Role) -> PoolSpec:
+        return self.prefill if role == Role.PREFILL else self.decode
+
+    def worker_config(self, role: Role, worker_id: str) -> WorkerConfig:
+        """Everything one replica of the pool needs, handed to its process whole."""
+        pool = self.pool(role)
+        return WorkerConfig(
+            role=role,
+            worker_id=worker_id,
+            kv_transport=pool.kv_transport,
+            registry=self.registry,
+            tls=self.tls,
+            cluster_name=self.name,
+            engine=self.engine.model_copy(update={"tensor_parallel_size": pool.tensor_parallel_size}),
+        )
+
+    def router_config(self) -> RouterConfig:
+        """The router in front of this cluster: its spec section plus what it shares with the cluster."""
+        return self.router.model_copy(
+            update={"model": self.engine.model, "registry": self.registry, "cluster_name": self.name, "tls": self.tls}
+        )
+
+
+# `pdcluster serve` flags and the spec field each one overrides (when given).
+_SERVE_FLAGS: list[tuple[str, str, dict]] = [
+    ("--model", "engine.model", dict(help="HF model directory (default: the tiny generated model)")),
+    ("--host", "router.host", dict(help="router bind address (default 127.0.0.1)")),
+    ("--port", "router.port", dict(type=int, help="OpenAI HTTP port (default 8000)")),
+    ("--grpc-port", "router.grpc_port", dict(type=int, help="gRPC Inference port (default 50051)")),
+    ("--api-key", "router.api_key", dict(default=os.environ.get("PDCLUSTER_API_KEY"), help="env PDCLUSTER_API_KEY")),
+    ("--prefill", "prefill.replicas", dict(type=int, help="prefill replicas")),
+    ("--decode", "decode.replicas", dict(type=int, help="decode replicas")),
+    ("--address", "ray_address", dict(help="join this Ray cluster (e.g. auto) instead of starting one")),
+    ("--registry", "registry", dict(help="redis://HOST:PORT/DB to share membership between routers")),
+]
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     """`pdcluster serve` flags; each one given overrides the spec file."""
     parser.add_argument("--config", default="", help="cluster spec YAML (see deploy/cluster.example.yaml)")
-    parser.add_argument("--model", default=None, help="HF model directory (default: the tiny generated model)")
-    parser.add_argument("--host", default=None, help="router bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
-    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC Inference port (default 50051)")
-    parser.add_argument("--api-key", default=os.environ.get("PDCLUSTER_API_KEY"), help="env PDCLUSTER_API_KEY")
-    parser.add_argument("--prefill", type=int, default=None, help="prefill replicas")
-    parser.add_argument("--decode", type=int, default=None, help="decode replicas")
-    parser.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
-    parser.add_argument("--registry", default=None, help="redis://HOST:PORT/DB to share membership between routers")
+    for flag, path, kwargs in _SERVE_FLAGS:
+        parser.add_argument(flag, dest=path, **{"default": None, **kwargs})
     parser.add_argument("--no-router", action="store_true", help="controller and pools only (routers run elsewhere, on --registry)")
 
 
@@ -102,23 +128,12 @@ def load_cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     if args.config:
         with open(args.config) as f:
             data = yaml.safe_load(f) or {}
-    spec = ClusterSpec.model_validate(data)
-    if args.model:
-        spec.engine.model = args.model
-    spec.router.model = spec.engine.model
-    for role in ("prefill", "decode"):
-        replicas = getattr(args, role)
-        if replicas is not None:
-            pool = spec.pool(role)
-            pool.replicas = replicas
-            pool.min_replicas = min(pool.min_replicas, replicas)
-            pool.max_replicas = max(pool.max_replicas, replicas)
-    if args.address is not None:
-        spec.ray_address = args.address
-    if args.registry is not None:
-        spec.registry = args.registry
-    for flag, field in (("host", "host"), ("port", "port"), ("grpc_port", "grpc_port"), ("api_key", "api_key")):
-        value = getattr(args, flag)
+    for _, path, _ in _SERVE_FLAGS:
+        value = getattr(args, path)
         if value is not None:
-            setattr(spec.router, field, value)
-    return spec
+            *parents, leaf = path.split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return ClusterSpec.model_validate(data)  # replicas given widen the pool's bounds (PoolSpec._bounds)

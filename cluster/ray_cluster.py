@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.cluster_spec import ClusterSpec
+from pdcluster.cluster.cluster_spec import ClusterSpec
 
 NAMESPACE = "pdcluster"
 
@@ -34,12 +34,18 @@ def controller_name(cluster_name: str) -> str:
 def start_controller(spec: ClusterSpec):
     import ray
 
-    from cluster.controller import ClusterController
+    from pdcluster.cluster.controller import ClusterController
 
-    controller = ray.remote(ClusterController).options(
-        name=controller_name(spec.name), namespace=NAMESPACE, num_cpus=0,
-        resources={"node:__internal_head__": 0.001},  # on the head: a fixed home for its metrics port
-    ).remote(spec.model_dump_json())
+    controller = (
+        ray.remote(ClusterController)
+        .options(
+            name=controller_name(spec.name),
+            namespace=NAMESPACE,
+            num_cpus=0,
+            resources={"node:__internal_head__": 0.001},  # on the head: a fixed home for its metrics port
+        )
+        .remote(spec.model_dump_json())
+    )
     ray.get(controller.start.remote())
     return controller
 

@@ -7,24 +7,24 @@ controller sees a crash of either and replaces the replica.
 
 from __future__ import annotations
 
-from cluster.local_launcher import LocalProcess, start_process, wait_ready
+from pdcluster.common.processes import LocalProcess, start_process, wait_ready
+from pdcluster.worker.config import WorkerConfig, worker_args
 
 
 class WorkerActor:
-    def __init__(self, role: str, args: list[str]) -> None:
+    def __init__(self, config_json: str, extra_args: list[str]) -> None:
         import ray
 
-        host = ray.util.get_node_ip_address()
-        self._proc: LocalProcess = start_process(role, ["--host", host, *args])
+        # The worker listens on the address of the node it runs on, which only the actor knows.
+        config = WorkerConfig.model_validate_json(config_json).model_copy(update={"host": ray.util.get_node_ip_address()})
+        self._proc: LocalProcess = start_process(config.role, [*worker_args(config), *extra_args])
 
-    def wait_ready(self, timeout_s: float) -> dict:
-        return dict(wait_ready(self._proc, timeout_s).info, node=self._proc.info.get("address", "").rsplit(":", 1)[0])
+    def wait_ready(self, timeout_s: float) -> str:
+        """The worker's record (JSON) once it serves."""
+        return wait_ready(self._proc, timeout_s).record.model_dump_json()
 
     def exit_code(self) -> int | None:
         return self._proc.process.poll()
-
-    def log_tail(self) -> str:
-        return self._proc.log_tail()
 
     def stop(self) -> None:
         """SIGTERM: the worker drains its running requests, then exits."""

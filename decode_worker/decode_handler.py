@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import grpc
 
-from decode_worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
-from kv_transfer.connector_metadata import CONSUME, TRANSFER_ID
-from protos import worker_pb2
+from pdcluster.kv_transfer.connector_metadata import CONSUME, TRANSFER_ID
+from pdcluster.protos import worker_pb2
+from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
 
 
 class DecodeHandler:

@@ -24,6 +24,10 @@ class ChunkError(ValueError):
     """A chunk is malformed or corrupted; it must not be written anywhere."""
 
 
+class ChunkChecksumError(ChunkError):
+    """A chunk's payload does not match its checksum: corrupted in flight, worth resending."""
+
+
 def payload_checksum(*parts: bytes | memoryview) -> int:
     """xxh3-64 of the parts as if concatenated."""
     if len(parts) == 1:
@@ -51,7 +55,7 @@ class KVChunkHeader:
         return msgpack.packb(asdict(self), use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: bytes) -> "KVChunkHeader":
+    def decode(cls, data: bytes) -> KVChunkHeader:
         if len(data) > MAX_HEADER_BYTES:
             raise ChunkError(f"chunk header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
         try:

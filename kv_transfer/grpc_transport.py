@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from kv_transfer.chunk_header import ChunkError, KVChunkHeader
-from kv_transfer.grpc_options import bulk_channel_options
-from kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
-from kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
-from kv_transfer.settings import KVTransferSettings
-from kv_transfer.tcp_transport import push_over_tcp
-from kv_transfer.tls import TLSFiles, add_port, open_channel
-from protos import kv_transfer_pb2 as pb
+from pdcluster.common.tls import TLSFiles, add_port, open_channel
+from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader
+from pdcluster.kv_transfer.grpc_options import bulk_channel_options
+from pdcluster.kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
+from pdcluster.kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
+from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.tcp_transport import push_over_tcp
+from pdcluster.protos import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def status_for(error: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, StagingFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(error, ChunkError) and "checksum" in str(error):
+    if isinstance(error, ChunkChecksumError):
         return grpc.StatusCode.DATA_LOSS
     return grpc.StatusCode.INVALID_ARGUMENT
 
@@ -180,15 +180,14 @@ class KVClient:
                     raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
                 return
             call = self._channel(endpoint).stream_unary(
-                PUSH, request_serializer=lambda chunk: encode_kv_chunk(*chunk),
+                PUSH,
+                request_serializer=lambda chunk: encode_kv_chunk(*chunk),
                 response_deserializer=pb.PushAck.FromString,
             )
             await call(chunks, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            raise TransferFailed(
-                f"push to {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE
-            ) from None
-        except (OSError, asyncio.TimeoutError) as e:
+            raise TransferFailed(f"push to {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE) from None
+        except (TimeoutError, OSError) as e:
             raise TransferFailed(f"push to {endpoint} failed: {e!r}", True) from None
 
     async def _data_channel(self, endpoint: str) -> tuple[str, int]:
@@ -212,9 +211,7 @@ class KVClient:
         )
         try:
             await call(
-                pb.AbortTransferRequest(
-                    transfer_id=transfer_id, reason=reason, auth_token=self._settings.auth_token
-                ),
+                pb.AbortTransferRequest(transfer_id=transfer_id, reason=reason, auth_token=self._settings.auth_token),
                 timeout=5,
             )
         except grpc.aio.AioRpcError as e:
@@ -235,4 +232,3 @@ async def fetch_kv_stats(endpoint: str, timeout: float = 5.0, tls: TLSFiles = TL
             response_deserializer=pb.KVStats.FromString,
         )
         return await call(pb.KVStatsRequest(), timeout=timeout)
-

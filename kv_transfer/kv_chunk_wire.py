@@ -8,7 +8,7 @@ the buffer gRPC handed us. Interoperable with any client generated from kv_trans
 
 from __future__ import annotations
 
-from kv_transfer.chunk_header import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, ChunkError
+from pdcluster.kv_transfer.chunk_header import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, ChunkError
 
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _PAYLOAD_TAG = 0x12  # field 2, length-delimited
@@ -40,9 +40,7 @@ def encode_kv_chunk(header: bytes, parts) -> bytes:
     """One KVChunk message; the payload is the concatenation of `parts` (buffers)."""
     body = [memoryview(p).cast("B") for p in parts]
     size = sum(len(b) for b in body)
-    return b"".join(
-        (bytes((_HEADER_TAG,)), _varint(len(header)), header, bytes((_PAYLOAD_TAG,)), _varint(size), *body)
-    )
+    return b"".join((bytes((_HEADER_TAG,)), _varint(len(header)), header, bytes((_PAYLOAD_TAG,)), _varint(size), *body))
 
 
 def decode_kv_chunk(data: bytes) -> tuple[bytes, memoryview]:

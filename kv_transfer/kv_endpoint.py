@@ -8,15 +8,15 @@ from collections.abc import Sequence
 
 import torch
 
-from kv_transfer.grpc_transport import KVClient, KVTransferService, start_kv_server, status_for
-from kv_transfer.kv_io_loop import KVIOLoop
-from kv_transfer.kv_receiver import KVReceiver
-from kv_transfer.kv_sender import KVSender
-from kv_transfer.paged_kv_layout import PagedKVLayout
-from kv_transfer.settings import KVTransferSettings
-from kv_transfer.tcp_transport import TcpChunkServer
-from kv_transfer.transfer_stats import TransferStats
-from protos import kv_transfer_pb2 as pb
+from pdcluster.kv_transfer.grpc_transport import KVClient, KVTransferService, start_kv_server, status_for
+from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
+from pdcluster.kv_transfer.kv_receiver import KVReceiver
+from pdcluster.kv_transfer.kv_sender import KVSender
+from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
+from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.tcp_transport import TcpChunkServer
+from pdcluster.kv_transfer.transfer_stats import TransferStats
+from pdcluster.protos import kv_transfer_pb2 as pb
 
 
 class KVEndpoint:
@@ -38,13 +38,12 @@ class KVEndpoint:
         self.io = KVIOLoop()
         self.receiver = KVReceiver(self.layers, self.layout, settings, self.stats, self.progress) if consume else None
         self._client = KVClient(settings) if produce else None
-        self.sender = (
-            KVSender(self.io, self._client, self.layers, self.layout, settings, self.stats, self.progress)
-            if produce
-            else None
-        )
+        self.sender = KVSender(self.io, self._client, self.layers, self.layout, settings, self.stats, self.progress) if produce else None
         self._tcp = TcpChunkServer(
-            self.receiver, settings.host, settings.data_port, lambda e: status_for(e).name,
+            self.receiver,
+            settings.host,
+            settings.data_port,
+            lambda e: status_for(e).name,
             settings.tls.server_context() if settings.tls.enabled else None,
         )
         if settings.data_advertise:

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kv_transfer.chunk_header import ChunkError, KVChunkHeader, payload_checksum
-from kv_transfer.paged_kv_layout import PagedKVLayout
-from kv_transfer.settings import KVTransferSettings
-from kv_transfer.transfer_stats import TransferStats
+from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader, payload_checksum
+from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
+from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.transfer_stats import TransferStats
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +156,7 @@ class KVReceiver:
                 self._close(transfer_id)
                 finished.add(t.request_id)
                 if t.complete and not t.failure:
-                    self._stats.add(
-                        transfers_received=1, receive_seconds=time.monotonic() - t.started
-                    )
+                    self._stats.add(transfers_received=1, receive_seconds=time.monotonic() - t.started)
                     continue
                 failed.add(t.request_id)
                 if t.failure != "cancelled":
@@ -187,7 +185,7 @@ class KVReceiver:
         """
         return self._deliver(header, payload, replay=False)
 
-    def land(self, header: KVChunkHeader, replay: bool = False) -> "ChunkLanding":
+    def land(self, header: KVChunkHeader, replay: bool = False) -> ChunkLanding:
         """Where to receive a chunk's payload: straight into its destination blocks when
         its request is scheduled and the layout keeps blocks contiguous, else a buffer.
         Follow with `landed` once the parts are filled, or `abandon`."""
@@ -214,13 +212,12 @@ class KVReceiver:
             return ChunkLanding(header, [memoryview(buffer)], t, buffer, replay)
         # Blocks below first_block are shared prefix-cache blocks: land those in scratch.
         parts = [
-            memoryview(bytearray(header.block_bytes)) if i < t.first_block
-            else memoryview(v.view(-1).view(torch.uint8).numpy())
+            memoryview(bytearray(header.block_bytes)) if i < t.first_block else memoryview(v.view(-1).view(torch.uint8).numpy())
             for i, v in zip(range(start, end), views)
         ]
         return ChunkLanding(header, parts, t, None, replay)
 
-    def landed(self, landing: "ChunkLanding") -> bool:
+    def landed(self, landing: ChunkLanding) -> bool:
         """Verify a filled landing; returns whether its transfer is now complete."""
         header, t = landing.header, landing.transfer
         if payload_checksum(*landing.parts) != header.checksum:
@@ -228,9 +225,8 @@ class KVReceiver:
             # blocks. Blocks already written stay unreceived until then.
             self._stats.add(checksum_failures=1)
             self.abandon(landing)
-            raise ChunkError(
-                f"checksum mismatch in transfer {header.transfer_id} layer {header.layer} "
-                f"blocks {header.block_start}+{header.num_blocks}"
+            raise ChunkChecksumError(
+                f"checksum mismatch in transfer {header.transfer_id} layer {header.layer} blocks {header.block_start}+{header.num_blocks}"
             )
         if not landing.replay:
             self._stats.add(bytes_received=header.payload_bytes)
@@ -259,7 +255,7 @@ class KVReceiver:
             self._progress.set()
         return complete
 
-    def abandon(self, landing: "ChunkLanding") -> None:
+    def abandon(self, landing: ChunkLanding) -> None:
         """A landing that will not be completed (the connection broke, or it was bad)."""
         with self._lock:
             if landing.transfer is not None:
@@ -300,13 +296,12 @@ class KVReceiver:
         layout = self._layout
         if header.layout != layout.signature or header.dtype != layout.dtype_name:
             raise ChunkError(
-                f"KV layout {header.layout}/{header.dtype} does not match this engine's "
-                f"{layout.signature}/{layout.dtype_name}"
+                f"KV layout {header.layout}/{header.dtype} does not match this engine's {layout.signature}/{layout.dtype_name}"
             )
         if header.block_bytes != layout.block_bytes or header.layer >= len(self._layers):
             raise ChunkError("chunk block size or layer index does not match this engine")
 
-    def _reserve_staging(self, header: KVChunkHeader) -> "ChunkLanding":
+    def _reserve_staging(self, header: KVChunkHeader) -> ChunkLanding:
         # Caller holds the lock.
         if header.transfer_id in self._closed:
             raise TransferNotWanted(f"transfer {header.transfer_id} is already closed")

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.connector_metadata import SaveSpec
-from kv_transfer.chunk_header import KVChunkHeader, payload_checksum
-from kv_transfer.grpc_transport import KVClient, TransferFailed
-from kv_transfer.kv_io_loop import KVIOLoop
-from kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
-from kv_transfer.settings import KVTransferSettings
-from kv_transfer.transfer_stats import TransferStats
+from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
+from pdcluster.kv_transfer.connector_metadata import SaveSpec
+from pdcluster.kv_transfer.grpc_transport import KVClient, TransferFailed
+from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
+from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
+from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.transfer_stats import TransferStats
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class KVSender:
                     logger.warning("retrying KV transfer %s: %s", t.transfer_id, e)
                     self._stats.add(send_retries=1)
                     await asyncio.sleep(0.05 * (attempt + 1))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     failure = f"not confirmed within {self._settings.send_timeout_s}s"
                     self._stats.add(expired_leases=1)
                     break
@@ -168,9 +168,7 @@ class KVSender:
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self._settings.streams_per_transfer):
-                    group.create_task(
-                        self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic())
-                    )
+                    group.create_task(self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic()))
         except ExceptionGroup as group:
             failed, other = group.split(TransferFailed)
             if other is not None:
@@ -218,9 +216,7 @@ class KVSender:
             await self._client.abort(t.endpoint, t.transfer_id, failure)
         else:
             nbytes = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes
-            self._stats.add(
-                bytes_sent=nbytes, transfers_sent=1, send_seconds=time.monotonic() - t.started
-            )
+            self._stats.add(bytes_sent=nbytes, transfers_sent=1, send_seconds=time.monotonic() - t.started)
         with self._lock:
             self._done.add(t.request_id)
         self._progress.set()

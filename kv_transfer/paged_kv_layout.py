@@ -29,7 +29,7 @@ class PagedKVLayout:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, layer: torch.Tensor, num_blocks: int, block_size: int) -> "PagedKVLayout":
+    def of(cls, layer: torch.Tensor, num_blocks: int, block_size: int) -> PagedKVLayout:
         shape = tuple(layer.shape)
         if num_blocks not in shape:
             raise ValueError(f"cannot find the block dim ({num_blocks}) in KV shape {shape}")

@@ -6,7 +6,7 @@ import hmac
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kv_transfer.tls import TLSFiles
+from pdcluster.common.tls import TLSFiles
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ class KVTransferSettings:
 
     @property
     def tls(self) -> TLSFiles:
-        return TLSFiles(self.tls_cert, self.tls_key, self.tls_ca)
+        return TLSFiles(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
 
     @classmethod
-    def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVTransferSettings":
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> KVTransferSettings:
         extra = dict(extra or {})
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(extra) - set(known))

@@ -20,8 +20,8 @@ import struct
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from kv_transfer.chunk_header import MAX_HEADER_BYTES, ChunkError, KVChunkHeader
-from kv_transfer.kv_receiver import KVReceiver
+from pdcluster.kv_transfer.chunk_header import MAX_HEADER_BYTES, ChunkError, KVChunkHeader
+from pdcluster.kv_transfer.kv_receiver import KVReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ def _recv_exactly(conn: socket.socket, view: memoryview) -> None:
 class TcpChunkServer:
     """Consumer side: accepts data connections and feeds their chunks to a KVReceiver."""
 
-    def __init__(self, receiver: KVReceiver | None, host: str, port: int, status_for: Callable[[Exception], str],
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, receiver: KVReceiver | None, host: str, port: int, status_for: Callable[[Exception], str], tls: ssl.SSLContext | None = None
+    ) -> None:
         self._receiver = receiver
         self._tls = tls
         self._status_for = status_for
@@ -139,7 +140,10 @@ def _status_waiting(sock: socket.socket) -> bool:
 
 
 async def push_over_tcp(
-    host: str, port: int, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float,
+    host: str,
+    port: int,
+    chunks: AsyncIterator[tuple[bytes, list[memoryview]]],
+    timeout: float,
     tls: ssl.SSLContext | None = None,
 ) -> tuple[str, str]:
     """Send every chunk on one connection; returns the consumer's (status, message).

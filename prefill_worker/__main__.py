@@ -1,6 +1,7 @@
-from cluster.worker_config import parse_worker_args
-from cluster.worker_host import run_worker
-from prefill_worker.prefill_handler import PrefillHandler
+from pdcluster.common.worker_record import Role
+from pdcluster.prefill_worker.prefill_handler import PrefillHandler
+from pdcluster.worker.config import parse_worker_config
+from pdcluster.worker.host import run_worker
 
 if __name__ == "__main__":  # vLLM's CPU backend spawns processes
-    run_worker(parse_worker_args("prefill"), PrefillHandler)
+    run_worker(parse_worker_config(Role.PREFILL), PrefillHandler)

@@ -2,18 +2,16 @@
 
 The engine runs the prompt with max_tokens=1; our connector pushes each layer's KV to
 the target's KV endpoint while the next layer computes. The reply carries the first
-token and the transfer parameters the decode side needs.
+token and how much of the prompt the prefix cache served.
 """
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
-from decode_worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
-from kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
-from protos import worker_pb2
+from pdcluster.kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
+from pdcluster.protos import worker_pb2
+from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
 
 
 class PrefillHandler:
@@ -34,7 +32,6 @@ class PrefillHandler:
         if not target.transfer_id or not target.consumer_endpoint:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target.transfer_id and target.consumer_endpoint are required")
         kv = {TRANSFER_ID: target.transfer_id, PRODUCE_TO: target.consumer_endpoint}
-        started = time.monotonic()
         num_tokens = len(request.prompt_token_ids)
         self._queued_tokens += num_tokens
         final = None
@@ -50,13 +47,4 @@ class PrefillHandler:
             self._queued_tokens -= num_tokens
         if final is None or not final.outputs[0].token_ids:
             await context.abort(grpc.StatusCode.INTERNAL, "the engine returned no output for the prefill")
-        params_out = final.kv_transfer_params or {}
-        return worker_pb2.PrefillReply(
-            first_token_id=final.outputs[0].token_ids[0],
-            transfer_id=target.transfer_id,
-            engine_id=params_out.get("engine_id", ""),
-            producer_endpoint=self._host.kv_endpoint,
-            num_prompt_tokens=num_tokens,
-            num_cached_tokens=final.num_cached_tokens or 0,
-            prefill_seconds=time.monotonic() - started,
-        )
+        return worker_pb2.PrefillReply(first_token_id=final.outputs[0].token_ids[0], num_cached_tokens=final.num_cached_tokens or 0)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import inference_pb2 as protos_dot_inference__pb2
+from pdcluster.protos import inference_pb2 as pdcluster_dot_protos_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/inference_pb2_grpc.py depends on'
+        + ' but the generated code in pdcluster/protos/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class InferenceStub:
         """
         self.Generate = channel.unary_stream(
                 '/pdcluster.v1.Inference/Generate',
-                request_serializer=protos_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=pdcluster_dot_protos_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Complete = channel.unary_unary(
                 '/pdcluster.v1.Inference/Complete',
-                request_serializer=protos_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=pdcluster_dot_protos_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdcluster_dot_protos_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Complete': grpc.unary_unary_rpc_method_handler(
                     servicer.Complete,
-                    request_deserializer=protos_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdcluster_dot_protos_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class Inference:
             request,
             target,
             '/pdcluster.v1.Inference/Generate',
-            protos_dot_inference__pb2.GenerateRequest.SerializeToString,
-            protos_dot_inference__pb2.GenerateResponse.FromString,
+            pdcluster_dot_protos_dot_inference__pb2.GenerateRequest.SerializeToString,
+            pdcluster_dot_protos_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class Inference:
             request,
             target,
             '/pdcluster.v1.Inference/Complete',
-            protos_dot_inference__pb2.GenerateRequest.SerializeToString,
-            protos_dot_inference__pb2.GenerateResponse.FromString,
+            pdcluster_dot_protos_dot_inference__pb2.GenerateRequest.SerializeToString,
+            pdcluster_dot_protos_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

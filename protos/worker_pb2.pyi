@@ -55,22 +55,12 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("first_token_id", "transfer_id", "engine_id", "producer_endpoint", "num_prompt_tokens", "num_cached_tokens", "prefill_seconds")
+    __slots__ = ("first_token_id", "num_cached_tokens")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
-    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
-    PRODUCER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
-    transfer_id: str
-    engine_id: str
-    producer_endpoint: str
-    num_prompt_tokens: int
     num_cached_tokens: int
-    prefill_seconds: float
-    def __init__(self, first_token_id: _Optional[int] = ..., transfer_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., producer_endpoint: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "transfer_id")
@@ -99,18 +89,6 @@ class DecodeChunk(_message.Message):
     num_output_tokens: int
     num_cached_tokens: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
-
-class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class HealthReply(_message.Message):
-    __slots__ = ("ready", "role")
-    READY_FIELD_NUMBER: _ClassVar[int]
-    ROLE_FIELD_NUMBER: _ClassVar[int]
-    ready: bool
-    role: str
-    def __init__(self, ready: _Optional[bool] = ..., role: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import worker_pb2 as protos_dot_worker__pb2
+from pdcluster.protos import worker_pb2 as pdcluster_dot_protos_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/worker_pb2_grpc.py depends on'
+        + ' but the generated code in pdcluster/protos/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,18 @@ class WorkerStub:
         """
         self.Prefill = channel.unary_unary(
                 '/pdcluster.v1.Worker/Prefill',
-                request_serializer=protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.PrefillReply.FromString,
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefillReply.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdcluster.v1.Worker/Decode',
-                request_serializer=protos_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.DecodeChunk.FromString,
-                _registered_method=True)
-        self.Health = channel.unary_unary(
-                '/pdcluster.v1.Worker/Health',
-                request_serializer=protos_dot_worker__pb2.HealthRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.HealthReply.FromString,
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.DecodeChunk.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdcluster.v1.Worker/Stats',
-                request_serializer=protos_dot_worker__pb2.StatsRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.WorkerStats.FromString,
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.StatsRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
 
 
@@ -71,12 +66,6 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Health(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -88,23 +77,18 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=protos_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.PrefillReply.SerializeToString,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefillReply.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=protos_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.DecodeChunk.SerializeToString,
-            ),
-            'Health': grpc.unary_unary_rpc_method_handler(
-                    servicer.Health,
-                    request_deserializer=protos_dot_worker__pb2.HealthRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.HealthReply.SerializeToString,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.DecodeChunk.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=protos_dot_worker__pb2.StatsRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.WorkerStats.SerializeToString,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.StatsRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,8 +116,8 @@ class Worker:
             request,
             target,
             '/pdcluster.v1.Worker/Prefill',
-            protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-            protos_dot_worker__pb2.PrefillReply.FromString,
+            pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.PrefillReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,35 +143,8 @@ class Worker:
             request,
             target,
             '/pdcluster.v1.Worker/Decode',
-            protos_dot_worker__pb2.DecodeRequest.SerializeToString,
-            protos_dot_worker__pb2.DecodeChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Health(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/pdcluster.v1.Worker/Health',
-            protos_dot_worker__pb2.HealthRequest.SerializeToString,
-            protos_dot_worker__pb2.HealthReply.FromString,
+            pdcluster_dot_protos_dot_worker__pb2.DecodeRequest.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.DecodeChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +170,8 @@ class Worker:
             request,
             target,
             '/pdcluster.v1.Worker/Stats',
-            protos_dot_worker__pb2.StatsRequest.SerializeToString,
-            protos_dot_worker__pb2.WorkerStats.FromString,
+            pdcluster_dot_protos_dot_worker__pb2.StatsRequest.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,

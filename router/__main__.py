@@ -1,6 +1,7 @@
-"""`python -m router --worker HOST:PORT ...`: the router alone, in front of running workers."""
-from router.config import parse_router_args
-from router.server import run_router
+"""`python -m pdcluster.router --worker HOST:PORT ...`: the router alone, in front of running workers."""
+
+from pdcluster.router.config import parse_router_args
+from pdcluster.router.server import run_router
 
 if __name__ == "__main__":
     run_router(parse_router_args())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from router.errors import Overloaded
+from pdcluster.router.errors import Overloaded
 
 
 class AdmissionGate:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from router.request_flow import GenerationRequest, RequestFlow, TokenDelta, Usage
+from pdcluster.router.request_flow import GenerationRequest, RequestFlow, TokenDelta, Usage
 
 
 @dataclass

@@ -6,12 +6,12 @@ import hmac
 
 from pydantic import ValidationError
 
-from protos import inference_pb2, inference_pb2_grpc
-from router.choice_streams import Choice
-from router.errors import InvalidRequest, RouterError, Unauthorized
-from router.request_flow import Usage
-from router.request_schemas import SamplingFields
-from router.router_service import Router
+from pdcluster.protos import inference_pb2, inference_pb2_grpc
+from pdcluster.router.choice_streams import Choice
+from pdcluster.router.errors import InvalidRequest, RouterError, Unauthorized
+from pdcluster.router.request_flow import Usage
+from pdcluster.router.request_schemas import SamplingFields
+from pdcluster.router.router_service import Router
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -41,8 +41,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except RouterError as e:
             await context.abort(e.grpc_code, e.message)
         return inference_pb2.GenerateResponse(
-            text=choice.text, token_ids=choice.token_ids, finish_reason=choice.finish_reason,
-            usage=_usage(choice.usage), request_id=choice.request.request_id,
+            text=choice.text,
+            token_ids=choice.token_ids,
+            finish_reason=choice.finish_reason,
+            usage=_usage(choice.usage),
+            request_id=choice.request.request_id,
         )
 
     def _choice(self, request: inference_pb2.GenerateRequest, context) -> Choice:

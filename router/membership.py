@@ -4,12 +4,13 @@ the Redis registry (which also carries prefix-cache hints between routers)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
-from router.routing_policy import PrefixIndex
-from router.worker_pool import WorkerPool
+from pdcluster.common.periodic import cancel_all, run_periodically
+from pdcluster.common.registry import RedisRegistry
+from pdcluster.router.routing_policy import PrefixIndex
+from pdcluster.router.worker_pool import WorkerPool
 
 logger = logging.getLogger("pdcluster.router.membership")
 
@@ -23,7 +24,7 @@ class MembershipFollower:
 
     async def start(self) -> None:
         await self._sync()
-        self._tasks.append(asyncio.create_task(self._follow()))
+        self._tasks.append(run_periodically(self._sync, self._interval_s, logger, wait_first=True))
 
     async def _sync(self) -> None:
         try:
@@ -33,31 +34,22 @@ class MembershipFollower:
             return
         self._pool.set_addresses(addresses)
 
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            await self._sync()
-
     def add_task(self, task: asyncio.Task) -> None:
         self._tasks.append(task)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
 
 
-def follow_registry(pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float) -> tuple[MembershipFollower, object]:
+def follow_registry(
+    pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float
+) -> tuple[MembershipFollower, object]:
     """Membership from the Redis registry, and prefix hints shared with the other routers."""
-    from cluster.worker_registry import RedisRegistry
-
     registry = RedisRegistry(url, cluster_name)
     router_id = uuid.uuid4().hex
 
     async def addresses() -> list[str]:
-        return [w["address"] for w in await registry.workers()]
+        return [w.address for w in await registry.workers()]
 
     def publish(worker_id: str, hashes: list[int]) -> None:
         asyncio.get_running_loop().create_task(registry.publish_prefix(router_id, worker_id, hashes))

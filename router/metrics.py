@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from router.worker_pool import WorkerPool
+from pdcluster.common.worker_record import ROLES
+from pdcluster.router.worker_pool import WorkerPool
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
@@ -21,18 +22,22 @@ class RouterMetrics:
         self.requests = Counter("pdcluster_router_requests", "Requests by outcome", ["outcome"], registry=r)
         self.queue_depth = Gauge("pdcluster_router_queue_depth", "Requests waiting for an admission slot", registry=r)
         self.inflight = Gauge("pdcluster_router_inflight_requests", "Requests being served", registry=r)
-        self.retries = Counter("pdcluster_router_retries", "Attempts restarted on another worker before the first token", ["role"], registry=r)
+        self.retries = Counter(
+            "pdcluster_router_retries", "Attempts restarted on another worker before the first token", ["role"], registry=r
+        )
         self.resumes = Counter("pdcluster_router_resumes", "Streams resumed on another decode worker mid-generation", registry=r)
         self.picks = Counter("pdcluster_router_worker_picks", "Workers chosen per request", ["role", "worker_id"], registry=r)
         self.bypass = Counter("pdcluster_router_prefill_bypass", "Requests run on a decode worker alone", ["reason"], registry=r)
-        self.prefix_hit_tokens = Counter("pdcluster_router_prefix_hit_tokens", "Prompt tokens routed to a prefill worker expected to hold them", registry=r)
+        self.prefix_hit_tokens = Counter(
+            "pdcluster_router_prefix_hit_tokens", "Prompt tokens routed to a prefill worker expected to hold them", registry=r
+        )
         self.prompt_tokens = Counter("pdcluster_router_prompt_tokens", "Prompt tokens received", registry=r)
         self.output_tokens = Counter("pdcluster_router_output_tokens", "Tokens streamed to clients", registry=r)
         r.register(_PoolCollector(pool))
         # Export every known series from the start, so dashboards and alerts see zeros, not gaps.
         for outcome in ("ok", "invalid", "unavailable", "cancelled", "error"):
             self.requests.labels(outcome)
-        for role in ("prefill", "decode"):
+        for role in ROLES:
             self.retries.labels(role)
         for reason in ("short_prompt", "no_prefill_worker", "prefill_backlog"):
             self.bypass.labels(reason)
@@ -46,7 +51,7 @@ class _PoolCollector:
 
     def collect(self):
         healthy = GaugeMetricFamily("pdcluster_router_healthy_workers", "Healthy workers per pool", labels=["role"])
-        for role in ("prefill", "decode"):
+        for role in ROLES:
             healthy.add_metric([role], len(self._pool.healthy(role)))
         yield healthy
         labels = ["role", "worker_id"]

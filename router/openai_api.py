@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.choice_streams import Choice, merged_deltas, total_usage
-from router.errors import InvalidRequest, PayloadTooLarge, RouterError, Unauthorized
-from router.request_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
-from router.router_service import Router
+from pdcluster.common.worker_record import ROLES
+from pdcluster.router.choice_streams import Choice, merged_deltas, total_usage
+from pdcluster.router.errors import InvalidRequest, PayloadTooLarge, RouterError, Unauthorized
+from pdcluster.router.request_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from pdcluster.router.router_service import Router
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI and vLLM default for /v1/completions
 
@@ -64,7 +65,7 @@ def build_app(router: Router) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        counts = {role: len(router.pool.healthy(role)) for role in ("prefill", "decode")}
+        counts = {role.value: len(router.pool.healthy(role)) for role in ROLES}
         return JSONResponse({"status": "ok" if router.pool.ready() else "unavailable", **counts}, 200 if router.pool.ready() else 503)
 
     @app.get("/metrics")
@@ -124,7 +125,8 @@ async def _respond(router: Router, body: OpenAIRequest, prompts: list[list[int]]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
         _sse(head, fmt, choices, len(prompts), first, deltas, include_usage),
-        media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 
@@ -138,8 +140,11 @@ async def _sse(head, fmt, choices, prompt_count, first, deltas, include_usage):
 
     def event(choice: Choice, delta) -> str:
         choice.add(delta)
-        payload = {**head, "object": fmt.chunk_object,
-                   "choices": [fmt.chunk_choice(choice, delta.text, delta.finish_reason or None, choice.index not in started)]}
+        payload = {
+            **head,
+            "object": fmt.chunk_object,
+            "choices": [fmt.chunk_choice(choice, delta.text, delta.finish_reason or None, choice.index not in started)],
+        }
         started.add(choice.index)
         return _data(payload)
 

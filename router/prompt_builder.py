@@ -6,7 +6,7 @@ prefix and hand workers token ids instead of text.
 
 from __future__ import annotations
 
-from router.errors import InvalidRequest
+from pdcluster.router.errors import InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -50,6 +50,7 @@ def fit_max_tokens(prompt_len: int, max_tokens: int | None, max_model_len: int) 
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion). "
             "Please reduce the length of the prompt or max_tokens.",
-            code="context_length_exceeded", param="max_tokens",
+            code="context_length_exceeded",
+            param="max_tokens",
         )
     return max_tokens

@@ -16,16 +16,22 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from router.admission import AdmissionGate
-from router.config import RouterConfig
-from router.continuation_text import ContinuationText
-from router.errors import InvalidRequest, NoCapacity
-from router.metrics import RouterMetrics
-from router.routing_policy import (
-    PrefixIndex, pick_decode_worker, pick_prefill_worker, prefill_backlog_too_deep, prompt_block_hashes, should_bypass_prefill,
+from pdcluster.common.worker_record import Role
+from pdcluster.protos import worker_pb2
+from pdcluster.router.admission import AdmissionGate
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.continuation_text import ContinuationText
+from pdcluster.router.errors import InvalidRequest, NoCapacity
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.routing_policy import (
+    PrefixIndex,
+    pick_decode_worker,
+    pick_prefill_worker,
+    prefill_backlog_too_deep,
+    prompt_block_hashes,
+    should_bypass_prefill,
 )
-from router.worker_pool import WorkerPool, WorkerView
-from protos import worker_pb2
+from pdcluster.router.worker_pool import WorkerPool, WorkerView
 
 logger = logging.getLogger("pdcluster.router.flow")
 
@@ -140,7 +146,7 @@ class RequestFlow:
             return
         decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + sampling.max_tokens)
         prefill = self._pick_prefill(prompt, attempt)
-        self.metrics.picks.labels("decode", decode.worker_id).inc()
+        self.metrics.picks.labels(Role.DECODE, decode.worker_id).inc()
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
         decode_request = worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-{attempt.number}", prompt_token_ids=prompt, sampling=sampling, transfer_id=transfer_id
@@ -157,15 +163,15 @@ class RequestFlow:
             while True:
                 try:
                     chunk = await asyncio.wait_for(stream.read(), self.config.decode_idle_timeout_s)
-                except asyncio.TimeoutError:
-                    raise WorkerFailed(decode, "decode", f"no token for {self.config.decode_idle_timeout_s:.0f}s") from None
+                except TimeoutError:
+                    raise WorkerFailed(decode, Role.DECODE, f"no token for {self.config.decode_idle_timeout_s:.0f}s") from None
                 except asyncio.CancelledError:
                     # grpc.aio reports our own stream.cancel() (after a failed prefill) this way.
                     if _failure_of(prefill_task) is None or asyncio.current_task().cancelling():
                         raise
                     raise _failure_of(prefill_task) from None
                 except grpc.aio.AioRpcError as e:
-                    raise _failure_of(prefill_task) or _classify(e, decode, "decode") from None
+                    raise _failure_of(prefill_task) or _classify(e, decode, Role.DECODE) from None
                 if chunk is grpc.aio.EOF:
                     return
                 if not usage.cached_tokens and prefill is None:
@@ -184,7 +190,7 @@ class RequestFlow:
     async def _decode_candidates(self, attempt: _Attempt) -> list[WorkerView]:
         """Healthy decode workers; while there are none (one being replaced), wait a bounded time."""
         deadline = time.monotonic() + self.config.capacity_wait_s
-        while not (candidates := self._candidates("decode", attempt)):
+        while not (candidates := self._candidates(Role.DECODE, attempt)):
             if time.monotonic() >= deadline:
                 raise NoCapacity(f"no healthy decode worker for {self.config.capacity_wait_s:.0f}s", code="no_decode_worker")
             await asyncio.sleep(0.25)
@@ -196,7 +202,9 @@ class RequestFlow:
             return None
         hashes: dict[int, list[int]] = {}
         prefill, overlap = pick_prefill_worker(
-            self._candidates("prefill", attempt), len(prompt), self.prefix_index,
+            self._candidates(Role.PREFILL, attempt),
+            len(prompt),
+            self.prefix_index,
             lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs)),
         )
         if prefill is None:
@@ -205,7 +213,7 @@ class RequestFlow:
         if prefill_backlog_too_deep(prefill, self.config.local_prefill_above_queued_tokens):
             self.metrics.bypass.labels("prefill_backlog").inc()
             return None
-        self.metrics.picks.labels("prefill", prefill.worker_id).inc()
+        self.metrics.picks.labels(Role.PREFILL, prefill.worker_id).inc()
         self.metrics.prefix_hit_tokens.inc(overlap)
         self.prefix_index.record(prefill.worker_id, hashes[max(prefill.stats.block_size, 1)])
         return prefill
@@ -220,14 +228,12 @@ class RequestFlow:
                     request_id=decode_request.request_id,
                     prompt_token_ids=decode_request.prompt_token_ids,
                     sampling=decode_request.sampling,
-                    target=worker_pb2.KVTransferTarget(
-                        transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint
-                    ),
+                    target=worker_pb2.KVTransferTarget(transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
                 ),
                 timeout=self.config.prefill_timeout_s,
             )
         except grpc.aio.AioRpcError as e:
-            raise _classify(e, prefill, "prefill") from None
+            raise _classify(e, prefill, Role.PREFILL) from None
         finally:
             prefill.pending_prefill_tokens -= num_tokens
             prefill.inflight -= 1

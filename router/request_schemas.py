@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protos import worker_pb2
+from pdcluster.protos import worker_pb2
 
 MAX_STOP_SEQUENCES = 16
 INT64 = 2**63 - 1
@@ -68,15 +68,17 @@ class SamplingFields(BaseModel):
     def sampling_options(self, max_tokens: int) -> worker_pb2.SamplingOptions:
         options = worker_pb2.SamplingOptions(
             max_tokens=max_tokens,
+            # The wire's 0 temperature is greedy, so OpenAI's default is spelled out here; its
+            # other zeros mean "unset", and the worker applies vLLM's defaults to them.
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            top_p=self.top_p or 0.0,
             top_k=self.top_k,
             stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            repetition_penalty=self.repetition_penalty or 0.0,
         )
         if self.seed is not None:
             options.seed = self.seed

@@ -7,27 +7,26 @@ import json
 import os
 import uuid
 
-from router.config import RouterConfig
-from router.errors import InvalidRequest, ModelNotFound
-from router.membership import MembershipFollower, follow_registry
-from router.metrics import RouterMetrics
-from router.prompt_builder import PromptBuilder, fit_max_tokens
-from router.request_flow import GenerationRequest, RequestFlow
-from router.request_schemas import SamplingFields
-from router.worker_pool import WorkerPool
+from pdcluster.common.tiny_model.generate import ensure_tiny_model
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.errors import InvalidRequest, ModelNotFound
+from pdcluster.router.membership import MembershipFollower, follow_registry
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.prompt_builder import PromptBuilder, fit_max_tokens
+from pdcluster.router.request_flow import GenerationRequest, RequestFlow
+from pdcluster.router.request_schemas import SamplingFields
+from pdcluster.router.worker_pool import WorkerPool
 
 
 class Router:
     def __init__(self, config: RouterConfig, membership=None) -> None:
         """`membership`: an async callable returning worker addresses (the cluster
         controller's view); without it, the Redis registry or the fixed `config.workers`."""
-        from cluster.tiny_model.generate import ensure_tiny_model
-
         self.config = config
         self.model_dir = config.model or str(ensure_tiny_model())
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(self.model_dir))
         self.prompts = PromptBuilder(self.model_dir)
-        self.pool = WorkerPool(config.workers, config.health_interval_s, config.tls)
+        self.pool = WorkerPool(config.workers, config.health_interval_s, config.tls, on_departed=self._forget)
         self.metrics = RouterMetrics(self.pool)
         self.flow = RequestFlow(self.pool, config, self.metrics, self.prompts.tokenizer)
         self._model_max_len = _model_max_len(self.model_dir)
@@ -35,10 +34,16 @@ class Router:
         self._follower: MembershipFollower | None = None
         self._registry = None
 
+    def _forget(self, worker) -> None:
+        """A worker left the membership: its cached prefixes left with it."""
+        self.flow.prefix_index.forget(worker.worker_id)
+
     async def start(self) -> None:
         cfg = self.config
         if cfg.registry:
-            self._follower, self._registry = follow_registry(self.pool, self.flow.prefix_index, cfg.registry, cfg.cluster_name, cfg.health_interval_s)
+            self._follower, self._registry = follow_registry(
+                self.pool, self.flow.prefix_index, cfg.registry, cfg.cluster_name, cfg.health_interval_s
+            )
         elif self._membership is not None:
             self._follower = MembershipFollower(self.pool, self._membership, cfg.health_interval_s)
         if self._follower is not None:
@@ -60,7 +65,9 @@ class Router:
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{self.model_name}`", code="model_not_found", param="model")
+            raise ModelNotFound(
+                f"The model `{model}` does not exist; this server serves `{self.model_name}`", code="model_not_found", param="model"
+            )
 
     def check_n(self, n: int) -> None:
         if n > self.config.max_n:
@@ -78,7 +85,14 @@ class Router:
         )
 
     def describe_model(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pdcluster", "root": self.model_dir, "max_model_len": self.max_model_len}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "pdcluster",
+            "root": self.model_dir,
+            "max_model_len": self.max_model_len,
+        }
 
 
 def _model_max_len(model_dir: str) -> int:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
-from router.worker_pool import WorkerView
+from pdcluster.router.worker_pool import WorkerView
 
 
 def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
@@ -87,9 +87,7 @@ def queued_prefill_tokens(worker: WorkerView) -> int:
     return max(worker.stats.queued_prefill_tokens, worker.pending_prefill_tokens)
 
 
-def pick_prefill_worker(
-    workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for
-) -> tuple[WorkerView | None, int]:
+def pick_prefill_worker(workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for) -> tuple[WorkerView | None, int]:
     """The worker with the least prefill work ahead once this prompt's cached prefix is
     subtracted; returns it and the prefix tokens it likely holds. `hashes_for(block_size)`
     gives the prompt's block hashes for a worker's block size."""

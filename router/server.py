@@ -4,7 +4,6 @@ loop, until SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -13,18 +12,20 @@ import socket
 import grpc
 import uvicorn
 
-from kv_transfer.tls import add_port
-from protos import inference_pb2_grpc
-from router.config import RouterConfig
-from router.inference_service import InferenceService
-from router.openai_api import build_app
-from router.router_service import Router
+from pdcluster.common.files import write_atomically
+from pdcluster.common.tls import add_port
+from pdcluster.common.worker_record import RouterRecord
+from pdcluster.protos import inference_pb2_grpc
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.inference_service import InferenceService
+from pdcluster.router.openai_api import build_app
+from pdcluster.router.router_service import Router
 
 logger = logging.getLogger("pdcluster.router")
 
 
 async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> None:
-    """Serve until a signal; `on_ready(info)` is called once both APIs listen. See Router
+    """Serve until a signal; `on_ready(record)` is called once both APIs listen. See Router
     for `membership`."""
     router = Router(config, membership)
     await router.start()
@@ -37,23 +38,25 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     http_port = sock.getsockname()[1]
     https = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
-    server = uvicorn.Server(uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=10, **https))
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10, **https)
+    )
     # Ours, so that uvicorn re-raising the signal after its shutdown only asks us to stop too.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    info = {
-        "http": f"{'https' if config.tls.enabled else 'http'}://{config.host}:{http_port}",
-        "grpc": f"{config.host}:{grpc_port}",
-        "model": router.model_name,
-        "pid": os.getpid(),
-    }
+    info = RouterRecord(
+        http=f"{'https' if config.tls.enabled else 'http'}://{config.host}:{http_port}",
+        grpc=f"{config.host}:{grpc_port}",
+        model=router.model_name,
+        pid=os.getpid(),
+    )
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
     if server.started:
-        logger.info("router serving %s (HTTP) and %s (gRPC)", info["http"], info["grpc"])
-        _write_ready_file(config.ready_file, info)
+        logger.info("router serving %s (HTTP) and %s (gRPC)", info.http, info.grpc)
+        if config.ready_file:
+            write_atomically(config.ready_file, info.model_dump_json())
         if on_ready is not None:
             on_ready(info)
     try:
@@ -63,14 +66,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
         await router.close()
 
 
-def _write_ready_file(path: str, info: dict) -> None:
-    if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(info, f)
-        os.replace(path + ".tmp", path)
-
-
 def run_router(config: RouterConfig) -> None:
-    """Entry point of `python -m router`."""
+    """Entry point of `python -m pdcluster.router`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve_router(config))

@@ -8,15 +8,16 @@ draining, is not routed to. Between polls the router adds the load it has itself
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
-from kv_transfer.tls import TLSFiles, open_channel
-from protos import worker_pb2, worker_pb2_grpc
+from pdcluster.common.periodic import cancel_all, run_periodically
+from pdcluster.common.tls import TLSFiles, open_channel
+from pdcluster.common.worker_record import ROLES, Role
+from pdcluster.protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("pdcluster.router.pool")
 
@@ -31,13 +32,12 @@ class WorkerView:
     stub: worker_pb2_grpc.WorkerStub
     stats: worker_pb2.WorkerStats | None = None
     reachable: bool = False
-    last_seen: float = 0.0
     inflight: int = 0  # requests this router has running on it
     pending_prefill_tokens: int = 0  # prompt tokens this router has sent it, not yet prefilled
 
     @property
-    def role(self) -> str:
-        return self.stats.role if self.stats else ""
+    def role(self) -> Role | None:
+        return Role(self.stats.role) if self.stats and self.stats.role in ROLES else None
 
     @property
     def worker_id(self) -> str:
@@ -68,11 +68,18 @@ class WorkerView:
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str] = (), interval_s: float = 1.0, tls: TLSFiles = TLSFiles()) -> None:
+    def __init__(
+        self,
+        addresses: list[str] = (),
+        interval_s: float = 1.0,
+        tls: TLSFiles = TLSFiles(),
+        on_departed: Callable[[WorkerView], None] | None = None,
+    ) -> None:
         self._workers: dict[str, WorkerView] = {}
         self._tls = tls
         self._interval_s = interval_s
         self._task: asyncio.Task | None = None
+        self._on_departed = on_departed  # called with each worker that leaves the membership
         self.set_addresses(addresses)
 
     def set_addresses(self, addresses) -> None:
@@ -80,19 +87,22 @@ class WorkerPool:
         wanted = set(addresses)
         for address in list(self._workers):
             if address not in wanted:
-                asyncio.get_running_loop().create_task(self._workers.pop(address).channel.close())
+                departed = self._workers.pop(address)
+                asyncio.get_running_loop().create_task(departed.channel.close())
+                if self._on_departed is not None:
+                    self._on_departed(departed)
         for address in wanted - set(self._workers):
             channel = open_channel(address, self._tls, _CHANNEL_OPTIONS)
             self._workers[address] = WorkerView(address, channel, worker_pb2_grpc.WorkerStub(channel))
 
-    def workers(self, role: str | None = None) -> list[WorkerView]:
+    def workers(self, role: Role | None = None) -> list[WorkerView]:
         return [w for w in self._workers.values() if role is None or w.role == role]
 
-    def healthy(self, role: str) -> list[WorkerView]:
+    def healthy(self, role: Role) -> list[WorkerView]:
         return [w for w in self.workers(role) if w.healthy]
 
     def ready(self) -> bool:
-        return bool(self.healthy("prefill")) and bool(self.healthy("decode"))
+        return all(self.healthy(role) for role in ROLES)
 
     def mark_unreachable(self, worker: WorkerView) -> None:
         """A request saw the worker fail: stop routing to it until a poll succeeds again."""
@@ -112,21 +122,11 @@ class WorkerPool:
         if not worker.reachable:
             logger.info("worker %s (%s) is healthy", worker.address, worker.role)
         worker.reachable = True
-        worker.last_seen = time.time()
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(self._poll_forever())
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            await self.refresh()
+        self._task = run_periodically(self.refresh, self._interval_s, logger, wait_first=True)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_all([self._task])
         await asyncio.gather(*(w.channel.close() for w in self._workers.values()))
-

@@ -1,0 +1,104 @@
+"""Replicas on Ray: each one a WorkerActor in its own placement group (one STRICT_PACK bundle
+with the pool's CPUs, GPUs and node resource), so Ray puts prefill and decode on their node
+types and its autoscaler adds nodes of the right type for pending replicas. Also the gRPC
+probe the controller checks workers with."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import grpc
+
+from pdcluster.cluster.cluster_spec import PoolSpec
+from pdcluster.cluster.worker_actor import WorkerActor
+from pdcluster.common.tls import TLSFiles, open_channel
+from pdcluster.common.worker_record import WorkerRecord
+from pdcluster.protos import worker_pb2, worker_pb2_grpc
+from pdcluster.worker.config import WorkerConfig
+
+STATS_TIMEOUT_S = 3.0
+DRAIN_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(eq=False)
+class RayReplica:
+    actor: object
+    placement_group: object
+
+
+class RayReplicaLauncher:
+    def __init__(self, cluster_name: str) -> None:
+        self._cluster_name = cluster_name
+
+    def node_address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def launch(self, config: WorkerConfig, pool: PoolSpec) -> RayReplica:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        name = f"{self._cluster_name}-{config.worker_id}"
+        bundle = pool.bundle()
+        pg = placement_group([bundle], strategy="STRICT_PACK", name=name)
+        actor = (
+            ray.remote(WorkerActor)
+            .options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+                max_concurrency=4,
+                name=name,
+                namespace="pdcluster",
+            )
+            .remote(config.model_dump_json(), pool.extra_args)
+        )
+        return RayReplica(actor, pg)
+
+    async def wait_ready(self, handle: RayReplica, timeout_s: float) -> WorkerRecord:
+        return WorkerRecord.model_validate_json(await handle.actor.wait_ready.remote(timeout_s))
+
+    async def exit_code(self, handle: RayReplica) -> int | None:
+        try:
+            return await asyncio.wait_for(handle.actor.exit_code.remote(), STATS_TIMEOUT_S)
+        except TimeoutError:
+            return None
+        except Exception:  # the actor itself is gone (its node died)
+            return -1
+
+    async def stop(self, handle: RayReplica, drain: bool) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        # SIGTERM: the worker finishes its running requests, then exits.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(handle.actor.stop.remote(), DRAIN_TIMEOUT_S if drain else STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            ray.kill(handle.actor)
+        with contextlib.suppress(Exception):
+            remove_placement_group(handle.placement_group)
+
+
+class GrpcWorkerProbe:
+    """Calls each worker's `Stats` over one kept channel per worker."""
+
+    def __init__(self, tls: TLSFiles) -> None:
+        self._tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
+        channel = self._channels.get(record.address)
+        if channel is None:
+            channel = self._channels[record.address] = open_channel(record.address, self._tls)
+        return await worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=STATS_TIMEOUT_S)
+
+    async def forget(self, record: WorkerRecord) -> None:
+        channel = self._channels.pop(record.address, None)
+        if channel is not None:
+            await channel.close()

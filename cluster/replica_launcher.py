@@ -1,0 +1,44 @@
+"""The seam between the controller's decisions and where replicas actually run.
+
+The controller decides how many replicas each pool has and which to replace; a
+`ReplicaLauncher` starts, watches and stops them. `RayReplicaLauncher` (cluster/ray_launcher.py)
+places each replica with Ray; tests drive the controller with a fake one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pdcluster.cluster.cluster_spec import PoolSpec
+from pdcluster.common.worker_record import WorkerRecord
+from pdcluster.protos import worker_pb2
+from pdcluster.worker.config import WorkerConfig
+
+
+class ReplicaHandle(Protocol):
+    """Whatever a launcher needs to find its replica again."""
+
+
+class ReplicaLauncher(Protocol):
+    def node_address(self) -> str:
+        """Where the controller itself runs (its metrics endpoint binds there)."""
+
+    def launch(self, config: WorkerConfig, pool: PoolSpec) -> ReplicaHandle:
+        """Start a replica of `pool` running `config`; returns at once."""
+
+    async def wait_ready(self, handle: ReplicaHandle, timeout_s: float) -> WorkerRecord:
+        """The replica's record once it serves; raises if it fails to start."""
+
+    async def exit_code(self, handle: ReplicaHandle) -> int | None:
+        """None while the replica's process runs; its exit code (or -1 if it is gone) after."""
+
+    async def stop(self, handle: ReplicaHandle, drain: bool) -> None:
+        """Stop the replica (after its running requests finish, when `drain`) and free its resources."""
+
+
+class WorkerProbe(Protocol):
+    async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
+        """The worker's current load; raises when it does not answer in time."""
+
+    async def forget(self, record: WorkerRecord) -> None:
+        """The worker is gone: drop what was kept to reach it."""

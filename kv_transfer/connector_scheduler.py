@@ -1,0 +1,140 @@
+"""The scheduler side of `PdConnector`: which requests load or produce remote KV, and when
+their blocks may be freed. It runs in vLLM's engine core next to the Scheduler, holds no
+tensors and does no I/O; each step it tells the worker side what to move
+(`PdConnectorMetadata`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pdcluster.kv_transfer.connector_metadata import CONSUME, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata, SaveSpec
+from pdcluster.kv_transfer.paged_kv_layout import blocks_for_tokens
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+
+@dataclass
+class _Producing:
+    transfer_id: str
+    endpoint: str
+    num_prompt_tokens: int
+    block_ids: list[int]
+    sent_blocks: int = 0
+    started: bool = False  # the worker side has opened the transfer
+    final: bool = False
+
+
+class PdConnectorScheduler:
+    def __init__(self, block_size: int, engine_id: str) -> None:
+        self._block_size = block_size
+        self._engine_id = engine_id
+        self._producing: dict[str, _Producing] = {}
+        self._awaiting_send: set[str] = set()  # finished requests whose blocks a transfer still reads
+        self._load_claimed: set[str] = set()  # consumer requests whose load is planned
+        self._pending_loads: list[LoadSpec] = []
+
+    # -- consumer: reserve blocks for KV that will arrive -------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = request.kv_transfer_params or {}
+        if not params.get(CONSUME) or request.request_id in self._load_claimed:
+            return 0, False
+        remaining = request.num_prompt_tokens - num_computed_tokens
+        return (remaining, True) if remaining > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params or {}
+        if not params.get(CONSUME) or num_external_tokens <= 0 or request.request_id in self._load_claimed:
+            return
+        self._load_claimed.add(request.request_id)
+        num_blocks = blocks_for_tokens(request.num_prompt_tokens, self._block_size)
+        self._pending_loads.append(
+            LoadSpec(
+                request_id=request.request_id,
+                transfer_id=params[TRANSFER_ID],
+                block_ids=list(blocks.get_block_ids()[0][:num_blocks]),
+                # vLLM hands us a block-aligned local prefix hit
+                first_block=(request.num_prompt_tokens - num_external_tokens) // self._block_size,
+            )
+        )
+
+    # -- every step ---------------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PdConnectorMetadata:
+        meta = PdConnectorMetadata(loads=self._pending_loads, idle=scheduler_output.total_num_scheduled_tokens == 0)
+        self._pending_loads = []
+        for new in scheduler_output.scheduled_new_reqs:
+            params = (new.sampling_params.extra_args or {}).get("kv_transfer_params") if new.sampling_params else None
+            if params and params.get(PRODUCE_TO):
+                self._producing[new.req_id] = _Producing(
+                    transfer_id=params[TRANSFER_ID],
+                    endpoint=params[PRODUCE_TO],
+                    num_prompt_tokens=len(new.prompt_token_ids or ()),
+                    block_ids=list(new.block_ids[0]),
+                )
+                self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._producing.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:
+                    state.block_ids = list(new_blocks[0])
+                else:
+                    state.block_ids.extend(new_blocks[0])
+            self._plan_save(meta, req_id, cached.num_computed_tokens[i], scheduler_output)
+        return meta
+
+    def _plan_save(self, meta: PdConnectorMetadata, req_id: str, num_computed: int, out: SchedulerOutput) -> None:
+        state = self._producing[req_id]
+        if state.final:
+            return
+        computed = min(num_computed + out.num_scheduled_tokens.get(req_id, 0), state.num_prompt_tokens)
+        final = computed == state.num_prompt_tokens
+        # Full blocks as soon as they are computed; the partial last one with the prompt's end.
+        end = blocks_for_tokens(computed, self._block_size) if final else computed // self._block_size
+        if end <= state.sent_blocks and not final:
+            return
+        meta.saves.append(
+            SaveSpec(
+                request_id=req_id,
+                transfer_id=state.transfer_id,
+                endpoint=state.endpoint,
+                block_ids=list(state.block_ids),
+                start=state.sent_blocks,
+                end=end,
+                first=not state.started,
+                final=final,
+            )
+        )
+        state.sent_blocks, state.started, state.final = end, True, final
+
+    # -- producer: hold blocks until their transfer is done ----------------------------
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._load_claimed.discard(request.request_id)
+        state = self._producing.pop(request.request_id, None)
+        if state is None or not state.started:
+            return False, None
+        # Hold the blocks until the worker side reports the transfer done.
+        self._awaiting_send.add(request.request_id)
+        return True, {
+            TRANSFER_ID: state.transfer_id,
+            "engine_id": self._engine_id,
+            "num_prompt_tokens": state.num_prompt_tokens,
+            "sent_blocks": state.sent_blocks,
+        }
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._awaiting_send -= set(connector_output.finished_sending or ())
+
+    def has_pending_push_work(self) -> bool:
+        return bool(self._awaiting_send)

@@ -1,0 +1,81 @@
+"""The worker side of `PdConnector`: moves the bytes. It owns the engine's KV endpoint
+(the paged layers, the KVTransfer service, a sender and/or receiver) and carries out what
+the scheduler side planned for this step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+from pdcluster.common.files import write_atomically
+from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
+from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
+from pdcluster.kv_transfer.settings import KVTransferSettings
+
+logger = logging.getLogger(__name__)
+
+IDLE_STEP_WAIT_S = 0.005
+
+
+class PdConnectorWorker:
+    def __init__(
+        self, settings: KVTransferSettings, block_size: int, num_blocks: int, engine_id: str, *, produce: bool, consume: bool
+    ) -> None:
+        self._settings = settings
+        self._block_size = block_size
+        self._num_blocks = num_blocks
+        self._engine_id = engine_id
+        self._produce, self._consume = produce, consume
+        self.kv: KVEndpoint | None = None
+        self._layer_index: dict[str, int] = {}
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = list(kv_caches)
+        self._layer_index = {n: i for i, n in enumerate(names)}
+        self.kv = KVEndpoint(
+            [kv_caches[n] for n in names], self._num_blocks, self._block_size, self._settings, produce=self._produce, consume=self._consume
+        )
+        logger.info("pdcluster KV endpoint %s (layout %s)", self.kv.address, self.kv.layout.signature)
+        if self._settings.endpoint_file:
+            record = {"endpoint": self.kv.address, "engine_id": self._engine_id, "pid": os.getpid()}
+            write_atomically(self._settings.endpoint_file, json.dumps(record))
+
+    def start_load_kv(self, meta: PdConnectorMetadata) -> None:
+        for load in meta.loads:
+            self.kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_block)
+
+    def save_kv_layer(self, meta: PdConnectorMetadata, layer_name: str) -> None:
+        layer = self._layer_index[layer_name]
+        for save in meta.saves:
+            if save.end > save.start:
+                self.kv.sender.add_layer(save, layer)
+
+    def wait_for_save(self, meta: PdConnectorMetadata) -> None:
+        for save in meta.saves:
+            if save.final:
+                self.kv.sender.finalize(save.request_id)
+
+    def transfer_results(self, meta: PdConnectorMetadata | None, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Requests whose sends finished, and whose loads finished or failed, since the last step."""
+        kv = self.kv
+        if meta is not None and meta.idle:
+            # vLLM steps back to back while it only waits for transfers; pace it.
+            kv.progress.wait(IDLE_STEP_WAIT_S)
+        kv.progress.clear()
+        results = KVConnectorTransferResults()
+        if kv.sender is not None:
+            results.finished_sending = kv.sender.poll(finished_req_ids)
+        if kv.receiver is not None:
+            for request_id in finished_req_ids:
+                kv.receiver.cancel_request(request_id)
+            results.finished_recving, results.failed_recving = kv.receiver.poll()
+        return results
+
+    def shutdown(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+            self.kv = None

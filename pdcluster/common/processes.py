@@ -1,0 +1,95 @@
+"""Starting pdcluster processes (workers, the router) on this machine and waiting until they serve."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdcluster.common.process_lifetime import die_with_parent
+from pdcluster.common.worker_record import Role, RouterRecord, WorkerRecord
+
+
+@dataclass
+class LocalProcess:
+    role: str
+    process: subprocess.Popen
+    log_path: str = ""
+    ready_file: str = ""  # the process writes its record here once it serves
+    record: WorkerRecord | RouterRecord | None = None  # read from `ready_file` by wait_ready
+
+    @property
+    def address(self) -> str:
+        return self.record.address
+
+    @property
+    def kv_endpoint(self) -> str:
+        return self.record.kv_endpoint
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, n: int = 40) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+
+
+# What each kind of process runs; each writes its ready file once it serves.
+_MODULES = {Role.PREFILL: "pdcluster.prefill_worker", Role.DECODE: "pdcluster.decode_worker", "router": "pdcluster.router"}
+
+
+def start_process(
+    role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None, cpus: set[int] | None = None
+) -> LocalProcess:
+    """Spawn a `role` process (prefill, decode or router), on the given CPU cores if any;
+    `wait_ready` blocks until it serves."""
+    run_dir = tempfile.mkdtemp(prefix=f"pdcluster-{role}-", dir=log_dir)
+    ready = os.path.join(run_dir, "ready.json")
+    log_path = os.path.join(run_dir, f"{role}.log")
+    cmd = [sys.executable, "-m", _MODULES[role], "--ready-file", ready, *args]
+    log = open(log_path, "wb")
+    return LocalProcess(role=role, process=spawn(cmd, log, env, cpus), log_path=log_path, ready_file=ready)
+
+
+def spawn(cmd: list[str], log, env: dict | None = None, cpus: set[int] | None = None) -> subprocess.Popen:
+    """Start `cmd` in its own session, writing to `log`, confined to `cpus` when given
+    (children and threads inherit the mask); it dies with this process."""
+
+    def in_child() -> None:
+        die_with_parent(signal.SIGTERM)  # no orphans if the launcher dies
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=in_child
+    )
+
+
+def wait_ready(proc: LocalProcess, timeout: float = 300.0, cancel=None) -> LocalProcess:
+    """Block until the process serves; `cancel` (a threading.Event) set means give up."""
+    ready = proc.ready_file
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"{proc.role} process exited with {proc.process.returncode}:\n{proc.log_tail()}")
+        if cancel is not None and cancel.is_set():
+            raise InterruptedError(f"stopped waiting for the {proc.role} process")
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise TimeoutError(f"{proc.role} process not ready after {timeout}s:\n{proc.log_tail()}")
+        time.sleep(0.2)
+    record_type = RouterRecord if proc.role == "router" else WorkerRecord
+    proc.record = record_type.model_validate_json(Path(ready).read_text())
+    return proc

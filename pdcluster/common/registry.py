@@ -1,0 +1,55 @@
+"""The shared worker registry in Redis: workers announce themselves under a TTL, so a dead
+one drops out on its own; routers list the live ones and share prefix-cache hints.
+
+Keys: `pdcluster:{cluster}:workers:{worker_id}` (a WorkerRecord as JSON, expires unless refreshed);
+channel `pdcluster:{cluster}:prefix` (msgpack [router_id, worker_id, block hashes]).
+"""
+
+from __future__ import annotations
+
+import msgpack
+import redis.asyncio as aioredis
+
+from pdcluster.common.worker_record import WorkerRecord
+
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_TTL_S = 5.0
+
+
+class RedisRegistry:
+    def __init__(self, url: str, cluster_name: str = "pdcluster") -> None:
+        self._redis = aioredis.from_url(url)
+        self._prefix = f"pdcluster:{cluster_name}"
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self._prefix}:workers:{worker_id}"
+
+    async def announce(self, record: WorkerRecord, ttl_s: float = HEARTBEAT_TTL_S) -> None:
+        await self._redis.set(self._worker_key(record.worker_id), record.model_dump_json(), px=int(ttl_s * 1000))
+
+    async def withdraw(self, worker_id: str) -> None:
+        await self._redis.delete(self._worker_key(worker_id))
+
+    async def workers(self) -> list[WorkerRecord]:
+        keys = [k async for k in self._redis.scan_iter(match=self._worker_key("*"), count=500)]
+        if not keys:
+            return []
+        return [WorkerRecord.model_validate_json(v) for v in await self._redis.mget(keys) if v is not None]
+
+    async def publish_prefix(self, router_id: str, worker_id: str, hashes: list[int]) -> None:
+        await self._redis.publish(f"{self._prefix}:prefix", msgpack.packb([router_id, worker_id, hashes]))
+
+    async def prefix_updates(self):
+        """Yield (router_id, worker_id, hashes) as routers publish them."""
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(f"{self._prefix}:prefix")
+        try:
+            async for message in pubsub.listen():
+                if message["type"] == "message":
+                    router_id, worker_id, hashes = msgpack.unpackb(message["data"])
+                    yield router_id, worker_id, hashes
+        finally:
+            await pubsub.aclose()
+
+    async def close(self) -> None:
+        await self._redis.aclose()

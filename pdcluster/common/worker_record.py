@@ -1,0 +1,42 @@
+"""Who a worker is and where it listens: the record a worker writes to its ready file,
+announces in the registry, and the controller keeps for each replica."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Role(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+ROLES = (Role.PREFILL, Role.DECODE)
+
+
+class WorkerRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    worker_id: str
+    role: Role
+    address: str  # host:port of its Worker gRPC service
+    kv_endpoint: str  # host:port of its engine's KVTransfer service
+    metrics_port: int
+    pid: int
+
+    @property
+    def node(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+
+class RouterRecord(BaseModel):
+    """What a router writes to its ready file once both APIs listen."""
+
+    model_config = ConfigDict(frozen=True)
+
+    http: str  # base URL of the OpenAI API
+    grpc: str  # host:port of the Inference service
+    model: str
+    pid: int

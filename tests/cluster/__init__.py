@@ -1,0 +1,1 @@
+"""The whole cluster on real Ray: pdcluster serve, healing and autoscaling."""

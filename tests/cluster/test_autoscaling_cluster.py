@@ -1,0 +1,191 @@
+"""The whole autoscaling loop on Ray's fake autoscaling cluster (one machine, fake nodes):
+a prefill burst adds a prefill replica and a node of the prefill type, idle time removes
+them, and the decode pool scales on its own signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from pdcluster.common.tiny_model.generate import CORPUS
+
+from tests.support.serve import launch_serve, stop_serve
+
+pytestmark = pytest.mark.slow
+
+# Ray's wheel lacks the fake provider's base config that AutoscalingCluster reads; this is it.
+FAKE_BASE_CONFIG = {
+    "cluster_name": "fake_multinode",
+    "max_workers": 8,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+    "head_node_type": "ray.head.default",
+    "auth": {},
+    "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 0.1,
+    "docker": {},
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "rsync_exclude": [],
+    "rsync_filter": [],
+}
+
+NODE_TYPES = {
+    "prefill_node": {
+        "resources": {"CPU": 1, "prefill_pool": 1, "object_store_memory": 200_000_000},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 2,
+    },
+    "decode_node": {
+        "resources": {"CPU": 1, "decode_pool": 1, "object_store_memory": 200_000_000},
+        "node_config": {},
+        "min_workers": 0,
+        "max_workers": 2,
+    },
+}
+
+SPEC = {
+    "name": "autoscale-test",
+    "ray_address": "auto",
+    "prefill": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "node_resource": "prefill_pool"},
+    "decode": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "node_resource": "decode_pool"},
+    "router": {"bypass_prefill_below_tokens": 16},
+    "autoscaling": {
+        "enabled": True,
+        "interval_s": 1,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 8,
+        "cooldown_s": 4,
+        "prefill_target_queued_tokens": 600,
+        "decode_target_kv_usage": 0.9,
+        "decode_target_running": 4,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory):
+    from ray.cluster_utils import AutoscalingCluster
+
+    class PdAutoscalingCluster(AutoscalingCluster):
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **kwargs):
+            config = dict(FAKE_BASE_CONFIG, available_node_types=dict(worker_node_types))
+            config["available_node_types"]["ray.head.default"] = {"resources": head_resources, "node_config": {}, "max_workers": 0}
+            return config
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # AutoscalingCluster runs the `ray` command: the venv's, found on PATH.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    assert shutil.which("ray")
+    cluster = PdAutoscalingCluster(head_resources={"CPU": 1}, worker_node_types=NODE_TYPES)
+    cluster.start(override_env={"RAY_AUTH_MODE": "disabled"})
+    try:
+        yield
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve(fake_cluster, tmp_path_factory):
+    spec_path = tmp_path_factory.mktemp("spec") / "cluster.yaml"
+    spec = json.loads(json.dumps(SPEC))
+    spec["router"].update(port=0, grpc_port=0)
+    spec_path.write_text(yaml.safe_dump(spec))
+    proc, _, urls = launch_serve(["--config", str(spec_path)])
+    import ray
+
+    ray.init(address="auto", namespace="pdcluster", log_to_driver=False)
+    controller = ray.get_actor("autoscale-test-controller", namespace="pdcluster")
+    yield controller, urls["http"]
+    ray.shutdown()
+    stop_serve(proc)
+
+
+def status(controller) -> dict:
+    import ray
+
+    return ray.get(controller.status.remote())
+
+
+def pool_nodes(resource: str) -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource))
+
+
+def wait_until(predicate, timeout_s: float, what: str, controller):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: {json.dumps(status(controller), indent=1)[:3000]}"
+        time.sleep(1)
+
+
+class Load:
+    """Client threads sending one kind of request in a loop until stopped."""
+
+    def __init__(self, url: str, body: dict, clients: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(url, body), daemon=True) for _ in range(clients)]
+        self.statuses: list[int] = []
+
+    def _loop(self, url: str, body: dict) -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while not self._stop.is_set():
+                self.statuses.append(http.post("/v1/completions", json=body).status_code)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(600)
+
+
+def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, tokenizer):
+    controller, url = serve
+    assert pool_nodes("prefill_pool") == 1 and pool_nodes("decode_pool") == 1
+    prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:1500])
+    with Load(url, {"prompt": prompt, "max_tokens": 1, "temperature": 0}, clients=6) as load:
+        wait_until(lambda: status(controller)["pools"]["prefill"]["target"] == 2, 120, "prefill scale-up decision", controller)
+        wait_until(lambda: status(controller)["pools"]["prefill"]["ready"] == 2, 300, "second prefill replica", controller)
+    assert load.statuses and set(load.statuses) == {200}
+    assert pool_nodes("prefill_pool") == 2  # Ray's autoscaler added a node of the prefill type
+    decisions = status(controller)["decisions"]
+    assert [(d["role"], d["from_replicas"], d["to_replicas"]) for d in decisions] == [("prefill", 1, 2)]  # decode untouched
+
+    wait_until(lambda: status(controller)["pools"]["prefill"]["target"] == 1, 120, "prefill scale-down decision", controller)
+    wait_until(lambda: sum(r["role"] == "prefill" for r in status(controller)["replicas"]) == 1, 120, "drained replica removed", controller)
+    wait_until(lambda: pool_nodes("prefill_pool") == 1, 120, "idle prefill node removed", controller)
+    assert [(d["role"], d["to_replicas"]) for d in status(controller)["decisions"]][-1] == ("prefill", 1)
+
+
+def test_decode_scales_on_its_own_signal(serve, tokenizer):
+    controller, url = serve
+    before = len(status(controller)["decisions"])
+    body = {"prompt": "The old mill stands by the river", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with Load(url, body, clients=10) as load:
+        wait_until(lambda: status(controller)["pools"]["decode"]["target"] == 2, 120, "decode scale-up decision", controller)
+        wait_until(lambda: status(controller)["pools"]["decode"]["ready"] == 2, 300, "second decode replica", controller)
+        assert pool_nodes("decode_pool") == 2
+    assert load.statuses and set(load.statuses) == {200}
+    new = [(d["role"], d["from_replicas"], d["to_replicas"]) for d in status(controller)["decisions"][before:]]
+    assert new == [("decode", 1, 2)]  # prefill untouched
+    wait_until(lambda: status(controller)["pools"]["decode"]["target"] == 1, 120, "decode scale-down decision", controller)

@@ -1,0 +1,60 @@
+"""`pdcluster bench compare` end to end on the tiny model (a short sweep: the numbers that
+matter come from the bench model, recorded in bench/RESULTS.md), and CPU pinning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pdcluster.common.processes import spawn
+
+from tests.support.paths import ROOT
+
+
+def test_spawn_confines_the_process_to_the_given_cores(tmp_path):
+    log = tmp_path / "out.txt"
+    with open(log, "wb") as fh:
+        proc = spawn([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"], fh, cpus={0})
+        assert proc.wait(60) == 0
+    assert log.read_text().strip() == "[0]"
+
+
+@pytest.mark.slow
+def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
+    json_path, png_path = tmp_path / "compare.json", tmp_path / "compare.png"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdcluster.cli",
+        "bench",
+        "compare",
+        "--model",
+        str(model_dir),
+        "--rates",
+        "2",
+        "4",
+        "--requests",
+        "4",
+        "--json-out",
+        str(json_path),
+        "--plot",
+        str(png_path),
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(json_path.read_text())
+    assert report["cores"] == sorted(os.sched_getaffinity(0))
+    rows = [(c["workload"], c["rate"]) for c in report["comparisons"]]
+    assert rows == [("prefill-heavy", 2.0), ("prefill-heavy", 4.0), ("decode-heavy", 2.0), ("decode-heavy", 4.0)]
+    for c in report["comparisons"]:
+        for system in ("colocated", "pdcluster"):
+            result = c[system]
+            assert result["completed"] == result["requests"] == 4, result["errors"]
+            assert result["itl_ms"]["p99"] > 0 and result["ttft_ms"]["p99"] > 0
+        assert c["ratios"]["itl_ms"] == pytest.approx(c["pdcluster"]["itl_ms"]["p99"] / c["colocated"]["itl_ms"]["p99"], rel=1e-2)
+    assert "ratio = pdcluster / co-located" in run.stdout and "prefill-heavy" in run.stdout
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,192 @@
+"""The core path on real vLLM engines: prefill worker -> KV transfer -> decode worker
+returns exactly the tokens one plain vLLM engine returns."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdcluster.common.tiny_model.generate import CORPUS
+from pdcluster.kv_transfer.grpc_transport import KVClient, fetch_kv_stats
+from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.protos import worker_pb2 as wpb
+from pdcluster.protos import worker_pb2_grpc as wgrpc
+
+from tests.support.processes import reference_outputs
+from tests.support.worker_calls import KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, kv_stats
+
+pytestmark = pytest.mark.slow
+
+# 4 layers x 2 KV heads x 32 dims x (K, V) x float32
+TINY_KV_BYTES_PER_TOKEN = 4 * 2 * 32 * 2 * 4
+CPU_BLOCK_SIZE = 128  # whole blocks move, the partial last one included
+# token counts around the CPU block size (128) and the test chunk size (32 tokens)
+PROMPT_LENGTHS = [3, 31, 100, 127, 128, 129, 300, 777, 1500]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    text = CORPUS.read_text()
+    ids = tokenizer(text * 3).input_ids
+    # Different offsets so prompts do not share prefixes.
+    return [ids[i * 37 : i * 37 + n] for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def expected(prompts, tmp_path_factory) -> list[list[int]]:
+    return reference_outputs(prompts, MAX_TOKENS, tmp_path_factory.mktemp("reference"))
+
+
+def test_disaggregated_equals_single_engine_one_at_a_time(pd_pair, prompts, expected):
+    prefill, decode = pd_pair
+    sent_before, received_before = kv_stats(prefill).bytes_sent, kv_stats(decode).bytes_received
+    recomputes_before = kv_stats(decode).recomputes
+    for prompt, want in zip(prompts, expected):
+        tokens, reply, _ = asyncio.run(generate(prefill, decode, prompt))
+        assert tokens == want, f"prompt of {len(prompt)} tokens diverged"
+        assert reply.first_token_id == want[0]
+    # The decode side loaded the prompts' KV (their blocks) rather than recomputing it.
+    prompt_kv = sum(-(-len(p) // CPU_BLOCK_SIZE) for p in prompts) * CPU_BLOCK_SIZE * TINY_KV_BYTES_PER_TOKEN
+    assert kv_stats(prefill).bytes_sent - sent_before == prompt_kv
+    assert kv_stats(decode).bytes_received - received_before == prompt_kv
+    assert kv_stats(decode).recomputes == recomputes_before
+
+
+def test_disaggregated_equals_single_engine_concurrently(pd_pair, prompts, expected):
+    prefill, decode = pd_pair
+
+    async def all_at_once():
+        return await asyncio.gather(*(generate(prefill, decode, p) for p in prompts))
+
+    results = asyncio.run(all_at_once())
+    for (tokens, _, _), want, prompt in zip(results, expected, prompts):
+        assert tokens == want, f"prompt of {len(prompt)} tokens diverged under concurrency"
+
+
+def test_decode_uses_the_transferred_kv(pd_pair, prompts, expected):
+    """Feed the decode side another prompt's KV (same length, valid checksums): its
+    output must change, which it could not if it recomputed the prompt."""
+    prefill, decode = pd_pair
+    target, other = prompts[6], list(reversed(prompts[6]))
+    tokens, _, _ = asyncio.run(generate(prefill, decode, target, prefill_prompt=other))
+    assert tokens != expected[6]
+
+
+def test_chunk_corrupted_in_flight_is_detected_and_output_stays_exact(pd_pair, kv_data_proxy, prompts, expected):
+    prefill, decode = pd_pair
+    failures_before = kv_stats(decode).checksum_failures
+    # Byte 40,000 of the next data connection lands inside its first 64 KiB payload.
+    kv_data_proxy.arm(40_000)
+    tokens, _, _ = asyncio.run(generate(prefill, decode, prompts[8]))
+    assert kv_data_proxy.corrupted
+    assert kv_stats(decode).checksum_failures == failures_before + 1
+    assert kv_stats(prefill).send_retries >= 1
+    assert tokens == expected[8]
+
+
+def test_failed_prefill_does_not_hang_decode(pd_pair, prompts, expected):
+    """The producer gives up (as the router does when prefill fails): the decode side
+    stops waiting at once, recomputes visibly, and still returns the exact tokens."""
+    prefill, decode = pd_pair
+    recomputes_before = kv_stats(decode).recomputes
+
+    async def run():
+        transfer_id = f"kv-{uuid.uuid4().hex}"
+        task = asyncio.create_task(generate(prefill, decode, prompts[5], skip_prefill=True, transfer_id=transfer_id))
+        while not (await fetch_kv_stats(decode.kv_endpoint)).pending_receives:
+            await asyncio.sleep(0.05)
+        client = KVClient(KVTransferSettings())
+        await client.abort(decode.kv_endpoint, transfer_id, "prefill failed")
+        await client.close()
+        # well inside the decode side's own deadline: the abort ended the wait
+        return await asyncio.wait_for(task, timeout=KV_LOAD_TIMEOUT_S / 2)
+
+    tokens, _, _ = asyncio.run(run())
+    assert tokens == expected[5]
+    assert kv_stats(decode).recomputes == recomputes_before + 1
+
+
+def test_short_prompt_bypass_runs_on_decode_alone(pd_pair, prompts, expected):
+    prefill, decode = pd_pair
+    received_before = kv_stats(decode).bytes_received
+
+    async def run():
+        async with grpc.aio.insecure_channel(decode.address) as dc:
+            stream = wgrpc.WorkerStub(dc).Decode(
+                wpb.DecodeRequest(request_id="bypass", prompt_token_ids=prompts[1], sampling=wpb.SamplingOptions(max_tokens=MAX_TOKENS))
+            )
+            return [t async for chunk in stream for t in chunk.token_ids]
+
+    assert asyncio.run(run()) == expected[1]
+    assert kv_stats(decode).bytes_received == received_before
+
+
+def test_worker_stats_and_health(pd_pair):
+    async def run(worker, service=""):
+        async with grpc.aio.insecure_channel(worker.address) as ch:
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service))
+            return health, await wgrpc.WorkerStub(ch).Stats(wpb.StatsRequest())
+
+    for worker in pd_pair:
+        health, stats = asyncio.run(run(worker, worker.role))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert stats.role == worker.role and stats.pid == worker.record.pid
+        assert stats.total_kv_blocks > 0 and 0 < stats.free_kv_blocks <= stats.total_kv_blocks
+        assert stats.kv_endpoint == worker.kv_endpoint
+    prefill, decode = pd_pair
+    assert asyncio.run(run(prefill))[1].kv_bytes_sent > 0
+    assert asyncio.run(run(decode))[1].kv_bytes_received > 0
+    for worker, counter in ((prefill, "pdcluster_kv_bytes_sent_total"), (decode, "pdcluster_kv_bytes_received_total")):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{worker.record.metrics_port}/metrics", timeout=5).read().decode()
+        line = next(row for row in text.splitlines() if row.startswith(counter))
+        assert f'role="{worker.role}"' in line and float(line.rsplit(" ", 1)[1]) > 0
+        assert "pdcluster_worker_running_requests" in text
+
+
+def test_bad_input_gets_invalid_argument_and_workers_keep_serving(pd_pair, prompts, expected):
+    prefill, decode = pd_pair
+
+    async def call(coro_fn):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await coro_fn()
+        return info.value.code()
+
+    async def run():
+        async with grpc.aio.insecure_channel(prefill.address) as pc, grpc.aio.insecure_channel(decode.address) as dc:
+            p, d = wgrpc.WorkerStub(pc), wgrpc.WorkerStub(dc)
+
+            async def drain(req):
+                async for _ in d.Decode(req):
+                    pass
+
+            codes = [
+                await call(lambda: p.Prefill(wpb.PrefillRequest(request_id="x", prompt_token_ids=[]))),
+                await call(lambda: p.Prefill(wpb.PrefillRequest(request_id="x", prompt_token_ids=[1, 2]))),
+                await call(lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[10**6]))),
+                await call(lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5] * 5000))),
+                await call(
+                    lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5, 6], sampling=wpb.SamplingOptions(temperature=-1)))
+                ),
+                await call(
+                    lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5, 6], sampling=wpb.SamplingOptions(top_p=7)))
+                ),
+            ]
+            return codes
+
+    async def wrong_role_call():
+        async with grpc.aio.insecure_channel(prefill.address) as pc:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in wgrpc.WorkerStub(pc).Decode(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5])):
+                    pass
+            return info.value.code()
+
+    codes = asyncio.run(run())
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * len(codes)
+    assert asyncio.run(wrong_role_call()) == grpc.StatusCode.FAILED_PRECONDITION
+    tokens, _, _ = asyncio.run(generate(prefill, decode, prompts[2]))
+    assert tokens == expected[2]

@@ -1,0 +1,247 @@
+"""KV transfer over real gRPC on loopback: exactness, ordering, faults and cleanup."""
+
+import time
+
+import pytest
+import torch
+
+from pdcluster.common.ports import free_port
+from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
+from pdcluster.kv_transfer.connector_metadata import SaveSpec
+from pdcluster.kv_transfer.settings import KVTransferSettings
+
+from tests.support.kv_fakes import CUDA_SHAPE, endpoint, paged_layers
+from tests.support.tcp_proxy import CorruptingProxy
+
+SRC_BLOCKS = [3, 7, 9, 21, 40]
+DST_BLOCKS = [10, 2, 41, 33, 5]
+TOKENS = 70  # ends mid-block (block size 16): five blocks, the last one partial
+NUM_BLOCKS = len(SRC_BLOCKS)
+
+
+@pytest.fixture(params=["tcp", "grpc"])
+def transport(request):
+    return request.param
+
+
+@pytest.fixture
+def pair(request, transport):
+    settings = KVTransferSettings(transport=transport, **getattr(request, "param", {}))
+    prod = endpoint(paged_layers(seed=1), settings, consume=False)
+    cons = endpoint(paged_layers(seed=None), settings, consume=True)
+    yield prod, cons
+    prod.close()
+    cons.close()
+
+
+def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1):
+    """Announce the prompt's blocks layer by layer as vLLM would, in `steps` steps."""
+    bounds = [round(NUM_BLOCKS * i / steps) for i in range(steps + 1)]
+    for i in range(steps):
+        spec = SaveSpec(request_id, transfer_id, consumer_address, SRC_BLOCKS, bounds[i], bounds[i + 1], first=i == 0, final=i == steps - 1)
+        for layer in range(len(prod.layers)):
+            prod.sender.add_layer(spec, layer)
+    prod.sender.finalize(request_id)
+
+
+def wait_until(fn, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = fn()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def poll_consumer(cons):
+    collected = (set(), set())
+
+    def step():
+        finished, failed = cons.receiver.poll()
+        collected[0].update(finished)
+        collected[1].update(failed)
+        return collected[0]
+
+    wait_until(step)
+    return collected
+
+
+def assert_same_kv(prod, cons, start=0):
+    for layer in range(len(prod.layers)):
+        a = prod.layout.pack(prod.layers[layer], SRC_BLOCKS[start:])
+        b = cons.layout.pack(cons.layers[layer], DST_BLOCKS[start:])
+        assert torch.equal(a, b), f"layer {layer} differs"
+
+
+@pytest.mark.parametrize("pair", [{"chunk_bytes": 8192}], indirect=True)  # one block a chunk
+@pytest.mark.parametrize("steps", [1, 3])
+def test_transfer_lands_in_the_allocated_blocks(pair, steps):
+    prod, cons = pair
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+    send(prod, cons.address, steps=steps)
+    finished, failed = poll_consumer(cons)
+    assert finished == {"r1"} and not failed
+    assert_same_kv(prod, cons)
+    assert wait_until(lambda: prod.sender.poll({"r1"})) == {"r1"}  # blocks released
+    nbytes = NUM_BLOCKS * prod.layout.block_bytes * len(prod.layers)
+    assert prod.stats.snapshot()["bytes_sent"] == nbytes
+    assert cons.stats.snapshot()["bytes_received"] == nbytes
+    assert cons.stats.snapshot()["transfers_received"] == 1
+
+
+def test_layout_with_non_contiguous_blocks_is_packed_and_unpacked(transport):
+    settings = KVTransferSettings(transport=transport, chunk_bytes=8192)
+    prod = endpoint(paged_layers(seed=1, shape=CUDA_SHAPE), settings, consume=False)
+    cons = endpoint(paged_layers(seed=None, shape=CUDA_SHAPE), settings, consume=True)
+    try:
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 1)
+        send(prod, cons.address)
+        assert poll_consumer(cons) == ({"r1"}, set())
+        assert_same_kv(prod, cons, start=1)
+        assert not cons.layout.pack(cons.layers[0], DST_BLOCKS[:1]).any()  # cached block untouched
+    finally:
+        prod.close()
+        cons.close()
+
+
+def test_chunks_before_the_request_is_scheduled_are_staged(pair):
+    prod, cons = pair
+    send(prod, cons.address)
+    assert wait_until(lambda: prod.sender.poll({"r1"}))  # producer freed once staged
+    assert cons.receiver.staged_bytes == NUM_BLOCKS * prod.layout.block_bytes * len(prod.layers)
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+    assert poll_consumer(cons) == ({"r1"}, set())
+    assert cons.receiver.staged_bytes == 0
+    assert_same_kv(prod, cons)
+
+
+def test_chunk_arriving_while_its_request_is_scheduled_is_not_stranded(pair):
+    prod, cons = pair
+    layout, src = prod.layout, prod.layers[0]
+    parts = layout.payload_parts(src, SRC_BLOCKS[:1], into=None)
+    header = KVChunkHeader(
+        "t1", 0, 0, 1, layout.dtype_name, layout.block_bytes, layout.signature, layout.block_bytes, payload_checksum(*parts)
+    )
+    landing = cons.receiver.land(header)  # not scheduled yet: lands in staging
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)  # scheduled before the bytes are in
+    landing.parts[0][:] = parts[0]
+    cons.receiver.landed(landing)
+    assert cons.receiver.staged_bytes == 0
+    assert torch.equal(layout.pack(cons.layers[0], DST_BLOCKS[:1]), layout.pack(src, SRC_BLOCKS[:1]))
+
+
+def test_prefix_cached_blocks_are_left_alone(pair):
+    prod, cons = pair
+    cons.layers[0].select(0, DST_BLOCKS[0]).fill_(7.0)  # a block this engine had cached
+    cached = cons.layout.pack(cons.layers[0], DST_BLOCKS[:2]).clone()
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 2)
+    send(prod, cons.address)
+    assert poll_consumer(cons) == ({"r1"}, set())
+    assert torch.equal(cons.layout.pack(cons.layers[0], DST_BLOCKS[:2]), cached)
+    assert_same_kv(prod, cons, start=2)
+
+
+def test_corruption_in_flight_is_caught_and_resent(transport):
+    settings = dict(transport=transport, chunk_bytes=8192, streams_per_transfer=1)
+    data_port = free_port()
+    # In front of the gRPC endpoint or of the raw-TCP data channel, whichever carries chunks.
+    proxy = CorruptingProxy(f"127.0.0.1:{data_port}", corrupt_at=6000)  # inside the first 8 KiB payload
+    prod = endpoint(paged_layers(seed=1), KVTransferSettings(**settings), consume=False)
+    cons = endpoint(
+        paged_layers(seed=None), KVTransferSettings(**settings, data_port=data_port, data_advertise=proxy.address), consume=True
+    )
+    grpc_proxy = CorruptingProxy(cons.address, corrupt_at=6000) if transport == "grpc" else None
+    try:
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+        send(prod, grpc_proxy.address if grpc_proxy else cons.address)
+        assert poll_consumer(cons) == ({"r1"}, set())
+        assert (grpc_proxy or proxy).corrupted
+        assert cons.stats.snapshot()["checksum_failures"] == 1
+        assert prod.stats.snapshot()["send_retries"] == 1
+        assert_same_kv(prod, cons)
+    finally:
+        for p in (proxy, grpc_proxy):
+            if p:
+                p.close()
+        prod.close()
+        cons.close()
+
+
+@pytest.mark.parametrize("pair", [{"send_timeout_s": 2.0, "send_retries": 1}], indirect=True)
+def test_unreachable_consumer_releases_producer_blocks(pair):
+    prod, _ = pair
+    send(prod, "127.0.0.1:9")  # nothing listens there
+    assert wait_until(lambda: prod.sender.poll({"r1"})) == {"r1"}
+    stats = prod.stats.snapshot()
+    assert stats["transfers_failed"] == 1 and stats["bytes_sent"] == 0
+    assert prod.sender.pending == 0
+
+
+@pytest.mark.parametrize("pair", [{"load_timeout_s": 0.5}], indirect=True)
+def test_consumer_gives_up_at_its_deadline(pair):
+    _, cons = pair
+    cons.receiver.expect("t-never", "r1", DST_BLOCKS, 0)
+    finished, failed = poll_consumer(cons)
+    assert finished == failed == {"r1"}
+    assert cons.stats.snapshot()["recomputes"] == 1
+
+
+def test_producer_abort_fails_the_load_at_once(pair):
+    prod, cons = pair
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+    prod.io.run(prod._client.abort(cons.address, "t1", "prefill failed"))
+    assert poll_consumer(cons) == ({"r1"}, {"r1"})
+    # an abort that comes before the decode engine schedules the request
+    prod.io.run(prod._client.abort(cons.address, "t2", "prefill failed"))
+    cons.receiver.expect("t2", "r2", DST_BLOCKS, 0)
+    assert poll_consumer(cons) == ({"r2"}, {"r2"})
+
+
+@pytest.mark.parametrize("pair", [{"auth_token": "s3cret"}], indirect=True)
+def test_peer_without_the_cluster_token_is_refused(pair, transport):
+    prod, cons = pair
+    intruder = endpoint(paged_layers(seed=2), KVTransferSettings(transport=transport, auth_token="wrong"), consume=False)
+    try:
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+        send(intruder, cons.address)
+        assert wait_until(lambda: intruder.sender.poll({"r1"}))
+        assert intruder.stats.snapshot()["transfers_failed"] == 1
+        assert not cons.layers[0].any()  # nothing was written
+        send(prod, cons.address)  # the cluster's own producer still gets through
+        assert poll_consumer(cons) == ({"r1"}, set())
+    finally:
+        intruder.close()
+
+
+@pytest.mark.parametrize("pair", [{"staged_ttl_s": 0.3}], indirect=True)
+def test_orphaned_staged_kv_expires(pair):
+    prod, cons = pair
+    send(prod, cons.address)
+    wait_until(lambda: prod.sender.poll({"r1"}))
+    assert cons.receiver.staged_bytes > 0
+    time.sleep(0.4)
+    cons.receiver.poll()
+    assert cons.receiver.staged_bytes == 0
+    assert cons.stats.snapshot()["expired_leases"] == 1
+
+
+@pytest.mark.parametrize("pair", [{"max_staged_bytes": 1000}], indirect=True)
+def test_staging_is_bounded(pair):
+    prod, cons = pair
+    send(prod, cons.address)
+    assert wait_until(lambda: prod.sender.poll({"r1"}))
+    assert prod.stats.snapshot()["transfers_failed"] == 1
+    assert cons.receiver.staged_bytes == 0
+
+
+def test_cancelled_request_stops_taking_chunks(pair):
+    prod, cons = pair
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+    assert cons.receiver.cancel_request("r1")
+    assert poll_consumer(cons) == ({"r1"}, {"r1"})
+    assert cons.stats.snapshot()["recomputes"] == 0  # a cancel is not a failed load
+    send(prod, cons.address)
+    assert wait_until(lambda: prod.sender.poll({"r1"}))
+    assert prod.stats.snapshot()["transfers_failed"] == 1  # refused, not stranded
+    assert not cons.layers[0].any()

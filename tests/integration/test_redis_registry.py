@@ -1,0 +1,87 @@
+"""Several routers sharing one real Redis registry: workers announce themselves with a TTL,
+both routers see the same membership and prefix-cache hints, and a killed worker drops
+out of both on its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from pdcluster.common.ports import free_port
+from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.tiny_model.generate import CORPUS
+
+from tests.support.processes import start_router
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+    return result
+
+
+def test_two_routers_share_membership_and_prefix_hints(redis_url, tokenizer):
+    args = ["--registry", redis_url, "--cluster-name", "regtest"]
+    workers = [start_process("prefill", args), start_process("decode", args)]
+    routers = []
+    try:
+        for w in workers:
+            wait_ready(w)
+        routers = [start_router([], ["--registry", redis_url, "--cluster-name", "regtest"]) for _ in range(2)]
+        urls = [r.record.http for r in routers]
+
+        def members(url):
+            return {w["address"]: w for w in httpx.get(url + "/cluster", timeout=10).json()["workers"]}
+
+        expected = {w.address for w in workers}
+        for url in urls:
+            wait_for(lambda: set(members(url)) == expected and all(m["healthy"] for m in members(url).values()), 30, "membership")
+
+        # A prefill routed by router 0 becomes a prefix hint in router 1.
+        prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:600])
+        reply = httpx.post(urls[0] + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        hinted = wait_for(lambda: httpx.get(urls[1] + "/cluster").json()["prefix_index_blocks"], 15, "prefix hint")
+        assert hinted == httpx.get(urls[0] + "/cluster").json()["prefix_index_blocks"]
+        assert sum(hinted.values()) == len(tokenizer(prompt).input_ids) // 128  # full CPU blocks
+
+        # A SIGKILLed worker cannot say goodbye: its record expires and both routers drop it.
+        decode = workers[1]
+        os.kill(decode.process.pid, signal.SIGKILL)
+        for url in urls:
+            wait_for(lambda: decode.address not in members(url), 30, "dead worker to drop out")
+            assert httpx.get(url + "/health").status_code == 503
+    finally:
+        for p in [*routers, *workers]:
+            p.stop()

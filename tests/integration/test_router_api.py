@@ -1,0 +1,420 @@
+"""The router's public APIs against a live local cluster (real engines, real gRPC/HTTP):
+OpenAI completions and chat, the gRPC Inference service, bad input, disconnects,
+admission control and API keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from pdcluster.common.tiny_model.generate import CORPUS
+from pdcluster.protos import inference_pb2 as ipb
+from pdcluster.protos import inference_pb2_grpc as igrpc
+
+from tests.support.processes import reference_outputs, running_cluster, start_router
+from tests.support.router_metrics import kv_bytes_received, metric
+
+pytestmark = pytest.mark.slow
+
+BYPASS_BELOW = 32
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster(router_args=["--bypass-prefill-below", str(BYPASS_BELOW)]) as (router, workers):
+        yield router, workers
+
+
+@pytest.fixture(scope="module")
+def http(cluster):
+    router, _ = cluster
+    with httpx.Client(base_url=router.record.http, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=router_url(cluster) + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def router_url(cluster) -> str:
+    return cluster[0].record.http
+
+
+@pytest.fixture(scope="module")
+def long_prompt(tokenizer) -> str:
+    """Long enough for remote prefill and a multi-block transfer."""
+    text = CORPUS.read_text()
+    ids = tokenizer(text).input_ids[:300]
+    return tokenizer.decode(ids)
+
+
+SHORT_PROMPT = "The old mill"
+
+
+def grpc_stub(cluster):
+    channel = grpc.insecure_channel(cluster[0].record.grpc)
+    return channel, igrpc.InferenceStub(channel)
+
+
+def test_health_models_and_cluster(http, cluster, model_dir):
+    assert http.get("/health").status_code == 200
+    models = http.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny-llama-v2-s0"
+    workers = http.get("/cluster").json()["workers"]
+    assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
+    expected_keys = {"id", "role", "address", "healthy", "pid", "running", "queued", "free_kv_blocks", "kv_bytes_sent", "kv_bytes_received"}
+    for w in workers:
+        assert expected_keys <= set(w)
+        assert w["healthy"] and w["pid"] > 0 and w["free_kv_blocks"] > 0
+    assert {w["pid"] for w in workers} == {p.process.pid for p in cluster[1]}
+
+
+@pytest.mark.parametrize("which", ["long", "short"])
+def test_completion_streamed_equals_unary_and_grpc_equals_reference(which, client, http, cluster, tokenizer, long_prompt, tmp_path):
+    prompt = long_prompt if which == "long" else SHORT_PROMPT
+    prompt_ids = tokenizer(prompt).input_ids
+    received_before = kv_bytes_received(http)
+    bypass_before = metric(http, "pdcluster_router_prefill_bypass_total")
+
+    unary = client.completions.create(
+        model="tiny-llama-v2-s0", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert unary.usage.prompt_tokens == len(prompt_ids)
+    assert unary.usage.completion_tokens == MAX_TOKENS
+    assert unary.usage.total_tokens == len(prompt_ids) + MAX_TOKENS
+    assert unary.choices[0].finish_reason == "length"
+
+    chunks = list(
+        client.completions.create(
+            model="tiny-llama-v2-s0",
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == unary.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS and chunks[-1].usage.prompt_tokens == len(prompt_ids)
+
+    channel, stub = grpc_stub(cluster)
+    with channel:
+        request = ipb.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        replies = list(stub.Generate(request))
+        whole = stub.Complete(request)
+    assert "".join(r.text for r in replies) == whole.text == unary.choices[0].text
+    token_ids = [t for r in replies for t in r.token_ids]
+    assert token_ids == list(whole.token_ids)
+    assert replies[-1].finish_reason == "length" and replies[-1].usage.completion_tokens == MAX_TOKENS
+    assert replies[-1].usage.prompt_tokens == len(prompt_ids)
+    assert token_ids == reference_outputs([prompt_ids], MAX_TOKENS, tmp_path)[0]
+
+    moved = kv_bytes_received(http) - received_before
+    bypassed = metric(http, "pdcluster_router_prefill_bypass_total") - bypass_before
+    if which == "long":  # 4 requests, each through remote prefill and a KV transfer
+        assert moved > 0 and bypassed == 0
+    else:
+        assert moved == 0 and bypassed == 4
+
+
+def test_chat_streamed_equals_unary(client, tokenizer):
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Where does the river flow?"}]
+    unary = client.chat.completions.create(
+        model="tiny-llama-v2-s0", messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected_prompt = tokenizer(templated, add_special_tokens=False).input_ids
+    assert unary.usage.prompt_tokens == len(expected_prompt)
+    assert unary.usage.completion_tokens == MAX_TOKENS
+    assert unary.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-llama-v2-s0", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == unary.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_seed_and_stop(client, long_prompt):
+    many = client.completions.create(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=8, temperature=0, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert len({c.text for c in many.choices}) == 1  # greedy: every sample is the same
+    assert many.usage.completion_tokens == sum(1 for _ in many.choices) * 8 or many.choices[0].finish_reason == "stop"
+    sampled = [
+        client.completions.create(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=12, temperature=1.0, seed=7).choices[0].text
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+    full = (
+        client.completions.create(
+            model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = client.completions.create(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+
+
+def _error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["message"] and body["type"]
+    assert "code" in body
+    if code:
+        assert body["code"] == code
+    return body
+
+
+def test_bad_input_gets_openai_errors_and_disturbs_nothing(http, client, long_prompt):
+    before = client.completions.create(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+
+    def post(path, body):
+        return http.post(path, json=body)
+
+    ok = {"model": "tiny-llama-v2-s0", "prompt": "hello", "max_tokens": 4}
+    chat = {"model": "tiny-llama-v2-s0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert (
+        "JSON" in _error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)["message"]
+    )
+    _error(http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"}), 400)
+    assert _error(post("/v1/completions", {"model": "tiny-llama-v2-s0"}), 400)["param"] == "prompt"
+    _error(post("/v1/completions", {**ok, "max_tokens": "five"}), 400)
+    _error(post("/v1/completions", {**ok, "prompt": 12}), 400)
+    _error(post("/v1/completions", {**ok, "prompt": []}), 400)
+    _error(post("/v1/completions", {**ok, "prompt": [10**9]}), 400)
+    for field, value in [
+        ("temperature", -1),
+        ("temperature", 9),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("max_tokens", 0),
+        ("presence_penalty", 5),
+        ("top_k", -5),
+        ("min_p", 2),
+        ("stop", [""] * 3),
+        ("seed", 2**70),
+    ]:
+        assert _error(post("/v1/completions", {**ok, field: value}), 400)["param"] == field, field
+    _error(post("/v1/completions", {**ok, "logprobs": 3}), 400)
+    _error(post("/v1/completions", {**ok, "model": "gpt-9"}), 404, "model_not_found")
+    _error(post("/v1/completions", {**ok, "prompt": "river " * 5000}), 400, "context_length_exceeded")
+    _error(post("/v1/completions", {**ok, "max_tokens": 10**6}), 400, "context_length_exceeded")
+    _error(post("/v1/completions", {**ok, "n": 100000}), 400)
+    _error(post("/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}), 400)
+    _error(post("/v1/chat/completions", {**chat, "messages": []}), 400)
+    _error(post("/v1/chat/completions", {**chat, "messages": [{"role": "user"}]}), 400)
+    _error(post("/v1/chat/completions", {**chat, "messages": "hi"}), 400)
+    _error(http.post("/v1/completions", content=b"x" * (5 << 20), headers={"content-type": "application/json"}), 413)
+    _error(http.get("/v1/nothing-here"), 404)
+    _error(http.get("/v1/completions"), 405)
+    # Everything still serves, and a normal request gives the same answer as before.
+    assert http.get("/health").status_code == 200
+    assert all(w["healthy"] for w in http.get("/cluster").json()["workers"])
+    after = client.completions.create(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+    assert after == before
+
+
+def test_bad_input_over_grpc(cluster, http):
+    channel, stub = grpc_stub(cluster)
+    cases = [
+        (ipb.GenerateRequest(max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT),
+        (ipb.GenerateRequest(prompt="hi", prompt_token_ids=[1], max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT),
+        (ipb.GenerateRequest(prompt="hi", temperature=7.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (ipb.GenerateRequest(prompt="hi", top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT),
+        (ipb.GenerateRequest(prompt="hi", model="gpt-9"), grpc.StatusCode.NOT_FOUND),
+        (ipb.GenerateRequest(prompt="river " * 5000), grpc.StatusCode.INVALID_ARGUMENT),
+        (ipb.GenerateRequest(prompt_token_ids=[10**9]), grpc.StatusCode.INVALID_ARGUMENT),
+        (ipb.GenerateRequest(messages=[ipb.ChatMessage(role="wizard", content="hi")]), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    with channel:
+        for request, code in cases:
+            for call in (lambda r: list(stub.Generate(r)), stub.Complete):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request)
+                assert e.value.code() == code, (request, e.value)
+                assert e.value.details()
+        assert stub.Complete(ipb.GenerateRequest(prompt="hi", max_tokens=3, temperature=0.0)).usage.completion_tokens >= 1
+    assert http.get("/health").status_code == 200
+
+
+def test_client_disconnect_aborts_on_workers(cluster, http, long_prompt):
+    url = cluster[0].record.http
+    cancelled_before = metric(http, "pdcluster_router_requests_total", 'outcome="cancelled"')
+    body = json.dumps({"prompt": long_prompt, "max_tokens": 3000, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received = b""
+    sock.settimeout(60)
+    while b"data: " not in received:  # the headers may come alone, before the first token
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    sock.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = http.get("/cluster").json()["workers"]
+        if all(w["running"] == 0 and w["router_inflight"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] for w in workers):
+            break
+        time.sleep(0.5)
+    assert all(w["running"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] for w in workers), workers
+    assert metric(http, "pdcluster_router_requests_total", 'outcome="cancelled"') == cancelled_before + 1
+    assert metric(http, "pdcluster_router_output_tokens_total") < 3000 * 10
+
+
+def test_admission_control_and_api_key(cluster, long_prompt):
+    workers = cluster[1]
+    router = start_router([w.address for w in workers], ["--max-inflight", "1", "--max-queue", "1", "--api-key", "s3cret"])
+    try:
+        url = router.record.http
+        with httpx.Client(base_url=url, timeout=120) as http:
+            _error(http.post("/v1/completions", json={"prompt": "hi"}), 401, "invalid_api_key")
+            _error(http.get("/cluster"), 401)
+            assert http.get("/health").status_code == 200  # probes need no key
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
+        statuses: list[int] = []
+
+        def one() -> None:
+            try:
+                client.completions.create(
+                    model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=200, temperature=0, extra_body={"ignore_eos": True}
+                )
+                statuses.append(200)
+            except openai.RateLimitError as e:
+                assert e.body["type"] == "rate_limit_error"
+                statuses.append(429)
+
+        threads = [threading.Thread(target=one) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # One runs, one waits, the rest are turned away at once; the admitted ones finish.
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+        assert client.completions.create(model="tiny-llama-v2-s0", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+        channel = grpc.insecure_channel(router.record.grpc)
+        with channel:
+            stub = igrpc.InferenceStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Complete(ipb.GenerateRequest(prompt="hi", max_tokens=2))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = stub.Complete(ipb.GenerateRequest(prompt="hi", max_tokens=2), metadata=[("authorization", "Bearer s3cret")])
+            assert reply.usage.completion_tokens >= 1
+    finally:
+        router.stop()
+
+
+def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long_prompt):
+    """With --local-prefill-above-queued, prompts that arrive while the prefill worker is busy
+    are computed on the decode worker instead, with the same greedy text."""
+    kwargs = dict(model="tiny-llama-v2-s0", prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**kwargs).choices[0].text
+    router = start_router(
+        [w.address for w in cluster[1]], ["--bypass-prefill-below", str(BYPASS_BELOW), "--local-prefill-above-queued", "1"]
+    )
+    try:
+        backlog_client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=120)
+        texts: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: texts.append(backlog_client.completions.create(**kwargs).choices[0].text)) for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert texts == [expected] * 6
+        with httpx.Client(base_url=router.record.http, timeout=60) as http:
+            # The first prompt goes to the idle prefill worker; some of the rest arrive behind it.
+            assert metric(http, "pdcluster_router_worker_picks_total", 'role="prefill"') >= 1
+            assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="prefill_backlog"') >= 1
+    finally:
+        router.stop()
+
+
+def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
+    from pdcluster.bench.serve_bench import main as bench_serve
+    from pdcluster.bench.workloads import Workload
+
+    json_path, png_path = tmp_path / "serve.json", tmp_path / "serve.png"
+    served_before = metric(http, "pdcluster_router_requests_total", 'outcome="ok"')
+    workload = Workload(prompt_tokens=120, output_tokens=8, distribution="fixed", prefix_share=0.5, prefix_groups=2, seed=3)
+    results = bench_serve(router_url(cluster), [2.0, 8.0], 6, workload, json_path=str(json_path), plot_path=str(png_path), quiet=True)
+    assert [r.rate for r in results] == [2.0, 8.0]
+    for r in results:
+        assert (r.requests, r.completed, r.failed) == (6, 6, 0), r.errors
+        assert r.output_tok_per_s > 0 and 0.0 <= r.goodput <= 1.0
+        assert r.ttft_ms["p50"] <= r.ttft_ms["p99"] and r.e2e_ms["p50"] <= r.e2e_ms["p99"]
+        assert r.ttft_ms["p99"] <= r.e2e_ms["p99"]
+    assert metric(http, "pdcluster_router_requests_total", 'outcome="ok"') == served_before + 12  # every request reached the router
+    report = json.loads(json_path.read_text())
+    assert report["model"] == "tiny-llama-v2-s0" and len(report["results"]) == 2
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Seeded: the same workload twice gives the same prompts.
+    assert workload.requests(4, 977) == workload.requests(4, 977)
+    shared = {tuple(p[:60]) for p, _ in workload.requests(20, 977)}
+    assert len(shared) == 2  # prefix-sharing mode: every prompt starts with one of 2 prefixes
+
+
+def test_vllm_bench_serve_runs_against_the_router_unmodified(cluster, model_dir, tmp_path):
+    """vLLM's own benchmark client, as users run it against an OpenAI-compatible server."""
+    vllm_cli = os.path.join(os.path.dirname(sys.executable), "vllm")
+    cmd = [
+        vllm_cli,
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        router_url(cluster),
+        "--model",
+        "tiny-llama-v2-s0",
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "64",
+        "--random-output-len",
+        "8",
+        "--num-prompts",
+        "8",
+        "--request-rate",
+        "4",
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(tmp_path),
+        "--result-filename",
+        "vllm_bench.json",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "vllm_bench.json").read_text())
+    assert result["completed"] == 8 and result["total_output_tokens"] == 8 * 8

@@ -1,0 +1,65 @@
+"""Real worker and router processes for tests, and the single-engine reference they are compared with."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+
+from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.worker_record import Role
+
+from tests.support.paths import ROOT
+
+
+@contextlib.contextmanager
+def running_cluster(prefill: int = 1, decode: int = 1, worker_args: list[str] = (), router_args: list[str] = ()):
+    """Workers and a router in front of them, each its own process; yields (router, workers)."""
+    workers = [start_process(Role.PREFILL, worker_args) for _ in range(prefill)]
+    workers += [start_process(Role.DECODE, worker_args) for _ in range(decode)]
+    started = list(workers)
+    try:
+        for w in workers:
+            wait_ready(w)
+        router = start_router([w.address for w in workers], router_args)
+        started.append(router)
+        yield router, workers
+    finally:
+        for p in started:
+            p.stop()
+
+
+def start_router(worker_addresses: list[str], router_args: list[str] = ()):
+    """A router process on free ports in front of the given workers, ready."""
+    args = ["--port", "0", "--grpc-port", "0", *router_args]
+    for address in worker_addresses:
+        args += ["--worker", address]
+    return wait_ready(start_process("router", args))
+
+
+@contextlib.contextmanager
+def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None):
+    """A prefill and a decode worker process, ready, stopped on exit."""
+    workers = [start_process(Role.PREFILL, prefill_args, env=env), start_process(Role.DECODE, decode_args, env=env)]
+    try:
+        for w in workers:
+            wait_ready(w)
+        yield tuple(workers)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path) -> list[list[int]]:
+    """Greedy output token ids of one plain vLLM engine (no connector), in its own process."""
+    prompts_path, out_path = tmp_path / "prompts.json", tmp_path / "outputs.json"
+    prompts_path.write_text(json.dumps(prompts))
+    subprocess.run(
+        [sys.executable, "-m", "tests.support.reference_engine", str(prompts_path), str(out_path), str(max_tokens)],
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+        stdout=subprocess.DEVNULL,
+    )
+    return json.loads(out_path.read_text())

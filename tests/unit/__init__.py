@@ -1,0 +1,1 @@
+"""Tests of single parts: no engine, no server process, no Ray."""

@@ -1,0 +1,161 @@
+"""The controller's reconcile, heal and scale decisions, driven through a fake launcher and
+probe: no Ray, no worker processes. (tests/cluster/ runs it on real Ray.)"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
+from pdcluster.cluster.controller import ClusterController
+from pdcluster.common.worker_record import Role, WorkerRecord
+from pdcluster.protos import worker_pb2
+from pdcluster.worker.config import WorkerConfig
+
+
+class FakeReplica:
+    def __init__(self, config: WorkerConfig, pool: PoolSpec, number: int) -> None:
+        self.config, self.pool = config, pool
+        self.record = WorkerRecord(
+            worker_id=config.worker_id,
+            role=config.role,
+            address=f"10.0.0.{number}:5000",
+            kv_endpoint=f"10.0.0.{number}:6000",
+            metrics_port=0,
+            pid=number,
+        )
+        self.started = asyncio.Event()
+        self.started.set()
+        self.exit_code: int | None = None
+        self.hung = False
+        self.stats = worker_pb2.WorkerStats(role=config.role, worker_id=config.worker_id, total_kv_blocks=100, free_kv_blocks=100)
+        self.stopped: bool | None = None  # drained (True) or stopped at once (False)
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.replicas: list[FakeReplica] = []
+        self._numbers = itertools.count(1)
+
+    def node_address(self) -> str:
+        return "127.0.0.1"
+
+    def launch(self, config: WorkerConfig, pool: PoolSpec) -> FakeReplica:
+        replica = FakeReplica(config, pool, next(self._numbers))
+        self.replicas.append(replica)
+        return replica
+
+    async def wait_ready(self, handle: FakeReplica, timeout_s: float) -> WorkerRecord:
+        await handle.started.wait()
+        return handle.record
+
+    async def exit_code(self, handle: FakeReplica) -> int | None:
+        return handle.exit_code
+
+    async def stop(self, handle: FakeReplica, drain: bool) -> None:
+        handle.stopped = drain
+
+    def live(self, role: Role) -> list[FakeReplica]:
+        return [r for r in self.replicas if r.config.role == role and r.stopped is None]
+
+
+class FakeProbe:
+    def __init__(self, launcher: FakeLauncher) -> None:
+        self._launcher = launcher
+        self.forgotten: list[str] = []
+
+    async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
+        replica = next(r for r in self._launcher.replicas if r.record == record)
+        if replica.hung:
+            raise TimeoutError("no answer")
+        return replica.stats
+
+    async def forget(self, record: WorkerRecord) -> None:
+        self.forgotten.append(record.worker_id)
+
+
+def make_controller(spec: dict) -> tuple[ClusterController, FakeLauncher, FakeProbe]:
+    launcher = FakeLauncher()
+    probe = FakeProbe(launcher)
+    return ClusterController(ClusterSpec.model_validate(spec).model_dump_json(), launcher, probe), launcher, probe
+
+
+async def rounds(controller: ClusterController, n: int = 1) -> None:
+    for _ in range(n):
+        await controller.reconcile()
+        await asyncio.sleep(0.01)  # launched replicas report ready, drains run, an autoscale interval passes
+
+
+@pytest.mark.asyncio
+async def test_reconcile_starts_each_pool_at_its_target_with_the_spec_config():
+    spec = {"name": "c1", "engine": {"max_model_len": 777}, "prefill": {"replicas": 2, "kv_transport": "grpc"}, "decode": {"replicas": 1}}
+    controller, launcher, _ = make_controller(spec)
+    await rounds(controller, 2)
+    assert len(launcher.live(Role.PREFILL)) == 2 and len(launcher.live(Role.DECODE)) == 1
+    assert sorted(await controller.members()) == sorted(r.record.address for r in launcher.replicas)
+    config = launcher.live(Role.PREFILL)[0].config
+    assert config.engine.max_model_len == 777 and config.kv_transport == "grpc" and config.cluster_name == "c1"
+    status = await controller.status()
+    assert status["pools"]["prefill"]["ready"] == 2 and status["pools"]["decode"]["target"] == 1
+    await rounds(controller, 3)
+    assert len(launcher.replicas) == 3  # nothing more is started once the targets are met
+
+
+@pytest.mark.asyncio
+async def test_a_replica_that_exits_is_replaced_and_the_heal_recorded():
+    controller, launcher, probe = make_controller({})
+    await rounds(controller, 2)
+    dead = launcher.live(Role.DECODE)[0]
+    dead.exit_code = 137
+    await rounds(controller)
+    assert dead.stopped is False  # removed at once, not drained
+    assert dead.record.worker_id in probe.forgotten
+    await rounds(controller)
+    replacement = launcher.live(Role.DECODE)
+    assert len(replacement) == 1 and replacement[0] is not dead
+    heals = (await controller.status())["heals"]
+    assert [(h["role"], h["replaced"], h["replacement"]) for h in heals] == [
+        ("decode", dead.config.worker_id, replacement[0].config.worker_id)
+    ]
+    assert heals[0]["reason"] == "exited with 137" and controller.heal_counts[Role.DECODE] == 1
+
+
+@pytest.mark.asyncio
+async def test_a_hung_replica_is_replaced_after_its_failed_checks():
+    controller, launcher, _ = make_controller({"unhealthy_after": 3})
+    await rounds(controller, 2)
+    hung = launcher.live(Role.PREFILL)[0]
+    hung.hung = True
+    await rounds(controller, 2)
+    assert hung.stopped is None  # two missed checks: not yet
+    await rounds(controller)
+    assert hung.stopped is False
+    await rounds(controller)
+    assert len(launcher.live(Role.PREFILL)) == 1 and launcher.live(Role.PREFILL)[0] is not hung
+
+
+@pytest.mark.asyncio
+async def test_autoscaler_adds_under_load_and_drains_when_idle():
+    autoscaling = {
+        "enabled": True,
+        "interval_s": 0.001,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 0,
+        "cooldown_s": 0,
+        "prefill_target_queued_tokens": 100,
+    }
+    controller, launcher, _ = make_controller({"prefill": {"max_replicas": 3}, "autoscaling": autoscaling})
+    await rounds(controller, 2)
+    launcher.live(Role.PREFILL)[0].stats.queued_prefill_tokens = 250  # 2.5 x target
+    await rounds(controller, 2)
+    assert controller.targets[Role.PREFILL] == 3 and len(launcher.live(Role.PREFILL)) == 3
+    assert controller.decision_counts[(Role.PREFILL, "up")] == 1 and controller.targets[Role.DECODE] == 1
+    for replica in launcher.live(Role.PREFILL):
+        replica.stats.queued_prefill_tokens = 0
+    await rounds(controller, 2)
+    drained = [r for r in launcher.replicas if r.config.role == Role.PREFILL and r.stopped is not None]
+    assert drained and all(r.stopped is True for r in drained)  # scale-down drains
+    assert controller.decision_counts[(Role.PREFILL, "down")] >= 1
+    assert len(launcher.live(Role.PREFILL)) == controller.targets[Role.PREFILL] >= 1

@@ -1,0 +1,66 @@
+"""The deployment files are valid: the Ray cluster-launcher YAMLs pass Ray's own config
+validation, and the cluster specs load into the typed ClusterSpec."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+import pytest
+import yaml
+
+from pdcluster.cluster.cluster_spec import ClusterSpec, add_cluster_flags, load_cluster_spec
+
+from tests.support.paths import DEPLOY
+
+
+def ray_validate(config: dict) -> dict:
+    """What `ray up` does before it launches anything: fill in defaults, check the schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(DEPLOY, name)) as f:
+        return yaml.safe_load(f)
+
+
+def test_aws_cluster_yaml_passes_ray_validation():
+    prepared = ray_validate(load("ray/aws.yaml"))
+    types = prepared["available_node_types"]
+    assert types["prefill_gpu"]["resources"]["prefill_pool"] > 0
+    assert types["decode_gpu"]["resources"]["decode_pool"] > 0
+    assert types["prefill_gpu"]["node_config"]["InstanceType"] != types["decode_gpu"]["node_config"]["InstanceType"]
+    assert all(types[t]["max_workers"] >= types[t]["min_workers"] for t in ("prefill_gpu", "decode_gpu"))
+
+
+def test_local_cluster_yaml_passes_ray_validation():
+    prepared = ray_validate(load("ray/local.yaml"))
+    assert prepared["provider"]["type"] == "local"
+    assert any("--resources" in c for c in prepared["worker_start_ray_commands"])
+
+
+def test_ray_validation_catches_a_broken_config():
+    broken = load("ray/aws.yaml")
+    broken["available_node_types"]["prefill_gpu"]["max_workers"] = "many"
+    with pytest.raises(Exception):
+        ray_validate(broken)
+
+
+@pytest.mark.parametrize("name", ["cluster.example.yaml", "cluster.gpu.yaml"])
+def test_cluster_specs_load(name):
+    parser = argparse.ArgumentParser()
+    add_cluster_flags(parser)
+    spec = load_cluster_spec(parser.parse_args(["--config", os.path.join(DEPLOY, name), "--decode", "3"]))
+    assert spec.prefill.node_resource == "prefill_pool" and spec.decode.node_resource == "decode_pool"
+    assert spec.decode.replicas == 3 and spec.decode.max_replicas >= 3
+    assert spec.prefill.bundle()["prefill_pool"] == 1.0
+
+
+def test_cluster_spec_refuses_unknown_fields():
+    with pytest.raises(ValueError):
+        ClusterSpec.model_validate({"prefill": {"replica": 2}})

@@ -1,0 +1,138 @@
+"""Routing decisions and admission control, on the router's own classes without workers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdcluster.protos import worker_pb2
+from pdcluster.router.admission import AdmissionGate
+from pdcluster.router.errors import Overloaded
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.routing_policy import (
+    PrefixIndex,
+    pick_decode_worker,
+    pick_prefill_worker,
+    prefill_backlog_too_deep,
+    prompt_block_hashes,
+    should_bypass_prefill,
+)
+from pdcluster.router.worker_pool import WorkerPool, WorkerView
+
+BLOCK = 16
+
+
+def worker(name: str, role: str, **stats) -> WorkerView:
+    defaults = dict(role=role, worker_id=name, block_size=BLOCK, free_kv_blocks=1000, total_kv_blocks=1000)
+    return WorkerView(address=name, channel=None, stub=None, stats=worker_pb2.WorkerStats(**{**defaults, **stats}), reachable=True)
+
+
+def pick_prefill(workers, prompt, index):
+    return pick_prefill_worker(workers, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs))
+
+
+def test_block_hashes_follow_shared_prefixes():
+    a = list(range(100))
+    b = list(range(40)) + [7] * 60
+    ha, hb = prompt_block_hashes(a, BLOCK), prompt_block_hashes(b, BLOCK)
+    assert len(ha) == 100 // BLOCK  # the partial last block is not cacheable
+    assert ha[:2] == hb[:2] and ha[2] != hb[2]  # blocks 0-1 are shared, block 2 diverges at token 40
+    assert prompt_block_hashes(a[: BLOCK - 1], BLOCK) == []
+    # A block's hash depends on everything before it, not only its own tokens.
+    assert prompt_block_hashes([1] * BLOCK + [2] * BLOCK, BLOCK)[1] != prompt_block_hashes([3] * BLOCK + [2] * BLOCK, BLOCK)[1]
+
+
+def test_prefix_index_counts_leading_blocks_and_forgets_oldest():
+    index = PrefixIndex(capacity_blocks=4)
+    index.record("w", [1, 2, 3])
+    assert index.overlap_blocks("w", [1, 2, 9, 3]) == 2
+    assert index.overlap_blocks("w", [9, 1, 2]) == 0
+    assert index.overlap_blocks("other", [1]) == 0
+    index.record("w", [4, 5])  # capacity 4: block 1 is the oldest and goes
+    assert index.overlap_blocks("w", [1]) == 0
+    assert index.overlap_blocks("w", [2, 3, 4, 5]) == 4
+    index.forget("w")
+    assert index.overlap_blocks("w", [5]) == 0
+
+
+def test_prefill_prefers_the_worker_holding_the_prefix():
+    index = PrefixIndex()
+    a, b = worker("a", "prefill"), worker("b", "prefill")
+    shared = list(range(10 * BLOCK))
+    index.record("b", prompt_block_hashes(shared, BLOCK))
+    chosen, overlap = pick_prefill([a, b], shared + [1, 2, 3], index)
+    assert chosen is b and overlap == 10 * BLOCK
+    # Without a cached prefix the lighter-loaded worker wins.
+    other = [5] * (4 * BLOCK)
+    b.stats.queued_prefill_tokens = 500
+    assert pick_prefill([a, b], other, index)[0] is a
+    # Load outweighs affinity once the queue costs more than the prefix saves.
+    b.stats.queued_prefill_tokens = 100 * BLOCK
+    assert pick_prefill([a, b], shared, index)[0] is a
+
+
+def test_prefill_counts_work_the_router_sent_since_the_last_poll():
+    a, b = worker("a", "prefill"), worker("b", "prefill")
+    a.pending_prefill_tokens = 4000
+    assert pick_prefill([a, b], list(range(64)), PrefixIndex())[0] is b
+    assert pick_prefill([], list(range(64)), PrefixIndex()) == (None, 0)
+
+
+def test_decode_balances_load_and_needs_room():
+    a = worker("a", "decode", running=5)
+    b = worker("b", "decode", running=1)
+    assert pick_decode_worker([a, b], 100) is b
+    b.inflight = 9  # sent by this router, not yet in b's stats
+    assert pick_decode_worker([a, b], 100) is a
+    # A worker without room for the sequence loses even when idle.
+    c = worker("c", "decode", free_kv_blocks=2)
+    assert pick_decode_worker([a, c], 10 * BLOCK) is a
+    # Ties on load go to the most free KV.
+    d = worker("d", "decode", running=5, free_kv_blocks=1000)
+    e = worker("e", "decode", running=5, free_kv_blocks=2000)
+    assert pick_decode_worker([d, e], 100) is e
+    assert pick_decode_worker([], 100) is None
+
+
+def test_short_prompts_bypass_prefill():
+    assert should_bypass_prefill(10, 64)
+    assert not should_bypass_prefill(64, 64)
+    assert not should_bypass_prefill(10, 0)
+
+
+def test_a_deep_prefill_backlog_sends_the_prompt_to_the_decode_worker_only_when_enabled():
+    busy = worker("p", "prefill", queued_prefill_tokens=3000)
+    assert prefill_backlog_too_deep(busy, 2048)
+    assert not prefill_backlog_too_deep(busy, 0)  # off by default
+    assert not prefill_backlog_too_deep(worker("q", "prefill", queued_prefill_tokens=2048), 2048)
+    # Our own count of prompts sent and not yet answered counts while the last poll lags.
+    lagging = worker("r", "prefill")
+    lagging.pending_prefill_tokens = 4096
+    assert prefill_backlog_too_deep(lagging, 2048)
+
+
+async def test_admission_gate_queues_then_refuses():
+    pool = WorkerPool([])
+    gate = AdmissionGate(max_inflight=1, max_queue=1, metrics=RouterMetrics(pool))
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with gate.slot():
+            order.append(name)
+            await release.wait()
+
+    first = asyncio.create_task(hold("first"))
+    await asyncio.sleep(0)
+    queued = asyncio.create_task(hold("queued"))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        async with gate.slot():
+            pass
+    release.set()
+    await asyncio.gather(first, queued)
+    assert order == ["first", "queued"]
+    async with gate.slot():  # free again
+        pass
+    await pool.close()

@@ -1,0 +1,75 @@
+"""vLLM engine arguments for a pdcluster engine, with or without our KV connector."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pdcluster.common.worker_record import Role
+from pdcluster.worker.config import EngineConfig
+
+
+def resolve_model(model: str) -> str:
+    if model:
+        return model
+    from pdcluster.common.tiny_model.generate import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+def engine_environment(engine: EngineConfig) -> dict[str, str]:
+    """Environment vLLM reads at engine start (CPU KV size must be explicit here)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib)))}
+    if not _has_gpu() and engine.tensor_parallel_size == 1:
+        # AsyncLLM keeps its engine core in its own process either way; this only runs
+        # the CPU model inside that process instead of a further worker process whose
+        # shared-memory queue busy-spins and starves the other pool on small machines.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def prepare_environment(engine: EngineConfig) -> None:
+    """Apply `engine_environment`, leaving what the caller already set."""
+    for name, value in engine_environment(engine).items():
+        os.environ.setdefault(name, value)
+
+
+def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for vLLM's (Async)EngineArgs / LLM."""
+    kwargs: dict[str, Any] = dict(
+        model=resolve_model(engine.model),
+        # The tiny model is float32 so greedy output is stable; "auto" could pick bf16.
+        dtype="float32" if not engine.model and engine.dtype == "auto" else engine.dtype,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        seed=0,
+    )
+
+    if engine.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    if _has_gpu():
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    if kv_transfer is not None:
+        from vllm.config import KVTransferConfig
+
+        kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
+    return kwargs
+
+
+def pd_kv_transfer(role: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """KVTransferConfig fields that load our connector in the given pool role."""
+    return dict(
+        kv_connector="PdConnector",
+        kv_connector_module_path="pdcluster.kv_transfer.connector",
+        kv_role="kv_producer" if role == Role.PREFILL else "kv_consumer",
+        kv_connector_extra_config=extra,
+        kv_load_failure_policy="recompute",
+    )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,264 @@
+"""The process shell shared by prefill and decode workers.
+
+It starts vLLM's async engine with our KV connector, serves the internal `Worker` gRPC
+service (the role's handler answers Prefill or Decode; Health and Stats are answered
+here), exports Prometheus metrics, and drains in-flight requests before it exits on
+SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+import uuid
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from pdcluster.common.files import write_atomically
+from pdcluster.common.periodic import cancel_all, run_periodically
+from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
+from pdcluster.common.tls import add_port
+from pdcluster.common.worker_record import Role, WorkerRecord
+from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
+from pdcluster.worker.config import WorkerConfig
+from pdcluster.worker.engine_args import engine_kwargs, pd_kv_transfer, prepare_environment
+from pdcluster.worker.metrics import WorkerCollector
+
+logger = logging.getLogger("pdcluster.worker")
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+class RoleHandler(Protocol):
+    """What a pool adds to the shell: the RPC its role serves (`prefill` or `decode`)."""
+
+    @property
+    def queued_prefill_tokens(self) -> int: ...
+
+
+def _scheduler_stats_logger(holder: dict):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsLogger(StatLoggerBase):
+        """Keeps the engine's latest scheduler stats for Stats and metrics."""
+
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                holder["scheduler"] = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerStatsLogger
+
+
+class WorkerHost(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, handler_cls) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
+        self._handler_cls = handler_cls
+        self.handler: RoleHandler | None = None
+        self.engine = None
+        self.kv_endpoint = ""
+        self._scheduler_stats: dict = {}
+        self._kv_stats = kv_transfer_pb2.KVStats()
+        self._active = 0
+        self._draining = False
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.config
+        prepare_environment(cfg.engine)
+        endpoint_file = os.path.join(tempfile.mkdtemp(prefix="pdcluster-kv-"), "endpoint.json")
+        extra = dict(
+            host=cfg.host,
+            port=cfg.kv_port,
+            endpoint_file=endpoint_file,
+            auth_token=cfg.auth_token,
+            transport=cfg.kv_transport,
+            data_port=cfg.kv_data_port,
+            data_advertise=cfg.kv_data_advertise,
+            chunk_bytes=cfg.kv_chunk_bytes,
+            load_timeout_s=cfg.kv_load_timeout_s,
+            send_timeout_s=cfg.kv_send_timeout_s,
+            tls_cert=cfg.tls.cert,
+            tls_key=cfg.tls.key,
+            tls_ca=cfg.tls.ca,
+        )
+        kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_scheduler_stats_logger(self._scheduler_stats)])
+        with open(endpoint_file) as f:
+            self.kv_endpoint = json.load(f)["endpoint"]
+        self.handler = self._handler_cls(self)
+
+        # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
+        # do not belong here; only room for long prompts' token lists.
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = add_port(self._server, f"{cfg.host}:{cfg.port}", cfg.tls)
+        await self._server.start()
+        registry = CollectorRegistry()
+        registry.register(WorkerCollector(self))
+        metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
+        self.metrics_port = metrics_server.server_port
+        logger.info(
+            "%s worker %s serving on %s:%d (KV %s, metrics %d)",
+            cfg.role,
+            self.worker_id,
+            cfg.host,
+            self.port,
+            self.kv_endpoint,
+            self.metrics_port,
+        )
+        await self._set_serving(True)
+        if cfg.ready_file:
+            write_atomically(cfg.ready_file, self.record().model_dump_json())
+
+    def record(self) -> WorkerRecord:
+        return WorkerRecord(
+            worker_id=self.worker_id,
+            role=self.config.role,
+            address=f"{self.config.host}:{self.port}",
+            kv_endpoint=self.kv_endpoint,
+            metrics_port=self.metrics_port,
+            pid=os.getpid(),
+        )
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", self.config.role.value):  # the whole server, and this role's service
+            await self._health.set(service, status)
+
+    async def serve_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [run_periodically(self._refresh_kv_stats, 1.0, logger)]
+        registry = None
+        if self.config.registry:
+            registry = RedisRegistry(self.config.registry, self.config.cluster_name)
+            # Redis away for a moment: the record expires and routers skip this worker until it is back.
+            tasks.append(run_periodically(lambda: registry.announce(self.record()), HEARTBEAT_INTERVAL_S, logger))
+        await stop.wait()
+        await cancel_all(tasks)
+        if registry is not None:  # routers stop sending before the drain starts
+            with contextlib.suppress(Exception):
+                await registry.withdraw(self.worker_id)
+            await registry.close()
+        await self.drain_and_stop()
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, let running requests (and their KV pulls) finish, then exit."""
+        self._draining = True
+        await self._set_serving(False)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    async def _refresh_kv_stats(self) -> None:
+        self._kv_stats = await fetch_kv_stats(self.kv_endpoint, tls=self.config.tls)
+
+    # -- request accounting shared by the role handlers --------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self):
+        if self._draining:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+
+    # -- Worker service ---------------------------------------------------------------
+
+    async def Prefill(self, request, context):
+        if self.config.role != Role.PREFILL:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
+        try:
+            with self.admitted():
+                return await self.handler.prefill(request, context)
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def Decode(self, request, context):
+        if self.config.role != Role.DECODE:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
+        try:
+            with self.admitted():
+                async for chunk in self.handler.decode(request, context):
+                    yield chunk
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def Stats(self, request, context):
+        return await self.stats()
+
+    async def stats(self) -> worker_pb2.WorkerStats:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            self._kv_stats = await fetch_kv_stats(self.kv_endpoint, timeout=2.0, tls=self.config.tls)
+        sched = self._scheduler_stats.get("scheduler")
+        cache = self.engine.vllm_config.cache_config
+        total = cache.num_gpu_blocks or 0
+        usage = sched.kv_cache_usage if sched else 0.0
+        return worker_pb2.WorkerStats(
+            role=self.config.role,
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            running=sched.num_running_reqs if sched else 0,
+            queued=sched.num_waiting_reqs if sched else 0,
+            free_kv_blocks=int(total * (1.0 - usage)),
+            total_kv_blocks=total,
+            kv_bytes_sent=self._kv_stats.bytes_sent,
+            kv_bytes_received=self._kv_stats.bytes_received,
+            kv_endpoint=self.kv_endpoint,
+            model=self.engine.vllm_config.model_config.model,
+            queued_prefill_tokens=self.handler.queued_prefill_tokens,
+            block_size=cache.block_size,
+            draining=self._draining,
+            max_model_len=self.engine.vllm_config.model_config.max_model_len,
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code, self.message = code, message
+
+
+def run_worker(config: WorkerConfig, handler_cls) -> None:
+    """Entry point of `python -m prefill_worker` / `python -m decode_worker`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        host = WorkerHost(config, handler_cls)
+        await host.start()
+        await host.serve_until_signalled()
+
+    asyncio.run(main())

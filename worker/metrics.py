@@ -1,0 +1,48 @@
+"""The worker's Prometheus metrics: engine scheduler state and KV transfer counters, read at
+scrape time from the host's latest stats."""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class WorkerCollector:
+    """Prometheus view of the worker; read at scrape time from the latest stats."""
+
+    def __init__(self, host) -> None:
+        self._host = host
+
+    def collect(self):
+        host = self._host
+        labels = ["role", "worker_id"]
+        values = [host.config.role, host.worker_id]
+        sched = host._scheduler_stats.get("scheduler")
+        kv = host._kv_stats
+        gauges = {
+            "pdcluster_worker_running_requests": sched.num_running_reqs if sched else 0,
+            "pdcluster_worker_queued_requests": sched.num_waiting_reqs if sched else 0,
+            "pdcluster_worker_kv_cache_usage": sched.kv_cache_usage if sched else 0.0,
+            "pdcluster_worker_active_rpcs": host._active,
+            "pdcluster_worker_draining": int(host._draining),
+            "pdcluster_kv_pending_sends": kv.pending_sends,
+            "pdcluster_kv_pending_receives": kv.pending_receives,
+            "pdcluster_kv_staged_bytes": kv.staged_bytes,
+        }
+        counters = {
+            "pdcluster_kv_bytes_sent": kv.bytes_sent,
+            "pdcluster_kv_bytes_received": kv.bytes_received,
+            "pdcluster_kv_send_seconds": kv.send_seconds,
+            "pdcluster_kv_receive_seconds": kv.receive_seconds,
+            "pdcluster_kv_transfers_sent": kv.transfers_sent,
+            "pdcluster_kv_transfers_received": kv.transfers_received,
+            "pdcluster_kv_transfers_failed": kv.transfers_failed,
+            "pdcluster_kv_checksum_failures": kv.checksum_failures,
+            "pdcluster_kv_send_retries": kv.send_retries,
+            "pdcluster_kv_recomputes": kv.recomputes,
+            "pdcluster_kv_expired_leases": kv.expired_leases,
+        }
+        for family, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, value in metrics.items():
+                metric = family(name, name.replace("_", " "), labels=labels)
+                metric.add_metric(values, value)
+                yield metric
