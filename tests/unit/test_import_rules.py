@@ -81,3 +81,13 @@ def test_the_check_catches_a_forbidden_import():
     assert not allowed("prefill_worker", "decode_worker.decode_handler")
     assert not allowed("cluster", "bench.workloads") and not allowed("cluster", "router.request_flow")
     assert allowed("cluster", "router.config") and allowed("bench", "cluster.controller")
+
+
+def test_test_modules_import_no_other_test_module():
+    bad = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests."):
+                if not node.module.startswith("tests.support"):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+    assert not bad, "\n".join(bad)
