@@ -46,7 +46,12 @@ class RouterConfig(BaseModel):
     decode_idle_timeout_s: float = Field(300.0, description="longest silence on a token stream before failover")
     capacity_wait_s: float = Field(120.0, description="how long a request waits for a healthy decode worker (one restarting)")
     health_interval_s: float = 1.0
+    health_timeout_s: float = Field(2.0, description="how long one health check may take (a busy worker answers late)")
+    unhealthy_after: int = Field(
+        2, description="health checks missed in a row before a worker counts as lost: its requests retry or resume elsewhere"
+    )
     prefix_index_blocks: int = Field(65536, description="block hashes remembered per prefill worker")
+    drain_timeout_s: float = Field(60.0, description="on SIGTERM: how long running requests and streams may take to finish")
     ready_file: str = ""
 
 

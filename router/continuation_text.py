@@ -34,8 +34,10 @@ class ContinuationText:
         self._tokens += token_ids
         prefix_text = self._decode(self._tokens[self._prefix : self._read])
         new_text = self._decode(self._tokens[self._prefix :])
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not finish_reason):
-            return ""  # an unfinished character: wait for the tokens that complete it
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            # An unfinished character: wait for the tokens that complete it. A stream that ends
+            # on one never shows it, as vLLM's own detokenizer does not.
+            return ""
         delta = new_text[len(prefix_text) :]
         self._prefix, self._read = self._read, len(self._tokens)
         if finish_reason == "stop" and self._stop:

@@ -225,8 +225,23 @@ def _validation_param(e: RequestValidationError) -> str | None:
     return loc[0] if loc else None
 
 
+# How much of an oversized body is read and dropped before the 413: a server that answers and
+# closes while the client is still sending makes the client see a reset instead of the answer.
+DISCARD_LIMIT_BYTES = 64 << 20
+
+
+async def _discard_body(receive) -> None:
+    seen = 0
+    while seen <= DISCARD_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
 class _BodySizeLimit:
-    """ASGI wrapper refusing bodies over the limit (declared or streamed) with 413."""
+    """ASGI wrapper refusing bodies over the limit (declared or streamed) with a 413 the
+    client can read."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -235,18 +250,32 @@ class _BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            error = PayloadTooLarge(f"the request body exceeds {self.max_bytes} bytes", code="payload_too_large")
-            return await JSONResponse(error.openai_body(), error.http_status)(scope, receive, send)
-        seen = 0
-
-        async def bounded_receive():
-            nonlocal seen
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) <= self.max_bytes:
+                return await self.app(scope, receive, send)  # the server holds the body to this length
+            await _discard_body(receive)
+            return await self._too_large(scope, receive, send)
+        # A streamed (chunked) body: read it whole, within the limit, before the app sees it.
+        body = bytearray()
+        more = True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise PayloadTooLarge(f"the request body exceeds {self.max_bytes} bytes", code="payload_too_large")
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                if more:
+                    await _discard_body(receive)
+                return await self._too_large(scope, receive, send)
+        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        await self.app(scope, bounded_receive, send)
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        error = PayloadTooLarge(f"the request body exceeds {self.max_bytes} bytes", code="payload_too_large")
+        await JSONResponse(error.openai_body(), error.http_status)(scope, receive, send)

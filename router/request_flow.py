@@ -162,7 +162,7 @@ class RequestFlow:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(stream.read(), self.config.decode_idle_timeout_s)
+                    chunk = await asyncio.wait_for(_unless_lost(decode, Role.DECODE, stream.read()), self.config.decode_idle_timeout_s)
                 except TimeoutError:
                     raise WorkerFailed(decode, Role.DECODE, f"no token for {self.config.decode_idle_timeout_s:.0f}s") from None
                 except asyncio.CancelledError:
@@ -222,22 +222,41 @@ class RequestFlow:
         num_tokens = len(decode_request.prompt_token_ids)
         prefill.pending_prefill_tokens += num_tokens
         prefill.inflight += 1
+        call = prefill.stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id=decode_request.request_id,
+                prompt_token_ids=decode_request.prompt_token_ids,
+                sampling=decode_request.sampling,
+                target=worker_pb2.KVTransferTarget(transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
+            ),
+            timeout=self.config.prefill_timeout_s,
+        )
         try:
-            reply = await prefill.stub.Prefill(
-                worker_pb2.PrefillRequest(
-                    request_id=decode_request.request_id,
-                    prompt_token_ids=decode_request.prompt_token_ids,
-                    sampling=decode_request.sampling,
-                    target=worker_pb2.KVTransferTarget(transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
-                ),
-                timeout=self.config.prefill_timeout_s,
-            )
+            reply = await _unless_lost(prefill, Role.PREFILL, call)
         except grpc.aio.AioRpcError as e:
             raise _classify(e, prefill, Role.PREFILL) from None
         finally:
+            call.cancel()  # no-op once answered; aborts the prefill on the worker otherwise
             prefill.pending_prefill_tokens -= num_tokens
             prefill.inflight -= 1
         usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
+
+
+async def _unless_lost(worker: WorkerView, role: Role, call):
+    """The result of `call` on `worker`, or WorkerFailed as soon as the pool finds the worker
+    lost (gone or frozen). The caller cancels its RPC then, which aborts the request on the
+    worker if it ever wakes up."""
+    work = asyncio.ensure_future(call)
+    lost = asyncio.ensure_future(worker.lost.wait())
+    try:
+        await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+        if not work.done():
+            work.cancel()
+    if work.done():
+        return work.result()
+    raise WorkerFailed(worker, role, "lost: it stopped answering health checks")
 
 
 def _failure_of(task: asyncio.Task | None) -> BaseException | None:

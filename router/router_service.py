@@ -26,7 +26,14 @@ class Router:
         self.model_dir = config.model or str(ensure_tiny_model())
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(self.model_dir))
         self.prompts = PromptBuilder(self.model_dir)
-        self.pool = WorkerPool(config.workers, config.health_interval_s, config.tls, on_departed=self._forget)
+        self.pool = WorkerPool(
+            config.workers,
+            config.health_interval_s,
+            config.tls,
+            on_departed=self._forget,
+            health_timeout_s=config.health_timeout_s,
+            unhealthy_after=config.unhealthy_after,
+        )
         self.metrics = RouterMetrics(self.pool)
         self.flow = RequestFlow(self.pool, config, self.metrics, self.prompts.tokenizer)
         self._model_max_len = _model_max_len(self.model_dir)

@@ -1,5 +1,5 @@
 """Running the router: the HTTP API (uvicorn) and the gRPC Inference service in one event
-loop, until SIGINT/SIGTERM."""
+loop, until SIGINT/SIGTERM; then both stop accepting and let running requests finish."""
 
 from __future__ import annotations
 
@@ -39,7 +39,14 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     http_port = sock.getsockname()[1]
     https = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
-        uvicorn.Config(build_app(router), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10, **https)
+        uvicorn.Config(
+            build_app(router),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=config.drain_timeout_s,
+            **https,
+        )
     )
     # Ours, so that uvicorn re-raising the signal after its shutdown only asks us to stop too.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,11 +66,22 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
             write_atomically(config.ready_file, info.model_dump_json())
         if on_ready is not None:
             on_ready(info)
+    # Drain on a signal: uvicorn stops accepting and lets running responses (streams too)
+    # finish; the gRPC server does the same at the same time.
+    grpc_drained = asyncio.create_task(_stop_with(server, grpc_server, config.drain_timeout_s))
     try:
         await serving
     finally:
-        await grpc_server.stop(grace=5.0)
+        server.should_exit = True
+        await grpc_drained
         await router.close()
+
+
+async def _stop_with(server: uvicorn.Server, grpc_server: grpc.aio.Server, grace_s: float) -> None:
+    """Stop the gRPC server (refusing new calls, finishing running ones) once uvicorn stops."""
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    await grpc_server.stop(grace=grace_s)
 
 
 def run_router(config: RouterConfig) -> None:

@@ -1,7 +1,8 @@
 """The router's live view of the workers: membership, health and load.
 
-Each worker's `Stats` is polled every `interval_s`; a worker that does not answer, or is
-draining, is not routed to. Between polls the router adds the load it has itself sent
+Each worker's `Stats` is polled every `interval_s`; a worker that is draining, or misses
+`unhealthy_after` checks in a row, is not routed to, and is `lost`: requests waiting on it
+stop waiting. Between polls the router adds the load it has itself sent
 (`inflight`, `pending_prefill_tokens`) so a burst does not all land on one worker.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -21,7 +22,6 @@ from pdcluster.protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger("pdcluster.router.pool")
 
-STATS_TIMEOUT_S = 2.0
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -32,6 +32,8 @@ class WorkerView:
     stub: worker_pb2_grpc.WorkerStub
     stats: worker_pb2.WorkerStats | None = None
     reachable: bool = False
+    missed_polls: int = 0  # health checks in a row without an answer
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops answering
     inflight: int = 0  # requests this router has running on it
     pending_prefill_tokens: int = 0  # prompt tokens this router has sent it, not yet prefilled
 
@@ -74,11 +76,16 @@ class WorkerPool:
         interval_s: float = 1.0,
         tls: TLSFiles = TLSFiles(),
         on_departed: Callable[[WorkerView], None] | None = None,
+        health_timeout_s: float = 2.0,
+        unhealthy_after: int = 2,
     ) -> None:
         self._workers: dict[str, WorkerView] = {}
         self._tls = tls
         self._interval_s = interval_s
-        self._task: asyncio.Task | None = None
+        self._health_timeout_s = health_timeout_s
+        self._unhealthy_after = unhealthy_after
+        self._pollers: dict[str, asyncio.Task] = {}
+        self._started = False
         self._on_departed = on_departed  # called with each worker that leaves the membership
         self.set_addresses(addresses)
 
@@ -88,12 +95,18 @@ class WorkerPool:
         for address in list(self._workers):
             if address not in wanted:
                 departed = self._workers.pop(address)
+                poller = self._pollers.pop(address, None)
+                if poller is not None:
+                    poller.cancel()
+                departed.lost.set()  # requests still on it go elsewhere
                 asyncio.get_running_loop().create_task(departed.channel.close())
                 if self._on_departed is not None:
                     self._on_departed(departed)
         for address in wanted - set(self._workers):
             channel = open_channel(address, self._tls, _CHANNEL_OPTIONS)
             self._workers[address] = WorkerView(address, channel, worker_pb2_grpc.WorkerStub(channel))
+            if self._started:
+                self._start_polling(self._workers[address])
 
     def workers(self, role: Role | None = None) -> list[WorkerView]:
         return [w for w in self._workers.values() if role is None or w.role == role]
@@ -113,20 +126,32 @@ class WorkerPool:
 
     async def _poll(self, worker: WorkerView) -> None:
         try:
-            worker.stats = await worker.stub.Stats(worker_pb2.StatsRequest(), timeout=STATS_TIMEOUT_S)
+            stats = await worker.stub.Stats(worker_pb2.StatsRequest(), timeout=self._health_timeout_s)
         except grpc.aio.AioRpcError as e:
-            if worker.reachable:
-                logger.warning("worker %s unreachable: %s", worker.address, e.code().name)
-            worker.reachable = False
+            # One slow answer is a busy CPU; several in a row (or a refused connection) are a
+            # worker that is gone or frozen: stop routing to it, and move the requests it holds.
+            worker.missed_polls += 1
+            if worker.missed_polls >= self._unhealthy_after and not worker.lost.is_set():
+                logger.warning("worker %s lost: %s on %d health checks in a row", worker.address, e.code().name, worker.missed_polls)
+                worker.reachable = False
+                worker.lost.set()
             return
-        if not worker.reachable:
+        worker.stats, worker.missed_polls = stats, 0
+        if not worker.reachable or worker.lost.is_set():
             logger.info("worker %s (%s) is healthy", worker.address, worker.role)
+            worker.lost = asyncio.Event()
         worker.reachable = True
+
+    def _start_polling(self, worker: WorkerView) -> None:
+        # One loop per worker, so a frozen worker's slow checks do not delay the others'.
+        self._pollers[worker.address] = run_periodically(lambda: self._poll(worker), self._interval_s, logger, wait_first=True)
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = run_periodically(self.refresh, self._interval_s, logger, wait_first=True)
+        self._started = True
+        for worker in self._workers.values():
+            self._start_polling(worker)
 
     async def close(self) -> None:
-        await cancel_all([self._task])
+        await cancel_all(self._pollers.values())
         await asyncio.gather(*(w.channel.close() for w in self._workers.values()))

@@ -222,8 +222,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         return await self.stats()
 
     async def stats(self) -> worker_pb2.WorkerStats:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            self._kv_stats = await fetch_kv_stats(self.kv_endpoint, timeout=2.0, tls=self.config.tls)
+        # No call to the engine's KV endpoint here: routers and the controller take a late
+        # answer for a hung worker, so this answers at once from the last refresh (1 s old at most).
         sched = self._scheduler_stats.get("scheduler")
         cache = self.engine.vllm_config.cache_config
         total = cache.num_gpu_blocks or 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -284,6 +285,70 @@ def test_client_disconnect_aborts_on_workers(cluster, http, long_prompt):
     assert all(w["running"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] for w in workers), workers
     assert metric(http, "pdcluster_router_requests_total", 'outcome="cancelled"') == cancelled_before + 1
     assert metric(http, "pdcluster_router_output_tokens_total") < 3000 * 10
+
+
+def _raw_post(url: str, headers: list[str], body_parts) -> tuple[int, dict]:
+    """POST over a plain socket, sending the whole body before reading the answer, as a client
+    that does not stop for an early response does."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(
+            (
+                "\r\n".join(["POST /v1/completions HTTP/1.1", f"Host: {host}", "Content-Type: application/json", *headers]) + "\r\n\r\n"
+            ).encode()
+        )
+        for part in body_parts:
+            sock.sendall(part)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        body = body.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_oversized_bodies_get_a_readable_413(http, cluster):
+    url = cluster[0].record.http
+    body = b"x" * (8 << 20)  # the limit is 4 MiB; the socket buffers hold far less than this
+    status, answer = _raw_post(url, [f"Content-Length: {len(body)}", "Connection: close"], [body])
+    assert status == 413 and answer["error"]["type"] == "invalid_request_error"
+    chunks = [b"%x\r\n%s\r\n" % (1 << 20, b"y" * (1 << 20)) for _ in range(8)] + [b"0\r\n\r\n"]
+    status, answer = _raw_post(url, ["Transfer-Encoding: chunked", "Connection: close"], chunks)
+    assert status == 413 and answer["error"]["code"] == "payload_too_large"
+    assert http.get("/health").status_code == 200
+
+
+def test_router_drains_on_sigterm(cluster, long_prompt):
+    workers = cluster[1]
+    router = start_router([w.address for w in workers])
+    try:
+        url = router.record.http
+        request = {
+            "model": "tiny-llama-v2-s0",
+            "prompt": long_prompt,
+            "max_tokens": 2000,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        events = []
+        with httpx.Client(base_url=url, timeout=120) as http, http.stream("POST", "/v1/completions", json=request) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line.removeprefix("data: "))
+                if len(events) == 1:
+                    router.process.send_signal(signal.SIGTERM)
+                    time.sleep(0.5)
+                    with pytest.raises(httpx.ConnectError):  # no new requests once draining
+                        httpx.get(url + "/health", timeout=5)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 2000  # the stream finished whole
+        assert router.process.wait(60) == 0
+    finally:
+        router.stop()
 
 
 def test_admission_control_and_api_key(cluster, long_prompt):

@@ -25,6 +25,16 @@ def test_every_resume_point_gives_the_whole_text(tokenizer):
         assert sent_text + "".join(deltas) == whole, k
 
 
+def test_a_stream_ending_inside_a_character_ends_as_an_uninterrupted_one(tokenizer):
+    tokens = tokenizer(TEXT, add_special_tokens=False).input_ids
+    end = next(n for n in range(len(tokens), 0, -1) if tokenizer.decode(tokens[:n]).endswith("\ufffd"))
+    tokens = tokens[:end]  # the last character's bytes are cut short
+    for k in range(1, end):
+        continuation = ContinuationText(tokenizer, tokens[:k], stop=[])
+        deltas = [continuation.delta([t], "length" if i == end - 1 else "") for i, t in enumerate(tokens[k:], start=k)]
+        assert shown_by_old_worker(tokenizer, tokens[:k]) + "".join(deltas) == shown_by_old_worker(tokenizer, tokens), k
+
+
 def test_a_stop_string_is_left_out(tokenizer):
     tokens = tokenizer(TEXT, add_special_tokens=False).input_ids
     k = len(tokens) // 2
