@@ -66,6 +66,9 @@ class AutoscalingSpec(_Strict):
 class ClusterSpec(_Strict):
     name: str = "pdcluster"
     ray_address: str = ""  # empty: start a local Ray instance
+    # Where workers (their Worker service, KV endpoint and data channel) and the controller's
+    # metrics listen. Empty: loopback for a local cluster; each Ray node's address when joining one.
+    worker_host: str = ""
     registry: str = ""  # empty: in-process (one router); redis://host:port/db shares it
     tls: TLSFiles = TLSFiles()  # cert/key/ca files present on every node: TLS (mTLS with ca) everywhere
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -80,12 +83,17 @@ class ClusterSpec(_Strict):
     def pool(self, role: Role) -> PoolSpec:
         return self.prefill if role == Role.PREFILL else self.decode
 
+    def bind_host(self) -> str:
+        """The address workers listen on; empty: the address of the Ray node each one runs on."""
+        return self.worker_host or ("" if self.ray_address else "127.0.0.1")
+
     def worker_config(self, role: Role, worker_id: str) -> WorkerConfig:
         """Everything one replica of the pool needs, handed to its process whole."""
         pool = self.pool(role)
         return WorkerConfig(
             role=role,
             worker_id=worker_id,
+            host=self.bind_host(),
             kv_transport=pool.kv_transport,
             registry=self.registry,
             tls=self.tls,

@@ -97,7 +97,7 @@ class ClusterController:
 
             registry = CollectorRegistry()
             registry.register(_ControllerCollector(self))
-            host = self.launcher.node_address()
+            host = self.spec.bind_host() or self.launcher.node_address()
             server, _ = start_http_server(self.spec.controller_metrics_port, addr=host, registry=registry)
             self.metrics_address = f"{host}:{server.server_port}"
         self._task = run_periodically(self.reconcile, self.spec.health_interval_s, logger)

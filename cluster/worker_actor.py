@@ -15,8 +15,9 @@ class WorkerActor:
     def __init__(self, config_json: str, extra_args: list[str]) -> None:
         import ray
 
-        # The worker listens on the address of the node it runs on, which only the actor knows.
-        config = WorkerConfig.model_validate_json(config_json).model_copy(update={"host": ray.util.get_node_ip_address()})
+        config = WorkerConfig.model_validate_json(config_json)
+        if not config.host:  # the address of the node it runs on, which only the actor knows
+            config = config.model_copy(update={"host": ray.util.get_node_ip_address()})
         self._proc: LocalProcess = start_process(config.role, [*worker_args(config), *extra_args])
 
     def wait_ready(self, timeout_s: float) -> str:

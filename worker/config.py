@@ -38,7 +38,7 @@ class EngineConfig(_Strict):
 class WorkerConfig(_Strict):
     role: Role
     worker_id: str = ""
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address its servers bind and advertise (empty in a spec: the Ray node's)")
     port: int = Field(0, description="Worker gRPC port (0: any free port)")
     kv_port: int = 0
     metrics_port: int = 0

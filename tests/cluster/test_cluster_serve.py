@@ -4,6 +4,7 @@ clean shutdown that leaves no process behind."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -42,11 +43,25 @@ def cluster_workers(url: str) -> list[dict]:
     return httpx.get(url + "/cluster", timeout=30).json()["workers"]
 
 
+def listening_addresses(pid: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Where a process and its children (the vLLM engine, which serves the KV endpoint) listen."""
+    pids = {pid} | {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    listening = {
+        ipaddress.ip_address(c.laddr.ip) for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
+    return {getattr(ip, "ipv4_mapped", None) or ip for ip in listening}
+
+
 def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     proc, url, lines = serve
     workers = cluster_workers(url)
     assert sorted(w["role"] for w in workers) == ["decode", "prefill", "prefill"]
     assert all(w["healthy"] for w in workers)
+    # A local cluster's workers listen on loopback only: Worker service, KV endpoint, data channel, metrics.
+    for w in workers:
+        assert w["address"].startswith("127.0.0.1:") and w["kv_endpoint"].startswith("127.0.0.1:")
+        listening = listening_addresses(w["pid"])
+        assert len(listening) >= 1 and all(ip.is_loopback for ip in listening), (w, listening)
     assert httpx.get(url + "/health").status_code == 200
 
     grpc_address = next(line for line in lines if line.startswith("pdcluster ready")).split("grpc ")[1].split(",")[0]
