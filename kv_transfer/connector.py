@@ -27,6 +27,7 @@ from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
 from pdcluster.kv_transfer.connector_scheduler import PdConnectorScheduler
 from pdcluster.kv_transfer.connector_worker import PdConnectorWorker
 from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.vllm_version import check_vllm_version
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 class PdConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        check_vllm_version()
         # This runs inside vLLM's engine-core and model-worker processes: make them exit
         # with the worker that spawned them instead of lingering after it is killed.
         die_with_parent()

