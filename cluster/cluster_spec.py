@@ -70,6 +70,10 @@ class ClusterSpec(_Strict):
     # metrics listen. Empty: loopback for a local cluster; each Ray node's address when joining one.
     worker_host: str = ""
     registry: str = ""  # empty: in-process (one router); redis://host:port/db shares it
+    # The cluster's shared secret: KV transfers and the workers' Worker service require it. Empty:
+    # `pdcluster serve` takes PDCLUSTER_KV_TOKEN, or generates one, and hands it to every worker
+    # and router (through the registry for routers elsewhere).
+    auth_token: str = ""
     tls: TLSFiles = TLSFiles()  # cert/key/ca files present on every node: TLS (mTLS with ca) everywhere
     engine: EngineConfig = Field(default_factory=EngineConfig)
     prefill: PoolSpec = Field(default_factory=PoolSpec)
@@ -94,6 +98,7 @@ class ClusterSpec(_Strict):
             role=role,
             worker_id=worker_id,
             host=self.bind_host(),
+            auth_token=self.auth_token,
             kv_transport=pool.kv_transport,
             registry=self.registry,
             tls=self.tls,
@@ -104,7 +109,13 @@ class ClusterSpec(_Strict):
     def router_config(self) -> RouterConfig:
         """The router in front of this cluster: its spec section plus what it shares with the cluster."""
         return self.router.model_copy(
-            update={"model": self.engine.model, "registry": self.registry, "cluster_name": self.name, "tls": self.tls}
+            update={
+                "model": self.engine.model,
+                "registry": self.registry,
+                "cluster_name": self.name,
+                "tls": self.tls,
+                "worker_token": self.auth_token,
+            }
         )
 
 

@@ -19,6 +19,7 @@ from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, pool_load
 from pdcluster.cluster.cluster_spec import ClusterSpec
 from pdcluster.cluster.replica_launcher import ReplicaHandle, ReplicaLauncher, WorkerProbe
 from pdcluster.common.periodic import cancel_all, run_periodically
+from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 
@@ -75,7 +76,7 @@ class ClusterController:
             from pdcluster.cluster.ray_launcher import GrpcWorkerProbe, RayReplicaLauncher
 
             launcher = launcher or RayReplicaLauncher(self.spec.name)
-            probe = probe or GrpcWorkerProbe(self.spec.tls)
+            probe = probe or GrpcWorkerProbe(self.spec.tls, self.spec.auth_token)
         self.launcher, self.probe = launcher, probe
         self.targets = {role: self.spec.pool(role).replicas for role in ROLES}
         self.replicas: list[Replica] = []
@@ -100,6 +101,10 @@ class ClusterController:
             host = self.spec.bind_host() or self.launcher.node_address()
             server, _ = start_http_server(self.spec.controller_metrics_port, addr=host, registry=registry)
             self.metrics_address = f"{host}:{server.server_port}"
+        if self.spec.registry and self.spec.auth_token:  # for routers that join through the registry
+            registry = RedisRegistry(self.spec.registry, self.spec.name)
+            await registry.publish_token(self.spec.auth_token)
+            await registry.close()
         self._task = run_periodically(self.reconcile, self.spec.health_interval_s, logger)
 
     async def members(self) -> list[str]:

@@ -14,6 +14,7 @@ import grpc
 from pdcluster.cluster.cluster_spec import PoolSpec
 from pdcluster.cluster.worker_actor import WorkerActor
 from pdcluster.common.tls import TLSFiles, open_channel
+from pdcluster.common.worker_auth import token_metadata
 from pdcluster.common.worker_record import WorkerRecord
 from pdcluster.protos import worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
@@ -88,15 +89,16 @@ class RayReplicaLauncher:
 class GrpcWorkerProbe:
     """Calls each worker's `Stats` over one kept channel per worker."""
 
-    def __init__(self, tls: TLSFiles) -> None:
+    def __init__(self, tls: TLSFiles, token: str) -> None:
         self._tls = tls
+        self._metadata = token_metadata(token)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
         channel = self._channels.get(record.address)
         if channel is None:
             channel = self._channels[record.address] = open_channel(record.address, self._tls)
-        return await worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=STATS_TIMEOUT_S)
+        return await worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=STATS_TIMEOUT_S, metadata=self._metadata)
 
     async def forget(self, record: WorkerRecord) -> None:
         channel = self._channels.pop(record.address, None)

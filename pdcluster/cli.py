@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shlex
 import signal
 import sys
@@ -28,6 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
     from pdcluster.router.server import serve_router
 
     spec = load_cluster_spec(args)
+    # Never an open cluster: without a configured secret, one made for this run.
+    spec.auth_token = spec.auth_token or os.environ.get("PDCLUSTER_KV_TOKEN") or secrets.token_urlsafe(32)
     stop = threading.Event()
     connect_ray(spec)
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own

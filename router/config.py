@@ -7,7 +7,7 @@ import argparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pdcluster.common.config_flags import add_model_flags, flag_values
+from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
 from pdcluster.common.tls import TLSFiles
 
 
@@ -21,6 +21,11 @@ class RouterConfig(BaseModel):
     served_model_name: str = Field("", description="the `model` clients send (default: the directory's name)")
     workers: list[str] = Field(
         default_factory=list, description="Worker gRPC address; repeat per worker", json_schema_extra={"flag": "--worker"}
+    )
+    worker_token: str = Field(
+        "",
+        description="the cluster token the workers require (with --registry, read from the registry when not given)",
+        json_schema_extra={"env": "PDCLUSTER_KV_TOKEN"},
     )
     registry: str = Field("", description="redis://HOST:PORT/DB: follow the workers announced there instead of --worker")
     cluster_name: str = "pdcluster"
@@ -58,4 +63,4 @@ class RouterConfig(BaseModel):
 def parse_router_args(argv: list[str] | None = None) -> RouterConfig:
     parser = argparse.ArgumentParser(prog="python -m pdcluster.router", description="pdcluster router")
     add_model_flags(parser, RouterConfig)
-    return RouterConfig.model_validate(flag_values(parser.parse_args(argv)))
+    return RouterConfig.model_validate(merged(env_values(RouterConfig), flag_values(parser.parse_args(argv))))

@@ -9,6 +9,7 @@ import uuid
 
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
+from pdcluster.common.worker_auth import token_metadata
 from pdcluster.router.routing_policy import PrefixIndex
 from pdcluster.router.worker_pool import WorkerPool
 
@@ -42,13 +43,16 @@ class MembershipFollower:
 
 
 def follow_registry(
-    pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float
+    pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float, follow_token: bool
 ) -> tuple[MembershipFollower, object]:
-    """Membership from the Redis registry, and prefix hints shared with the other routers."""
+    """Membership from the Redis registry, and prefix hints shared with the other routers; with
+    `follow_token`, also the cluster token the controller published there."""
     registry = RedisRegistry(url, cluster_name)
     router_id = uuid.uuid4().hex
 
     async def addresses() -> list[str]:
+        if follow_token:
+            pool.metadata = token_metadata(await registry.token())
         return [w.address for w in await registry.workers()]
 
     def publish(worker_id: str, hashes: list[int]) -> None:

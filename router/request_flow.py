@@ -153,7 +153,7 @@ class RequestFlow:
         )
         continuation = ContinuationText(self.tokenizer, sent, list(sampling.stop)) if sent else None
         decode.inflight += 1
-        stream = decode.stub.Decode(decode_request)
+        stream = decode.stub.Decode(decode_request, metadata=self.pool.metadata)
         prefill_task = None
         if prefill is not None:
             prefill_task = asyncio.create_task(self._prefill(prefill, decode, decode_request, usage))
@@ -230,6 +230,7 @@ class RequestFlow:
                 target=worker_pb2.KVTransferTarget(transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
             ),
             timeout=self.config.prefill_timeout_s,
+            metadata=self.pool.metadata,
         )
         try:
             reply = await _unless_lost(prefill, Role.PREFILL, call)

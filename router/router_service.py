@@ -8,6 +8,7 @@ import os
 import uuid
 
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
+from pdcluster.common.worker_auth import token_metadata
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.errors import InvalidRequest, ModelNotFound
 from pdcluster.router.membership import MembershipFollower, follow_registry
@@ -34,6 +35,7 @@ class Router:
             health_timeout_s=config.health_timeout_s,
             unhealthy_after=config.unhealthy_after,
         )
+        self.pool.metadata = token_metadata(config.worker_token)
         self.metrics = RouterMetrics(self.pool)
         self.flow = RequestFlow(self.pool, config, self.metrics, self.prompts.tokenizer)
         self._model_max_len = _model_max_len(self.model_dir)
@@ -49,7 +51,12 @@ class Router:
         cfg = self.config
         if cfg.registry:
             self._follower, self._registry = follow_registry(
-                self.pool, self.flow.prefix_index, cfg.registry, cfg.cluster_name, cfg.health_interval_s
+                self.pool,
+                self.flow.prefix_index,
+                cfg.registry,
+                cfg.cluster_name,
+                cfg.health_interval_s,
+                follow_token=not cfg.worker_token,
             )
         elif self._membership is not None:
             self._follower = MembershipFollower(self.pool, self._membership, cfg.health_interval_s)

@@ -87,6 +87,7 @@ class WorkerPool:
         self._pollers: dict[str, asyncio.Task] = {}
         self._started = False
         self._on_departed = on_departed  # called with each worker that leaves the membership
+        self.metadata: tuple[tuple[str, str], ...] = ()  # sent with every Worker call (the cluster token)
         self.set_addresses(addresses)
 
     def set_addresses(self, addresses) -> None:
@@ -126,7 +127,7 @@ class WorkerPool:
 
     async def _poll(self, worker: WorkerView) -> None:
         try:
-            stats = await worker.stub.Stats(worker_pb2.StatsRequest(), timeout=self._health_timeout_s)
+            stats = await worker.stub.Stats(worker_pb2.StatsRequest(), timeout=self._health_timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             # One slow answer is a busy CPU; several in a row (or a refused connection) are a
             # worker that is gone or frozen: stop routing to it, and move the requests it holds.

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pdcluster.common.config_flags import add_model_flags, flag_values, merged
+from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
 from pdcluster.common.tls import TLSFiles
 from pdcluster.common.worker_record import Role
 
@@ -64,7 +64,7 @@ def parse_worker_config(role: Role, argv: list[str] | None = None) -> WorkerConf
     args = parser.parse_args(argv)
     base = json.loads(args.config_json) if args.config_json else {}
     del args.config_json
-    return WorkerConfig.model_validate(merged(base, {**flag_values(args), "role": role}))
+    return WorkerConfig.model_validate(merged(merged(env_values(WorkerConfig), base), {**flag_values(args), "role": role}))
 
 
 def worker_args(config: WorkerConfig) -> list[str]:

@@ -27,6 +27,7 @@ from pdcluster.common.files import write_atomically
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.tls import add_port
+from pdcluster.common.worker_auth import WorkerTokenCheck
 from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.kv_transfer.vllm_version import check_vllm_version
@@ -116,7 +117,10 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
         # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
         # do not belong here; only room for long prompts' token lists.
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        self._server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+            interceptors=[WorkerTokenCheck(cfg.auth_token)] if cfg.auth_token else [],
+        )
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = add_port(self._server, f"{cfg.host}:{cfg.port}", cfg.tls)

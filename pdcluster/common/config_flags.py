@@ -1,8 +1,8 @@
 """Command-line flags derived from the pydantic config models, so a setting is declared once.
 
 Each field of a model becomes `--field-name` (its description is the help). A field may
-name its flag (`json_schema_extra={"flag": "--worker"}`), an environment variable for its
-default (`"env"`), or, for a nested model, a prefix for its fields' flags (`"flag_prefix"`;
+name its flag (`json_schema_extra={"flag": "--worker"}`), an environment variable that stands
+in when neither a file nor a flag sets it (`"env"`), or, for a nested model, a prefix for its fields' flags (`"flag_prefix"`;
 "" flattens it). Flags left off the command line are left out of the parsed values, so the
 model's defaults (or a file's values underneath) stand.
 """
@@ -43,9 +43,8 @@ def add_model_flags(
             continue
         flag = extra.get("flag") or f"--{_prefix}{name.replace('_', '-')}"
         kwargs: dict[str, Any] = dict(dest=_dest + name, help=info.description, default=argparse.SUPPRESS)
-        if extra.get("env") and os.environ.get(extra["env"]):
-            kwargs["default"] = os.environ[extra["env"]]
-            kwargs["help"] = f"{info.description or ''} (env {extra['env']})".strip()
+        if extra.get("env"):
+            kwargs["help"] = f"{info.description or ''} (default: env {extra['env']})".strip()
         kwargs.update(_argument_kind(info.annotation))
         parser.add_argument(flag, **kwargs)
 
@@ -66,6 +65,20 @@ def _argument_kind(annotation) -> dict[str, Any]:
     if annotation in (int, float, str):
         return {"type": annotation}
     raise TypeError(f"no command-line form for {annotation!r}")
+
+
+def env_values(model: type[BaseModel]) -> dict[str, Any]:
+    """Fields whose environment variable is set, as nested dicts: the lowest layer, under a
+    config file or JSON and the flags."""
+    values: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        nested = _nested_model(info.annotation)
+        if nested is not None:
+            if inner := env_values(nested):
+                values[name] = inner
+        elif (var := _extra(info).get("env")) and os.environ.get(var):
+            values[name] = os.environ[var]
+    return values
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:

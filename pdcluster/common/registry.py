@@ -30,6 +30,13 @@ class RedisRegistry:
     async def withdraw(self, worker_id: str) -> None:
         await self._redis.delete(self._worker_key(worker_id))
 
+    async def publish_token(self, token: str) -> None:
+        """The cluster's shared secret, for routers that join through the registry."""
+        await self._redis.set(f"{self._prefix}:token", token)
+
+    async def token(self) -> str:
+        return (await self._redis.get(f"{self._prefix}:token") or b"").decode()
+
     async def workers(self) -> list[WorkerRecord]:
         keys = [k async for k in self._redis.scan_iter(match=self._worker_key("*"), count=500)]
         if not keys:

@@ -18,10 +18,13 @@ import grpc
 import httpx
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
+from pdcluster.protos import worker_pb2 as wpb
+from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.paths import ROOT
 from tests.support.serve import launch_serve, stop_serve
@@ -62,6 +65,13 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
         assert w["address"].startswith("127.0.0.1:") and w["kv_endpoint"].startswith("127.0.0.1:")
         listening = listening_addresses(w["pid"])
         assert len(listening) >= 1 and all(ip.is_loopback for ip in listening), (w, listening)
+        # Never open: the Worker service wants the token `pdcluster serve` generated; health stays open to probes.
+        with grpc.insecure_channel(w["address"]) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                wgrpc.WorkerStub(channel).Stats(wpb.StatsRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert httpx.get(url + "/health").status_code == 200
 
     grpc_address = next(line for line in lines if line.startswith("pdcluster ready")).split("grpc ")[1].split(",")[0]

@@ -4,17 +4,22 @@ out of both on its own."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import time
 
+import grpc
 import httpx
 import pytest
 
 from pdcluster.common.ports import free_port
 from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.tiny_model.generate import CORPUS
+from pdcluster.protos import worker_pb2 as wpb
+from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.processes import start_router
 
@@ -43,6 +48,12 @@ def redis_url():
     server.wait(10)
 
 
+async def publish_token(url: str, cluster: str, token: str) -> None:
+    registry = RedisRegistry(url, cluster)
+    await registry.publish_token(token)
+    await registry.close()
+
+
 def wait_for(predicate, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while not (result := predicate()):
@@ -52,10 +63,13 @@ def wait_for(predicate, timeout_s: float, what: str):
 
 
 def test_two_routers_share_membership_and_prefix_hints(redis_url, tokenizer):
-    args = ["--registry", redis_url, "--cluster-name", "regtest"]
+    # The workers require the cluster token; the routers are not given it and read it from the
+    # registry, where the controller publishes it.
+    args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken"]
     workers = [start_process("prefill", args), start_process("decode", args)]
     routers = []
     try:
+        asyncio.run(publish_token(redis_url, "regtest", "t0ken"))
         for w in workers:
             wait_ready(w)
         routers = [start_router([], ["--registry", redis_url, "--cluster-name", "regtest"]) for _ in range(2)]
@@ -67,6 +81,10 @@ def test_two_routers_share_membership_and_prefix_hints(redis_url, tokenizer):
         expected = {w.address for w in workers}
         for url in urls:
             wait_for(lambda: set(members(url)) == expected and all(m["healthy"] for m in members(url).values()), 30, "membership")
+
+        with grpc.insecure_channel(workers[0].address) as channel, pytest.raises(grpc.RpcError) as refused:
+            wgrpc.WorkerStub(channel).Stats(wpb.StatsRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         # A prefill routed by router 0 becomes a prefix hint in router 1.
         prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:600])

@@ -30,6 +30,7 @@ def spec() -> ClusterSpec:
         {
             "name": "c9",
             "registry": "redis://10.1.1.1:6379/2",
+            "auth_token": "cluster-secret",
             "tls": {"cert": "/tls/c.pem", "key": "/tls/k.pem", "ca": "/tls/ca.pem"},
             "engine": ENGINE,
             "prefill": {"tensor_parallel_size": 2, "kv_transport": "grpc"},
@@ -53,7 +54,7 @@ def test_every_spec_field_reaches_the_worker(role):
     pool = s.pool(role)
     assert received.engine == EngineConfig(**{**ENGINE, "tensor_parallel_size": pool.tensor_parallel_size})
     assert (received.kv_transport, received.registry, received.tls, received.cluster_name) == (pool.kv_transport, s.registry, s.tls, "c9")
-    assert received.worker_id == f"{role}-1" and received.role == role
+    assert received.worker_id == f"{role}-1" and received.role == role and received.auth_token == "cluster-secret"
 
 
 def test_flags_override_single_fields_of_the_config():
@@ -124,4 +125,15 @@ def test_router_flags_are_the_router_config_fields():
         max_queue=3,
         decode_idle_timeout_s=7,
     )
-    assert spec().router_config().registry == "redis://10.1.1.1:6379/2"
+    assert (spec().router_config().registry, spec().router_config().worker_token) == ("redis://10.1.1.1:6379/2", "cluster-secret")
+
+
+def test_the_environment_fills_only_what_the_config_and_flags_leave_unset(monkeypatch):
+    monkeypatch.setenv("PDCLUSTER_KV_TOKEN", "from-env")
+    monkeypatch.setenv("PDCLUSTER_API_KEY", "key-from-env")
+    assert parse_worker_config(ROLES[0], []).auth_token == "from-env"
+    sent = spec().worker_config(ROLES[0], "w")  # carries the spec's token
+    assert parse_worker_config(ROLES[0], worker_args(sent)).auth_token == "cluster-secret"
+    assert parse_worker_config(ROLES[0], [*worker_args(sent), "--auth-token", "flag"]).auth_token == "flag"
+    router = parse_router_args([])
+    assert (router.worker_token, router.api_key) == ("from-env", "key-from-env")
