@@ -15,6 +15,7 @@ import pytest
 
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.common.tls import TLSFiles
+from pdcluster.common.worker_auth import token_metadata
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import inference_pb2 as ipb
@@ -26,6 +27,8 @@ from pdcluster.protos import worker_pb2_grpc as wgrpc
 from tests.support.processes import reference_outputs, running_pair, start_router
 
 pytestmark = pytest.mark.slow
+
+TOKEN = "cluster-secret"
 
 
 def _issue(name: str, issuer=None, issuer_key=None, ca: bool = False):
@@ -84,9 +87,9 @@ def tls_args(tls: TLSFiles) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tls_cluster(certs):
-    args = tls_args(certs["member"]) + ["--auth-token", "cluster-secret"]
+    args = tls_args(certs["member"]) + ["--auth-token", TOKEN]
     with running_pair(args, args) as (prefill, decode):
-        router = start_router([prefill.address, decode.address], tls_args(certs["member"]))
+        router = start_router([prefill.address, decode.address], tls_args(certs["member"]) + ["--worker-token", TOKEN])
         try:
             yield router, prefill, decode
         finally:
@@ -116,7 +119,7 @@ def test_requests_flow_over_mutual_tls_with_exact_tokens(tls_cluster, certs, tok
 def _worker_stats(address: str, credentials) -> wpb.WorkerStats:
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     with channel:
-        return wgrpc.WorkerStub(channel).Stats(wpb.StatsRequest(), timeout=10)
+        return wgrpc.WorkerStub(channel).Stats(wpb.StatsRequest(), timeout=10, metadata=token_metadata(TOKEN))
 
 
 def test_workers_refuse_peers_without_a_cluster_certificate(tls_cluster, certs):
