@@ -137,7 +137,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     """`pdcluster serve` flags; each one given overrides the spec file."""
     parser.add_argument("--config", default="", help="cluster spec YAML (see deploy/cluster.example.yaml)")
     for flag, path, kwargs in _SERVE_FLAGS:
-        parser.add_argument(flag, dest=path, **{"default": None, **kwargs})
+        parser.add_argument(flag, dest=path, metavar=flag.removeprefix("--").upper().replace("-", "_"), **{"default": None, **kwargs})
     parser.add_argument("--no-router", action="store_true", help="controller and pools only (routers run elsewhere, on --registry)")
 
 
