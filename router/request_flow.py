@@ -35,6 +35,7 @@ from pdcluster.router.worker_pool import WorkerPool, WorkerView
 
 logger = logging.getLogger("pdcluster.router.flow")
 
+LOST = "lost: it stopped answering health checks"
 # Codes that say the request itself is wrong: retrying elsewhere would fail the same way.
 _CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
 
@@ -154,6 +155,7 @@ class RequestFlow:
         continuation = ContinuationText(self.tokenizer, sent, list(sampling.stop)) if sent else None
         decode.inflight += 1
         stream = decode.stub.Decode(decode_request, metadata=self.pool.metadata)
+        decode_watch = _cancel_when_lost(decode, stream)
         prefill_task = None
         if prefill is not None:
             prefill_task = asyncio.create_task(self._prefill(prefill, decode, decode_request, usage))
@@ -162,12 +164,17 @@ class RequestFlow:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(_unless_lost(decode, Role.DECODE, stream.read()), self.config.decode_idle_timeout_s)
+                    chunk = await asyncio.wait_for(stream.read(), self.config.decode_idle_timeout_s)
                 except TimeoutError:
                     raise WorkerFailed(decode, Role.DECODE, f"no token for {self.config.decode_idle_timeout_s:.0f}s") from None
                 except asyncio.CancelledError:
-                    # grpc.aio reports our own stream.cancel() (after a failed prefill) this way.
-                    if _failure_of(prefill_task) is None or asyncio.current_task().cancelling():
+                    # grpc.aio reports our own stream.cancel() (the decode worker lost, or a failed
+                    # prefill) this way.
+                    if asyncio.current_task().cancelling():
+                        raise
+                    if _fired(decode_watch):
+                        raise WorkerFailed(decode, Role.DECODE, LOST) from None
+                    if _failure_of(prefill_task) is None:
                         raise
                     raise _failure_of(prefill_task) from None
                 except grpc.aio.AioRpcError as e:
@@ -179,6 +186,7 @@ class RequestFlow:
                 text = continuation.delta(list(chunk.token_ids), chunk.finish_reason) if continuation else chunk.text
                 yield TokenDelta(list(chunk.token_ids), text, chunk.finish_reason)
         finally:
+            decode_watch.cancel()
             decode.inflight -= 1
             stream.cancel()  # no-op once finished; aborts the request on the worker otherwise
             if prefill_task is not None and not prefill_task.done():
@@ -232,32 +240,34 @@ class RequestFlow:
             timeout=self.config.prefill_timeout_s,
             metadata=self.pool.metadata,
         )
+        watch = _cancel_when_lost(prefill, call)
         try:
-            reply = await _unless_lost(prefill, Role.PREFILL, call)
+            reply = await call
+        except asyncio.CancelledError:
+            if _fired(watch) and not asyncio.current_task().cancelling():
+                raise WorkerFailed(prefill, Role.PREFILL, LOST) from None
+            raise
         except grpc.aio.AioRpcError as e:
             raise _classify(e, prefill, Role.PREFILL) from None
         finally:
+            watch.cancel()
             call.cancel()  # no-op once answered; aborts the prefill on the worker otherwise
             prefill.pending_prefill_tokens -= num_tokens
             prefill.inflight -= 1
         usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
 
 
-async def _unless_lost(worker: WorkerView, role: Role, call):
-    """The result of `call` on `worker`, or WorkerFailed as soon as the pool finds the worker
-    lost (gone or frozen). The caller cancels its RPC then, which aborts the request on the
-    worker if it ever wakes up."""
-    work = asyncio.ensure_future(call)
-    lost = asyncio.ensure_future(worker.lost.wait())
-    try:
-        await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        lost.cancel()
-        if not work.done():
-            work.cancel()
-    if work.done():
-        return work.result()
-    raise WorkerFailed(worker, role, "lost: it stopped answering health checks")
+def _cancel_when_lost(worker: WorkerView, call) -> asyncio.Task:
+    """A watcher that cancels `call`, an RPC on `worker`, as soon as the pool finds the worker
+    lost (gone or frozen); the RPC then ends at once here, and the worker drops the request if
+    it ever wakes up. Cancel the watcher once done with the call."""
+    watch = asyncio.ensure_future(worker.lost.wait())
+    watch.add_done_callback(lambda w: w.cancelled() or call.cancel())
+    return watch
+
+
+def _fired(watch: asyncio.Task) -> bool:
+    return watch.done() and not watch.cancelled()
 
 
 def _failure_of(task: asyncio.Task | None) -> BaseException | None:
