@@ -22,7 +22,9 @@ import grpc
 import psutil
 
 from pdcluster.bench.percentiles import percentile
+from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.worker_auth import token_metadata
 from pdcluster.common.worker_record import Role, RouterRecord
 from pdcluster.protos import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -82,13 +84,14 @@ async def _measure(decode_address: str, router: RouterRecord, router_pid: int, c
         aiohttp.ClientSession(router.http, connector=aiohttp.TCPConnector(limit=concurrency)) as http,
     ):
         worker = worker_pb2_grpc.WorkerStub(wc)
+        token = token_metadata(local_cluster_token("pdcluster"))  # what the hand-started worker and router share
         inference = inference_pb2_grpc.InferenceStub(rc)
 
         async def direct(prompt):
             request = worker_pb2.DecodeRequest(
                 request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=worker_pb2.SamplingOptions(**_sampling())
             )
-            async for _ in worker.Decode(request):
+            async for _ in worker.Decode(request, metadata=token):
                 pass
 
         async def via_http(prompt):

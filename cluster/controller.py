@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from pdcluster.protos import worker_pb2
 logger = logging.getLogger("pdcluster.controller")
 
 READY_TIMEOUT_S = 900.0
+TOKEN_REPUBLISH_S = 5.0
+ADOPT_READY_WAIT_S = 30.0  # a running worker answers at once; one still loading keeps starting
 
 
 @dataclass(eq=False)
@@ -85,7 +88,8 @@ class ClusterController:
         self.heals: collections.deque[Heal] = collections.deque(maxlen=50)
         self._open_heals: list[Heal] = []
         self._last_autoscale = 0.0
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._registry: RedisRegistry | None = None
         self.metrics_address = ""
         self.decision_counts: collections.Counter = collections.Counter()  # (role, "up"|"down")
         self.heal_counts: collections.Counter = collections.Counter()  # role
@@ -93,6 +97,7 @@ class ClusterController:
     # -- what others ask --------------------------------------------------------------
 
     async def start(self, serve_metrics: bool = True) -> None:
+        await self._adopt_live_replicas()
         if serve_metrics:
             from prometheus_client import CollectorRegistry, start_http_server
 
@@ -101,11 +106,29 @@ class ClusterController:
             host = self.spec.bind_host() or self.launcher.node_address()
             server, _ = start_http_server(self.spec.controller_metrics_port, addr=host, registry=registry)
             self.metrics_address = f"{host}:{server.server_port}"
-        if self.spec.registry and self.spec.auth_token:  # for routers that join through the registry
-            registry = RedisRegistry(self.spec.registry, self.spec.name)
-            await registry.publish_token(self.spec.auth_token)
-            await registry.close()
-        self._task = run_periodically(self.reconcile, self.spec.health_interval_s, logger)
+        self._tasks.append(run_periodically(self.reconcile, self.spec.health_interval_s, logger))
+        if self.spec.registry and self.spec.auth_token:
+            # For routers that join through the registry; again every few seconds, so a Redis
+            # that restarted empty has it back soon. Its own loop: Redis down never stops healing.
+            self._registry = RedisRegistry(self.spec.registry, self.spec.name)
+            self._tasks.append(run_periodically(lambda: self._registry.publish_token(self.spec.auth_token), TOKEN_REPUBLISH_S, logger))
+
+    async def _adopt_live_replicas(self) -> None:
+        """After a crash: take over the replicas an earlier life started, without restarting
+        them, and serve membership only once the ready ones are known again."""
+        for live in await self.launcher.live_replicas():
+            ready = asyncio.ensure_future(self.launcher.wait_ready(live.handle, READY_TIMEOUT_S))
+            self.replicas.append(Replica(live.replica_id, live.role, live.handle, ready))
+        if not self.replicas:
+            return
+        await asyncio.wait([r.ready for r in self.replicas], timeout=ADOPT_READY_WAIT_S)
+        await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
+        if self.spec.autoscaling.enabled:  # the autoscaler's last targets, as far as the live replicas tell
+            for role in ROLES:
+                pool = self.spec.pool(role)
+                count = sum(r.role == role for r in self.replicas)
+                self.targets[role] = min(max(count, pool.min_replicas), pool.max_replicas)
+        logger.info("adopted %d live replicas: %s", len(self.replicas), [r.id for r in self.replicas])
 
     async def members(self) -> list[str]:
         """Addresses of the replicas that take new requests."""
@@ -115,6 +138,7 @@ class ClusterController:
         return {
             "name": self.spec.name,
             "metrics_address": self.metrics_address,
+            "controller_pid": os.getpid(),
             "pools": {
                 role.value: {
                     "target": self.targets[role],
@@ -132,7 +156,9 @@ class ClusterController:
         }
 
     async def shutdown(self) -> None:
-        await cancel_all([self._task])
+        await cancel_all(self._tasks)
+        if self._registry is not None:
+            await self._registry.close()
         await asyncio.gather(*(self._remove(r, drain=True) for r in list(self.replicas)))
 
     # -- one round --------------------------------------------------------------------

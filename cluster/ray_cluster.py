@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
 
 from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.cluster.controller import ClusterController
+from pdcluster.cluster.ray_launcher import NAMESPACE
 
-NAMESPACE = "pdcluster"
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def connect_ray(spec: ClusterSpec) -> None:
     """Join `spec.ray_address`, or start a local Ray with room for every pool at its max."""
+    if not spec.ray_address and _is_loopback(spec.bind_host()):
+        _single_machine_mode()
     import ray
 
     if spec.ray_address:
@@ -27,32 +33,73 @@ def connect_ray(spec: ClusterSpec) -> None:
     ray.init(num_cpus=cpus, resources=resources, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
 
 
+def _single_machine_mode() -> None:
+    """Ray's single-machine mode: its node address becomes 127.0.0.1 and every Ray server (GCS,
+    raylet, object manager, actors) listens there instead of on all interfaces. Ray reads the
+    switch when imported, so it must be set first."""
+    if "ray" in sys.modules and os.environ.get(_SINGLE_MACHINE) != "0":
+        raise RuntimeError(f"Ray was imported before {_SINGLE_MACHINE}=0 was set")
+    os.environ[_SINGLE_MACHINE] = "0"
+
+
+def _gcs_host(address: str) -> str:
+    """The host of a Ray address; for `auto`, the node address of the GCS running on this machine."""
+    if address != "auto":
+        return address.removeprefix("ray://").rsplit(":", 1)[0]
+    import psutil
+
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "gcs_server":
+            for arg in proc.info["cmdline"] or ():
+                if arg.startswith("--node-ip-address="):
+                    return arg.split("=", 1)[1]
+    return ""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # empty, or a host name
+        return False
+
+
 def controller_name(cluster_name: str) -> str:
     return f"{cluster_name}-controller"
+
+
+class ControllerActor(ClusterController):
+    """The controller as a Ray actor. Ray runs this again after a crash (max_restarts); each
+    life starts by adopting the replicas still running, then resumes healing and scaling."""
+
+    async def __init__(self, spec_json: str) -> None:
+        super().__init__(spec_json)
+        await self.start()
 
 
 def start_controller(spec: ClusterSpec):
     import ray
 
-    from pdcluster.cluster.controller import ClusterController
-
     controller = (
-        ray.remote(ClusterController)
+        ray.remote(ControllerActor)
         .options(
             name=controller_name(spec.name),
             namespace=NAMESPACE,
+            max_restarts=-1,
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},  # on the head: a fixed home for its metrics port
         )
         .remote(spec.model_dump_json())
     )
-    ray.get(controller.start.remote())
+    ray.get(controller.status.remote())  # construction (and start) done
     return controller
 
 
 def find_controller(cluster_name: str, address: str):
+    address = address or "auto"
+    if _is_loopback(_gcs_host(address)):  # a loopback-only local cluster: join it the same way
+        _single_machine_mode()
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     return ray.get_actor(controller_name(cluster_name), namespace=NAMESPACE)

@@ -1,7 +1,8 @@
 """Replicas on Ray: each one a WorkerActor in its own placement group (one STRICT_PACK bundle
 with the pool's CPUs, GPUs and node resource), so Ray puts prefill and decode on their node
-types and its autoscaler adds nodes of the right type for pending replicas. Also the gRPC
-probe the controller checks workers with."""
+types and its autoscaler adds nodes of the right type for pending replicas. Both are detached
+and named `{cluster}-{replica_id}`: they outlive a crashed controller, whose next life finds
+them by name. Also the gRPC probe the controller checks workers with."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from dataclasses import dataclass
 import grpc
 
 from pdcluster.cluster.cluster_spec import PoolSpec
+from pdcluster.cluster.replica_launcher import LiveReplica
 from pdcluster.cluster.worker_actor import WorkerActor
 from pdcluster.common.tls import TLSFiles, open_channel
 from pdcluster.common.worker_auth import token_metadata
-from pdcluster.common.worker_record import WorkerRecord
+from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
 from pdcluster.protos import worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
 
+NAMESPACE = "pdcluster"
 STATS_TIMEOUT_S = 3.0
 DRAIN_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -32,7 +35,7 @@ class RayReplica:
 
 class RayReplicaLauncher:
     def __init__(self, cluster_name: str) -> None:
-        self._cluster_name = cluster_name
+        self._prefix = f"{cluster_name}-"
 
     def node_address(self) -> str:
         import ray
@@ -44,9 +47,9 @@ class RayReplicaLauncher:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        name = f"{self._cluster_name}-{config.worker_id}"
+        name = self._prefix + config.worker_id
         bundle = pool.bundle()
-        pg = placement_group([bundle], strategy="STRICT_PACK", name=name)
+        pg = placement_group([bundle], strategy="STRICT_PACK", name=name, lifetime="detached")
         actor = (
             ray.remote(WorkerActor)
             .options(
@@ -56,7 +59,8 @@ class RayReplicaLauncher:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
                 max_concurrency=4,
                 name=name,
-                namespace="pdcluster",
+                namespace=NAMESPACE,
+                lifetime="detached",
             )
             .remote(config.model_dump_json(), pool.extra_args)
         )
@@ -73,13 +77,31 @@ class RayReplicaLauncher:
         except Exception:  # the actor itself is gone (its node died)
             return -1
 
+    async def live_replicas(self) -> list[LiveReplica]:
+        import ray
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        actors = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
+        found = []
+        for info in ray.util.placement_group_table().values():
+            name = info["name"]
+            replica_id = name.removeprefix(self._prefix)
+            role = replica_id.split("-")[0]
+            if not name.startswith(self._prefix) or role not in ROLES or info["state"] == "REMOVED":
+                continue
+            pg = get_placement_group(name)
+            if name in actors:
+                found.append(LiveReplica(replica_id, Role(role), RayReplica(ray.get_actor(name, namespace=NAMESPACE), pg)))
+            else:  # its actor died with the controller that was starting it
+                remove_placement_group(pg)
+        return found
+
     async def stop(self, handle: RayReplica, drain: bool) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        # SIGTERM: the worker finishes its running requests, then exits.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(handle.actor.stop.remote(), DRAIN_TIMEOUT_S if drain else STOP_TIMEOUT_S)
+            await asyncio.wait_for(handle.actor.stop.remote(drain), DRAIN_TIMEOUT_S if drain else STOP_TIMEOUT_S)
         with contextlib.suppress(Exception):
             ray.kill(handle.actor)
         with contextlib.suppress(Exception):

@@ -7,16 +7,24 @@ places each replica with Ray; tests drive the controller with a fake one.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pdcluster.cluster.cluster_spec import PoolSpec
-from pdcluster.common.worker_record import WorkerRecord
+from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
 
 
 class ReplicaHandle(Protocol):
     """Whatever a launcher needs to find its replica again."""
+
+
+class LiveReplica(NamedTuple):
+    """A replica found running, started by an earlier life of the controller."""
+
+    replica_id: str
+    role: Role
+    handle: ReplicaHandle
 
 
 class ReplicaLauncher(Protocol):
@@ -31,6 +39,10 @@ class ReplicaLauncher(Protocol):
 
     async def exit_code(self, handle: ReplicaHandle) -> int | None:
         """None while the replica's process runs; its exit code (or -1 if it is gone) after."""
+
+    async def live_replicas(self) -> list[LiveReplica]:
+        """The replicas of this cluster still running, so a restarted controller adopts them
+        instead of starting new ones; leftovers of dead ones are cleaned up."""
 
     async def stop(self, handle: ReplicaHandle, drain: bool) -> None:
         """Stop the replica (after its running requests finish, when `drain`) and free its resources."""

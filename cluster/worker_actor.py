@@ -27,6 +27,11 @@ class WorkerActor:
     def exit_code(self) -> int | None:
         return self._proc.process.poll()
 
-    def stop(self) -> None:
-        """SIGTERM: the worker drains its running requests, then exits."""
-        self._proc.stop()
+    def stop(self, drain: bool) -> None:
+        """SIGTERM: the worker drains its running requests, then exits. Without `drain` (a dead
+        or hung worker being replaced): SIGKILL, which also ends a frozen one."""
+        if drain:
+            self._proc.stop()
+        else:
+            self._proc.process.kill()
+            self._proc.process.wait()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from pdcluster.kv_transfer.connector_metadata import CONSUME, TRANSFER_ID
+from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, TRANSFER_ID
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
 
@@ -27,7 +27,9 @@ class DecodeHandler:
 
         if not request.request_id or not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required")
-        kv = {TRANSFER_ID: request.transfer_id, CONSUME: True} if request.HasField("transfer_id") else None
+        kv = None
+        if request.HasField("transfer_id"):
+            kv = {TRANSFER_ID: request.transfer_id, CONSUME: True, CONSUME_FROM: request.producer_kv_endpoint}
         try:
             params = sampling_params_from(request.sampling, kv)
             stream = self._host.engine.generate(

@@ -11,6 +11,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 TRANSFER_ID = "pd_transfer_id"
 PRODUCE_TO = "pd_produce_to"  # consumer KV endpoint: this engine prefills and sends
 CONSUME = "pd_consume"  # this engine waits for the KV instead of computing the prompt
+CONSUME_FROM = "pd_consume_from"  # the producer's KV endpoint, watched while the KV is awaited
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LoadSpec:
     transfer_id: str
     block_ids: list[int]
     first_block: int
+    producer: str = ""  # its KV endpoint; empty: not watched
 
 
 @dataclass

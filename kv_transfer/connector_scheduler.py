@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pdcluster.kv_transfer.connector_metadata import CONSUME, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata, SaveSpec
+from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata, SaveSpec
 from pdcluster.kv_transfer.paged_kv_layout import blocks_for_tokens
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class PdConnectorScheduler:
                 block_ids=list(blocks.get_block_ids()[0][:num_blocks]),
                 # vLLM hands us a block-aligned local prefix hit
                 first_block=(request.num_prompt_tokens - num_external_tokens) // self._block_size,
+                producer=params.get(CONSUME_FROM, ""),
             )
         )
 

@@ -13,6 +13,7 @@ from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.kv_receiver import KVReceiver
 from pdcluster.kv_transfer.kv_sender import KVSender
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
+from pdcluster.kv_transfer.producer_watch import ProducerWatch
 from pdcluster.kv_transfer.settings import KVTransferSettings
 from pdcluster.kv_transfer.tcp_transport import TcpChunkServer
 from pdcluster.kv_transfer.transfer_stats import TransferStats
@@ -37,6 +38,7 @@ class KVEndpoint:
         self.progress = threading.Event()  # set whenever a transfer ends, either direction
         self.io = KVIOLoop()
         self.receiver = KVReceiver(self.layers, self.layout, settings, self.stats, self.progress) if consume else None
+        self._producer_watch = ProducerWatch(self.receiver, settings, self.io) if consume else None
         self._client = KVClient(settings) if produce else None
         self.sender = KVSender(self.io, self._client, self.layers, self.layout, settings, self.stats, self.progress) if produce else None
         self._tcp = TcpChunkServer(
@@ -66,6 +68,8 @@ class KVEndpoint:
     def close(self) -> None:
         if self._client is not None:
             self.io.run(self._client.close(), timeout=10)
+        if self._producer_watch is not None:
+            self.io.run(self._producer_watch.aclose(), timeout=10)
         self.io.run(self._server.stop(grace=1.0), timeout=10)
         self._tcp.close()
         self.io.stop()

@@ -44,6 +44,7 @@ class ExpectedTransfer:
     block_ids: list[int]
     first_block: int  # blocks before this are already in the local prefix cache
     deadline: float
+    producer: str  # its KV endpoint; empty: unknown
     received: np.ndarray  # [layers, blocks] bool: which blocks of which layer arrived
     started: float = field(default_factory=time.monotonic)
     writers: int = 0  # chunk writes in progress; blocks must not be released meanwhile
@@ -101,6 +102,7 @@ class KVReceiver:
         request_id: str,
         block_ids: list[int],
         first_block: int,
+        producer: str = "",
     ) -> None:
         received = np.zeros((len(self._layers), len(block_ids)), dtype=bool)
         received[:, :first_block] = True
@@ -110,6 +112,7 @@ class KVReceiver:
             block_ids=list(block_ids),
             first_block=first_block,
             deadline=time.monotonic() + self._settings.load_timeout_s,
+            producer=producer,
             received=received,
         )
         with self._lock:
@@ -262,6 +265,21 @@ class KVReceiver:
                 landing.transfer.writers -= 1
             else:
                 self._staged_bytes -= landing.header.payload_bytes
+
+    def waiting_producers(self) -> set[str]:
+        """KV endpoints of the producers whose transfers are still awaited."""
+        with self._lock:
+            return {t.producer for t in self._expected.values() if t.producer and not t.failure and not t.complete}
+
+    def fail_from(self, producer: str, reason: str) -> int:
+        """Fail every transfer still awaited from `producer`; returns how many."""
+        with self._lock:
+            waiting = [t for t in self._expected.values() if t.producer == producer and not t.failure and not t.complete]
+            for t in waiting:
+                t.failure = reason
+        if waiting:
+            self._progress.set()
+        return len(waiting)
 
     def fail(self, transfer_id: str, reason: str) -> bool:
         with self._lock:

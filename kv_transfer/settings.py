@@ -27,6 +27,8 @@ class KVTransferSettings:
     streams_per_transfer: int = 2
     # Consumer: how long a registered transfer may wait for all its chunks.
     load_timeout_s: float = 60.0
+    # Consumer: a producer silent this long (no answer to a ping) fails its awaited transfers.
+    producer_lost_after_s: float = 5.0
     # Producer: how long blocks stay held for a consumer that never confirms.
     send_timeout_s: float = 60.0
     send_retries: int = 2

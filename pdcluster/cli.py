@@ -22,8 +22,6 @@ def _model_tiny(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    import ray
-
     from pdcluster.cluster.cluster_spec import load_cluster_spec
     from pdcluster.cluster.ray_cluster import connect_ray, start_controller
     from pdcluster.router.server import serve_router
@@ -32,7 +30,9 @@ def _serve(args: argparse.Namespace) -> int:
     # Never an open cluster: without a configured secret, one made for this run.
     spec.auth_token = spec.auth_token or os.environ.get("PDCLUSTER_KV_TOKEN") or secrets.token_urlsafe(32)
     stop = threading.Event()
-    connect_ray(spec)
+    connect_ray(spec)  # before anything imports ray: it decides how ray is set up
+    import ray
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     controller = None
@@ -89,11 +89,12 @@ def _print_ready(info, spec) -> None:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    import ray
-
     from pdcluster.cluster.ray_cluster import find_controller
 
-    status = ray.get(find_controller(args.name, args.address).status.remote())
+    controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
+    import ray
+
+    status = ray.get(controller.status.remote())
     if args.json:
         print(json.dumps(status))
         return 0
@@ -124,6 +125,12 @@ def _bench_transfer(args: argparse.Namespace) -> int:
         streams_per_transfer=args.streams,
         chunk_bytes=args.chunk_mib << 20 if args.chunk_mib else None,
     )
+
+
+def _bench_chaos(args: argparse.Namespace) -> int:
+    from pdcluster.bench.chaos_bench import main as bench_main
+
+    return bench_main(json_output=args.json, faults=args.faults, prefill=args.prefill, decode=args.decode)
 
 
 def _bench_router(args: argparse.Namespace) -> int:
@@ -179,6 +186,7 @@ def _bench_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdcluster.bench.chaos_bench import FAULTS
     from pdcluster.bench.workloads import COMPARE_WORKLOADS
     from pdcluster.cluster.cluster_spec import add_cluster_flags
 
@@ -210,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--streams", type=int, default=None, help="streams per transfer (default: the setting)")
     transfer.add_argument("--chunk-mib", type=int, default=None, help="chunk size in MiB (default: the setting)")
     transfer.set_defaults(func=_bench_transfer)
+    chaos = bench_sub.add_parser("chaos", help="faults one at a time under load: requests lost, wrong, slowest, heal time")
+    chaos.add_argument("--json", action="store_true", help="end with a JSON line")
+    chaos.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
+    chaos.add_argument("--prefill", type=int, default=2, help="prefill workers")
+    chaos.add_argument("--decode", type=int, default=2, help="decode workers")
+    chaos.set_defaults(func=_bench_chaos)
     router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")
     router.add_argument("--json", action="store_true", help="end with a JSON line")
     router.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

@@ -4,6 +4,7 @@ the Redis registry (which also carries prefix-cache hints between routers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -51,17 +52,27 @@ def follow_registry(
     router_id = uuid.uuid4().hex
 
     async def addresses() -> list[str]:
-        if follow_token:
-            pool.metadata = token_metadata(await registry.token())
+        token = await registry.token() if follow_token else ""
+        if token:  # an empty answer (a Redis that restarted empty) keeps the token known
+            pool.metadata = token_metadata(token)
         return [w.address for w in await registry.workers()]
 
+    async def publish_hint(worker_id: str, hashes: list[int]) -> None:
+        with contextlib.suppress(Exception):  # hints are best effort; Redis may be away
+            await registry.publish_prefix(router_id, worker_id, hashes)
+
     def publish(worker_id: str, hashes: list[int]) -> None:
-        asyncio.get_running_loop().create_task(registry.publish_prefix(router_id, worker_id, hashes))
+        asyncio.get_running_loop().create_task(publish_hint(worker_id, hashes))
 
     async def apply_hints() -> None:
-        async for origin, worker_id, hashes in registry.prefix_updates():
-            if origin != router_id:
-                index.record(worker_id, hashes, shared=False)
+        while True:  # resubscribe after Redis goes away and comes back
+            try:
+                async for origin, worker_id, hashes in registry.prefix_updates():
+                    if origin != router_id:
+                        index.record(worker_id, hashes, shared=False)
+            except Exception as e:
+                logger.warning("prefix hints from the registry stopped (%s); resubscribing", e)
+                await asyncio.sleep(interval_s)
 
     index.on_record = publish
     follower = MembershipFollower(pool, addresses, interval_s)

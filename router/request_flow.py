@@ -150,7 +150,11 @@ class RequestFlow:
         self.metrics.picks.labels(Role.DECODE, decode.worker_id).inc()
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
         decode_request = worker_pb2.DecodeRequest(
-            request_id=f"{request.request_id}-{attempt.number}", prompt_token_ids=prompt, sampling=sampling, transfer_id=transfer_id
+            request_id=f"{request.request_id}-{attempt.number}",
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            transfer_id=transfer_id,
+            producer_kv_endpoint=prefill.stats.kv_endpoint if prefill else "",
         )
         continuation = ContinuationText(self.tokenizer, sent, list(sampling.stop)) if sent else None
         decode.inflight += 1

@@ -7,6 +7,7 @@ import json
 import os
 import uuid
 
+from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.router.config import RouterConfig
@@ -35,7 +36,9 @@ class Router:
             health_timeout_s=config.health_timeout_s,
             unhealthy_after=config.unhealthy_after,
         )
-        self.pool.metadata = token_metadata(config.worker_token)
+        # Without a token or a registry to read it from: the one workers started by hand on this machine share.
+        token = config.worker_token or ("" if config.registry else local_cluster_token(config.cluster_name))
+        self.pool.metadata = token_metadata(token)
         self.metrics = RouterMetrics(self.pool)
         self.flow = RequestFlow(self.pool, config, self.metrics, self.prompts.tokenizer)
         self._model_max_len = _model_max_len(self.model_dir)

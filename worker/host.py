@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.files import write_atomically
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
@@ -86,12 +87,23 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
     # -- lifecycle --------------------------------------------------------------------
 
+    async def _shared_token(self) -> str:
+        if not self.config.registry:
+            return local_cluster_token(self.config.cluster_name)
+        registry = RedisRegistry(self.config.registry, self.config.cluster_name)
+        try:
+            return await registry.shared_token()
+        finally:
+            await registry.close()
+
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        cfg = self.config
         check_vllm_version()  # before the engine loads for a minute
+        if not self.config.auth_token:  # started by hand: never open
+            self.config = self.config.model_copy(update={"auth_token": await self._shared_token()})
+        cfg = self.config
         prepare_environment(cfg.engine)
         endpoint_file = os.path.join(tempfile.mkdtemp(prefix="pdcluster-kv-"), "endpoint.json")
         extra = dict(
@@ -119,7 +131,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         # do not belong here; only room for long prompts' token lists.
         self._server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-            interceptors=[WorkerTokenCheck(cfg.auth_token)] if cfg.auth_token else [],
+            interceptors=[WorkerTokenCheck(cfg.auth_token)],
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

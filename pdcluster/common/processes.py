@@ -34,6 +34,7 @@ class LocalProcess:
     def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGCONT)  # a frozen process acts on it only once thawed
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

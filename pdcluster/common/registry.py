@@ -7,6 +7,8 @@ channel `pdcluster:{cluster}:prefix` (msgpack [router_id, worker_id, block hashe
 
 from __future__ import annotations
 
+import secrets
+
 import msgpack
 import redis.asyncio as aioredis
 
@@ -36,6 +38,11 @@ class RedisRegistry:
 
     async def token(self) -> str:
         return (await self._redis.get(f"{self._prefix}:token") or b"").decode()
+
+    async def shared_token(self) -> str:
+        """The token kept here; the first process that needs one makes it."""
+        await self._redis.set(f"{self._prefix}:token", secrets.token_urlsafe(32), nx=True)
+        return await self.token()
 
     async def workers(self) -> list[WorkerRecord]:
         keys = [k async for k in self._redis.scan_iter(match=self._worker_key("*"), count=500)]

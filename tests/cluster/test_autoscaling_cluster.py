@@ -15,9 +15,8 @@ import httpx
 import pytest
 import yaml
 
+from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.tiny_model.generate import CORPUS
-
-from tests.support.serve import launch_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 

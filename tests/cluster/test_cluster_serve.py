@@ -20,6 +20,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
@@ -27,7 +28,6 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.paths import ROOT
-from tests.support.serve import launch_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,9 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+    # So does everything else it started: Ray's GCS, raylet, object manager and actors, the router.
+    everything = listening_addresses(proc.pid)
+    assert len(everything) >= 1 and all(ip.is_loopback for ip in everything), everything
     assert httpx.get(url + "/health").status_code == 200
 
     grpc_address = next(line for line in lines if line.startswith("pdcluster ready")).split("grpc ")[1].split(",")[0]

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdcluster.common.cluster_token import local_token_path
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.kv_transfer.grpc_transport import KVClient, fetch_kv_stats
 from pdcluster.kv_transfer.settings import KVTransferSettings
@@ -18,7 +19,7 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.processes import reference_outputs
-from tests.support.worker_calls import KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, kv_stats
+from tests.support.worker_calls import KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, kv_stats, worker_channel
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +117,7 @@ def test_short_prompt_bypass_runs_on_decode_alone(pd_pair, prompts, expected):
     received_before = kv_stats(decode).bytes_received
 
     async def run():
-        async with grpc.aio.insecure_channel(decode.address) as dc:
+        async with worker_channel(decode.address) as dc:
             stream = wgrpc.WorkerStub(dc).Decode(
                 wpb.DecodeRequest(request_id="bypass", prompt_token_ids=prompts[1], sampling=wpb.SamplingOptions(max_tokens=MAX_TOKENS))
             )
@@ -128,11 +129,20 @@ def test_short_prompt_bypass_runs_on_decode_alone(pd_pair, prompts, expected):
 
 def test_worker_stats_and_health(pd_pair):
     async def run(worker, service=""):
-        async with grpc.aio.insecure_channel(worker.address) as ch:
+        async with worker_channel(worker.address) as ch:
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service))
             return health, await wgrpc.WorkerStub(ch).Stats(wpb.StatsRequest())
 
+    async def without_token(worker):
+        async with grpc.aio.insecure_channel(worker.address) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await wgrpc.WorkerStub(ch).Stats(wpb.StatsRequest())
+            return refused.value.code()
+
     for worker in pd_pair:
+        # Started by hand without --auth-token, yet never open: the user's local token for the cluster.
+        assert asyncio.run(without_token(worker)) == grpc.StatusCode.UNAUTHENTICATED
+        assert local_token_path("pdcluster").stat().st_mode & 0o777 == 0o600
         health, stats = asyncio.run(run(worker, worker.role))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert stats.role == worker.role and stats.pid == worker.record.pid
@@ -157,7 +167,7 @@ def test_bad_input_gets_invalid_argument_and_workers_keep_serving(pd_pair, promp
         return info.value.code()
 
     async def run():
-        async with grpc.aio.insecure_channel(prefill.address) as pc, grpc.aio.insecure_channel(decode.address) as dc:
+        async with worker_channel(prefill.address) as pc, worker_channel(decode.address) as dc:
             p, d = wgrpc.WorkerStub(pc), wgrpc.WorkerStub(dc)
 
             async def drain(req):
@@ -179,7 +189,7 @@ def test_bad_input_gets_invalid_argument_and_workers_keep_serving(pd_pair, promp
             return codes
 
     async def wrong_role_call():
-        async with grpc.aio.insecure_channel(prefill.address) as pc:
+        async with worker_channel(prefill.address) as pc:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in wgrpc.WorkerStub(pc).Decode(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5])):
                     pass

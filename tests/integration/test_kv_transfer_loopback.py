@@ -1,5 +1,6 @@
 """KV transfer over real gRPC on loopback: exactness, ordering, faults and cleanup."""
 
+import socket
 import time
 
 import pytest
@@ -185,6 +186,25 @@ def test_consumer_gives_up_at_its_deadline(pair):
     finished, failed = poll_consumer(cons)
     assert finished == failed == {"r1"}
     assert cons.stats.snapshot()["recomputes"] == 1
+
+
+@pytest.mark.parametrize("pair", [{"producer_lost_after_s": 1.0}], indirect=True)
+def test_a_silent_producer_fails_its_loads_in_seconds_and_a_live_one_is_waited_for(pair, transport):
+    prod, cons = pair
+    frozen = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does) but never answers, like a SIGSTOPped engine
+    try:
+        silent = f"127.0.0.1:{frozen.getsockname()[1]}"
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, producer=silent)
+        cons.receiver.expect("t2", "r2", DST_BLOCKS, 0, producer=prod.address)
+        started = time.monotonic()
+        assert poll_consumer(cons) == ({"r1"}, {"r1"})
+        print(f"silent producer detected after {time.monotonic() - started:.1f}s")
+        time.sleep(3.0)  # several pings: the live producer answers, so its load is still awaited
+        assert cons.receiver.poll() == (set(), set()) and cons.receiver.waiting_producers() == {prod.address}
+        send(prod, cons.address, "t2", "r2")
+        assert poll_consumer(cons) == ({"r2"}, set())
+    finally:
+        frozen.close()
 
 
 def test_producer_abort_fails_the_load_at_once(pair):

@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 
 import grpc
 import httpx
 import pytest
 
-from pdcluster.common.ports import free_port
 from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.redis_server import start_redis
 from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import worker_pb2 as wpb
@@ -28,21 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def redis_url():
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
-            time.sleep(0.1)
+    server, url = start_redis()
     yield url
     server.terminate()
     server.wait(10)

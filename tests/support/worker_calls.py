@@ -7,9 +7,33 @@ import uuid
 
 import grpc
 
+from pdcluster.common.cluster_token import local_cluster_token
+from pdcluster.common.worker_auth import token_metadata
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
+
+
+class _SendLocalToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the token workers started by hand on this machine share (pdcluster/common/cluster_token.py)."""
+
+    def __init__(self) -> None:
+        self._metadata = token_metadata(local_cluster_token("pdcluster"))
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, (*(d.metadata or ()), *self._metadata), d.credentials, d.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def worker_channel(address: str) -> grpc.aio.Channel:
+    """A channel to a worker started by tests, which requires the cluster token."""
+    return grpc.aio.insecure_channel(address, interceptors=[_SendLocalToken()])
+
 
 MAX_TOKENS = 24
 # Small chunks so most test prompts span several chunks per layer.
@@ -22,7 +46,7 @@ async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, s
     rid = uuid.uuid4().hex
     transfer_id = transfer_id or f"kv-{rid}"
     sampling = wpb.SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0)
-    async with grpc.aio.insecure_channel(prefill.address) as pc, grpc.aio.insecure_channel(decode.address) as dc:
+    async with worker_channel(prefill.address) as pc, worker_channel(decode.address) as dc:
         stream = wgrpc.WorkerStub(dc).Decode(
             wpb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling, transfer_id=transfer_id)
         )

@@ -15,7 +15,7 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
-from pdcluster.kv_transfer.connector_metadata import CONSUME, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata
+from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 64
@@ -104,7 +104,7 @@ def assert_empty(scheduler: Scheduler) -> None:
 
 
 def consume(transfer_id: str) -> dict:
-    return {TRANSFER_ID: transfer_id, CONSUME: True}
+    return {TRANSFER_ID: transfer_id, CONSUME: True, CONSUME_FROM: "127.0.0.1:7000"}
 
 
 def test_consumer_reserves_blocks_and_runs_once_the_kv_arrived(model_dir):
@@ -115,7 +115,7 @@ def test_consumer_reserves_blocks_and_runs_once_the_kv_arrived(model_dir):
     meta = out.kv_connector_metadata
     assert isinstance(meta, PdConnectorMetadata)
     # Three blocks (the partial last one too) reserved for the whole prompt, none computed here.
-    assert meta.loads == [LoadSpec("r1", "t1", meta.loads[0].block_ids, 0)] and len(meta.loads[0].block_ids) == 3
+    assert meta.loads == [LoadSpec("r1", "t1", meta.loads[0].block_ids, 0, "127.0.0.1:7000")] and len(meta.loads[0].block_ids) == 3
     assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS and out.total_num_scheduled_tokens == 0
     assert free_blocks(scheduler) == NUM_BLOCKS - 1 - 3
     scheduler.update_from_output(out, runner_output([], finished_recving={"r1"}))

@@ -10,6 +10,7 @@ import pytest
 
 from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
 from pdcluster.cluster.controller import ClusterController
+from pdcluster.cluster.replica_launcher import LiveReplica
 from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
@@ -54,6 +55,9 @@ class FakeLauncher:
     async def exit_code(self, handle: FakeReplica) -> int | None:
         return handle.exit_code
 
+    async def live_replicas(self) -> list[LiveReplica]:
+        return [LiveReplica(r.config.worker_id, r.config.role, r) for r in self.replicas if r.stopped is None]
+
     async def stop(self, handle: FakeReplica, drain: bool) -> None:
         handle.stopped = drain
 
@@ -76,8 +80,8 @@ class FakeProbe:
         self.forgotten.append(record.worker_id)
 
 
-def make_controller(spec: dict) -> tuple[ClusterController, FakeLauncher, FakeProbe]:
-    launcher = FakeLauncher()
+def make_controller(spec: dict, launcher: FakeLauncher | None = None) -> tuple[ClusterController, FakeLauncher, FakeProbe]:
+    launcher = launcher or FakeLauncher()
     probe = FakeProbe(launcher)
     return ClusterController(ClusterSpec.model_validate(spec).model_dump_json(), launcher, probe), launcher, probe
 
@@ -159,3 +163,25 @@ async def test_autoscaler_adds_under_load_and_drains_when_idle():
     assert drained and all(r.stopped is True for r in drained)  # scale-down drains
     assert controller.decision_counts[(Role.PREFILL, "down")] >= 1
     assert len(launcher.live(Role.PREFILL)) == controller.targets[Role.PREFILL] >= 1
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_controller_adopts_the_running_replicas_and_resumes_healing():
+    spec = {"prefill": {"replicas": 2, "max_replicas": 3}, "autoscaling": {"enabled": True, "interval_s": 60}}
+    first, launcher, _ = make_controller(spec)
+    first.targets[Role.PREFILL] = 3  # as the autoscaler left it
+    await rounds(first, 2)
+    members = sorted(await first.members())
+    assert len(members) == 4
+    # The first controller dies without a word; the next life starts from the launcher's live replicas.
+    second, _, _ = make_controller(spec, launcher)
+    await second.start(serve_metrics=False)
+    assert sorted(await second.members()) == members  # known before its first round: routers never see an empty cluster
+    assert second.targets[Role.PREFILL] == 3
+    await rounds(second, 2)
+    assert len(launcher.replicas) == 4  # nothing restarted, nothing added
+    dead = launcher.live(Role.DECODE)[0]
+    dead.exit_code = 137
+    await rounds(second, 2)
+    assert dead.stopped is False and len(launcher.live(Role.DECODE)) == 1 and launcher.live(Role.DECODE)[0] is not dead
+    await second.shutdown()

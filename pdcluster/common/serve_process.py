@@ -1,4 +1,5 @@
-"""`pdcluster serve` as a user runs it: its own process group, read by its output lines."""
+"""`pdcluster serve` as a user runs it: its own process group, read by its output lines.
+Used by the cluster tests and `pdcluster bench chaos`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import sys
 import threading
 import time
 
-from tests.support.paths import ROOT
-
 
 def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str], dict]:
     """`pdcluster serve ARGS` in its own process group, once it prints its ready line; the
@@ -19,7 +18,6 @@ def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Po
     cmd = [sys.executable, "-m", "pdcluster", "serve", *args]
     proc = subprocess.Popen(
         cmd,
-        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
