@@ -6,6 +6,11 @@ consumer process on loopback, over both KV data paths: the default one (a raw-TC
 channel negotiated over the KVTransfer gRPC service) and plain gRPC streams. The
 ceilings, measured in the same run between the same two processes: a raw TCP socket
 (4 MiB sendall / recv_into a preallocated buffer) and an in-memory copy.
+
+Also NIXL's own one-sided WRITE (UCX backend, where `nixl-cu12` is installed) of the same
+blocks, layer by layer, straight from the producer's registered KV into the consumer's, timed
+until the consumer holds the completion notification: what a NIXL transport can reach here.
+Neither agent runs a progress thread (NIXL's spins a core); the caller polls instead.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Row:
     kv_grpc_stream_gbps: float  # our transfer over gRPC streams only
     tcp_gbps: float
     memcpy_gbps: float
+    nixl_gbps: float | None  # None: NIXL is not installed here
 
 
 def _paged_layers(tokens: int, fill: bool) -> list[torch.Tensor]:
@@ -48,9 +54,21 @@ def _paged_layers(tokens: int, fill: bool) -> list[torch.Tensor]:
     return [make() for _ in range(LAYERS)]
 
 
+def _nixl_agent(name: str, layers: list[torch.Tensor]):
+    """A NIXL agent (no progress thread) with `layers` registered, or None without NIXL."""
+    try:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+    except ImportError:
+        return None
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False))
+    agent.register_memory(layers)
+    return agent
+
+
 def _consumer(conn, tokens: int, settings: KVTransferSettings) -> None:
-    """Child process: a KV consumer endpoint, and a raw TCP sink."""
+    """Child process: a KV consumer endpoint, a raw TCP sink and a NIXL agent."""
     layers = _paged_layers(tokens, fill=False)
+    nixl = _nixl_agent(f"consumer-{uuid.uuid4().hex}", layers)
     endpoint = KVEndpoint(layers, layers[0].shape[0], BLOCK, settings, produce=False, consume=True)
     sink = socket.create_server(("127.0.0.1", 0))
     conn.send((endpoint.address, sink.getsockname()[1]))
@@ -63,6 +81,14 @@ def _consumer(conn, tokens: int, settings: KVTransferSettings) -> None:
             conn.send("ok")
         elif msg[0] == "poll":
             endpoint.receiver.poll()
+            conn.send("ok")
+        elif msg[0] == "nixl":
+            conn.send(None if nixl is None else (nixl.get_agent_metadata(), nixl.get_serialized_descs(_block_descs(nixl, layers, tokens))))
+        elif msg[0] == "nixl_wait":
+            notified = 0
+            while not notified:
+                notified = sum(len(v) for v in nixl.get_new_notifs().values())
+                time.sleep(0.0005)
             conn.send("ok")
         elif msg[0] == "tcp":
             sock, _ = sink.accept()
@@ -121,6 +147,41 @@ def _tcp_once(port: int, conn, nbytes: int) -> float:
     return nbytes / elapsed / 1e9
 
 
+def _block_descs(agent, layers: list[torch.Tensor], tokens: int):
+    """The prompt's blocks of every layer (blocks 0..n are contiguous in each layer)."""
+    return agent.get_xfer_descs([layer[: tokens // BLOCK] for layer in layers])
+
+
+def _nixl_once(agent, handle, conn, nbytes: int) -> float:
+    # The consumer polls while the write runs: over UCX's TCP transport its side must progress too.
+    conn.send(("nixl_wait",))
+    started = time.perf_counter()
+    if agent.transfer(handle) == "ERR":
+        raise RuntimeError("NIXL transfer failed to start")
+    while (state := agent.check_xfer_state(handle)) == "PROC":
+        pass
+    if state != "DONE":
+        raise RuntimeError(f"NIXL transfer ended {state}")
+    conn.recv()
+    return nbytes / (time.perf_counter() - started) / 1e9
+
+
+def _nixl_gbps(layers: list[torch.Tensor], conn, tokens: int, repeats: int) -> float | None:
+    agent = _nixl_agent(f"producer-{uuid.uuid4().hex}", layers)
+    conn.send(("nixl",))
+    remote = conn.recv()
+    if agent is None or remote is None:
+        return None
+    peer = agent.add_remote_agent(remote[0])
+    handle = agent.initialize_xfer("WRITE", _block_descs(agent, layers, tokens), agent.deserialize_descs(remote[1]), peer, b"kv")
+    try:
+        _nixl_once(agent, handle, conn, tokens * TOKEN_BYTES)  # warm up
+        return statistics.median(_nixl_once(agent, handle, conn, tokens * TOKEN_BYTES) for _ in range(repeats))
+    finally:
+        agent.release_xfer_handle(handle)
+        agent.remove_remote_agent(peer)
+
+
 def _memcpy_once(nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -148,6 +209,7 @@ def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
             _kv_once(producer, kv_endpoint, parent, tokens)  # warm the connections up
             gbps[transport] = statistics.median(_kv_once(producer, kv_endpoint, parent, tokens) for _ in range(repeats))
         tcp = statistics.median(_tcp_once(tcp_port, parent, nbytes) for _ in range(repeats))
+        nixl = _nixl_gbps(layers, parent, tokens, repeats)
         mem = statistics.median(_memcpy_once(nbytes) for _ in range(repeats))
     finally:
         for producer in producers.values():
@@ -155,7 +217,7 @@ def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
         parent.send(("stop",))
         parent.recv()
         proc.join(10)
-    return Row(tokens, nbytes, gbps["tcp"], gbps["grpc"], tcp, mem)
+    return Row(tokens, nbytes, gbps["tcp"], gbps["grpc"], tcp, mem, nixl)
 
 
 def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:
@@ -163,7 +225,7 @@ def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) 
     print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes / 2**20:g} MiB chunks; GB/s, median of {repeats}")
     print(
         f"{'tokens':>7} {'MiB':>6} {'KV (gRPC+TCP)':>14} {'KV (gRPC stream)':>17} {'raw TCP':>8} {'memcpy':>7} "
-        f"{'ratio':>6} {'ratio stream':>13}"
+        f"{'ratio':>6} {'ratio stream':>13} {'NIXL WRITE':>11} {'NIXL/memcpy':>12}"
     )
     rows = []
     for tokens in sizes:
@@ -172,9 +234,12 @@ def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) 
         print(
             f"{r.tokens:>7} {r.nbytes / 2**20:>6.0f} {r.kv_gbps:>14.2f} {r.kv_grpc_stream_gbps:>17.2f} "
             f"{r.tcp_gbps:>8.2f} {r.memcpy_gbps:>7.2f} {r.kv_gbps / r.tcp_gbps:>6.2f} "
-            f"{r.kv_grpc_stream_gbps / r.tcp_gbps:>13.2f}",
+            f"{r.kv_grpc_stream_gbps / r.tcp_gbps:>13.2f} {_gbps(r.nixl_gbps):>11} {_gbps(r.nixl_gbps, r.memcpy_gbps):>12}",
             flush=True,
         )
+    no_nixl = rows[0].nixl_gbps is None
+    if no_nixl:
+        print("NIXL: not installed here (scripts/install.sh installs nixl-cu12)")
     ref = next((r for r in rows if r.tokens == 4096), rows[0])
     if json_output:
         print(
@@ -186,8 +251,14 @@ def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) 
                     "grpc_stream_gbps": round(ref.kv_grpc_stream_gbps, 3),
                     "grpc_stream_ratio": round(ref.kv_grpc_stream_gbps / ref.tcp_gbps, 3),
                     "memcpy_gbps": round(ref.memcpy_gbps, 3),
+                    "nixl_gbps": None if no_nixl else round(ref.nixl_gbps, 3),
+                    "nixl_memcpy_ratio": None if no_nixl else round(ref.nixl_gbps / ref.memcpy_gbps, 3),
                     "tokens": ref.tokens,
                 }
             )
         )
     return 0
+
+
+def _gbps(value: float | None, per: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value / per:.2f}"

@@ -40,6 +40,12 @@ else
   mkdir -p "$site/vllm-$VLLM_VERSION+cpu.dist-info"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" > "$site/vllm-$VLLM_VERSION+cpu.dist-info/METADATA"
 fi
-$PIP install -q -e ".[dev]"
-[ "$device" = gpu ] || drop_cuda_extras
-.venv/bin/python -c "import vllm, torch; print('pdcluster installed: vllm', vllm.__version__, 'torch', torch.__version__)"
+NIXL=nixl-cu12==1.5.1  # as pinned in pyproject's `nixl` extra
+if [ "$device" = gpu ]; then
+  $PIP install -q -e ".[dev,nixl]"
+else
+  $PIP install -q -e ".[dev]"
+  $PIP install -q --no-deps "$NIXL"  # its torch requirement would pull a CUDA build
+  drop_cuda_extras
+fi
+.venv/bin/python -c "import vllm, torch, nixl_cu12; print('pdcluster installed: vllm', vllm.__version__, 'torch', torch.__version__, 'nixl', 'ok')"

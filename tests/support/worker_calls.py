@@ -14,25 +14,26 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 
-class _SendLocalToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+def _with_local_token(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
     """Adds the token workers started by hand on this machine share (pdcluster/common/cluster_token.py)."""
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *token_metadata(local_cluster_token("pdcluster")))
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
-    def __init__(self) -> None:
-        self._metadata = token_metadata(local_cluster_token("pdcluster"))
 
-    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return grpc.aio.ClientCallDetails(d.method, d.timeout, (*(d.metadata or ()), *self._metadata), d.credentials, d.wait_for_ready)
-
+# grpc.aio files an interceptor under its first matching kind only: one object per kind.
+class _UnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return await continuation(_with_local_token(details), request)
 
+
+class _StreamToken(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return await continuation(_with_local_token(details), request)
 
 
 def worker_channel(address: str) -> grpc.aio.Channel:
     """A channel to a worker started by tests, which requires the cluster token."""
-    return grpc.aio.insecure_channel(address, interceptors=[_SendLocalToken()])
+    return grpc.aio.insecure_channel(address, interceptors=[_UnaryToken(), _StreamToken()])
 
 
 MAX_TOKENS = 24
