@@ -151,7 +151,7 @@ class Load:
         stub = inference_pb2_grpc.InferenceStub(channel)
         rng = random.Random(7)
         results: list[tuple[int, list[int] | None, float]] = []
-        errors = self.errors = []
+        self.errors = []
 
         async def one(i: int) -> None:
             started = time.monotonic()
@@ -162,7 +162,7 @@ class Load:
                 reply = await stub.Complete(request, timeout=REQUEST_TIMEOUT_S)
                 results.append((i, list(reply.token_ids), time.monotonic() - started))
             except grpc.aio.AioRpcError as e:
-                errors.append(f"{e.code().name}: {e.details()}")
+                self.errors.append(f"{e.code().name}: {e.details()}")
                 results.append((i, None, time.monotonic() - started))
 
         tasks, start, n = [], time.monotonic(), 0

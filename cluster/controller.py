@@ -121,14 +121,14 @@ class ClusterController:
             self.replicas.append(Replica(live.replica_id, live.role, live.handle, ready))
         if not self.replicas:
             return
-        await asyncio.wait([r.ready for r in self.replicas], timeout=ADOPT_READY_WAIT_S)
-        await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
+        logger.info("adopting %d live replicas: %s", len(self.replicas), [r.id for r in self.replicas])
         if self.spec.autoscaling.enabled:  # the autoscaler's last targets, as far as the live replicas tell
             for role in ROLES:
                 pool = self.spec.pool(role)
                 count = sum(r.role == role for r in self.replicas)
                 self.targets[role] = min(max(count, pool.min_replicas), pool.max_replicas)
-        logger.info("adopted %d live replicas: %s", len(self.replicas), [r.id for r in self.replicas])
+        await asyncio.wait([r.ready for r in self.replicas], timeout=ADOPT_READY_WAIT_S)
+        await self.reconcile()  # the first round now: the ready ones become members
 
     async def members(self) -> list[str]:
         """Addresses of the replicas that take new requests."""

@@ -54,6 +54,10 @@ class ExpectedTransfer:
     def complete(self) -> bool:
         return bool(self.received.all())
 
+    @property
+    def awaited(self) -> bool:
+        return not self.failure and not self.complete
+
 
 @dataclass
 class ChunkLanding:
@@ -150,9 +154,9 @@ class KVReceiver:
         failed: set[str] = set()
         with self._lock:
             for transfer_id, t in list(self._expected.items()):
-                if not t.failure and not t.complete and now > t.deadline:
+                if t.awaited and now > t.deadline:
                     t.failure = f"no complete KV within {self._settings.load_timeout_s}s"
-                if t.writers or not (t.failure or t.complete):
+                if t.writers or t.awaited:
                     continue
                 del self._expected[transfer_id]
                 self._by_request.pop(t.request_id, None)
@@ -269,12 +273,12 @@ class KVReceiver:
     def waiting_producers(self) -> set[str]:
         """KV endpoints of the producers whose transfers are still awaited."""
         with self._lock:
-            return {t.producer for t in self._expected.values() if t.producer and not t.failure and not t.complete}
+            return {t.producer for t in self._expected.values() if t.producer and t.awaited}
 
     def fail_from(self, producer: str, reason: str) -> int:
         """Fail every transfer still awaited from `producer`; returns how many."""
         with self._lock:
-            waiting = [t for t in self._expected.values() if t.producer == producer and not t.failure and not t.complete]
+            waiting = [t for t in self._expected.values() if t.producer == producer and t.awaited]
             for t in waiting:
                 t.failure = reason
         if waiting:
