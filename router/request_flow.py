@@ -147,7 +147,7 @@ class RequestFlow:
             return
         decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + sampling.max_tokens)
         prefill = self._pick_prefill(prompt, attempt)
-        self.metrics.picks.labels(Role.DECODE, decode.worker_id).inc()
+        self._note_pick(decode, Role.DECODE)
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
         decode_request = worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-{attempt.number}",
@@ -162,7 +162,7 @@ class RequestFlow:
         decode_watch = _cancel_when_lost(decode, stream)
         prefill_task = None
         if prefill is not None:
-            prefill_task = asyncio.create_task(self._prefill(prefill, decode, decode_request, usage))
+            prefill_task = self._start_prefill(prefill, decode, decode_request, usage)
             # A failed prefill must not leave decode waiting for KV that will not come.
             prefill_task.add_done_callback(lambda task: _failure_of(task) and stream.cancel())
         try:
@@ -225,15 +225,31 @@ class RequestFlow:
         if prefill_backlog_too_deep(prefill, self.config.local_prefill_above_queued_tokens):
             self.metrics.bypass.labels("prefill_backlog").inc()
             return None
-        self.metrics.picks.labels(Role.PREFILL, prefill.worker_id).inc()
+        self._note_pick(prefill, Role.PREFILL)
         self.metrics.prefix_hit_tokens.inc(overlap)
         self.prefix_index.record(prefill.worker_id, hashes[max(prefill.stats.block_size, 1)])
         return prefill
 
-    async def _prefill(self, prefill: WorkerView, decode: WorkerView, decode_request, usage: Usage) -> None:
+    def _note_pick(self, worker: WorkerView, role: Role) -> None:
+        worker.last_picked = time.monotonic()
+        self.metrics.picks.labels(role, worker.worker_id).inc()
+
+    def _start_prefill(self, prefill: WorkerView, decode: WorkerView, decode_request, usage: Usage) -> asyncio.Task:
+        """Counts the prompt on its prefill worker now, before another request of a burst is
+        routed, and uncounts it when the prefill ends, however it ends (even cancelled unstarted)."""
         num_tokens = len(decode_request.prompt_token_ids)
         prefill.pending_prefill_tokens += num_tokens
         prefill.inflight += 1
+
+        def uncount(_task: asyncio.Task) -> None:
+            prefill.pending_prefill_tokens -= num_tokens
+            prefill.inflight -= 1
+
+        task = asyncio.create_task(self._prefill(prefill, decode, decode_request, usage))
+        task.add_done_callback(uncount)
+        return task
+
+    async def _prefill(self, prefill: WorkerView, decode: WorkerView, decode_request, usage: Usage) -> None:
         call = prefill.stub.Prefill(
             worker_pb2.PrefillRequest(
                 request_id=decode_request.request_id,
@@ -256,8 +272,6 @@ class RequestFlow:
         finally:
             watch.cancel()
             call.cancel()  # no-op once answered; aborts the prefill on the worker otherwise
-            prefill.pending_prefill_tokens -= num_tokens
-            prefill.inflight -= 1
         usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
 
 

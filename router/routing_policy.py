@@ -70,14 +70,15 @@ def _load(worker: WorkerView) -> int:
 
 
 def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerView | None:
-    """Prefer workers with room for the whole sequence, then the least loaded, then the most free KV."""
+    """Prefer workers with room for the whole sequence, then the least loaded, then the most
+    free KV, then the one picked least recently."""
     if not workers:
         return None
 
     def key(w: WorkerView):
         blocks_needed = -(-total_tokens // max(w.stats.block_size, 1))
         fits = w.stats.free_kv_blocks >= blocks_needed or w.stats.total_kv_blocks == 0
-        return (not fits, _load(w), -int(w.stats.free_kv_blocks))
+        return (not fits, _load(w), -int(w.stats.free_kv_blocks), w.last_picked)
 
     return min(workers, key=key)
 
@@ -89,13 +90,14 @@ def queued_prefill_tokens(worker: WorkerView) -> int:
 
 def pick_prefill_worker(workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for) -> tuple[WorkerView | None, int]:
     """The worker with the least prefill work ahead once this prompt's cached prefix is
-    subtracted; returns it and the prefix tokens it likely holds. `hashes_for(block_size)`
-    gives the prompt's block hashes for a worker's block size."""
+    subtracted (then the least loaded, then the one picked least recently); returns it and the
+    prefix tokens it likely holds. `hashes_for(block_size)` gives the prompt's block hashes for
+    a worker's block size."""
     best, best_key, best_overlap = None, None, 0
     for w in workers:
         block_size = max(w.stats.block_size, 1)
         overlap = index.overlap_blocks(w.worker_id, hashes_for(block_size)) * block_size
-        key = (queued_prefill_tokens(w) + prompt_len - overlap, _load(w))
+        key = (queued_prefill_tokens(w) + prompt_len - overlap, _load(w), w.last_picked)
         if best_key is None or key < best_key:
             best, best_key, best_overlap = w, key, overlap
     return best, best_overlap

@@ -3,7 +3,8 @@
 Each worker's `Stats` is polled every `interval_s`; a worker that is draining, or misses
 `unhealthy_after` checks in a row, is not routed to, and is `lost`: requests waiting on it
 stop waiting. Between polls the router adds the load it has itself sent
-(`inflight`, `pending_prefill_tokens`) so a burst does not all land on one worker.
+(`inflight`, `pending_prefill_tokens`) so a burst does not all land on one worker, and
+workers equal on all that take turns (`last_picked`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class WorkerView:
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops answering
     inflight: int = 0  # requests this router has running on it
     pending_prefill_tokens: int = 0  # prompt tokens this router has sent it, not yet prefilled
+    last_picked: float = 0.0  # monotonic time this router last routed a request to it
 
     @property
     def role(self) -> Role | None:

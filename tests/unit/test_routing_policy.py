@@ -79,6 +79,23 @@ def test_prefill_counts_work_the_router_sent_since_the_last_poll():
     assert pick_prefill([], list(range(64)), PrefixIndex()) == (None, 0)
 
 
+def test_workers_equal_in_every_other_way_take_turns():
+    # A prefill finishing before the next request arrives leaves both workers idle again: the
+    # one picked least recently gets the next prompt instead of the first in the list.
+    prompt = list(range(64))
+    for role, pick in (
+        ("prefill", lambda ws: pick_prefill(ws, prompt, PrefixIndex())[0]),
+        ("decode", lambda ws: pick_decode_worker(ws, 100)),
+    ):
+        a, b = worker("a", role), worker("b", role)
+        order = []
+        for now in (1.0, 2.0, 3.0, 4.0):
+            chosen = pick([a, b])
+            chosen.last_picked = now
+            order.append(chosen.address)
+        assert order == ["a", "b", "a", "b"]
+
+
 def test_decode_balances_load_and_needs_room():
     a = worker("a", "decode", running=5)
     b = worker("b", "decode", running=1)
