@@ -13,18 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
-
-import aiohttp
 
 from pdcluster.bench.rate_plot import plot_grid
 from pdcluster.bench.serve_bench import RateResult, run_rate, served_model, sweep
 from pdcluster.bench.workloads import COMPARE_WORKLOADS, Workload
-from pdcluster.common.ports import free_port
-from pdcluster.common.processes import LocalProcess, spawn, start_process, wait_ready
+from pdcluster.common.processes import LocalProcess, start_process, wait_ready
+from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.common.worker_record import Role
 from pdcluster.worker.config import EngineConfig, WorkerConfig, worker_args
 from pdcluster.worker.engine_args import engine_environment
@@ -55,25 +51,9 @@ def _engine_env(cpus: set[int], engine: EngineConfig) -> dict:
     return {**engine_environment(engine), "OMP_NUM_THREADS": str(len(cpus))}
 
 
-async def _healthy(url: str) -> bool:
-    try:
-        async with aiohttp.ClientSession() as session, session.get(url + "/health") as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
 def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple[LocalProcess, str]:
     """vLLM's own OpenAI server, unmodified, on `cpus`; returns it and its base URL."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+    args = [
         "--model",
         engine.model,
         "--dtype",
@@ -87,16 +67,7 @@ def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple
         "--seed",
         "0",
     ]
-    log_path = os.path.join(log_dir, "colocated-vllm.log")
-    proc = LocalProcess("colocated", spawn(cmd, open(log_path, "wb"), _engine_env(cpus, engine), cpus), log_path=log_path)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while not asyncio.run(_healthy(url)):
-        if proc.process.poll() is not None or time.monotonic() > deadline:
-            proc.stop()
-            raise RuntimeError(f"vLLM server did not become ready:\n{proc.log_tail()}")
-        time.sleep(1)
-    return proc, url
+    return start_vllm_server(args, _engine_env(cpus, engine), os.path.join(log_dir, "colocated-vllm.log"), cpus)
 
 
 def start_pdcluster(

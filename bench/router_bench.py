@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 import aiohttp
 import grpc
 import psutil
+from vllm import SamplingParams
 
 from pdcluster.bench.percentiles import percentile
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.sample_wire import encode_sampling_params
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.common.worker_record import Role, RouterRecord
 from pdcluster.protos import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -87,10 +89,10 @@ async def _measure(decode_address: str, router: RouterRecord, router_pid: int, c
         token = token_metadata(local_cluster_token("pdcluster"))  # what the hand-started worker and router share
         inference = inference_pb2_grpc.InferenceStub(rc)
 
+        params = encode_sampling_params(SamplingParams(**_sampling()))
+
         async def direct(prompt):
-            request = worker_pb2.DecodeRequest(
-                request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling=worker_pb2.SamplingOptions(**_sampling())
-            )
+            request = worker_pb2.DecodeRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt, sampling_params=params)
             async for _ in worker.Decode(request, metadata=token):
                 pass
 

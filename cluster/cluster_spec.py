@@ -111,6 +111,8 @@ class ClusterSpec(_Strict):
         return self.router.model_copy(
             update={
                 "model": self.engine.model,
+                # The context length the workers serve, unless the router's vLLM flags say otherwise.
+                "vllm_args": ["--max-model-len", str(self.engine.max_model_len), *self.router.vllm_args],
                 "registry": self.registry,
                 "cluster_name": self.name,
                 "tls": self.tls,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import grpc
 
+from pdcluster.common.sample_wire import encode_logprobs
 from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, TRANSFER_ID
 from pdcluster.protos import worker_pb2
-from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
+from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
 
 
 class DecodeHandler:
@@ -31,21 +32,33 @@ class DecodeHandler:
         if request.HasField("transfer_id"):
             kv = {TRANSFER_ID: request.transfer_id, CONSUME: True, CONSUME_FROM: request.producer_kv_endpoint}
         try:
-            params = sampling_params_from(request.sampling, kv)
+            params = request_sampling_params(request.sampling_params, kv)
             stream = self._host.engine.generate(
                 TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, f"{request.request_id}-decode"
             )
             num_output = 0
             async for out in stream:
-                completion = out.outputs[0]
-                num_output += len(completion.token_ids)
-                yield worker_pb2.DecodeChunk(
-                    token_ids=completion.token_ids,
-                    text=completion.text,
-                    finish_reason=completion.finish_reason or "",
-                    num_prompt_tokens=len(out.prompt_token_ids or ()),
-                    num_output_tokens=num_output,
-                    num_cached_tokens=out.num_cached_tokens or 0,
-                )
+                yield _chunk(out, num_output := num_output + len(out.outputs[0].token_ids))
         except INVALID_REQUEST_ERRORS as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+def _chunk(out, num_output: int) -> worker_pb2.DecodeChunk:
+    """One engine step of the request (vLLM's DELTA RequestOutput) on the wire."""
+    completion = out.outputs[0]
+    chunk = worker_pb2.DecodeChunk(
+        token_ids=completion.token_ids,
+        text=completion.text,
+        finish_reason=completion.finish_reason or "",
+        num_prompt_tokens=len(out.prompt_token_ids or ()),
+        num_output_tokens=num_output,
+        num_cached_tokens=out.num_cached_tokens or 0,
+        logprobs=encode_logprobs(completion.logprobs),
+        prompt_logprobs=encode_logprobs(out.prompt_logprobs),
+        cumulative_logprob=completion.cumulative_logprob or 0.0,
+    )
+    if isinstance(completion.stop_reason, str):
+        chunk.stop_string = completion.stop_reason
+    elif completion.stop_reason is not None:
+        chunk.stop_token_id = completion.stop_reason
+    return chunk

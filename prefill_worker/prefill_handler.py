@@ -2,16 +2,18 @@
 
 The engine runs the prompt with max_tokens=1; our connector pushes each layer's KV to
 the target's KV endpoint while the next layer computes. The reply carries the first
-token and how much of the prompt the prefix cache served.
+token, how much of the prompt the prefix cache served, and the prompt's logprobs when the
+request asks for them (only the engine that computes the prompt can give them).
 """
 
 from __future__ import annotations
 
 import grpc
 
+from pdcluster.common.sample_wire import encode_logprobs
 from pdcluster.kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
 from pdcluster.protos import worker_pb2
-from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, sampling_params_from
+from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
 
 
 class PrefillHandler:
@@ -36,7 +38,10 @@ class PrefillHandler:
         self._queued_tokens += num_tokens
         final = None
         try:
-            params = sampling_params_from(request.sampling, kv, max_tokens=1, stop=None, min_tokens=0)
+            # The one token sampled here is not the answer's: nothing constrains or reports it.
+            params = request_sampling_params(
+                request.sampling_params, kv, max_tokens=1, min_tokens=0, logprobs=None, structured_outputs=None
+            )
             async for out in self._host.engine.generate(
                 TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, f"{request.request_id}-prefill"
             ):
@@ -47,4 +52,8 @@ class PrefillHandler:
             self._queued_tokens -= num_tokens
         if final is None or not final.outputs[0].token_ids:
             await context.abort(grpc.StatusCode.INTERNAL, "the engine returned no output for the prefill")
-        return worker_pb2.PrefillReply(first_token_id=final.outputs[0].token_ids[0], num_cached_tokens=final.num_cached_tokens or 0)
+        return worker_pb2.PrefillReply(
+            first_token_id=final.outputs[0].token_ids[0],
+            num_cached_tokens=final.num_cached_tokens or 0,
+            prompt_logprobs=encode_logprobs(final.prompt_logprobs),
+        )

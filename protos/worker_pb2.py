@@ -24,29 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpdcluster/protos/worker.proto\x12\x0cpdcluster.v1\"\x9d\x02\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x12\x12\n\x05min_p\x18\x0c \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_min_p\"B\n\x10KVTransferTarget\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsumer_endpoint\x18\x02 \x01(\t\"\x9f\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x06target\x18\x03 \x01(\x0b\x32\x1e.pdcluster.v1.KVTransferTarget\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pdcluster.v1.SamplingOptions\"M\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\rJ\x04\x08\x02\x10\x06J\x04\x08\x07\x10\x08\"\xb6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.pdcluster.v1.SamplingOptions\x12\x18\n\x0btransfer_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x14producer_kv_endpoint\x18\x05 \x01(\tB\x0e\n\x0c_transfer_id\"\x96\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\x0e\n\x0cStatsRequest\"\xbf\x02\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x13\n\x0bkv_endpoint\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x15\n\rmax_model_len\x18\x0f \x01(\r2\xd1\x01\n\x06Worker\x12\x43\n\x07Prefill\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.pdcluster.v1.DecodeRequest\x1a\x19.pdcluster.v1.DecodeChunk0\x01\x12>\n\x05Stats\x12\x1a.pdcluster.v1.StatsRequest\x1a\x19.pdcluster.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpdcluster/protos/worker.proto\x12\x0cpdcluster.v1\"B\n\x10KVTransferTarget\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsumer_endpoint\x18\x02 \x01(\t\"\x8d\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x06target\x18\x03 \x01(\x0b\x32\x1e.pdcluster.v1.KVTransferTarget\x12\x17\n\x0fsampling_params\x18\x05 \x01(\x0cJ\x04\x08\x04\x10\x05\"f\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x0cJ\x04\x08\x02\x10\x06J\x04\x08\x07\x10\x08\"\xa4\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x17\n\x0fsampling_params\x18\x06 \x01(\x0c\x12\x18\n\x0btransfer_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x14producer_kv_endpoint\x18\x05 \x01(\tB\x0e\n\x0c_transfer_idJ\x04\x08\x03\x10\x04\"\x9c\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x0c\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x0c\x12\x1a\n\x12\x63umulative_logprob\x18\t \x01(\x01\x12\x15\n\x0bstop_string\x18\n \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x0b \x01(\rH\x00\x42\r\n\x0bstop_reason\"\x0e\n\x0cStatsRequest\"\xbf\x02\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x13\n\x0bkv_endpoint\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x15\n\rmax_model_len\x18\x0f \x01(\r2\xd1\x01\n\x06Worker\x12\x43\n\x07Prefill\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.pdcluster.v1.DecodeRequest\x1a\x19.pdcluster.v1.DecodeChunk0\x01\x12>\n\x05Stats\x12\x1a.pdcluster.v1.StatsRequest\x1a\x19.pdcluster.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdcluster.protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLINGOPTIONS']._serialized_start=48
-  _globals['_SAMPLINGOPTIONS']._serialized_end=333
-  _globals['_KVTRANSFERTARGET']._serialized_start=335
-  _globals['_KVTRANSFERTARGET']._serialized_end=401
-  _globals['_PREFILLREQUEST']._serialized_start=404
-  _globals['_PREFILLREQUEST']._serialized_end=563
-  _globals['_PREFILLREPLY']._serialized_start=565
-  _globals['_PREFILLREPLY']._serialized_end=642
-  _globals['_DECODEREQUEST']._serialized_start=645
-  _globals['_DECODEREQUEST']._serialized_end=827
-  _globals['_DECODECHUNK']._serialized_start=830
-  _globals['_DECODECHUNK']._serialized_end=980
-  _globals['_STATSREQUEST']._serialized_start=982
-  _globals['_STATSREQUEST']._serialized_end=996
-  _globals['_WORKERSTATS']._serialized_start=999
-  _globals['_WORKERSTATS']._serialized_end=1318
-  _globals['_WORKER']._serialized_start=1321
-  _globals['_WORKER']._serialized_end=1530
+  _globals['_KVTRANSFERTARGET']._serialized_start=47
+  _globals['_KVTRANSFERTARGET']._serialized_end=113
+  _globals['_PREFILLREQUEST']._serialized_start=116
+  _globals['_PREFILLREQUEST']._serialized_end=257
+  _globals['_PREFILLREPLY']._serialized_start=259
+  _globals['_PREFILLREPLY']._serialized_end=361
+  _globals['_DECODEREQUEST']._serialized_start=364
+  _globals['_DECODEREQUEST']._serialized_end=528
+  _globals['_DECODECHUNK']._serialized_start=531
+  _globals['_DECODECHUNK']._serialized_end=815
+  _globals['_STATSREQUEST']._serialized_start=817
+  _globals['_STATSREQUEST']._serialized_end=831
+  _globals['_WORKERSTATS']._serialized_start=834
+  _globals['_WORKERSTATS']._serialized_end=1153
+  _globals['_WORKER']._serialized_start=1156
+  _globals['_WORKER']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

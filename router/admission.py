@@ -15,10 +15,14 @@ class AdmissionGate:
         self._waiting = 0
         self._metrics = metrics
 
+    def check(self, n: int = 1) -> None:
+        """Refuse at once when `n` more requests would overflow the queue."""
+        if self._slots.locked() and self._waiting + n > self._max_queue:
+            raise Overloaded(f"the router is at capacity ({self._waiting} requests queued); retry later")
+
     @contextlib.asynccontextmanager
     async def slot(self):
-        if self._slots.locked() and self._waiting >= self._max_queue:
-            raise Overloaded(f"the router is at capacity ({self._waiting} requests queued); retry later", code="overloaded")
+        self.check()
         self._waiting += 1
         self._metrics.queue_depth.inc()
         try:

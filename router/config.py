@@ -18,7 +18,12 @@ class RouterConfig(BaseModel):
     port: int = Field(8000, description="OpenAI HTTP port (0: any free port)")
     grpc_port: int = Field(50051, description="gRPC Inference port (0: any free port)")
     model: str = Field("", description="HF model directory (default: the tiny generated model)")
-    served_model_name: str = Field("", description="the `model` clients send (default: the directory's name)")
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="vLLM's own `vllm serve` options for the OpenAI layer and the model, e.g. --served-model-name, "
+        "--chat-template, --enable-auto-tool-choice --tool-call-parser NAME, --reasoning-parser NAME, --max-model-len; "
+        "on the command line, every flag the router does not know itself",
+    )
     workers: list[str] = Field(
         default_factory=list, description="Worker gRPC address; repeat per worker", json_schema_extra={"flag": "--worker"}
     )
@@ -61,6 +66,11 @@ class RouterConfig(BaseModel):
 
 
 def parse_router_args(argv: list[str] | None = None) -> RouterConfig:
-    parser = argparse.ArgumentParser(prog="python -m pdcluster.router", description="pdcluster router")
-    add_model_flags(parser, RouterConfig)
-    return RouterConfig.model_validate(merged(env_values(RouterConfig), flag_values(parser.parse_args(argv))))
+    parser = argparse.ArgumentParser(
+        prog="python -m pdcluster.router",
+        description="pdcluster router; any other flag is one of `vllm serve`'s, for vLLM's OpenAI layer",
+        allow_abbrev=False,  # a vLLM flag must never be taken for a prefix of one of ours
+    )
+    add_model_flags(parser, RouterConfig, exclude=("vllm_args",))
+    args, vllm_args = parser.parse_known_args(argv)
+    return RouterConfig.model_validate(merged(env_values(RouterConfig), {**flag_values(args), "vllm_args": vllm_args}))

@@ -13,8 +13,9 @@ _MAX_CHAR_TOKENS = 4  # a UTF-8 character spans at most 4 byte tokens
 
 
 class ContinuationText:
-    def __init__(self, tokenizer, sent_token_ids: list[int], stop: list[str]) -> None:
+    def __init__(self, tokenizer, sent_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._tokens = list(sent_token_ids)
         self._read = len(self._tokens)
         # The last tokens sent may hold the first bytes of a character the old worker's
@@ -28,7 +29,7 @@ class ContinuationText:
         self._text = ""
 
     def _decode(self, tokens: list[int]) -> str:
-        return self._tokenizer.decode(tokens, skip_special_tokens=True)
+        return self._tokenizer.decode(tokens, skip_special_tokens=self._skip_special_tokens)
 
     def delta(self, token_ids: list[int], finish_reason: str) -> str:
         self._tokens += token_ids

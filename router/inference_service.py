@@ -1,95 +1,159 @@
-"""The public gRPC API, `pdcluster.v1.Inference`: Generate (stream) and Complete (unary)."""
+"""The public gRPC API, `pdcluster.v1.Inference`: Generate (stream) and Complete (unary).
+
+A GenerateRequest becomes vLLM's own CompletionRequest (prompt, prompt_token_ids) or
+ChatCompletionRequest (messages) and runs through the same vLLM serving classes as the HTTP
+API, so both front doors validate, template and sample alike. HTTP statuses of vLLM's errors
+map to gRPC codes here, once.
+"""
 
 from __future__ import annotations
 
 import hmac
+import json
+from http import HTTPStatus
 
+import grpc
 from pydantic import ValidationError
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.exception_handling.error_response import ErrorResponse
 
 from pdcluster.protos import inference_pb2, inference_pb2_grpc
-from pdcluster.router.choice_streams import Choice
-from pdcluster.router.errors import InvalidRequest, RouterError, Unauthorized
-from pdcluster.router.request_flow import Usage
-from pdcluster.router.request_schemas import SamplingFields
 from pdcluster.router.router_service import Router
 
-DEFAULT_MAX_TOKENS = 16
+_GRPC_CODES = {
+    HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    HTTPStatus.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    HTTPStatus.UNPROCESSABLE_ENTITY: grpc.StatusCode.INVALID_ARGUMENT,
+    HTTPStatus.TOO_MANY_REQUESTS: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, state) -> None:
+        """`state`: the vLLM app's state, holding its serving classes."""
         self._router = router
+        self._state = state
 
     async def Generate(self, request, context):
+        finished = None  # the last reply waits for the usage, which vLLM sends after it
         try:
-            choice = self._choice(request, context)
-            async for delta in self._router.flow.generate(choice.request, choice.usage):
-                reply = inference_pb2.GenerateResponse(
-                    text=delta.text, token_ids=delta.token_ids, finish_reason=delta.finish_reason, request_id=choice.request.request_id
-                )
-                if delta.finish_reason:
-                    reply.usage.CopyFrom(_usage(choice.usage))
-                yield reply
-        except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
+            async for payload in self._stream(request, context):
+                for choice in payload.get("choices", ()):
+                    reply = _reply(choice, payload, request.request_id)
+                    if reply.finish_reason:
+                        finished = reply
+                    elif reply.text or reply.token_ids:
+                        yield reply
+                if payload.get("usage") and finished is not None:
+                    finished.usage.CopyFrom(_usage(payload["usage"]))
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+        if finished is not None:
+            yield finished
 
     async def Complete(self, request, context):
+        whole = inference_pb2.GenerateResponse()
         try:
-            choice = self._choice(request, context)
-            async for delta in self._router.flow.generate(choice.request, choice.usage):
-                choice.add(delta)
-        except RouterError as e:
-            await context.abort(e.grpc_code, e.message)
-        return inference_pb2.GenerateResponse(
-            text=choice.text,
-            token_ids=choice.token_ids,
-            finish_reason=choice.finish_reason,
-            usage=_usage(choice.usage),
-            request_id=choice.request.request_id,
-        )
+            async for payload in self._stream(request, context):
+                for choice in payload.get("choices", ()):
+                    part = _reply(choice, payload, request.request_id)
+                    whole.text += part.text
+                    whole.token_ids.extend(part.token_ids)
+                    whole.finish_reason = part.finish_reason or whole.finish_reason
+                    whole.request_id = part.request_id
+                if payload.get("usage"):
+                    whole.usage.CopyFrom(_usage(payload["usage"]))
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+        return whole
 
-    def _choice(self, request: inference_pb2.GenerateRequest, context) -> Choice:
-        router = self._router
-        key = router.config.api_key
-        if key:
-            sent = dict(context.invocation_metadata()).get("authorization", "")
-            if not hmac.compare_digest(sent, f"Bearer {key}"):
-                raise Unauthorized("a valid API key is required (metadata authorization: Bearer KEY)")
-        router.check_model(request.model)
-        fields = _sampling_fields(request)
+    async def _stream(self, request: inference_pb2.GenerateRequest, context):
+        """The request's chunks as vLLM streams them (OpenAI JSON), usage last."""
+        key = self._router.config.api_key
+        if key and not hmac.compare_digest(dict(context.invocation_metadata()).get("authorization", ""), f"Bearer {key}"):
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
         given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
         if sum(given) != 1:
-            raise InvalidRequest("set exactly one of prompt, prompt_token_ids, messages")
-        if request.messages:
-            prompt = router.prompts.from_messages([{"role": m.role, "content": m.content} for m in request.messages])
-        else:
-            prompt = router.tokenize(request.prompt or list(request.prompt_token_ids))
-        max_tokens = request.max_tokens or (None if request.messages else DEFAULT_MAX_TOKENS)
-        return Choice(0, router.new_request(prompt, fields, max_tokens, request.request_id[:128]))
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of prompt, prompt_token_ids, messages")
+        body = _openai_body(request, self._router.served_model_names[0])
+        try:
+            if request.messages:
+                body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+                result = await self._state.openai_serving_chat.create_chat_completion(ChatCompletionRequest.model_validate(body), None)
+            else:
+                body["prompt"] = request.prompt or list(request.prompt_token_ids)
+                result = await self._state.openai_serving_completion.create_completion(CompletionRequest.model_validate(body), None)
+        except ValidationError as e:
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            ) from None
+        if isinstance(result, ErrorResponse):
+            _refuse(result.error.model_dump())
+        async for event in result:
+            data = event.removeprefix("data: ").strip()
+            if data == "[DONE]":
+                return
+            payload = json.loads(data)
+            if "error" in payload:
+                _refuse(payload["error"])
+            yield payload
 
 
-def _sampling_fields(request: inference_pb2.GenerateRequest) -> SamplingFields:
-    values = {
-        "top_k": request.top_k,
-        "stop": list(request.stop) or None,
-        "stop_token_ids": list(request.stop_token_ids) or None,
+def _openai_body(request: inference_pb2.GenerateRequest, default_model: str) -> dict:
+    body = {
+        "model": request.model or default_model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+        "max_tokens": request.max_tokens or None,
+        "top_k": request.top_k or None,
+        "stop": list(request.stop),
+        "stop_token_ids": list(request.stop_token_ids),
         "ignore_eos": request.ignore_eos,
         "presence_penalty": request.presence_penalty,
         "frequency_penalty": request.frequency_penalty,
     }
+    if request.request_id:
+        body["request_id"] = request.request_id
     for name in ("temperature", "top_p", "seed", "repetition_penalty", "min_p"):
         if request.HasField(name):
-            values[name] = getattr(request, name)
-    try:
-        return SamplingFields.model_validate(values)
-    except ValidationError as e:
-        raise InvalidRequest("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+            body[name] = getattr(request, name)
+    return body
 
 
-def _usage(usage: Usage) -> inference_pb2.Usage:
+def _refuse(error: dict):
+    status = HTTPStatus(error.get("code") or HTTPStatus.INTERNAL_SERVER_ERROR)
+    raise _Refused(_GRPC_CODES.get(status, grpc.StatusCode.INTERNAL), error.get("message", status.phrase))
+
+
+def _reply(choice: dict, payload: dict, request_id: str) -> inference_pb2.GenerateResponse:
+    text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content") or ""
+    reply = inference_pb2.GenerateResponse(
+        text=text,
+        token_ids=choice.get("token_ids") or (),
+        finish_reason=choice.get("finish_reason") or "",
+        request_id=request_id or payload["id"],
+    )
+    if payload.get("usage"):
+        reply.usage.CopyFrom(_usage(payload["usage"]))
+    return reply
+
+
+def _usage(usage: dict) -> inference_pb2.Usage:
+    details = usage.get("prompt_tokens_details") or {}
     return inference_pb2.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.prompt_tokens + usage.completion_tokens,
-        cached_tokens=usage.cached_tokens,
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
+        total_tokens=usage["total_tokens"],
+        cached_tokens=details.get("cached_tokens") or 0,
     )

@@ -5,6 +5,8 @@ for its KV), then the prefill worker computes the prompt and pushes the KV to it
 prefill or decode worker is excluded and the request tried again elsewhere; a decode
 worker lost mid-stream is resumed on another from the prompt plus the tokens already
 sent, so the caller sees one uninterrupted stream.
+
+Requests carry vLLM's own SamplingParams (one sample each; the engine client fans n out).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
+from pdcluster.common.sample_wire import decode_logprobs, encode_sampling_params
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
 from pdcluster.router.admission import AdmissionGate
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.continuation_text import ContinuationText
-from pdcluster.router.errors import InvalidRequest, NoCapacity
+from pdcluster.router.errors import NoCapacity
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.routing_policy import (
     PrefixIndex,
@@ -44,7 +49,7 @@ _CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
-    sampling: worker_pb2.SamplingOptions  # max_tokens is always set
+    sampling_params: SamplingParams  # n == 1; max_tokens is always set
 
 
 @dataclass
@@ -52,6 +57,9 @@ class TokenDelta:
     token_ids: list[int]
     text: str
     finish_reason: str = ""
+    stop_reason: int | str | None = None
+    logprobs: list | None = None  # vLLM's, one position per token, when asked for
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list | None = None  # vLLM's, when asked for; known before the first delta
 
 
 @dataclass
@@ -91,7 +100,7 @@ class RequestFlow:
                 async for delta in self._generate_with_failover(request, usage, arrived):
                     yield delta
                 outcome = "ok"
-            except InvalidRequest:
+            except VLLMValidationError:
                 outcome = "invalid"
                 raise
             except NoCapacity:
@@ -110,9 +119,12 @@ class RequestFlow:
         sent: list[int] = []
         attempt = _Attempt(0)
         last_token_at = None
+        logprob_sum = logprob_base = 0.0  # a resumed attempt's cumulative logprob starts at 0 again
         while True:
             try:
                 async for delta in self._run_attempt(request, sent, attempt, usage):
+                    if delta.cumulative_logprob is not None:
+                        delta.cumulative_logprob = logprob_sum = logprob_base + delta.cumulative_logprob
                     now = time.monotonic()
                     if delta.token_ids:
                         if last_token_at is None:
@@ -126,6 +138,7 @@ class RequestFlow:
                     yield delta
                 return
             except WorkerFailed as e:
+                logprob_base = logprob_sum
                 self.pool.mark_unreachable(e.worker)
                 attempt.excluded.add(e.worker)
                 attempt.number += 1
@@ -135,34 +148,36 @@ class RequestFlow:
                     self.metrics.retries.labels(e.role).inc()
                 logger.warning("request %s: %s; attempt %d, %d tokens sent", request.request_id, e, attempt.number + 1, len(sent))
                 if attempt.number >= self.config.max_attempts:
-                    raise NoCapacity(f"request failed on {attempt.number} workers; last: {e}", code="workers_failed") from e
+                    raise NoCapacity(f"request failed on {attempt.number} workers; last: {e}") from e
 
     async def _run_attempt(self, request: GenerationRequest, sent: list[int], attempt: _Attempt, usage: Usage):
         prompt = request.prompt_token_ids + sent
-        sampling = worker_pb2.SamplingOptions()
-        sampling.CopyFrom(request.sampling)
-        sampling.max_tokens = request.sampling.max_tokens - len(sent)
-        if sampling.max_tokens <= 0:  # the lost worker had sent every token but not the finish
+        params = _attempt_params(request.sampling_params, len(sent))
+        if params.max_tokens <= 0:  # the lost worker had sent every token but not the finish
             yield TokenDelta([], "", "length")
             return
-        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + sampling.max_tokens)
+        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens)
         prefill = self._pick_prefill(prompt, attempt)
         self._note_pick(decode, Role.DECODE)
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
+        decode_params = params
+        if prefill is not None and params.prompt_logprobs is not None:
+            decode_params = params.clone()  # the prefill worker computes the prompt, and its logprobs
+            decode_params.prompt_logprobs = None
         decode_request = worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-{attempt.number}",
             prompt_token_ids=prompt,
-            sampling=sampling,
+            sampling_params=encode_sampling_params(decode_params),
             transfer_id=transfer_id,
             producer_kv_endpoint=prefill.stats.kv_endpoint if prefill else "",
         )
-        continuation = ContinuationText(self.tokenizer, sent, list(sampling.stop)) if sent else None
+        continuation = _continuation(self.tokenizer, sent, params) if sent else None
         decode.inflight += 1
         stream = decode.stub.Decode(decode_request, metadata=self.pool.metadata)
         decode_watch = _cancel_when_lost(decode, stream)
         prefill_task = None
         if prefill is not None:
-            prefill_task = self._start_prefill(prefill, decode, decode_request, usage)
+            prefill_task = self._start_prefill(prefill, decode, prompt, params, transfer_id, usage)
             # A failed prefill must not leave decode waiting for KV that will not come.
             prefill_task.add_done_callback(lambda task: _failure_of(task) and stream.cancel())
         try:
@@ -185,10 +200,21 @@ class RequestFlow:
                     raise _failure_of(prefill_task) or _classify(e, decode, Role.DECODE) from None
                 if chunk is grpc.aio.EOF:
                     return
-                if not usage.cached_tokens and prefill is None:
-                    usage.cached_tokens = chunk.num_cached_tokens
+                if prefill_task is not None and not prefill_task.done():
+                    # Its reply holds what the first delta reports: prompt logprobs, cached tokens.
+                    await asyncio.shield(prefill_task)
+                if prefill is None and not sent:
+                    usage.cached_tokens = usage.cached_tokens or chunk.num_cached_tokens
+                    usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(chunk.prompt_logprobs)
                 text = continuation.delta(list(chunk.token_ids), chunk.finish_reason) if continuation else chunk.text
-                yield TokenDelta(list(chunk.token_ids), text, chunk.finish_reason)
+                yield TokenDelta(
+                    list(chunk.token_ids),
+                    text,
+                    chunk.finish_reason,
+                    stop_reason=getattr(chunk, chunk.WhichOneof("stop_reason")) if chunk.WhichOneof("stop_reason") else None,
+                    logprobs=decode_logprobs(chunk.logprobs),
+                    cumulative_logprob=chunk.cumulative_logprob if params.logprobs is not None else None,
+                )
         finally:
             decode_watch.cancel()
             decode.inflight -= 1
@@ -204,7 +230,7 @@ class RequestFlow:
         deadline = time.monotonic() + self.config.capacity_wait_s
         while not (candidates := self._candidates(Role.DECODE, attempt)):
             if time.monotonic() >= deadline:
-                raise NoCapacity(f"no healthy decode worker for {self.config.capacity_wait_s:.0f}s", code="no_decode_worker")
+                raise NoCapacity(f"no healthy decode worker for {self.config.capacity_wait_s:.0f}s")
             await asyncio.sleep(0.25)
         return candidates
 
@@ -234,10 +260,12 @@ class RequestFlow:
         worker.last_picked = time.monotonic()
         self.metrics.picks.labels(role, worker.worker_id).inc()
 
-    def _start_prefill(self, prefill: WorkerView, decode: WorkerView, decode_request, usage: Usage) -> asyncio.Task:
+    def _start_prefill(
+        self, prefill: WorkerView, decode: WorkerView, prompt: list[int], params, transfer_id: str, usage: Usage
+    ) -> asyncio.Task:
         """Counts the prompt on its prefill worker now, before another request of a burst is
         routed, and uncounts it when the prefill ends, however it ends (even cancelled unstarted)."""
-        num_tokens = len(decode_request.prompt_token_ids)
+        num_tokens = len(prompt)
         prefill.pending_prefill_tokens += num_tokens
         prefill.inflight += 1
 
@@ -245,17 +273,17 @@ class RequestFlow:
             prefill.pending_prefill_tokens -= num_tokens
             prefill.inflight -= 1
 
-        task = asyncio.create_task(self._prefill(prefill, decode, decode_request, usage))
+        task = asyncio.create_task(self._prefill(prefill, decode, prompt, params, transfer_id, usage))
         task.add_done_callback(uncount)
         return task
 
-    async def _prefill(self, prefill: WorkerView, decode: WorkerView, decode_request, usage: Usage) -> None:
+    async def _prefill(self, prefill: WorkerView, decode: WorkerView, prompt: list[int], params, transfer_id: str, usage: Usage) -> None:
         call = prefill.stub.Prefill(
             worker_pb2.PrefillRequest(
-                request_id=decode_request.request_id,
-                prompt_token_ids=decode_request.prompt_token_ids,
-                sampling=decode_request.sampling,
-                target=worker_pb2.KVTransferTarget(transfer_id=decode_request.transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
+                request_id=transfer_id,
+                prompt_token_ids=prompt,
+                sampling_params=encode_sampling_params(params),
+                target=worker_pb2.KVTransferTarget(transfer_id=transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
             ),
             timeout=self.config.prefill_timeout_s,
             metadata=self.pool.metadata,
@@ -273,6 +301,7 @@ class RequestFlow:
             watch.cancel()
             call.cancel()  # no-op once answered; aborts the prefill on the worker otherwise
         usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
+        usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(reply.prompt_logprobs)
 
 
 def _cancel_when_lost(worker: WorkerView, call) -> asyncio.Task:
@@ -296,5 +325,26 @@ def _failure_of(task: asyncio.Task | None) -> BaseException | None:
 
 def _classify(error: grpc.aio.AioRpcError, worker: WorkerView, role: str) -> Exception:
     if error.code() in _CLIENT_ERRORS:
-        return InvalidRequest(error.details() or "invalid request")
+        return VLLMValidationError(error.details() or "invalid request")
     return WorkerFailed(worker, role, f"{error.code().name}: {error.details()}")
+
+
+def _attempt_params(params: SamplingParams, num_sent: int) -> SamplingParams:
+    """The request's params for an attempt that continues after `num_sent` tokens."""
+    if not num_sent:
+        return params
+    if params.structured_outputs is not None:
+        # vLLM cannot start a grammar part-way through an output: fail rather than break it.
+        raise NoCapacity(
+            f"the decode worker was lost after {num_sent} tokens, and a structured output cannot resume on another; retry the request"
+        )
+    resumed = params.clone()
+    resumed.max_tokens = params.max_tokens - num_sent
+    resumed.min_tokens = max(0, params.min_tokens - num_sent)
+    resumed.prompt_logprobs = None  # the client has them
+    return resumed
+
+
+def _continuation(tokenizer, sent: list[int], params: SamplingParams) -> ContinuationText:
+    stop = [] if params.include_stop_str_in_output else list(params.stop or [])
+    return ContinuationText(tokenizer, sent, stop, params.skip_special_tokens)

@@ -16,9 +16,10 @@ from pdcluster.common.files import write_atomically
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_record import RouterRecord
 from pdcluster.protos import inference_pb2_grpc
+from pdcluster.router.body_size_limit import BodySizeLimit
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.inference_service import InferenceService
-from pdcluster.router.openai_api import build_app
+from pdcluster.router.openai_frontend import build_openai_app
 from pdcluster.router.router_service import Router
 
 logger = logging.getLogger("pdcluster.router")
@@ -29,8 +30,9 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     for `membership`."""
     router = Router(config, membership)
     await router.start()
+    app = await build_openai_app(router)
     grpc_server = grpc.aio.server()
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router), grpc_server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router, app.state), grpc_server)
     grpc_port = add_port(grpc_server, f"{config.host}:{config.grpc_port}", config.tls, clients_need_cert=False)
     await grpc_server.start()
 
@@ -40,7 +42,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     https = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(router),
+            BodySizeLimit(app, config.max_body_bytes),
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -54,7 +56,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     info = RouterRecord(
         http=f"{'https' if config.tls.enabled else 'http'}://{config.host}:{http_port}",
         grpc=f"{config.host}:{grpc_port}",
-        model=router.model_name,
+        model=router.served_model_names[0],
         pid=os.getpid(),
     )
     serving = asyncio.create_task(server.serve(sockets=[sock]))

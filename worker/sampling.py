@@ -1,4 +1,5 @@
-"""Turning the wire's SamplingOptions into vLLM SamplingParams, with clear errors."""
+"""The request's vLLM SamplingParams, as the router sent them, made ready for this engine:
+one sample, streamed in deltas, with our connector's kv_transfer_params."""
 
 from __future__ import annotations
 
@@ -6,34 +7,21 @@ from typing import Any
 
 from vllm.exceptions import VLLMClientError
 
-from pdcluster.protos import worker_pb2
+from pdcluster.common.sample_wire import decode_sampling_params
 
 # What vLLM raises for a request that is the client's fault (bad params, prompt too long,
 # token ids out of vocabulary): answered with INVALID_ARGUMENT.
 INVALID_REQUEST_ERRORS = (ValueError, VLLMClientError)
 
 
-def sampling_params_from(options: worker_pb2.SamplingOptions, kv_transfer_params: dict[str, Any] | None = None, **overrides: Any):
-    from vllm import SamplingParams
+def request_sampling_params(data: bytes, kv_transfer_params: dict[str, Any] | None = None, **overrides: Any):
     from vllm.sampling_params import RequestOutputKind
 
-    kwargs: dict[str, Any] = dict(
-        max_tokens=options.max_tokens or 16,
-        temperature=options.temperature,
-        top_p=options.top_p or 1.0,
-        top_k=options.top_k or 0,
-        seed=options.seed if options.HasField("seed") else None,
-        stop=list(options.stop) or None,
-        stop_token_ids=list(options.stop_token_ids) or None,
-        ignore_eos=options.ignore_eos,
-        presence_penalty=options.presence_penalty,
-        frequency_penalty=options.frequency_penalty,
-        repetition_penalty=options.repetition_penalty or 1.0,
-        output_kind=RequestOutputKind.DELTA,
-    )
-    if options.HasField("min_p"):
-        kwargs["min_p"] = options.min_p
+    params = decode_sampling_params(data)  # a malformed message raises a ValueError subclass
+    params.n = 1  # the router fans n out over workers itself
+    params.output_kind = RequestOutputKind.DELTA
     if kv_transfer_params is not None:
-        kwargs["extra_args"] = {"kv_transfer_params": kv_transfer_params}
-    kwargs.update(overrides)
-    return SamplingParams(**kwargs)  # raises INVALID_REQUEST_ERRORS on out-of-range values
+        params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": kv_transfer_params}
+    for name, value in overrides.items():
+        setattr(params, name, value)
+    return params

@@ -8,6 +8,7 @@ import urllib.request
 import uuid
 
 import grpc
+import msgspec
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,7 +20,7 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.processes import reference_outputs
-from tests.support.worker_calls import KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, kv_stats, worker_channel
+from tests.support.worker_calls import KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, greedy_params, kv_stats, worker_channel
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +120,7 @@ def test_short_prompt_bypass_runs_on_decode_alone(pd_pair, prompts, expected):
     async def run():
         async with worker_channel(decode.address) as dc:
             stream = wgrpc.WorkerStub(dc).Decode(
-                wpb.DecodeRequest(request_id="bypass", prompt_token_ids=prompts[1], sampling=wpb.SamplingOptions(max_tokens=MAX_TOKENS))
+                wpb.DecodeRequest(request_id="bypass", prompt_token_ids=prompts[1], sampling_params=greedy_params(MAX_TOKENS))
             )
             return [t async for chunk in stream for t in chunk.token_ids]
 
@@ -180,10 +181,16 @@ def test_bad_input_gets_invalid_argument_and_workers_keep_serving(pd_pair, promp
                 await call(lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[10**6]))),
                 await call(lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5] * 5000))),
                 await call(
-                    lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5, 6], sampling=wpb.SamplingOptions(temperature=-1)))
+                    lambda: drain(
+                        wpb.DecodeRequest(
+                            request_id="x", prompt_token_ids=[5, 6], sampling_params=msgspec.msgpack.encode({"temperature": -1.0})
+                        )
+                    )
                 ),
                 await call(
-                    lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5, 6], sampling=wpb.SamplingOptions(top_p=7)))
+                    lambda: drain(
+                        wpb.DecodeRequest(request_id="x", prompt_token_ids=[5, 6], sampling_params=msgspec.msgpack.encode({"top_p": 7.0}))
+                    )
                 ),
             ]
             return codes

@@ -28,7 +28,10 @@ LONG_OUTPUT = 2000  # ~13 s at the bench model's ~150 tokens/s: the freeze lands
 def cluster():
     model = ["--model", str(ensure_tiny_model(spec=BENCH_MODEL))]
     with running_cluster(
-        prefill=2, decode=2, worker_args=[*model, "--dtype", "float32"], router_args=["--bypass-prefill-below", "32", *model]
+        prefill=2,
+        decode=2,
+        worker_args=[*model, "--dtype", "float32"],
+        router_args=["--bypass-prefill-below", "32", *model, "--served-model-name", MODEL_NAME],
     ) as (router, workers):
         try:
             yield router, workers

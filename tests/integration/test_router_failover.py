@@ -29,7 +29,10 @@ MAX_TOKENS = 3000
 def cluster():
     model = ["--model", str(ensure_tiny_model(spec=BENCH_MODEL))]
     with running_cluster(
-        prefill=1, decode=2, worker_args=[*model, "--dtype", "float32"], router_args=["--bypass-prefill-below", "32", *model]
+        prefill=1,
+        decode=2,
+        worker_args=[*model, "--dtype", "float32"],
+        router_args=["--bypass-prefill-below", "32", *model, "--served-model-name", MODEL_NAME],
     ) as (router, workers):
         yield router, workers
 
@@ -43,9 +46,9 @@ def prompt() -> str:
 
 
 def complete(client, prompt: str, stream: bool):
-    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
     if not stream:
-        return client.completions.create(**kwargs).choices[0].text
+        return client.completions.create(**kwargs).choices[0]
     return client.completions.create(stream=True, **kwargs)
 
 
@@ -56,9 +59,10 @@ def test_decode_killed_mid_stream_resumes_with_exact_text(cluster, prompt):
     http = httpx.Client(base_url=router.record.http, timeout=60)
     resumes_before = metric(http, "pdcluster_router_resumes_total")
 
-    pieces, finish, killed = [], None, None
+    pieces, logprobs, finish, killed = [], [], None, None
     for chunk in complete(client, prompt, stream=True):
         pieces.append(chunk.choices[0].text)
+        logprobs += chunk.choices[0].logprobs.token_logprobs
         finish = chunk.choices[0].finish_reason or finish
         if killed is None and chunk.choices[0].text:
             # The decode worker serving this stream: the one the router has a request on.
@@ -67,7 +71,9 @@ def test_decode_killed_mid_stream_resumes_with_exact_text(cluster, prompt):
             os.kill(killed.process.pid, signal.SIGKILL)
             killed_after = len(pieces)
     assert killed is not None and killed.process.wait(10) == -signal.SIGKILL
-    assert "".join(pieces) == expected
+    assert "".join(pieces) == expected.text
+    # The tokens the new worker generated carry their logprobs too, as an unbroken stream would.
+    assert len(logprobs) == MAX_TOKENS and all(abs(a - b) < 1e-4 for a, b in zip(logprobs, expected.logprobs.token_logprobs))
     assert finish == "length"
     assert metric(http, "pdcluster_router_resumes_total") == resumes_before + 1, f"killed after {killed_after} chunks"
     dead = next(w for w in http.get("/cluster").json()["workers"] if w["address"] == killed.address)
@@ -84,6 +90,6 @@ def test_dead_prefill_worker_costs_a_retry_not_the_request(cluster, prompt):
     os.kill(prefill.process.pid, signal.SIGKILL)
     prefill.process.wait(10)
     # Routed before or after the router notices: either way the decode worker computes the prompt.
-    assert complete(client, prompt, stream=False) == expected
+    assert complete(client, prompt, stream=False).text == expected.text
     assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="no_prefill_worker"') >= 1
     assert http.get("/health").status_code == 503  # no prefill worker left

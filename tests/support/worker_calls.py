@@ -8,6 +8,7 @@ import uuid
 import grpc
 
 from pdcluster.common.cluster_token import local_cluster_token
+from pdcluster.common.sample_wire import encode_sampling_params
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.protos import worker_pb2 as wpb
@@ -42,14 +43,21 @@ KV_CHUNK_BYTES = 64 * 1024
 KV_LOAD_TIMEOUT_S = 20
 
 
+def greedy_params(max_tokens: int) -> bytes:
+    """vLLM SamplingParams for a greedy request, as the router sends them."""
+    from vllm import SamplingParams
+
+    return encode_sampling_params(SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
 async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, skip_prefill=False, transfer_id=None):
     """Route one greedy request the way the router does: reserve on decode, prefill, stream."""
     rid = uuid.uuid4().hex
     transfer_id = transfer_id or f"kv-{rid}"
-    sampling = wpb.SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0)
+    sampling = greedy_params(MAX_TOKENS)
     async with worker_channel(prefill.address) as pc, worker_channel(decode.address) as dc:
         stream = wgrpc.WorkerStub(dc).Decode(
-            wpb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling, transfer_id=transfer_id)
+            wpb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=sampling, transfer_id=transfer_id)
         )
         reply = None
         if not skip_prefill:
@@ -57,7 +65,7 @@ async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, s
                 wpb.PrefillRequest(
                     request_id=rid,
                     prompt_token_ids=prefill_prompt or prompt,
-                    sampling=sampling,
+                    sampling_params=sampling,
                     target=wpb.KVTransferTarget(transfer_id=transfer_id, consumer_endpoint=decode.kv_endpoint),
                 )
             )

@@ -1,0 +1,193 @@
+"""vLLM's EngineClient, fronting the pools instead of one engine.
+
+vLLM's own OpenAI serving layer runs in the router over it, unchanged: the protocol, request
+validation, chat templates, tool and reasoning parsers, structured outputs, logprobs and echo
+are vLLM's. Each `generate` call is checked by vLLM's InputProcessor as an engine would check
+it, then runs as one disaggregated request per sample (RequestFlow), whose deltas come back as
+vLLM RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncGenerator
+
+from vllm.engine.protocol import EngineClient
+from vllm.exceptions import VLLMValidationError
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.utils.async_utils import merge_async_iterators
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.engine.input_processor import InputProcessor
+
+from pdcluster.router.request_flow import GenerationRequest, RequestFlow, TokenDelta, Usage
+from pdcluster.router.worker_pool import WorkerPool
+
+SUPPORTED_TASKS = ("generate",)
+
+
+async def _per_engine(*args, **kwargs):
+    raise NotImplementedError("an administrative call on one engine; pdcluster's workers take it one by one, not through the router")
+
+
+class ClusterEngineClient(EngineClient):
+    def __init__(self, vllm_config, renderer, flow: RequestFlow, pool: WorkerPool) -> None:
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.renderer = renderer
+        self.input_processor = InputProcessor(vllm_config, renderer)
+        self._flow = flow
+        self._pool = pool
+
+    # -- generation ---------------------------------------------------------------------
+
+    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+        self._flow.admission.check(n)
+
+    async def generate(
+        self,
+        prompt,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        lora_request=None,
+        priority: int = 0,
+        data_parallel_rank: int | None = None,
+        **_ignored,  # tracing, sessions and KV hints do not change what the pools compute
+    ) -> AsyncGenerator[RequestOutput, None]:
+        if lora_request is not None:
+            raise VLLMValidationError("LoRA adapters are not served by pdcluster", parameter="model")
+        if sampling_params.n > self._flow.config.max_n:
+            raise VLLMValidationError(f"n must be at most {self._flow.config.max_n}", parameter="n", value=sampling_params.n)
+        checked = self.input_processor.process_inputs(request_id, prompt, sampling_params, SUPPORTED_TASKS, priority=priority)
+        prompt_ids = list(checked.prompt_token_ids or ())
+        params = sampling_params.clone()
+        params.max_tokens = checked.sampling_params.max_tokens
+        samples = _sample_params(params)
+        usages = [Usage() for _ in samples]
+        streams = [
+            self._flow.generate(GenerationRequest(f"{i}_{request_id}" if len(samples) > 1 else request_id, prompt_ids, p), usage)
+            for i, (p, usage) in enumerate(zip(samples, usages, strict=True))
+        ]
+        outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(samples))]
+        unfinished = len(samples)
+        kind = params.output_kind
+        first = True
+        async for index, delta in merge_async_iterators(*streams):
+            output = outputs[index]
+            _accumulate(output, delta, keep=kind != RequestOutputKind.DELTA)
+            unfinished -= bool(delta.finish_reason)
+            if kind == RequestOutputKind.FINAL_ONLY and unfinished:
+                continue
+            shown = (
+                outputs
+                if kind == RequestOutputKind.FINAL_ONLY
+                else [_as_delta(output, delta) if kind == RequestOutputKind.DELTA else output]
+            )
+            usage = usages[0]
+            yield RequestOutput(
+                request_id=request_id,
+                prompt=None,
+                prompt_token_ids=prompt_ids,
+                prompt_logprobs=usage.prompt_logprobs if first or kind != RequestOutputKind.DELTA else None,
+                outputs=shown,
+                finished=not unfinished,
+                num_cached_tokens=max(u.cached_tokens for u in usages),
+            )
+            first = False
+
+    async def abort(self, request_id) -> None:
+        """Nothing to do: closing the generate() stream cancels the request on its workers."""
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return True
+
+    @property
+    def is_stopped(self) -> bool:
+        return False
+
+    @property
+    def errored(self) -> bool:
+        return False
+
+    @property
+    def dead_error(self) -> BaseException:
+        return EngineDeadError()
+
+    async def check_health(self) -> None:
+        if not self._pool.ready():  # vLLM's /health answers 503
+            raise EngineDeadError("no healthy worker in one of the pools")
+
+    async def get_supported_tasks(self):
+        return SUPPORTED_TASKS
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    async def do_log_stats(self) -> None:
+        """The router's figures are its Prometheus metrics."""
+
+    async def is_sleeping(self) -> bool:
+        return False
+
+    async def is_paused(self) -> bool:
+        return False
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """The router closes its pool itself."""
+
+    # -- one engine's administration: not a cluster's -------------------------------------
+
+    async def encode(self, *args, **kwargs):
+        raise VLLMValidationError("pooling models are not served by pdcluster")
+
+    async def add_lora(self, lora_request) -> bool:
+        raise VLLMValidationError("LoRA adapters are not served by pdcluster")
+
+    async def notify_kv_transfer_request_rejected(self, *args, **kwargs) -> None:
+        """Our connector's transfers are the router's own; no client-side kv_transfer_params."""
+
+    start_profile = stop_profile = reset_mm_cache = reset_encoder_cache = reset_prefix_cache = _per_engine
+    sleep = wake_up = release_kv_cache_memory = pause_generation = resume_generation = _per_engine
+
+
+def _sample_params(params: SamplingParams) -> list[SamplingParams]:
+    """vLLM's fan-out of n (ParentRequest): one sample each, seed + index when seeded."""
+    if params.n == 1:
+        return [params]
+    samples = []
+    for index in range(params.n):
+        sample = copy.copy(params)
+        sample.n = 1
+        if params.seed is not None:
+            sample.seed = params.seed + index
+        samples.append(sample)
+    return samples
+
+
+def _accumulate(output: CompletionOutput, delta: TokenDelta, keep: bool) -> None:
+    """The sample's output so far (whole when `keep`, else the latest delta's finish only)."""
+    if keep:
+        output.text += delta.text
+        output.token_ids = [*output.token_ids, *delta.token_ids]
+        if delta.logprobs is not None:
+            output.logprobs = [*(output.logprobs or []), *delta.logprobs]
+    if delta.cumulative_logprob is not None:
+        output.cumulative_logprob = delta.cumulative_logprob
+    if delta.finish_reason:
+        output.finish_reason, output.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+def _as_delta(output: CompletionOutput, delta: TokenDelta) -> CompletionOutput:
+    return CompletionOutput(
+        index=output.index,
+        text=delta.text,
+        token_ids=delta.token_ids,
+        cumulative_logprob=output.cumulative_logprob,
+        logprobs=delta.logprobs,
+        finish_reason=delta.finish_reason or None,
+        stop_reason=delta.stop_reason,
+    )

@@ -1,0 +1,51 @@
+"""The router's HTTP API: vLLM's own OpenAI server (its app, routes, protocol and serving
+classes, as `vllm serve` builds them) over ClusterEngineClient, plus the cluster view
+(`/cluster`) and the router's metrics on vLLM's `/metrics`. The gRPC Inference service
+serves through the same serving classes (`app.state`)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from prometheus_client.registry import Collector
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.entrypoints.launchers.app import build_app
+from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+from pdcluster.router.engine_client import SUPPORTED_TASKS
+from pdcluster.router.router_service import Router
+
+
+class _RouterCollector(Collector):
+    """The router's own metrics, served on vLLM's /metrics beside vLLM's HTTP metrics."""
+
+    def __init__(self, router: Router) -> None:
+        self._registry = router.metrics.registry
+
+    def collect(self):
+        yield from self._registry.collect()
+
+
+async def build_openai_app(router: Router) -> FastAPI:
+    args = router.vllm_args
+    app = build_app(args, SUPPORTED_TASKS, router.engine.model_config)
+    await init_app_state(router.engine, app.state, args, SUPPORTED_TASKS)
+    _add_cluster_view(app, router)
+    get_prometheus_registry().register(_RouterCollector(router))
+    return app
+
+
+def _add_cluster_view(app: FastAPI, router: Router) -> None:
+    def authorized(request: Request) -> None:
+        key = router.config.api_key
+        if key and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
+            raise HTTPException(401, "a valid API key is required (Authorization: Bearer KEY)")
+
+    @app.get("/cluster", dependencies=[Depends(authorized)])
+    async def cluster():
+        return {
+            "model": router.served_model_names[0],
+            "workers": [w.describe() for w in router.pool.workers()],
+            "prefix_index_blocks": router.flow.prefix_index.sizes(),
+        }

@@ -1,0 +1,295 @@
+"""pdcluster against vLLM's own OpenAI server on the same tiny model (float32), both under
+the same flags: the same requests get the same answers. Greedy text and token ids are equal,
+logprobs equal within 1e-4, structured outputs valid and equal, named tool calls equal, and
+bad requests get the same status and error type. Prompts are long enough for the
+disaggregated path (remote prefill and a KV transfer) and short enough for the bypass,
+streamed and not."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import httpx
+import pytest
+
+from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
+from pdcluster.common.vllm_server import start_vllm_server
+from pdcluster.worker.config import EngineConfig
+from pdcluster.worker.engine_args import engine_environment
+
+from tests.support.processes import running_cluster
+from tests.support.router_metrics import metric
+
+pytestmark = pytest.mark.slow
+
+BYPASS_BELOW = 32
+SHORT = "The old mill"
+# vLLM's own serving flags, given to both servers alike (the router hands them to vLLM's layer).
+SERVE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
+# JSON valid against SCHEMA with no room for whitespace, which the tiny model would otherwise
+# emit until max_tokens.
+GRAMMAR = (
+    'root ::= "{\\"colour\\":" colour ",\\"size\\":" size "}"\n'
+    'colour ::= "\\"red\\"" | "\\"green\\""\n'
+    'size ::= "\\"small\\"" | "\\"large\\""'
+)
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["red", "green"]}, "size": {"enum": ["small", "large"]}},
+    "required": ["colour", "size"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(ensure_tiny_model())
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    """{"vllm": url, "pdcluster": url}: each serves the model under --model as given."""
+    env = {**os.environ, **engine_environment(EngineConfig())}
+    log = str(tmp_path_factory.mktemp("vllm") / "vllm.log")
+    vllm, vllm_url = start_vllm_server(["--model", model, "--dtype", "float32", "--seed", "0", *SERVE_FLAGS], env, log)
+    try:
+        router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVE_FLAGS]
+        with running_cluster(worker_args=["--dtype", "float32"], router_args=router_args) as (router, _):
+            yield {"vllm": vllm_url, "pdcluster": router.record.http}
+    finally:
+        vllm.stop()
+
+
+@pytest.fixture(scope="module")
+def long_prompt(model) -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:300])
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=300)
+
+
+def answer(url: str, path: str, body: dict) -> dict:
+    """The response, or for a stream the chunks folded into one response's choices."""
+    if not body.get("stream"):
+        response = post(url, path, body)
+        assert response.status_code == 200, response.text
+        return response.json()
+    choices: dict[int, dict] = {}
+    with httpx.stream("POST", url + path, json=body, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line.removeprefix("data: "))["choices"]:
+                folded = choices.setdefault(c["index"], {"index": c["index"], "text": "", "token_ids": [], "logprobs": []})
+                folded["text"] += c.get("text") or (c.get("delta") or {}).get("content") or ""
+                folded["token_ids"] += c.get("token_ids") or []
+                folded["logprobs"] += _positions(c.get("logprobs"))
+                folded["finish_reason"] = c.get("finish_reason") or folded.get("finish_reason")
+                for call in (c.get("delta") or {}).get("tool_calls") or []:
+                    calls = folded.setdefault("tool_calls", [])
+                    calls += [{"function": {"name": "", "arguments": ""}} for _ in range(call["index"] + 1 - len(calls))]
+                    for key in ("name", "arguments"):
+                        calls[call["index"]]["function"][key] += (call.get("function") or {}).get(key) or ""
+    return {"choices": [choices[i] for i in sorted(choices)]}
+
+
+def _positions(logprobs) -> list[tuple]:
+    """Per position: (chosen logprob, {token: logprob} of the top ones), for both APIs' shapes."""
+    if not logprobs:
+        return []
+    if "content" in logprobs:  # chat
+        return [(p["logprob"], {t["token"]: t["logprob"] for t in p["top_logprobs"]}) for p in logprobs["content"] or []]
+    return [
+        (lp, top or {}) for lp, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"] or [None] * len(logprobs["token_logprobs"]))
+    ]
+
+
+def assert_logprobs_close(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b)
+    for (lp_a, top_a), (lp_b, top_b) in zip(a, b):
+        assert (lp_a is None) == (lp_b is None)
+        if lp_a is not None:
+            assert abs(lp_a - lp_b) < 1e-4
+        assert top_a.keys() == top_b.keys()
+        assert all(abs(top_a[t] - top_b[t]) < 1e-4 for t in top_a)
+
+
+def both(servers, path: str, body: dict) -> tuple[dict, dict]:
+    return answer(servers["vllm"], path, body), answer(servers["pdcluster"], path, body)
+
+
+def folded(response: dict) -> list[dict]:
+    """Choices as comparable values: text, token ids, finish, logprobs per position."""
+    out = []
+    for c in response["choices"]:
+        text = c.get("text") if "text" in c else (c.get("message") or {}).get("content")
+        logprobs = c["logprobs"] if isinstance(c.get("logprobs"), list) else _positions(c.get("logprobs"))
+        out.append({"text": text, "token_ids": c.get("token_ids"), "finish": c.get("finish_reason"), "logprobs": logprobs})
+    return out
+
+
+def assert_same(vllm: dict, ours: dict) -> None:
+    a, b = folded(vllm), folded(ours)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x["text"], x["token_ids"], x["finish"]) == (y["text"], y["token_ids"], y["finish"])
+        assert_logprobs_close(x["logprobs"], y["logprobs"])
+
+
+def test_models_are_named_by_model_as_given(servers, model):
+    ids = [httpx.get(url + "/v1/models").json()["data"][0]["id"] for url in servers.values()]
+    assert ids == [model, model]
+    assert all(httpx.get(url + "/version").json()["version"] == "0.32.0" for url in servers.values())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("which", ["long", "short"])
+def test_completions_with_logprobs_stops_and_n(servers, long_prompt, which, stream):
+    prompt = long_prompt if which == "long" else SHORT
+    bypass_before = metric(httpx.Client(base_url=servers["pdcluster"]), "pdcluster_router_prefill_bypass_total")
+    common = {"prompt": prompt, "stream": stream, "return_token_ids": True}
+    greedy = {**common, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    cases = [
+        greedy,
+        {**greedy, "logprobs": 3},
+        {**common, "max_tokens": 12, "temperature": 1.0, "seed": 1, "n": 2},  # distinct samples, vLLM's seeds
+        {**greedy, "stop_token_ids": [7, 11, 13]},
+    ]
+    for body in cases:
+        assert_same(*both(servers, "/v1/completions", body))
+    sampled = both(servers, "/v1/completions", cases[2])[1]["choices"]
+    assert sampled[0]["text"] != sampled[1]["text"]
+    full = folded(answer(servers["vllm"], "/v1/completions", greedy))[0]["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert_same(*both(servers, "/v1/completions", {**greedy, "stop": [stop], "ignore_eos": False}))
+    bypassed = metric(httpx.Client(base_url=servers["pdcluster"]), "pdcluster_router_prefill_bypass_total") - bypass_before
+    assert (bypassed == 0) if which == "long" else (bypassed > 0)
+
+
+@pytest.mark.parametrize("which", ["long", "short"])
+def test_prompt_logprobs_and_echo(servers, long_prompt, which):
+    prompt = long_prompt if which == "long" else SHORT
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "prompt_logprobs": 2}
+    vllm, ours = both(servers, "/v1/completions", body)
+    pa, pb = vllm["choices"][0]["prompt_logprobs"], ours["choices"][0]["prompt_logprobs"]
+    assert len(pa) == len(pb) and pa[0] is None and pb[0] is None
+    for a, b in zip(pa[1:], pb[1:]):
+        assert a.keys() == b.keys() and all(abs(a[t]["logprob"] - b[t]["logprob"]) < 1e-4 for t in a)
+    assert_same(*both(servers, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 1}))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs(servers, long_prompt, stream):
+    common = {"prompt": long_prompt, "max_tokens": 64, "temperature": 0, "stream": stream}
+    for constraint in [
+        {"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}},
+        {"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}},
+        {"structured_outputs": {"grammar": GRAMMAR}},
+        # The tiny model fills JSON with whitespace until max_tokens: equal, and cut alike.
+        {"structured_outputs": {"json": SCHEMA}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}},
+        {"response_format": {"type": "json_object"}},
+    ]:
+        vllm, ours = both(servers, "/v1/completions", {**common, **constraint})
+        assert_same(vllm, ours)
+        text = folded(ours)[0]["text"]
+        wanted = constraint.get("structured_outputs", {})
+        if "choice" in wanted:
+            assert text in ("alpha", "beta", "gamma")
+        elif "regex" in wanted:
+            assert re.fullmatch("[0-9]{3}-[a-z]{2}", text)
+        elif "grammar" in wanted:
+            value = json.loads(text)
+            assert set(value) == {"colour", "size"} and value["colour"] in ("red", "green")
+        else:
+            assert text.startswith("{")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_with_logprobs_and_a_named_tool(servers, long_prompt, stream):
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": long_prompt[:600]}]
+    chat = {"messages": messages, "max_tokens": 16, "temperature": 0, "stream": stream, "logprobs": True, "top_logprobs": 2}
+    assert_same(*both(servers, "/v1/chat/completions", chat))
+    tool = {"messages": messages, "max_tokens": 40, "temperature": 0, "tools": TOOLS, "stream": stream}
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required", "auto"):
+        vllm, ours = both(servers, "/v1/chat/completions", {**tool, "tool_choice": choice})
+        # The tiny model pads the arguments' JSON with whitespace until max_tokens, so they are
+        # compared as text: the same call, cut at the same place.
+        assert _tool_calls(vllm) == _tool_calls(ours)
+        if isinstance(choice, dict):  # named: always that tool
+            assert [name for name, _ in _tool_calls(ours)] == ["get_weather"]
+        assert_same(vllm, ours)
+
+
+def _tool_calls(response: dict) -> list:
+    """(name, arguments text) of each tool call of the first choice (a stream's parts joined)."""
+    choice = response["choices"][0]
+    calls = choice.get("tool_calls") or (choice.get("message") or {}).get("tool_calls") or []
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def test_bad_requests_get_vllms_status_and_type_and_disturb_nothing(servers, long_prompt):
+    ok = {"prompt": "hello", "max_tokens": 4}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    bad = [
+        ("/v1/completions", {}),
+        ("/v1/completions", {**ok, "max_tokens": "five"}),
+        ("/v1/completions", {**ok, "prompt": 12}),
+        ("/v1/completions", {**ok, "prompt": []}),
+        ("/v1/completions", {**ok, "prompt": [10**9]}),
+        ("/v1/completions", {**ok, "model": "gpt-9"}),
+        ("/v1/completions", {**ok, "prompt": "river " * 5000}),
+        ("/v1/completions", {**ok, "max_tokens": 10**6}),
+        ("/v1/completions", {**ok, "structured_outputs": {"regex": "("}}),
+        ("/v1/completions", {**ok, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}),
+        ("/v1/completions", {**ok, "logprobs": 100}),
+        ("/v1/chat/completions", {**chat, "messages": []}),
+        ("/v1/chat/completions", {**chat, "messages": "hi"}),
+        ("/v1/chat/completions", {**chat, "tool_choice": {"type": "function", "function": {"name": "nowhere"}}, "tools": TOOLS}),
+    ] + [
+        ("/v1/completions", {**ok, field: value})
+        for field, value in [
+            ("temperature", -1),
+            ("top_p", 0),
+            ("top_p", 1.5),
+            ("max_tokens", 0),
+            ("presence_penalty", 5),
+            ("top_k", -5),
+            ("min_p", 2),
+            ("seed", 2**70),
+            ("n", 0),
+        ]
+    ]
+    normal = {"prompt": long_prompt, "max_tokens": 16, "temperature": 0}
+    before = folded(answer(servers["pdcluster"], "/v1/completions", normal))
+    for path, body in bad:
+        vllm, ours = (post(url, path, body) for url in servers.values())
+        assert ours.status_code == vllm.status_code and ours.status_code >= 400, (body, vllm.text, ours.text)
+        assert ours.json()["error"]["type"] == vllm.json()["error"]["type"], (body, vllm.text, ours.text)
+    for raw in (b"{not json", b"[1, 2]"):
+        vllm, ours = (
+            httpx.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"}) for url in servers.values()
+        )
+        assert (ours.status_code, ours.json()["error"]["type"]) == (vllm.status_code, vllm.json()["error"]["type"])
+    # Everything still serves, and a normal request gives the same answer as before.
+    pd = servers["pdcluster"]
+    assert httpx.get(pd + "/health").status_code == 200
+    assert all(w["healthy"] for w in httpx.get(pd + "/cluster").json()["workers"])
+    assert folded(answer(pd, "/v1/completions", normal)) == before
