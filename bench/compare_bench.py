@@ -20,6 +20,7 @@ from pdcluster.bench.rate_plot import plot_grid
 from pdcluster.bench.serve_bench import RateResult, run_rate, served_model, sweep
 from pdcluster.bench.workloads import COMPARE_WORKLOADS, Workload
 from pdcluster.common.processes import LocalProcess, start_process, wait_ready
+from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_flags
 from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.common.worker_record import Role
 from pdcluster.worker.config import EngineConfig, WorkerConfig, worker_args
@@ -53,20 +54,8 @@ def _engine_env(cpus: set[int], engine: EngineConfig) -> dict:
 
 def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple[LocalProcess, str]:
     """vLLM's own OpenAI server, unmodified, on `cpus`; returns it and its base URL."""
-    args = [
-        "--model",
-        engine.model,
-        "--dtype",
-        engine.dtype,
-        "--max-model-len",
-        str(engine.max_model_len),
-        "--max-num-seqs",
-        str(engine.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(engine.max_num_batched_tokens),
-        "--seed",
-        "0",
-    ]
+    # pdcluster's workers' engine arguments exactly, as `vllm serve` flags.
+    args = ["--model", engine.model, *engine_flags({**PDCLUSTER_DEFAULTS, **engine.vllm_args})]
     return start_vllm_server(args, _engine_env(cpus, engine), os.path.join(log_dir, "colocated-vllm.log"), cpus)
 
 

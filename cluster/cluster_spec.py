@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdcluster.common.tls import TLSFiles
+from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags, vllm_serve_args
 from pdcluster.common.worker_record import Role
 from pdcluster.router.config import RouterConfig
 from pdcluster.worker.config import EngineConfig, KVTransport, WorkerConfig
@@ -33,7 +36,16 @@ class PoolSpec(_Strict):
     # replica takes one unit of it, so pools land on their own node types.
     node_resource: str = ""
     kv_transport: KVTransport = "tcp"
+    # vLLM engine arguments for this pool only, over the spec's `engine:` (e.g. a prefill pool's
+    # larger max_num_batched_tokens); checked by vLLM like `engine:`.
+    engine: dict[str, Any] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)  # more worker CLI flags, on top of the config
+
+    @field_validator("engine")
+    @classmethod
+    def _vllm_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_engine_args(value)
+        return value
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -103,16 +115,20 @@ class ClusterSpec(_Strict):
             registry=self.registry,
             tls=self.tls,
             cluster_name=self.name,
-            engine=self.engine.model_copy(update={"tensor_parallel_size": pool.tensor_parallel_size}),
+            engine=self.pool_engine(role),
         )
+
+    def pool_engine(self, role: Role) -> EngineConfig:
+        """The spec's engine with the pool's own engine arguments and tensor parallelism on top."""
+        pool = self.pool(role)
+        return EngineConfig.model_validate({**self.engine.model_dump(), **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size})
 
     def router_config(self) -> RouterConfig:
         """The router in front of this cluster: its spec section plus what it shares with the cluster."""
         return self.router.model_copy(
             update={
                 "model": self.engine.model,
-                # The context length the workers serve, unless the router's vLLM flags say otherwise.
-                "vllm_args": ["--max-model-len", str(self.engine.max_model_len), *self.router.vllm_args],
+                "engine": self.engine.vllm_args,  # the workers' engine arguments: the same model config
                 "registry": self.registry,
                 "cluster_name": self.name,
                 "tls": self.tls,
@@ -136,15 +152,24 @@ _SERVE_FLAGS: list[tuple[str, str, dict]] = [
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """`pdcluster serve` flags; each one given overrides the spec file."""
+    """`pdcluster serve [MODEL]` flags; each one given overrides the spec file. Any other flag
+    is one of `vllm serve`'s (see `load_cluster_spec`)."""
+    parser.add_argument("model_arg", nargs="?", metavar="MODEL", help="HF model directory, as `vllm serve MODEL` (or --model)")
     parser.add_argument("--config", default="", help="cluster spec YAML (see deploy/cluster.example.yaml)")
+    for role in ("prefill", "decode"):
+        parser.add_argument(f"--{role}-args", default="", help=f"vLLM engine flags for the {role} pool only, e.g. '--max-num-seqs 8'")
     for flag, path, kwargs in _SERVE_FLAGS:
         parser.add_argument(flag, dest=path, metavar=flag.removeprefix("--").upper().replace("-", "_"), **{"default": None, **kwargs})
     parser.add_argument("--no-router", action="store_true", help="controller and pools only (routers run elsewhere, on --registry)")
 
 
-def load_cluster_spec(args: argparse.Namespace) -> ClusterSpec:
-    """The spec from `--config` (if any), with the flags given on the command line on top."""
+def load_cluster_spec(args: argparse.Namespace, vllm_flags: list[str] = ()) -> ClusterSpec:
+    """The spec from `--config` (if any), with the flags given on the command line on top.
+
+    `vllm_flags` are `vllm serve` flags: the engine arguments among them go to every worker's
+    engine (and the pool's `--prefill-args`/`--decode-args` to that pool's), and all of them to
+    the router's vLLM layer, which also takes the serving ones (--served-model-name,
+    --tool-call-parser, ...). vLLM's parsers check them all here, before anything starts."""
     data: dict = {}
     if args.config:
         with open(args.config) as f:
@@ -157,4 +182,17 @@ def load_cluster_spec(args: argparse.Namespace) -> ClusterSpec:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-    return ClusterSpec.model_validate(data)  # replicas given widen the pool's bounds (PoolSpec._bounds)
+    if args.model_arg:
+        data.setdefault("engine", {})["model"] = args.model_arg
+    engine_args, _serving = engine_args_from_flags(list(vllm_flags))
+    data.setdefault("engine", {}).update(engine_args)
+    for role in ("prefill", "decode"):
+        pool_args, unknown = engine_args_from_flags(shlex.split(getattr(args, f"{role}_args")))
+        if unknown:
+            raise ValueError(f"--{role}-args: not vLLM engine flags: {' '.join(unknown)}")
+        data.setdefault(role, {}).setdefault("engine", {}).update(pool_args)
+    router = data.setdefault("router", {})
+    router["vllm_args"] = [*router.get("vllm_args", []), *vllm_flags]
+    spec = ClusterSpec.model_validate(data)  # replicas given widen the pool's bounds (PoolSpec._bounds)
+    vllm_serve_args(spec.engine.model or "model", spec.router.vllm_args)  # vLLM refuses a flag it does not know
+    return spec

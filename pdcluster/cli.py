@@ -26,7 +26,11 @@ def _serve(args: argparse.Namespace) -> int:
     from pdcluster.cluster.ray_cluster import connect_ray, start_controller
     from pdcluster.router.server import serve_router
 
-    spec = load_cluster_spec(args)
+    try:
+        spec = load_cluster_spec(args, args.vllm_flags)
+    except ValueError as e:  # a bad spec or flag: say which, start nothing
+        print(f"pdcluster serve: {e}", file=sys.stderr)
+        return 2
     # Never an open cluster: without a configured secret, one made for this run.
     spec.auth_token = spec.auth_token or os.environ.get("PDCLUSTER_KV_TOKEN") or secrets.token_urlsafe(32)
     stop = threading.Event()
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a cluster: workers on Ray, and the router")
     add_cluster_flags(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, takes_vllm_flags=True)
 
     status = sub.add_parser("status", help="pools, replicas, health and autoscaler decisions of a running cluster")
     status.add_argument("--address", default="auto", help="Ray address (default: the local one)")
@@ -264,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, vllm_flags = parser.parse_known_args(argv)  # `serve` takes `vllm serve`'s flags too
+    if vllm_flags and not getattr(args, "takes_vllm_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(vllm_flags)}")
+    args.vllm_flags = vllm_flags
     return args.func(args)
 
 

@@ -4,6 +4,7 @@ from these same fields (`python -m pdcluster.router --help`)."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +24,10 @@ class RouterConfig(BaseModel):
         description="vLLM's own `vllm serve` options for the OpenAI layer and the model, e.g. --served-model-name, "
         "--chat-template, --enable-auto-tool-choice --tool-call-parser NAME, --reasoning-parser NAME, --max-model-len; "
         "on the command line, every flag the router does not know itself",
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the workers' vLLM engine arguments (a cluster spec's `engine:`), for the router's model config",
     )
     workers: list[str] = Field(
         default_factory=list, description="Worker gRPC address; repeat per worker", json_schema_extra={"flag": "--worker"}
@@ -71,6 +76,6 @@ def parse_router_args(argv: list[str] | None = None) -> RouterConfig:
         description="pdcluster router; any other flag is one of `vllm serve`'s, for vLLM's OpenAI layer",
         allow_abbrev=False,  # a vLLM flag must never be taken for a prefix of one of ours
     )
-    add_model_flags(parser, RouterConfig, exclude=("vllm_args",))
+    add_model_flags(parser, RouterConfig, exclude=("vllm_args", "engine"))  # both: vLLM's flags
     args, vllm_args = parser.parse_known_args(argv)
     return RouterConfig.model_validate(merged(env_values(RouterConfig), {**flag_values(args), "vllm_args": vllm_args}))

@@ -3,15 +3,17 @@ metrics, and vLLM's engine client over them that both front doors (HTTP, gRPC) s
 
 from __future__ import annotations
 
+import dataclasses
+
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
+from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, vllm_serve_args
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.engine_client import ClusterEngineClient
 from pdcluster.router.membership import MembershipFollower, follow_registry
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.request_flow import RequestFlow
-from pdcluster.router.vllm_serve_args import vllm_serve_args
 from pdcluster.router.worker_pool import WorkerPool
 
 
@@ -19,6 +21,7 @@ class Router:
     def __init__(self, config: RouterConfig, membership=None) -> None:
         """`membership`: an async callable returning worker addresses (the cluster
         controller's view); without it, the Redis registry or the fixed `config.workers`."""
+        from vllm.config import ModelConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.renderers import renderer_from_config
         from vllm.usage.usage_lib import UsageContext
@@ -27,7 +30,13 @@ class Router:
         self.vllm_args = vllm_serve_args(config.model or str(ensure_tiny_model()), config.vllm_args, config.api_key)
         # As vLLM: served under each --served-model-name, or under --model as given.
         self.served_model_names = self.vllm_args.served_model_name or [self.vllm_args.model]
-        vllm_config = AsyncEngineArgs.from_cli_args(self.vllm_args).create_engine_config(UsageContext.OPENAI_API_SERVER)
+        # The workers' model config (their engine arguments that shape it, over pdcluster's
+        # defaults), but for what the router's own flags set.
+        given = set(engine_args_from_flags(config.vllm_args)[0])
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - given - {"model"}
+        shared = {k: v for k, v in {**PDCLUSTER_DEFAULTS, **config.engine}.items() if k in model_fields}
+        engine_args = dataclasses.replace(AsyncEngineArgs.from_cli_args(self.vllm_args), **shared)
+        vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         self.pool = WorkerPool(
             config.workers,
             config.health_interval_s,

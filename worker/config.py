@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
 from pdcluster.common.tls import TLSFiles
+from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags
 from pdcluster.common.worker_record import Role
 
 KVTransport = Literal["tcp", "grpc"]
@@ -23,16 +24,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a spec or config is an error, not a default
 
 
-class EngineConfig(_Strict):
+class EngineConfig(BaseModel):
+    """The engine: the model, the CPU KV cache size (pdcluster's), and any other vLLM engine
+    argument under its own name (`dtype`, `max_model_len`, `quantization`,
+    `gpu_memory_utilization`, `speculative_config`, ...), handed to vLLM as given. A key that is
+    not one is refused by name, and vLLM checks the values, when the config loads."""
+
+    model_config = ConfigDict(extra="allow")
+
     model: str = Field("", description="HF model directory (default: the tiny generated model)")
-    dtype: str = "auto"
-    max_model_len: int = 4096
     kv_cache_gib: float = Field(1.0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = Field(0, description="tokens per engine step (0: vLLM's default)")
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
+
+    @model_validator(mode="after")
+    def _vllm_checks(self):
+        check_engine_args(self.vllm_args)
+        return self
+
+    @property
+    def vllm_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments set here, besides the model."""
+        return dict(self.model_extra or {})
 
 
 class WorkerConfig(_Strict):
@@ -58,13 +69,21 @@ class WorkerConfig(_Strict):
 
 def parse_worker_config(role: Role, argv: list[str] | None = None) -> WorkerConfig:
     """`python -m pdcluster.{role}_worker [--config-json JSON] [flags]`."""
-    parser = argparse.ArgumentParser(prog=f"python -m pdcluster.{role}_worker", description=f"pdcluster {role} worker")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m pdcluster.{role}_worker",
+        description=f"pdcluster {role} worker; any other flag is one of vLLM's engine arguments (`vllm serve --help`)",
+        allow_abbrev=False,  # a vLLM flag must never be taken for a prefix of one of ours
+    )
     parser.add_argument("--config-json", default="", help="the whole WorkerConfig as JSON; flags override its fields")
     add_model_flags(parser, WorkerConfig, exclude=("role",))
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    engine_args, unknown = engine_args_from_flags(rest)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     base = json.loads(args.config_json) if args.config_json else {}
     del args.config_json
-    return WorkerConfig.model_validate(merged(merged(env_values(WorkerConfig), base), {**flag_values(args), "role": role}))
+    flags = merged(flag_values(args), {"role": role, "engine": engine_args})
+    return WorkerConfig.model_validate(merged(merged(env_values(WorkerConfig), base), flags))
 
 
 def worker_args(config: WorkerConfig) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS
 from pdcluster.common.worker_record import Role
 from pdcluster.worker.config import EngineConfig
 
@@ -20,7 +21,7 @@ def resolve_model(model: str) -> str:
 def engine_environment(engine: EngineConfig) -> dict[str, str]:
     """Environment vLLM reads at engine start (CPU KV size must be explicit here)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib)))}
-    if not _has_gpu() and engine.tensor_parallel_size == 1:
+    if not _has_gpu() and engine.vllm_args.get("tensor_parallel_size", 1) == 1:
         # AsyncLLM keeps its engine core in its own process either way; this only runs
         # the CPU model inside that process instead of a further worker process whose
         # shared-memory queue busy-spins and starves the other pool on small machines.
@@ -35,22 +36,11 @@ def prepare_environment(engine: EngineConfig) -> None:
 
 
 def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for vLLM's (Async)EngineArgs / LLM."""
-    kwargs: dict[str, Any] = dict(
-        model=resolve_model(engine.model),
-        # The tiny model is float32 so greedy output is stable; "auto" could pick bf16.
-        dtype="float32" if not engine.model and engine.dtype == "auto" else engine.dtype,
-        max_model_len=engine.max_model_len,
-        max_num_seqs=engine.max_num_seqs,
-        enable_prefix_caching=engine.enable_prefix_caching,
-        tensor_parallel_size=engine.tensor_parallel_size,
-        seed=0,
-    )
-
-    if engine.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
-    if _has_gpu():
-        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    """Keyword arguments for vLLM's (Async)EngineArgs / LLM: every engine argument given, over
+    pdcluster's defaults."""
+    kwargs: dict[str, Any] = {**PDCLUSTER_DEFAULTS, **engine.vllm_args, "model": resolve_model(engine.model)}
+    if not engine.model and kwargs.get("dtype", "auto") == "auto":
+        kwargs["dtype"] = "float32"  # the tiny model is float32 so greedy output is stable; "auto" could pick bf16
     if kv_transfer is not None:
         from vllm.config import KVTransferConfig
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 BYPASS_BELOW = 32
 SHORT = "The old mill"
 # vLLM's own serving flags, given to both servers alike (the router hands them to vLLM's layer).
-SERVE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
+SERVE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--enable-prompt-tokens-details"]
 # JSON valid against SCHEMA with no room for whitespace, which the tiny model would otherwise
 # emit until max_tokens.
 GRAMMAR = (
@@ -227,6 +227,10 @@ def test_chat_with_logprobs_and_a_named_tool(servers, long_prompt, stream):
     messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": long_prompt[:600]}]
     chat = {"messages": messages, "max_tokens": 16, "temperature": 0, "stream": stream, "logprobs": True, "top_logprobs": 2}
     assert_same(*both(servers, "/v1/chat/completions", chat))
+    # The assistant's answer continued rather than a new turn started.
+    partial = [*messages, {"role": "assistant", "content": "The answer is"}]
+    continued = {**chat, "messages": partial, "continue_final_message": True, "add_generation_prompt": False}
+    assert_same(*both(servers, "/v1/chat/completions", continued))
     tool = {"messages": messages, "max_tokens": 40, "temperature": 0, "tools": TOOLS, "stream": stream}
     for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required", "auto"):
         vllm, ours = both(servers, "/v1/chat/completions", {**tool, "tool_choice": choice})
@@ -243,6 +247,14 @@ def _tool_calls(response: dict) -> list:
     choice = response["choices"][0]
     calls = choice.get("tool_calls") or (choice.get("message") or {}).get("tool_calls") or []
     return [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def test_usage_reports_cached_prompt_tokens(servers, long_prompt):
+    body = {"prompt": long_prompt + " Once more.", "max_tokens": 2}
+    post(servers["pdcluster"], "/v1/completions", body)
+    usage = post(servers["pdcluster"], "/v1/completions", body).json()["usage"]
+    # The prefill worker's prefix cache served the repeated prompt's full blocks.
+    assert 0 < usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
 
 
 def test_bad_requests_get_vllms_status_and_type_and_disturb_nothing(servers, long_prompt):

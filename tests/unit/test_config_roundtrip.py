@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import pytest
 
-from pdcluster.cluster.cluster_spec import ClusterSpec
-from pdcluster.common.worker_record import ROLES
+from pdcluster.cluster.cluster_spec import ClusterSpec, load_cluster_spec
+from pdcluster.common.worker_record import ROLES, Role
 from pdcluster.router.config import RouterConfig, parse_router_args
 from pdcluster.worker.config import EngineConfig, parse_worker_config, worker_args
 from pdcluster.worker.engine_args import engine_environment, engine_kwargs
 
-# A value unlike the default for every engine field: a new field without one fails here.
+# vLLM engine arguments by vLLM's names, each unlike vLLM's and pdcluster's defaults.
 ENGINE = {
     "model": "/models/some-model",
+    "kv_cache_gib": 3.0,
     "dtype": "bfloat16",
     "max_model_len": 2048,
-    "kv_cache_gib": 3.0,
     "max_num_seqs": 7,
     "max_num_batched_tokens": 512,
     "enable_prefix_caching": False,
-    "tensor_parallel_size": 1,  # per pool: set from the pool's own field below
     "gpu_memory_utilization": 0.5,
+    "quantization": "fp8",
+    "speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
 }
 
 
@@ -33,16 +34,20 @@ def spec() -> ClusterSpec:
             "auth_token": "cluster-secret",
             "tls": {"cert": "/tls/c.pem", "key": "/tls/k.pem", "ca": "/tls/ca.pem"},
             "engine": ENGINE,
-            "prefill": {"tensor_parallel_size": 2, "kv_transport": "grpc"},
+            "prefill": {"tensor_parallel_size": 2, "kv_transport": "grpc", "engine": {"max_num_batched_tokens": 8192}},
             "decode": {"tensor_parallel_size": 4, "kv_transport": "tcp"},
         }
     )
 
 
-def test_the_engine_values_cover_every_field():
-    assert set(ENGINE) == set(EngineConfig.model_fields)
-    defaults = EngineConfig()
-    assert [k for k, v in ENGINE.items() if getattr(defaults, k) == v] == ["tensor_parallel_size"]
+def test_the_engine_takes_any_vllm_engine_argument_and_refuses_others_by_name():
+    assert EngineConfig(**ENGINE).vllm_args == {k: v for k, v in ENGINE.items() if k not in ("model", "kv_cache_gib")}
+    with pytest.raises(ValueError, match="not vLLM engine arguments: max_model_lenn"):
+        EngineConfig(max_model_lenn=2048)
+    with pytest.raises(ValueError, match="max-num-seqs: invalid int value"):  # vLLM's own parser checks values
+        EngineConfig(max_num_seqs="lots")
+    with pytest.raises(ValueError, match="not vLLM engine arguments: max_tokens"):
+        ClusterSpec.model_validate({"decode": {"engine": {"max_tokens": 5}}})
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -52,7 +57,8 @@ def test_every_spec_field_reaches_the_worker(role):
     received = parse_worker_config(role, worker_args(sent))
     assert received == sent
     pool = s.pool(role)
-    assert received.engine == EngineConfig(**{**ENGINE, "tensor_parallel_size": pool.tensor_parallel_size})
+    expected = {**ENGINE, **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size}
+    assert received.engine == EngineConfig(**expected)
     assert (received.kv_transport, received.registry, received.tls, received.cluster_name) == (pool.kv_transport, s.registry, s.tls, "c9")
     assert received.worker_id == f"{role}-1" and received.role == role and received.auth_token == "cluster-secret"
 
@@ -62,26 +68,52 @@ def test_flags_override_single_fields_of_the_config():
     received = parse_worker_config(ROLES[0], [*worker_args(sent), "--kv-load-timeout", "5", "--enable-prefix-caching", "--port", "9"])
     assert (received.kv_load_timeout_s, received.engine.enable_prefix_caching, received.port) == (5.0, True, 9)
     assert received.engine.max_model_len == 2048 and received.tls == sent.tls
+    with pytest.raises(SystemExit):  # neither ours nor vLLM's
+        parse_worker_config(ROLES[0], ["--no-such-flag", "1"])
 
 
 def test_every_engine_setting_reaches_vllm():
     engine = EngineConfig(**ENGINE)
     kwargs = engine_kwargs(engine)
-    assert {
-        k: kwargs[k]
-        for k in (
-            "model",
-            "dtype",
-            "max_model_len",
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "enable_prefix_caching",
-            "tensor_parallel_size",
-        )
-    } == {k: v for k, v in ENGINE.items() if k not in ("kv_cache_gib", "gpu_memory_utilization")}
+    assert kwargs == {"seed": 0, **{k: v for k, v in ENGINE.items() if k != "kv_cache_gib"}}
     assert engine_environment(engine)["VLLM_CPU_KVCACHE_SPACE"] == "3"
-    # GPU only: on CPU the KV cache size above is what vLLM uses instead.
-    assert kwargs.get("gpu_memory_utilization", 0.5) == 0.5
+    # pdcluster's defaults where vLLM's do not suit a CPU machine; the tiny model in float32.
+    assert engine_kwargs(EngineConfig()) | {"model": ""} == {
+        "model": "",
+        "max_model_len": 4096,
+        "max_num_seqs": 64,
+        "seed": 0,
+        "dtype": "float32",
+    }
+
+
+def test_pdcluster_serve_takes_vllm_serve_flags():
+    from pdcluster.cli import build_parser
+
+    argv = [
+        "serve",
+        "/models/x",
+        "--max-model-len",
+        "2048",
+        "--served-model-name",
+        "x",
+        "y",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "pythonic",
+        "--prefill-args",
+        "--max-num-batched-tokens 8192",
+    ]
+    args, vllm_flags = build_parser().parse_known_args(argv)
+    s = load_cluster_spec(args, vllm_flags)
+    assert s.engine.model == "/models/x" and s.engine.max_model_len == 2048
+    assert (
+        s.pool_engine(Role.PREFILL).max_num_batched_tokens == 8192 and "max_num_batched_tokens" not in s.pool_engine(Role.DECODE).vllm_args
+    )
+    router = s.router_config()
+    assert router.vllm_args == vllm_flags and router.engine["max_model_len"] == 2048
+    with pytest.raises(SystemExit):  # vLLM's parser refuses what is not one of its flags
+        load_cluster_spec(*build_parser().parse_known_args(["serve", "--max-model-length", "5"]))
 
 
 def test_router_flags_are_the_router_config_fields():

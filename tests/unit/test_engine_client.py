@@ -13,10 +13,10 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
+from pdcluster.common.vllm_args import vllm_serve_args
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.engine_client import ClusterEngineClient
 from pdcluster.router.request_flow import TokenDelta
-from pdcluster.router.vllm_serve_args import vllm_serve_args
 
 
 class FakeFlow:

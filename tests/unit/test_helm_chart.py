@@ -29,7 +29,10 @@ FULL_VALUES = {
     "apiKey": {"existingSecret": "pd-api-key"},
     "kvToken": {"existingSecret": "pd-kv-token"},
     "model": {"volume": {"persistentVolumeClaim": {"claimName": "llama"}}},
+    "engine": {"args": {"quantization": "fp8", "enable_chunked_prefill": True}},
+    "router": {"vllmArgs": ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]},
     "prefill": {
+        "engineArgs": {"max_num_batched_tokens": 16384},
         "replicas": 3,
         "maxReplicas": 9,
         "replicasPerNode": 2,
@@ -112,6 +115,8 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     assert spec.registry == "redis://demo-redis:6379/0" and spec.tls.enabled and spec.tls.ca
     assert (spec.prefill.node_resource, spec.decode.node_resource) == ("prefill_pool", "decode_pool")
     assert spec.prefill.max_replicas == 9 and spec.prefill.num_gpus == 1
+    assert spec.engine.quantization == "fp8" and spec.engine.enable_chunked_prefill is True
+    assert spec.prefill.engine == {"max_num_batched_tokens": 16384} and spec.decode.engine == {}
     head = docs[("RayCluster", "demo")]["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     controller = next(c for c in head if c["name"] == "controller")
     args = build_parser().parse_args(controller["command"][1:])
@@ -119,5 +124,6 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     router = docs[("Deployment", "demo-router")]["spec"]["template"]["spec"]["containers"][0]
     config = parse_router_args(router["args"])
     assert config.registry == spec.registry and config.tls.enabled and config.host == "0.0.0.0"
+    assert config.vllm_args == ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     assert router["readinessProbe"]["httpGet"]["path"] == "/health"
     assert router["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
