@@ -8,6 +8,7 @@ prompts, or resuming a request elsewhere from prompt + tokens already sent).
 from __future__ import annotations
 
 import grpc
+import msgspec
 
 from pdcluster.common.sample_wire import encode_logprobs
 from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, TRANSFER_ID
@@ -34,7 +35,13 @@ class DecodeHandler:
         try:
             params = request_sampling_params(request.sampling_params, kv)
             stream = self._host.engine.generate(
-                TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, f"{request.request_id}-decode"
+                TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
+                params,
+                f"{request.request_id}-decode",
+                reasoning_ended=request.reasoning_ended if request.HasField("reasoning_ended") else None,
+                reasoning_parser_kwargs=msgspec.msgpack.decode(request.reasoning_parser_kwargs)
+                if request.reasoning_parser_kwargs
+                else None,
             )
             num_output = 0
             async for out in stream:

@@ -37,18 +37,22 @@ class PrefillReply(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bytes] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "transfer_id", "producer_kv_endpoint")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "transfer_id", "producer_kv_endpoint", "reasoning_ended", "reasoning_parser_kwargs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REASONING_ENDED_FIELD_NUMBER: _ClassVar[int]
+    REASONING_PARSER_KWARGS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: bytes
     transfer_id: str
     producer_kv_endpoint: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., producer_kv_endpoint: _Optional[str] = ...) -> None: ...
+    reasoning_ended: bool
+    reasoning_parser_kwargs: bytes
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., producer_kv_endpoint: _Optional[str] = ..., reasoning_ended: _Optional[bool] = ..., reasoning_parser_kwargs: _Optional[bytes] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", "logprobs", "prompt_logprobs", "cumulative_logprob", "stop_string", "stop_token_id")

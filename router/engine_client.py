@@ -52,8 +52,9 @@ class ClusterEngineClient(EngineClient):
         *,
         lora_request=None,
         priority: int = 0,
-        data_parallel_rank: int | None = None,
-        **_ignored,  # tracing, sessions and KV hints do not change what the pools compute
+        reasoning_ended: bool | None = None,
+        reasoning_parser_kwargs: dict | None = None,
+        **_ignored,  # tracing, sessions, KV hints and DP ranks do not change what the pools compute
     ) -> AsyncGenerator[RequestOutput, None]:
         if lora_request is not None:
             raise VLLMValidationError("LoRA adapters are not served by pdcluster", parameter="model")
@@ -66,13 +67,18 @@ class ClusterEngineClient(EngineClient):
         samples = _sample_params(params)
         usages = [Usage() for _ in samples]
         streams = [
-            self._flow.generate(GenerationRequest(f"{i}_{request_id}" if len(samples) > 1 else request_id, prompt_ids, p), usage)
+            self._flow.generate(
+                GenerationRequest(
+                    f"{i}_{request_id}" if len(samples) > 1 else request_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs
+                ),
+                usage,
+            )
             for i, (p, usage) in enumerate(zip(samples, usages, strict=True))
         ]
         outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(samples))]
         unfinished = len(samples)
         kind = params.output_kind
-        first = True
+        prompt_logprobs_shown = False  # in deltas, once: the first sample to have them brings them
         async for index, delta in merge_async_iterators(*streams):
             output = outputs[index]
             _accumulate(output, delta, keep=kind != RequestOutputKind.DELTA)
@@ -84,17 +90,17 @@ class ClusterEngineClient(EngineClient):
                 if kind == RequestOutputKind.FINAL_ONLY
                 else [_as_delta(output, delta) if kind == RequestOutputKind.DELTA else output]
             )
-            usage = usages[0]
+            prompt_logprobs = None if prompt_logprobs_shown else usages[index].prompt_logprobs
+            prompt_logprobs_shown |= kind == RequestOutputKind.DELTA and prompt_logprobs is not None
             yield RequestOutput(
                 request_id=request_id,
                 prompt=None,
                 prompt_token_ids=prompt_ids,
-                prompt_logprobs=usage.prompt_logprobs if first or kind != RequestOutputKind.DELTA else None,
+                prompt_logprobs=prompt_logprobs,
                 outputs=shown,
                 finished=not unfinished,
                 num_cached_tokens=max(u.cached_tokens for u in usages),
             )
-            first = False
 
     async def abort(self, request_id) -> None:
         """Nothing to do: closing the generate() stream cancels the request on its workers."""

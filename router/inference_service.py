@@ -16,7 +16,7 @@ import grpc
 from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-from vllm.entrypoints.serve.exception_handling.error_response import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import ErrorResponse, create_error_response
 
 from pdcluster.protos import inference_pb2, inference_pb2_grpc
 from pdcluster.router.router_service import Router
@@ -97,6 +97,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise _Refused(
                 grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             ) from None
+        except Exception as e:  # what vLLM's HTTP exception handlers answer, mapped by vLLM's own table
+            _refuse(create_error_response(e).error.model_dump())
         if isinstance(result, ErrorResponse):
             _refuse(result.error.model_dump())
         async for event in result:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import msgspec
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
@@ -50,6 +51,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams  # n == 1; max_tokens is always set
+    reasoning_ended: bool | None = None  # vLLM's OpenAI layer's word on the reasoning parser's state
+    reasoning_parser_kwargs: dict | None = None
 
 
 @dataclass
@@ -170,6 +173,8 @@ class RequestFlow:
             sampling_params=encode_sampling_params(decode_params),
             transfer_id=transfer_id,
             producer_kv_endpoint=prefill.stats.kv_endpoint if prefill else "",
+            reasoning_ended=request.reasoning_ended,
+            reasoning_parser_kwargs=msgspec.msgpack.encode(request.reasoning_parser_kwargs) if request.reasoning_parser_kwargs else b"",
         )
         continuation = _continuation(self.tokenizer, sent, params) if sent else None
         decode.inflight += 1

@@ -5,7 +5,9 @@ the request elsewhere; the frozen worker aborts the request if it ever wakes up.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import re
 import signal
 import time
 
@@ -122,3 +124,43 @@ def test_frozen_prefill_worker_costs_a_retry_not_a_long_wait(cluster, token_ids)
     wait_for(lambda: view(http, frozen)["healthy"])
     # The answers equal those of the same prompts on the healed cluster.
     assert texts == [complete(client, p, 16) for p in prompts]
+
+
+def test_a_structured_output_that_cannot_resume_fails_clearly(cluster, token_ids):
+    """vLLM cannot start a grammar part-way through an output, so a constrained stream whose
+    decode worker is lost ends with an error that says so, never with unconstrained text."""
+    router, workers = cluster
+    http = httpx.Client(base_url=router.record.http, timeout=60)
+    wait_for(lambda: all(view(http, w)["healthy"] for w in workers))
+    body = {
+        "model": MODEL_NAME,
+        "prompt": token_ids[900:1200],
+        "max_tokens": LONG_OUTPUT,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "structured_outputs": {"regex": "[a-z ]+"},
+    }
+    texts, errors, frozen = [], [], None
+    with http.stream("POST", "/v1/completions", json=body, timeout=300) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                errors.append(event["error"])
+                continue
+            texts.append(event["choices"][0]["text"])
+            if frozen is None and texts[-1]:
+                serving = next(
+                    w["address"] for w in http.get("/cluster").json()["workers"] if w["role"] == "decode" and w["router_inflight"]
+                )
+                frozen = next(w for w in workers if w.address == serving)
+                freeze(frozen)
+    try:
+        assert frozen is not None and len(errors) == 1
+        assert errors[0]["code"] == 503 and "structured output cannot resume" in errors[0]["message"]
+        assert re.fullmatch("[a-z ]*", "".join(texts))  # what was sent kept the constraint
+    finally:
+        thaw(frozen)
+    wait_for(lambda: view(http, frozen)["healthy"])

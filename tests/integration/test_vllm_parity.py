@@ -26,8 +26,15 @@ pytestmark = pytest.mark.slow
 
 BYPASS_BELOW = 32
 SHORT = "The old mill"
-# vLLM's own serving flags, given to both servers alike (the router hands them to vLLM's layer).
+# vLLM's own flags, given to both servers alike: engine flags (pdcluster's workers take them, and
+# a reasoning parser decides there when a structured output starts) and serving flags (the
+# router hands them to vLLM's layer). Granite's reasoning parser reads plain text markers.
+ENGINE_FLAGS = ["--dtype", "float32", "--reasoning-parser", "granite"]
 SERVE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--enable-prompt-tokens-details"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\nHere is my thought process:{% endif %}"
+)
 # JSON valid against SCHEMA with no room for whitespace, which the tiny model would otherwise
 # emit until max_tokens.
 GRAMMAR = (
@@ -63,10 +70,13 @@ def servers(model, tmp_path_factory):
     """{"vllm": url, "pdcluster": url}: each serves the model under --model as given."""
     env = {**os.environ, **engine_environment(EngineConfig())}
     log = str(tmp_path_factory.mktemp("vllm") / "vllm.log")
-    vllm, vllm_url = start_vllm_server(["--model", model, "--dtype", "float32", "--seed", "0", *SERVE_FLAGS], env, log)
+    template = tmp_path_factory.mktemp("template") / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    serve_flags = [*SERVE_FLAGS, "--chat-template", str(template)]
+    vllm, vllm_url = start_vllm_server(["--model", model, "--seed", "0", *ENGINE_FLAGS, *serve_flags], env, log)
     try:
-        router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVE_FLAGS]
-        with running_cluster(worker_args=["--dtype", "float32"], router_args=router_args) as (router, _):
+        router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *serve_flags]
+        with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, _):
             yield {"vllm": vllm_url, "pdcluster": router.record.http}
     finally:
         vllm.stop()
@@ -99,6 +109,7 @@ def answer(url: str, path: str, body: dict) -> dict:
             for c in json.loads(line.removeprefix("data: "))["choices"]:
                 folded = choices.setdefault(c["index"], {"index": c["index"], "text": "", "token_ids": [], "logprobs": []})
                 folded["text"] += c.get("text") or (c.get("delta") or {}).get("content") or ""
+                folded["reasoning"] = folded.get("reasoning", "") + ((c.get("delta") or {}).get("reasoning") or "")
                 folded["token_ids"] += c.get("token_ids") or []
                 folded["logprobs"] += _positions(c.get("logprobs"))
                 folded["finish_reason"] = c.get("finish_reason") or folded.get("finish_reason")
@@ -140,8 +151,11 @@ def folded(response: dict) -> list[dict]:
     out = []
     for c in response["choices"]:
         text = c.get("text") if "text" in c else (c.get("message") or {}).get("content")
+        reasoning = c.get("reasoning") or (c.get("message") or {}).get("reasoning") or ""
         logprobs = c["logprobs"] if isinstance(c.get("logprobs"), list) else _positions(c.get("logprobs"))
-        out.append({"text": text, "token_ids": c.get("token_ids"), "finish": c.get("finish_reason"), "logprobs": logprobs})
+        out.append(
+            {"text": text, "reasoning": reasoning, "token_ids": c.get("token_ids"), "finish": c.get("finish_reason"), "logprobs": logprobs}
+        )
     return out
 
 
@@ -149,7 +163,7 @@ def assert_same(vllm: dict, ours: dict) -> None:
     a, b = folded(vllm), folded(ours)
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert (x["text"], x["token_ids"], x["finish"]) == (y["text"], y["token_ids"], y["finish"])
+        assert (x["text"], x["reasoning"], x["token_ids"], x["finish"]) == (y["text"], y["reasoning"], y["token_ids"], y["finish"])
         assert_logprobs_close(x["logprobs"], y["logprobs"])
 
 
@@ -227,6 +241,11 @@ def test_chat_with_logprobs_and_a_named_tool(servers, long_prompt, stream):
     messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": long_prompt[:600]}]
     chat = {"messages": messages, "max_tokens": 16, "temperature": 0, "stream": stream, "logprobs": True, "top_logprobs": 2}
     assert_same(*both(servers, "/v1/chat/completions", chat))
+    # The template opens the reasoning; the parser splits it off once the response marker comes.
+    # With a reasoning parser the engine constrains the output only after the reasoning ends.
+    reasoned = {**chat, "max_tokens": 40, "structured_outputs": {"regex": "[a-z]{3}"}}
+    reasoned["messages"] = [*messages, {"role": "assistant", "content": "I count. Here is my response:"}]
+    assert_same(*both(servers, "/v1/chat/completions", {**reasoned, "continue_final_message": True, "add_generation_prompt": False}))
     # The assistant's answer continued rather than a new turn started.
     partial = [*messages, {"role": "assistant", "content": "The answer is"}]
     continued = {**chat, "messages": partial, "continue_final_message": True, "add_generation_prompt": False}

@@ -10,6 +10,7 @@ import asyncio
 import pytest
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
+from vllm.logprobs import Logprob
 from vllm.sampling_params import RequestOutputKind
 
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
@@ -29,6 +30,7 @@ class FakeFlow:
     async def generate(self, request, usage):
         self.requests.append(request)
         usage.cached_tokens = 16
+        usage.prompt_logprobs = [None, {5: Logprob(-1.0)}]
         seed = request.sampling_params.seed
         yield TokenDelta([seed], f"s{seed}")
         await asyncio.sleep(0)
@@ -67,6 +69,7 @@ def test_n_fans_out_into_seeded_samples_and_deltas_keep_their_index(engine_parts
     assert texts == {0: "s10!", 1: "s11!", 2: "s12!"}
     assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
     assert outputs[0].num_cached_tokens == 16 and outputs[0].prompt_token_ids == [5, 6, 7]
+    assert [o.prompt_logprobs is not None for o in outputs].count(True) == 1  # one delta brings them
 
 
 def test_final_only_is_one_output_with_every_sample_whole(engine_parts):
