@@ -165,6 +165,14 @@ def assert_same(vllm: dict, ours: dict) -> None:
         assert_logprobs_close(x["logprobs"], y["logprobs"])
 
 
+def test_responses_api(servers, long_prompt):
+    body = {"input": long_prompt, "max_output_tokens": 12, "temperature": 0}
+    texts = [
+        [part["text"] for item in post(url, "/v1/responses", body).json()["output"] for part in item["content"]] for url in servers.values()
+    ]
+    assert texts[0] == texts[1] and texts[0][0]
+
+
 def test_models_are_named_by_model_as_given(servers, model):
     ids = [httpx.get(url + "/v1/models").json()["data"][0]["id"] for url in servers.values()]
     assert ids == [model, model]
