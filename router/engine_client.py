@@ -9,7 +9,6 @@ vLLM RequestOutputs.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import AsyncGenerator
 
 from vllm.engine.protocol import EngineClient
@@ -19,6 +18,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.input_processor import InputProcessor
+from vllm.v1.engine.parallel_sampling import ParentRequest
 
 from pdcluster.router.request_flow import GenerationRequest, RequestFlow, TokenDelta, Usage
 from pdcluster.router.worker_pool import WorkerPool
@@ -64,16 +64,11 @@ class ClusterEngineClient(EngineClient):
         prompt_ids = list(checked.prompt_token_ids or ())
         params = sampling_params.clone()
         params.max_tokens = checked.sampling_params.max_tokens
-        samples = _sample_params(params)
+        samples = _samples(checked, request_id, params)
         usages = [Usage() for _ in samples]
         streams = [
-            self._flow.generate(
-                GenerationRequest(
-                    f"{i}_{request_id}" if len(samples) > 1 else request_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs
-                ),
-                usage,
-            )
-            for i, (p, usage) in enumerate(zip(samples, usages, strict=True))
+            self._flow.generate(GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs), usage)
+            for (sample_id, p), usage in zip(samples, usages, strict=True)
         ]
         outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(samples))]
         unfinished = len(samples)
@@ -160,18 +155,13 @@ class ClusterEngineClient(EngineClient):
     sleep = wake_up = release_kv_cache_memory = pause_generation = resume_generation = _per_engine
 
 
-def _sample_params(params: SamplingParams) -> list[SamplingParams]:
-    """vLLM's fan-out of n (ParentRequest): one sample each, seed + index when seeded."""
+def _samples(checked, request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """(id, params) of each sample: n fans out by vLLM's own ParentRequest (seed + index when seeded)."""
     if params.n == 1:
-        return [params]
-    samples = []
-    for index in range(params.n):
-        sample = copy.copy(params)
-        sample.n = 1
-        if params.seed is not None:
-            sample.seed = params.seed + index
-        samples.append(sample)
-    return samples
+        return [(request_id, params)]
+    checked.request_id, checked.external_req_id, checked.sampling_params = request_id, request_id, params
+    parent = ParentRequest(checked)
+    return [parent.get_child_info(index) for index in range(params.n)]
 
 
 def _accumulate(output: CompletionOutput, delta: TokenDelta, keep: bool) -> None:

@@ -8,7 +8,6 @@ map to gRPC codes here, once.
 
 from __future__ import annotations
 
-import hmac
 import json
 from http import HTTPStatus
 
@@ -79,8 +78,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _stream(self, request: inference_pb2.GenerateRequest, context):
         """The request's chunks as vLLM streams them (OpenAI JSON), usage last."""
-        key = self._router.config.api_key
-        if key and not hmac.compare_digest(dict(context.invocation_metadata()).get("authorization", ""), f"Bearer {key}"):
+        if not self._router.authorizes(dict(context.invocation_metadata()).get("authorization", "")):
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
         given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
         if sum(given) != 1:

@@ -5,8 +5,6 @@ serves through the same serving classes (`app.state`)."""
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import Depends, FastAPI, HTTPException, Request
 from prometheus_client.registry import Collector
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -38,8 +36,7 @@ async def build_openai_app(router: Router) -> FastAPI:
 
 def _add_cluster_view(app: FastAPI, router: Router) -> None:
     def authorized(request: Request) -> None:
-        key = router.config.api_key
-        if key and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
+        if not router.authorizes(request.headers.get("authorization", "")):
             raise HTTPException(401, "a valid API key is required (Authorization: Bearer KEY)")
 
     @app.get("/cluster", dependencies=[Depends(authorized)])

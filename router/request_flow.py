@@ -163,14 +163,15 @@ class RequestFlow:
         prefill = self._pick_prefill(prompt, attempt)
         self._note_pick(decode, Role.DECODE)
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
-        decode_params = params
+        encoded_params = decode_params = encode_sampling_params(params)
         if prefill is not None and params.prompt_logprobs is not None:
-            decode_params = params.clone()  # the prefill worker computes the prompt, and its logprobs
-            decode_params.prompt_logprobs = None
+            without = params.clone()  # the prefill worker computes the prompt, and its logprobs
+            without.prompt_logprobs = None
+            decode_params = encode_sampling_params(without)
         decode_request = worker_pb2.DecodeRequest(
             request_id=f"{request.request_id}-{attempt.number}",
             prompt_token_ids=prompt,
-            sampling_params=encode_sampling_params(decode_params),
+            sampling_params=decode_params,
             transfer_id=transfer_id,
             producer_kv_endpoint=prefill.stats.kv_endpoint if prefill else "",
             reasoning_ended=request.reasoning_ended,
@@ -182,7 +183,7 @@ class RequestFlow:
         decode_watch = _cancel_when_lost(decode, stream)
         prefill_task = None
         if prefill is not None:
-            prefill_task = self._start_prefill(prefill, decode, prompt, params, transfer_id, usage)
+            prefill_task = self._start_prefill(prefill, decode, prompt, encoded_params, transfer_id, usage)
             # A failed prefill must not leave decode waiting for KV that will not come.
             prefill_task.add_done_callback(lambda task: _failure_of(task) and stream.cancel())
         try:
@@ -212,11 +213,12 @@ class RequestFlow:
                     usage.cached_tokens = usage.cached_tokens or chunk.num_cached_tokens
                     usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(chunk.prompt_logprobs)
                 text = continuation.delta(list(chunk.token_ids), chunk.finish_reason) if continuation else chunk.text
+                stop_field = chunk.WhichOneof("stop_reason")
                 yield TokenDelta(
                     list(chunk.token_ids),
                     text,
                     chunk.finish_reason,
-                    stop_reason=getattr(chunk, chunk.WhichOneof("stop_reason")) if chunk.WhichOneof("stop_reason") else None,
+                    stop_reason=getattr(chunk, stop_field) if stop_field else None,
                     logprobs=decode_logprobs(chunk.logprobs),
                     cumulative_logprob=chunk.cumulative_logprob if params.logprobs is not None else None,
                 )
@@ -266,7 +268,7 @@ class RequestFlow:
         self.metrics.picks.labels(role, worker.worker_id).inc()
 
     def _start_prefill(
-        self, prefill: WorkerView, decode: WorkerView, prompt: list[int], params, transfer_id: str, usage: Usage
+        self, prefill: WorkerView, decode: WorkerView, prompt: list[int], sampling_params: bytes, transfer_id: str, usage: Usage
     ) -> asyncio.Task:
         """Counts the prompt on its prefill worker now, before another request of a burst is
         routed, and uncounts it when the prefill ends, however it ends (even cancelled unstarted)."""
@@ -278,16 +280,18 @@ class RequestFlow:
             prefill.pending_prefill_tokens -= num_tokens
             prefill.inflight -= 1
 
-        task = asyncio.create_task(self._prefill(prefill, decode, prompt, params, transfer_id, usage))
+        task = asyncio.create_task(self._prefill(prefill, decode, prompt, sampling_params, transfer_id, usage))
         task.add_done_callback(uncount)
         return task
 
-    async def _prefill(self, prefill: WorkerView, decode: WorkerView, prompt: list[int], params, transfer_id: str, usage: Usage) -> None:
+    async def _prefill(
+        self, prefill: WorkerView, decode: WorkerView, prompt: list[int], sampling_params: bytes, transfer_id: str, usage: Usage
+    ) -> None:
         call = prefill.stub.Prefill(
             worker_pb2.PrefillRequest(
                 request_id=transfer_id,
                 prompt_token_ids=prompt,
-                sampling_params=encode_sampling_params(params),
+                sampling_params=sampling_params,
                 target=worker_pb2.KVTransferTarget(transfer_id=transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
             ),
             timeout=self.config.prefill_timeout_s,

@@ -4,6 +4,7 @@ metrics, and vLLM's engine client over them that both front doors (HTTP, gRPC) s
 from __future__ import annotations
 
 import dataclasses
+import hmac
 
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
@@ -55,6 +56,11 @@ class Router:
         self._membership = membership
         self._follower: MembershipFollower | None = None
         self._registry = None
+
+    def authorizes(self, authorization: str) -> bool:
+        """Whether an `Authorization` value (header or gRPC metadata) carries the API key, if one is set."""
+        key = self.config.api_key
+        return not key or hmac.compare_digest(authorization, f"Bearer {key}")
 
     def _forget(self, worker) -> None:
         """A worker left the membership: its cached prefixes left with it."""

@@ -25,11 +25,12 @@ def engine_arg_names() -> frozenset[str]:
 def check_engine_args(values: dict[str, Any]) -> None:
     """Refuse, by name, a key that is not a vLLM engine argument, and a value vLLM's own parser
     refuses for its flag (ValueError)."""
-    unknown = sorted(set(values) - engine_arg_names()) if values else []
+    if not values:
+        return  # nothing to check, and no need to import vLLM for it
+    unknown = sorted(set(values) - engine_arg_names())
     if unknown:
         raise ValueError(f"not vLLM engine arguments: {', '.join(unknown)} (the names of `vllm serve --help`, with _ for -)")
-    if values:
-        engine_args_from_flags(engine_flags(values))
+    engine_args_from_flags(engine_flags(values))
 
 
 def engine_flags(values: dict[str, Any]) -> list[str]:
