@@ -2,21 +2,21 @@
 
 Moves Llama-3-8B-shaped KV (32 layers x 8 KV heads x 128 dims x bf16 = 128 KiB per token)
 for 1K/4K/16K-token prompts from paged blocks in this process into paged blocks in a
-consumer process on loopback, over both KV data paths: the default one (a raw-TCP data
-channel negotiated over the KVTransfer gRPC service) and plain gRPC streams. The
-ceilings, measured in the same run between the same two processes: a raw TCP socket
-(4 MiB sendall / recv_into a preallocated buffer) and an in-memory copy.
-
-Also NIXL's own one-sided WRITE (UCX backend, where `nixl-cu12` is installed) of the same
-blocks, layer by layer, straight from the producer's registered KV into the consumer's, timed
-until the consumer holds the completion notification: what a NIXL transport can reach here.
-Neither agent runs a progress thread (NIXL's spins a core); the caller polls instead.
+consumer process on loopback, over every KV data path: the default (`auto`: NIXL where both
+ends have it, else TCP), NIXL one-sided writes, the raw-TCP data channel negotiated over
+the KVTransfer gRPC service, and plain gRPC streams. Each is timed end to end: until the
+producer hears the consumer holds every block (checksums checked). The ceilings, measured
+in the same run between the same two processes: a raw TCP socket (4 MiB sendall /
+recv_into a preallocated buffer), an in-memory copy, and NIXL's own WRITE of the same
+blocks (where `nixl-cu12` is installed) timed until the consumer holds its notification.
+No NIXL agent runs a progress thread (NIXL's spins a core); the callers poll instead.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import time
@@ -27,6 +27,7 @@ import torch
 
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
+from pdcluster.kv_transfer.nixl_agent import nixl_api
 from pdcluster.kv_transfer.settings import KVTransferSettings
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
@@ -40,11 +41,15 @@ TCP_CHUNK = 4 << 20
 class Row:
     tokens: int
     nbytes: int
-    kv_gbps: float  # our transfer on the default data path (TCP negotiated over gRPC)
-    kv_grpc_stream_gbps: float  # our transfer over gRPC streams only
+    kv_gbps: float  # our transfer on the default data path (auto)
+    kv_tcp_gbps: float  # ... over the raw-TCP data channel
+    kv_grpc_stream_gbps: float  # ... over gRPC streams only
+    kv_nixl_gbps: float | None  # ... over NIXL writes; None: NIXL is not installed here
+    default_transport: str  # what auto chose
     tcp_gbps: float
     memcpy_gbps: float
-    nixl_gbps: float | None  # None: NIXL is not installed here
+    nixl_write_gbps: float | None  # NIXL's own WRITE, the ceiling of the NIXL path
+    idle_cpu_pct: tuple[float, float]  # consumer process, producer process, once transfers stop
 
 
 def _paged_layers(tokens: int, fill: bool) -> list[torch.Tensor]:
@@ -56,11 +61,10 @@ def _paged_layers(tokens: int, fill: bool) -> list[torch.Tensor]:
 
 def _nixl_agent(name: str, layers: list[torch.Tensor]):
     """A NIXL agent (no progress thread) with `layers` registered, or None without NIXL."""
-    try:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
-    except ImportError:
+    api = nixl_api()
+    if api is None:
         return None
-    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False))
+    agent = api.nixl_agent(name, api.nixl_agent_config(enable_prog_thread=False))
     agent.register_memory(layers)
     return agent
 
@@ -109,6 +113,7 @@ def _consumer(conn, tokens: int, settings: KVTransferSettings) -> None:
 
 
 def _kv_once(producer: KVEndpoint, consumer: str, conn, tokens: int) -> float:
+    """One transfer's GB/s, end to end."""
     transfer_id = uuid.uuid4().hex
     conn.send(("expect", transfer_id))
     conn.recv()
@@ -199,45 +204,64 @@ def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
     kv_endpoint, tcp_port = parent.recv()
     layers = _paged_layers(tokens, fill=True)
     nbytes = tokens * TOKEN_BYTES
+    transports = ("auto", "tcp", "grpc", "nixl") if nixl_api() else ("auto", "tcp", "grpc")
     producers = {
         transport: KVEndpoint(layers, layers[0].shape[0], BLOCK, replace(settings, transport=transport), produce=True, consume=False)
-        for transport in ("tcp", "grpc")
+        for transport in transports
     }
     gbps = {}
     try:
         for transport, producer in producers.items():
             _kv_once(producer, kv_endpoint, parent, tokens)  # warm the connections up
             gbps[transport] = statistics.median(_kv_once(producer, kv_endpoint, parent, tokens) for _ in range(repeats))
+        default_transport = next(iter(producers["auto"].stats.snapshot()["transfers_by_transport"]))
         tcp = statistics.median(_tcp_once(tcp_port, parent, nbytes) for _ in range(repeats))
-        nixl = _nixl_gbps(layers, parent, tokens, repeats)
+        nixl_write = _nixl_gbps(layers, parent, tokens, repeats)
         mem = statistics.median(_memcpy_once(nbytes) for _ in range(repeats))
+        idle = _idle_cpu_pct((proc.pid, os.getpid()))
     finally:
         for producer in producers.values():
             producer.close()
         parent.send(("stop",))
         parent.recv()
         proc.join(10)
-    return Row(tokens, nbytes, gbps["tcp"], gbps["grpc"], tcp, mem, nixl)
+    return Row(tokens, nbytes, gbps["auto"], gbps["tcp"], gbps["grpc"], gbps.get("nixl"), default_transport, tcp, mem, nixl_write, idle)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _idle_cpu_pct(pids: tuple[int, ...], seconds: float = 3.0) -> tuple[float, ...]:
+    """CPU use of whole processes (every endpoint thread, NIXL's included) while nothing moves:
+    a polling or spinning transport shows here."""
+    before = [_cpu_seconds(pid) for pid in pids]
+    time.sleep(seconds)
+    return tuple(round(100 * (_cpu_seconds(pid) - b) / seconds, 1) for pid, b in zip(pids, before))
 
 
 def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:
     settings = KVTransferSettings(**{k: v for k, v in overrides.items() if v is not None})
     print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes / 2**20:g} MiB chunks; GB/s, median of {repeats}")
     print(
-        f"{'tokens':>7} {'MiB':>6} {'KV (gRPC+TCP)':>14} {'KV (gRPC stream)':>17} {'raw TCP':>8} {'memcpy':>7} "
-        f"{'ratio':>6} {'ratio stream':>13} {'NIXL WRITE':>11} {'NIXL/memcpy':>12}"
+        f"{'tokens':>7} {'MiB':>6} {'KV default':>11} {'KV nixl':>8} {'KV tcp':>7} {'KV grpc':>8} {'raw TCP':>8} {'memcpy':>7} "
+        f"{'NIXL WRITE':>11} {'ratio':>6} {'tcp ratio':>10} {'nixl/memcpy':>12}"
     )
     rows = []
     for tokens in sizes:
         r = measure(tokens, repeats, settings)
         rows.append(r)
         print(
-            f"{r.tokens:>7} {r.nbytes / 2**20:>6.0f} {r.kv_gbps:>14.2f} {r.kv_grpc_stream_gbps:>17.2f} "
-            f"{r.tcp_gbps:>8.2f} {r.memcpy_gbps:>7.2f} {r.kv_gbps / r.tcp_gbps:>6.2f} "
-            f"{r.kv_grpc_stream_gbps / r.tcp_gbps:>13.2f} {_gbps(r.nixl_gbps):>11} {_gbps(r.nixl_gbps, r.memcpy_gbps):>12}",
+            f"{r.tokens:>7} {r.nbytes / 2**20:>6.0f} {r.kv_gbps:>7.2f} ({r.default_transport:<4}) {_gbps(r.kv_nixl_gbps):>7} "
+            f"{r.kv_tcp_gbps:>7.2f} {r.kv_grpc_stream_gbps:>8.2f} {r.tcp_gbps:>8.2f} {r.memcpy_gbps:>7.2f} "
+            f"{_gbps(r.nixl_write_gbps):>11} {r.kv_gbps / r.tcp_gbps:>6.2f} {r.kv_tcp_gbps / r.tcp_gbps:>10.2f} "
+            f"{_gbps(r.kv_nixl_gbps, r.memcpy_gbps):>12}",
             flush=True,
         )
-    no_nixl = rows[0].nixl_gbps is None
+    consumer_idle, producer_idle = max(r.idle_cpu_pct[0] for r in rows), max(r.idle_cpu_pct[1] for r in rows)
+    print(f"idle CPU once transfers stop (% of a core, worst size): consumer endpoint {consumer_idle}, producer endpoints {producer_idle}")
+    no_nixl = rows[0].kv_nixl_gbps is None
     if no_nixl:
         print("NIXL: not installed here (scripts/install.sh installs nixl-cu12)")
     ref = next((r for r in rows if r.tokens == 4096), rows[0])
@@ -246,14 +270,19 @@ def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) 
             json.dumps(
                 {
                     "gbps": round(ref.kv_gbps, 3),
+                    "default_transport": ref.default_transport,
                     "ceiling_gbps": round(ref.tcp_gbps, 3),
                     "ratio": round(ref.kv_gbps / ref.tcp_gbps, 3),
+                    "tcp_path_gbps": round(ref.kv_tcp_gbps, 3),
+                    "tcp_path_ratio": round(ref.kv_tcp_gbps / ref.tcp_gbps, 3),
                     "grpc_stream_gbps": round(ref.kv_grpc_stream_gbps, 3),
                     "grpc_stream_ratio": round(ref.kv_grpc_stream_gbps / ref.tcp_gbps, 3),
                     "memcpy_gbps": round(ref.memcpy_gbps, 3),
-                    "nixl_gbps": None if no_nixl else round(ref.nixl_gbps, 3),
-                    "nixl_memcpy_ratio": None if no_nixl else round(ref.nixl_gbps / ref.memcpy_gbps, 3),
+                    "nixl_gbps": None if no_nixl else round(ref.kv_nixl_gbps, 3),
+                    "nixl_memcpy_ratio": None if no_nixl else round(ref.kv_nixl_gbps / ref.memcpy_gbps, 3),
+                    "nixl_write_gbps": None if no_nixl else round(ref.nixl_write_gbps, 3),
                     "tokens": ref.tokens,
+                    "idle_cpu_pct": {"consumer": consumer_idle, "producer": producer_idle},
                 }
             )
         )

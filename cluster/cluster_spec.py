@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -35,7 +35,7 @@ class PoolSpec(_Strict):
     # A Ray custom resource only this pool's nodes advertise (e.g. `prefill_pool`); each
     # replica takes one unit of it, so pools land on their own node types.
     node_resource: str = ""
-    kv_transport: KVTransport = "tcp"
+    kv_transport: KVTransport = "auto"
     # vLLM engine arguments for this pool only, over the spec's `engine:` (e.g. a prefill pool's
     # larger max_num_batched_tokens); checked by vLLM like `engine:`.
     engine: dict[str, Any] = Field(default_factory=dict)
@@ -160,6 +160,12 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{role}-args", default="", help=f"vLLM engine flags for the {role} pool only, e.g. '--max-num-seqs 8'")
     for flag, path, kwargs in _SERVE_FLAGS:
         parser.add_argument(flag, dest=path, metavar=flag.removeprefix("--").upper().replace("-", "_"), **{"default": None, **kwargs})
+    parser.add_argument(
+        "--kv-transport",
+        choices=get_args(KVTransport),
+        default=None,
+        help="KV data path of both pools (default auto: nixl where it reaches, else tcp)",
+    )
     parser.add_argument("--no-router", action="store_true", help="controller and pools only (routers run elsewhere, on --registry)")
 
 
@@ -191,6 +197,8 @@ def load_cluster_spec(args: argparse.Namespace, vllm_flags: list[str] = ()) -> C
         if unknown:
             raise ValueError(f"--{role}-args: not vLLM engine flags: {' '.join(unknown)}")
         data.setdefault(role, {}).setdefault("engine", {}).update(pool_args)
+        if args.kv_transport:
+            data[role]["kv_transport"] = args.kv_transport
     router = data.setdefault("router", {})
     router["vllm_args"] = [*router.get("vllm_args", []), *vllm_flags]
     spec = ClusterSpec.model_validate(data)  # replicas given widen the pool's bounds (PoolSpec._bounds)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 
 from pdcluster.cluster.cluster_spec import ClusterSpec
 from pdcluster.cluster.controller import ClusterController
 from pdcluster.cluster.ray_launcher import NAMESPACE
+from pdcluster.common.ports import is_loopback
 
 _SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def connect_ray(spec: ClusterSpec) -> None:
     """Join `spec.ray_address`, or start a local Ray with room for every pool at its max."""
-    if not spec.ray_address and _is_loopback(spec.bind_host()):
+    if not spec.ray_address and is_loopback(spec.bind_host()):
         _single_machine_mode()
     import ray
 
@@ -56,13 +56,6 @@ def _gcs_host(address: str) -> str:
     return ""
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # empty, or a host name
-        return False
-
-
 def controller_name(cluster_name: str) -> str:
     return f"{cluster_name}-controller"
 
@@ -96,7 +89,7 @@ def start_controller(spec: ClusterSpec):
 
 def find_controller(cluster_name: str, address: str):
     address = address or "auto"
-    if _is_loopback(_gcs_host(address)):  # a loopback-only local cluster: join it the same way
+    if is_loopback(_gcs_host(address)):  # a loopback-only local cluster: join it the same way
         _single_machine_mode()
     import ray
 

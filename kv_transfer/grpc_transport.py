@@ -1,10 +1,11 @@
 """The `KVTransfer` gRPC service and the client that pushes KV to it.
 
-gRPC is always the control channel (Abort, Stats, OpenDataChannel). The chunks themselves
-go either on gRPC client streams of `KVChunk` messages (`transport="grpc"`; see
-kv_chunk_wire for why they are encoded by hand) or on the raw-TCP data channel the
-service hands out (`transport="tcp"`, the default; see tcp_transport). Several streams,
-each on its own connection, carry one transfer in parallel.
+gRPC is always the control channel (Abort, Stats, OpenDataChannel, NixlTarget,
+NixlWritten). The KV itself goes on gRPC client streams of `KVChunk` messages
+(`transport="grpc"`; see kv_chunk_wire for why they are encoded by hand), on the raw-TCP
+data channel the service hands out (`"tcp"`; see tcp_transport; several streams, each on
+its own connection, carry one transfer in parallel), or as NIXL one-sided writes into the
+consumer's blocks (`"nixl"`, and `"auto"` where both ends can; see nixl_producer).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, K
 from pdcluster.kv_transfer.grpc_options import bulk_channel_options
 from pdcluster.kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
 from pdcluster.kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
+from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
 from pdcluster.kv_transfer.settings import KVTransferSettings
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import kv_transfer_pb2 as pb
@@ -32,6 +34,8 @@ PUSH = f"/{SERVICE}/Push"
 ABORT = f"/{SERVICE}/Abort"
 STATS = f"/{SERVICE}/Stats"
 OPEN_DATA_CHANNEL = f"/{SERVICE}/OpenDataChannel"
+NIXL_TARGET = f"/{SERVICE}/NixlTarget"
+NIXL_WRITTEN = f"/{SERVICE}/NixlWritten"
 
 _RETRYABLE = frozenset(
     {
@@ -74,11 +78,13 @@ class KVTransferService:
         stats: Callable[[], pb.KVStats],
         auth: Callable[[str], None],
         data_channel: pb.DataChannel,
+        nixl: NixlConsumer | None = None,
     ) -> None:
         self._receiver = receiver
         self._stats = stats
         self._auth = auth
         self._data_channel = data_channel
+        self._nixl = nixl  # None: this engine takes no NIXL writes
 
     async def push(self, chunks: AsyncIterator[tuple[bytes, memoryview]], context) -> pb.PushAck:
         transfer_id, complete, nbytes = "", False, 0
@@ -88,7 +94,7 @@ class KVTransferService:
                 transfer_id = header.transfer_id
                 if self._receiver is None:
                     raise TransferNotWanted("this engine is not a KV consumer")
-                complete = self._receiver.on_chunk(header, payload)
+                complete = self._receiver.on_chunk(header, payload, "grpc")
                 nbytes += len(payload)
             except (ChunkError, PermissionError, TransferNotWanted, StagingFull) as e:
                 await context.abort(status_for(e), str(e))
@@ -102,7 +108,9 @@ class KVTransferService:
 
     async def abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferReply:
         await self._authorize(request.auth_token, context)
-        known = bool(self._receiver and self._receiver.fail(request.transfer_id, f"aborted by producer: {request.reason}"))
+        # The producer aborts only once none of its writes is in flight.
+        reason = f"aborted by producer: {request.reason}"
+        known = bool(self._receiver and self._receiver.fail(request.transfer_id, reason, writes_stopped=True))
         return pb.AbortTransferReply(known=known)
 
     async def stats(self, request: pb.KVStatsRequest, context) -> pb.KVStats:
@@ -111,6 +119,24 @@ class KVTransferService:
     async def open_data_channel(self, request: pb.DataChannelRequest, context) -> pb.DataChannel:
         await self._authorize(request.auth_token, context)
         return self._data_channel
+
+    async def nixl_target(self, request: pb.NixlTargetRequest, context) -> pb.NixlTargetReply:
+        await self._authorize(request.auth_token, context)
+        if self._nixl is None:
+            return pb.NixlTargetReply(status=pb.NixlTargetReply.NO_NIXL)
+        try:
+            return await self._nixl.target(request)
+        except (ChunkError, TransferNotWanted) as e:
+            await context.abort(status_for(e), str(e))
+
+    async def nixl_written(self, request: pb.NixlWrittenRequest, context) -> pb.PushAck:
+        await self._authorize(request.auth_token, context)
+        if self._nixl is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine takes no NIXL writes")
+        try:
+            return self._nixl.written(request)
+        except TransferNotWanted as e:
+            await context.abort(status_for(e), str(e))
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -135,6 +161,16 @@ class KVTransferService:
                     self.open_data_channel,
                     request_deserializer=pb.DataChannelRequest.FromString,
                     response_serializer=pb.DataChannel.SerializeToString,
+                ),
+                "NixlTarget": grpc.unary_unary_rpc_method_handler(
+                    self.nixl_target,
+                    request_deserializer=pb.NixlTargetRequest.FromString,
+                    response_serializer=pb.NixlTargetReply.SerializeToString,
+                ),
+                "NixlWritten": grpc.unary_unary_rpc_method_handler(
+                    self.nixl_written,
+                    request_deserializer=pb.NixlWrittenRequest.FromString,
+                    response_serializer=pb.PushAck.SerializeToString,
                 ),
             },
         )
@@ -173,7 +209,7 @@ class KVClient:
     async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float) -> None:
         """Send one stream of (header, payload parts) chunks; raises TransferFailed."""
         try:
-            if self._settings.transport == "tcp":
+            if self._settings.transport != "grpc":  # tcp, and what nixl/auto fall back to
                 host, port = await self._data_channel(endpoint)
                 status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, self._tls_context), timeout)
                 if status != "OK":
@@ -202,6 +238,23 @@ class KVClient:
             host = reply.host if reply.host not in ("", "0.0.0.0", "::") else endpoint.rsplit(":", 1)[0]
             self._data_channels[endpoint] = (host, reply.port)
         return self._data_channels[endpoint]
+
+    async def nixl_target(self, endpoint: str, request: pb.NixlTargetRequest) -> pb.NixlTargetReply:
+        return await self._control(endpoint, NIXL_TARGET, request, pb.NixlTargetReply, timeout=request.wait_ms / 1000 + 10)
+
+    async def nixl_written(self, endpoint: str, request: pb.NixlWrittenRequest) -> None:
+        await self._control(endpoint, NIXL_WRITTEN, request, pb.PushAck, timeout=10)
+
+    async def _control(self, endpoint: str, method: str, request, reply_type, timeout: float):
+        """One control RPC carrying the cluster token; raises TransferFailed."""
+        request.auth_token = self._settings.auth_token
+        call = self._channel(endpoint).unary_unary(
+            method, request_serializer=type(request).SerializeToString, response_deserializer=reply_type.FromString
+        )
+        try:
+            return await call(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise TransferFailed(f"{method} at {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE) from None
 
     async def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
         call = self._channel(endpoint).unary_unary(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader, payload_checksum
+from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
 from pdcluster.kv_transfer.settings import KVTransferSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
@@ -49,6 +50,11 @@ class ExpectedTransfer:
     started: float = field(default_factory=time.monotonic)
     writers: int = 0  # chunk writes in progress; blocks must not be released meanwhile
     failure: str = ""
+    transport: str = ""  # the data path its KV came by
+    # NIXL: the producer agent allowed to write into its blocks, and until when its
+    # one-sided writes may still land (the blocks stay held that long unless it says done).
+    nixl_writer: str = ""
+    hold_until: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -68,12 +74,14 @@ class ChunkLanding:
     transfer: ExpectedTransfer | None  # None: staged, its request is not scheduled yet
     buffer: bytearray | None  # staging buffer, or the bytes to unpack from
     replay: bool  # a staged chunk written at last: its bytes were counted on arrival
+    transport: str
 
 
 @dataclass
 class StagedTransfer:
     chunks: list[tuple[KVChunkHeader, bytearray]] = field(default_factory=list)
     nbytes: int = 0
+    transport: str = ""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -96,7 +104,7 @@ class KVReceiver:
         self._by_request: dict[str, str] = {}
         self._staged: dict[str, StagedTransfer] = {}
         self._staged_bytes = 0
-        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._closed: OrderedDict[str, bool] = OrderedDict()  # ended transfers: did they complete
 
     # -- called by the engine thread --------------------------------------------------
 
@@ -129,7 +137,7 @@ class KVReceiver:
                 self._staged_bytes -= staged.nbytes
         for header, payload in staged.chunks if staged else ():
             try:
-                self._deliver(header, payload, replay=True)
+                self._deliver(header, payload, staged.transport, replay=True)
             except (ChunkError, TransferNotWanted) as e:
                 self.fail(transfer_id, str(e))
                 break
@@ -156,14 +164,14 @@ class KVReceiver:
             for transfer_id, t in list(self._expected.items()):
                 if t.awaited and now > t.deadline:
                     t.failure = f"no complete KV within {self._settings.load_timeout_s}s"
-                if t.writers or t.awaited:
+                if t.writers or t.awaited or (t.hold_until > now and not t.complete):
                     continue
                 del self._expected[transfer_id]
                 self._by_request.pop(t.request_id, None)
-                self._close(transfer_id)
+                self._close(transfer_id, completed=t.complete and not t.failure)
                 finished.add(t.request_id)
                 if t.complete and not t.failure:
-                    self._stats.add(transfers_received=1, receive_seconds=time.monotonic() - t.started)
+                    self._stats.transfer_done(t.transport, transfers_received=1, receive_seconds=time.monotonic() - t.started)
                     continue
                 failed.add(t.request_id)
                 if t.failure != "cancelled":
@@ -184,15 +192,15 @@ class KVReceiver:
 
     # -- called by the transport ------------------------------------------------------
 
-    def on_chunk(self, header: KVChunkHeader, payload: bytes | memoryview) -> bool:
+    def on_chunk(self, header: KVChunkHeader, payload: bytes | memoryview, transport: str) -> bool:
         """Take one chunk already in memory. Returns whether its transfer is now complete.
 
         Raises ChunkError for a corrupted chunk (the producer may resend) or a mismatched
         one (the transfer fails), TransferNotWanted / StagingFull when it is refused.
         """
-        return self._deliver(header, payload, replay=False)
+        return self._deliver(header, payload, transport, replay=False)
 
-    def land(self, header: KVChunkHeader, replay: bool = False) -> ChunkLanding:
+    def land(self, header: KVChunkHeader, transport: str, replay: bool = False) -> ChunkLanding:
         """Where to receive a chunk's payload: straight into its destination blocks when
         its request is scheduled and the layout keeps blocks contiguous, else a buffer.
         Follow with `landed` once the parts are filled, or `abandon`."""
@@ -206,7 +214,7 @@ class KVReceiver:
         with self._lock:
             t = self._expected.get(header.transfer_id)
             if t is None:
-                return self._reserve_staging(header)
+                return self._reserve_staging(header, transport)
             if t.failure:
                 raise TransferNotWanted(f"transfer {t.transfer_id} failed: {t.failure}")
             if end > len(t.block_ids):
@@ -216,13 +224,13 @@ class KVReceiver:
         views = list(self._layout.views(self._layers[header.layer], t.block_ids[start:end]))
         if not all(v.is_contiguous() for v in views):
             buffer = bytearray(header.payload_bytes)
-            return ChunkLanding(header, [memoryview(buffer)], t, buffer, replay)
+            return ChunkLanding(header, [memoryview(buffer)], t, buffer, replay, transport)
         # Blocks below first_block are shared prefix-cache blocks: land those in scratch.
         parts = [
             memoryview(bytearray(header.block_bytes)) if i < t.first_block else memoryview(v.view(-1).view(torch.uint8).numpy())
             for i, v in zip(range(start, end), views)
         ]
-        return ChunkLanding(header, parts, t, None, replay)
+        return ChunkLanding(header, parts, t, None, replay, transport)
 
     def landed(self, landing: ChunkLanding) -> bool:
         """Verify a filled landing; returns whether its transfer is now complete."""
@@ -236,18 +244,18 @@ class KVReceiver:
                 f"checksum mismatch in transfer {header.transfer_id} layer {header.layer} blocks {header.block_start}+{header.num_blocks}"
             )
         if not landing.replay:
-            self._stats.add(bytes_received=header.payload_bytes)
+            self._stats.moved(landing.transport, received=header.payload_bytes)
         if t is None:
             with self._lock:
                 if header.transfer_id not in self._expected:
-                    staged = self._staged.setdefault(header.transfer_id, StagedTransfer())
+                    staged = self._staged.setdefault(header.transfer_id, StagedTransfer(transport=landing.transport))
                     staged.chunks.append((header, landing.buffer))
                     staged.nbytes += header.payload_bytes
                     return False
                 # Its request was scheduled while this chunk was arriving: write it now,
                 # or it would sit in staging that expect() has already drained.
                 self._staged_bytes -= header.payload_bytes
-            return self._deliver(header, landing.buffer, replay=True)
+            return self._deliver(header, landing.buffer, landing.transport, replay=True)
         start, end = header.block_start, header.block_start + header.num_blocks
         if landing.buffer is not None:  # a layout that needs unpacking
             lo = max(start, t.first_block)
@@ -256,6 +264,7 @@ class KVReceiver:
                 self._layout.unpack(memoryview(landing.buffer)[skip:], self._layers[header.layer], t.block_ids[lo:end])
         with self._lock:
             t.writers -= 1
+            t.transport = t.transport or landing.transport
             t.received[header.layer, start:end] = True
             complete = t.complete
         if complete:
@@ -271,21 +280,29 @@ class KVReceiver:
                 self._staged_bytes -= landing.header.payload_bytes
 
     def waiting_producers(self) -> set[str]:
-        """KV endpoints of the producers whose transfers are still awaited."""
+        """KV endpoints of the producers whose transfers are still awaited, or whose blocks are
+        held for NIXL writes that may still land."""
+        now = time.monotonic()
         with self._lock:
-            return {t.producer for t in self._expected.values() if t.producer and t.awaited}
+            return {t.producer for t in self._expected.values() if t.producer and (t.awaited or t.hold_until > now)}
 
-    def fail_from(self, producer: str, reason: str) -> int:
-        """Fail every transfer still awaited from `producer`; returns how many."""
+    def fail_from(self, producer: str, reason: str, writes_stopped: bool) -> int:
+        """Fail every transfer still awaited from `producer`; returns how many.
+        `writes_stopped`: it is gone, so none of its NIXL writes can land any more."""
         with self._lock:
-            waiting = [t for t in self._expected.values() if t.producer == producer and t.awaited]
+            ours = [t for t in self._expected.values() if t.producer == producer]
+            waiting = [t for t in ours if t.awaited]
             for t in waiting:
                 t.failure = reason
-        if waiting:
+            held = [t for t in ours if t.hold_until] if writes_stopped else []
+            for t in held:
+                t.hold_until = 0.0
+        if waiting or held:
             self._progress.set()
         return len(waiting)
 
-    def fail(self, transfer_id: str, reason: str) -> bool:
+    def fail(self, transfer_id: str, reason: str, writes_stopped: bool = False) -> bool:
+        """Fail a transfer; `writes_stopped`: its producer says no write of it is in flight."""
         with self._lock:
             transfer = self._expected.get(transfer_id)
             if transfer is None:
@@ -295,15 +312,90 @@ class KVReceiver:
                 self._close(transfer_id)
                 return staged is not None
             transfer.failure = transfer.failure or reason
+            if writes_stopped:
+                transfer.hold_until = 0.0
         self._progress.set()
         return True
 
+    # -- NIXL one-sided writes ----------------------------------------------------------
+
+    def nixl_target(self, transfer_id: str, writer: str, hold_s: float) -> ExpectedTransfer | None:
+        """Let `writer` (a producer's NIXL agent) write this transfer's blocks; they stay held
+        `hold_s` unless it reports its writes ended. None while the request is not scheduled."""
+        with self._lock:
+            t = self._expected.get(transfer_id)
+            if t is None:
+                if transfer_id in self._closed:
+                    raise TransferNotWanted(f"transfer {transfer_id} is already closed")
+                return None
+            if t.failure:
+                raise TransferNotWanted(f"transfer {transfer_id} failed: {t.failure}")
+            t.nixl_writer, t.transport = writer, "nixl"
+            t.hold_until = time.monotonic() + hold_s
+            return t
+
+    def nixl_active(self) -> bool:
+        """Whether NIXL writes may still be landing here (notifications need reading)."""
+        now = time.monotonic()
+        with self._lock:
+            return any(t.nixl_writer and (t.awaited or t.hold_until > now) for t in self._expected.values())
+
+    def nixl_landed(self, writer: str, message: bytes) -> None:
+        """A write's notice: check the written blocks against its checksum and count them
+        received, or fail the transfer so it is recomputed, never decoded."""
+        try:
+            notice = NixlWriteNotice.decode(message)
+        except ChunkError as e:
+            logger.warning("ignoring a NIXL notification from %s: %s", writer, e)
+            return
+        start, end = notice.block_start, notice.block_end
+        with self._lock:
+            t = self._expected.get(notice.transfer_id)
+            if t is None or t.nixl_writer != writer or t.failure:
+                return  # ended meanwhile, or not this agent's to write
+            if notice.layer >= len(self._layers) or start < t.first_block or end > len(t.block_ids):
+                t.failure = f"NIXL write notice names blocks outside the transfer ({notice})"
+                self._progress.set()
+                return
+            t.writers += 1
+        matches = False
+        try:
+            matches = self._layout.checksum(self._layers[notice.layer], t.block_ids[start:end]) == notice.checksum
+        finally:
+            with self._lock:
+                t.writers -= 1
+                if matches:
+                    t.received[notice.layer, start:end] = True
+                else:
+                    t.failure = t.failure or f"KV checksum mismatch after a NIXL write (layer {notice.layer} blocks {start}:{end})"
+                complete = t.complete
+        if matches:
+            self._stats.moved("nixl", received=(end - start) * self._layout.block_bytes)
+        else:
+            self._stats.add(checksum_failures=1)
+        if complete or not matches:
+            self._progress.set()
+
+    def nixl_written(self, transfer_id: str, writer: str) -> bool:
+        """The producer's writes of this transfer have all ended: release the hold. Returns
+        whether every block arrived intact; raises TransferNotWanted with why not."""
+        with self._lock:
+            t = self._expected.get(transfer_id)
+            if t is None and self._closed.get(transfer_id):
+                return True  # complete, and already handed to vLLM
+            if t is None or t.nixl_writer != writer:
+                raise TransferNotWanted(f"transfer {transfer_id} is not awaited from this producer")
+            t.hold_until = 0.0
+            if t.failure:
+                raise TransferNotWanted(f"transfer {transfer_id} failed: {t.failure}")
+            return t.complete
+
     # -- internals --------------------------------------------------------------------
 
-    def _deliver(self, header: KVChunkHeader, payload: bytes | memoryview, replay: bool) -> bool:
+    def _deliver(self, header: KVChunkHeader, payload: bytes | memoryview, transport: str, replay: bool) -> bool:
         if len(payload) != header.payload_bytes:
             raise ChunkError(f"chunk payload is {len(payload)} bytes, header says {header.payload_bytes}")
-        landing = self.land(header, replay)
+        landing = self.land(header, transport, replay)
         try:
             view, offset = memoryview(payload).cast("B"), 0
             for part in landing.parts:
@@ -323,7 +415,7 @@ class KVReceiver:
         if header.block_bytes != layout.block_bytes or header.layer >= len(self._layers):
             raise ChunkError("chunk block size or layer index does not match this engine")
 
-    def _reserve_staging(self, header: KVChunkHeader) -> ChunkLanding:
+    def _reserve_staging(self, header: KVChunkHeader, transport: str) -> ChunkLanding:
         # Caller holds the lock.
         if header.transfer_id in self._closed:
             raise TransferNotWanted(f"transfer {header.transfer_id} is already closed")
@@ -331,10 +423,10 @@ class KVReceiver:
             raise StagingFull("KV staging buffer is full")
         self._staged_bytes += header.payload_bytes
         buffer = bytearray(header.payload_bytes)
-        return ChunkLanding(header, [memoryview(buffer)], None, buffer, False)
+        return ChunkLanding(header, [memoryview(buffer)], None, buffer, False, transport)
 
-    def _close(self, transfer_id: str) -> None:
-        self._closed[transfer_id] = None
+    def _close(self, transfer_id: str, completed: bool = False) -> None:
+        self._closed[transfer_id] = completed
         while len(self._closed) > _CLOSED_IDS_KEPT:
             self._closed.popitem(last=False)
 

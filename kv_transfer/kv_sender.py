@@ -24,6 +24,7 @@ from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.grpc_transport import KVClient, TransferFailed
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
+from pdcluster.kv_transfer.nixl_producer import NixlProducer
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
 from pdcluster.kv_transfer.settings import KVTransferSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
@@ -44,6 +45,8 @@ class OutgoingTransfer:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None
+    transport: str = ""  # the data path of the last attempt
+    moved: int = 0  # bytes that attempt moved
 
 
 class KVSender:
@@ -56,10 +59,12 @@ class KVSender:
         settings: KVTransferSettings,
         stats: TransferStats,
         progress: threading.Event | None = None,
+        nixl: NixlProducer | None = None,
     ) -> None:
         self._progress = progress or threading.Event()  # set when a transfer ends
         self._io = io
         self._client = client
+        self._nixl = nixl  # None: this engine writes no KV over NIXL
         self._layers = list(layers)
         self._layout = layout
         self._settings = settings
@@ -160,11 +165,21 @@ class KVSender:
                     break
         except asyncio.CancelledError:
             failure = "request ended before its prompt was computed"
+        except Exception as e:  # never count a transfer that broke as sent
+            logger.exception("KV transfer %s broke", t.transfer_id)
+            failure = f"unexpected error: {e!r}"
         finally:
             await self._finish(t, failure)
 
     async def _attempt(self, t: OutgoingTransfer) -> None:
         t.cursor = 0  # a retry resends everything from the held blocks
+        if self._nixl is not None:
+            target = await self._nixl.target(t)
+            if target is not None:
+                t.transport = "nixl"
+                t.moved = await self._nixl.write(t, target)
+                return
+        t.transport = "grpc" if self._settings.transport == "grpc" else "tcp"
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self._settings.streams_per_transfer):
@@ -176,6 +191,7 @@ class KVSender:
             errors = failed.exceptions
             # Retry only if every stream failed in a way a retry can fix.
             raise TransferFailed(str(errors[0]), all(e.retryable for e in errors)) from None
+        t.moved = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes
 
     async def _chunks(self, t: OutgoingTransfer):
         # One pack buffer per stream (for layouts that need packing): a chunk is handed
@@ -215,8 +231,8 @@ class KVSender:
             self._stats.add(transfers_failed=1)
             await self._client.abort(t.endpoint, t.transfer_id, failure)
         else:
-            nbytes = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes
-            self._stats.add(bytes_sent=nbytes, transfers_sent=1, send_seconds=time.monotonic() - t.started)
+            self._stats.moved(t.transport, sent=t.moved)
+            self._stats.transfer_done(t.transport, transfers_sent=1, send_seconds=time.monotonic() - t.started)
         with self._lock:
             self._done.add(t.request_id)
         self._progress.set()

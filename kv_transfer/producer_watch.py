@@ -62,12 +62,15 @@ class ProducerWatch:
             await ping(pb.KVStatsRequest(), timeout=PING_TIMEOUT_S)
             self._silent_since.pop(endpoint, None)
             return
-        except grpc.aio.AioRpcError:
-            pass
+        except grpc.aio.AioRpcError as e:
+            # Refused (UNAVAILABLE): its process is gone. A frozen one only times out and
+            # may wake up and write: its transfers' blocks stay held until its lease ends.
+            gone = e.code() == grpc.StatusCode.UNAVAILABLE
         silent_s = time.monotonic() - self._silent_since.setdefault(endpoint, asked)
         if silent_s >= self._settings.producer_lost_after_s:
-            failed = self._receiver.fail_from(endpoint, f"producer {endpoint} has not answered for {silent_s:.0f}s")
-            logger.warning("KV producer %s silent for %.0fs: %d transfers fail over to recompute", endpoint, silent_s, failed)
+            failed = self._receiver.fail_from(endpoint, f"producer {endpoint} has not answered for {silent_s:.0f}s", writes_stopped=gone)
+            if failed:
+                logger.warning("KV producer %s silent for %.0fs: %d transfers fail over to recompute", endpoint, silent_s, failed)
 
     async def aclose(self) -> None:
         await cancel_all([self._task])

@@ -8,14 +8,18 @@ from typing import Any
 
 from pdcluster.common.tls import TLSFiles
 
+TRANSPORTS = ("auto", "tcp", "grpc", "nixl")
+
 
 @dataclass(frozen=True)
 class KVTransferSettings:
     # Where this engine's KVTransfer service listens (port 0: pick a free one).
     host: str = "127.0.0.1"
     port: int = 0
-    # Data path for chunks: "tcp" (a raw socket negotiated over gRPC) or "grpc" (streams).
-    transport: str = "tcp"
+    # Data path for KV: "tcp" (a raw socket negotiated over gRPC), "grpc" (streams), "nixl"
+    # (one-sided writes into the consumer's blocks) or "auto" (nixl where both ends have
+    # it and can reach each other, else tcp).
+    transport: str = "auto"
     data_port: int = 0  # the raw-TCP data channel's port (0: pick a free one)
     # "host:port" producers should dial for the data channel when it differs from the
     # bound one (NAT, a Kubernetes Service, a proxy). Empty: the bound address.
@@ -62,8 +66,8 @@ class KVTransferSettings:
         settings = cls(**values)
         if settings.chunk_bytes <= 0 or settings.streams_per_transfer <= 0:
             raise ValueError("chunk_bytes and streams_per_transfer must be positive")
-        if settings.transport not in ("tcp", "grpc"):
-            raise ValueError(f"transport must be 'tcp' or 'grpc', not {settings.transport!r}")
+        if settings.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {settings.transport!r}")
         return settings
 
     def check_token(self, token: str) -> None:

@@ -94,7 +94,7 @@ class TcpChunkServer:
                     if self._receiver is None:
                         raise ChunkError("this engine is not a KV consumer")
                     # Received straight into the KV blocks where possible.
-                    landing = self._receiver.land(header)
+                    landing = self._receiver.land(header, "tcp")
                     try:
                         for part in landing.parts:
                             _recv_exactly(conn, part)

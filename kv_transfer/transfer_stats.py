@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, fields
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -19,6 +20,10 @@ class TransferStats:
     send_retries: int = 0
     recomputes: int = 0
     expired_leases: int = 0
+    # By data path ("tcp", "grpc", "nixl"): what each transfer actually used.
+    bytes_sent_by_transport: Counter = field(default_factory=Counter)
+    bytes_received_by_transport: Counter = field(default_factory=Counter)
+    transfers_by_transport: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -28,6 +33,19 @@ class TransferStats:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
-    def snapshot(self) -> dict[str, float]:
+    def moved(self, transport: str, *, sent: int = 0, received: int = 0) -> None:
         with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self)}
+            self.bytes_sent += sent
+            self.bytes_received += received
+            self.bytes_sent_by_transport[transport] += sent
+            self.bytes_received_by_transport[transport] += received
+
+    def transfer_done(self, transport: str, **deltas: float) -> None:
+        """A transfer ended well: count it under its data path, with its other counters."""
+        with self._lock:
+            self.transfers_by_transport[transport] += 1
+        self.add(**deltas)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v for f in fields(self)}

@@ -66,6 +66,9 @@ class WorkerView:
             "kv_bytes_sent": s.kv_bytes_sent,
             "kv_bytes_received": s.kv_bytes_received,
             "kv_endpoint": s.kv_endpoint,
+            "kv_transport": s.kv_transport,
+            "kv_bytes_by_transport": dict(s.kv_bytes_by_transport),
+            "kv_transfers_by_transport": dict(s.kv_transfers_by_transport),
             "draining": s.draining,
             "router_inflight": self.inflight,
         }

@@ -34,10 +34,10 @@ def kv_data_proxy():
     proxy.close()
 
 
-@pytest.fixture(scope="module")  # torn down before another module starts its engines
-def pd_pair(model_dir, kv_data_proxy):
-    """One prefill and one decode worker process on the tiny model."""
-    args = ["--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]
+@pytest.fixture(scope="module", params=["tcp", "nixl"])  # torn down before another module starts its engines
+def pd_pair(request, model_dir, kv_data_proxy):
+    """One prefill and one decode worker process on the tiny model, moving KV over each data path."""
+    args = ["--kv-transport", request.param, "--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]
     decode_args = ["--kv-data-port", str(kv_data_proxy.upstream_port), "--kv-data-advertise", kv_data_proxy.address]
     with running_pair(args, args + decode_args) as pair:
         yield pair

@@ -17,7 +17,7 @@ from pdcluster.common.tls import TLSFiles
 from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags
 from pdcluster.common.worker_record import Role
 
-KVTransport = Literal["tcp", "grpc"]
+KVTransport = Literal["auto", "tcp", "grpc", "nixl"]
 
 
 class _Strict(BaseModel):
@@ -54,7 +54,11 @@ class WorkerConfig(_Strict):
     kv_port: int = 0
     metrics_port: int = 0
     auth_token: str = Field("", description="the cluster's shared KV transfer secret", json_schema_extra={"env": "PDCLUSTER_KV_TOKEN"})
-    kv_transport: KVTransport = Field("tcp", description="KV data path: raw TCP negotiated over gRPC (tcp), or gRPC streams (grpc)")
+    kv_transport: KVTransport = Field(
+        "auto",
+        description="KV data path: NIXL one-sided writes (nixl), raw TCP negotiated over gRPC (tcp), gRPC streams (grpc), "
+        "or nixl where both ends have it and reach each other, else tcp (auto)",
+    )
     kv_data_port: int = 0
     kv_data_advertise: str = Field("", description="host:port producers dial for KV data")
     kv_chunk_bytes: int = Field(4 << 20, description="4 MiB suits tcp, 1 MiB grpc")

@@ -256,6 +256,9 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             total_kv_blocks=total,
             kv_bytes_sent=self._kv_stats.bytes_sent,
             kv_bytes_received=self._kv_stats.bytes_received,
+            kv_transport=self.config.kv_transport,
+            kv_bytes_by_transport=_sum_maps(self._kv_stats.bytes_sent_by_transport, self._kv_stats.bytes_received_by_transport),
+            kv_transfers_by_transport=self._kv_stats.transfers_by_transport,
             kv_endpoint=self.kv_endpoint,
             model=self.engine.vllm_config.model_config.model,
             queued_prefill_tokens=self.handler.queued_prefill_tokens,
@@ -263,6 +266,14 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             draining=self._draining,
             max_model_len=self.engine.vllm_config.model_config.max_model_len,
         )
+
+
+def _sum_maps(*maps) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for m in maps:
+        for key, value in m.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 class _Refused(Exception):

@@ -46,3 +46,12 @@ class WorkerCollector:
                 metric = family(name, name.replace("_", " "), labels=labels)
                 metric.add_metric(values, value)
                 yield metric
+        by_transport = CounterMetricFamily(
+            "pdcluster_kv_bytes",
+            "KV bytes moved, by direction and the data path each transfer used",
+            labels=[*labels, "direction", "transport"],
+        )
+        for direction, moved in (("sent", kv.bytes_sent_by_transport), ("received", kv.bytes_received_by_transport)):
+            for transport, nbytes in moved.items():
+                by_transport.add_metric([*values, direction, transport], nbytes)
+        yield by_transport

@@ -79,6 +79,7 @@ def test_decode_uses_the_transferred_kv(pd_pair, prompts, expected):
     assert tokens != expected[6]
 
 
+@pytest.mark.parametrize("pd_pair", ["tcp"], indirect=True)  # a proxy on the TCP data channel; NIXL's: test_nixl_transfer
 def test_chunk_corrupted_in_flight_is_detected_and_output_stays_exact(pd_pair, kv_data_proxy, prompts, expected):
     prefill, decode = pd_pair
     failures_before = kv_stats(decode).checksum_failures
@@ -149,13 +150,20 @@ def test_worker_stats_and_health(pd_pair):
         assert stats.role == worker.role and stats.pid == worker.record.pid
         assert stats.total_kv_blocks > 0 and 0 < stats.free_kv_blocks <= stats.total_kv_blocks
         assert stats.kv_endpoint == worker.kv_endpoint
+        # Each transfer went over the data path the pair was started with.
+        assert set(stats.kv_bytes_by_transport) == set(stats.kv_transfers_by_transport) == {stats.kv_transport}
     prefill, decode = pd_pair
     assert asyncio.run(run(prefill))[1].kv_bytes_sent > 0
     assert asyncio.run(run(decode))[1].kv_bytes_received > 0
-    for worker, counter in ((prefill, "pdcluster_kv_bytes_sent_total"), (decode, "pdcluster_kv_bytes_received_total")):
+    transport = asyncio.run(run(prefill))[1].kv_transport
+    for worker, direction in ((prefill, "sent"), (decode, "received")):
         text = urllib.request.urlopen(f"http://127.0.0.1:{worker.record.metrics_port}/metrics", timeout=5).read().decode()
-        line = next(row for row in text.splitlines() if row.startswith(counter))
+        line = next(row for row in text.splitlines() if row.startswith(f"pdcluster_kv_bytes_{direction}_total"))
         assert f'role="{worker.role}"' in line and float(line.rsplit(" ", 1)[1]) > 0
+        by_path = next(
+            row for row in text.splitlines() if row.startswith("pdcluster_kv_bytes_total{") and f'direction="{direction}"' in row
+        )
+        assert f'transport="{transport}"' in by_path and float(by_path.rsplit(" ", 1)[1]) > 0
         assert "pdcluster_worker_running_requests" in text
 
 

@@ -8,19 +8,28 @@ import torch
 
 from pdcluster.common.ports import free_port
 from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
-from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.settings import KVTransferSettings
 
-from tests.support.kv_fakes import CUDA_SHAPE, endpoint, paged_layers
+from tests.support.kv_fakes import (
+    CUDA_SHAPE,
+    DST_BLOCKS,
+    NUM_BLOCKS,
+    SRC_BLOCKS,
+    assert_same_kv,
+    endpoint,
+    paged_layers,
+    poll_consumer,
+    send,
+    wait_until,
+)
 from tests.support.tcp_proxy import CorruptingProxy
 
-SRC_BLOCKS = [3, 7, 9, 21, 40]
-DST_BLOCKS = [10, 2, 41, 33, 5]
-TOKENS = 70  # ends mid-block (block size 16): five blocks, the last one partial
-NUM_BLOCKS = len(SRC_BLOCKS)
+# Tests of chunks on the wire (staging, a proxy in the path) run on the chunked data paths;
+# NIXL's own are in test_nixl_transfer.
+CHUNKED = ["tcp", "grpc"]
 
 
-@pytest.fixture(params=["tcp", "grpc"])
+@pytest.fixture(params=["tcp", "grpc", "nixl"])
 def transport(request):
     return request.param
 
@@ -35,49 +44,9 @@ def pair(request, transport):
     cons.close()
 
 
-def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1):
-    """Announce the prompt's blocks layer by layer as vLLM would, in `steps` steps."""
-    bounds = [round(NUM_BLOCKS * i / steps) for i in range(steps + 1)]
-    for i in range(steps):
-        spec = SaveSpec(request_id, transfer_id, consumer_address, SRC_BLOCKS, bounds[i], bounds[i + 1], first=i == 0, final=i == steps - 1)
-        for layer in range(len(prod.layers)):
-            prod.sender.add_layer(spec, layer)
-    prod.sender.finalize(request_id)
-
-
-def wait_until(fn, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = fn()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
-def poll_consumer(cons):
-    collected = (set(), set())
-
-    def step():
-        finished, failed = cons.receiver.poll()
-        collected[0].update(finished)
-        collected[1].update(failed)
-        return collected[0]
-
-    wait_until(step)
-    return collected
-
-
-def assert_same_kv(prod, cons, start=0):
-    for layer in range(len(prod.layers)):
-        a = prod.layout.pack(prod.layers[layer], SRC_BLOCKS[start:])
-        b = cons.layout.pack(cons.layers[layer], DST_BLOCKS[start:])
-        assert torch.equal(a, b), f"layer {layer} differs"
-
-
 @pytest.mark.parametrize("pair", [{"chunk_bytes": 8192}], indirect=True)  # one block a chunk
 @pytest.mark.parametrize("steps", [1, 3])
-def test_transfer_lands_in_the_allocated_blocks(pair, steps):
+def test_transfer_lands_in_the_allocated_blocks(pair, steps, transport):
     prod, cons = pair
     cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
     send(prod, cons.address, steps=steps)
@@ -88,6 +57,9 @@ def test_transfer_lands_in_the_allocated_blocks(pair, steps):
     nbytes = NUM_BLOCKS * prod.layout.block_bytes * len(prod.layers)
     assert prod.stats.snapshot()["bytes_sent"] == nbytes
     assert cons.stats.snapshot()["bytes_received"] == nbytes
+    # the data path asked for is the one that carried it
+    assert prod.stats.snapshot()["bytes_sent_by_transport"] == {transport: nbytes}
+    assert cons.stats.snapshot()["bytes_received_by_transport"] == {transport: nbytes}
     assert cons.stats.snapshot()["transfers_received"] == 1
 
 
@@ -106,6 +78,7 @@ def test_layout_with_non_contiguous_blocks_is_packed_and_unpacked(transport):
         cons.close()
 
 
+@pytest.mark.parametrize("transport", CHUNKED)
 def test_chunks_before_the_request_is_scheduled_are_staged(pair):
     prod, cons = pair
     send(prod, cons.address)
@@ -117,6 +90,7 @@ def test_chunks_before_the_request_is_scheduled_are_staged(pair):
     assert_same_kv(prod, cons)
 
 
+@pytest.mark.parametrize("transport", CHUNKED)
 def test_chunk_arriving_while_its_request_is_scheduled_is_not_stranded(pair):
     prod, cons = pair
     layout, src = prod.layout, prod.layers[0]
@@ -124,7 +98,7 @@ def test_chunk_arriving_while_its_request_is_scheduled_is_not_stranded(pair):
     header = KVChunkHeader(
         "t1", 0, 0, 1, layout.dtype_name, layout.block_bytes, layout.signature, layout.block_bytes, payload_checksum(*parts)
     )
-    landing = cons.receiver.land(header)  # not scheduled yet: lands in staging
+    landing = cons.receiver.land(header, "tcp")  # not scheduled yet: lands in staging
     cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)  # scheduled before the bytes are in
     landing.parts[0][:] = parts[0]
     cons.receiver.landed(landing)
@@ -143,6 +117,7 @@ def test_prefix_cached_blocks_are_left_alone(pair):
     assert_same_kv(prod, cons, start=2)
 
 
+@pytest.mark.parametrize("transport", CHUNKED)
 def test_corruption_in_flight_is_caught_and_resent(transport):
     settings = dict(transport=transport, chunk_bytes=8192, streams_per_transfer=1)
     data_port = free_port()
@@ -234,6 +209,7 @@ def test_peer_without_the_cluster_token_is_refused(pair, transport):
         intruder.close()
 
 
+@pytest.mark.parametrize("transport", CHUNKED)
 @pytest.mark.parametrize("pair", [{"staged_ttl_s": 0.3}], indirect=True)
 def test_orphaned_staged_kv_expires(pair):
     prod, cons = pair
@@ -246,6 +222,7 @@ def test_orphaned_staged_kv_expires(pair):
     assert cons.stats.snapshot()["expired_leases"] == 1
 
 
+@pytest.mark.parametrize("transport", CHUNKED)
 @pytest.mark.parametrize("pair", [{"max_staged_bytes": 1000}], indirect=True)
 def test_staging_is_bounded(pair):
     prod, cons = pair

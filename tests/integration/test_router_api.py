@@ -130,6 +130,9 @@ def test_completion_streamed_equals_unary_and_grpc_equals_reference(which, clien
     bypassed = metric(http, "pdcluster_router_prefill_bypass_total") - bypass_before
     if which == "long":  # 4 requests, each through remote prefill and a KV transfer
         assert moved > 0 and bypassed == 0
+        decode = [w for w in http.get("/cluster").json()["workers"] if w["role"] == "decode"]
+        assert [w["kv_transport"] for w in decode] == ["auto"]
+        assert set(decode[0]["kv_bytes_by_transport"]) == {"nixl"}  # both ends have NIXL: auto took it
     else:
         assert moved == 0 and bypassed == 4
 

@@ -103,10 +103,13 @@ def test_pdcluster_serve_takes_vllm_serve_flags():
         "pythonic",
         "--prefill-args",
         "--max-num-batched-tokens 8192",
+        "--kv-transport",
+        "nixl",
     ]
     args, vllm_flags = build_parser().parse_known_args(argv)
     s = load_cluster_spec(args, vllm_flags)
     assert s.engine.model == "/models/x" and s.engine.max_model_len == 2048
+    assert s.prefill.kv_transport == s.decode.kv_transport == "nixl"
     assert (
         s.pool_engine(Role.PREFILL).max_num_batched_tokens == 8192 and "max_num_batched_tokens" not in s.pool_engine(Role.DECODE).vllm_args
     )
