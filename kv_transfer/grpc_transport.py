@@ -228,12 +228,7 @@ class KVClient:
 
     async def _data_channel(self, endpoint: str) -> tuple[str, int]:
         if endpoint not in self._data_channels:
-            call = self._channel(endpoint).unary_unary(
-                OPEN_DATA_CHANNEL,
-                request_serializer=pb.DataChannelRequest.SerializeToString,
-                response_deserializer=pb.DataChannel.FromString,
-            )
-            reply = await call(pb.DataChannelRequest(auth_token=self._settings.auth_token), timeout=10)
+            reply = await self._control(endpoint, OPEN_DATA_CHANNEL, pb.DataChannelRequest(), pb.DataChannel, timeout=10)
             # A consumer bound to a wildcard address is reached the way we reached its endpoint.
             host = reply.host if reply.host not in ("", "0.0.0.0", "::") else endpoint.rsplit(":", 1)[0]
             self._data_channels[endpoint] = (host, reply.port)
@@ -257,18 +252,11 @@ class KVClient:
             raise TransferFailed(f"{method} at {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE) from None
 
     async def abort(self, endpoint: str, transfer_id: str, reason: str) -> None:
-        call = self._channel(endpoint).unary_unary(
-            ABORT,
-            request_serializer=pb.AbortTransferRequest.SerializeToString,
-            response_deserializer=pb.AbortTransferReply.FromString,
-        )
+        request = pb.AbortTransferRequest(transfer_id=transfer_id, reason=reason)
         try:
-            await call(
-                pb.AbortTransferRequest(transfer_id=transfer_id, reason=reason, auth_token=self._settings.auth_token),
-                timeout=5,
-            )
-        except grpc.aio.AioRpcError as e:
-            logger.warning("could not tell %s that transfer %s is aborted: %s", endpoint, transfer_id, e.code().name)
+            await self._control(endpoint, ABORT, request, pb.AbortTransferReply, timeout=5)
+        except TransferFailed as e:
+            logger.warning("could not tell %s that transfer %s is aborted: %s", endpoint, transfer_id, e)
 
     async def close(self) -> None:
         for channels in self._channels.values():

@@ -245,6 +245,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         sched = self._scheduler_stats.get("scheduler")
         cache = self.engine.vllm_config.cache_config
         total = cache.num_gpu_blocks or 0
+        sent, received = self._kv_stats.bytes_sent_by_transport, self._kv_stats.bytes_received_by_transport
         usage = sched.kv_cache_usage if sched else 0.0
         return worker_pb2.WorkerStats(
             role=self.config.role,
@@ -257,7 +258,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             kv_bytes_sent=self._kv_stats.bytes_sent,
             kv_bytes_received=self._kv_stats.bytes_received,
             kv_transport=self.config.kv_transport,
-            kv_bytes_by_transport=_sum_maps(self._kv_stats.bytes_sent_by_transport, self._kv_stats.bytes_received_by_transport),
+            kv_bytes_by_transport={k: sent.get(k, 0) + received.get(k, 0) for k in {*sent, *received}},
             kv_transfers_by_transport=self._kv_stats.transfers_by_transport,
             kv_endpoint=self.kv_endpoint,
             model=self.engine.vllm_config.model_config.model,
@@ -266,14 +267,6 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             draining=self._draining,
             max_model_len=self.engine.vllm_config.model_config.max_model_len,
         )
-
-
-def _sum_maps(*maps) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for m in maps:
-        for key, value in m.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 class _Refused(Exception):
