@@ -17,12 +17,12 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 
 from pdcluster.bench.rate_plot import plot_grid
-from pdcluster.bench.serve_bench import RateResult, run_rate, served_model, sweep
-from pdcluster.bench.workloads import COMPARE_WORKLOADS, Workload
+from pdcluster.bench.serve_bench import RateResult, replay, run_rate, served_model, sweep
 from pdcluster.common.processes import LocalProcess, start_process, wait_ready
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_flags
 from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.common.worker_record import Role
+from pdcluster.planner.workloads import COMPARE_WORKLOADS, RequestShape, Workload
 from pdcluster.worker.config import EngineConfig, WorkerConfig, worker_args
 from pdcluster.worker.engine_args import engine_environment
 
@@ -96,8 +96,8 @@ def start_pdcluster(
 
 def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
     """A few requests first, so no system's first-request costs land in a measured rate."""
-    warm = replace(workload, seed=workload.seed + 1000).requests(WARMUP_REQUESTS, vocab)
-    asyncio.run(run_rate(url, model_name, 100.0, warm, 0, slo_ttft_ms=1e9, slo_itl_ms=1e9))
+    warm = replace(workload, seed=workload.seed + 1000).shapes(WARMUP_REQUESTS, 100.0)
+    asyncio.run(run_rate(url, model_name, 100.0, warm, vocab, slo_ttft_ms=1e9, slo_itl_ms=1e9))
 
 
 def _run_system(
@@ -111,6 +111,8 @@ def _run_system(
     slo_itl_ms: float,
     vocab: int,
     router_flags: list[str],
+    cost_per_hour: float,
+    trace: list[RequestShape],
 ) -> dict[str, list[RateResult]]:
     log_dir = tempfile.mkdtemp(prefix=f"pdcluster-compare-{system}-")
     print(f"starting {system} on cores {cpus} (logs in {log_dir})...", flush=True)
@@ -126,11 +128,19 @@ def _run_system(
         for name, workload in workloads.items():
             print(f"  {system} / {name}: rates {rates}, {requests} requests each", flush=True)
             _warm_up(url, model_name, vocab, workload)
-            out[name] = sweep(url, model_name, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms)
+            out[name] = sweep(url, model_name, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, cost_per_hour=cost_per_hour)
+        if trace:
+            print(f"  {system} / trace: {len(trace)} requests at {trace_rate(trace):g} req/s", flush=True)
+            out["trace"] = [replay(url, model_name, trace_rate(trace), trace, vocab, slo_ttft_ms, slo_itl_ms, cost_per_hour=cost_per_hour)]
         return out
     finally:
         for p in reversed(processes):
             p.stop()
+
+
+def trace_rate(trace: list[RequestShape]) -> float:
+    span = trace[-1].arrival_s - trace[0].arrival_s
+    return round((len(trace) - 1) / span, 3) if span > 0 else float(len(trace))
 
 
 def plot(comparisons: list[Comparison], path: str, title: str) -> None:
@@ -159,6 +169,8 @@ def main(
     json_path: str = "",
     plot_path: str = "",
     router_flags: list[str] = (),
+    cost_per_hour: float = 0.0,
+    trace: list[RequestShape] = (),
 ) -> list[Comparison]:
     from transformers import AutoTokenizer
 
@@ -178,7 +190,20 @@ def main(
     vocab = len(AutoTokenizer.from_pretrained(engine.model))
     chosen = {name: COMPARE_WORKLOADS[name] for name in workloads}
     by_system = {
-        system: _run_system(system, engine, cpus, chosen, list(rates), requests, slo_ttft_ms, slo_itl_ms, vocab, list(router_flags))
+        system: _run_system(
+            system,
+            engine,
+            cpus,
+            chosen,
+            list(rates),
+            requests,
+            slo_ttft_ms,
+            slo_itl_ms,
+            vocab,
+            list(router_flags),
+            cost_per_hour,
+            list(trace),
+        )
         for system in SYSTEMS
     }
     comparisons = [
@@ -186,6 +211,8 @@ def main(
         for name in chosen
         for i, rate in enumerate(rates)
     ]
+    if trace:
+        comparisons.append(Comparison("trace", trace_rate(trace), by_system["colocated"]["trace"][0], by_system["pdcluster"]["trace"][0]))
     _print_table(comparisons, engine, cpus, chosen, slo_ttft_ms, slo_itl_ms)
     if json_path:
         with open(json_path, "w") as fh:
@@ -196,6 +223,7 @@ def main(
                     "router_flags": list(router_flags),
                     "workloads": {n: asdict(w) for n, w in chosen.items()},
                     "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+                    "cost_per_hour": cost_per_hour,
                     "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "goodput")}} for c in comparisons],
                 },
                 fh,
@@ -209,6 +237,11 @@ def main(
             f"SLO TTFT {slo_ttft_ms:g} ms, TPOT {slo_itl_ms:g} ms",
         )
     return comparisons
+
+
+def _dollars(result: RateResult) -> str:
+    usd = result.cost_usd_per_million_tokens.get("output")
+    return "-" if usd is None else f"{usd:.2f}"
 
 
 def _print_table(
@@ -227,17 +260,20 @@ def _print_table(
     def fmt(v):
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) and v < 10 else f"{v:.0f}"
 
-    for name, workload in workloads.items():
-        print(f"\n{name}: ~{workload.prompt_tokens} prompt / ~{workload.output_tokens} output tokens ({workload.distribution})")
+    titles = {n: f"~{w.prompt_tokens} prompt / ~{w.output_tokens} output tokens ({w.distribution})" for n, w in workloads.items()}
+    if any(c.workload == "trace" for c in comparisons):
+        titles["trace"] = "trace replay"
+    for name, title in titles.items():
+        print(f"\n{name}: {title}")
         print(
             f"{'rate':>5} | "
             + " | ".join(f"{'p99 ' + label + ' ms co/pd':>19} {'ratio':>5}" for label in LATENCIES.values())
-            + f" | {'goodput co/pd':>13} {'ratio':>5} | {'out tok/s co/pd':>15} | {'failed co/pd':>12}"
+            + f" | {'goodput co/pd':>13} {'ratio':>5} | {'out tok/s co/pd':>15} | {'$/1M out co/pd':>15} | {'failed co/pd':>12}"
         )
         for c in (c for c in comparisons if c.workload == name):
             a, b = c.colocated, c.pdcluster
             latencies = " | ".join(f"{fmt(_value(a, m)):>9}/{fmt(_value(b, m)):<9} {fmt(c.ratio(m)):>5}" for m in LATENCIES)
             print(
                 f"{c.rate:>5g} | {latencies} | {a.goodput:>6.0%}/{b.goodput:<6.0%} {fmt(c.ratio('goodput')):>5} | "
-                f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<7.1f} | {a.failed:>5}/{b.failed:<6}"
+                f"{a.output_tok_per_s:>7.1f}/{b.output_tok_per_s:<7.1f} | {_dollars(a):>7}/{_dollars(b):<7} | {a.failed:>5}/{b.failed:<6}"
             )

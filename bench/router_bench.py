@@ -22,8 +22,8 @@ import grpc
 import psutil
 from vllm import SamplingParams
 
-from pdcluster.bench.percentiles import percentile
 from pdcluster.common.cluster_token import local_cluster_token
+from pdcluster.common.percentiles import percentile
 from pdcluster.common.processes import start_process, wait_ready
 from pdcluster.common.sample_wire import encode_sampling_params
 from pdcluster.common.worker_auth import token_metadata

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
 
-from pdcluster.bench.percentiles import percentile
 from pdcluster.bench.rate_plot import plot_grid
-from pdcluster.bench.workloads import Workload
-
-PERCENTILES = (50, 90, 99)
+from pdcluster.common.percentiles import PERCENTILES, format_ms, percentiles_ms
+from pdcluster.planner.workloads import RequestShape, Workload
 
 
 @dataclass
@@ -36,6 +33,7 @@ class RequestResult:
     gaps_s: list[float] = field(default_factory=list)  # between consecutive streamed chunks
     e2e_s: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int = 0
     error: str = ""
 
 
@@ -54,13 +52,9 @@ class RateResult:
     e2e_ms: dict = field(default_factory=dict)
     goodput: float = 0.0  # share of all requests that completed within both SLOs
     goodput_req_per_s: float = 0.0
+    # The server's cost over this run (--cost-per-hour) divided by the input or output tokens served.
+    cost_usd_per_million_tokens: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {f"p{p}": None for p in PERCENTILES}
-    return {f"p{p}": round(percentile(values, p / 100) * 1e3, 2) for p in PERCENTILES}
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str) -> RequestResult:
@@ -102,33 +96,33 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: lis
     end = time.perf_counter()
     first = first or end
     tpot = (end - first) / (tokens - 1) if tokens > 1 else 0.0
-    return RequestResult(True, first - start, tpot, gaps, end - start, tokens)
+    return RequestResult(True, first - start, tpot, gaps, end - start, tokens, len(prompt))
 
 
 async def run_rate(
     url: str,
     model: str,
     rate: float,
-    workload: list[tuple[list[int], int]],
-    seed: int,
+    requests: list[RequestShape],
+    vocab: int,
     slo_ttft_ms: float,
     slo_itl_ms: float,
     api_key: str = "",
     progress=None,
+    cost_per_hour: float = 0.0,
 ) -> RateResult:
-    rng = random.Random(seed)
+    """Sends each request at its arrival time (open loop), whatever the server's progress."""
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         tasks = []
-        arrival = 0.0
-        for prompt, max_tokens in workload:
-            arrival += rng.expovariate(rate)
-            delay = start + arrival - time.perf_counter()
+        for request in requests:
+            prompt = request.prompt_tokens(vocab)
+            delay = start + request.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(_one(session, url, model, prompt, max_tokens, api_key))
+            task = asyncio.create_task(_one(session, url, model, prompt, request.output_tokens, api_key))
             if progress is not None:
                 task.add_done_callback(lambda _: progress.update(1))
             tasks.append(task)
@@ -136,6 +130,7 @@ async def run_rate(
         duration = time.perf_counter() - start
     done = [r for r in results if r.ok]
     good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.tpot_s * 1e3 <= slo_itl_ms]
+    cost = cost_per_hour * duration / 3600
     return RateResult(
         rate=rate,
         requests=len(results),
@@ -144,14 +139,23 @@ async def run_rate(
         duration_s=round(duration, 3),
         req_per_s=round(len(done) / duration, 3),
         output_tok_per_s=round(sum(r.output_tokens for r in done) / duration, 1),
-        ttft_ms=_percentiles([r.ttft_s for r in done]),
-        itl_ms=_percentiles([g for r in done for g in r.gaps_s]),
-        tpot_ms=_percentiles([r.tpot_s for r in done]),
-        e2e_ms=_percentiles([r.e2e_s for r in done]),
+        ttft_ms=percentiles_ms([r.ttft_s for r in done]),
+        itl_ms=percentiles_ms([g for r in done for g in r.gaps_s]),
+        tpot_ms=percentiles_ms([r.tpot_s for r in done]),
+        e2e_ms=percentiles_ms([r.e2e_s for r in done]),
         goodput=round(len(good) / len(results), 4),
         goodput_req_per_s=round(len(good) / duration, 3),
+        cost_usd_per_million_tokens=cost_per_million(cost, sum(r.prompt_tokens for r in done), sum(r.output_tokens for r in done)),
         errors=sorted({r.error for r in results if not r.ok})[:5],
     )
+
+
+def cost_per_million(cost_usd: float, input_tokens: int, output_tokens: int) -> dict:
+    """The whole cost over the tokens of each kind, per million (None without tokens or cost)."""
+    return {
+        kind: round(cost_usd / tokens * 1e6, 6) if tokens and cost_usd else None
+        for kind, tokens in (("input", input_tokens), ("output", output_tokens))
+    }
 
 
 def plot(results: list[RateResult], path: str, title: str) -> None:
@@ -179,17 +183,33 @@ def sweep(
     slo_itl_ms: float,
     api_key: str = "",
     quiet: bool = False,
+    cost_per_hour: float = 0.0,
 ) -> list[RateResult]:
     """One open-loop run per rate; rate i draws its requests and arrivals from seed + i, so
-    any server given the same arguments gets the same load."""
+    any server given the same arguments gets the same load (and `pdcluster simulate` too)."""
+    return [
+        replay(
+            url,
+            model,
+            rate,
+            replace(workload, seed=workload.seed + i).shapes(requests, rate),
+            vocab,
+            slo_ttft_ms,
+            slo_itl_ms,
+            api_key,
+            quiet=quiet,
+            cost_per_hour=cost_per_hour,
+        )
+        for i, rate in enumerate(rates)
+    ]
+
+
+def replay(url: str, model: str, rate: float, requests: list[RequestShape], *args, quiet: bool = False, **kwargs) -> RateResult:
+    """`run_rate` (same arguments) from synchronous code, with a progress bar unless quiet."""
     from tqdm import tqdm
 
-    results = []
-    for i, rate in enumerate(rates):
-        batch = replace(workload, seed=workload.seed + i).requests(requests, vocab)
-        with tqdm(total=requests, desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
-            results.append(asyncio.run(run_rate(url, model, rate, batch, workload.seed + i, slo_ttft_ms, slo_itl_ms, api_key, bar)))
-    return results
+    with tqdm(total=len(requests), desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
+        return asyncio.run(run_rate(url, model, rate, requests, *args, progress=bar, **kwargs))
 
 
 async def served_model(url: str, api_key: str = "") -> str:
@@ -211,7 +231,10 @@ def main(
     plot_path: str = "",
     api_key: str = "",
     quiet: bool = False,
+    trace: list[RequestShape] | None = None,
+    cost_per_hour: float = 0.0,
 ) -> list[RateResult]:
+    """A sweep of `workload` over `rates`, or, given a `trace`, one replay of it."""
     from transformers import AutoTokenizer
 
     from pdcluster.common.tiny_model.generate import ensure_tiny_model
@@ -219,31 +242,41 @@ def main(
     url = url.rstrip("/").removesuffix("/v1")
     vocab = len(AutoTokenizer.from_pretrained(tokenizer or str(ensure_tiny_model())))
     model = model or asyncio.run(served_model(url, api_key))
-    results = sweep(url, model, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet)
+    if trace:
+        span = trace[-1].arrival_s - trace[0].arrival_s
+        rate = round(len(trace) / span, 3) if span > 0 else float(len(trace))
+        results = [replay(url, model, rate, trace, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet=quiet, cost_per_hour=cost_per_hour)]
+    else:
+        results = sweep(url, model, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet, cost_per_hour)
     report = {
         "url": url,
         "model": model,
-        "workload": asdict(workload),
+        "workload": "trace" if trace else asdict(workload),
         "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+        "cost_per_hour": cost_per_hour,
         "results": [asdict(r) for r in results],
     }
     if not quiet:
-        print(
-            f"{'rate':>6} {'done':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
-            f"{'TPOT p50/p99 ms':>16} {'e2e p50/p99 ms':>18} {'goodput':>8}"
-        )
-        for r in results:
-
-            def f(d, keys=("p50", "p90", "p99")):
-                return "/".join("-" if d[k] is None else f"{d[k]:.0f}" for k in keys)
-
-            print(
-                f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {f(r.ttft_ms):>24} "
-                f"{f(r.itl_ms):>22} {f(r.tpot_ms, ('p50', 'p99')):>16} {f(r.e2e_ms, ('p50', 'p99')):>18} {r.goodput:>8.2%}"
-            )
+        print_results(results)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(report, fh, indent=1)
     if plot_path:
-        plot(results, plot_path, f"{model} @ {url}: {workload.prompt_tokens} prompt / {workload.output_tokens} output tokens")
+        title = "trace replay" if trace else f"{workload.prompt_tokens} prompt / {workload.output_tokens} output tokens"
+        plot(results, plot_path, f"{model} @ {url}: {title}")
     return results
+
+
+def print_results(results: list[RateResult]) -> None:
+    print(
+        f"{'rate':>6} {'done':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
+        f"{'TPOT p50/p99 ms':>16} {'e2e p50/p99 ms':>18} {'goodput':>8} {'$/1M in/out':>16}"
+    )
+    for r in results:
+        cost = "/".join(
+            "-" if r.cost_usd_per_million_tokens.get(k) is None else f"{r.cost_usd_per_million_tokens[k]:.3f}" for k in ("input", "output")
+        )
+        print(
+            f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {format_ms(r.ttft_ms):>24} "
+            f"{format_ms(r.itl_ms):>22} {format_ms(r.tpot_ms, ('p50', 'p99')):>16} {format_ms(r.e2e_ms, ('p50', 'p99')):>18} {r.goodput:>8.2%} {cost:>16}"
+        )

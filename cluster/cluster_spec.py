@@ -36,6 +36,7 @@ class PoolSpec(_Strict):
     # replica takes one unit of it, so pools land on their own node types.
     node_resource: str = ""
     kv_transport: KVTransport = "auto"
+    cost_per_hour: float = Field(0.0, ge=0)  # USD per replica-hour: the controller's $/1M-token metrics
     # vLLM engine arguments for this pool only, over the spec's `engine:` (e.g. a prefill pool's
     # larger max_num_batched_tokens); checked by vLLM like `engine:`.
     engine: dict[str, Any] = Field(default_factory=dict)

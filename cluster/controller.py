@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, pool_load
 from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.cluster.pool_cost import PoolCostMeter
 from pdcluster.cluster.replica_launcher import ReplicaHandle, ReplicaLauncher, WorkerProbe
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
@@ -93,6 +94,7 @@ class ClusterController:
         self.metrics_address = ""
         self.decision_counts: collections.Counter = collections.Counter()  # (role, "up"|"down")
         self.heal_counts: collections.Counter = collections.Counter()  # role
+        self.cost = PoolCostMeter()
 
     # -- what others ask --------------------------------------------------------------
 
@@ -169,6 +171,8 @@ class ClusterController:
     async def reconcile(self) -> None:
         """Check every replica, let the autoscaler move targets, then start or drain replicas to meet them."""
         await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
+        ready = [(r.id, r.role, r.stats) for r in self.replicas if r.state == "ready" and r.stats is not None]
+        self.cost.observe(time.monotonic(), ready, {role: self.spec.pool(role).cost_per_hour for role in ROLES})
         if self.spec.autoscaling.enabled and time.monotonic() - self._last_autoscale >= self.spec.autoscaling.interval_s:
             self._last_autoscale = time.monotonic()
             self._autoscale()
@@ -265,10 +269,22 @@ class _ControllerCollector:
         ready = GaugeMetricFamily("pdcluster_pool_ready_replicas", "Replicas serving", labels=["role"])
         decisions = CounterMetricFamily("pdcluster_autoscaler_decisions", "Autoscaler decisions", labels=["role", "direction"])
         heals = CounterMetricFamily("pdcluster_controller_heals", "Replicas replaced after a failure", labels=["role"])
+        cost = GaugeMetricFamily(
+            "pdcluster_cost_usd_per_million_tokens",
+            "A pool's cost (spec cost_per_hour) over the last 5 minutes per million input or output tokens the cluster served",
+            labels=["pool", "kind"],
+        )
+        for (pool, kind), usd in c.cost.cost_per_million_tokens().items():
+            cost.add_metric([pool, kind], usd)
+        utilization = GaugeMetricFamily(
+            "pdcluster_pool_utilization", "Share of the last 5 minutes the pool's engines had requests running", labels=["pool"]
+        )
+        for pool, share in c.cost.utilization().items():
+            utilization.add_metric([pool], share)
         for role in ROLES:
             target.add_metric([role], c.targets[role])
             ready.add_metric([role], sum(r.role == role and r.state == "ready" for r in c.replicas))
             for direction in ("up", "down"):
                 decisions.add_metric([role, direction], c.decision_counts[(role, direction)])
             heals.add_metric([role], c.heal_counts[role])
-        yield from (target, ready, decisions, heals)
+        yield from (target, ready, decisions, heals, cost, utilization)

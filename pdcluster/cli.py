@@ -119,6 +119,159 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    if args.cores:  # before torch loads: its thread pool sizes itself once, to the cores it may use
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+        os.environ["OMP_NUM_THREADS"] = str(args.cores)
+    from pdcluster.common.vllm_args import engine_args_from_flags
+    from pdcluster.planner.profiler import profile_engine
+    from pdcluster.worker.config import EngineConfig
+
+    engine_args, unknown = engine_args_from_flags(args.vllm_flags)
+    if unknown:
+        print(f"pdcluster profile: not vLLM engine flags: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    engine = EngineConfig(model=args.model, kv_cache_gib=args.kv_cache_gib, **engine_args)
+    profile = profile_engine(engine, args.kv_transport, args.quick, args.cost_per_hour, args.name)
+    profile.save(args.out)
+    s = profile.step
+    print(
+        f"{profile.name}: step = {s.base_s * 1e3:.3f} ms + {s.per_token_s * 1e6:.3f} us/token + "
+        f"{s.per_prefill_pair_s * 1e9:.4f} ns/prompt pair + {s.per_decode_context_token_s * 1e9:.3f} ns/context token; "
+        f"KV {profile.kv_bytes_per_token} B/token, {profile.kv_capacity_tokens} tokens; transfer {profile.transfer_gbps:.2f} GB/s"
+    )
+    print(f"{profile.sources['step']}\nwritten to {args.out}")
+    return 0
+
+
+def _add_trace_flags(parser: argparse.ArgumentParser) -> None:
+    from pdcluster.planner.workloads import TRACE_FORMATS
+
+    parser.add_argument("--trace", default="", help="replay this request trace (see ../shared/traces/README.md)")
+    parser.add_argument("--trace-format", choices=TRACE_FORMATS, default="mooncake")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths by this")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times by this (below 1: faster)")
+    parser.add_argument("--max-requests", type=int, default=0, help="replay only the first N requests (0: all)")
+
+
+def _trace_requests(args: argparse.Namespace, max_model_len: int):
+    from pdcluster.planner.workloads import TraceScaling, load_trace
+
+    scaling = TraceScaling(args.length_scale, args.time_scale, args.max_requests, max_model_len)
+    return load_trace(args.trace, args.trace_format, scaling)
+
+
+def _profiles(args: argparse.Namespace):
+    """The profile per pool (role -> EngineProfile) for simulate and plan."""
+    from pdcluster.planner.engine_profile import profile_for_tp, resolve_profile_path
+
+    tp = dict(prefill=args.tp, decode=args.tp) if args.tp.isdigit() else dict(kv.split("=") for kv in args.tp.split(","))
+    return {
+        role: profile_for_tp(resolve_profile_path(getattr(args, f"{role}_profile") or args.profile), int(tp[role]))
+        for role in ("prefill", "decode")
+    }
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from pdcluster.planner.simulator import ClusterShape, simulate
+    from pdcluster.planner.workloads import COMPARE_WORKLOADS
+    from pdcluster.router.config import parse_router_args
+
+    try:
+        profiles = _profiles(args)
+        shape = ClusterShape(
+            profiles["prefill"] if args.prefill else None,
+            profiles["decode"],
+            args.prefill,
+            args.decode,
+            parse_router_args(shlex.split(args.router_flags)),
+        )
+        if args.trace:
+            runs = [("trace", _trace_requests(args, profiles["decode"].max_model_len))]
+        elif args.workload:
+            workload = COMPARE_WORKLOADS[args.workload]
+            # As `bench serve` sweeps: rate i draws from seed + i.
+            runs = [(r, replace(workload, seed=workload.seed + i).shapes(args.requests, r)) for i, r in enumerate(args.rates)]
+        else:
+            raise ValueError("give --trace FILE or --workload NAME")
+    except (ValueError, KeyError) as e:
+        print(f"pdcluster simulate: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for label, requests in runs:
+        result = simulate(shape, requests, args.slo_ttft_ms, args.slo_itl_ms)
+        results.append({"rate": label, **result})
+    _print_simulation(results, shape)
+    if args.json:
+        print(json.dumps({**results[0], "results": results}))
+    return 0
+
+
+def _print_simulation(results: list[dict], shape) -> None:
+    from pdcluster.common.percentiles import format_ms
+
+    print(
+        f"simulated {shape.prefill_replicas} prefill + {shape.decode_replicas} decode replicas "
+        f"({'co-located' if not shape.prefill_replicas else 'disaggregated'}), ${shape.cost_per_hour:.2f}/h"
+    )
+    print(
+        f"{'rate':>6} {'done':>6} {'req/s':>7} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} {'TPOT p50/p99 ms':>16} "
+        f"{'in SLO':>7} {'util P/D':>10} {'$/1M in/out':>16}"
+    )
+    for r in results:
+        util = "/".join(f"{r['pools'][p]['utilization']:.0%}" if p in r["pools"] else "-" for p in ("prefill", "decode"))
+        cost = r["cost_usd_per_million_tokens"]
+        print(
+            f"{r['rate']!s:>6} {r['completed']:>6} {r['req_per_s']:>7.2f} {format_ms(r['ttft_ms']):>24} {format_ms(r['itl_ms']):>22} "
+            f"{format_ms(r['tpot_ms'], ('p50', 'p99')):>16} {r['slo_attainment']:>7.1%} {util:>10} "
+            f"{cost['input'] or 0:>7.3f}/{cost['output'] or 0:<8.3f}"
+        )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pdcluster.planner.engine_profile import profile_for_tp, resolve_profile_path, tp_sizes
+    from pdcluster.planner.plan import plan
+    from pdcluster.planner.plan_spec import write_plan_spec
+    from pdcluster.router.config import parse_router_args
+
+    try:
+        path = resolve_profile_path(args.profile)
+        profiles = {tp: profile_for_tp(path, tp) for tp in tp_sizes(path)}
+        cost = {role: float(usd) for role, usd in (kv.split("=") for kv in args.cost.split(",") if kv)}
+        if set(cost) - {"prefill", "decode"}:
+            raise ValueError(f"--cost takes prefill=USD_PER_HOUR,decode=USD_PER_HOUR, not {args.cost!r}")
+        requests = _trace_requests(args, max(p.max_model_len for p in profiles.values()))
+    except (ValueError, KeyError) as e:
+        print(f"pdcluster plan: {e}", file=sys.stderr)
+        return 2
+    router = parse_router_args(shlex.split(args.router_flags))
+    print(f"planning for {len(requests)} requests with TP sizes {sorted(profiles)}, up to {args.max_gpus} GPUs...", flush=True)
+    candidates = plan(profiles, requests, args.slo_ttft_ms, args.slo_itl_ms, args.max_gpus, cost, router)
+    print(f"\n{'configuration':<28} {'GPUs':>4} {'$/h':>8} {'goodput req/s':>14} {'req per $':>10}  basis")
+    for c in candidates[: args.top]:
+        basis = "per-phase estimate" if c.estimated else "simulated whole"
+        print(f"{c.describe():<28} {c.gpus:>4} {c.cost_per_hour:>8.2f} {c.goodput_rate:>14.2f} {c.requests_per_dollar:>10.0f}  {basis}")
+    best = candidates[0]
+    best_split = next((c for c in candidates if not c.colocated), None)
+    if best.colocated:
+        print(f"\nco-located beats every disaggregated configuration here: {best.describe()} on {best.gpus} GPUs.")
+    elif best_split is not None:
+        print(f"\nbest: {best.describe()} on {best.gpus} GPUs.")
+    if args.write_spec:
+        write_plan_spec(args.write_spec, best, profiles)
+        print(f"cluster spec for {best.describe()} written to {args.write_spec} (pdcluster serve --config {args.write_spec})")
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"best": asdict(best), "candidates": [asdict(c) for c in candidates]}))
+    return 0
+
+
 def _bench_transfer(args: argparse.Namespace) -> int:
     from pdcluster.bench.transfer_bench import main as bench_main
 
@@ -145,7 +298,7 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 def _bench_serve(args: argparse.Namespace) -> int:
     from pdcluster.bench.serve_bench import main as bench_main
-    from pdcluster.bench.workloads import Workload
+    from pdcluster.planner.workloads import Workload
 
     workload = Workload(
         prompt_tokens=args.prompt_tokens,
@@ -155,11 +308,18 @@ def _bench_serve(args: argparse.Namespace) -> int:
         prefix_groups=args.prefix_groups,
         seed=args.seed,
     )
+    try:
+        trace = _trace_requests(args, args.max_model_len) if args.trace else None
+    except ValueError as e:
+        print(f"pdcluster bench serve: {e}", file=sys.stderr)
+        return 2
     results = bench_main(
         args.url,
         args.rates,
         args.requests,
         workload,
+        trace=trace,
+        cost_per_hour=args.cost_per_hour,
         tokenizer=args.tokenizer,
         model=args.model,
         slo_ttft_ms=args.slo_ttft_ms,
@@ -185,14 +345,25 @@ def _bench_compare(args: argparse.Namespace) -> int:
         json_path=args.json_out,
         plot_path=args.plot,
         router_flags=shlex.split(args.router_flags),
+        cost_per_hour=args.cost_per_hour,
+        trace=_trace_requests(args, args.max_model_len) if args.trace else (),
     )
     return 0 if all(c.colocated.completed and c.pdcluster.completed for c in comparisons) else 1
 
 
+def _bench_simcheck(args: argparse.Namespace) -> int:
+    from pdcluster.bench.sim_check import main as bench_main
+    from pdcluster.planner.engine_profile import load_profile
+
+    trace = _trace_requests(args, args.max_model_len) if args.trace else []
+    bench_main(args.measured, load_profile(args.colocated_profile), load_profile(args.pd_profile), trace, args.json_out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pdcluster.bench.chaos_bench import FAULTS
-    from pdcluster.bench.workloads import COMPARE_WORKLOADS
     from pdcluster.cluster.cluster_spec import add_cluster_flags
+    from pdcluster.planner.workloads import COMPARE_WORKLOADS
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +383,44 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--name", default="pdcluster", help="cluster name in the spec")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
+
+    profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
+    profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")
+    profile.add_argument("--out", default="profile.json", help="where to write the profile")
+    profile.add_argument("--name", default="", help="the profile's name (default: cpuN-MODEL)")
+    profile.add_argument("--kv-transport", choices=["auto", "tcp", "grpc", "nixl"], default="auto", help="transport to measure")
+    profile.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    profile.add_argument("--cores", type=int, default=0, help="run on the first N cores, as one pool's worker would (default: all)")
+    profile.add_argument("--cost-per-hour", type=float, default=0.0, help="USD per hour of one replica")
+    profile.add_argument("--quick", action="store_true", help="fewer samples (for tests)")
+    profile.set_defaults(func=_profile, takes_vllm_flags=True)
+
+    for name, helptext in (
+        ("simulate", "simulate a cluster on a profile: latencies, SLO attainment, utilization, $/1M tokens"),
+        ("plan", "search prefill/decode replicas and TP sizes for the best goodput per dollar"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--profile", required=True, help="profile JSON, or a reference profile's name (e.g. h100-llama-3-8b-tp1)")
+        _add_trace_flags(p)
+        p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+        p.add_argument("--slo-itl-ms", type=float, default=100.0, help="bound on each request's TPOT")
+        p.add_argument("--router-flags", default="", help="the router's own flags, e.g. '--bypass-prefill-below 64'")
+        p.add_argument("--json", action="store_true", help="end with one JSON line")
+    simulate_cmd, plan_cmd = sub.choices["simulate"], sub.choices["plan"]
+    simulate_cmd.add_argument("--workload", default="", help="a bench compare workload instead of a trace: " + ", ".join(COMPARE_WORKLOADS))
+    simulate_cmd.add_argument("--rates", type=float, nargs="+", default=[1.0], help="with --workload: request rates (req/s)")
+    simulate_cmd.add_argument("--requests", type=int, default=40, help="with --workload: requests per rate")
+    simulate_cmd.add_argument("--prefill", type=int, default=1, help="prefill replicas (0: co-located engines)")
+    simulate_cmd.add_argument("--decode", type=int, default=1, help="decode replicas")
+    simulate_cmd.add_argument("--tp", default="1", help="tensor-parallel size: N, or prefill=N,decode=M (profiles -tpN beside --profile)")
+    simulate_cmd.add_argument("--prefill-profile", default="", help="another profile for the prefill pool")
+    simulate_cmd.add_argument("--decode-profile", default="", help="another profile for the decode pool (and co-located engines)")
+    simulate_cmd.set_defaults(func=_simulate)
+    plan_cmd.add_argument("--cost", default="", help="prefill=USD_PER_HOUR,decode=USD_PER_HOUR per GPU (default: the profiles')")
+    plan_cmd.add_argument("--max-gpus", type=int, default=8)
+    plan_cmd.add_argument("--top", type=int, default=10, help="configurations to print")
+    plan_cmd.add_argument("--write-spec", default="", help="write the best configuration as a cluster spec YAML here")
+    plan_cmd.set_defaults(func=_plan)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -249,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--seed", type=int, default=0)
     serve_bench.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     serve_bench.add_argument("--slo-itl-ms", type=float, default=100.0)
+    _add_trace_flags(serve_bench)
+    serve_bench.add_argument("--max-model-len", type=int, default=4096, help="with --trace: cap prompt + output at this")
+    serve_bench.add_argument("--cost-per-hour", type=float, default=0.0, help="USD per hour of the server under test: prints $/1M tokens")
     serve_bench.add_argument("--json-out", default="", help="write the results as JSON here")
     serve_bench.add_argument("--plot", default="", help="write a PNG of latency percentiles against rate here")
     serve_bench.set_defaults(func=_bench_serve)
@@ -261,9 +473,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     compare.add_argument("--slo-itl-ms", type=float, default=20.0, help="bound on each request's TPOT (mean inter-token latency)")
     compare.add_argument("--router-flags", default="", help="extra flags for pdcluster's router, e.g. '--local-prefill-above-queued 2048'")
+    _add_trace_flags(compare)
+    compare.add_argument("--max-model-len", type=int, default=4096, help="with --trace: cap prompt + output at this")
+    compare.add_argument(
+        "--cost-per-hour", type=float, default=0.0, help="USD per hour of the cores both systems share: prints $/1M output tokens"
+    )
     compare.add_argument("--json-out", default="", help="write the results as JSON here")
     compare.add_argument("--plot", default="", help="write a PNG of p99 ITL, TPOT and TTFT and goodput against rate here")
     compare.set_defaults(func=_bench_compare)
+    simcheck = bench_sub.add_parser("simcheck", help="the simulator's predictions beside a bench compare run's measurements")
+    simcheck.add_argument("--measured", required=True, help="bench compare --json-out file")
+    simcheck.add_argument("--colocated-profile", required=True, help="profile measured on all the cores (pdcluster profile)")
+    simcheck.add_argument("--pd-profile", required=True, help="profile measured on one pool's half of the cores (--cores N/2)")
+    _add_trace_flags(simcheck)
+    simcheck.add_argument("--max-model-len", type=int, default=4096, help="with --trace: as bench compare had it")
+    simcheck.add_argument("--json-out", default="")
+    simcheck.set_defaults(func=_bench_simcheck)
     return parser
 
 

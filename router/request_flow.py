@@ -29,14 +29,7 @@ from pdcluster.router.config import RouterConfig
 from pdcluster.router.continuation_text import ContinuationText
 from pdcluster.router.errors import NoCapacity
 from pdcluster.router.metrics import RouterMetrics
-from pdcluster.router.routing_policy import (
-    PrefixIndex,
-    pick_decode_worker,
-    pick_prefill_worker,
-    prefill_backlog_too_deep,
-    prompt_block_hashes,
-    should_bypass_prefill,
-)
+from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill, prompt_block_hashes
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
 
 logger = logging.getLogger("pdcluster.router.flow")
@@ -242,26 +235,21 @@ class RequestFlow:
         return candidates
 
     def _pick_prefill(self, prompt: list[int], attempt: _Attempt) -> WorkerView | None:
-        if should_bypass_prefill(len(prompt), self.config.bypass_prefill_below_tokens):
-            self.metrics.bypass.labels("short_prompt").inc()
-            return None
         hashes: dict[int, list[int]] = {}
-        prefill, overlap = pick_prefill_worker(
+        placement = place_prefill(
             self._candidates(Role.PREFILL, attempt),
             len(prompt),
             self.prefix_index,
             lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs)),
+            self.config.bypass_prefill_below_tokens,
+            self.config.local_prefill_above_queued_tokens,
         )
-        if prefill is None:
-            self.metrics.bypass.labels("no_prefill_worker").inc()
+        if placement.worker is None:
+            self.metrics.bypass.labels(placement.bypass).inc()
             return None
-        if prefill_backlog_too_deep(prefill, self.config.local_prefill_above_queued_tokens):
-            self.metrics.bypass.labels("prefill_backlog").inc()
-            return None
-        self._note_pick(prefill, Role.PREFILL)
-        self.metrics.prefix_hit_tokens.inc(overlap)
-        self.prefix_index.record(prefill.worker_id, hashes[max(prefill.stats.block_size, 1)])
-        return prefill
+        self._note_pick(placement.worker, Role.PREFILL)
+        self.metrics.prefix_hit_tokens.inc(placement.overlap_tokens)
+        return placement.worker
 
     def _note_pick(self, worker: WorkerView, role: Role) -> None:
         worker.last_picked = time.monotonic()

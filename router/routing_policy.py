@@ -8,6 +8,8 @@ does not already hold in its prefix cache (the approach Dynamo's KV router and l
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import xxhash
@@ -112,3 +114,34 @@ def prefill_backlog_too_deep(prefill: WorkerView, limit_tokens: int) -> bool:
     """With a limit set: the best prefill worker's backlog would delay this prompt more than
     computing it on the decode worker does (a per-request choice, as llm-d and Dynamo make)."""
     return limit_tokens > 0 and queued_prefill_tokens(prefill) > limit_tokens
+
+
+@dataclass
+class PrefillPlacement:
+    """Where a prompt is computed: on `worker` (holding `overlap_tokens` of it already), or,
+    with `worker` None, on its decode worker for the reason `bypass`."""
+
+    worker: WorkerView | None
+    overlap_tokens: int = 0
+    bypass: str = ""  # short_prompt | no_prefill_worker | prefill_backlog
+
+
+def place_prefill(
+    candidates: list[WorkerView],
+    prompt_len: int,
+    index: PrefixIndex,
+    hashes_for: Callable[[int], list[int]],
+    bypass_below_tokens: int,
+    local_above_queued_tokens: int,
+) -> PrefillPlacement:
+    """The router's whole prefill choice for one prompt; a chosen worker is recorded in `index`
+    as now holding the prompt's blocks."""
+    if should_bypass_prefill(prompt_len, bypass_below_tokens):
+        return PrefillPlacement(None, bypass="short_prompt")
+    prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for)
+    if prefill is None:
+        return PrefillPlacement(None, bypass="no_prefill_worker")
+    if prefill_backlog_too_deep(prefill, local_above_queued_tokens):
+        return PrefillPlacement(None, bypass="prefill_backlog")
+    index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
+    return PrefillPlacement(prefill, overlap)

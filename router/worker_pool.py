@@ -121,7 +121,9 @@ class WorkerPool:
         return [w for w in self.workers(role) if w.healthy]
 
     def ready(self) -> bool:
-        return all(self.healthy(role) for role in ROLES)
+        """A healthy decode worker, and a healthy prefill worker unless the cluster has none
+        (co-located engines: decode workers compute the prompts)."""
+        return bool(self.healthy(Role.DECODE)) and (bool(self.healthy(Role.PREFILL)) or not self.workers(Role.PREFILL))
 
     def mark_unreachable(self, worker: WorkerView) -> None:
         """A request saw the worker fail: stop routing to it until a poll succeeds again."""

@@ -49,18 +49,31 @@ class RoleHandler(Protocol):
     def queued_prefill_tokens(self) -> int: ...
 
 
+BUSY_GAP_CAP_S = 1.0  # a longer gap between engine steps is idle time, not one long step
+
+
 def _scheduler_stats_logger(holder: dict):
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SchedulerStatsLogger(StatLoggerBase):
-        """Keeps the engine's latest scheduler stats for Stats and metrics."""
+        """Keeps the engine's latest scheduler stats for Stats and metrics, and the running
+        totals the controller turns into cost per token and utilization."""
 
         def __init__(self, vllm_config, engine_index: int = 0) -> None:
-            pass
+            holder.setdefault("totals", {"prompt_tokens": 0, "generation_tokens": 0, "busy_seconds": 0.0})
+            self._last = (time.monotonic(), False)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            totals, now = holder["totals"], time.monotonic()
+            if iteration_stats is not None:
+                totals["prompt_tokens"] += iteration_stats.num_prompt_tokens
+                totals["generation_tokens"] += iteration_stats.num_generation_tokens
             if scheduler_stats is not None:
                 holder["scheduler"] = scheduler_stats
+                then, was_running = self._last
+                if was_running:  # the engine worked through the time since its last step
+                    totals["busy_seconds"] += min(now - then, BUSY_GAP_CAP_S)
+                self._last = (now, scheduler_stats.num_running_reqs > 0)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -266,6 +279,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             block_size=cache.block_size,
             draining=self._draining,
             max_model_len=self.engine.vllm_config.model_config.max_model_len,
+            **self._scheduler_stats.get("totals", {}),
         )
 
 

@@ -142,8 +142,13 @@ def test_every_dashboard_metric_is_exported(serve):
     status = subprocess.run(
         [sys.executable, "-m", "pdcluster.cli", "status", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
-    controller_metrics = json.loads(status.stdout.strip().splitlines()[-1])["metrics_address"]
-    exported = exported_metric_names(url + "/metrics") | exported_metric_names(f"http://{controller_metrics}/metrics")
+    controller_metrics = f"http://{json.loads(status.stdout.strip().splitlines()[-1])['metrics_address']}/metrics"
+    # Cost per token needs served tokens in the controller's window: one request, then a few rounds.
+    assert httpx.post(url + "/v1/completions", json={"prompt": "The mill", "max_tokens": 4}, timeout=120).status_code == 200
+    deadline = time.monotonic() + 60
+    while "pdcluster_cost_usd_per_million_tokens" not in exported_metric_names(controller_metrics) and time.monotonic() < deadline:
+        time.sleep(1)
+    exported = exported_metric_names(url + "/metrics") | exported_metric_names(controller_metrics)
     with open(os.path.join(ROOT, "deploy", "observability", "grafana-dashboard.json")) as f:
         dashboard = json.load(f)
     queried = {m for panel in dashboard["panels"] for t in panel["targets"] for m in re.findall(r"pdcluster_[a-z0-9_]+", t["expr"])}

@@ -22,6 +22,7 @@ from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
 
+from tests.support.paths import TRACES
 from tests.support.processes import reference_outputs, running_cluster, start_router
 from tests.support.router_metrics import kv_bytes_received, metric
 
@@ -373,15 +374,21 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long
 
 def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
     from pdcluster.bench.serve_bench import main as bench_serve
-    from pdcluster.bench.workloads import Workload
+    from pdcluster.planner.workloads import Workload
 
     json_path, png_path = tmp_path / "serve.json", tmp_path / "serve.png"
     served_before = metric(http, "pdcluster_router_requests_total", 'outcome="ok"')
     workload = Workload(prompt_tokens=120, output_tokens=8, distribution="fixed", prefix_share=0.5, prefix_groups=2, seed=3)
-    results = bench_serve(router_url(cluster), [2.0, 8.0], 6, workload, json_path=str(json_path), plot_path=str(png_path), quiet=True)
+    results = bench_serve(
+        router_url(cluster), [2.0, 8.0], 6, workload, json_path=str(json_path), plot_path=str(png_path), quiet=True, cost_per_hour=3.6
+    )
     assert [r.rate for r in results] == [2.0, 8.0]
     for r in results:
         assert (r.requests, r.completed, r.failed) == (6, 6, 0), r.errors
+        # $3.60/h is $0.001/s: the run's cost over the tokens it served.
+        cost = 3.6 * r.duration_s / 3600
+        assert r.cost_usd_per_million_tokens["output"] == pytest.approx(cost / (6 * 8) * 1e6, rel=1e-3)
+        assert r.cost_usd_per_million_tokens["input"] == pytest.approx(cost / (6 * 120) * 1e6, rel=1e-3)
         assert r.output_tok_per_s > 0 and 0.0 <= r.goodput <= 1.0
         assert r.ttft_ms["p50"] <= r.ttft_ms["p99"] and r.e2e_ms["p50"] <= r.e2e_ms["p99"]
         assert r.ttft_ms["p99"] <= r.e2e_ms["p99"]
@@ -390,9 +397,28 @@ def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
     assert report["model"] == MODEL and len(report["results"]) == 2
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Seeded: the same workload twice gives the same prompts.
-    assert workload.requests(4, 977) == workload.requests(4, 977)
-    shared = {tuple(p[:60]) for p, _ in workload.requests(20, 977)}
+    assert [s.prompt_tokens(977) for s in workload.shapes(4, 2.0)] == [s.prompt_tokens(977) for s in workload.shapes(4, 2.0)]
+    shared = {tuple(s.prompt_tokens(977)[:60]) for s in workload.shapes(20, 2.0)}
     assert len(shared) == 2  # prefix-sharing mode: every prompt starts with one of 2 prefixes
+
+
+def test_bench_serve_replays_a_mooncake_trace_with_its_shared_prefixes(cluster, http):
+    """`bench serve --trace`: the trace's arrivals and lengths, scaled; equal hash ids are equal
+    token prefixes, which the workers' prefix caches then hit."""
+    from pdcluster.bench.serve_bench import main as bench_serve
+    from pdcluster.planner.workloads import TraceScaling, Workload, load_trace
+
+    # 512-token hash blocks scaled to 128 tokens: one KV block of the tiny model's engines.
+    trace = load_trace(str(TRACES / "mooncake_conversation_head.jsonl"), "mooncake", TraceScaling(0.25, 0.001, 8, 4096))
+    assert trace[0].prefix_blocks[0] == trace[1].prefix_blocks[0]  # the trace's first two share their first block
+    first, second = (t.prompt_tokens(977) for t in trace[:2])
+    block = trace[0].block_tokens
+    assert first[:block] == second[:block] and first[block : 2 * block] != second[block : 2 * block]
+    cached_before = metric(http, "pdcluster_router_prefix_hit_tokens_total")
+    results = bench_serve(router_url(cluster), [], 0, Workload(), trace=trace, quiet=True)
+    assert len(results) == 1 and (results[0].requests, results[0].completed) == (8, 8), results[0].errors
+    assert results[0].rate == pytest.approx(8 / trace[-1].arrival_s, rel=1e-2)
+    assert metric(http, "pdcluster_router_prefix_hit_tokens_total") > cached_before
 
 
 def test_vllm_bench_serve_runs_against_the_router_unmodified(cluster, model_dir, tmp_path):

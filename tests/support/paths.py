@@ -6,3 +6,4 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+TRACES = ROOT / "tests" / "data"  # the first requests of ../shared/traces/ (see its README)

@@ -36,6 +36,10 @@ def test_aws_cluster_yaml_passes_ray_validation():
     assert types["decode_gpu"]["resources"]["decode_pool"] > 0
     assert types["prefill_gpu"]["node_config"]["InstanceType"] != types["decode_gpu"]["node_config"]["InstanceType"]
     assert all(types[t]["max_workers"] >= types[t]["min_workers"] for t in ("prefill_gpu", "decode_gpu"))
+    # Each node type carries its replicas' price, the figure the spec gives the controller.
+    spec = ClusterSpec.model_validate(load("cluster.gpu.yaml"))
+    assert float(types["prefill_gpu"]["labels"]["pdcluster-cost-per-hour"]) == spec.prefill.cost_per_hour > 0
+    assert float(types["decode_gpu"]["labels"]["pdcluster-cost-per-hour"]) == spec.decode.cost_per_hour > 0
 
 
 def test_local_cluster_yaml_passes_ray_validation():

@@ -36,6 +36,7 @@ FULL_VALUES = {
         "replicas": 3,
         "maxReplicas": 9,
         "replicasPerNode": 2,
+        "costPerHour": 2.99,
         "nodeSelector": {"pool": "h100"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
@@ -115,6 +116,7 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     assert spec.registry == "redis://demo-redis:6379/0" and spec.tls.enabled and spec.tls.ca
     assert (spec.prefill.node_resource, spec.decode.node_resource) == ("prefill_pool", "decode_pool")
     assert spec.prefill.max_replicas == 9 and spec.prefill.num_gpus == 1
+    assert (spec.prefill.cost_per_hour, spec.decode.cost_per_hour) == (2.99, 0.0)  # the controller's $/1M tokens
     assert spec.engine.quantization == "fp8" and spec.engine.enable_chunked_prefill is True
     assert spec.prefill.engine == {"max_num_batched_tokens": 16384} and spec.decode.engine == {}
     head = docs[("RayCluster", "demo")]["spec"]["headGroupSpec"]["template"]["spec"]["containers"]

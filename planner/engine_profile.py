@@ -1,0 +1,127 @@
+"""What one engine replica costs in time and money, as the simulator and the planner read it.
+
+One engine step (vLLM's continuous batching: prompt chunks and one token per decoding
+request in the same forward pass) takes
+
+    base + per_token * tokens + per_prefill_pair * prefill_pairs + per_decode_context_token * context
+
+- tokens: every token the step computes (prompt-chunk tokens, plus one per decoding request);
+- prefill_pairs: for each prompt chunk, its tokens times the tokens they attend to (the
+  prefix already cached or computed, plus half the chunk: attention is causal);
+- context: the summed context of the decoding requests (the KV each step reads).
+
+`pdcluster profile` fits the four coefficients to measurements on a real engine; the
+reference profiles derive them from a roofline. Either way the raw inputs and the source of
+every number travel in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REFERENCE_DIR = Path(__file__).parent / "reference_profiles"
+
+
+class StepCost(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_s: float = Field(ge=0)
+    per_token_s: float = Field(ge=0)
+    per_prefill_pair_s: float = Field(ge=0)
+    per_decode_context_token_s: float = Field(ge=0)
+
+    def seconds(self, tokens: int, prefill_pairs: float, decode_context: int) -> float:
+        return (
+            self.base_s
+            + self.per_token_s * tokens
+            + self.per_prefill_pair_s * prefill_pairs
+            + self.per_decode_context_token_s * decode_context
+        )
+
+
+def prefill_pairs(chunk: int, before: int) -> float:
+    """Attention pairs of a prompt chunk of `chunk` tokens after `before` tokens of context."""
+    return chunk * (before + chunk / 2)
+
+
+class EngineProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    estimate: bool  # True: derived from datasheets and a roofline, not measured
+    hardware: str
+    model: str
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpus_per_replica: int = Field(0, ge=0)  # 0: a CPU replica
+    block_size: int = Field(ge=1)
+    max_num_seqs: int = Field(ge=1)
+    max_num_batched_tokens: int = Field(ge=1)
+    max_model_len: int = Field(ge=1)
+    kv_capacity_tokens: int = Field(ge=1)  # KV cache of one replica, in tokens
+    kv_bytes_per_token: int = Field(ge=1)
+    step: StepCost
+    transfer_gbps: float = Field(gt=0)  # KV between a prefill and a decode replica
+    transfer_latency_s: float = Field(0.0, ge=0)  # per transfer, on top of bytes / rate
+    cost_per_hour: float = Field(0.0, ge=0)  # USD for one replica
+    sources: dict[str, str] = Field(default_factory=dict)  # field -> where its number comes from
+    measurements: dict = Field(default_factory=dict)  # the raw samples a measured profile was fitted to
+
+    def prefill_seconds(self, tokens: int, cached: int = 0) -> float:
+        """One prompt alone on an idle engine, in chunks of max_num_batched_tokens."""
+        total, done = 0.0, cached
+        while done < tokens:
+            chunk = min(self.max_num_batched_tokens, tokens - done)
+            total += self.step.seconds(chunk, prefill_pairs(chunk, done), 0)
+            done += chunk
+        return total
+
+    def transfer_seconds(self, tokens: int) -> float:
+        return self.transfer_latency_s + tokens * self.kv_bytes_per_token / (self.transfer_gbps * 1e9)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(), indent=1) + "\n")
+
+
+def load_profile(path: str | Path) -> EngineProfile:
+    return EngineProfile.model_validate_json(Path(path).read_text())
+
+
+_TP_SUFFIX = re.compile(r"-tp(\d+)\.json$")
+
+
+def profile_for_tp(path: str | Path, tp: int) -> EngineProfile:
+    """The profile at `path`, or its sibling for tensor-parallel size `tp` (same name, `-tpN`)."""
+    profile = load_profile(path)
+    if profile.tensor_parallel_size == tp:
+        return profile
+    path = Path(path)
+    if not _TP_SUFFIX.search(path.name):
+        raise ValueError(f"{path} is a TP {profile.tensor_parallel_size} profile and names no sibling for TP {tp}")
+    sibling = path.with_name(_TP_SUFFIX.sub(f"-tp{tp}.json", path.name))
+    if not sibling.exists():
+        raise ValueError(f"no TP {tp} profile beside {path} (looked for {sibling.name})")
+    return load_profile(sibling)
+
+
+def tp_sizes(path: str | Path) -> list[int]:
+    """The tensor-parallel sizes with a profile beside `path` (just its own without a -tpN name)."""
+    path = Path(path)
+    if not _TP_SUFFIX.search(path.name):
+        return [load_profile(path).tensor_parallel_size]
+    stem = _TP_SUFFIX.sub("", path.name)
+    return sorted(int(m.group(1)) for p in path.parent.glob(f"{stem}-tp*.json") if (m := _TP_SUFFIX.search(p.name)))
+
+
+def resolve_profile_path(name: str) -> Path:
+    """A profile file, or the name of a reference profile (`h100-llama-3-8b-tp1`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    reference = REFERENCE_DIR / (name if name.endswith(".json") else name + ".json")
+    if reference.exists():
+        return reference
+    raise ValueError(f"no profile {name!r}: not a file, nor one of {sorted(p.stem for p in REFERENCE_DIR.glob('*.json'))}")

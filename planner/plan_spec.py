@@ -1,0 +1,44 @@
+"""A plan's chosen configuration as a cluster spec `pdcluster serve --config` takes."""
+
+from __future__ import annotations
+
+import yaml
+
+from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.planner.engine_profile import EngineProfile
+from pdcluster.planner.plan import Candidate
+
+
+def plan_spec(best: Candidate, profiles: dict[int, EngineProfile]) -> ClusterSpec:
+    decode = profiles[best.decode_tp]
+
+    def pool(tp: int, replicas: int, cost_per_hour: float) -> dict:
+        return {
+            "replicas": replicas,
+            "min_replicas": replicas,
+            "max_replicas": max(1, replicas),
+            "tensor_parallel_size": tp,
+            "num_gpus": float(profiles[tp].gpus_per_replica),
+            "cost_per_hour": cost_per_hour,
+        }
+
+    return ClusterSpec.model_validate(
+        {
+            "engine": {
+                "model": decode.model,
+                # What the simulation assumed of each engine.
+                "max_num_seqs": decode.max_num_seqs,
+                "max_num_batched_tokens": decode.max_num_batched_tokens,
+                "max_model_len": decode.max_model_len,
+            },
+            "prefill": pool(best.prefill_tp, best.prefill_replicas, best.prefill_replica_cost),
+            "decode": pool(best.decode_tp, best.decode_replicas, best.decode_replica_cost),
+        }
+    )
+
+
+def write_plan_spec(path: str, best: Candidate, profiles: dict[int, EngineProfile]) -> None:
+    spec = plan_spec(best, profiles)
+    with open(path, "w") as f:
+        f.write(f"# pdcluster plan: {best.describe()}, {best.goodput_rate:.2f} req/s within SLOs, ${best.cost_per_hour:.2f}/h\n")
+        yaml.safe_dump(spec.model_dump(exclude_defaults=True), f, sort_keys=False)

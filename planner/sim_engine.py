@@ -1,0 +1,179 @@
+"""One simulated engine replica, scheduled in vLLM v1's manner: each step first gives every
+running request its next token or prompt chunk, then admits waiting requests while it has
+token budget (`max_num_batched_tokens`), sequence slots (`max_num_seqs`) and KV blocks;
+prompts are computed in chunks (chunked prefill), and admitted prompts reuse the prefix
+blocks still in the replica's cache. The step's duration comes from the profile's cost model."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from pdcluster.planner.engine_profile import EngineProfile, prefill_pairs
+from pdcluster.planner.workloads import RequestShape
+
+
+@dataclass(eq=False)
+class SimSequence:
+    """A request's work on one engine."""
+
+    request: RequestShape
+    compute_from: int  # prompt tokens already present (loaded KV) before this engine computes
+    stop_after_prompt: bool  # a prefill worker's job: the prompt, then hand the KV over
+    on_done: object  # called (sequence, now) when the prompt ends (prefill) or the answer does
+    on_token: object = None  # called (sequence, now) per token produced
+    hashes_for: object = None  # block size -> the prompt's block hashes (cached by the caller)
+    computed: int = 0  # prompt tokens in KV so far
+    generated: int = 0
+    blocks: int = 0
+    cached_tokens: int = 0
+    kv_ready: bool = True  # False: its prompt's KV is still on the way from a prefill worker
+    prompt_seconds: float = 0.0  # engine time of the steps that computed its prompt
+
+    @property
+    def prompt_left(self) -> int:
+        return self.request.input_tokens - self.computed
+
+    @property
+    def context(self) -> int:
+        return self.computed + self.generated
+
+
+@dataclass
+class StepWork:
+    tokens: int = 0
+    pairs: float = 0.0
+    context: int = 0
+    chunks: list[tuple[SimSequence, int]] = field(default_factory=list)
+    decoding: list[SimSequence] = field(default_factory=list)
+
+
+class SimEngine:
+    def __init__(self, worker_id: str, profile: EngineProfile) -> None:
+        self.worker_id = worker_id
+        self.profile = profile
+        self.total_blocks = profile.kv_capacity_tokens // profile.block_size
+        self.free_blocks = self.total_blocks
+        self.waiting: deque[SimSequence] = deque()
+        self.running: list[SimSequence] = []
+        self.awaiting_kv: set[SimSequence] = set()  # blocks allocated, KV not yet landed
+        self.cache: OrderedDict[int, None] = OrderedDict()  # prefix-cached block hashes, LRU
+        self.busy = False
+        self.busy_seconds = 0.0
+        self.prompt_seconds = 0.0  # the share of busy time spent on prompt tokens
+        self.prompt_tokens_computed = 0
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        return sum(s.prompt_left for s in self.waiting) + sum(s.prompt_left for s in self.running)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.profile.block_size)
+
+    def release(self, sequence: SimSequence) -> None:
+        self.free_blocks += sequence.blocks
+        sequence.blocks = 0
+
+    def kv_landed(self, sequence: SimSequence) -> None:
+        """A remote prompt's KV is here: it runs next if its blocks are allocated already."""
+        sequence.kv_ready = True
+        if sequence in self.awaiting_kv:
+            self.awaiting_kv.remove(sequence)
+            self.waiting.appendleft(sequence)
+
+    def _admit(self, sequence: SimSequence) -> bool:
+        if sequence.blocks:
+            return True
+        request = sequence.request
+        need = self.blocks_for(request.input_tokens + 1)
+        if need > self.free_blocks:
+            return False
+        self.free_blocks -= need
+        sequence.blocks = need
+        if sequence.compute_from:
+            return True
+        hit, leading = 0, True
+        for h in (sequence.hashes_for or request.block_hashes)(self.profile.block_size):
+            if leading and h in self.cache:
+                hit += 1
+            else:
+                leading = False
+                self.cache[h] = None
+            self.cache.move_to_end(h)
+        while len(self.cache) > self.total_blocks:
+            self.cache.popitem(last=False)
+        sequence.cached_tokens = min(hit * self.profile.block_size, request.input_tokens - 1)
+        sequence.computed = max(sequence.computed, sequence.cached_tokens)
+        return True
+
+    def next_step(self) -> StepWork | None:
+        """The next step's work, or None when there is nothing to run."""
+        budget = self.profile.max_num_batched_tokens
+        work = StepWork()
+        for s in self.running:
+            if budget == 0:
+                break
+            if s.prompt_left > 0:
+                n = min(s.prompt_left, budget)
+                work.chunks.append((s, n))
+                work.tokens += n
+                work.pairs += prefill_pairs(n, s.computed)
+                budget -= n
+            else:
+                work.decoding.append(s)
+                work.tokens += 1
+                work.context += s.context
+                budget -= 1
+        while self.waiting and budget > 0 and len(self.running) < self.profile.max_num_seqs:
+            s = self.waiting[0]
+            if not self._admit(s):
+                break  # first come, first served: nothing overtakes it
+            self.waiting.popleft()
+            if not s.kv_ready:  # as vLLM's WAITING_FOR_REMOTE_KVS: holds blocks, does not run
+                self.awaiting_kv.add(s)
+                continue
+            self.running.append(s)
+            n = min(s.prompt_left, budget)
+            work.chunks.append((s, n))
+            work.tokens += n
+            work.pairs += prefill_pairs(n, s.computed)
+            budget -= n
+        return work if work.tokens else None
+
+    def step_seconds(self, work: StepWork) -> tuple[float, float]:
+        """The step's duration and the part of it spent on prompt tokens."""
+        step = self.profile.step
+        total = step.seconds(work.tokens, work.pairs, work.context)
+        prompt_tokens = sum(n for _, n in work.chunks)
+        prompt = step.per_token_s * prompt_tokens + step.per_prefill_pair_s * work.pairs
+        decode = step.per_token_s * len(work.decoding) + step.per_decode_context_token_s * work.context
+        share = prompt / (prompt + decode) if prompt + decode else 0.0
+        return total, total * share
+
+    def finish_step(self, work: StepWork, seconds: float, prompt_seconds: float, now: float) -> None:
+        self.busy_seconds += seconds
+        self.prompt_seconds += prompt_seconds
+        for s, n in work.chunks:
+            s.computed += n
+            s.prompt_seconds += seconds
+            self.prompt_tokens_computed += n
+            if s.prompt_left == 0:
+                if s.stop_after_prompt:
+                    self.running.remove(s)
+                    s.on_done(s, now)
+                else:
+                    self._produce(s, now)
+        for s in work.decoding:
+            self._produce(s, now)
+
+    def _produce(self, s: SimSequence, now: float) -> None:
+        s.generated += 1
+        if s.context % self.profile.block_size == 0 and self.free_blocks > 0:
+            self.free_blocks -= 1
+            s.blocks += 1
+        if s.on_token is not None:
+            s.on_token(s, now)
+        if s.generated >= s.request.output_tokens:
+            self.running.remove(s)
+            self.release(s)
+            s.on_done(s, now)

@@ -1,0 +1,268 @@
+"""`pdcluster simulate`: a discrete-event simulation of a pdcluster cluster (or, with no
+prefill replicas, of co-located engines) serving a list of requests.
+
+The router's part runs the router's own code: `pick_decode_worker` and `place_prefill`
+(bypass, prefix-aware prefill choice, backlog placement) over `WorkerView`s whose stats are
+refreshed every `health_interval_s`, with the router's own between-poll counters, as the
+real router sees its workers. Each replica is a `SimEngine` (vLLM-style continuous
+batching); a prompt prefilled remotely reserves blocks on its decode replica, moves its KV
+at the profile's transfer rate (overlapping the last prompt step, as per-layer streaming
+does), and its first token comes from the decode replica's next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from pdcluster.common.percentiles import percentiles_ms
+from pdcluster.common.worker_record import Role
+from pdcluster.planner.engine_profile import EngineProfile
+from pdcluster.planner.sim_engine import SimEngine, SimSequence
+from pdcluster.planner.workloads import RequestShape
+from pdcluster.protos import worker_pb2
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill
+from pdcluster.router.worker_pool import WorkerView
+
+
+@dataclass
+class ClusterShape:
+    prefill: EngineProfile | None  # None with prefill_replicas 0: co-located
+    decode: EngineProfile
+    prefill_replicas: int
+    decode_replicas: int
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    @property
+    def cost_per_hour(self) -> float:
+        prefill = self.prefill.cost_per_hour * self.prefill_replicas if self.prefill else 0.0
+        return prefill + self.decode.cost_per_hour * self.decode_replicas
+
+    @property
+    def gpus(self) -> int:
+        prefill = self.prefill.gpus_per_replica * self.prefill_replicas if self.prefill else 0
+        return prefill + self.decode.gpus_per_replica * self.decode_replicas
+
+
+@dataclass
+class RequestOutcome:
+    request: RequestShape
+    arrival: float
+    first_token: float = -1.0
+    last_token: float = -1.0
+    gaps: list[float] = field(default_factory=list)
+    placement: str = ""  # remote | short_prompt | no_prefill_worker | prefill_backlog
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float:
+        n = self.request.output_tokens
+        return (self.last_token - self.first_token) / (n - 1) if n > 1 else 0.0
+
+
+class _Replica:
+    def __init__(self, role: Role, index: int, profile: EngineProfile) -> None:
+        self.engine = SimEngine(f"{role}-{index}", profile)
+        self.view = WorkerView(address=self.engine.worker_id, channel=None, stub=None, reachable=True)
+        self.role = role
+        self.refresh()
+
+    def refresh(self) -> None:
+        e = self.engine
+        self.view.stats = worker_pb2.WorkerStats(
+            role=self.role,
+            worker_id=e.worker_id,
+            running=len(e.running),
+            queued=len(e.waiting) + len(e.awaiting_kv),
+            free_kv_blocks=max(0, e.free_blocks),
+            total_kv_blocks=e.total_blocks,
+            queued_prefill_tokens=e.queued_prefill_tokens if self.role == Role.PREFILL else 0,
+            block_size=e.profile.block_size,
+            max_model_len=e.profile.max_model_len,
+        )
+
+
+class ClusterSimulation:
+    def __init__(self, shape: ClusterShape) -> None:
+        self.shape = shape
+        self.prefills = [_Replica(Role.PREFILL, i, shape.prefill) for i in range(shape.prefill_replicas)]
+        self.decodes = [_Replica(Role.DECODE, i, shape.decode) for i in range(shape.decode_replicas)]
+        self.index = PrefixIndex(shape.router.prefix_index_blocks)
+        self._events: list = []
+        self._order = itertools.count()
+        self.now = 0.0
+        self.outcomes: list[RequestOutcome] = []
+        self._unfinished = 0
+
+    # -- events -------------------------------------------------------------------------
+
+    def _at(self, when: float, action, *args) -> None:
+        heapq.heappush(self._events, (when, next(self._order), action, args))
+
+    def run(self, requests: list[RequestShape]) -> list[RequestOutcome]:
+        for r in requests:
+            self._at(r.arrival_s, self._arrive, r)
+        self._unfinished = len(requests)
+        self._at(0.0, self._poll)
+        while self._events and self._unfinished:
+            self.now, _, action, args = heapq.heappop(self._events)
+            action(*args)
+        return self.outcomes
+
+    def _poll(self) -> None:
+        for replica in (*self.prefills, *self.decodes):
+            replica.refresh()
+        self._at(self.now + self.shape.router.health_interval_s, self._poll)
+
+    def _kick(self, replica: _Replica) -> None:
+        engine = replica.engine
+        if engine.busy:
+            return
+        work = engine.next_step()
+        if work is None:
+            return
+        engine.busy = True
+        seconds, prompt_seconds = engine.step_seconds(work)
+        self._at(self.now + seconds, self._step_done, replica, work, seconds, prompt_seconds)
+
+    def _step_done(self, replica: _Replica, work, seconds: float, prompt_seconds: float) -> None:
+        replica.engine.busy = False
+        replica.engine.finish_step(work, seconds, prompt_seconds, self.now)
+        self._kick(replica)
+
+    # -- one request, as the router routes it ----------------------------------------------
+
+    def _arrive(self, request: RequestShape) -> None:
+        outcome = RequestOutcome(request, self.now)
+        hashes_for = functools.cache(request.block_hashes)
+        self.outcomes.append(outcome)
+        config = self.shape.router
+        decode = self._by_view(
+            self.decodes, pick_decode_worker([d.view for d in self.decodes], request.input_tokens + request.output_tokens)
+        )
+        placement = place_prefill(
+            [p.view for p in self.prefills],
+            request.input_tokens,
+            self.index,
+            hashes_for,
+            config.bypass_prefill_below_tokens,
+            config.local_prefill_above_queued_tokens,
+        )
+        decode.view.last_picked = self.now
+        decode.view.inflight += 1
+
+        def on_token(seq: SimSequence, now: float) -> None:
+            if outcome.first_token < 0:
+                outcome.first_token = now
+            else:
+                outcome.gaps.append(now - outcome.last_token)
+            outcome.last_token = now
+
+        def on_answered(seq: SimSequence, now: float) -> None:
+            decode.view.inflight -= 1
+            self._unfinished -= 1
+
+        if placement.worker is None:
+            outcome.placement = placement.bypass
+            decode.engine.waiting.append(SimSequence(request, 0, False, on_answered, on_token, hashes_for=hashes_for))
+            self._kick(decode)
+            return
+        outcome.placement = "remote"
+        prefill = self._by_view(self.prefills, placement.worker)
+        prefill.view.last_picked = self.now
+        prefill.view.pending_prefill_tokens += request.input_tokens
+        prefill.view.inflight += 1
+        # The decode worker holds the request from now on, allocating its blocks in turn.
+        consumer = SimSequence(request, request.input_tokens - 1, False, on_answered, on_token, kv_ready=False)
+        consumer.computed = request.input_tokens - 1
+        decode.engine.waiting.append(consumer)
+        self._kick(decode)
+
+        def on_prefilled(seq: SimSequence, now: float) -> None:
+            prefill.view.pending_prefill_tokens -= request.input_tokens
+            prefill.view.inflight -= 1
+            # Layers stream while the prompt computes: what is left is the part the steps did not hide.
+            transfer = self.shape.prefill.transfer_seconds(request.input_tokens)
+            tail = max(self.shape.prefill.transfer_latency_s, transfer - seq.prompt_seconds)
+            self._at(now + tail, self._landed, prefill, seq, decode, consumer)
+
+        prefill.engine.waiting.append(SimSequence(request, 0, True, on_prefilled, hashes_for=hashes_for))
+        self._kick(prefill)
+
+    def _landed(self, prefill: _Replica, produced: SimSequence, decode: _Replica, consumer: SimSequence) -> None:
+        # vLLM's delayed free: the prompt's blocks stay held until the consumer has its KV
+        # (staged by the consumer if it has not allocated blocks yet).
+        prefill.engine.release(produced)
+        self._kick(prefill)
+        decode.engine.kv_landed(consumer)
+        self._kick(decode)
+
+    @staticmethod
+    def _by_view(replicas: list[_Replica], view: WorkerView) -> _Replica:
+        return next(r for r in replicas if r.view is view)
+
+
+def within_slos(outcome: RequestOutcome, slo_ttft_ms: float, slo_itl_ms: float) -> bool:
+    """bench serve's test: TTFT within its SLO and the request's TPOT within the ITL SLO."""
+    return outcome.ttft * 1e3 <= slo_ttft_ms and outcome.tpot * 1e3 <= slo_itl_ms
+
+
+def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dict:
+    """Latency percentiles (keys as in bench serve's JSON), SLO attainment, utilization per
+    pool and cost per 1M tokens (the cluster's whole cost over the tokens of each kind)."""
+    done = [o for o in sim.outcomes if o.last_token >= 0]
+    start = min(o.arrival for o in sim.outcomes)
+    duration = max(o.last_token for o in done) - start
+    hours = duration / 3600
+    input_tokens = sum(o.request.input_tokens for o in done)
+    output_tokens = sum(o.request.output_tokens for o in done)
+    pools = {}
+    for role, replicas, profile in ((Role.PREFILL, sim.prefills, sim.shape.prefill), (Role.DECODE, sim.decodes, sim.shape.decode)):
+        if not replicas:
+            continue
+        busy = sum(r.engine.busy_seconds for r in replicas)
+        prompt = sum(r.engine.prompt_seconds for r in replicas)
+        pools[str(role)] = {
+            "replicas": len(replicas),
+            "tensor_parallel_size": profile.tensor_parallel_size,
+            "utilization": round(busy / (duration * len(replicas)), 4),
+            "prompt_share_of_busy": round(prompt / busy, 4) if busy else 0.0,
+            "cost_per_hour": round(profile.cost_per_hour * len(replicas), 4),
+        }
+    cost = sim.shape.cost_per_hour * hours
+    good = [o for o in done if within_slos(o, slo_ttft_ms, slo_itl_ms)]
+    return {
+        "requests": len(sim.outcomes),
+        "completed": len(done),
+        "duration_s": round(duration, 3),
+        "req_per_s": round(len(done) / duration, 4) if duration else 0.0,
+        "output_tok_per_s": round(output_tokens / duration, 2) if duration else 0.0,
+        "ttft_ms": percentiles_ms([o.ttft for o in done]),
+        "itl_ms": percentiles_ms([g for o in done for g in o.gaps]),
+        "tpot_ms": percentiles_ms([o.tpot for o in done]),
+        "e2e_ms": percentiles_ms([o.last_token - o.arrival for o in done]),
+        "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
+        "slo_attainment": round(len(good) / len(sim.outcomes), 4),
+        "placements": dict(collections.Counter(o.placement for o in sim.outcomes)),
+        "pools": pools,
+        "gpus": sim.shape.gpus,
+        "cost_per_hour": round(sim.shape.cost_per_hour, 4),
+        "cost_usd": round(cost, 6),
+        "cost_usd_per_million_tokens": {
+            "input": round(cost / input_tokens * 1e6, 6) if input_tokens else None,
+            "output": round(cost / output_tokens * 1e6, 6) if output_tokens else None,
+        },
+    }
+
+
+def simulate(shape: ClusterShape, requests: list[RequestShape], slo_ttft_ms: float, slo_itl_ms: float) -> dict:
+    sim = ClusterSimulation(shape)
+    sim.run(requests)
+    return report(sim, slo_ttft_ms, slo_itl_ms)

@@ -1,0 +1,115 @@
+"""Profiles (reference ones from the roofline, fitted ones from samples), trace loading and
+scaling, the plan's search, and the controller's cost-per-token meter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.cluster.pool_cost import PoolCostMeter
+from pdcluster.common.worker_record import Role
+from pdcluster.planner.engine_profile import REFERENCE_DIR, StepCost, load_profile, profile_for_tp, tp_sizes
+from pdcluster.planner.plan import plan, retimed
+from pdcluster.planner.plan_spec import plan_spec
+from pdcluster.planner.profiler import fit_step_cost
+from pdcluster.planner.roofline import reference_profiles
+from pdcluster.planner.workloads import TraceScaling, load_trace
+from pdcluster.protos import worker_pb2
+
+from tests.support.paths import TRACES
+
+
+def test_shipped_reference_profiles_are_the_rooflines_and_name_their_sources():
+    expected = reference_profiles()
+    shipped = {p.stem: load_profile(p) for p in REFERENCE_DIR.glob("*.json")}
+    assert shipped == expected  # regenerate with `python -m pdcluster.planner.roofline`
+    for gpu in ("h100", "h200"):
+        assert tp_sizes(REFERENCE_DIR / f"{gpu}-llama-3-8b-tp1.json") == [1, 2, 4, 8]
+        assert tp_sizes(REFERENCE_DIR / f"{gpu}-llama-3-70b-tp2.json") == [2, 4, 8]  # 141 GB of weights need 2 GPUs
+    for p in shipped.values():
+        assert p.estimate and p.gpus_per_replica == p.tensor_parallel_size
+        assert {"hardware", "model", "step.base_s", "step.per_token_s", "transfer_gbps", "cost_per_hour"} <= set(p.sources)
+    small = shipped["h100-llama-3-8b-tp1"]
+    assert small.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+    # Decoding one request: the 16 GB of weights at 80% of 3.35 TB/s, plus the step overhead.
+    assert small.step.seconds(1, 0, 0) == pytest.approx(0.0015 + 16.06e9 / (3.35e12 * 0.8), rel=0.01)
+    assert shipped["h200-llama-3-8b-tp1"].step.base_s < small.step.base_s  # more bandwidth
+    assert profile_for_tp(REFERENCE_DIR / "h100-llama-3-8b-tp1.json", 4).tensor_parallel_size == 4
+    with pytest.raises(ValueError, match="TP 1"):
+        profile_for_tp(REFERENCE_DIR / "h100-llama-3-70b-tp2.json", 1)
+
+
+def test_step_cost_fit_recovers_known_coefficients():
+    truth = StepCost(base_s=0.004, per_token_s=2e-5, per_prefill_pair_s=3e-9, per_decode_context_token_s=5e-8)
+    rows = [(n, n * n / 2, 0) for n in (16, 128, 512, 2048)] + [(b, 0.0, b * c) for b in (1, 8, 32) for c in (128, 1024)]
+    fitted = fit_step_cost(rows, [truth.seconds(*r) for r in rows])
+    for name, value in truth.model_dump().items():
+        assert getattr(fitted, name) == pytest.approx(value, rel=1e-6)
+
+
+def test_traces_load_scaled_with_their_shared_prefixes():
+    mooncake = load_trace(str(TRACES / "mooncake_conversation_head.jsonl"), "mooncake", TraceScaling(0.5, 0.1, 10, 4096))
+    raw = [json.loads(line) for line in (TRACES / "mooncake_conversation_head.jsonl").read_text().splitlines()[:10]]
+    assert len(mooncake) == 10 and mooncake[0].block_tokens == 256
+    for r, row in zip(mooncake, raw, strict=True):
+        assert r.arrival_s == pytest.approx(row["timestamp"] / 1e3 * 0.1)
+        assert r.output_tokens == min(round(row["output_length"] * 0.5), 2048)
+        assert r.input_tokens == min(round(row["input_length"] * 0.5), 4096 - r.output_tokens - 1)
+        assert r.prefix_blocks == tuple(row["hash_ids"])
+    # Equal first hash ids: equal first blocks, as ids and as tokens.
+    a, b = mooncake[0], mooncake[1]
+    assert a.block_hashes(16)[:16] == b.block_hashes(16)[:16] and a.block_hashes(16)[16] != b.block_hashes(16)[16]
+    assert a.prompt_tokens(977)[:256] == b.prompt_tokens(977)[:256] and len(a.prompt_tokens(977)) == a.input_tokens
+    azure = load_trace(str(TRACES / "azure_2023_code_head.csv"), "azure", TraceScaling(max_requests=5))
+    assert [r.input_tokens for r in azure] == [4808, 3180, 110, 7433, 34]
+    assert azure[1].arrival_s == pytest.approx(0.052, abs=1e-3) and not azure[0].prefix_blocks
+    with pytest.raises(ValueError, match="trace-format"):
+        load_trace(str(TRACES / "azure_2023_code_head.csv"), "sharegpt")
+    faster = retimed(azure, 2.0)  # 5 requests at 2 req/s: the last at 2 s, same spacing pattern
+    assert faster[-1].arrival_s == pytest.approx(2.0)
+    assert [r.arrival_s for r in faster] == pytest.approx([r.arrival_s * 2.0 / azure[-1].arrival_s for r in azure])
+
+
+def test_plan_finds_the_cheapest_configuration_and_writes_a_spec():
+    path = REFERENCE_DIR / "h100-llama-3-8b-tp1.json"
+    profiles = {tp: profile_for_tp(path, tp) for tp in (1, 2)}
+    requests = load_trace(str(TRACES / "azure_2023_code_head.csv"), "azure", TraceScaling(max_requests=40))
+    lines = []
+    candidates = plan(profiles, requests, slo_ttft_ms=2000, slo_itl_ms=100, max_gpus=3, cost={"prefill": 2.0}, progress=lines.append)
+    best = candidates[0]
+    assert not best.estimated and best.goodput_rate > 0 and best.gpus <= 3
+    simulated = [c for c in candidates if not c.estimated]
+    assert simulated == sorted(simulated, key=lambda c: c.requests_per_dollar, reverse=True)
+    assert {c.colocated for c in simulated} == {True, False}  # both kinds were simulated whole
+    split = next(c for c in candidates if not c.colocated)
+    assert split.prefill_replica_cost == 2.0 * split.prefill_tp  # --cost prefill=2 per GPU-hour
+    assert split.decode_replica_cost == profiles[split.decode_tp].cost_per_hour  # the profile's own price
+    assert any("TP2" in line for line in lines)
+    spec = plan_spec(split, profiles)
+    assert isinstance(spec, ClusterSpec)
+    assert (spec.prefill.replicas, spec.decode.replicas) == (split.prefill_replicas, split.decode_replicas)
+    assert spec.prefill.tensor_parallel_size == split.prefill_tp and spec.prefill.num_gpus == split.prefill_tp
+    assert spec.prefill.cost_per_hour == split.prefill_replica_cost and spec.engine.model == profiles[1].model
+
+
+def test_pool_cost_meter_divides_each_pool_cost_by_the_clusters_tokens():
+    meter = PoolCostMeter(window_s=300)
+    cost = {Role.PREFILL: 7.2, Role.DECODE: 3.6}  # USD per replica-hour
+
+    def stats(prompt, generated, busy):
+        return worker_pb2.WorkerStats(prompt_tokens=prompt, generation_tokens=generated, busy_seconds=busy)
+
+    meter.observe(0.0, [("p1", Role.PREFILL, stats(0, 0, 0)), ("d1", Role.DECODE, stats(0, 0, 0))], cost)
+    assert meter.cost_per_million_tokens() == {}
+    meter.observe(60.0, [("p1", Role.PREFILL, stats(9000, 9, 30)), ("d1", Role.DECODE, stats(1000, 100, 15))], cost)
+    usd = meter.cost_per_million_tokens()
+    # One minute: prefill $0.12, decode $0.06; the cluster served 1000 input and 100 output tokens.
+    assert usd["prefill", "input"] == pytest.approx(0.12 / 1000 * 1e6)
+    assert usd["decode", "output"] == pytest.approx(0.06 / 100 * 1e6)
+    assert usd["all", "input"] == pytest.approx(0.18 / 1000 * 1e6)
+    assert meter.utilization() == pytest.approx({"prefill": 0.5, "decode": 0.25})
+    # A replaced decode worker starts its totals at zero: its tokens still count, nothing goes negative.
+    meter.observe(120.0, [("p1", Role.PREFILL, stats(9000, 9, 30)), ("d2", Role.DECODE, stats(500, 50, 6))], cost)
+    assert meter.cost_per_million_tokens()["all", "output"] == pytest.approx(0.36 / 150 * 1e6)

@@ -1,0 +1,117 @@
+"""The simulator on cases small enough to work out by hand, with the router's own policies
+deciding where each request goes."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdcluster.planner.engine_profile import EngineProfile, StepCost
+from pdcluster.planner.simulator import ClusterShape, ClusterSimulation, simulate
+from pdcluster.planner.workloads import RequestShape
+from pdcluster.router.config import RouterConfig
+
+BASE, PER_TOKEN = 0.010, 0.001  # a step: 10 ms plus 1 ms per token computed
+
+
+def profile(**overrides) -> EngineProfile:
+    fields = dict(
+        name="hand",
+        estimate=True,
+        hardware="none",
+        model="none",
+        block_size=16,
+        max_num_seqs=64,
+        max_num_batched_tokens=1000,
+        max_model_len=4096,
+        kv_capacity_tokens=100_000,
+        kv_bytes_per_token=1000,
+        step=StepCost(base_s=BASE, per_token_s=PER_TOKEN, per_prefill_pair_s=0.0, per_decode_context_token_s=0.0),
+        transfer_gbps=1.0,  # 100 tokens of 1000 B: 0.1 ms, hidden behind the prompt's step
+        cost_per_hour=3.6,
+    )
+    return EngineProfile(**{**fields, **overrides})
+
+
+def run(shape: ClusterShape, requests: list[RequestShape]) -> ClusterSimulation:
+    sim = ClusterSimulation(shape)
+    sim.run(requests)
+    return sim
+
+
+def test_one_request_disaggregated():
+    p = profile()
+    sim = run(ClusterShape(p, p, 1, 1), [RequestShape(0.0, 100, 5)])
+    (o,) = sim.outcomes
+    assert o.placement == "remote"
+    # Prefill: one step of 100 tokens (0.11 s); decode: the prompt's last token then 4 more, 11 ms each.
+    assert o.ttft == pytest.approx(0.110 + 0.011)
+    assert o.gaps == pytest.approx([0.011] * 4)
+    assert o.tpot == pytest.approx(0.011)
+    assert sim.prefills[0].engine.busy_seconds == pytest.approx(0.110)
+    assert sim.decodes[0].engine.busy_seconds == pytest.approx(0.055)
+
+
+def test_one_request_colocated_and_cost():
+    p = profile()
+    report = simulate(ClusterShape(None, p, 0, 1), [RequestShape(0.0, 100, 5)], slo_ttft_ms=1000, slo_itl_ms=100)
+    assert report["placements"] == {"no_prefill_worker": 1}
+    assert report["ttft_ms"]["p50"] == pytest.approx(110.0)  # the prompt's step makes the first token
+    assert report["duration_s"] == pytest.approx(0.110 + 4 * 0.011)
+    # $3.60/h = $0.001/s over the run, per token of each kind.
+    cost = 0.001 * report["duration_s"]
+    assert report["cost_usd_per_million_tokens"]["input"] == pytest.approx(cost / 100 * 1e6, rel=1e-3)
+    assert report["cost_usd_per_million_tokens"]["output"] == pytest.approx(cost / 5 * 1e6, rel=1e-3)
+    assert report["pools"]["decode"]["utilization"] == pytest.approx(1.0)
+    assert report["slo_attainment"] == 1.0
+
+
+def test_saturated_prefill_pool_queues_prompts_one_step_each():
+    # Budget 100 tokens a step: each prompt takes a whole step, so the k-th waits for k before it.
+    p = profile(max_num_batched_tokens=100)
+    requests = [RequestShape(0.0, 100, 2, seed=i) for i in range(6)]
+    sim = run(ClusterShape(p, profile(), 1, 1), requests)
+    ttfts = sorted(o.ttft for o in sim.outcomes)
+    for k, ttft in enumerate(ttfts):
+        prefilled = (k + 1) * 0.110
+        assert prefilled + 0.011 <= ttft + 1e-9 <= prefilled + 0.011 + 0.02  # at most one decode step in the way
+    assert sim.prefills[0].engine.busy_seconds == pytest.approx(6 * 0.110)
+    report = simulate(ClusterShape(p, profile(), 1, 1), requests, slo_ttft_ms=300, slo_itl_ms=100)
+    assert report["slo_attainment"] == pytest.approx(2 / 6, abs=1e-3)  # only the first two prompts start within 300 ms
+
+
+def test_prefix_hits_go_to_the_worker_that_holds_them_and_skip_their_tokens():
+    p = profile()
+    # 160-token prompts whose first 128 tokens (two 64-token prefix blocks) are the same.
+    first = RequestShape(0.0, 160, 2, prefix_blocks=(7, 8, 100), block_tokens=64, seed=1)
+    second = RequestShape(10.0, 160, 2, prefix_blocks=(7, 8, 200), block_tokens=64, seed=2)
+    sim = run(ClusterShape(p, p, 2, 1), [first, second])
+    a, b = sim.outcomes
+    assert a.ttft == pytest.approx(0.010 + 0.160 + 0.011)
+    assert b.ttft == pytest.approx(0.010 + 0.032 + 0.011)  # 128 tokens cached: 32 computed
+    # The router's prefix index sent the second to the worker holding the prefix.
+    busy = sorted(r.engine.busy_seconds for r in sim.prefills)
+    assert busy == pytest.approx([0.0, 0.170 + 0.042])
+
+
+def test_router_policies_decide_placement():
+    p = profile()
+    short = RequestShape(0.0, 20, 2)  # under the router's bypass threshold (64)
+    sim = run(ClusterShape(p, p, 1, 1, RouterConfig(bypass_prefill_below_tokens=64)), [short])
+    assert sim.outcomes[0].placement == "short_prompt"
+    assert sim.prefills[0].engine.busy_seconds == 0.0
+    backlog = RouterConfig(local_prefill_above_queued_tokens=150)
+    many = [RequestShape(0.0, 100, 2, seed=i) for i in range(3)]
+    sim = run(ClusterShape(p, p, 1, 1, backlog), many)
+    assert [o.placement for o in sim.outcomes] == ["remote", "remote", "prefill_backlog"]
+
+
+def test_long_prompts_are_chunked_and_decoding_shares_steps():
+    p = profile(max_num_batched_tokens=64)
+    sim = run(ClusterShape(None, p, 0, 1), [RequestShape(0.0, 10, 40, seed=1), RequestShape(0.05, 200, 2, seed=2)])
+    long = sim.outcomes[1]
+    # 200 tokens at 63 a step (the decoding request takes one token of each step's 64): three
+    # full steps, then 11 tokens, after at most the one decode step already under way.
+    chunks = 3 * (BASE + 64 * PER_TOKEN) + BASE + 12 * PER_TOKEN
+    assert chunks - 1e-9 <= long.ttft <= chunks + BASE + PER_TOKEN
+    gaps = sim.outcomes[0].gaps
+    assert max(gaps) == pytest.approx(BASE + 64 * PER_TOKEN)  # a decode step carrying a full chunk
