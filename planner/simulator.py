@@ -100,6 +100,8 @@ class ClusterSimulation:
         self.now = 0.0
         self.outcomes: list[RequestOutcome] = []
         self._unfinished = 0
+        self._in_system = 0  # arrived, not yet answered
+        self._polling = False
 
     # -- events -------------------------------------------------------------------------
 
@@ -110,7 +112,6 @@ class ClusterSimulation:
         for r in requests:
             self._at(r.arrival_s, self._arrive, r)
         self._unfinished = len(requests)
-        self._at(0.0, self._poll)
         while self._events and self._unfinished:
             self.now, _, action, args = heapq.heappop(self._events)
             action(*args)
@@ -119,7 +120,10 @@ class ClusterSimulation:
     def _poll(self) -> None:
         for replica in (*self.prefills, *self.decodes):
             replica.refresh()
-        self._at(self.now + self.shape.router.health_interval_s, self._poll)
+        # An idle cluster's stats stay what this poll read; the next arrival resumes polling.
+        self._polling = self._in_system > 0
+        if self._polling:
+            self._at(self.now + self.shape.router.health_interval_s, self._poll)
 
     def _kick(self, replica: _Replica) -> None:
         engine = replica.engine
@@ -140,6 +144,9 @@ class ClusterSimulation:
     # -- one request, as the router routes it ----------------------------------------------
 
     def _arrive(self, request: RequestShape) -> None:
+        self._in_system += 1
+        if not self._polling:
+            self._poll()
         outcome = RequestOutcome(request, self.now)
         hashes_for = functools.cache(request.block_hashes)
         self.outcomes.append(outcome)
@@ -168,6 +175,7 @@ class ClusterSimulation:
         def on_answered(seq: SimSequence, now: float) -> None:
             decode.view.inflight -= 1
             self._unfinished -= 1
+            self._in_system -= 1
 
         if placement.worker is None:
             outcome.placement = placement.bypass
