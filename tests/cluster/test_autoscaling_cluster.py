@@ -161,6 +161,7 @@ class Load:
             t.join(600)
 
 
+@pytest.mark.timeout(1800)  # its waits add up to more than the suite's per-test 900 s
 def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, tokenizer):
     controller, url = serve
     assert pool_nodes("prefill_pool") == 1 and pool_nodes("decode_pool") == 1
@@ -179,6 +180,7 @@ def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, token
     assert [(d["role"], d["to_replicas"]) for d in status(controller)["decisions"]][-1] == ("prefill", 1)
 
 
+@pytest.mark.timeout(1800)
 def test_decode_scales_on_its_own_signal(serve, tokenizer):
     controller, url = serve
     before = len(status(controller)["decisions"])
