@@ -47,6 +47,14 @@ class StepWork:
     chunks: list[tuple[SimSequence, int]] = field(default_factory=list)
     decoding: list[SimSequence] = field(default_factory=list)
 
+    def add_chunk(self, s: SimSequence, budget: int) -> int:
+        """Schedule the next piece of `s`'s prompt within `budget`; returns its tokens."""
+        n = min(s.prompt_left, budget)
+        self.chunks.append((s, n))
+        self.tokens += n
+        self.pairs += prefill_pairs(n, s.computed)
+        return n
+
 
 class SimEngine:
     def __init__(self, worker_id: str, profile: EngineProfile) -> None:
@@ -61,7 +69,6 @@ class SimEngine:
         self.busy = False
         self.busy_seconds = 0.0
         self.prompt_seconds = 0.0  # the share of busy time spent on prompt tokens
-        self.prompt_tokens_computed = 0
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -114,11 +121,7 @@ class SimEngine:
             if budget == 0:
                 break
             if s.prompt_left > 0:
-                n = min(s.prompt_left, budget)
-                work.chunks.append((s, n))
-                work.tokens += n
-                work.pairs += prefill_pairs(n, s.computed)
-                budget -= n
+                budget -= work.add_chunk(s, budget)
             else:
                 work.decoding.append(s)
                 work.tokens += 1
@@ -133,11 +136,7 @@ class SimEngine:
                 self.awaiting_kv.add(s)
                 continue
             self.running.append(s)
-            n = min(s.prompt_left, budget)
-            work.chunks.append((s, n))
-            work.tokens += n
-            work.pairs += prefill_pairs(n, s.computed)
-            budget -= n
+            budget -= work.add_chunk(s, budget)
         return work if work.tokens else None
 
     def step_seconds(self, work: StepWork) -> tuple[float, float]:
@@ -156,7 +155,6 @@ class SimEngine:
         for s, n in work.chunks:
             s.computed += n
             s.prompt_seconds += seconds
-            self.prompt_tokens_computed += n
             if s.prompt_left == 0:
                 if s.stop_after_prompt:
                     self.running.remove(s)
