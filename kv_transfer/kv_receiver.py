@@ -52,7 +52,8 @@ class ExpectedTransfer:
     failure: str = ""
     transport: str = ""  # the data path its KV came by
     # NIXL: the producer agent allowed to write into its blocks, and until when its
-    # one-sided writes may still land (the blocks stay held that long unless it says done).
+    # one-sided writes may still land (the blocks stay held that long, complete or not,
+    # unless it says its writes ended).
     nixl_writer: str = ""
     hold_until: float = 0.0
 
@@ -164,7 +165,10 @@ class KVReceiver:
             for transfer_id, t in list(self._expected.items()):
                 if t.awaited and now > t.deadline:
                     t.failure = f"no complete KV within {self._settings.load_timeout_s}s"
-                if t.writers or t.awaited or (t.hold_until > now and not t.complete):
+                # A complete NIXL transfer stays held too until its writer says its writes
+                # ended: a retry's write may still be landing on the prompt's last block,
+                # which the decode then fills.
+                if t.writers or t.awaited or t.hold_until > now:
                     continue
                 del self._expected[transfer_id]
                 self._by_request.pop(t.request_id, None)
@@ -321,7 +325,9 @@ class KVReceiver:
 
     def nixl_target(self, transfer_id: str, writer: str, hold_s: float) -> ExpectedTransfer | None:
         """Let `writer` (a producer's NIXL agent) write this transfer's blocks; they stay held
-        `hold_s` unless it reports its writes ended. None while the request is not scheduled."""
+        `hold_s` unless it reports its writes ended. None while the request is not scheduled.
+        A complete transfer is returned as it is and written no more: a producer asks again
+        only once its earlier writes ended, so its hold ends here."""
         with self._lock:
             t = self._expected.get(transfer_id)
             if t is None:
@@ -330,9 +336,14 @@ class KVReceiver:
                 return None
             if t.failure:
                 raise TransferNotWanted(f"transfer {transfer_id} failed: {t.failure}")
-            t.nixl_writer, t.transport = writer, "nixl"
-            t.hold_until = time.monotonic() + hold_s
-            return t
+            if t.complete:
+                t.hold_until = 0.0
+            else:
+                t.nixl_writer, t.transport = writer, "nixl"
+                t.hold_until = time.monotonic() + hold_s
+        if t.complete:
+            self._progress.set()
+        return t
 
     def nixl_active(self) -> bool:
         """Whether NIXL writes may still be landing here (notifications need reading)."""
@@ -388,7 +399,9 @@ class KVReceiver:
             t.hold_until = 0.0
             if t.failure:
                 raise TransferNotWanted(f"transfer {transfer_id} failed: {t.failure}")
-            return t.complete
+            complete = t.complete
+        self._progress.set()  # a complete transfer is vLLM's now
+        return complete
 
     # -- internals --------------------------------------------------------------------
 

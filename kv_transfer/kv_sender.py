@@ -47,6 +47,7 @@ class OutgoingTransfer:
     task: asyncio.Task | None = None
     transport: str = ""  # the data path of the last attempt
     moved: int = 0  # bytes that attempt moved
+    nixl_held: bool = False  # a NIXL attempt got the consumer's blocks: they stay held until told
 
 
 class KVSender:
@@ -192,6 +193,8 @@ class KVSender:
             # Retry only if every stream failed in a way a retry can fix.
             raise TransferFailed(str(errors[0]), all(e.retryable for e in errors)) from None
         t.moved = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes
+        if t.nixl_held:  # TCP carried what a NIXL attempt began: its writes have ended
+            await self._nixl.written(t)
 
     async def _chunks(self, t: OutgoingTransfer):
         # One pack buffer per stream (for layouts that need packing): a chunk is handed

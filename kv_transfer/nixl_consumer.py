@@ -43,6 +43,8 @@ class NixlConsumer:
             if time.monotonic() >= give_up:
                 return pb.NixlTargetReply(status=pb.NixlTargetReply.NOT_SCHEDULED)
             await asyncio.sleep(TARGET_POLL_S)
+        if t.complete:
+            return pb.NixlTargetReply(status=pb.NixlTargetReply.COMPLETE)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_notices())
         return pb.NixlTargetReply(

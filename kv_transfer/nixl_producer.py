@@ -37,6 +37,8 @@ TARGET_WAIT_MS = 500
 AUTO_TARGET_WAIT_S = 2.0
 # auto: how long an endpoint NIXL could not reach is served over TCP before trying again.
 UNREACHABLE_RETRY_S = 60.0
+# After a failed write: how long its bytes may still take to land at the consumer.
+DRAIN_S = 2.0
 
 
 class NixlProducer:
@@ -66,7 +68,10 @@ class NixlProducer:
                 lease_ms=max(int((t.deadline - now) * 1000), 1),
             )
             reply = await self._client.nixl_target(t.endpoint, request)
+            if reply.status == pb.NixlTargetReply.COMPLETE:
+                return reply
             if reply.status == pb.NixlTargetReply.READY:
+                t.nixl_held = True
                 break
             if reply.status == pb.NixlTargetReply.NO_NIXL:
                 if auto:
@@ -85,6 +90,8 @@ class NixlProducer:
     async def write(self, t: OutgoingTransfer, target: pb.NixlTargetReply) -> int:
         """Write every announced block range of `t` as it comes; returns the bytes written.
         Raises TransferFailed."""
+        if target.status == pb.NixlTargetReply.COMPLETE:
+            return 0  # an earlier attempt's writes all landed
         agent, layout = self._agent, self._agent.layout
         peer, dst_blocks = target.agent, list(target.block_ids)
         spans = [LayerSpan(s.base, s.block_stride, s.piece_stride, s.pieces, s.device) for s in target.layers]
@@ -123,12 +130,25 @@ class NixlProducer:
                     t.changed.clear()
                     await t.changed.wait()
         except NixlWriteFailed as e:
+            for handle in in_flight:
+                agent.release(peer, handle)
+            in_flight = []
+            if written:
+                # Bytes of this attempt may still sit on the wire or in the consumer's
+                # buffers, landing when its NIXL progresses. Its blocks stay held (and
+                # progressed) meanwhile, so they land there before a retry completes it.
+                await asyncio.sleep(DRAIN_S)
             raise self._unreachable(t.endpoint, str(e)) from None
         finally:
             for handle in in_flight:
                 agent.release(peer, handle)
-        await self._client.nixl_written(t.endpoint, pb.NixlWrittenRequest(transfer_id=t.transfer_id, producer_agent=agent.name))
+        await self.written(t)
         return written
+
+    async def written(self, t: OutgoingTransfer) -> None:
+        """Tell the consumer none of our writes of `t` is in flight any more, so it may hand
+        the blocks to vLLM."""
+        await self._client.nixl_written(t.endpoint, pb.NixlWrittenRequest(transfer_id=t.transfer_id, producer_agent=self._agent.name))
 
     def _unreachable(self, endpoint: str, why: str) -> TransferFailed:
         if self._settings.transport == "auto":

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pdcluster/protos/kv_transfer.proto\x12\x0cpdcluster.v1\"\xab\x01\n\x11NixlTargetRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nauth_token\x18\x02 \x01(\t\x12\x16\n\x0eproducer_agent\x18\x03 \x01(\t\x12\x13\n\x0bknown_agent\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x10\n\x08lease_ms\x18\x08 \x01(\r\"U\n\x12NixlWrittenRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nauth_token\x18\x02 \x01(\t\x12\x16\n\x0eproducer_agent\x18\x03 \x01(\t\"e\n\tLayerSpan\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_stride\x18\x02 \x01(\x04\x12\x14\n\x0cpiece_stride\x18\x03 \x01(\x04\x12\x0e\n\x06pieces\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\r\"\x84\x02\n\x0fNixlTargetReply\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.pdcluster.v1.NixlTargetReply.Status\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x03 \x01(\x0c\x12\x0e\n\x06memory\x18\x04 \x01(\t\x12\'\n\x06layers\x18\x05 \x03(\x0b\x32\x17.pdcluster.v1.LayerSpan\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x07 \x01(\r\"3\n\x06Status\x12\t\n\x05READY\x10\x00\x12\x11\n\rNOT_SCHEDULED\x10\x01\x12\x0b\n\x07NO_NIXL\x10\x02\"(\n\x12\x44\x61taChannelRequest\x12\x12\n\nauth_token\x18\x01 \x01(\t\")\n\x0b\x44\x61taChannel\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"*\n\x07KVChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x07PushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"O\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nauth_token\x18\x03 \x01(\t\"#\n\x12\x41\x62ortTransferReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x10\n\x0eKVStatsRequest\"\x8e\x06\n\x07KVStats\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0csend_seconds\x18\x03 \x01(\x01\x12\x17\n\x0freceive_seconds\x18\x04 \x01(\x01\x12\x16\n\x0etransfers_sent\x18\x05 \x01(\x04\x12\x1a\n\x12transfers_received\x18\x06 \x01(\x04\x12\x18\n\x10transfers_failed\x18\x07 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x08 \x01(\x04\x12\x14\n\x0csend_retries\x18\t \x01(\x04\x12\x12\n\nrecomputes\x18\n \x01(\x04\x12\x16\n\x0e\x65xpired_leases\x18\x0b \x01(\x04\x12\x15\n\rpending_sends\x18\x0c \x01(\x04\x12\x18\n\x10pending_receives\x18\r \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x0e \x01(\x04\x12P\n\x17\x62ytes_sent_by_transport\x18\x0f \x03(\x0b\x32/.pdcluster.v1.KVStats.BytesSentByTransportEntry\x12X\n\x1b\x62ytes_received_by_transport\x18\x10 \x03(\x0b\x32\x33.pdcluster.v1.KVStats.BytesReceivedByTransportEntry\x12O\n\x16transfers_by_transport\x18\x11 \x03(\x0b\x32/.pdcluster.v1.KVStats.TransfersByTransportEntry\x1a;\n\x19\x42ytesSentByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a?\n\x1d\x42ytesReceivedByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a;\n\x19TransfersByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xb7\x03\n\nKVTransfer\x12\x36\n\x04Push\x12\x15.pdcluster.v1.KVChunk\x1a\x15.pdcluster.v1.PushAck(\x01\x12M\n\x05\x41\x62ort\x12\".pdcluster.v1.AbortTransferRequest\x1a .pdcluster.v1.AbortTransferReply\x12<\n\x05Stats\x12\x1c.pdcluster.v1.KVStatsRequest\x1a\x15.pdcluster.v1.KVStats\x12N\n\x0fOpenDataChannel\x12 .pdcluster.v1.DataChannelRequest\x1a\x19.pdcluster.v1.DataChannel\x12L\n\nNixlTarget\x12\x1f.pdcluster.v1.NixlTargetRequest\x1a\x1d.pdcluster.v1.NixlTargetReply\x12\x46\n\x0bNixlWritten\x12 .pdcluster.v1.NixlWrittenRequest\x1a\x15.pdcluster.v1.PushAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pdcluster/protos/kv_transfer.proto\x12\x0cpdcluster.v1\"\xab\x01\n\x11NixlTargetRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nauth_token\x18\x02 \x01(\t\x12\x16\n\x0eproducer_agent\x18\x03 \x01(\t\x12\x13\n\x0bknown_agent\x18\x04 \x01(\t\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\x12\x0e\n\x06layout\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x10\n\x08lease_ms\x18\x08 \x01(\r\"U\n\x12NixlWrittenRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nauth_token\x18\x02 \x01(\t\x12\x16\n\x0eproducer_agent\x18\x03 \x01(\t\"e\n\tLayerSpan\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_stride\x18\x02 \x01(\x04\x12\x14\n\x0cpiece_stride\x18\x03 \x01(\x04\x12\x0e\n\x06pieces\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\r\"\x92\x02\n\x0fNixlTargetReply\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.pdcluster.v1.NixlTargetReply.Status\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x03 \x01(\x0c\x12\x0e\n\x06memory\x18\x04 \x01(\t\x12\'\n\x06layers\x18\x05 \x03(\x0b\x32\x17.pdcluster.v1.LayerSpan\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12\x13\n\x0b\x66irst_block\x18\x07 \x01(\r\"A\n\x06Status\x12\t\n\x05READY\x10\x00\x12\x11\n\rNOT_SCHEDULED\x10\x01\x12\x0b\n\x07NO_NIXL\x10\x02\x12\x0c\n\x08\x43OMPLETE\x10\x03\"(\n\x12\x44\x61taChannelRequest\x12\x12\n\nauth_token\x18\x01 \x01(\t\")\n\x0b\x44\x61taChannel\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"*\n\x07KVChunk\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x07PushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\"O\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nauth_token\x18\x03 \x01(\t\"#\n\x12\x41\x62ortTransferReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x10\n\x0eKVStatsRequest\"\x8e\x06\n\x07KVStats\x12\x12\n\nbytes_sent\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x14\n\x0csend_seconds\x18\x03 \x01(\x01\x12\x17\n\x0freceive_seconds\x18\x04 \x01(\x01\x12\x16\n\x0etransfers_sent\x18\x05 \x01(\x04\x12\x1a\n\x12transfers_received\x18\x06 \x01(\x04\x12\x18\n\x10transfers_failed\x18\x07 \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x08 \x01(\x04\x12\x14\n\x0csend_retries\x18\t \x01(\x04\x12\x12\n\nrecomputes\x18\n \x01(\x04\x12\x16\n\x0e\x65xpired_leases\x18\x0b \x01(\x04\x12\x15\n\rpending_sends\x18\x0c \x01(\x04\x12\x18\n\x10pending_receives\x18\r \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x0e \x01(\x04\x12P\n\x17\x62ytes_sent_by_transport\x18\x0f \x03(\x0b\x32/.pdcluster.v1.KVStats.BytesSentByTransportEntry\x12X\n\x1b\x62ytes_received_by_transport\x18\x10 \x03(\x0b\x32\x33.pdcluster.v1.KVStats.BytesReceivedByTransportEntry\x12O\n\x16transfers_by_transport\x18\x11 \x03(\x0b\x32/.pdcluster.v1.KVStats.TransfersByTransportEntry\x1a;\n\x19\x42ytesSentByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a?\n\x1d\x42ytesReceivedByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a;\n\x19TransfersByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xb7\x03\n\nKVTransfer\x12\x36\n\x04Push\x12\x15.pdcluster.v1.KVChunk\x1a\x15.pdcluster.v1.PushAck(\x01\x12M\n\x05\x41\x62ort\x12\".pdcluster.v1.AbortTransferRequest\x1a .pdcluster.v1.AbortTransferReply\x12<\n\x05Stats\x12\x1c.pdcluster.v1.KVStatsRequest\x1a\x15.pdcluster.v1.KVStats\x12N\n\x0fOpenDataChannel\x12 .pdcluster.v1.DataChannelRequest\x1a\x19.pdcluster.v1.DataChannel\x12L\n\nNixlTarget\x12\x1f.pdcluster.v1.NixlTargetRequest\x1a\x1d.pdcluster.v1.NixlTargetReply\x12\x46\n\x0bNixlWritten\x12 .pdcluster.v1.NixlWrittenRequest\x1a\x15.pdcluster.v1.PushAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,31 +44,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERSPAN']._serialized_start=313
   _globals['_LAYERSPAN']._serialized_end=414
   _globals['_NIXLTARGETREPLY']._serialized_start=417
-  _globals['_NIXLTARGETREPLY']._serialized_end=677
+  _globals['_NIXLTARGETREPLY']._serialized_end=691
   _globals['_NIXLTARGETREPLY_STATUS']._serialized_start=626
-  _globals['_NIXLTARGETREPLY_STATUS']._serialized_end=677
-  _globals['_DATACHANNELREQUEST']._serialized_start=679
-  _globals['_DATACHANNELREQUEST']._serialized_end=719
-  _globals['_DATACHANNEL']._serialized_start=721
-  _globals['_DATACHANNEL']._serialized_end=762
-  _globals['_KVCHUNK']._serialized_start=764
-  _globals['_KVCHUNK']._serialized_end=806
-  _globals['_PUSHACK']._serialized_start=808
-  _globals['_PUSHACK']._serialized_end=880
-  _globals['_ABORTTRANSFERREQUEST']._serialized_start=882
-  _globals['_ABORTTRANSFERREQUEST']._serialized_end=961
-  _globals['_ABORTTRANSFERREPLY']._serialized_start=963
-  _globals['_ABORTTRANSFERREPLY']._serialized_end=998
-  _globals['_KVSTATSREQUEST']._serialized_start=1000
-  _globals['_KVSTATSREQUEST']._serialized_end=1016
-  _globals['_KVSTATS']._serialized_start=1019
-  _globals['_KVSTATS']._serialized_end=1801
-  _globals['_KVSTATS_BYTESSENTBYTRANSPORTENTRY']._serialized_start=1616
-  _globals['_KVSTATS_BYTESSENTBYTRANSPORTENTRY']._serialized_end=1675
-  _globals['_KVSTATS_BYTESRECEIVEDBYTRANSPORTENTRY']._serialized_start=1677
-  _globals['_KVSTATS_BYTESRECEIVEDBYTRANSPORTENTRY']._serialized_end=1740
-  _globals['_KVSTATS_TRANSFERSBYTRANSPORTENTRY']._serialized_start=1742
-  _globals['_KVSTATS_TRANSFERSBYTRANSPORTENTRY']._serialized_end=1801
-  _globals['_KVTRANSFER']._serialized_start=1804
-  _globals['_KVTRANSFER']._serialized_end=2243
+  _globals['_NIXLTARGETREPLY_STATUS']._serialized_end=691
+  _globals['_DATACHANNELREQUEST']._serialized_start=693
+  _globals['_DATACHANNELREQUEST']._serialized_end=733
+  _globals['_DATACHANNEL']._serialized_start=735
+  _globals['_DATACHANNEL']._serialized_end=776
+  _globals['_KVCHUNK']._serialized_start=778
+  _globals['_KVCHUNK']._serialized_end=820
+  _globals['_PUSHACK']._serialized_start=822
+  _globals['_PUSHACK']._serialized_end=894
+  _globals['_ABORTTRANSFERREQUEST']._serialized_start=896
+  _globals['_ABORTTRANSFERREQUEST']._serialized_end=975
+  _globals['_ABORTTRANSFERREPLY']._serialized_start=977
+  _globals['_ABORTTRANSFERREPLY']._serialized_end=1012
+  _globals['_KVSTATSREQUEST']._serialized_start=1014
+  _globals['_KVSTATSREQUEST']._serialized_end=1030
+  _globals['_KVSTATS']._serialized_start=1033
+  _globals['_KVSTATS']._serialized_end=1815
+  _globals['_KVSTATS_BYTESSENTBYTRANSPORTENTRY']._serialized_start=1630
+  _globals['_KVSTATS_BYTESSENTBYTRANSPORTENTRY']._serialized_end=1689
+  _globals['_KVSTATS_BYTESRECEIVEDBYTRANSPORTENTRY']._serialized_start=1691
+  _globals['_KVSTATS_BYTESRECEIVEDBYTRANSPORTENTRY']._serialized_end=1754
+  _globals['_KVSTATS_TRANSFERSBYTRANSPORTENTRY']._serialized_start=1756
+  _globals['_KVSTATS_TRANSFERSBYTRANSPORTENTRY']._serialized_end=1815
+  _globals['_KVTRANSFER']._serialized_start=1818
+  _globals['_KVTRANSFER']._serialized_end=2257
 # @@protoc_insertion_point(module_scope)

@@ -58,9 +58,11 @@ class NixlTargetReply(_message.Message):
         READY: _ClassVar[NixlTargetReply.Status]
         NOT_SCHEDULED: _ClassVar[NixlTargetReply.Status]
         NO_NIXL: _ClassVar[NixlTargetReply.Status]
+        COMPLETE: _ClassVar[NixlTargetReply.Status]
     READY: NixlTargetReply.Status
     NOT_SCHEDULED: NixlTargetReply.Status
     NO_NIXL: NixlTargetReply.Status
+    COMPLETE: NixlTargetReply.Status
     STATUS_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]

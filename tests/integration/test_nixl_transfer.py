@@ -189,3 +189,43 @@ def test_blocks_a_live_producer_may_still_write_stay_held_until_its_writes_end(e
     assert poll_consumer(cons) == ({"r1"}, {"r1"})  # released once its writes ended
     assert wait_until(lambda: prod.sender.poll({"r1"})) == {"r1"}
     assert cons.stats.snapshot()["recomputes"] == 0  # a cancel, not a failed load
+
+
+def test_a_complete_transfer_stays_held_until_its_writer_ends_and_a_retry_writes_nothing(endpoints):
+    """A retry (say its NixlWritten call was cut) may be writing again while the notices of the
+    attempt before complete the transfer. Handed to vLLM then, the retry's write of the
+    prompt's last block would land on the KV of the tokens the decode appends there."""
+    import asyncio
+
+    from pdcluster.kv_transfer.grpc_transport import KVClient
+    from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
+    from pdcluster.protos import kv_transfer_pb2 as pb
+
+    cons = endpoints(True, transport="nixl")
+    receiver = cons.receiver
+
+    def land_every_block(transfer_id: str) -> None:
+        for layer in range(len(cons.layers)):
+            checksum = cons.layout.checksum(cons.layers[layer], DST_BLOCKS)
+            receiver.nixl_landed("writer", NixlWriteNotice(transfer_id, layer, 0, NUM_BLOCKS, checksum).encode())
+
+    receiver.expect("t1", "r1", DST_BLOCKS, 0)
+    assert receiver.nixl_target("t1", "writer", hold_s=60) is not None
+    land_every_block("t1")
+    time.sleep(0.2)
+    assert receiver.poll() == (set(), set())  # complete, but the writer has not said it ended
+    # The retry asks where to write: the consumer answers COMPLETE and the hold ends.
+    request = pb.NixlTargetRequest(
+        transfer_id="t1", producer_agent="writer", wait_ms=100, layout=cons.layout.signature, dtype=cons.layout.dtype_name, lease_ms=60_000
+    )
+    client = KVClient(KVTransferSettings())
+    reply = asyncio.run(client.nixl_target(cons.address, request))
+    assert reply.status == pb.NixlTargetReply.COMPLETE and not reply.block_ids
+    assert receiver.poll() == ({"r1"}, set())
+
+    receiver.expect("t2", "r2", DST_BLOCKS, 0)
+    receiver.nixl_target("t2", "writer", hold_s=60)
+    land_every_block("t2")
+    assert receiver.poll() == (set(), set())
+    assert receiver.nixl_written("t2", "writer")  # the writer's writes ended: vLLM's now
+    assert receiver.poll() == ({"r2"}, set())
