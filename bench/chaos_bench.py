@@ -70,12 +70,24 @@ class FaultResult:
 
 
 class ChaosCluster:
-    def __init__(self, prefill: int, decode: int) -> None:
+    def __init__(self, prefill: int, decode: int, serve_flags: list[str] = ()) -> None:
         self.roles = {"prefill": prefill, "decode": decode}
         self.started = time.time()
         self.redis, self.redis_url = start_redis()
         self.redis_port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
-        args = ["--prefill", str(prefill), "--decode", str(decode), "--port", "0", "--grpc-port", "0", "--registry", self.redis_url]
+        args = [
+            "--prefill",
+            str(prefill),
+            "--decode",
+            str(decode),
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--registry",
+            self.redis_url,
+            *serve_flags,
+        ]
         self.proc, self.lines, urls = launch_serve(args)
         self.http, self.grpc = urls["http"], urls["grpc"]
 
@@ -144,6 +156,7 @@ class Load:
         self._address = grpc_address
         self.prompts = prompts
         self.errors: list[str] = []  # of the last run
+        self.wrong: list[str] = []  # of the last run: which prompt, and where it diverged
 
     async def run(self, duration_s: float, rate: float, expected: list[list[int]] | None, fault: Callable[[], None] | None):
         """Arrivals for `duration_s` (0: each prompt once), the fault fired FAULT_AT_S in."""
@@ -151,7 +164,7 @@ class Load:
         stub = inference_pb2_grpc.InferenceStub(channel)
         rng = random.Random(7)
         results: list[tuple[int, list[int] | None, float]] = []
-        self.errors = []
+        self.errors, self.wrong = [], []
 
         async def one(i: int) -> None:
             started = time.monotonic()
@@ -178,8 +191,11 @@ class Load:
         await channel.close()
         answers = {i: tokens for i, tokens, _ in results}
         lost = sum(tokens is None for _, tokens, _ in results)
-        wrong = 0 if expected is None else sum(tokens is not None and tokens != expected[i] for i, tokens, _ in results)
-        return len(results), lost, wrong, max(s for _, _, s in results), answers
+        for i, tokens, _ in results:
+            if expected is not None and tokens is not None and tokens != expected[i]:
+                at = next((k for k, (a, b) in enumerate(zip(tokens, expected[i])) if a != b), min(len(tokens), len(expected[i])))
+                self.wrong.append(f"prompt {i} ({len(self.prompts[i])} tokens) diverged at output token {at}")
+        return len(results), lost, len(self.wrong), max(s for _, _, s in results), answers
 
 
 class Battery:
@@ -210,6 +226,7 @@ class Battery:
 
         requests, lost, wrong, slowest, _ = asyncio.run(self.load.run(LOAD_S, RATE, self.expected, fire))
         self.notes += [f"lost: {e}" for e in sorted(set(self.load.errors))[:3]]
+        self.notes += [f"wrong: {w}" for w in self.load.wrong[:3]]
         if undo is not None:
             undo()
         whole = self.cluster.wait_whole()
@@ -390,8 +407,8 @@ def _prompts(count: int) -> list[list[int]]:
     return [ids[start : start + (160 if i % 3 else 24)] for i, start in enumerate(starts)]
 
 
-def main(json_output: bool = False, faults: list[str] = FAULTS, prefill: int = 2, decode: int = 2) -> int:
-    cluster = ChaosCluster(prefill, decode)
+def main(json_output: bool = False, faults: list[str] = FAULTS, prefill: int = 2, decode: int = 2, serve_flags: list[str] = ()) -> int:
+    cluster = ChaosCluster(prefill, decode, serve_flags)
     try:
         battery = Battery(cluster, Load(cluster.grpc, _prompts(24)))
         rows = [battery.baseline()]

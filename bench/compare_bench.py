@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pdcluster.bench.rate_plot import plot_grid
 from pdcluster.bench.serve_bench import RateResult, replay, run_rate, served_model, sweep
 from pdcluster.common.processes import LocalProcess, start_process, wait_ready
-from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_flags
+from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, engine_flags
 from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.common.worker_record import Role
 from pdcluster.planner.workloads import COMPARE_WORKLOADS, RequestShape, Workload
@@ -171,6 +171,7 @@ def main(
     router_flags: list[str] = (),
     cost_per_hour: float = 0.0,
     trace: list[RequestShape] = (),
+    vllm_flags: list[str] = (),
 ) -> list[Comparison]:
     from transformers import AutoTokenizer
 
@@ -181,11 +182,12 @@ def main(
     if len(cpus) < 2:
         raise SystemExit("bench compare needs at least 2 cores: one for each pdcluster worker")
     # Both systems: the same engine settings, with the step size vLLM's OpenAI server uses on CPU.
+    engine_args, other = engine_args_from_flags(list(vllm_flags))
+    if other:
+        raise SystemExit(f"bench compare takes vLLM engine flags only, not {' '.join(other)}")
     engine = EngineConfig(
         model=model or str(ensure_tiny_model(spec=BENCH_MODEL)),
-        dtype="auto" if model else "float32",
-        kv_cache_gib=2.0,
-        max_num_batched_tokens=2048,
+        **{"dtype": "auto" if model else "float32", "kv_cache_gib": 2.0, "max_num_batched_tokens": 2048, **engine_args},
     )
     vocab = len(AutoTokenizer.from_pretrained(engine.model))
     chosen = {name: COMPARE_WORKLOADS[name] for name in workloads}

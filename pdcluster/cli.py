@@ -287,7 +287,7 @@ def _bench_transfer(args: argparse.Namespace) -> int:
 def _bench_chaos(args: argparse.Namespace) -> int:
     from pdcluster.bench.chaos_bench import main as bench_main
 
-    return bench_main(json_output=args.json, faults=args.faults, prefill=args.prefill, decode=args.decode)
+    return bench_main(json_output=args.json, faults=args.faults, prefill=args.prefill, decode=args.decode, serve_flags=args.vllm_flags)
 
 
 def _bench_router(args: argparse.Namespace) -> int:
@@ -347,6 +347,7 @@ def _bench_compare(args: argparse.Namespace) -> int:
         router_flags=shlex.split(args.router_flags),
         cost_per_hour=args.cost_per_hour,
         trace=_trace_requests(args, args.max_model_len) if args.trace else (),
+        vllm_flags=args.vllm_flags,
     )
     return 0 if all(c.colocated.completed and c.pdcluster.completed for c in comparisons) else 1
 
@@ -431,12 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--streams", type=int, default=None, help="streams per transfer (default: the setting)")
     transfer.add_argument("--chunk-mib", type=int, default=None, help="chunk size in MiB (default: the setting)")
     transfer.set_defaults(func=_bench_transfer)
-    chaos = bench_sub.add_parser("chaos", help="faults one at a time under load: requests lost, wrong, slowest, heal time")
+    chaos = bench_sub.add_parser(
+        "chaos", help="faults one at a time under load: requests lost, wrong, slowest, heal time (vLLM engine flags go to the cluster)"
+    )
     chaos.add_argument("--json", action="store_true", help="end with a JSON line")
     chaos.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
     chaos.add_argument("--prefill", type=int, default=2, help="prefill workers")
     chaos.add_argument("--decode", type=int, default=2, help="decode workers")
-    chaos.set_defaults(func=_bench_chaos)
+    chaos.set_defaults(func=_bench_chaos, takes_vllm_flags=True)
     router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")
     router.add_argument("--json", action="store_true", help="end with a JSON line")
     router.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -464,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--json-out", default="", help="write the results as JSON here")
     serve_bench.add_argument("--plot", default="", help="write a PNG of latency percentiles against rate here")
     serve_bench.set_defaults(func=_bench_serve)
-    compare = bench_sub.add_parser("compare", help="co-located vLLM against pdcluster 1P+1D on the same cores, same load")
+    compare = bench_sub.add_parser(
+        "compare", help="co-located vLLM against pdcluster 1P+1D on the same cores, same load (vLLM engine flags go to both)"
+    )
     compare.add_argument("--model", default="", help="HF model directory (default: the generated bench model, ~26M parameters)")
     compare.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="request rates to sweep (req/s)")
     compare.add_argument("--requests", type=int, default=40, help="requests per rate")
@@ -480,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--json-out", default="", help="write the results as JSON here")
     compare.add_argument("--plot", default="", help="write a PNG of p99 ITL, TPOT and TTFT and goodput against rate here")
-    compare.set_defaults(func=_bench_compare)
+    compare.set_defaults(func=_bench_compare, takes_vllm_flags=True)
     simcheck = bench_sub.add_parser("simcheck", help="the simulator's predictions beside a bench compare run's measurements")
     simcheck.add_argument("--measured", required=True, help="bench compare --json-out file")
     simcheck.add_argument("--colocated-profile", required=True, help="profile measured on all the cores (pdcluster profile)")

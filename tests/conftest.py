@@ -39,5 +39,5 @@ def pd_pair(request, model_dir, kv_data_proxy):
     """One prefill and one decode worker process on the tiny model, moving KV over each data path."""
     args = ["--kv-transport", request.param, "--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]
     decode_args = ["--kv-data-port", str(kv_data_proxy.upstream_port), "--kv-data-advertise", kv_data_proxy.address]
-    with running_pair(args, args + decode_args) as pair:
+    with running_pair(args, args + decode_args, compiled=True) as pair:
         yield pair

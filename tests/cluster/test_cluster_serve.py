@@ -28,6 +28,7 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.paths import ROOT
+from tests.support.processes import EAGER
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ MAX_TOKENS = 200
 @pytest.fixture(scope="module")
 def serve():
     """`pdcluster serve --prefill 2 --decode 1` on free ports."""
-    proc, lines, urls = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0"])
+    proc, lines, urls = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *EAGER])
     yield proc, urls["http"], lines
     stop_serve(proc)
 

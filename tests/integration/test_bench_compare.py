@@ -13,6 +13,7 @@ import pytest
 from pdcluster.common.processes import spawn
 
 from tests.support.paths import ROOT
+from tests.support.processes import EAGER
 
 
 def test_spawn_confines_the_process_to_the_given_cores(tmp_path):
@@ -43,6 +44,7 @@ def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
         str(json_path),
         "--plot",
         str(png_path),
+        *EAGER,
     ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -41,7 +41,7 @@ def prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def expected(prompts, tmp_path_factory) -> list[list[int]]:
-    return reference_outputs(prompts, MAX_TOKENS, tmp_path_factory.mktemp("reference"))
+    return reference_outputs(prompts, MAX_TOKENS, tmp_path_factory.mktemp("reference"), compiled=True)
 
 
 def test_disaggregated_equals_single_engine_one_at_a_time(pd_pair, prompts, expected):

@@ -18,6 +18,7 @@ from pdcluster.common.tiny_model.generate import ensure_tiny_model
 from pdcluster.planner.engine_profile import load_profile
 
 from tests.support.paths import ROOT, TRACES
+from tests.support.processes import EAGER
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,7 @@ def test_profile_simulate_plan_serve(tmp_path):
         "1",
         "--dtype",
         "float32",
+        *EAGER,
         "--kv-transport",
         "tcp",
         "--cost-per-hour",
@@ -100,7 +102,7 @@ def test_profile_simulate_plan_serve(tmp_path):
     assert (spec.prefill.replicas, spec.decode.replicas) == (best["prefill_replicas"], best["decode_replicas"])
     assert spec.engine.model == profile.model and spec.decode.cost_per_hour == 0.5
 
-    proc, _, urls = launch_serve(["--config", str(spec_path), "--port", "0", "--grpc-port", "0"])
+    proc, _, urls = launch_serve(["--config", str(spec_path), "--port", "0", "--grpc-port", "0", *EAGER])
     try:
         reply = httpx.post(urls["http"] + "/v1/completions", json={"prompt": "The old mill", "max_tokens": 8}, timeout=120)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8

@@ -20,7 +20,7 @@ from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
-from tests.support.processes import start_router
+from tests.support.processes import EAGER, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def wait_for(predicate, timeout_s: float, what: str):
 def test_two_routers_share_membership_and_prefix_hints(redis_url, tokenizer):
     # The workers require the cluster token; the routers are not given it and read it from the
     # registry, where the controller publishes it.
-    args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken"]
+    args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken", *EAGER]
     workers = [start_process("prefill", args), start_process("decode", args)]
     routers = []
     try:

@@ -19,7 +19,7 @@ from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_environment
 
-from tests.support.processes import running_cluster
+from tests.support.processes import EAGER, running_cluster
 from tests.support.router_metrics import metric
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def servers(model, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
     serve_flags = [*SERVE_FLAGS, "--chat-template", str(template)]
-    vllm, vllm_url = start_vllm_server(["--model", model, "--seed", "0", *ENGINE_FLAGS, *serve_flags], env, log)
+    vllm, vllm_url = start_vllm_server(["--model", model, "--seed", "0", *ENGINE_FLAGS, *EAGER, *serve_flags], env, log)
     try:
         router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *serve_flags]
         with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, _):

@@ -12,10 +12,15 @@ from pdcluster.common.worker_record import Role
 
 from tests.support.paths import ROOT
 
+# Compiling the model (torch.compile: ~30 s more per engine start here, more on CI) is not
+# what most tests are about. test_core_path keeps vLLM's compiled default.
+EAGER = ["--enforce-eager"]
+
 
 @contextlib.contextmanager
 def running_cluster(prefill: int = 1, decode: int = 1, worker_args: list[str] = (), router_args: list[str] = ()):
-    """Workers and a router in front of them, each its own process; yields (router, workers)."""
+    """Workers (eager) and a router in front of them, each its own process; yields (router, workers)."""
+    worker_args = [*worker_args, *EAGER]
     workers = [start_process(Role.PREFILL, worker_args) for _ in range(prefill)]
     workers += [start_process(Role.DECODE, worker_args) for _ in range(decode)]
     started = list(workers)
@@ -39,9 +44,10 @@ def start_router(worker_addresses: list[str], router_args: list[str] = ()):
 
 
 @contextlib.contextmanager
-def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None):
+def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None, compiled: bool = False):
     """A prefill and a decode worker process, ready, stopped on exit."""
-    workers = [start_process(Role.PREFILL, prefill_args, env=env), start_process(Role.DECODE, decode_args, env=env)]
+    mode = [] if compiled else EAGER
+    workers = [start_process(Role.PREFILL, [*prefill_args, *mode], env=env), start_process(Role.DECODE, [*decode_args, *mode], env=env)]
     try:
         for w in workers:
             wait_ready(w)
@@ -51,12 +57,13 @@ def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env:
             w.stop()
 
 
-def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path) -> list[list[int]]:
-    """Greedy output token ids of one plain vLLM engine (no connector), in its own process."""
+def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path, compiled: bool = False) -> list[list[int]]:
+    """Greedy output token ids of one plain vLLM engine (no connector), in its own process;
+    compiled or eager like the workers it is compared with."""
     prompts_path, out_path = tmp_path / "prompts.json", tmp_path / "outputs.json"
     prompts_path.write_text(json.dumps(prompts))
     subprocess.run(
-        [sys.executable, "-m", "tests.support.reference_engine", str(prompts_path), str(out_path), str(max_tokens)],
+        [sys.executable, "-m", "tests.support.reference_engine", str(prompts_path), str(out_path), str(max_tokens), str(compiled)],
         cwd=ROOT,
         check=True,
         timeout=600,

@@ -1,7 +1,7 @@
 """A plain single vLLM engine (no connector, no disaggregation): the reference that
 disaggregated outputs must equal token for token. Runs as its own process:
 
-    python -m tests.reference_engine PROMPTS_JSON OUT_JSON MAX_TOKENS
+    python -m tests.support.reference_engine PROMPTS_JSON OUT_JSON MAX_TOKENS COMPILED(True|False)
 """
 
 import json
@@ -11,11 +11,11 @@ from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_kwargs, prepare_environment
 
 
-def main(prompts_path: str, out_path: str, max_tokens: int) -> None:
+def main(prompts_path: str, out_path: str, max_tokens: int, compiled: bool) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    engine = EngineConfig()
+    engine = EngineConfig() if compiled else EngineConfig(enforce_eager=True)
     prepare_environment(engine)
     llm = LLM(**engine_kwargs(engine))
     with open(prompts_path) as f:
@@ -29,4 +29,4 @@ def main(prompts_path: str, out_path: str, max_tokens: int) -> None:
 
 
 if __name__ == "__main__":  # vLLM's CPU backend spawns processes
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "True")
