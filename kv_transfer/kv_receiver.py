@@ -336,12 +336,13 @@ class KVReceiver:
                 return None
             if t.failure:
                 raise TransferNotWanted(f"transfer {transfer_id} failed: {t.failure}")
-            if t.complete:
+            complete = t.complete
+            if complete:
                 t.hold_until = 0.0
             else:
                 t.nixl_writer, t.transport = writer, "nixl"
                 t.hold_until = time.monotonic() + hold_s
-        if t.complete:
+        if complete:
             self._progress.set()
         return t
 

@@ -97,6 +97,7 @@ class NixlProducer:
         spans = [LayerSpan(s.base, s.block_stride, s.piece_stride, s.pieces, s.device) for s in target.layers]
         in_flight: list = []
         written = 0
+        failure = ""
         try:
             while True:
                 while t.cursor < len(t.ranges):
@@ -130,18 +131,17 @@ class NixlProducer:
                     t.changed.clear()
                     await t.changed.wait()
         except NixlWriteFailed as e:
+            failure = str(e)
+        finally:
             for handle in in_flight:
                 agent.release(peer, handle)
-            in_flight = []
+        if failure:
             if written:
                 # Bytes of this attempt may still sit on the wire or in the consumer's
                 # buffers, landing when its NIXL progresses. Its blocks stay held (and
                 # progressed) meanwhile, so they land there before a retry completes it.
                 await asyncio.sleep(DRAIN_S)
-            raise self._unreachable(t.endpoint, str(e)) from None
-        finally:
-            for handle in in_flight:
-                agent.release(peer, handle)
+            raise self._unreachable(t.endpoint, failure)
         await self.written(t)
         return written
 

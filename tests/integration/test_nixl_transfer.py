@@ -4,6 +4,7 @@ and peers killed in the middle of a transfer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -11,7 +12,10 @@ import torch
 
 from pdcluster.common.ports import free_port
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
+from pdcluster.kv_transfer.grpc_transport import KVClient
+from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
 from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.protos import kv_transfer_pb2 as pb
 
 from tests.support.kv_endpoint_process import EndpointProcess
 from tests.support.kv_fakes import (
@@ -195,12 +199,6 @@ def test_a_complete_transfer_stays_held_until_its_writer_ends_and_a_retry_writes
     """A retry (say its NixlWritten call was cut) may be writing again while the notices of the
     attempt before complete the transfer. Handed to vLLM then, the retry's write of the
     prompt's last block would land on the KV of the tokens the decode appends there."""
-    import asyncio
-
-    from pdcluster.kv_transfer.grpc_transport import KVClient
-    from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
-    from pdcluster.protos import kv_transfer_pb2 as pb
-
     cons = endpoints(True, transport="nixl")
     receiver = cons.receiver
 
