@@ -52,10 +52,15 @@ class Autoscaler:
     _pools: dict[str, _PoolState] = field(default_factory=dict)
 
     def decide(self, role: str, pool: PoolSpec, target: int, ready: int, load: float, now: float | None = None) -> ScalingDecision | None:
-        """A new target for the pool, or None to keep it. Replicas still starting count as
-        capacity already on its way, so nothing is added until they are ready."""
+        """A new target for the pool, or None to keep it. While the pool still converges on its
+        last target (replicas starting), it holds: load seen before the new capacity serves
+        says nothing about that capacity, and a lull then must not cancel a replica half-way
+        through its start (as Dynamo's planner skips intervals while a scaling is under way)."""
         now = time.monotonic() if now is None else now
         state = self._pools.setdefault(role, _PoolState())
+        if ready < target:
+            state.over_since = state.under_since = None
+            return None
         if load > 1.0:
             state.under_since = None
             state.over_since = now if state.over_since is None else state.over_since
@@ -67,7 +72,7 @@ class Autoscaler:
         if now - state.last_action < self.spec.cooldown_s:
             return None
         new = target
-        if state.over_since is not None and now - state.over_since >= self.spec.upscale_delay_s and ready >= target:
+        if state.over_since is not None and now - state.over_since >= self.spec.upscale_delay_s:
             new = min(pool.max_replicas, max(target + 1, math.ceil(target * load)))
             reason = f"load {load:.2f} x target for {now - state.over_since:.0f}s"
         elif state.under_since is not None and now - state.under_since >= self.spec.downscale_delay_s:

@@ -49,11 +49,17 @@ def test_a_blip_does_not_scale():
     assert scaler.decide("decode", POOL, 1, 1, 2.0, now=8) is not None
 
 
-def test_waits_for_starting_replicas_before_adding_more():
+def test_holds_while_replicas_start_and_counts_load_only_from_then_on():
     scaler = Autoscaler(SPEC)
     scaler.decide("prefill", POOL, 2, 1, 3.0, now=0)
     assert scaler.decide("prefill", POOL, 2, 1, 3.0, now=10) is None  # one replica still starting
-    assert scaler.decide("prefill", POOL, 2, 2, 3.0, now=11).to_replicas == 4
+    assert scaler.decide("prefill", POOL, 2, 2, 3.0, now=11) is None  # its load is measured from now
+    assert scaler.decide("prefill", POOL, 2, 2, 3.0, now=15).to_replicas == 4
+    # A lull while a replica starts does not cancel it.
+    for t in range(20, 100, 10):
+        assert scaler.decide("prefill", POOL, 4, 3, 0.0, now=t) is None
+    assert scaler.decide("prefill", POOL, 4, 4, 0.0, now=100) is None
+    assert scaler.decide("prefill", POOL, 4, 4, 0.0, now=130).to_replicas == 3
 
 
 def test_scales_down_one_at_a_time_with_hysteresis_and_cooldown():
