@@ -235,7 +235,7 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from pdcluster.planner.engine_profile import profile_for_tp, resolve_profile_path, tp_sizes
-    from pdcluster.planner.plan import plan
+    from pdcluster.planner.plan import ATTAINMENT, plan
     from pdcluster.planner.plan_spec import write_plan_spec
     from pdcluster.router.config import parse_router_args
 
@@ -251,6 +251,9 @@ def _plan(args: argparse.Namespace) -> int:
         return 2
     router = parse_router_args(shlex.split(args.router_flags))
     print(f"planning for {len(requests)} requests with TP sizes {sorted(profiles)}, up to {args.max_gpus} GPUs...", flush=True)
+    for tp, p in sorted(profiles.items()):
+        if refused := sum(not p.holds(r.input_tokens, r.output_tokens) for r in requests):
+            print(f"  a TP{tp} replica refuses {refused} of them: longer than its max_model_len {p.max_model_len}", flush=True)
     candidates = plan(profiles, requests, args.slo_ttft_ms, args.slo_itl_ms, args.max_gpus, cost, router)
     print(f"\n{'configuration':<28} {'GPUs':>4} {'$/h':>8} {'goodput req/s':>14} {'req per $':>10}  basis")
     for c in candidates[: args.top]:
@@ -258,18 +261,24 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"{c.describe():<28} {c.gpus:>4} {c.cost_per_hour:>8.2f} {c.goodput_rate:>14.2f} {c.requests_per_dollar:>10.0f}  {basis}")
     best = candidates[0]
     best_split = next((c for c in candidates if not c.colocated), None)
-    if best.colocated:
+    rc = 0
+    if best.goodput_rate == 0:
+        print(f"\nno configuration on up to {args.max_gpus} GPUs serves {ATTAINMENT:.0%} of these requests within the SLOs.")
+        if args.write_spec:
+            print(f"pdcluster plan: no cluster spec written to {args.write_spec}", file=sys.stderr)
+            rc = 1
+    elif best.colocated:
         print(f"\nco-located beats every disaggregated configuration here: {best.describe()} on {best.gpus} GPUs.")
     elif best_split is not None:
         print(f"\nbest: {best.describe()} on {best.gpus} GPUs.")
-    if args.write_spec:
+    if args.write_spec and rc == 0:
         write_plan_spec(args.write_spec, best, profiles)
         print(f"cluster spec for {best.describe()} written to {args.write_spec} (pdcluster serve --config {args.write_spec})")
     if args.json:
         from dataclasses import asdict
 
         print(json.dumps({"best": asdict(best), "candidates": [asdict(c) for c in candidates]}))
-    return 0
+    return rc
 
 
 def _bench_transfer(args: argparse.Namespace) -> int:

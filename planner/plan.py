@@ -145,7 +145,8 @@ def plan(
     def by_value(c: Candidate):
         return (c.requests_per_dollar, c.goodput_rate)
 
-    for c in sorted((c for c in candidates if not c.colocated), key=by_value, reverse=True)[:VERIFY_TOP]:
+    # A configuration whose slower phase meets the SLOs at no rate is not worth simulating whole.
+    for c in sorted((c for c in candidates if not c.colocated and c.goodput_rate > 0), key=by_value, reverse=True)[:VERIFY_TOP]:
         shape = shaped(c.prefill_tp, c.decode_tp, c.prefill_replicas, c.decode_replicas)
         c.goodput_rate = goodput_rate(shape, requests, slo_ttft_ms, slo_itl_ms, c.goodput_rate or first[c.prefill_tp])
         c.estimated = False

@@ -111,7 +111,8 @@ def reference_profile(gpu_key: str, model_key: str, tp: int) -> EngineProfile | 
     flops = tp * gpu.bf16_tflops * 1e12
     hbm = tp * gpu.hbm_tbps * 1e12 * HBM_EFFICIENCY
     kv_room = tp * (gpu.memory_gib * MEMORY_UTILIZATION - ACTIVATION_RESERVE_GIB) * GIB - model.weight_bytes
-    if kv_room < MAX_NUM_BATCHED_TOKENS * model.kv_bytes_per_token:
+    kv_tokens = int(kv_room // model.kv_bytes_per_token)
+    if kv_tokens < MAX_NUM_BATCHED_TOKENS:
         return None
     all_reduce = 0.0 if tp == 1 else 2 * model.layers * model.hidden * 2 * 2 * (tp - 1) / tp / (NVLINK_GBPS * 1e9)
     step = StepCost(
@@ -132,8 +133,9 @@ def reference_profile(gpu_key: str, model_key: str, tp: int) -> EngineProfile | 
         block_size=BLOCK_SIZE,
         max_num_seqs=MAX_NUM_SEQS,
         max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-        max_model_len=MAX_MODEL_LEN,
-        kv_capacity_tokens=int(kv_room // model.kv_bytes_per_token),
+        # vLLM refuses to start with a context its KV cache cannot hold, so a small cache caps it.
+        max_model_len=min(MAX_MODEL_LEN, kv_tokens // BLOCK_SIZE * BLOCK_SIZE),
+        kv_capacity_tokens=kv_tokens,
         kv_bytes_per_token=model.kv_bytes_per_token,
         step=step,
         transfer_gbps=tp * NIC_GBPS,
@@ -154,6 +156,7 @@ def reference_profile(gpu_key: str, model_key: str, tp: int) -> EngineProfile | 
             f"{ACTIVATION_RESERVE_GIB} GiB of activations per GPU",
             "transfer_gbps": f"{estimate}: one 400 Gb/s ConnectX-7 NIC per GPU (DGX H100/H200 layout) at 80%",
             "transfer_latency_s": f"{estimate}: RDMA write completion and notification",
+            "max_model_len": f"Llama 3.1's {MAX_MODEL_LEN} tokens, or what the KV cache holds if less (vLLM refuses more)",
             "max_num_seqs": "vLLM 0.32 `vllm serve` default on GPUs with >= 70 GiB (EngineArgs)",
             "max_num_batched_tokens": "vLLM 0.32 `vllm serve` default on GPUs with >= 70 GiB (EngineArgs)",
             "cost_per_hour": gpu.price_source,

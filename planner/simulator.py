@@ -55,7 +55,7 @@ class RequestOutcome:
     first_token: float = -1.0
     last_token: float = -1.0
     gaps: list[float] = field(default_factory=list)
-    placement: str = ""  # remote | short_prompt | no_prefill_worker | prefill_backlog
+    placement: str = ""  # remote | short_prompt | no_prefill_worker | prefill_backlog | rejected
 
     @property
     def ttft(self) -> float:
@@ -144,12 +144,16 @@ class ClusterSimulation:
     # -- one request, as the router routes it ----------------------------------------------
 
     def _arrive(self, request: RequestShape) -> None:
+        outcome = RequestOutcome(request, self.now)
+        self.outcomes.append(outcome)
+        if not all(p.holds(request.input_tokens, request.output_tokens) for p in (self.shape.prefill, self.shape.decode) if p):
+            outcome.placement = "rejected"  # the router's 400: it counts against SLO attainment
+            self._unfinished -= 1
+            return
         self._in_system += 1
         if not self._polling:
             self._poll()
-        outcome = RequestOutcome(request, self.now)
         hashes_for = functools.cache(request.block_hashes)
-        self.outcomes.append(outcome)
         config = self.shape.router
         decode = self._by_view(
             self.decodes, pick_decode_worker([d.view for d in self.decodes], request.input_tokens + request.output_tokens)
@@ -227,7 +231,7 @@ def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dic
     pool and cost per 1M tokens (the cluster's whole cost over the tokens of each kind)."""
     done = [o for o in sim.outcomes if o.last_token >= 0]
     start = min(o.arrival for o in sim.outcomes)
-    duration = max(o.last_token for o in done) - start
+    duration = max((o.last_token for o in done), default=start) - start
     hours = duration / 3600
     input_tokens = sum(o.request.input_tokens for o in done)
     output_tokens = sum(o.request.output_tokens for o in done)
@@ -240,7 +244,7 @@ def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dic
         pools[str(role)] = {
             "replicas": len(replicas),
             "tensor_parallel_size": profile.tensor_parallel_size,
-            "utilization": round(busy / (duration * len(replicas)), 4),
+            "utilization": round(busy / (duration * len(replicas)), 4) if duration else 0.0,
             "prompt_share_of_busy": round(prompt / busy, 4) if busy else 0.0,
             "cost_per_hour": round(profile.cost_per_hour * len(replicas), 4),
         }

@@ -94,6 +94,21 @@ def test_plan_finds_the_cheapest_configuration_and_writes_a_spec():
     assert spec.prefill.cost_per_hour == split.prefill_replica_cost and spec.engine.model == profiles[1].model
 
 
+def test_plan_says_when_nothing_meets_the_slos_and_writes_no_spec(tmp_path, capsys):
+    from pdcluster.cli import main
+
+    # A 70B TP2 replica holds 14.7k tokens of KV: vLLM caps its context there, so the long
+    # Mooncake prompts are refused (counted against the SLOs), not queued forever.
+    spec = tmp_path / "plan.yaml"
+    argv = ["plan", "--profile", "h100-llama-3-70b-tp2", "--trace", str(TRACES / "mooncake_conversation_head.jsonl")]
+    argv += ["--trace-format", "mooncake", "--max-requests", "20", "--max-gpus", "2", "--write-spec", str(spec)]
+    assert main(argv) == 1
+    out = capsys.readouterr()
+    assert "a TP2 replica refuses" in out.out and "longer than its max_model_len 14736" in out.out
+    assert "no configuration on up to 2 GPUs serves 90%" in out.out and "no cluster spec written" in out.err
+    assert not spec.exists()
+
+
 def test_pool_cost_meter_divides_each_pool_cost_by_the_clusters_tokens():
     meter = PoolCostMeter(window_s=300)
     cost = {Role.PREFILL: 7.2, Role.DECODE: 3.6}  # USD per replica-hour

@@ -115,3 +115,15 @@ def test_long_prompts_are_chunked_and_decoding_shares_steps():
     assert chunks - 1e-9 <= long.ttft <= chunks + BASE + PER_TOKEN
     gaps = sim.outcomes[0].gaps
     assert max(gaps) == pytest.approx(BASE + 64 * PER_TOKEN)  # a decode step carrying a full chunk
+
+
+def test_a_request_no_replica_can_hold_is_refused_and_counts_against_attainment():
+    # 20 blocks of KV: a 400-token prompt never fits, as vLLM's router refuses it (its answer
+    # would otherwise wait forever); a prompt plus answer over max_model_len is refused too.
+    small = profile(kv_capacity_tokens=320, max_model_len=320)
+    requests = [RequestShape(0.0, 100, 2, seed=1), RequestShape(0.1, 400, 2, seed=2), RequestShape(0.2, 300, 40, seed=3)]
+    for shape in (ClusterShape(small, small, 1, 1), ClusterShape(profile(), small, 1, 1), ClusterShape(None, small, 0, 1)):
+        report = simulate(shape, requests, slo_ttft_ms=1000, slo_itl_ms=100)
+        assert report["placements"]["rejected"] == 2
+        assert report["completed"] == 1
+        assert report["slo_attainment"] == pytest.approx(1 / 3, abs=1e-3)
