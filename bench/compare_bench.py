@@ -60,12 +60,12 @@ def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple
 
 
 def start_pdcluster(
-    engine: EngineConfig, prefill_cpus: set[int], decode_cpus: set[int], log_dir: str, router_flags: list[str] = ()
+    engine: EngineConfig, workers_on: list[tuple[Role, set[int]]], log_dir: str, router_flags: list[str] = ()
 ) -> tuple[list[LocalProcess], str]:
-    """One prefill and one decode worker, each on its cores, and the router; returns them and its URL."""
+    """A worker of each role on its cores, and the router; returns them and its URL."""
     workers = [
         start_process(role, worker_args(WorkerConfig(role=role, engine=engine)), _engine_env(cpus, engine), log_dir, cpus)
-        for role, cpus in ((Role.PREFILL, prefill_cpus), (Role.DECODE, decode_cpus))
+        for role, cpus in workers_on
     ]
     started = list(workers)
     try:
@@ -121,7 +121,7 @@ def _run_system(
         proc, url = start_colocated(engine, set(cpus), log_dir)
         processes = [proc]
     else:
-        processes, url = start_pdcluster(engine, set(cpus[:half]), set(cpus[half:]), log_dir, router_flags)
+        processes, url = start_pdcluster(engine, [(Role.PREFILL, set(cpus[:half])), (Role.DECODE, set(cpus[half:]))], log_dir, router_flags)
     try:
         model_name = asyncio.run(served_model(url))
         out = {}

@@ -34,6 +34,7 @@ class RequestResult:
     e2e_s: float = 0.0
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int | None = None  # prompt tokens the prefix cache served (servers with --enable-prompt-tokens-details)
     error: str = ""
 
 
@@ -52,6 +53,7 @@ class RateResult:
     e2e_ms: dict = field(default_factory=dict)
     goodput: float = 0.0  # share of all requests that completed within both SLOs
     goodput_req_per_s: float = 0.0
+    prefix_cache_hit_rate: float | None = None  # cached prompt tokens / prompt tokens, where the server says
     # The server's cost over this run (--cost-per-hour) divided by the input or output tokens served.
     cost_usd_per_million_tokens: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -71,7 +73,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: lis
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
-    tokens = 0
+    tokens, cached = 0, None
     try:
         async with session.post(url + "/v1/completions", json=body, headers=headers) as response:
             if response.status != 200:
@@ -89,14 +91,15 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: lis
                     if last is not None:
                         gaps.append(now - last)
                     last = now
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
+                if usage := event.get("usage"):
+                    tokens = usage["completion_tokens"]
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", cached)
     except aiohttp.ClientError as e:
         return RequestResult(False, error=f"{type(e).__name__}: {e}")
     end = time.perf_counter()
     first = first or end
     tpot = (end - first) / (tokens - 1) if tokens > 1 else 0.0
-    return RequestResult(True, first - start, tpot, gaps, end - start, tokens, len(prompt))
+    return RequestResult(True, first - start, tpot, gaps, end - start, tokens, len(prompt), cached)
 
 
 async def run_rate(
@@ -131,6 +134,7 @@ async def run_rate(
     done = [r for r in results if r.ok]
     good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.tpot_s * 1e3 <= slo_itl_ms]
     cost = cost_per_hour * duration / 3600
+    reported = [r for r in done if r.cached_tokens is not None]
     return RateResult(
         rate=rate,
         requests=len(results),
@@ -145,6 +149,9 @@ async def run_rate(
         e2e_ms=percentiles_ms([r.e2e_s for r in done]),
         goodput=round(len(good) / len(results), 4),
         goodput_req_per_s=round(len(good) / duration, 3),
+        prefix_cache_hit_rate=round(sum(r.cached_tokens for r in reported) / sum(r.prompt_tokens for r in reported), 4)
+        if reported
+        else None,
         cost_usd_per_million_tokens=cost_per_million(cost, sum(r.prompt_tokens for r in done), sum(r.output_tokens for r in done)),
         errors=sorted({r.error for r in results if not r.ok})[:5],
     )

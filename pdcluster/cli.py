@@ -299,6 +299,16 @@ def _bench_chaos(args: argparse.Namespace) -> int:
     return bench_main(json_output=args.json, faults=args.faults, prefill=args.prefill, decode=args.decode, serve_flags=args.vllm_flags)
 
 
+def _bench_prefix(args: argparse.Namespace) -> int:
+    from pdcluster.bench.prefix_bench import main as bench_main
+
+    if not args.trace:
+        print("pdcluster bench prefix: --trace is required (a trace whose prompts share prefixes: mooncake)", file=sys.stderr)
+        return 2
+    report = bench_main(_trace_requests(args, args.max_model_len), tuple(args.modes), json_output=args.json)
+    return 0 if all(m["failed"] == 0 for m in report["modes"].values()) else 1
+
+
 def _bench_router(args: argparse.Namespace) -> int:
     from pdcluster.bench.router_bench import main as bench_main
 
@@ -449,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--prefill", type=int, default=2, help="prefill workers")
     chaos.add_argument("--decode", type=int, default=2, help="decode workers")
     chaos.set_defaults(func=_bench_chaos, takes_vllm_flags=True)
+    prefix = bench_sub.add_parser("prefix", help="prefix-cache hit rate and TTFT of each --prefill-routing mode on a trace replay")
+    _add_trace_flags(prefix)
+    prefix.add_argument("--modes", nargs="+", choices=["kv-events", "guess", "round-robin"], default=["kv-events", "guess", "round-robin"])
+    prefix.add_argument("--max-model-len", type=int, default=4096, help="cap prompt + output at this")
+    prefix.add_argument("--json", action="store_true", help="end with a JSON line")
+    prefix.set_defaults(func=_bench_prefix)
     router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")
     router.add_argument("--json", action="store_true", help="end with a JSON line")
     router.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

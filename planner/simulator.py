@@ -154,18 +154,10 @@ class ClusterSimulation:
         if not self._polling:
             self._poll()
         hashes_for = functools.cache(request.block_hashes)
-        config = self.shape.router
         decode = self._by_view(
             self.decodes, pick_decode_worker([d.view for d in self.decodes], request.input_tokens + request.output_tokens)
         )
-        placement = place_prefill(
-            [p.view for p in self.prefills],
-            request.input_tokens,
-            self.index,
-            hashes_for,
-            config.bypass_prefill_below_tokens,
-            config.local_prefill_above_queued_tokens,
-        )
+        placement = place_prefill([p.view for p in self.prefills], request.input_tokens, self.index, hashes_for, self.shape.router)
         decode.view.last_picked = self.now
         decode.view.inflight += 1
 

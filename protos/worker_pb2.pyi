@@ -143,3 +143,19 @@ class WorkerStats(_message.Message):
     generation_tokens: int
     busy_seconds: float
     def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_bytes_by_transport: _Optional[_Mapping[str, int]] = ..., kv_transfers_by_transport: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ...) -> None: ...
+
+class WatchPrefixCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PrefixCacheUpdate(_message.Message):
+    __slots__ = ("reset", "block_size", "stored", "removed")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    block_size: int
+    stored: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reset: _Optional[bool] = ..., block_size: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=pdcluster_dot_protos_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pdcluster_dot_protos_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.WatchPrefixCache = channel.unary_stream(
+                '/pdcluster.v1.Worker/WatchPrefixCache',
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.WatchPrefixCacheRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefixCacheUpdate.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -72,6 +77,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPrefixCache(self, request, context):
+        """Prefill workers: their engine's KV cache events, for routing by real prefix overlap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdcluster_dot_protos_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=pdcluster_dot_protos_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'WatchPrefixCache': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPrefixCache,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.WatchPrefixCacheRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefixCacheUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Worker:
             '/pdcluster.v1.Worker/Stats',
             pdcluster_dot_protos_dot_worker__pb2.StatsRequest.SerializeToString,
             pdcluster_dot_protos_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdcluster.v1.Worker/WatchPrefixCache',
+            pdcluster_dot_protos_dot_worker__pb2.WatchPrefixCacheRequest.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.PrefixCacheUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ from these same fields (`python -m pdcluster.router --help`)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +64,12 @@ class RouterConfig(BaseModel):
     health_timeout_s: float = Field(2.0, description="how long one health check may take (a busy worker answers late)")
     unhealthy_after: int = Field(
         2, description="health checks missed in a row before a worker counts as lost: its requests retry or resume elsewhere"
+    )
+    prefill_routing: Literal["kv-events", "guess", "round-robin"] = Field(
+        "kv-events",
+        description="which prefill worker computes a prompt: the least queued work once the prefix it holds is taken off, "
+        "the prefix known from its engine's KV cache events (kv-events) or guessed from where prompts went (guess); "
+        "or each in turn (round-robin)",
     )
     prefix_index_blocks: int = Field(65536, description="block hashes remembered per prefill worker")
     drain_timeout_s: float = Field(60.0, description="on SIGTERM: how long running requests and streams may take to finish")

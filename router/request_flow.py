@@ -21,6 +21,7 @@ import msgspec
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
+from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.sample_wire import decode_logprobs, encode_sampling_params
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
@@ -29,7 +30,7 @@ from pdcluster.router.config import RouterConfig
 from pdcluster.router.continuation_text import ContinuationText
 from pdcluster.router.errors import NoCapacity
 from pdcluster.router.metrics import RouterMetrics
-from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill, prompt_block_hashes
+from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
 
 logger = logging.getLogger("pdcluster.router.flow")
@@ -241,8 +242,7 @@ class RequestFlow:
             len(prompt),
             self.prefix_index,
             lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs)),
-            self.config.bypass_prefill_below_tokens,
-            self.config.local_prefill_above_queued_tokens,
+            self.config,
         )
         if placement.worker is None:
             self.metrics.bypass.labels(placement.bypass).inc()

@@ -14,6 +14,7 @@ from pdcluster.router.config import RouterConfig
 from pdcluster.router.engine_client import ClusterEngineClient
 from pdcluster.router.membership import MembershipFollower, follow_registry
 from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.prefix_cache_watch import PrefixCacheWatch
 from pdcluster.router.request_flow import RequestFlow
 from pdcluster.router.worker_pool import WorkerPool
 
@@ -56,6 +57,9 @@ class Router:
         self._membership = membership
         self._follower: MembershipFollower | None = None
         self._registry = None
+        self._prefix_watch: PrefixCacheWatch | None = None
+        if config.prefill_routing == "kv-events":
+            self._prefix_watch = PrefixCacheWatch(self.pool, self.flow.prefix_index, config.health_interval_s)
 
     def authorizes(self, authorization: str) -> bool:
         """Whether an `Authorization` value (header or gRPC metadata) carries the API key, if one is set."""
@@ -82,8 +86,12 @@ class Router:
         if self._follower is not None:
             await self._follower.start()
         await self.pool.start()
+        if self._prefix_watch is not None:
+            self._prefix_watch.start()
 
     async def close(self) -> None:
+        if self._prefix_watch is not None:
+            await self._prefix_watch.close()
         if self._follower is not None:
             await self._follower.close()
         if self._registry is not None:

@@ -11,20 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-import xxhash
-
+from pdcluster.router.config import RouterConfig
 from pdcluster.router.worker_pool import WorkerView
-
-
-def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """Chained hashes of the prompt's full blocks: equal hashes mean equal prefixes."""
-    tokens = np.asarray(token_ids, dtype=np.uint32)
-    hashes, parent = [], 0
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = xxhash.xxh3_64_intdigest(tokens[start : start + block_size].tobytes(), seed=parent)
-        hashes.append(parent)
-    return hashes
 
 
 class PrefixIndex:
@@ -56,6 +44,12 @@ class PrefixIndex:
                 break
             count += 1
         return count
+
+    def remove(self, worker_id: str, hashes) -> None:
+        """The worker evicted these blocks (its engine said so)."""
+        blocks = self._blocks.get(worker_id, {})
+        for h in hashes:
+            blocks.pop(h, None)
 
     def sizes(self) -> dict[str, int]:
         """Blocks remembered per worker."""
@@ -127,21 +121,21 @@ class PrefillPlacement:
 
 
 def place_prefill(
-    candidates: list[WorkerView],
-    prompt_len: int,
-    index: PrefixIndex,
-    hashes_for: Callable[[int], list[int]],
-    bypass_below_tokens: int,
-    local_above_queued_tokens: int,
+    candidates: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for: Callable[[int], list[int]], config: RouterConfig
 ) -> PrefillPlacement:
-    """The router's whole prefill choice for one prompt; a chosen worker is recorded in `index`
-    as now holding the prompt's blocks."""
-    if should_bypass_prefill(prompt_len, bypass_below_tokens):
+    """The router's whole prefill choice for one prompt. A chosen worker is recorded in `index`
+    as now holding the prompt's blocks: with `kv-events` routing the worker's own events then
+    confirm or correct that."""
+    if should_bypass_prefill(prompt_len, config.bypass_prefill_below_tokens):
         return PrefillPlacement(None, bypass="short_prompt")
-    prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for)
+    if config.prefill_routing == "round-robin":
+        prefill, overlap = min(candidates, key=lambda w: w.last_picked, default=None), 0
+    else:
+        prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for)
     if prefill is None:
         return PrefillPlacement(None, bypass="no_prefill_worker")
-    if prefill_backlog_too_deep(prefill, local_above_queued_tokens):
+    if prefill_backlog_too_deep(prefill, config.local_prefill_above_queued_tokens):
         return PrefillPlacement(None, bypass="prefill_backlog")
-    index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
+    if config.prefill_routing != "round-robin":
+        index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
     return PrefillPlacement(prefill, overlap)

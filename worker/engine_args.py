@@ -63,3 +63,23 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def follow_kv_events(kwargs: dict[str, Any], socket_dir: str) -> tuple[str, str | None]:
+    """Turn on vLLM's KV cache events for the prefix-cache mirror, on private IPC sockets,
+    unless the engine arguments configure their own; return where to read them and where
+    to ask for missed ones ("" to read nothing: theirs connect out, or publish nowhere)."""
+    from vllm.config import KVEventsConfig
+
+    given = kwargs.get("kv_events_config")
+    if given is None:
+        endpoint, replay = f"ipc://{socket_dir}/kv-events", f"ipc://{socket_dir}/kv-events-replay"
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, replay_endpoint=replay)
+        return endpoint, replay
+    config = given if isinstance(given, KVEventsConfig) else KVEventsConfig(**given)
+    if not config.enable_kv_cache_events or config.publisher != "zmq":
+        return "", None
+    replay = config.replay_endpoint.replace("*", "127.0.0.1") if config.replay_endpoint else None
+    if "*" in config.endpoint:  # bound on every interface: this host reads it on loopback
+        return config.endpoint.replace("*", "127.0.0.1"), replay
+    return (config.endpoint, replay) if config.endpoint.startswith("ipc://") else ("", None)

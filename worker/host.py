@@ -34,8 +34,9 @@ from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
-from pdcluster.worker.engine_args import engine_kwargs, pd_kv_transfer, prepare_environment
+from pdcluster.worker.engine_args import engine_kwargs, follow_kv_events, pd_kv_transfer, prepare_environment
 from pdcluster.worker.metrics import WorkerCollector
+from pdcluster.worker.prefix_cache_mirror import PrefixCacheMirror
 
 logger = logging.getLogger("pdcluster.worker")
 
@@ -95,6 +96,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self.prefix_cache: PrefixCacheMirror | None = None  # prefill workers whose engine publishes KV events
+        self._tasks: list[asyncio.Task] = []
         self.port = 0
         self.metrics_port = 0
 
@@ -118,7 +121,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             self.config = self.config.model_copy(update={"auth_token": await self._shared_token()})
         cfg = self.config
         prepare_environment(cfg.engine)
-        endpoint_file = os.path.join(tempfile.mkdtemp(prefix="pdcluster-kv-"), "endpoint.json")
+        scratch = tempfile.mkdtemp(prefix="pdcluster-kv-")
+        endpoint_file = os.path.join(scratch, "endpoint.json")
         extra = dict(
             host=cfg.host,
             port=cfg.kv_port,
@@ -135,6 +139,11 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             tls_ca=cfg.tls.ca,
         )
         kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra))
+        if cfg.role == Role.PREFILL:
+            events, replay = follow_kv_events(kwargs, scratch)
+            if events:
+                self.prefix_cache = PrefixCacheMirror()
+                self._tasks.append(asyncio.create_task(self.prefix_cache.follow(events, replay)))
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_scheduler_stats_logger(self._scheduler_stats)])
         with open(endpoint_file) as f:
             self.kv_endpoint = json.load(f)["endpoint"]
@@ -187,7 +196,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        tasks = [run_periodically(self._refresh_kv_stats, 1.0, logger)]
+        tasks = [*self._tasks, run_periodically(self._refresh_kv_stats, 1.0, logger)]
         registry = None
         if self.config.registry:
             registry = RedisRegistry(self.config.registry, self.config.cluster_name)
@@ -251,6 +260,12 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
     async def Stats(self, request, context):
         return await self.stats()
+
+    async def WatchPrefixCache(self, request, context):
+        if self.prefix_cache is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker publishes no prefix-cache events")
+        async for update in self.prefix_cache.watch():
+            yield update
 
     async def stats(self) -> worker_pb2.WorkerStats:
         # No call to the engine's KV endpoint here: routers and the controller take a late

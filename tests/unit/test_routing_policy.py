@@ -6,16 +6,18 @@ import asyncio
 
 import pytest
 
+from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.protos import worker_pb2
 from pdcluster.router.admission import AdmissionGate
+from pdcluster.router.config import RouterConfig
 from pdcluster.router.errors import Overloaded
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.routing_policy import (
     PrefixIndex,
     pick_decode_worker,
     pick_prefill_worker,
+    place_prefill,
     prefill_backlog_too_deep,
-    prompt_block_hashes,
     should_bypass_prefill,
 )
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
@@ -52,6 +54,8 @@ def test_prefix_index_counts_leading_blocks_and_forgets_oldest():
     index.record("w", [4, 5])  # capacity 4: block 1 is the oldest and goes
     assert index.overlap_blocks("w", [1]) == 0
     assert index.overlap_blocks("w", [2, 3, 4, 5]) == 4
+    index.remove("w", [3, 77])  # evicted by the worker (its KV events say so)
+    assert index.overlap_blocks("w", [2, 3, 4]) == 1
     index.forget("w")
     assert index.overlap_blocks("w", [5]) == 0
 
@@ -70,6 +74,20 @@ def test_prefill_prefers_the_worker_holding_the_prefix():
     # Load outweighs affinity once the queue costs more than the prefix saves.
     b.stats.queued_prefill_tokens = 100 * BLOCK
     assert pick_prefill([a, b], shared, index)[0] is a
+
+
+def test_placement_records_its_choice_except_round_robin():
+    shared = list(range(4 * BLOCK))
+    for routing in ("kv-events", "guess", "round-robin"):
+        index, config = PrefixIndex(), RouterConfig(prefill_routing=routing)
+        a, b = worker("a", "prefill"), worker("b", "prefill", queued_prefill_tokens=10 * BLOCK)
+        index.record("b", prompt_block_hashes(shared, BLOCK))
+        a.last_picked, b.last_picked = 2.0, 1.0
+        placement = place_prefill([a, b], len(shared), index, lambda bs: prompt_block_hashes(shared, bs), config)
+        if routing == "round-robin":  # in turn: neither the prefix b holds nor its queue counts
+            assert placement.worker is b and placement.overlap_tokens == 0 and index.overlap_blocks("a", [1]) == 0
+        else:  # a: less work ahead even after b's cached prefix; now a holds the prompt too
+            assert placement.worker is a and index.overlap_blocks("a", prompt_block_hashes(shared, BLOCK)) == 4
 
 
 def test_prefill_counts_work_the_router_sent_since_the_last_poll():

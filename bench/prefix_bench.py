@@ -1,0 +1,92 @@
+"""`pdcluster bench prefix`: how well each way of choosing prefill workers finds cached prefixes.
+
+A trace whose requests share prefixes (the Mooncake conversation trace: its `hash_ids`
+become shared token prefixes) is replayed on two prefill workers and one decode worker,
+once per `--prefill-routing` mode, each time on fresh engines: `kv-events` (what the
+engines say they hold), `guess` (where the router sent prompts before) and `round-robin`.
+It reports the prefix-cache hit rate (prompt tokens the engines served from cache, as
+vLLM counts them, over all prompt tokens) and TTFT. The ceiling, from the same trace: the
+hit rate of one unbounded cache that every request passes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+
+from pdcluster.bench.compare_bench import start_pdcluster, trace_rate
+from pdcluster.bench.serve_bench import RateResult, replay, served_model
+from pdcluster.common.percentiles import format_ms
+from pdcluster.common.worker_record import Role
+from pdcluster.planner.workloads import RequestShape
+from pdcluster.worker.config import EngineConfig
+
+MODES = ("kv-events", "guess", "round-robin")
+
+
+def ideal_hit_rate(trace: list[RequestShape], block_size: int) -> float:
+    """Cached prompt tokens over prompt tokens if every request found every block an earlier
+    one had (vLLM computes at least a prompt's last token)."""
+    seen: set[int] = set()
+    hit = total = 0
+    for r in trace:
+        hashes = r.block_hashes(block_size)
+        leading = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
+        hit += min(leading * block_size, r.input_tokens - 1)
+        total += r.input_tokens
+        seen.update(hashes)
+    return hit / total if total else 0.0
+
+
+def run_mode(mode: str, engine: EngineConfig, trace: list[RequestShape], vocab: int, slo_ttft_ms: float, slo_itl_ms: float) -> RateResult:
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cpus) // 2)
+    pools = [(Role.PREFILL, set(cpus[:half])), (Role.PREFILL, set(cpus[half:] or cpus)), (Role.DECODE, set(cpus))]
+    log_dir = tempfile.mkdtemp(prefix=f"pdcluster-prefix-{mode}-")
+    print(f"{mode}: 2 prefill workers + 1 decode worker (logs in {log_dir})...", flush=True)
+    router_flags = ["--prefill-routing", mode, "--enable-prompt-tokens-details"]
+    processes, url = start_pdcluster(engine, pools, log_dir, router_flags)
+    try:
+        model = asyncio.run(served_model(url))
+        return replay(url, model, trace_rate(trace), trace, vocab, slo_ttft_ms, slo_itl_ms)
+    finally:
+        for p in reversed(processes):
+            p.stop()
+
+
+def main(
+    trace: list[RequestShape],
+    modes: tuple[str, ...] = MODES,
+    slo_ttft_ms: float = 1000.0,
+    slo_itl_ms: float = 100.0,
+    block_size: int = 128,
+    json_output: bool = False,
+) -> dict:
+    from transformers import AutoTokenizer
+
+    from pdcluster.common.tiny_model.generate import ensure_tiny_model
+
+    engine = EngineConfig(model=str(ensure_tiny_model()), enforce_eager=True)
+    vocab = len(AutoTokenizer.from_pretrained(engine.model))
+    results = {mode: run_mode(mode, engine, trace, vocab, slo_ttft_ms, slo_itl_ms) for mode in modes}
+    ceiling = ideal_hit_rate(trace, block_size)
+    print(f"\n{len(trace)} requests at {trace_rate(trace):g} req/s; ceiling (one unbounded cache): {ceiling:.1%} of prompt tokens cached")
+    print(f"{'routing':<12} {'done':>5} {'hit rate':>9} {'/ ceiling':>9} {'TTFT p50/p90/p99 ms':>22}")
+    for mode, r in results.items():
+        hit = r.prefix_cache_hit_rate or 0.0
+        print(f"{mode:<12} {r.completed:>5} {hit:>9.1%} {hit / ceiling if ceiling else 0:>9.2f} {format_ms(r.ttft_ms):>22}")
+    report = {
+        "requests": len(trace),
+        "rate": trace_rate(trace),
+        "block_size": block_size,
+        "ceiling_hit_rate": round(ceiling, 4),
+        "modes": {
+            mode: {"prefix_cache_hit_rate": r.prefix_cache_hit_rate, "ttft_ms": r.ttft_ms, "completed": r.completed, "failed": r.failed}
+            for mode, r in results.items()
+        },
+    }
+    if json_output:
+        print(json.dumps(report))
+    return report
