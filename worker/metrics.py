@@ -27,6 +27,8 @@ class WorkerCollector:
             "pdcluster_kv_pending_sends": kv.pending_sends,
             "pdcluster_kv_pending_receives": kv.pending_receives,
             "pdcluster_kv_staged_bytes": kv.staged_bytes,
+            # What routers are told this worker's prefix cache holds (prefill workers).
+            "pdcluster_worker_prefix_cache_blocks": len(host.prefix_cache.names) if host.prefix_cache else 0,
         }
         counters = {
             "pdcluster_kv_bytes_sent": kv.bytes_sent,
@@ -40,6 +42,7 @@ class WorkerCollector:
             "pdcluster_kv_send_retries": kv.send_retries,
             "pdcluster_kv_recomputes": kv.recomputes,
             "pdcluster_kv_expired_leases": kv.expired_leases,
+            "pdcluster_worker_kv_event_batches_missed": host.prefix_cache.missed_batches if host.prefix_cache else 0,
         }
         for family, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
             for name, value in metrics.items():

@@ -33,6 +33,7 @@ class PrefixCacheMirror:
 
     @property
     def names(self) -> list[int]:
+        """The names of the blocks the engine holds now."""
         return list(self._held)
 
     # -- events -> names ------------------------------------------------------------
