@@ -46,8 +46,8 @@ def wait_for(predicate, timeout_s: float = 30.0):
 
 
 def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokenizer):
-    tokens = tokenizer(CORPUS.read_text()).input_ids
-    prompt = tokens[:700]
+    tokens = tokenizer(CORPUS.read_text()).input_ids  # 665 tokens
+    prompt = tokens[:600]
     with running_cluster(prefill=2, decode=1, router_args=ROUTER_ARGS) as (router, workers):
         prefills = [w for w in workers if w.role == "prefill"]
         before = [asyncio.run(snapshot(w.address)) for w in prefills]
@@ -61,7 +61,7 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
 
         worker, held = wait_for(holder)
         names = prompt_block_hashes(prompt, held.block_size)
-        assert len(names) == 700 // held.block_size and set(names) <= set(held.stored)
+        assert len(names) == 600 // held.block_size and set(names) <= set(held.stored)
 
         # A second router never sent this prompt anywhere; the events tell it where the prefix is.
         second = start_router([w.address for w in workers], ROUTER_ARGS)
@@ -74,7 +74,7 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
 
             assert wait_for(lambda: index_of(http).get(worker.record.worker_id, 0) >= len(names))
             assert not index_of(guessing.record.http)  # guesses come only from its own routing
-            sibling = prompt[: len(names) * held.block_size] + tokens[2000:2100]
+            sibling = prompt[: len(names) * held.block_size] + tokens[600:]
             usage = complete(http, sibling)
             assert usage["prompt_tokens_details"]["cached_tokens"] >= len(names) * held.block_size
         finally:
