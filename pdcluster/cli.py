@@ -152,12 +152,13 @@ def _add_trace_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths by this")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times by this (below 1: faster)")
     parser.add_argument("--max-requests", type=int, default=0, help="replay only the first N requests (0: all)")
+    parser.add_argument("--first-request", type=int, default=0, help="start at this request of the trace (a later window)")
 
 
 def _trace_requests(args: argparse.Namespace, max_model_len: int):
     from pdcluster.planner.workloads import TraceScaling, load_trace
 
-    scaling = TraceScaling(args.length_scale, args.time_scale, args.max_requests, max_model_len)
+    scaling = TraceScaling(args.length_scale, args.time_scale, args.max_requests, max_model_len, first_request=args.first_request)
     return load_trace(args.trace, args.trace_format, scaling)
 
 

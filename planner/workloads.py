@@ -112,12 +112,13 @@ COMPARE_WORKLOADS = {
 class TraceScaling:
     """How a production trace is fitted to a machine: lengths times `length_scale` (capped so
     prompt and answer fit `max_model_len`), timestamps times `time_scale` (below 1: faster),
-    the first `max_requests` (0: all)."""
+    `max_requests` (0: all) from request `first_request` on."""
 
     length_scale: float = 1.0
     time_scale: float = 1.0
     max_requests: int = 0
     max_model_len: int = 0
+    first_request: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -126,6 +127,7 @@ def load_trace(path: str, fmt: str, scaling: TraceScaling = TraceScaling()) -> l
     if fmt not in TRACE_FORMATS:
         raise ValueError(f"--trace-format must be one of {', '.join(TRACE_FORMATS)}, not {fmt!r}")
     rows = _azure_rows(path) if fmt == "azure" else _mooncake_rows(path)
+    rows = rows[scaling.first_request :]
     if scaling.max_requests:
         rows = rows[: scaling.max_requests]
     if not rows:

@@ -64,6 +64,8 @@ def test_traces_load_scaled_with_their_shared_prefixes():
     assert a.prompt_tokens(977)[:256] == b.prompt_tokens(977)[:256] and len(a.prompt_tokens(977)) == a.input_tokens
     azure = load_trace(str(TRACES / "azure_2023_code_head.csv"), "azure", TraceScaling(max_requests=5))
     assert [r.input_tokens for r in azure] == [4808, 3180, 110, 7433, 34]
+    later = load_trace(str(TRACES / "azure_2023_code_head.csv"), "azure", TraceScaling(max_requests=2, first_request=3))
+    assert [r.input_tokens for r in later] == [7433, 34] and later[0].arrival_s == 0.0
     assert azure[1].arrival_s == pytest.approx(0.052, abs=1e-3) and not azure[0].prefix_blocks
     with pytest.raises(ValueError, match="trace-format"):
         load_trace(str(TRACES / "azure_2023_code_head.csv"), "sharegpt")
