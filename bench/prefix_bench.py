@@ -21,9 +21,8 @@ from pdcluster.bench.serve_bench import RateResult, replay, served_model
 from pdcluster.common.percentiles import format_ms
 from pdcluster.common.worker_record import Role
 from pdcluster.planner.workloads import RequestShape
+from pdcluster.router.config import PREFILL_ROUTING_MODES
 from pdcluster.worker.config import EngineConfig
-
-MODES = ("kv-events", "guess", "round-robin")
 
 
 def ideal_hit_rate(trace: list[RequestShape], block_size: int) -> float:
@@ -58,7 +57,7 @@ def run_mode(mode: str, engine: EngineConfig, trace: list[RequestShape], vocab: 
 
 def main(
     trace: list[RequestShape],
-    modes: tuple[str, ...] = MODES,
+    modes: tuple[str, ...] = PREFILL_ROUTING_MODES,
     slo_ttft_ms: float = 1000.0,
     slo_itl_ms: float = 100.0,
     block_size: int = 128,

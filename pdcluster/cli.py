@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pdcluster.bench.chaos_bench import FAULTS
     from pdcluster.cluster.cluster_spec import add_cluster_flags
     from pdcluster.planner.workloads import COMPARE_WORKLOADS
+    from pdcluster.router.config import PREFILL_ROUTING_MODES
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -462,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.set_defaults(func=_bench_chaos, takes_vllm_flags=True)
     prefix = bench_sub.add_parser("prefix", help="prefix-cache hit rate and TTFT of each --prefill-routing mode on a trace replay")
     _add_trace_flags(prefix)
-    prefix.add_argument("--modes", nargs="+", choices=["kv-events", "guess", "round-robin"], default=["kv-events", "guess", "round-robin"])
+    prefix.add_argument("--modes", nargs="+", choices=PREFILL_ROUTING_MODES, default=list(PREFILL_ROUTING_MODES))
     prefix.add_argument("--max-model-len", type=int, default=4096, help="cap prompt + output at this")
     prefix.add_argument("--json", action="store_true", help="end with a JSON line")
     prefix.set_defaults(func=_bench_prefix)

@@ -70,11 +70,18 @@ class EngineProfile(BaseModel):
     sources: dict[str, str] = Field(default_factory=dict)  # field -> where its number comes from
     measurements: dict = Field(default_factory=dict)  # the raw samples a measured profile was fitted to
 
+    @property
+    def total_blocks(self) -> int:
+        return self.kv_capacity_tokens // self.block_size
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
     def holds(self, prompt_tokens: int, output_tokens: int) -> bool:
         """Whether one replica serves the request at all: vLLM refuses a prompt and answer
-        longer than max_model_len, and cannot admit a prompt whose blocks exceed its cache."""
-        blocks = self.kv_capacity_tokens // self.block_size
-        return prompt_tokens + output_tokens <= self.max_model_len and -(-(prompt_tokens + 1) // self.block_size) <= blocks
+        longer than max_model_len, and cannot admit a prompt (and its first token) whose blocks
+        exceed its cache."""
+        return prompt_tokens + output_tokens <= self.max_model_len and self.blocks_for(prompt_tokens + 1) <= self.total_blocks
 
     def prefill_seconds(self, tokens: int, cached: int = 0) -> float:
         """One prompt alone on an idle engine, in chunks of max_num_batched_tokens."""

@@ -60,7 +60,7 @@ class SimEngine:
     def __init__(self, worker_id: str, profile: EngineProfile) -> None:
         self.worker_id = worker_id
         self.profile = profile
-        self.total_blocks = profile.kv_capacity_tokens // profile.block_size
+        self.total_blocks = profile.total_blocks
         self.free_blocks = self.total_blocks
         self.waiting: deque[SimSequence] = deque()
         self.running: list[SimSequence] = []
@@ -73,9 +73,6 @@ class SimEngine:
     @property
     def queued_prefill_tokens(self) -> int:
         return sum(s.prompt_left for s in self.waiting) + sum(s.prompt_left for s in self.running)
-
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.profile.block_size)
 
     def release(self, sequence: SimSequence) -> None:
         self.free_blocks += sequence.blocks
@@ -92,7 +89,7 @@ class SimEngine:
         if sequence.blocks:
             return True
         request = sequence.request
-        need = self.blocks_for(request.input_tokens + 1)
+        need = self.profile.blocks_for(request.input_tokens + 1)
         if need > self.free_blocks:
             return False
         self.free_blocks -= need

@@ -4,12 +4,15 @@ from these same fields (`python -m pdcluster.router --help`)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
 from pdcluster.common.tls import TLSFiles
+
+PrefillRouting = Literal["kv-events", "guess", "round-robin"]
+PREFILL_ROUTING_MODES: tuple[str, ...] = get_args(PrefillRouting)
 
 
 class RouterConfig(BaseModel):
@@ -65,7 +68,7 @@ class RouterConfig(BaseModel):
     unhealthy_after: int = Field(
         2, description="health checks missed in a row before a worker counts as lost: its requests retry or resume elsewhere"
     )
-    prefill_routing: Literal["kv-events", "guess", "round-robin"] = Field(
+    prefill_routing: PrefillRouting = Field(
         "kv-events",
         description="which prefill worker computes a prompt: the least queued work once the prefix it holds is taken off, "
         "the prefix known from its engine's KV cache events (kv-events) or guessed from where prompts went (guess); "
