@@ -7,8 +7,9 @@ every prompt starts with one of a few shared prefixes. Each request streams
 (`/v1/completions`, `ignore_eos` so outputs have the asked length); per rate it reports
 p50/p90/p99 of TTFT, ITL (every gap between consecutive streamed chunks, as vLLM's
 benchmark counts it), TPOT (each request's mean time per output token after the first)
-and end-to-end latency, throughput (req/s, output tok/s) and goodput: the share of
-requests within the TTFT SLO whose TPOT is within the ITL SLO.
+and end-to-end latency, throughput (req/s, output tok/s) and SLO attainment: the share of
+requests within the TTFT SLO whose TPOT is within the ITL SLO (goodput, as DistServe defines
+it, is the highest rate at which that share is at least 90%).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class RateResult:
     itl_ms: dict = field(default_factory=dict)
     tpot_ms: dict = field(default_factory=dict)
     e2e_ms: dict = field(default_factory=dict)
-    goodput: float = 0.0  # share of all requests that completed within both SLOs
-    goodput_req_per_s: float = 0.0
+    slo_attainment: float = 0.0  # share of all requests that completed within both SLOs
+    goodput_req_per_s: float = 0.0  # those requests per second
+    # Requests outside the SLOs, by which they missed: ttft, tpot, both, or failed.
+    slo_misses: dict = field(default_factory=dict)
     prefix_cache_hit_rate: float | None = None  # cached prompt tokens / prompt tokens, where the server says
     # The server's cost over this run (--cost-per-hour) divided by the input or output tokens served.
     cost_usd_per_million_tokens: dict = field(default_factory=dict)
@@ -132,7 +135,8 @@ async def run_rate(
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     done = [r for r in results if r.ok]
-    good = [r for r in done if r.ttft_s * 1e3 <= slo_ttft_ms and r.tpot_s * 1e3 <= slo_itl_ms]
+    late = [(r.ttft_s * 1e3 > slo_ttft_ms, r.tpot_s * 1e3 > slo_itl_ms) for r in done]
+    good = [r for r, (slow_first, slow_rest) in zip(done, late, strict=True) if not (slow_first or slow_rest)]
     cost = cost_per_hour * duration / 3600
     reported = [r for r in done if r.cached_tokens is not None]
     return RateResult(
@@ -147,14 +151,34 @@ async def run_rate(
         itl_ms=percentiles_ms([g for r in done for g in r.gaps_s]),
         tpot_ms=percentiles_ms([r.tpot_s for r in done]),
         e2e_ms=percentiles_ms([r.e2e_s for r in done]),
-        goodput=round(len(good) / len(results), 4),
+        slo_attainment=round(len(good) / len(results), 4),
         goodput_req_per_s=round(len(good) / duration, 3),
         prefix_cache_hit_rate=round(sum(r.cached_tokens for r in reported) / sum(r.prompt_tokens for r in reported), 4)
         if reported
         else None,
         cost_usd_per_million_tokens=cost_per_million(cost, sum(r.prompt_tokens for r in done), sum(r.output_tokens for r in done)),
+        slo_misses={
+            "ttft": late.count((True, False)),
+            "tpot": late.count((False, True)),
+            "both": late.count((True, True)),
+            "failed": len(results) - len(done),
+        },
         errors=sorted({r.error for r in results if not r.ok})[:5],
     )
+
+
+GOODPUT_ATTAINMENT = 0.9  # DistServe's: goodput is the highest rate with 90% of requests within both SLOs
+
+
+def goodput_rate(results: list[RateResult]) -> float:
+    """DistServe's goodput over a sweep: the highest rate at which, as at every lower rate swept,
+    at least 90% of requests met both SLOs (0 if the lowest rate misses)."""
+    best = 0.0
+    for r in sorted(results, key=lambda r: r.rate):
+        if r.slo_attainment < GOODPUT_ATTAINMENT:
+            break
+        best = r.rate
+    return best
 
 
 def cost_per_million(cost_usd: float, input_tokens: int, output_tokens: int) -> dict:
@@ -277,7 +301,7 @@ def main(
 def print_results(results: list[RateResult]) -> None:
     print(
         f"{'rate':>6} {'done':>5} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} "
-        f"{'TPOT p50/p99 ms':>16} {'e2e p50/p99 ms':>18} {'goodput':>8} {'$/1M in/out':>16}"
+        f"{'TPOT p50/p99 ms':>16} {'e2e p50/p99 ms':>18} {'in SLOs':>8} {'$/1M in/out':>16}"
     )
     for r in results:
         cost = "/".join(
@@ -285,5 +309,5 @@ def print_results(results: list[RateResult]) -> None:
         )
         print(
             f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {format_ms(r.ttft_ms):>24} "
-            f"{format_ms(r.itl_ms):>22} {format_ms(r.tpot_ms, ('p50', 'p99')):>16} {format_ms(r.e2e_ms, ('p50', 'p99')):>18} {r.goodput:>8.2%} {cost:>16}"
+            f"{format_ms(r.itl_ms):>22} {format_ms(r.tpot_ms, ('p50', 'p99')):>16} {format_ms(r.e2e_ms, ('p50', 'p99')):>18} {r.slo_attainment:>8.2%} {cost:>16}"
         )

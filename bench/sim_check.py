@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from pdcluster.planner.engine_profile import EngineProfile
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.planner.simulator import ClusterShape, simulate
 from pdcluster.planner.workloads import RequestShape, Workload
 from pdcluster.router.config import RouterConfig

@@ -164,7 +164,7 @@ def _trace_requests(args: argparse.Namespace, max_model_len: int):
 
 def _profiles(args: argparse.Namespace):
     """The profile per pool (role -> EngineProfile) for simulate and plan."""
-    from pdcluster.planner.engine_profile import profile_for_tp, resolve_profile_path
+    from pdcluster.planner.profile_files import profile_for_tp, resolve_profile_path
 
     tp = dict(prefill=args.tp, decode=args.tp) if args.tp.isdigit() else dict(kv.split("=") for kv in args.tp.split(","))
     return {
@@ -235,9 +235,9 @@ def _print_simulation(results: list[dict], shape) -> None:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from pdcluster.planner.engine_profile import profile_for_tp, resolve_profile_path, tp_sizes
     from pdcluster.planner.plan import ATTAINMENT, plan
     from pdcluster.planner.plan_spec import write_plan_spec
+    from pdcluster.planner.profile_files import profile_for_tp, resolve_profile_path, tp_sizes
     from pdcluster.router.config import parse_router_args
 
     try:
@@ -368,13 +368,14 @@ def _bench_compare(args: argparse.Namespace) -> int:
         cost_per_hour=args.cost_per_hour,
         trace=_trace_requests(args, args.max_model_len) if args.trace else (),
         vllm_flags=args.vllm_flags,
+        profile=args.profile,
     )
     return 0 if all(c.colocated.completed and c.pdcluster.completed for c in comparisons) else 1
 
 
 def _bench_simcheck(args: argparse.Namespace) -> int:
     from pdcluster.bench.sim_check import main as bench_main
-    from pdcluster.planner.engine_profile import load_profile
+    from pdcluster.common.engine_profile import load_profile
 
     trace = _trace_requests(args, args.max_model_len) if args.trace else []
     bench_main(args.measured, load_profile(args.colocated_profile), load_profile(args.pd_profile), trace, args.json_out)
@@ -384,7 +385,7 @@ def _bench_simcheck(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pdcluster.bench.chaos_bench import FAULTS
     from pdcluster.cluster.cluster_spec import add_cluster_flags
-    from pdcluster.planner.workloads import COMPARE_WORKLOADS
+    from pdcluster.planner.workloads import COMPARE_RATES, COMPARE_WORKLOADS
     from pdcluster.router.config import PREFILL_ROUTING_MODES
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving")
@@ -498,13 +499,18 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="co-located vLLM against pdcluster 1P+1D on the same cores, same load (vLLM engine flags go to both)"
     )
     compare.add_argument("--model", default="", help="HF model directory (default: the generated bench model, ~26M parameters)")
-    compare.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="request rates to sweep (req/s)")
+    compare.add_argument("--rates", type=float, nargs="+", default=list(COMPARE_RATES), help="request rates to sweep (req/s)")
     compare.add_argument("--requests", type=int, default=40, help="requests per rate")
     compare.add_argument("--workloads", nargs="+", choices=list(COMPARE_WORKLOADS), default=list(COMPARE_WORKLOADS))
     compare.add_argument("--cores", type=int, default=0, help="cores to use, split evenly between prefill and decode (default: all)")
     compare.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     compare.add_argument("--slo-itl-ms", type=float, default=20.0, help="bound on each request's TPOT (mean inter-token latency)")
     compare.add_argument("--router-flags", default="", help="extra flags for pdcluster's router, e.g. '--local-prefill-above-queued 2048'")
+    compare.add_argument(
+        "--profile",
+        default="",
+        help="the workers' profile, for the router's placement (default: bench/profiles/cpuN-bench-llama.json for the bench model)",
+    )
     _add_trace_flags(compare)
     compare.add_argument("--max-model-len", type=int, default=4096, help="with --trace: cap prompt + output at this")
     compare.add_argument(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pdcluster.planner.engine_profile import EngineProfile
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.planner.simulator import ClusterShape, simulate
 from pdcluster.planner.workloads import RequestShape
 from pdcluster.router.config import RouterConfig

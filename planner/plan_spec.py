@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from pdcluster.cluster.cluster_spec import ClusterSpec
-from pdcluster.planner.engine_profile import EngineProfile
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.planner.plan import Candidate
 
 

@@ -25,7 +25,7 @@ import uuid
 
 import numpy as np
 
-from pdcluster.planner.engine_profile import EngineProfile, StepCost, prefill_pairs
+from pdcluster.common.engine_profile import EngineProfile, StepCost, prefill_pairs
 from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_kwargs, prepare_environment
 

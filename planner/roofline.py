@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdcluster.planner.engine_profile import REFERENCE_DIR, EngineProfile, StepCost
+from pdcluster.common.engine_profile import EngineProfile, StepCost
+from pdcluster.planner.profile_files import REFERENCE_DIR
 
 GIB = 1 << 30
 

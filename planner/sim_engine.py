@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from pdcluster.planner.engine_profile import EngineProfile, prefill_pairs
+from pdcluster.common.engine_profile import EngineProfile, prefill_pairs
 from pdcluster.planner.workloads import RequestShape
 
 

@@ -18,15 +18,16 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.common.percentiles import percentiles_ms
 from pdcluster.common.worker_record import Role
-from pdcluster.planner.engine_profile import EngineProfile
 from pdcluster.planner.sim_engine import SimEngine, SimSequence
 from pdcluster.planner.workloads import RequestShape
 from pdcluster.protos import worker_pb2
 from pdcluster.router.config import RouterConfig
+from pdcluster.router.placement_prediction import PlacementPredictor
 from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill
-from pdcluster.router.worker_pool import WorkerView
+from pdcluster.router.worker_pool import DecodeStream, WorkerView
 
 
 @dataclass
@@ -95,6 +96,11 @@ class ClusterSimulation:
         self.prefills = [_Replica(Role.PREFILL, i, shape.prefill) for i in range(shape.prefill_replicas)]
         self.decodes = [_Replica(Role.DECODE, i, shape.decode) for i in range(shape.decode_replicas)]
         self.index = PrefixIndex(shape.router.prefix_index_blocks)
+        # With a profile named, the router predicts placements; here from the engines' own profile.
+        self.predictor = None
+        if shape.router.profile:
+            prefill = shape.prefill or shape.decode
+            self.predictor = PlacementPredictor(prefill, shape.decode, shape.router.slo, clock=lambda: self.now)
         self._events: list = []
         self._order = itertools.count()
         self.now = 0.0
@@ -157,22 +163,33 @@ class ClusterSimulation:
         decode = self._by_view(
             self.decodes, pick_decode_worker([d.view for d in self.decodes], request.input_tokens + request.output_tokens)
         )
-        placement = place_prefill([p.view for p in self.prefills], request.input_tokens, self.index, hashes_for, self.shape.router)
+        placement = place_prefill(
+            [p.view for p in self.prefills], decode.view, request.input_tokens, self.index, hashes_for, self.shape.router, self.predictor
+        )
         decode.view.last_picked = self.now
         decode.view.inflight += 1
+        stream = DecodeStream(request.output_tokens)
+        decode.view.streams.add(stream)
 
         def on_token(seq: SimSequence, now: float) -> None:
+            stream.tokens += 1
             if outcome.first_token < 0:
-                outcome.first_token = now
+                outcome.first_token = stream.first_token_at = now
+                decode.view.pending_prefill_tokens -= local_prompt
+                if placement.chosen is not None:
+                    self.predictor.observe(placement.chosen.choice, placement.chosen.ttft_s, now - outcome.arrival)
             else:
                 outcome.gaps.append(now - outcome.last_token)
             outcome.last_token = now
 
         def on_answered(seq: SimSequence, now: float) -> None:
             decode.view.inflight -= 1
+            decode.view.streams.discard(stream)
             self._unfinished -= 1
             self._in_system -= 1
 
+        local_prompt = 0 if placement.worker else request.input_tokens  # queued on the decode worker, as the router counts it
+        decode.view.pending_prefill_tokens += local_prompt
         if placement.worker is None:
             outcome.placement = placement.bypass
             decode.engine.waiting.append(SimSequence(request, 0, False, on_answered, on_token, hashes_for=hashes_for))

@@ -105,7 +105,10 @@ COMPARE_WORKLOADS = {
     # Long prompts, short answers: prefill steps land between a co-located engine's decode steps.
     "prefill-heavy": Workload(prompt_tokens=1024, output_tokens=32, distribution="uniform", seed=1),
     "decode-heavy": Workload(prompt_tokens=128, output_tokens=256, distribution="uniform", seed=2),
+    # Where peers lose most to co-located serving (up to 3.4x).
+    "balanced": Workload(prompt_tokens=512, output_tokens=256, distribution="uniform", seed=3),
 }
+COMPARE_RATES = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)  # req/s, the sweep of `bench compare`
 
 
 @dataclass

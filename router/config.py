@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
+from pdcluster.common.slo import SLO
 from pdcluster.common.tls import TLSFiles
 
 PrefillRouting = Literal["kv-events", "guess", "round-robin"]
@@ -47,12 +48,15 @@ class RouterConfig(BaseModel):
         "", description="require `Authorization: Bearer KEY`; empty: no auth", json_schema_extra={"env": "PDCLUSTER_API_KEY"}
     )
     bypass_prefill_below_tokens: int = Field(
-        64, description="prompts shorter than this many tokens skip remote prefill", json_schema_extra={"flag": "--bypass-prefill-below"}
+        64,
+        description="prompts shorter than this many tokens skip remote prefill (before any prediction)",
+        json_schema_extra={"flag": "--bypass-prefill-below"},
     )
     local_prefill_above_queued_tokens: int = Field(
         0,
         description="run a prompt on the decode worker when the best prefill worker already has more than this many "
-        "prompt tokens queued (trades ITL for TTFT under a prefill backlog; 0: never)",
+        "prompt tokens queued (trades ITL for TTFT under a prefill backlog; 0: never); set, it overrides the "
+        "predictions of --profile",
         json_schema_extra={"flag": "--local-prefill-above-queued"},
     )
     max_inflight: int = Field(256, description="requests running at once")
@@ -74,6 +78,13 @@ class RouterConfig(BaseModel):
         "the prefix known from its engine's KV cache events (kv-events) or guessed from where prompts went (guess); "
         "or each in turn (round-robin)",
     )
+    profile: str = Field(
+        "",
+        description="the workers' engine profile (a `pdcluster profile` file): with it, each prompt is computed where its "
+        "predicted TTFT and the ITL it costs others keep the SLOs, on a prefill worker or its decode worker; without it, "
+        "on a prefill worker unless a rule (--bypass-prefill-below, --local-prefill-above-queued) says otherwise",
+    )
+    slo: SLO = Field(default_factory=SLO, description="the SLOs placement keeps (with --profile)")
     prefix_index_blocks: int = Field(65536, description="block hashes remembered per prefill worker")
     drain_timeout_s: float = Field(60.0, description="on SIGTERM: how long running requests and streams may take to finish")
     ready_file: str = ""

@@ -28,6 +28,27 @@ class RouterMetrics:
         self.resumes = Counter("pdcluster_router_resumes", "Streams resumed on another decode worker mid-generation", registry=r)
         self.picks = Counter("pdcluster_router_worker_picks", "Workers chosen per request", ["role", "worker_id"], registry=r)
         self.bypass = Counter("pdcluster_router_prefill_bypass", "Requests run on a decode worker alone", ["reason"], registry=r)
+        self.placements = Counter(
+            "pdcluster_router_placements",
+            "Where prompts were computed (remote: a prefill worker; local: the decode worker), what decided "
+            "(prediction, default, or a rule), and whether the choice was predicted to keep the SLOs",
+            ["placement", "basis", "predicted_slos"],
+            registry=r,
+        )
+        self.ttft_prediction_ratio = Histogram(
+            "pdcluster_router_ttft_prediction_ratio",
+            "Observed / predicted TTFT of prompts placed by prediction (from the placement decision)",
+            ["placement"],
+            registry=r,
+            buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.1, 1.25, 1.5, 2, 4, 8),
+        )
+        self.ttft_prediction_error = Histogram(
+            "pdcluster_router_ttft_prediction_error_seconds",
+            "|observed - predicted| TTFT of prompts placed by prediction",
+            ["placement"],
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
         self.prefix_hit_tokens = Counter(
             "pdcluster_router_prefix_hit_tokens", "Prompt tokens routed to a prefill worker expected to hold them", registry=r
         )
@@ -39,8 +60,11 @@ class RouterMetrics:
             self.requests.labels(outcome)
         for role in ROLES:
             self.retries.labels(role)
-        for reason in ("short_prompt", "no_prefill_worker", "prefill_backlog"):
+        for reason in ("short_prompt", "no_prefill_worker", "prefill_backlog", "predicted"):
             self.bypass.labels(reason)
+        for placement in ("remote", "local"):
+            self.ttft_prediction_ratio.labels(placement)
+            self.ttft_prediction_error.labels(placement)
 
 
 class _PoolCollector:

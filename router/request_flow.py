@@ -21,6 +21,7 @@ import msgspec
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
+from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.sample_wire import decode_logprobs, encode_sampling_params
 from pdcluster.common.worker_record import Role
@@ -30,8 +31,9 @@ from pdcluster.router.config import RouterConfig
 from pdcluster.router.continuation_text import ContinuationText
 from pdcluster.router.errors import NoCapacity
 from pdcluster.router.metrics import RouterMetrics
-from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill
-from pdcluster.router.worker_pool import WorkerPool, WorkerView
+from pdcluster.router.placement_prediction import PlacementPredictor
+from pdcluster.router.routing_policy import PrefillPlacement, PrefixIndex, pick_decode_worker, place_prefill
+from pdcluster.router.worker_pool import DecodeStream, WorkerPool, WorkerView
 
 logger = logging.getLogger("pdcluster.router.flow")
 
@@ -87,6 +89,8 @@ class RequestFlow:
         self.metrics = metrics
         self.prefix_index = PrefixIndex(config.prefix_index_blocks)
         self.admission = AdmissionGate(config.max_inflight, config.max_queue, metrics)
+        profile = load_profile(config.profile) if config.profile else None
+        self.predictor = PlacementPredictor(profile, profile, config.slo) if profile else None
 
     async def generate(self, request: GenerationRequest, usage: Usage):
         """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
@@ -154,7 +158,9 @@ class RequestFlow:
             yield TokenDelta([], "", "length")
             return
         decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens)
-        prefill = self._pick_prefill(prompt, attempt)
+        placed_at = time.monotonic()
+        placement = self._place_prefill(prompt, attempt, decode)
+        prefill = placement.worker
         self._note_pick(decode, Role.DECODE)
         transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
         encoded_params = decode_params = encode_sampling_params(params)
@@ -172,7 +178,11 @@ class RequestFlow:
             reasoning_parser_kwargs=msgspec.msgpack.encode(request.reasoning_parser_kwargs) if request.reasoning_parser_kwargs else b"",
         )
         continuation = _continuation(self.tokenizer, sent, params) if sent else None
+        progress = DecodeStream(params.max_tokens)
+        local_prompt = 0 if prefill else len(prompt)  # computed on the decode worker: queued there until its first token
         decode.inflight += 1
+        decode.streams.add(progress)
+        decode.pending_prefill_tokens += local_prompt
         stream = decode.stub.Decode(decode_request, metadata=self.pool.metadata)
         decode_watch = _cancel_when_lost(decode, stream)
         prefill_task = None
@@ -200,6 +210,12 @@ class RequestFlow:
                     raise _failure_of(prefill_task) or _classify(e, decode, Role.DECODE) from None
                 if chunk is grpc.aio.EOF:
                     return
+                if progress.first_token_at is None and chunk.token_ids:
+                    progress.first_token_at = time.monotonic()
+                    decode.pending_prefill_tokens -= local_prompt
+                    local_prompt = 0
+                    self._observe_prediction(placement, progress.first_token_at - placed_at)
+                progress.tokens += len(chunk.token_ids)
                 if prefill_task is not None and not prefill_task.done():
                     # Its reply holds what the first delta reports: prompt logprobs, cached tokens.
                     await asyncio.shield(prefill_task)
@@ -219,6 +235,8 @@ class RequestFlow:
         finally:
             decode_watch.cancel()
             decode.inflight -= 1
+            decode.streams.discard(progress)
+            decode.pending_prefill_tokens -= local_prompt
             stream.cancel()  # no-op once finished; aborts the request on the worker otherwise
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
@@ -235,21 +253,34 @@ class RequestFlow:
             await asyncio.sleep(0.25)
         return candidates
 
-    def _pick_prefill(self, prompt: list[int], attempt: _Attempt) -> WorkerView | None:
+    def _place_prefill(self, prompt: list[int], attempt: _Attempt, decode: WorkerView) -> PrefillPlacement:
         hashes: dict[int, list[int]] = {}
         placement = place_prefill(
             self._candidates(Role.PREFILL, attempt),
+            decode,
             len(prompt),
             self.prefix_index,
             lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs)),
             self.config,
+            self.predictor,
         )
+        kept = "none" if placement.chosen is None else "kept" if placement.chosen.misses(self.config.slo) == 0 else "missed"
+        self.metrics.placements.labels("remote" if placement.worker else "local", placement.basis, kept).inc()
         if placement.worker is None:
             self.metrics.bypass.labels(placement.bypass).inc()
-            return None
-        self._note_pick(placement.worker, Role.PREFILL)
-        self.metrics.prefix_hit_tokens.inc(placement.overlap_tokens)
-        return placement.worker
+        else:
+            self._note_pick(placement.worker, Role.PREFILL)
+            self.metrics.prefix_hit_tokens.inc(placement.overlap_tokens)
+        return placement
+
+    def _observe_prediction(self, placement: PrefillPlacement, observed_s: float) -> None:
+        """The first token of a prompt placed by prediction: how far off the prediction was."""
+        if placement.chosen is None:
+            return
+        choice, predicted = placement.chosen.choice, placement.chosen.ttft_s
+        self.metrics.ttft_prediction_ratio.labels(choice).observe(observed_s / predicted if predicted > 0 else 0.0)
+        self.metrics.ttft_prediction_error.labels(choice).observe(abs(observed_s - predicted))
+        self.predictor.observe(choice, predicted, observed_s)
 
     def _note_pick(self, worker: WorkerView, role: Role) -> None:
         worker.last_picked = time.monotonic()

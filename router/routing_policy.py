@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdcluster.router.config import RouterConfig
-from pdcluster.router.worker_pool import WorkerView
+from pdcluster.router.placement_prediction import LOCAL, Outlook, PlacementPredictor
+from pdcluster.router.worker_pool import WorkerView, queued_prefill_tokens
 
 
 class PrefixIndex:
@@ -79,11 +80,6 @@ def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerVi
     return min(workers, key=key)
 
 
-def queued_prefill_tokens(worker: WorkerView) -> int:
-    """Prompt tokens ahead of a new prompt on a prefill worker: its count, or ours if the poll lags."""
-    return max(worker.stats.queued_prefill_tokens, worker.pending_prefill_tokens)
-
-
 def pick_prefill_worker(workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for) -> tuple[WorkerView | None, int]:
     """The worker with the least prefill work ahead once this prompt's cached prefix is
     subtracted (then the least loaded, then the one picked least recently); returns it and the
@@ -113,19 +109,37 @@ def prefill_backlog_too_deep(prefill: WorkerView, limit_tokens: int) -> bool:
 @dataclass
 class PrefillPlacement:
     """Where a prompt is computed: on `worker` (holding `overlap_tokens` of it already), or,
-    with `worker` None, on its decode worker for the reason `bypass`."""
+    with `worker` None, on its decode worker for the reason `bypass`. With a profile, the
+    outlook of the choice made and of the one passed over."""
 
     worker: WorkerView | None
     overlap_tokens: int = 0
-    bypass: str = ""  # short_prompt | no_prefill_worker | prefill_backlog
+    bypass: str = ""  # short_prompt | no_prefill_worker | prefill_backlog | predicted
+    chosen: Outlook | None = None
+    passed_over: Outlook | None = None
+
+    @property
+    def basis(self) -> str:
+        """What decided: a prediction, a rule (a bypass reason), or, remote, the default."""
+        if self.chosen is not None:
+            return "prediction"
+        return self.bypass or "default"
 
 
 def place_prefill(
-    candidates: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for: Callable[[int], list[int]], config: RouterConfig
+    candidates: list[WorkerView],
+    decode: WorkerView,
+    prompt_len: int,
+    index: PrefixIndex,
+    hashes_for: Callable[[int], list[int]],
+    config: RouterConfig,
+    predictor: PlacementPredictor | None = None,
 ) -> PrefillPlacement:
-    """The router's whole prefill choice for one prompt. A chosen worker is recorded in `index`
-    as now holding the prompt's blocks: with `kv-events` routing the worker's own events then
-    confirm or correct that."""
+    """The router's whole prefill choice for one prompt, its decode worker already picked.
+    Rules first: a short prompt, or with `local_prefill_above_queued_tokens` set, a deep
+    prefill backlog, stays on the decode worker; then, with a profile, the predicted outlooks
+    decide. A chosen prefill worker is recorded in `index` as now holding the prompt's blocks:
+    with `kv-events` routing the worker's own events then confirm or correct that."""
     if should_bypass_prefill(prompt_len, config.bypass_prefill_below_tokens):
         return PrefillPlacement(None, bypass="short_prompt")
     if config.prefill_routing == "round-robin":
@@ -136,6 +150,11 @@ def place_prefill(
         return PrefillPlacement(None, bypass="no_prefill_worker")
     if prefill_backlog_too_deep(prefill, config.local_prefill_above_queued_tokens):
         return PrefillPlacement(None, bypass="prefill_backlog")
+    chosen = passed_over = None
+    if predictor is not None and config.local_prefill_above_queued_tokens <= 0:
+        chosen, passed_over = predictor.choose(prefill, decode, prompt_len, overlap)
+        if chosen.choice == LOCAL:
+            return PrefillPlacement(None, bypass="predicted", chosen=chosen, passed_over=passed_over)
     if config.prefill_routing != "round-robin":
         index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
-    return PrefillPlacement(prefill, overlap)
+    return PrefillPlacement(prefill, overlap, chosen=chosen, passed_over=passed_over)

@@ -27,6 +27,15 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_se
 
 
 @dataclass(eq=False)
+class DecodeStream:
+    """A request streaming from a decode worker through this router: how far it has come."""
+
+    max_tokens: int
+    tokens: int = 0
+    first_token_at: float | None = None  # monotonic
+
+
+@dataclass(eq=False)
 class WorkerView:
     address: str
     channel: grpc.aio.Channel
@@ -38,6 +47,7 @@ class WorkerView:
     inflight: int = 0  # requests this router has running on it
     pending_prefill_tokens: int = 0  # prompt tokens this router has sent it, not yet prefilled
     last_picked: float = 0.0  # monotonic time this router last routed a request to it
+    streams: set[DecodeStream] = field(default_factory=set)  # requests it decodes for this router
 
     @property
     def role(self) -> Role | None:
@@ -72,6 +82,11 @@ class WorkerView:
             "draining": s.draining,
             "router_inflight": self.inflight,
         }
+
+
+def queued_prefill_tokens(worker: WorkerView) -> int:
+    """Prompt tokens ahead of a new prompt on a worker: its count, or ours if the poll lags."""
+    return max(worker.stats.queued_prefill_tokens, worker.pending_prefill_tokens)
 
 
 class WorkerPool:

@@ -40,6 +40,13 @@ def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
         "4",
         "--requests",
         "4",
+        "--workloads",
+        "prefill-heavy",
+        "balanced",
+        # The router places prompts by predictions from a profile of another model: its
+        # observed TTFTs correct them as requests are served.
+        "--profile",
+        str(ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"),
         "--json-out",
         str(json_path),
         "--plot",
@@ -51,12 +58,28 @@ def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
     report = json.loads(json_path.read_text())
     assert report["cores"] == sorted(os.sched_getaffinity(0))
     rows = [(c["workload"], c["rate"]) for c in report["comparisons"]]
-    assert rows == [("prefill-heavy", 2.0), ("prefill-heavy", 4.0), ("decode-heavy", 2.0), ("decode-heavy", 4.0)]
+    assert rows == [("prefill-heavy", 2.0), ("prefill-heavy", 4.0), ("balanced", 2.0), ("balanced", 4.0)]
+    assert report["router_flags"][:2] == ["--profile", str(ROOT / "bench" / "profiles" / "cpu1-bench-llama.json")]
+    assert report["router_flags"][2:] == ["--slo-ttft-ms", "1000.0", "--slo-itl-ms", "20.0"]  # the SLOs it counts by
     for c in report["comparisons"]:
         for system in ("colocated", "pdcluster"):
             result = c[system]
             assert result["completed"] == result["requests"] == 4, result["errors"]
             assert result["itl_ms"]["p99"] > 0 and result["ttft_ms"]["p99"] > 0
         assert c["ratios"]["itl_ms"] == pytest.approx(c["pdcluster"]["itl_ms"]["p99"] / c["colocated"]["itl_ms"]["p99"], rel=1e-2)
+        for system in ("colocated", "pdcluster"):
+            result = c[system]
+            within = round(result["slo_attainment"] * 4)
+            assert within + sum(result["slo_misses"].values()) == 4  # every request: within, or which SLO it missed
+            assert report["slo_attainment"][c["workload"]][system][str(c["rate"])] == result["slo_attainment"]
+    for workload in ("prefill-heavy", "balanced"):
+        for system in ("colocated", "pdcluster"):
+            attainment = report["slo_attainment"][workload][system]
+            # DistServe's goodput: the highest rate before attainment first drops under 90%.
+            expected = 0.0 if attainment["2.0"] < 0.9 else 2.0 if attainment["4.0"] < 0.9 else 4.0
+            assert report["goodput_rate"][workload][system] == expected
+        assert report["goals"][workload]["goodput_rate_ratio"]["goal"] == 1.0
+    assert report["goals"]["prefill-heavy"]["p99_itl_ratio"]["goal"] == 0.5
+    assert "goodput (highest rate with >= 90%" in run.stdout
     assert "ratio = pdcluster / co-located" in run.stdout and "prefill-heavy" in run.stdout
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

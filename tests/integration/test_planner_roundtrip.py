@@ -13,9 +13,9 @@ import yaml
 from transformers import AutoConfig
 
 from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
-from pdcluster.planner.engine_profile import load_profile
 
 from tests.support.paths import ROOT, TRACES
 from tests.support.processes import EAGER

@@ -22,7 +22,7 @@ from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
 
-from tests.support.paths import TRACES
+from tests.support.paths import ROOT, TRACES
 from tests.support.processes import reference_outputs, running_cluster, start_router
 from tests.support.router_metrics import kv_bytes_received, metric
 
@@ -372,6 +372,42 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long
         router.stop()
 
 
+def test_predicted_placement_serves_the_same_answers_and_reports_its_predictions(cluster, client, long_prompt):
+    """With --profile, each prompt goes where its predicted TTFT is best kept (here a 50 ms
+    SLO no prompt keeps: the earlier first token wins); every one is counted by what decided
+    it, and its observed TTFT against the prediction."""
+    kwargs = dict(model=MODEL, prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**kwargs).choices[0].text
+    profile = ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"
+    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), "--profile", str(profile), "--slo-ttft-ms", "50", *SERVED_AS]
+    router = start_router([w.address for w in cluster[1]], router_args)
+    try:
+        placed_client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=120)
+        texts: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: texts.append(placed_client.completions.create(**kwargs).choices[0].text)) for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert texts == [expected] * 6
+        with httpx.Client(base_url=router.record.http, timeout=60) as http:
+            placements = "pdcluster_router_placements_total"
+            # (Prometheus writes labels in name order.)
+            remote, local = (metric(http, placements, f'basis="prediction",placement="{where}"') for where in ("remote", "local"))
+            assert remote + local == 6
+            assert local == metric(http, "pdcluster_router_prefill_bypass_total", 'reason="predicted"')
+            assert metric(http, "pdcluster_router_worker_picks_total", 'role="prefill"') == 6 - local
+            assert metric(http, placements, 'basis="prediction",placement="remote",predicted_slos="kept"') == 0  # 50 ms: none kept
+            # One observation per first token, under the placement it was predicted for.
+            assert metric(http, "pdcluster_router_ttft_prediction_ratio_count") == 6
+            assert metric(http, "pdcluster_router_ttft_prediction_error_seconds_count") == 6
+            assert metric(http, "pdcluster_router_ttft_prediction_ratio_sum") > 0
+    finally:
+        router.stop()
+
+
 def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
     from pdcluster.bench.serve_bench import main as bench_serve
     from pdcluster.planner.workloads import Workload
@@ -389,7 +425,8 @@ def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
         cost = 3.6 * r.duration_s / 3600
         assert r.cost_usd_per_million_tokens["output"] == pytest.approx(cost / (6 * 8) * 1e6, rel=1e-3)
         assert r.cost_usd_per_million_tokens["input"] == pytest.approx(cost / (6 * 120) * 1e6, rel=1e-3)
-        assert r.output_tok_per_s > 0 and 0.0 <= r.goodput <= 1.0
+        assert r.output_tok_per_s > 0 and 0.0 <= r.slo_attainment <= 1.0
+        assert round(r.slo_attainment * 6) + sum(r.slo_misses.values()) == 6  # each request within, or what it missed
         assert r.ttft_ms["p50"] <= r.ttft_ms["p99"] and r.e2e_ms["p50"] <= r.e2e_ms["p99"]
         assert r.ttft_ms["p99"] <= r.e2e_ms["p99"]
     assert metric(http, "pdcluster_router_requests_total", 'outcome="ok"') == served_before + 12  # every request reached the router

@@ -9,10 +9,11 @@ import pytest
 
 from pdcluster.cluster.cluster_spec import ClusterSpec
 from pdcluster.cluster.pool_cost import PoolCostMeter
+from pdcluster.common.engine_profile import StepCost, load_profile
 from pdcluster.common.worker_record import Role
-from pdcluster.planner.engine_profile import REFERENCE_DIR, StepCost, load_profile, profile_for_tp, tp_sizes
 from pdcluster.planner.plan import plan, retimed
 from pdcluster.planner.plan_spec import plan_spec
+from pdcluster.planner.profile_files import REFERENCE_DIR, profile_for_tp, tp_sizes
 from pdcluster.planner.profiler import fit_step_cost
 from pdcluster.planner.roofline import reference_profiles
 from pdcluster.planner.workloads import TraceScaling, load_trace

@@ -83,7 +83,7 @@ def test_placement_records_its_choice_except_round_robin():
         a, b = worker("a", "prefill"), worker("b", "prefill", queued_prefill_tokens=10 * BLOCK)
         index.record("b", prompt_block_hashes(shared, BLOCK))
         a.last_picked, b.last_picked = 2.0, 1.0
-        placement = place_prefill([a, b], len(shared), index, lambda bs: prompt_block_hashes(shared, bs), config)
+        placement = place_prefill([a, b], worker("d", "decode"), len(shared), index, lambda bs: prompt_block_hashes(shared, bs), config)
         if routing == "round-robin":  # in turn: neither the prefix b holds nor its queue counts
             assert placement.worker is b and placement.overlap_tokens == 0 and index.overlap_blocks("a", [1]) == 0
         else:  # a: less work ahead even after b's cached prefix; now a holds the prompt too

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdcluster.planner.engine_profile import EngineProfile, StepCost
+from pdcluster.common.engine_profile import EngineProfile, StepCost
 from pdcluster.planner.simulator import ClusterShape, ClusterSimulation, simulate
 from pdcluster.planner.workloads import RequestShape
 from pdcluster.router.config import RouterConfig

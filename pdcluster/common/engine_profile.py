@@ -18,12 +18,9 @@ every number travel in the file.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-
-REFERENCE_DIR = Path(__file__).parent / "reference_profiles"
 
 
 class StepCost(BaseModel):
@@ -83,14 +80,29 @@ class EngineProfile(BaseModel):
         exceed its cache."""
         return prompt_tokens + output_tokens <= self.max_model_len and self.blocks_for(prompt_tokens + 1) <= self.total_blocks
 
-    def prefill_seconds(self, tokens: int, cached: int = 0) -> float:
-        """One prompt alone on an idle engine, in chunks of max_num_batched_tokens."""
-        total, done = 0.0, cached
+    def prefill_steps(self, tokens: int, cached: int = 0, decoding: int = 0, decode_context: int = 0) -> list[float]:
+        """The steps that compute a prompt in chunks, as vLLM's chunked prefill runs it: each
+        step also gives `decoding` requests (holding `decode_context` tokens in all) a token."""
+        budget = max(1, self.max_num_batched_tokens - decoding)
+        steps, done = [], cached
         while done < tokens:
-            chunk = min(self.max_num_batched_tokens, tokens - done)
-            total += self.step.seconds(chunk, prefill_pairs(chunk, done), 0)
+            chunk = min(budget, tokens - done)
+            steps.append(self.step.seconds(chunk + decoding, prefill_pairs(chunk, done), decode_context))
             done += chunk
-        return total
+        return steps
+
+    def prefill_seconds(self, tokens: int, cached: int = 0) -> float:
+        """One prompt alone on an idle engine."""
+        return sum(self.prefill_steps(tokens, cached))
+
+    def queued_prompt_seconds(self, tokens: int) -> float:
+        """Prompt tokens of unknown prompts waiting on an engine: their chunks' fixed cost and
+        per-token cost, without the attention between them (a lower bound)."""
+        return -(-tokens // self.max_num_batched_tokens) * self.step.base_s + tokens * self.step.per_token_s
+
+    def decode_step_seconds(self, decoding: int, decode_context: int) -> float:
+        """A step that only gives `decoding` requests their next token."""
+        return self.step.seconds(decoding, 0, decode_context) if decoding else 0.0
 
     def transfer_seconds(self, tokens: int) -> float:
         return self.transfer_latency_s + tokens * self.kv_bytes_per_token / (self.transfer_gbps * 1e9)
@@ -101,40 +113,3 @@ class EngineProfile(BaseModel):
 
 def load_profile(path: str | Path) -> EngineProfile:
     return EngineProfile.model_validate_json(Path(path).read_text())
-
-
-_TP_SUFFIX = re.compile(r"-tp(\d+)\.json$")
-
-
-def profile_for_tp(path: str | Path, tp: int) -> EngineProfile:
-    """The profile at `path`, or its sibling for tensor-parallel size `tp` (same name, `-tpN`)."""
-    profile = load_profile(path)
-    if profile.tensor_parallel_size == tp:
-        return profile
-    path = Path(path)
-    if not _TP_SUFFIX.search(path.name):
-        raise ValueError(f"{path} is a TP {profile.tensor_parallel_size} profile and names no sibling for TP {tp}")
-    sibling = path.with_name(_TP_SUFFIX.sub(f"-tp{tp}.json", path.name))
-    if not sibling.exists():
-        raise ValueError(f"no TP {tp} profile beside {path} (looked for {sibling.name})")
-    return load_profile(sibling)
-
-
-def tp_sizes(path: str | Path) -> list[int]:
-    """The tensor-parallel sizes with a profile beside `path` (just its own without a -tpN name)."""
-    path = Path(path)
-    if not _TP_SUFFIX.search(path.name):
-        return [load_profile(path).tensor_parallel_size]
-    stem = _TP_SUFFIX.sub("", path.name)
-    return sorted(int(m.group(1)) for p in path.parent.glob(f"{stem}-tp*.json") if (m := _TP_SUFFIX.search(p.name)))
-
-
-def resolve_profile_path(name: str) -> Path:
-    """A profile file, or the name of a reference profile (`h100-llama-3-8b-tp1`)."""
-    path = Path(name)
-    if path.exists():
-        return path
-    reference = REFERENCE_DIR / (name if name.endswith(".json") else name + ".json")
-    if reference.exists():
-        return reference
-    raise ValueError(f"no profile {name!r}: not a file, nor one of {sorted(p.stem for p in REFERENCE_DIR.glob('*.json'))}")

@@ -1,0 +1,113 @@
+"""Where a prompt keeps both SLOs: predicted from the engine profile and the pool's live state.
+
+For one prompt and its decode worker the router predicts
+- remote: its TTFT if a prefill worker computes it (the prompt tokens queued there first, then
+  this prompt less the prefix it holds, the KV transfer, and the decode worker's next step);
+- local: its TTFT if the decode worker computes it in chunks beside its running requests, and
+  what those chunks cost the requests decoding there: each chunked step is longer than a
+  decode step, which stretches their time per output token (TPOT).
+
+It takes the choice under which fewest requests miss an SLO, the remote one on a tie at none
+(decode steps stay short), else the one with the earlier first token. Predictions are scaled
+by how far off the last ones were (observed / predicted TTFT, per choice), so a profile
+measured elsewhere still ranks the choices right once a few requests have been served.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pdcluster.common.engine_profile import EngineProfile
+from pdcluster.common.slo import SLO
+from pdcluster.router.worker_pool import WorkerView, queued_prefill_tokens
+
+REMOTE, LOCAL = "remote", "local"
+_CALIBRATION_WEIGHT = 0.2  # of each new observation in the running (geometric) mean ratio
+_CALIBRATION_BOUNDS = (0.1, 10.0)
+
+
+@dataclass
+class Outlook:
+    """One choice's predicted first token, and the requests it would push past an SLO."""
+
+    choice: str
+    ttft_s: float
+    tpot_misses: int  # requests already decoding on the decode worker
+
+    def misses(self, slo: SLO) -> int:
+        return int(self.ttft_s > slo.ttft_s) + self.tpot_misses
+
+
+def decode_context_tokens(worker: WorkerView) -> int:
+    """Tokens in the worker's KV cache: what its decode steps read."""
+    stats = worker.stats
+    return int(stats.total_kv_blocks - stats.free_kv_blocks) * max(stats.block_size, 1)
+
+
+def decoding_requests(worker: WorkerView) -> int:
+    return max(worker.stats.running, len(worker.streams))
+
+
+def tpot_misses(worker: WorkerView, step_s: float, delay_s: float, slo: SLO, now: float) -> int:
+    """Requests streaming from `worker` through this router whose TPOT would exceed the SLO if
+    each of their remaining tokens took `step_s` and one of them `delay_s` more."""
+    count = 0
+    for stream in worker.streams:
+        if stream.first_token_at is None or stream.max_tokens < 2:
+            continue
+        remaining = stream.max_tokens - stream.tokens
+        tpot = (now - stream.first_token_at + remaining * step_s + delay_s) / (stream.max_tokens - 1)
+        count += tpot > slo.itl_s
+    return count
+
+
+class PlacementPredictor:
+    def __init__(self, prefill: EngineProfile, decode: EngineProfile, slo: SLO, clock: Callable[[], float] = time.monotonic) -> None:
+        self.prefill_profile, self.decode_profile = prefill, decode
+        self.slo = slo
+        self.clock = clock  # the simulator runs the same decisions on its own clock
+        self._log_ratio = {REMOTE: 0.0, LOCAL: 0.0}
+
+    def scale(self, choice: str) -> float:
+        return math.exp(self._log_ratio[choice])
+
+    def observe(self, choice: str, predicted_s: float, observed_s: float) -> None:
+        """A request's TTFT arrived: move the choice's correction toward observed / predicted."""
+        if predicted_s <= 0 or observed_s <= 0:
+            return
+        raw = self._log_ratio[choice] + math.log(observed_s / predicted_s)  # predicted_s already scaled
+        low, high = (math.log(b) for b in _CALIBRATION_BOUNDS)
+        self._log_ratio[choice] = min(high, max(low, (1 - _CALIBRATION_WEIGHT) * self._log_ratio[choice] + _CALIBRATION_WEIGHT * raw))
+
+    def remote(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int, now: float) -> Outlook:
+        p, d = self.prefill_profile, self.decode_profile
+        decoding, context = decoding_requests(decode), decode_context_tokens(decode)
+        ttft = (
+            p.queued_prompt_seconds(queued_prefill_tokens(prefill))
+            + p.prefill_seconds(prompt_len, cached=min(overlap, prompt_len - 1))
+            + p.transfer_seconds(prompt_len)
+            + d.decode_step_seconds(decoding + 1, context + prompt_len)
+        )
+        step = d.decode_step_seconds(decoding, context) * self.scale(LOCAL)
+        return Outlook(REMOTE, ttft * self.scale(REMOTE), tpot_misses(decode, step, 0.0, self.slo, now))
+
+    def local(self, decode: WorkerView, prompt_len: int, now: float) -> Outlook:
+        p, scale = self.decode_profile, self.scale(LOCAL)
+        decoding, context = decoding_requests(decode), decode_context_tokens(decode)
+        ahead = p.queued_prompt_seconds(queued_prefill_tokens(decode))
+        steps = p.prefill_steps(prompt_len, decoding=decoding, decode_context=context)
+        step = p.decode_step_seconds(decoding, context)
+        delay = (ahead + sum(steps) - len(steps) * step) * scale
+        return Outlook(LOCAL, (ahead + sum(steps)) * scale, tpot_misses(decode, step * scale, delay, self.slo, now))
+
+    def choose(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int) -> tuple[Outlook, Outlook]:
+        """The chosen outlook first, then the other."""
+        now = self.clock()
+        remote, local = self.remote(prefill, decode, prompt_len, overlap, now), self.local(decode, prompt_len, now)
+        misses = remote.misses(self.slo), local.misses(self.slo)
+        if misses[0] < misses[1] or (misses[0] == misses[1] and (misses[0] == 0 or remote.ttft_s <= local.ttft_s)):
+            return remote, local
+        return local, remote
