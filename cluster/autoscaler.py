@@ -1,7 +1,11 @@
 """The autoscaling policy: each pool's target replica count from its own load signal.
 
-Prefill load is queued prefill tokens per replica against a target; decode load is the
-larger of KV-block utilization and running requests per replica against theirs. A pool
+With the `queue` signal, prefill load is queued prefill tokens per replica against a target;
+decode load is the larger of KV-block utilization and running requests per replica against
+theirs. With the `slo` signal (`SLOLoad`), a replica's load is its latency against the SLO its
+pool serves (TTFT for prefill, ITL for decode): the worse of the p90 it observed lately and
+what the profile predicts from its queue now (a queue that just formed has not yet shown in
+observed latencies; observed ones correct a profile that is off). A pool
 grows once its load has stayed above target for `upscale_delay_s`, shrinks by one once it
 has stayed below `downscale_ratio` x target for `downscale_delay_s`, and never acts twice
 within `cooldown_s`: the gap between the two thresholds is the hysteresis that stops flapping.
@@ -14,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from pdcluster.cluster.cluster_spec import AutoscalingSpec, PoolSpec
+from pdcluster.common.engine_profile import EngineProfile, decode_context_tokens
+from pdcluster.common.slo import SLO
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
 
@@ -28,15 +34,33 @@ class ScalingDecision:
     reason: str
 
 
-def pool_load(role: str, stats: list[worker_pb2.WorkerStats], spec: AutoscalingSpec) -> float:
+def pool_load(role: str, stats: list[worker_pb2.WorkerStats], spec: AutoscalingSpec, slo: SLOLoad | None = None) -> float:
     """Mean load of the pool's ready replicas relative to its target (1.0 = on target)."""
     if not stats:
         return 0.0
+    if slo is not None:
+        return sum(slo.replica_load(role, s) for s in stats) / len(stats)
     if role == Role.PREFILL:
         return sum(s.queued_prefill_tokens for s in stats) / len(stats) / spec.prefill_target_queued_tokens
     kv_usage = sum(1.0 - s.free_kv_blocks / s.total_kv_blocks for s in stats if s.total_kv_blocks) / len(stats)
     running = sum(s.running + s.queued for s in stats) / len(stats)
     return max(kv_usage / spec.decode_target_kv_usage, running / spec.decode_target_running)
+
+
+@dataclass
+class SLOLoad:
+    """Pool load against the SLOs, from the profile's predictions and the replicas' own latencies."""
+
+    profile: EngineProfile
+    slo: SLO
+    kv_target: float  # a decode pool short of KV blocks is overloaded whatever its ITL
+
+    def replica_load(self, role: str, s: worker_pb2.WorkerStats) -> float:
+        if role == Role.PREFILL:
+            return max(s.prefill_seconds_p90, self.profile.queued_prompt_seconds(s.queued_prefill_tokens)) / self.slo.ttft_s
+        itl = max(s.itl_seconds_p90, self.profile.decode_step_seconds(s.running, decode_context_tokens(s))) / self.slo.itl_s
+        kv_usage = 1.0 - s.free_kv_blocks / s.total_kv_blocks if s.total_kv_blocks else 0.0
+        return max(itl, kv_usage / self.kv_target)
 
 
 @dataclass

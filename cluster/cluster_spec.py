@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -66,6 +66,10 @@ class PoolSpec(_Strict):
 
 class AutoscalingSpec(_Strict):
     enabled: bool = False
+    # What a pool's load is measured against. queue: the targets below. slo: the router's SLOs
+    # (TTFT for prefill, ITL for decode), each replica's recent p90 latency or the latency the
+    # router's profile predicts from its queue, whichever is worse (as Dynamo's SLA planner).
+    signal: Literal["queue", "slo"] = "queue"
     interval_s: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(4.0, ge=0)  # over target this long before adding a replica
     downscale_delay_s: float = Field(30.0, ge=0)  # under target this long before removing one
@@ -96,6 +100,12 @@ class ClusterSpec(_Strict):
     controller_metrics_port: int = 0  # the controller's Prometheus endpoint; 0 picks a free port
     health_interval_s: float = Field(1.0, gt=0)
     unhealthy_after: int = Field(3, ge=1)  # failed health checks in a row before a replace
+
+    @model_validator(mode="after")
+    def _slo_signal_has_a_profile(self):
+        if self.autoscaling.signal == "slo" and not self.router.profile:
+            raise ValueError("autoscaling.signal: slo predicts latencies from a profile: set router.profile (`pdcluster profile`)")
+        return self
 
     def pool(self, role: Role) -> PoolSpec:
         return self.prefill if role == Role.PREFILL else self.decode

@@ -16,10 +16,11 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, pool_load
+from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, SLOLoad, pool_load
 from pdcluster.cluster.cluster_spec import ClusterSpec
 from pdcluster.cluster.pool_cost import PoolCostMeter
 from pdcluster.cluster.replica_launcher import ReplicaHandle, ReplicaLauncher, WorkerProbe
+from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
@@ -85,6 +86,10 @@ class ClusterController:
         self.targets = {role: self.spec.pool(role).replicas for role in ROLES}
         self.replicas: list[Replica] = []
         self.autoscaler = Autoscaler(self.spec.autoscaling)
+        self.slo_load = None
+        if self.spec.autoscaling.signal == "slo":
+            profile = load_profile(self.spec.router.profile)
+            self.slo_load = SLOLoad(profile, self.spec.router.slo, self.spec.autoscaling.decode_target_kv_usage)
         self.decisions: collections.deque[ScalingDecision] = collections.deque(maxlen=50)
         self.heals: collections.deque[Heal] = collections.deque(maxlen=50)
         self._open_heals: list[Heal] = []
@@ -190,7 +195,7 @@ class ClusterController:
     def _autoscale(self) -> None:
         for role in ROLES:
             ready = [r for r in self.replicas if r.role == role and r.state == "ready" and r.stats]
-            load = pool_load(role, [r.stats for r in ready], self.spec.autoscaling)
+            load = pool_load(role, [r.stats for r in ready], self.spec.autoscaling, self.slo_load)
             decision = self.autoscaler.decide(role, self.spec.pool(role), self.targets[role], len(ready), load)
             if decision is not None:
                 logger.info("autoscaler: %s %d -> %d (%s)", role, decision.from_replicas, decision.to_replicas, decision.reason)

@@ -7,22 +7,29 @@ prompts, or resuming a request elsewhere from prompt + tokens already sent).
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import msgspec
 
 from pdcluster.common.sample_wire import encode_logprobs
 from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, TRANSFER_ID
 from pdcluster.protos import worker_pb2
+from pdcluster.worker.recent_latencies import RecentLatencies
 from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
 
 
 class DecodeHandler:
     def __init__(self, host) -> None:
         self._host = host
+        self.latencies = RecentLatencies()  # between output tokens, per token
 
     @property
     def queued_prefill_tokens(self) -> int:
         return 0
+
+    def latency_stats(self) -> dict:
+        return {"itl_seconds_p90": self.latencies.p90()}
 
     async def decode(self, request: worker_pb2.DecodeRequest, context):
         from vllm.inputs import TokensPrompt
@@ -43,9 +50,15 @@ class DecodeHandler:
                 if request.reasoning_parser_kwargs
                 else None,
             )
-            num_output = 0
+            num_output, last = 0, None
             async for out in stream:
-                yield _chunk(out, num_output := num_output + len(out.outputs[0].token_ids))
+                tokens = len(out.outputs[0].token_ids)
+                if tokens:
+                    now = time.monotonic()
+                    if last is not None:
+                        self.latencies.add((now - last) / tokens, now)
+                    last = now
+                yield _chunk(out, num_output := num_output + tokens)
         except INVALID_REQUEST_ERRORS as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 

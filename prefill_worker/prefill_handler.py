@@ -8,11 +8,14 @@ request asks for them (only the engine that computes the prompt can give them).
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from pdcluster.common.sample_wire import encode_logprobs
 from pdcluster.kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
 from pdcluster.protos import worker_pb2
+from pdcluster.worker.recent_latencies import RecentLatencies
 from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
 
 
@@ -20,10 +23,14 @@ class PrefillHandler:
     def __init__(self, host) -> None:
         self._host = host
         self._queued_tokens = 0
+        self.latencies = RecentLatencies()  # arrival to KV sent, per prompt
 
     @property
     def queued_prefill_tokens(self) -> int:
         return self._queued_tokens
+
+    def latency_stats(self) -> dict:
+        return {"prefill_seconds_p90": self.latencies.p90()}
 
     async def prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillReply:
         from vllm.inputs import TokensPrompt
@@ -36,6 +43,7 @@ class PrefillHandler:
         kv = {TRANSFER_ID: target.transfer_id, PRODUCE_TO: target.consumer_endpoint}
         num_tokens = len(request.prompt_token_ids)
         self._queued_tokens += num_tokens
+        arrived = time.monotonic()
         final = None
         try:
             # The one token sampled here is not the answer's: nothing constrains or reports it.
@@ -52,6 +60,7 @@ class PrefillHandler:
             self._queued_tokens -= num_tokens
         if final is None or not final.outputs[0].token_ids:
             await context.abort(grpc.StatusCode.INTERNAL, "the engine returned no output for the prefill")
+        self.latencies.add(time.monotonic() - arrived)
         return worker_pb2.PrefillReply(
             first_token_id=final.outputs[0].token_ids[0],
             num_cached_tokens=final.num_cached_tokens or 0,

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdcluster.common.engine_profile import EngineProfile
+from pdcluster.common.engine_profile import EngineProfile, decode_context_tokens
 from pdcluster.common.slo import SLO
 from pdcluster.router.worker_pool import WorkerView, queued_prefill_tokens
 
@@ -39,12 +39,6 @@ class Outlook:
 
     def misses(self, slo: SLO) -> int:
         return int(self.ttft_s > slo.ttft_s) + self.tpot_misses
-
-
-def decode_context_tokens(worker: WorkerView) -> int:
-    """Tokens in the worker's KV cache: what its decode steps read."""
-    stats = worker.stats
-    return int(stats.total_kv_blocks - stats.free_kv_blocks) * max(stats.block_size, 1)
 
 
 def decoding_requests(worker: WorkerView) -> int:
@@ -84,7 +78,7 @@ class PlacementPredictor:
 
     def remote(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int, now: float) -> Outlook:
         p, d = self.prefill_profile, self.decode_profile
-        decoding, context = decoding_requests(decode), decode_context_tokens(decode)
+        decoding, context = decoding_requests(decode), decode_context_tokens(decode.stats)
         ttft = (
             p.queued_prompt_seconds(queued_prefill_tokens(prefill))
             + p.prefill_seconds(prompt_len, cached=min(overlap, prompt_len - 1))
@@ -96,7 +90,7 @@ class PlacementPredictor:
 
     def local(self, decode: WorkerView, prompt_len: int, now: float) -> Outlook:
         p, scale = self.decode_profile, self.scale(LOCAL)
-        decoding, context = decoding_requests(decode), decode_context_tokens(decode)
+        decoding, context = decoding_requests(decode), decode_context_tokens(decode.stats)
         ahead = p.queued_prompt_seconds(queued_prefill_tokens(decode))
         steps = p.prefill_steps(prompt_len, decoding=decoding, decode_context=context)
         step = p.decode_step_seconds(decoding, context)

@@ -49,6 +49,9 @@ class RoleHandler(Protocol):
     @property
     def queued_prefill_tokens(self) -> int: ...
 
+    def latency_stats(self) -> dict:
+        """WorkerStats fields: the role's recent latencies."""
+
 
 BUSY_GAP_CAP_S = 1.0  # a longer gap between engine steps is idle time, not one long step
 
@@ -295,6 +298,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             draining=self._draining,
             max_model_len=self.engine.vllm_config.model_config.max_model_len,
             **self._scheduler_stats.get("totals", {}),
+            **self.handler.latency_stats(),
         )
 
 

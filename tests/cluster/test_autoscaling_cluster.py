@@ -1,6 +1,7 @@
-"""The whole autoscaling loop on Ray's fake autoscaling cluster (one machine, fake nodes):
-a prefill burst adds a prefill replica and a node of the prefill type, idle time removes
-them, and the decode pool scales on its own signal."""
+"""The whole autoscaling loop on Ray's fake autoscaling cluster (one machine, fake nodes), on
+the SLO signal: a prefill burst (prompts later than the TTFT SLO) adds a prefill replica and a
+node of the prefill type, idle time removes them, and the decode pool scales on its own
+latency (ITL) against its SLO."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import yaml
 
 from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.tiny_model.generate import CORPUS
+
+from tests.support.paths import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -66,16 +69,21 @@ SPEC = {
     "engine": {"enforce_eager": True},
     "prefill": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "node_resource": "prefill_pool"},
     "decode": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "node_resource": "decode_pool"},
-    "router": {"bypass_prefill_below_tokens": 16},
+    "router": {
+        "bypass_prefill_below_tokens": 16,
+        # SLO autoscaling predicts from a profile: the bench model's, slower than the tiny one, so
+        # the replicas' observed latencies are what bring a pool back down.
+        "profile": str(ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"),
+        "slo": {"ttft_ms": 1000, "itl_ms": 40},
+    },
     "autoscaling": {
         "enabled": True,
+        "signal": "slo",
         "interval_s": 1,
         "upscale_delay_s": 2,
         "downscale_delay_s": 8,
         "cooldown_s": 4,
-        "prefill_target_queued_tokens": 600,
         "decode_target_kv_usage": 0.9,
-        "decode_target_running": 4,
     },
 }
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from pdcluster.cluster.autoscaler import Autoscaler, pool_load
-from pdcluster.cluster.cluster_spec import AutoscalingSpec, PoolSpec
+import pydantic
+import pytest
+
+from pdcluster.cluster.autoscaler import Autoscaler, SLOLoad, pool_load
+from pdcluster.cluster.cluster_spec import AutoscalingSpec, ClusterSpec, PoolSpec
+from pdcluster.common.slo import SLO
 from pdcluster.protos import worker_pb2
+
+from tests.unit.test_simulator import profile
 
 SPEC = AutoscalingSpec(
     enabled=True,
@@ -27,6 +33,30 @@ def test_pool_load_uses_each_pools_own_signal():
     many_requests = [worker_pb2.WorkerStats(free_kv_blocks=100, total_kv_blocks=100, running=15, queued=5)]
     assert pool_load("decode", many_requests, SPEC) == 2.0
     assert pool_load("decode", [], SPEC) == 0.0
+
+
+def test_slo_load_is_the_worse_of_observed_and_predicted_latency_against_the_slo():
+    # The hand profile: a step is 10 ms + 1 ms per token. SLOs: TTFT 1 s, ITL 50 ms.
+    slo = SLOLoad(profile(), SLO(ttft_ms=1000, itl_ms=50), kv_target=0.8)
+    queued = worker_pb2.WorkerStats(queued_prefill_tokens=1990)  # two chunks: 20 ms + 1.99 s ahead of a new prompt
+    assert pool_load("prefill", [queued], SPEC, slo) == pytest.approx(2.01)
+    late = worker_pb2.WorkerStats(prefill_seconds_p90=0.5)  # no queue now, but prompts took 0.5 s lately
+    assert pool_load("prefill", [late], SPEC, slo) == pytest.approx(0.5)
+    assert pool_load("prefill", [queued, late], SPEC, slo) == pytest.approx(1.255)  # the pool's mean
+    # Decode: 30 running requests make a 40 ms step (0.8 x SLO); observed 100 ms between tokens is 2 x.
+    running = worker_pb2.WorkerStats(running=30, free_kv_blocks=100, total_kv_blocks=100, block_size=16)
+    assert pool_load("decode", [running], SPEC, slo) == pytest.approx(0.8)
+    running.itl_seconds_p90 = 0.1
+    assert pool_load("decode", [running], SPEC, slo) == pytest.approx(2.0)
+    full = worker_pb2.WorkerStats(free_kv_blocks=4, total_kv_blocks=100)  # 96% of KV in use, target 80%
+    assert pool_load("decode", [full], SPEC, slo) == pytest.approx(1.2)
+    assert pool_load("decode", [worker_pb2.WorkerStats()], SPEC, slo) == 0.0  # idle: nothing late
+
+
+def test_the_slo_signal_needs_a_profile_to_predict_from():
+    with pytest.raises(pydantic.ValidationError, match="router.profile"):
+        ClusterSpec.model_validate({"autoscaling": {"signal": "slo"}})
+    assert ClusterSpec.model_validate({"autoscaling": {"signal": "slo"}, "router": {"profile": "p.json"}}).autoscaling.signal == "slo"
 
 
 def test_scales_up_only_after_sustained_load_and_by_the_overload():

@@ -15,6 +15,8 @@ from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
 
+from tests.unit.test_simulator import profile
+
 
 class FakeReplica:
     def __init__(self, config: WorkerConfig, pool: PoolSpec, number: int) -> None:
@@ -163,6 +165,30 @@ async def test_autoscaler_adds_under_load_and_drains_when_idle():
     assert drained and all(r.stopped is True for r in drained)  # scale-down drains
     assert controller.decision_counts[(Role.PREFILL, "down")] >= 1
     assert len(launcher.live(Role.PREFILL)) == controller.targets[Role.PREFILL] >= 1
+
+
+@pytest.mark.asyncio
+async def test_slo_autoscaling_sizes_pools_by_their_latencies_against_the_slos(tmp_path):
+    profile_path = tmp_path / "profile.json"
+    profile().save(profile_path)  # a step: 10 ms + 1 ms per token
+    autoscaling = {"enabled": True, "signal": "slo", "interval_s": 0.001, "upscale_delay_s": 0, "downscale_delay_s": 0, "cooldown_s": 0}
+    spec = {
+        "prefill": {"max_replicas": 3},
+        "decode": {"max_replicas": 2},
+        "router": {"profile": str(profile_path), "slo": {"ttft_ms": 1000, "itl_ms": 50}},
+        "autoscaling": autoscaling,
+    }
+    controller, launcher, _ = make_controller(spec)
+    await rounds(controller, 2)
+    launcher.live(Role.PREFILL)[0].stats.prefill_seconds_p90 = 2.5  # prompts take 2.5 x the TTFT SLO
+    launcher.live(Role.DECODE)[0].stats.itl_seconds_p90 = 0.04  # within the ITL SLO (0.8 x)
+    await rounds(controller, 2)
+    assert controller.targets[Role.PREFILL] == 3 and controller.targets[Role.DECODE] == 1
+    assert [d.reason for d in controller.decisions] == ["load 2.50 x target for 0s"]
+    for replica in launcher.live(Role.PREFILL):
+        replica.stats.prefill_seconds_p90 = 0.1  # well within: one replica goes
+    await rounds(controller, 2)
+    assert controller.targets[Role.PREFILL] < 3 and controller.decision_counts[(Role.PREFILL, "down")] >= 1
 
 
 @pytest.mark.asyncio
