@@ -70,6 +70,11 @@ class AutoscalingSpec(_Strict):
     # (TTFT for prefill, ITL for decode), each replica's recent p90 latency or the latency the
     # router's profile predicts from its queue, whichever is worse (as Dynamo's SLA planner).
     signal: Literal["queue", "slo"] = "queue"
+    # When one pool must grow while the other sits under its downscale threshold, move one of
+    # the idle pool's ready replicas over (it drains, then serves the other role) instead of
+    # starting a new one: no engine start, and a fixed set of machines follows the load's
+    # prefill:decode balance. Workers then start able to serve either role.
+    role_switching: bool = False
     interval_s: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(4.0, ge=0)  # over target this long before adding a replica
     downscale_delay_s: float = Field(30.0, ge=0)  # under target this long before removing one
@@ -102,6 +107,12 @@ class ClusterSpec(_Strict):
     unhealthy_after: int = Field(3, ge=1)  # failed health checks in a row before a replace
 
     @model_validator(mode="after")
+    def _switching_pools_run_one_engine(self):
+        if self.autoscaling.role_switching and self.pool_engine(Role.PREFILL) != self.pool_engine(Role.DECODE):
+            raise ValueError("autoscaling.role_switching moves replicas between the pools: give both the same engine arguments")
+        return self
+
+    @model_validator(mode="after")
     def _slo_signal_has_a_profile(self):
         if self.autoscaling.signal == "slo" and not self.router.profile:
             raise ValueError("autoscaling.signal: slo predicts latencies from a profile: set router.profile (`pdcluster profile`)")
@@ -127,6 +138,7 @@ class ClusterSpec(_Strict):
             tls=self.tls,
             cluster_name=self.name,
             engine=self.pool_engine(role),
+            role_switching=self.autoscaling.role_switching,
         )
 
     def pool_engine(self, role: Role) -> EngineConfig:

@@ -23,7 +23,7 @@ from pdcluster.cluster.replica_launcher import ReplicaHandle, ReplicaLauncher, W
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
-from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
+from pdcluster.common.worker_record import ROLES, Role, WorkerRecord, other_role
 from pdcluster.protos import worker_pb2
 
 logger = logging.getLogger("pdcluster.controller")
@@ -39,7 +39,7 @@ class Replica:
     role: Role
     handle: ReplicaHandle
     ready: asyncio.Future  # resolves to the WorkerRecord once the worker serves
-    state: str = "starting"  # starting -> ready -> draining
+    state: str = "starting"  # starting -> ready (<-> switching, to the other role) -> draining
     record: WorkerRecord | None = None
     created: float = field(default_factory=time.time)
     failed_checks: int = 0
@@ -99,6 +99,7 @@ class ClusterController:
         self.metrics_address = ""
         self.decision_counts: collections.Counter = collections.Counter()  # (role, "up"|"down")
         self.heal_counts: collections.Counter = collections.Counter()  # role
+        self.switch_counts: collections.Counter = collections.Counter()  # (from role, to role), switches completed
         self.cost = PoolCostMeter()
 
     # -- what others ask --------------------------------------------------------------
@@ -138,8 +139,8 @@ class ClusterController:
         await self.reconcile()  # the first round now: the ready ones become members
 
     async def members(self) -> list[str]:
-        """Addresses of the replicas that take new requests."""
-        return [r.record.address for r in self.replicas if r.state == "ready"]
+        """Addresses of the replicas that take new requests (a switching one drains, then does again)."""
+        return [r.record.address for r in self.replicas if r.state in ("ready", "switching")]
 
     async def status(self) -> dict:
         return {
@@ -193,15 +194,66 @@ class ClusterController:
                     asyncio.create_task(self._remove(replica, drain=True))
 
     def _autoscale(self) -> None:
+        ready = {role: [r for r in self.replicas if r.role == role and r.state == "ready" and r.stats] for role in ROLES}
+        loads = {role: pool_load(role, [r.stats for r in ready[role]], self.spec.autoscaling, self.slo_load) for role in ROLES}
         for role in ROLES:
-            ready = [r for r in self.replicas if r.role == role and r.state == "ready" and r.stats]
-            load = pool_load(role, [r.stats for r in ready], self.spec.autoscaling, self.slo_load)
-            decision = self.autoscaler.decide(role, self.spec.pool(role), self.targets[role], len(ready), load)
-            if decision is not None:
-                logger.info("autoscaler: %s %d -> %d (%s)", role, decision.from_replicas, decision.to_replicas, decision.reason)
-                self.decisions.append(decision)
-                self.decision_counts[(role, "up" if decision.to_replicas > decision.from_replicas else "down")] += 1
-                self.targets[role] = decision.to_replicas
+            decision = self.autoscaler.decide(role, self.spec.pool(role), self.targets[role], len(ready[role]), loads[role])
+            if decision is None:
+                continue
+            grows = decision.to_replicas > decision.from_replicas
+            donor = self._switch_donor(other_role(role), ready, loads) if grows else None
+            if donor is not None:
+                decision.to_replicas = decision.from_replicas + 1  # one switch per decision: it takes effect at once
+                decision.reason += f"; {donor.id} switches from {donor.role}"
+                self._record(
+                    ScalingDecision(
+                        decision.at,
+                        donor.role,
+                        self.targets[donor.role],
+                        self.targets[donor.role] - 1,
+                        loads[donor.role],
+                        f"{donor.id} switches to {role}",
+                    )
+                )
+                self.targets[donor.role] -= 1
+                self._switch(donor, role)
+            self._record(decision)
+            self.targets[role] = decision.to_replicas
+
+    def _record(self, decision: ScalingDecision) -> None:
+        logger.info("autoscaler: %s %d -> %d (%s)", decision.role, decision.from_replicas, decision.to_replicas, decision.reason)
+        self.decisions.append(decision)
+        self.decision_counts[(decision.role, "up" if decision.to_replicas > decision.from_replicas else "down")] += 1
+
+    def _switch_donor(self, role: Role, ready: dict, loads: dict) -> Replica | None:
+        """With role switching, a ready replica of `role` to move to the other pool: the least
+        busy, from a pool under its downscale threshold and above its minimum."""
+        if not self.spec.autoscaling.role_switching or loads[role] >= self.spec.autoscaling.downscale_ratio:
+            return None
+        if self.targets[role] <= self.spec.pool(role).min_replicas or not ready[role]:
+            return None
+        return min(ready[role], key=lambda r: r.stats.running + r.stats.queued)
+
+    def _switch(self, replica: Replica, role: Role) -> None:
+        """Move a ready replica to `role`'s pool: it counts there at once (nothing new starts),
+        drains, and serves the new role. A failed switch leaves it in its old pool; the next
+        rounds then start and drain replicas to meet the targets as without switching."""
+        old = replica.role
+        replica.role, replica.state = role, "switching"
+
+        async def switch() -> None:
+            try:
+                await self.probe.switch_role(replica.record, role)
+            except Exception as e:
+                logger.warning("replica %s did not switch from %s to %s (%s): it stays %s", replica.id, old, role, e, old)
+                replica.role = old
+            else:
+                self.switch_counts[(old, role)] += 1
+            if replica.state == "switching":
+                replica.state = "ready"
+
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(switch()))
 
     async def _check(self, replica: Replica) -> None:
         if replica.state == "starting":
@@ -219,6 +271,8 @@ class ClusterController:
             return
         try:
             replica.stats = await self.probe.stats(replica.record)
+            if replica.stats.role and replica.stats.role != replica.role:  # switched by an earlier life of the controller
+                replica.role = Role(replica.stats.role)
             replica.failed_checks = 0
         except Exception:
             replica.failed_checks += 1
@@ -274,6 +328,13 @@ class _ControllerCollector:
         ready = GaugeMetricFamily("pdcluster_pool_ready_replicas", "Replicas serving", labels=["role"])
         decisions = CounterMetricFamily("pdcluster_autoscaler_decisions", "Autoscaler decisions", labels=["role", "direction"])
         heals = CounterMetricFamily("pdcluster_controller_heals", "Replicas replaced after a failure", labels=["role"])
+        switches = CounterMetricFamily(
+            "pdcluster_autoscaler_role_switches",
+            "Replicas moved to the other pool (drained, then serving its role)",
+            labels=["from_role", "to_role"],
+        )
+        for role in ROLES:
+            switches.add_metric([other_role(role), role], c.switch_counts[(other_role(role), role)])
         cost = GaugeMetricFamily(
             "pdcluster_cost_usd_per_million_tokens",
             "A pool's cost (spec cost_per_hour) over the last 5 minutes per million input or output tokens the cluster served",
@@ -292,4 +353,4 @@ class _ControllerCollector:
             for direction in ("up", "down"):
                 decisions.add_metric([role, direction], c.decision_counts[(role, direction)])
             heals.add_metric([role], c.heal_counts[role])
-        yield from (target, ready, decisions, heals, cost, utilization)
+        yield from (target, ready, decisions, heals, switches, cost, utilization)

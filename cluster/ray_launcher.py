@@ -23,6 +23,7 @@ from pdcluster.worker.config import WorkerConfig
 
 NAMESPACE = "pdcluster"
 STATS_TIMEOUT_S = 3.0
+SWITCH_TIMEOUT_S = 90.0  # the worker's drain (30 s at most) and a margin
 DRAIN_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
@@ -116,11 +117,18 @@ class GrpcWorkerProbe:
         self._metadata = token_metadata(token)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
+    def _stub(self, record: WorkerRecord) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(record.address)
         if channel is None:
             channel = self._channels[record.address] = open_channel(record.address, self._tls)
-        return await worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=STATS_TIMEOUT_S, metadata=self._metadata)
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
+        return await self._stub(record).Stats(worker_pb2.StatsRequest(), timeout=STATS_TIMEOUT_S, metadata=self._metadata)
+
+    async def switch_role(self, record: WorkerRecord, role: Role) -> None:
+        request = worker_pb2.SwitchRoleRequest(role=role)
+        await self._stub(record).SwitchRole(request, timeout=SWITCH_TIMEOUT_S, metadata=self._metadata)
 
     async def forget(self, record: WorkerRecord) -> None:
         channel = self._channels.pop(record.address, None)

@@ -52,5 +52,8 @@ class WorkerProbe(Protocol):
     async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
         """The worker's current load; raises when it does not answer in time."""
 
+    async def switch_role(self, record: WorkerRecord, role: Role) -> None:
+        """Move a role-switching worker to `role` (it drains first); raises if it did not switch."""
+
     async def forget(self, record: WorkerRecord) -> None:
         """The worker is gone: drop what was kept to reach it."""

@@ -8,7 +8,7 @@ controller sees a crash of either and replaces the replica.
 from __future__ import annotations
 
 from pdcluster.common.processes import LocalProcess, start_process, wait_ready
-from pdcluster.worker.config import WorkerConfig, worker_args
+from pdcluster.worker.config import WorkerConfig, worker_args, worker_process_kind
 
 
 class WorkerActor:
@@ -18,7 +18,7 @@ class WorkerActor:
         config = WorkerConfig.model_validate_json(config_json)
         if not config.host:  # the address of the node it runs on, which only the actor knows
             config = config.model_copy(update={"host": ray.util.get_node_ip_address()})
-        self._proc: LocalProcess = start_process(config.role, [*worker_args(config), *extra_args])
+        self._proc: LocalProcess = start_process(worker_process_kind(config), [*worker_args(config), *extra_args])
 
     def wait_ready(self, timeout_s: float) -> str:
         """The worker's record (JSON) once it serves."""

@@ -4,4 +4,4 @@ from pdcluster.worker.config import parse_worker_config
 from pdcluster.worker.host import run_worker
 
 if __name__ == "__main__":  # vLLM's CPU backend spawns processes
-    run_worker(parse_worker_config(Role.DECODE), DecodeHandler)
+    run_worker(parse_worker_config(Role.DECODE), {Role.DECODE: DecodeHandler})

@@ -163,3 +163,17 @@ class PrefixCacheUpdate(_message.Message):
     stored: _containers.RepeatedScalarFieldContainer[int]
     removed: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, reset: _Optional[bool] = ..., block_size: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SwitchRoleRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    def __init__(self, role: _Optional[str] = ...) -> None: ...
+
+class SwitchRoleReply(_message.Message):
+    __slots__ = ("role", "drained_seconds")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    drained_seconds: float
+    def __init__(self, role: _Optional[str] = ..., drained_seconds: _Optional[float] = ...) -> None: ...

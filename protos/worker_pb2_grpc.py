@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=pdcluster_dot_protos_dot_worker__pb2.WatchPrefixCacheRequest.SerializeToString,
                 response_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefixCacheUpdate.FromString,
                 _registered_method=True)
+        self.SwitchRole = channel.unary_unary(
+                '/pdcluster.v1.Worker/SwitchRole',
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -84,6 +89,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwitchRole(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +117,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.WatchPrefixCache,
                     request_deserializer=pdcluster_dot_protos_dot_worker__pb2.WatchPrefixCacheRequest.FromString,
                     response_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefixCacheUpdate.SerializeToString,
+            ),
+            'SwitchRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchRole,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +232,33 @@ class Worker:
             '/pdcluster.v1.Worker/WatchPrefixCache',
             pdcluster_dot_protos_dot_worker__pb2.WatchPrefixCacheRequest.SerializeToString,
             pdcluster_dot_protos_dot_worker__pb2.PrefixCacheUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdcluster.v1.Worker/SwitchRole',
+            pdcluster_dot_protos_dot_worker__pb2.SwitchRoleRequest.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.SwitchRoleReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
+from pdcluster.common.processes import ROLE_SWITCHING
 from pdcluster.common.tls import TLSFiles
 from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags
 from pdcluster.common.worker_record import Role
@@ -68,6 +69,11 @@ class WorkerConfig(_Strict):
     registry: str = Field("", description="redis://HOST:PORT/DB: announce this worker there")
     tls: TLSFiles = Field(default_factory=TLSFiles, description="on the Worker service, the KV endpoint and the data channel")
     cluster_name: str = "pdcluster"
+    role_switching: bool = Field(
+        False,
+        description="start able to serve either role (its engine both produces and consumes KV), so the controller "
+        "can move it between pools (`python -m pdcluster.role_switching_worker`)",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, json_schema_extra={"flag_prefix": ""})
 
 
@@ -92,4 +98,9 @@ def parse_worker_config(role: Role, argv: list[str] | None = None) -> WorkerConf
 
 def worker_args(config: WorkerConfig) -> list[str]:
     """The command-line arguments that hand `config` to a worker process whole."""
-    return ["--config-json", config.model_dump_json()]
+    return [*(["--role", config.role] if config.role_switching else []), "--config-json", config.model_dump_json()]
+
+
+def worker_process_kind(config: WorkerConfig) -> str:
+    """Which process `start_process` runs for it: its role's, or the one hosting both roles."""
+    return ROLE_SWITCHING if config.role_switching else config.role

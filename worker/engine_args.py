@@ -48,12 +48,13 @@ def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = Non
     return kwargs
 
 
-def pd_kv_transfer(role: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """KVTransferConfig fields that load our connector in the given pool role."""
+def pd_kv_transfer(role: str, extra: dict[str, Any], both: bool = False) -> dict[str, Any]:
+    """KVTransferConfig fields that load our connector in the given pool role, or (`both`) ready
+    to produce and consume KV, for a worker that changes role."""
     return dict(
         kv_connector="PdConnector",
         kv_connector_module_path="pdcluster.kv_transfer.connector",
-        kv_role="kv_producer" if role == Role.PREFILL else "kv_consumer",
+        kv_role="kv_both" if both else "kv_producer" if role == Role.PREFILL else "kv_consumer",
         kv_connector_extra_config=extra,
         kv_load_failure_policy="recompute",
     )

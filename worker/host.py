@@ -29,7 +29,7 @@ from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_auth import WorkerTokenCheck
-from pdcluster.common.worker_record import Role, WorkerRecord
+from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
@@ -86,11 +86,14 @@ def _scheduler_stats_logger(holder: dict):
 
 
 class WorkerHost(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, config: WorkerConfig, handler_cls) -> None:
+    def __init__(self, config: WorkerConfig, handler_classes: dict[Role, type]) -> None:
+        """`handler_classes`: the role's handler, or with `config.role_switching` both roles'."""
+        if config.role not in handler_classes or (config.role_switching and len(handler_classes) < len(ROLES)):
+            raise ValueError(f"a {config.role} worker{' that switches roles' if config.role_switching else ''} needs its role handlers")
         self.config = config
         self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
-        self._handler_cls = handler_cls
-        self.handler: RoleHandler | None = None
+        self._handler_classes = handler_classes
+        self._handlers: dict[Role, RoleHandler] = {}
         self.engine = None
         self.kv_endpoint = ""
         self._scheduler_stats: dict = {}
@@ -141,8 +144,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             tls_key=cfg.tls.key,
             tls_ca=cfg.tls.ca,
         )
-        kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra))
-        if cfg.role == Role.PREFILL:
+        kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra, both=cfg.role_switching))
+        if cfg.role == Role.PREFILL or cfg.role_switching:
             events, replay = follow_kv_events(kwargs, scratch)
             if events:
                 self.prefix_cache = PrefixCacheMirror()
@@ -150,7 +153,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_scheduler_stats_logger(self._scheduler_stats)])
         with open(endpoint_file) as f:
             self.kv_endpoint = json.load(f)["endpoint"]
-        self.handler = self._handler_cls(self)
+        self._handlers = {role: cls(self) for role, cls in self._handler_classes.items()}
 
         # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
         # do not belong here; only room for long prompts' token lists.
@@ -179,6 +182,10 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         if cfg.ready_file:
             write_atomically(cfg.ready_file, self.record().model_dump_json())
 
+    @property
+    def handler(self) -> RoleHandler:
+        return self._handlers[self.config.role]
+
     def record(self) -> WorkerRecord:
         return WorkerRecord(
             worker_id=self.worker_id,
@@ -193,6 +200,28 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", self.config.role.value):  # the whole server, and this role's service
             await self._health.set(service, status)
+
+    async def switch_role(self, role: Role) -> float:
+        """Drain (routers see `draining` and stop sending; running requests finish), then serve
+        `role`; returns the seconds the drain took. A drain that does not end in time leaves
+        the worker in its old role, serving again."""
+        started = time.monotonic()
+        if role == self.config.role:
+            return 0.0
+        self._draining = True
+        await self._set_serving(False)
+        try:
+            deadline = started + DRAIN_TIMEOUT_S
+            while self._active and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self._active:
+                raise TimeoutError(f"{self._active} requests still running after {DRAIN_TIMEOUT_S:.0f}s")
+            logger.info("worker %s: %s -> %s", self.worker_id, self.config.role, role)
+            self.config = self.config.model_copy(update={"role": role})
+        finally:
+            self._draining = False
+            await self._set_serving(True)
+        return time.monotonic() - started
 
     async def serve_until_signalled(self) -> None:
         stop = asyncio.Event()
@@ -264,6 +293,19 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
     async def Stats(self, request, context):
         return await self.stats()
 
+    async def SwitchRole(self, request, context):
+        if not self.config.role_switching:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker was not started with role switching")
+        if request.role not in ROLES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role must be one of {', '.join(ROLES)}, not {request.role!r}")
+        if self._draining and request.role != self.config.role:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        try:
+            drained = await self.switch_role(Role(request.role))
+        except TimeoutError as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        return worker_pb2.SwitchRoleReply(role=self.config.role, drained_seconds=drained)
+
     async def WatchPrefixCache(self, request, context):
         if self.prefix_cache is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker publishes no prefix-cache events")
@@ -307,12 +349,12 @@ class _Refused(Exception):
         self.code, self.message = code, message
 
 
-def run_worker(config: WorkerConfig, handler_cls) -> None:
-    """Entry point of `python -m prefill_worker` / `python -m decode_worker`."""
+def run_worker(config: WorkerConfig, handler_classes: dict[Role, type]) -> None:
+    """Entry point of `python -m pdcluster.prefill_worker` / `decode_worker` / `role_switching_worker`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     async def main() -> None:
-        host = WorkerHost(config, handler_cls)
+        host = WorkerHost(config, handler_classes)
         await host.start()
         await host.serve_until_signalled()
 

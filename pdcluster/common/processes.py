@@ -48,13 +48,19 @@ class LocalProcess:
 
 
 # What each kind of process runs; each writes its ready file once it serves.
-_MODULES = {Role.PREFILL: "pdcluster.prefill_worker", Role.DECODE: "pdcluster.decode_worker", "router": "pdcluster.router"}
+ROLE_SWITCHING = "role_switching"  # a worker that can move between the pools
+_MODULES = {
+    Role.PREFILL: "pdcluster.prefill_worker",
+    Role.DECODE: "pdcluster.decode_worker",
+    ROLE_SWITCHING: "pdcluster.role_switching_worker",
+    "router": "pdcluster.router",
+}
 
 
 def start_process(
     role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None, cpus: set[int] | None = None
 ) -> LocalProcess:
-    """Spawn a `role` process (prefill, decode or router), on the given CPU cores if any;
+    """Spawn a `role` process (prefill, decode, role_switching or router), on the given CPU cores if any;
     `wait_ready` blocks until it serves."""
     run_dir = tempfile.mkdtemp(prefix=f"pdcluster-{role}-", dir=log_dir)
     ready = os.path.join(run_dir, "ready.json")

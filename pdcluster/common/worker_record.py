@@ -16,6 +16,10 @@ class Role(StrEnum):
 ROLES = (Role.PREFILL, Role.DECODE)
 
 
+def other_role(role: Role) -> Role:
+    return Role.DECODE if role == Role.PREFILL else Role.PREFILL
+
+
 class WorkerRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 

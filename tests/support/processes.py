@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.processes import ROLE_SWITCHING, start_process, wait_ready
 from pdcluster.common.worker_record import Role
 
 from tests.support.paths import ROOT
@@ -18,11 +18,17 @@ EAGER = ["--enforce-eager"]
 
 
 @contextlib.contextmanager
-def running_cluster(prefill: int = 1, decode: int = 1, worker_args: list[str] = (), router_args: list[str] = ()):
-    """Workers (eager) and a router in front of them, each its own process; yields (router, workers)."""
+def running_cluster(
+    prefill: int = 1, decode: int = 1, worker_args: list[str] = (), router_args: list[str] = (), role_switching: bool = False
+):
+    """Workers (eager; able to switch roles if asked) and a router in front of them, each its
+    own process; yields (router, workers)."""
     worker_args = [*worker_args, *EAGER]
-    workers = [start_process(Role.PREFILL, worker_args) for _ in range(prefill)]
-    workers += [start_process(Role.DECODE, worker_args) for _ in range(decode)]
+
+    def worker(role: Role):
+        return start_process(ROLE_SWITCHING, ["--role", role, *worker_args]) if role_switching else start_process(role, worker_args)
+
+    workers = [worker(Role.PREFILL) for _ in range(prefill)] + [worker(Role.DECODE) for _ in range(decode)]
     started = list(workers)
     try:
         for w in workers:

@@ -10,7 +10,7 @@ from pdcluster.cluster.cluster_spec import AutoscalingSpec, ClusterSpec, PoolSpe
 from pdcluster.common.slo import SLO
 from pdcluster.protos import worker_pb2
 
-from tests.unit.test_simulator import profile
+from tests.support.hand_profile import profile
 
 SPEC = AutoscalingSpec(
     enabled=True,

@@ -15,7 +15,7 @@ from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
 
-from tests.unit.test_simulator import profile
+from tests.support.hand_profile import profile
 
 
 class FakeReplica:
@@ -71,12 +71,19 @@ class FakeProbe:
     def __init__(self, launcher: FakeLauncher) -> None:
         self._launcher = launcher
         self.forgotten: list[str] = []
+        self.refuse_switch = False
 
     async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
         replica = next(r for r in self._launcher.replicas if r.record == record)
         if replica.hung:
             raise TimeoutError("no answer")
         return replica.stats
+
+    async def switch_role(self, record: WorkerRecord, role: Role) -> None:
+        replica = next(r for r in self._launcher.replicas if r.record == record)
+        if self.refuse_switch:
+            raise TimeoutError("requests still running")
+        replica.stats.role = role
 
     async def forget(self, record: WorkerRecord) -> None:
         self.forgotten.append(record.worker_id)
@@ -189,6 +196,51 @@ async def test_slo_autoscaling_sizes_pools_by_their_latencies_against_the_slos(t
         replica.stats.prefill_seconds_p90 = 0.1  # well within: one replica goes
     await rounds(controller, 2)
     assert controller.targets[Role.PREFILL] < 3 and controller.decision_counts[(Role.PREFILL, "down")] >= 1
+
+
+ROLE_SWITCHING = {
+    "prefill": {"max_replicas": 2},
+    "decode": {"replicas": 2, "max_replicas": 2},
+    "autoscaling": {
+        "enabled": True,
+        "role_switching": True,
+        "interval_s": 0.001,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 60,  # the idle decode pool would not shrink on its own yet
+        "cooldown_s": 0,
+        "prefill_target_queued_tokens": 100,
+    },
+}
+
+
+@pytest.mark.asyncio
+async def test_role_switching_moves_an_idle_decode_replica_to_a_busy_prefill_pool():
+    controller, launcher, _ = make_controller(ROLE_SWITCHING)
+    await rounds(controller, 2)
+    assert all(r.config.role_switching for r in launcher.replicas)  # each can serve either role
+    launcher.live(Role.PREFILL)[0].stats.queued_prefill_tokens = 250
+    busy = launcher.live(Role.DECODE)[0]
+    busy.stats.running = 3  # the other decode replica is the idle one, and it moves
+    await rounds(controller, 3)
+    assert len(launcher.replicas) == 3  # nothing started, nothing stopped
+    assert controller.targets == {Role.PREFILL: 2, Role.DECODE: 1}
+    moved = next(r for r in launcher.replicas if r.config.role == Role.DECODE and r is not busy)
+    assert moved.stats.role == Role.PREFILL and controller.switch_counts[(Role.DECODE, Role.PREFILL)] == 1
+    assert sorted(r.role for r in controller.replicas) == [Role.DECODE, Role.PREFILL, Role.PREFILL]
+    assert len(await controller.members()) == 3
+    assert [(d.role, d.from_replicas, d.to_replicas) for d in controller.decisions] == [("decode", 2, 1), ("prefill", 1, 2)]
+
+
+@pytest.mark.asyncio
+async def test_a_refused_switch_falls_back_to_starting_and_draining_replicas():
+    controller, launcher, probe = make_controller(ROLE_SWITCHING)
+    probe.refuse_switch = True
+    await rounds(controller, 2)
+    launcher.live(Role.PREFILL)[0].stats.queued_prefill_tokens = 250
+    await rounds(controller, 3)
+    assert controller.switch_counts[(Role.DECODE, Role.PREFILL)] == 0
+    assert controller.targets == {Role.PREFILL: 2, Role.DECODE: 1}
+    assert len(launcher.live(Role.PREFILL)) == 2 and len(launcher.live(Role.DECODE)) == 1  # one started, one drained
 
 
 @pytest.mark.asyncio

@@ -22,12 +22,14 @@ ALLOWED = {
     "cluster": {"common", "protos", "worker.config", "router.config"},
     # The planner runs the router's own policies in its simulator and writes cluster specs.
     "planner": {"common", "protos", "router", "worker", "kv_transfer", "cluster.cluster_spec"},
+    # The one process that hosts both roles' handlers.
+    "pdcluster/role_switching_worker.py": {"common", "worker", "prefill_worker", "decode_worker"},
     # The CLI and the benchmarks may use anything; nothing imports them.
     "pdcluster/cli.py": {"*"},
     "pdcluster/__main__.py": {"*"},
     "bench": {"*"},
 }
-UNIMPORTABLE = {"cli", "bench", "__main__"}
+UNIMPORTABLE = {"cli", "bench", "__main__", "role_switching_worker"}
 
 
 def pdcluster_imports(path):

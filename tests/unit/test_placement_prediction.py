@@ -14,8 +14,8 @@ from pdcluster.router.placement_prediction import LOCAL, REMOTE, PlacementPredic
 from pdcluster.router.routing_policy import PrefixIndex, place_prefill
 from pdcluster.router.worker_pool import DecodeStream
 
-from tests.unit.test_routing_policy import worker
-from tests.unit.test_simulator import profile
+from tests.support.hand_profile import profile
+from tests.support.worker_views import worker
 
 NOW = 100.0
 PROMPT = 500  # one step: 10 ms + 1 ms per token -> 0.51 s on an idle engine

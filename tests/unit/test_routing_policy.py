@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from pdcluster.common.prefix_hashes import prompt_block_hashes
-from pdcluster.protos import worker_pb2
 from pdcluster.router.admission import AdmissionGate
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.errors import Overloaded
@@ -20,14 +19,9 @@ from pdcluster.router.routing_policy import (
     prefill_backlog_too_deep,
     should_bypass_prefill,
 )
-from pdcluster.router.worker_pool import WorkerPool, WorkerView
+from pdcluster.router.worker_pool import WorkerPool
 
-BLOCK = 16
-
-
-def worker(name: str, role: str, **stats) -> WorkerView:
-    defaults = dict(role=role, worker_id=name, block_size=BLOCK, free_kv_blocks=1000, total_kv_blocks=1000)
-    return WorkerView(address=name, channel=None, stub=None, stats=worker_pb2.WorkerStats(**{**defaults, **stats}), reachable=True)
+from tests.support.worker_views import BLOCK, worker
 
 
 def pick_prefill(workers, prompt, index):
