@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import aiohttp
@@ -59,6 +60,8 @@ class RateResult:
     prefix_cache_hit_rate: float | None = None  # cached prompt tokens / prompt tokens, where the server says
     # The server's cost over this run (--cost-per-hour) divided by the input or output tokens served.
     cost_usd_per_million_tokens: dict = field(default_factory=dict)
+    # What the server's own counters (`counters` of `replay`) moved by over this run.
+    server_counters: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -215,6 +218,7 @@ def sweep(
     api_key: str = "",
     quiet: bool = False,
     cost_per_hour: float = 0.0,
+    counters: Callable[[], dict[str, float]] | None = None,
 ) -> list[RateResult]:
     """One open-loop run per rate; rate i draws its requests and arrivals from seed + i, so
     any server given the same arguments gets the same load (and `pdcluster simulate` too)."""
@@ -230,17 +234,50 @@ def sweep(
             api_key,
             quiet=quiet,
             cost_per_hour=cost_per_hour,
+            counters=counters,
         )
         for i, rate in enumerate(rates)
     ]
 
 
-def replay(url: str, model: str, rate: float, requests: list[RequestShape], *args, quiet: bool = False, **kwargs) -> RateResult:
-    """`run_rate` (same arguments) from synchronous code, with a progress bar unless quiet."""
+def replay(
+    url: str,
+    model: str,
+    rate: float,
+    requests: list[RequestShape],
+    *args,
+    quiet: bool = False,
+    counters: Callable[[], dict[str, float]] | None = None,
+    **kwargs,
+) -> RateResult:
+    """`run_rate` (same arguments) from synchronous code, with a progress bar unless quiet;
+    with `counters` (the server's, read before and after), their increase over the run."""
     from tqdm import tqdm
 
+    before = counters() if counters else {}
     with tqdm(total=len(requests), desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
-        return asyncio.run(run_rate(url, model, rate, requests, *args, progress=bar, **kwargs))
+        result = asyncio.run(run_rate(url, model, rate, requests, *args, progress=bar, **kwargs))
+    if counters:
+        result.server_counters = {k: round(v - before.get(k, 0.0), 4) for k, v in counters().items() if v != before.get(k, 0.0)}
+    return result
+
+
+def prometheus_counters(url: str, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The server's Prometheus series (`/metrics`) whose names start with one of `prefixes`,
+    keyed `name{labels}`."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefixes) and not sample.name.endswith("_created"):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
 
 
 async def served_model(url: str, api_key: str = "") -> str:

@@ -5,7 +5,8 @@ For one prompt and its decode worker the router predicts
   this prompt less the prefix it holds, the KV transfer, and the decode worker's next step);
 - local: its TTFT if the decode worker computes it in chunks beside its running requests, and
   what those chunks cost the requests decoding there: each chunked step is longer than a
-  decode step, which stretches their time per output token (TPOT).
+  decode step, which stretches their time per output token (TPOT); the requests it would push
+  past the TPOT SLO count against it.
 
 It takes the choice under which fewest requests miss an SLO, the remote one on a tie at none
 (decode steps stay short), else the one with the earlier first token. Predictions are scaled
@@ -35,7 +36,7 @@ class Outlook:
 
     choice: str
     ttft_s: float
-    tpot_misses: int  # requests already decoding on the decode worker
+    tpot_misses: int  # requests already decoding on the decode worker it would push past the TPOT SLO
 
     def misses(self, slo: SLO) -> int:
         return int(self.ttft_s > slo.ttft_s) + self.tpot_misses
@@ -46,15 +47,16 @@ def decoding_requests(worker: WorkerView) -> int:
 
 
 def tpot_misses(worker: WorkerView, step_s: float, delay_s: float, slo: SLO, now: float) -> int:
-    """Requests streaming from `worker` through this router whose TPOT would exceed the SLO if
-    each of their remaining tokens took `step_s` and one of them `delay_s` more."""
+    """Requests streaming from `worker` through this router that a stall of `delay_s` would push
+    past the TPOT SLO, their remaining tokens taking `step_s` each (those past it anyway do not
+    count: neither choice saves them)."""
     count = 0
     for stream in worker.streams:
         if stream.first_token_at is None or stream.max_tokens < 2:
             continue
         remaining = stream.max_tokens - stream.tokens
-        tpot = (now - stream.first_token_at + remaining * step_s + delay_s) / (stream.max_tokens - 1)
-        count += tpot > slo.itl_s
+        tpot = (now - stream.first_token_at + remaining * step_s) / (stream.max_tokens - 1)
+        count += tpot <= slo.itl_s < tpot + delay_s / (stream.max_tokens - 1)
     return count
 
 
@@ -76,7 +78,7 @@ class PlacementPredictor:
         low, high = (math.log(b) for b in _CALIBRATION_BOUNDS)
         self._log_ratio[choice] = min(high, max(low, (1 - _CALIBRATION_WEIGHT) * self._log_ratio[choice] + _CALIBRATION_WEIGHT * raw))
 
-    def remote(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int, now: float) -> Outlook:
+    def remote(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int) -> Outlook:
         p, d = self.prefill_profile, self.decode_profile
         decoding, context = decoding_requests(decode), decode_context_tokens(decode.stats)
         ttft = (
@@ -85,8 +87,7 @@ class PlacementPredictor:
             + p.transfer_seconds(prompt_len)
             + d.decode_step_seconds(decoding + 1, context + prompt_len)
         )
-        step = d.decode_step_seconds(decoding, context) * self.scale(LOCAL)
-        return Outlook(REMOTE, ttft * self.scale(REMOTE), tpot_misses(decode, step, 0.0, self.slo, now))
+        return Outlook(REMOTE, ttft * self.scale(REMOTE), tpot_misses=0)  # the decode worker's steps stay as they are
 
     def local(self, decode: WorkerView, prompt_len: int, now: float) -> Outlook:
         p, scale = self.decode_profile, self.scale(LOCAL)
@@ -100,7 +101,7 @@ class PlacementPredictor:
     def choose(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int) -> tuple[Outlook, Outlook]:
         """The chosen outlook first, then the other."""
         now = self.clock()
-        remote, local = self.remote(prefill, decode, prompt_len, overlap, now), self.local(decode, prompt_len, now)
+        remote, local = self.remote(prefill, decode, prompt_len, overlap), self.local(decode, prompt_len, now)
         misses = remote.misses(self.slo), local.misses(self.slo)
         if misses[0] < misses[1] or (misses[0] == misses[1] and (misses[0] == 0 or remote.ttft_s <= local.ttft_s)):
             return remote, local

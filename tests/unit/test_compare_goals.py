@@ -31,5 +31,8 @@ def test_goals_allow_two_requests_of_noise_and_check_itl_on_prefill_heavy():
     rows[1].pdcluster.slo_attainment = 0.875  # 3 of 40 below co-located's: a miss
     g = goals("balanced", rows)
     assert g["attainment_never_below_colocated"] == {"rates_below": [2], "met": False} and "p99_itl_ratio" not in g
-    # Co-located never reaches 90%: no ratio, and pdcluster (3 req/s) is not behind it.
+    # Co-located never reaches 90%: no ratio, and pdcluster (3 req/s) is ahead of it.
     assert goals("balanced", rows[2:])["goodput_rate_ratio"] == {"value": None, "goal": 1.0, "met": True}
+    rows[2].pdcluster.slo_attainment = 0.5  # neither reaches 90%: a tie, not 1.5x
+    assert goals("prefill-heavy", rows[2:])["goodput_rate_ratio"]["met"]
+    assert not goals("prefill-heavy", rows[2:])["goodput_rate_ratio_prefill_heavy"]["met"]
