@@ -59,6 +59,13 @@ def test_the_slo_signal_needs_a_profile_to_predict_from():
     assert ClusterSpec.model_validate({"autoscaling": {"signal": "slo"}, "router": {"profile": "p.json"}}).autoscaling.signal == "slo"
 
 
+def test_role_switching_needs_one_engine_for_both_pools():
+    with pytest.raises(pydantic.ValidationError, match="same engine arguments"):
+        ClusterSpec.model_validate({"autoscaling": {"role_switching": True}, "prefill": {"engine": {"max_num_batched_tokens": 8192}}})
+    spec = ClusterSpec.model_validate({"autoscaling": {"role_switching": True}})
+    assert spec.worker_config("decode", "d-1").role_switching  # its workers start able to serve either role
+
+
 def test_scales_up_only_after_sustained_load_and_by_the_overload():
     scaler = Autoscaler(SPEC)
     assert scaler.decide("prefill", POOL, 1, 1, 3.0, now=0) is None

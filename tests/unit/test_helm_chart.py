@@ -17,6 +17,7 @@ import yaml
 
 from pdcluster.cli import build_parser
 from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.router.config import parse_router_args
 
 from tests.support.paths import ROOT
@@ -30,7 +31,12 @@ FULL_VALUES = {
     "kvToken": {"existingSecret": "pd-kv-token"},
     "model": {"volume": {"persistentVolumeClaim": {"claimName": "llama"}}},
     "engine": {"args": {"quantization": "fp8", "enable_chunked_prefill": True}},
-    "router": {"vllmArgs": ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]},
+    "router": {
+        "vllmArgs": ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
+        "profileJSON": (ROOT / "bench" / "profiles" / "cpu1-bench-llama.json").read_text(),
+        "slo": {"ttftMs": 2000, "itlMs": 50},
+    },
+    "autoscaling": {"signal": "slo"},
     "prefill": {
         "engineArgs": {"max_num_batched_tokens": 16384},
         "replicas": 3,
@@ -127,5 +133,11 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     config = parse_router_args(router["args"])
     assert config.registry == spec.registry and config.tls.enabled and config.host == "0.0.0.0"
     assert config.vllm_args == ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    # The profile travels in the ConfigMap; router and controller read it where the config is mounted.
+    profile = EngineProfile.model_validate_json(docs[("ConfigMap", "demo-spec")]["data"]["profile.json"])
+    assert profile.name == "cpu1-bench-llama-v1-s0"
+    assert config.profile == spec.router.profile == "/etc/pdcluster/config/profile.json"
+    assert config.slo == spec.router.slo and config.slo.ttft_ms == 2000 and config.slo.itl_ms == 50
+    assert spec.autoscaling.signal == "slo" and not spec.autoscaling.role_switching  # the pools' engines differ here
     assert router["readinessProbe"]["httpGet"]["path"] == "/health"
     assert router["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
