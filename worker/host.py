@@ -99,7 +99,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._scheduler_stats: dict = {}
         self._kv_stats = kv_transfer_pb2.KVStats()
         self._active = 0
-        self._draining = False
+        self._draining = False  # stopping: for good
+        self._switching = False  # draining to serve the other role
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self.prefix_cache: PrefixCacheMirror | None = None  # prefill workers whose engine publishes KV events
@@ -208,7 +209,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         started = time.monotonic()
         if role == self.config.role:
             return 0.0
-        self._draining = True
+        self._switching = True
         await self._set_serving(False)
         try:
             deadline = started + DRAIN_TIMEOUT_S
@@ -219,8 +220,9 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             logger.info("worker %s: %s -> %s", self.worker_id, self.config.role, role)
             self.config = self.config.model_copy(update={"role": role})
         finally:
-            self._draining = False
-            await self._set_serving(True)
+            self._switching = False
+            if not self._draining:
+                await self._set_serving(True)
         return time.monotonic() - started
 
     async def serve_until_signalled(self) -> None:
@@ -261,7 +263,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
     @contextlib.contextmanager
     def admitted(self):
-        if self._draining:
+        if self._draining or self._switching:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "worker is draining")
         self._active += 1
         try:
@@ -298,7 +300,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker was not started with role switching")
         if request.role not in ROLES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role must be one of {', '.join(ROLES)}, not {request.role!r}")
-        if self._draining and request.role != self.config.role:
+        if (self._draining or self._switching) and request.role != self.config.role:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
         try:
             drained = await self.switch_role(Role(request.role))
@@ -337,7 +339,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             model=self.engine.vllm_config.model_config.model,
             queued_prefill_tokens=self.handler.queued_prefill_tokens,
             block_size=cache.block_size,
-            draining=self._draining,
+            draining=self._draining or self._switching,
             max_model_len=self.engine.vllm_config.model_config.max_model_len,
             **self._scheduler_stats.get("totals", {}),
             **self.handler.latency_stats(),
