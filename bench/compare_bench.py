@@ -310,7 +310,8 @@ def main(
 
 def _placed(result: RateResult) -> str:
     """Where pdcluster's router computed the run's prompts (its placement counters)."""
-    count = {where: sum(v for k, v in result.server_counters.items() if f'placement="{where}"' in k) for where in ("remote", "local")}
+    placed = {k: v for k, v in result.server_counters.items() if k.startswith("pdcluster_router_placements_total")}
+    count = {where: sum(v for k, v in placed.items() if f'placement="{where}"' in k) for where in ("remote", "local")}
     return f"{count['remote']:.0f}/{count['local']:.0f}"
 
 
