@@ -8,8 +8,9 @@ For one prompt and its decode worker the router predicts
   decode step, which stretches their time per output token (TPOT); the requests it would push
   past the TPOT SLO count against it.
 
-It takes the choice under which fewest requests miss an SLO, the remote one on a tie at none
-(decode steps stay short), else the one with the earlier first token. Predictions are scaled
+It takes the choice under which fewest requests miss an SLO; on a tie, the one that overshoots
+the SLOs least (the new request's TTFT past its SLO plus what it adds to the others' TPOT past
+theirs, each in multiples of its SLO); then the remote one (decode steps stay short). Predictions are scaled
 by how far off the last ones were (observed / predicted TTFT, per choice), so a profile
 measured elsewhere still ranks the choices right once a few requests have been served.
 """
@@ -32,32 +33,40 @@ _CALIBRATION_BOUNDS = (0.1, 10.0)
 
 @dataclass
 class Outlook:
-    """One choice's predicted first token, and the requests it would push past an SLO."""
+    """One choice's predicted first token, and what it costs the requests decoding on the
+    decode worker: how many it pushes past the TPOT SLO, and how far it moves them past it."""
 
     choice: str
     ttft_s: float
-    tpot_misses: int  # requests already decoding on the decode worker it would push past the TPOT SLO
+    tpot_misses: int = 0
+    tpot_excess: float = 0.0  # added overshoot of their TPOTs, in multiples of the SLO, summed
 
     def misses(self, slo: SLO) -> int:
         return int(self.ttft_s > slo.ttft_s) + self.tpot_misses
+
+    def excess(self, slo: SLO) -> float:
+        return max(0.0, self.ttft_s / slo.ttft_s - 1) + self.tpot_excess
 
 
 def decoding_requests(worker: WorkerView) -> int:
     return max(worker.stats.running, len(worker.streams))
 
 
-def tpot_misses(worker: WorkerView, step_s: float, delay_s: float, slo: SLO, now: float) -> int:
-    """Requests streaming from `worker` through this router that a stall of `delay_s` would push
-    past the TPOT SLO, their remaining tokens taking `step_s` each (those past it anyway do not
-    count: neither choice saves them)."""
-    count = 0
+def tpot_cost(worker: WorkerView, step_s: float, delay_s: float, slo: SLO, now: float) -> tuple[int, float]:
+    """What a stall of `delay_s` does to the requests streaming from `worker` through this
+    router, their remaining tokens taking `step_s` each: how many it pushes past the TPOT SLO
+    (those past it anyway are not counted: neither choice saves them), and the overshoot it
+    adds, in multiples of the SLO."""
+    count, excess = 0, 0.0
     for stream in worker.streams:
         if stream.first_token_at is None or stream.max_tokens < 2:
             continue
         remaining = stream.max_tokens - stream.tokens
-        tpot = (now - stream.first_token_at + remaining * step_s) / (stream.max_tokens - 1)
-        count += tpot <= slo.itl_s < tpot + delay_s / (stream.max_tokens - 1)
-    return count
+        without = (now - stream.first_token_at + remaining * step_s) / (stream.max_tokens - 1) / slo.itl_s
+        with_stall = without + delay_s / (stream.max_tokens - 1) / slo.itl_s
+        count += without <= 1 < with_stall
+        excess += max(0.0, with_stall - 1) - max(0.0, without - 1)
+    return count, excess
 
 
 class PlacementPredictor:
@@ -87,7 +96,7 @@ class PlacementPredictor:
             + p.transfer_seconds(prompt_len)
             + d.decode_step_seconds(decoding + 1, context + prompt_len)
         )
-        return Outlook(REMOTE, ttft * self.scale(REMOTE), tpot_misses=0)  # the decode worker's steps stay as they are
+        return Outlook(REMOTE, ttft * self.scale(REMOTE))  # the decode worker's steps stay as they are
 
     def local(self, decode: WorkerView, prompt_len: int, now: float) -> Outlook:
         p, scale = self.decode_profile, self.scale(LOCAL)
@@ -96,13 +105,12 @@ class PlacementPredictor:
         steps = p.prefill_steps(prompt_len, decoding=decoding, decode_context=context)
         step = p.decode_step_seconds(decoding, context)
         delay = (ahead + sum(steps) - len(steps) * step) * scale
-        return Outlook(LOCAL, (ahead + sum(steps)) * scale, tpot_misses(decode, step * scale, delay, self.slo, now))
+        return Outlook(LOCAL, (ahead + sum(steps)) * scale, *tpot_cost(decode, step * scale, delay, self.slo, now))
 
     def choose(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int) -> tuple[Outlook, Outlook]:
         """The chosen outlook first, then the other."""
         now = self.clock()
         remote, local = self.remote(prefill, decode, prompt_len, overlap), self.local(decode, prompt_len, now)
-        misses = remote.misses(self.slo), local.misses(self.slo)
-        if misses[0] < misses[1] or (misses[0] == misses[1] and (misses[0] == 0 or remote.ttft_s <= local.ttft_s)):
-            return remote, local
-        return local, remote
+        if (local.misses(self.slo), local.excess(self.slo)) < (remote.misses(self.slo), remote.excess(self.slo)):
+            return local, remote
+        return remote, local

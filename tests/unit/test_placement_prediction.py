@@ -64,6 +64,24 @@ def test_when_both_miss_the_earlier_first_token_wins():
     assert chosen.choice == LOCAL and chosen.ttft_s == pytest.approx(3.03 + 0.51) and other.ttft_s > chosen.ttft_s
 
 
+def test_when_every_choice_misses_the_smaller_overshoot_wins():
+    """Streams already past their TPOT SLO count for neither choice, but how much further a
+    local prompt's stall would push them does: against a TTFT a little past its SLO, they
+    keep the prompt away; against one far past it, they do not."""
+    slo = SLO(ttft_ms=400, itl_ms=10)  # neither choice computes the prompt in time
+    decode = worker("d", "decode")
+    for _ in range(2):  # 12 ms a step from now on: past the 10 ms SLO already (17 ms over the run)
+        decode.streams.add(DecodeStream(max_tokens=11, tokens=5, first_token_at=NOW - 0.1))
+    # Local: 0.512 s, and a 0.5 s stall over 10 tokens adds 5 SLOs to each stream: 0.28 + 10.
+    # Remote behind 690 queued tokens: 1.22 s, 2.06 SLOs past.
+    chosen, other = predictor(slo).choose(worker("p", "prefill", queued_prefill_tokens=690), decode, PROMPT, 0)
+    assert (chosen.choice, chosen.misses(slo), other.misses(slo)) == (REMOTE, 1, 1)
+    assert chosen.excess(slo) == pytest.approx(2.06, abs=0.01) and other.excess(slo) == pytest.approx(10.28, abs=0.01)
+    # Behind 5000 queued tokens (5.57 s, 12.9 SLOs past), the stall is the smaller overshoot.
+    chosen, _ = predictor(slo).choose(worker("p", "prefill", queued_prefill_tokens=5000), decode, PROMPT, 0)
+    assert chosen.choice == LOCAL
+
+
 def test_observed_ttfts_correct_the_predictions_within_bounds():
     pred = predictor()
     for _ in range(30):
