@@ -171,6 +171,9 @@ _SERVE_FLAGS: list[tuple[str, str, dict]] = [
     ("--decode", "decode.replicas", dict(type=int, help="decode replicas")),
     ("--address", "ray_address", dict(help="join this Ray cluster (e.g. auto) instead of starting one")),
     ("--registry", "registry", dict(help="redis://HOST:PORT/DB to share membership between routers")),
+    ("--profile", "router.profile", dict(help="the workers' `pdcluster profile`: place each prompt by predicted TTFT and ITL")),
+    ("--slo-ttft-ms", "router.slo.ttft_ms", dict(type=float, help="TTFT SLO placement keeps (default 1000)")),
+    ("--slo-itl-ms", "router.slo.itl_ms", dict(type=float, help="ITL (TPOT) SLO placement keeps (default 20)")),
 ]
 
 

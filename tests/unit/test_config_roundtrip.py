@@ -105,9 +105,14 @@ def test_pdcluster_serve_takes_vllm_serve_flags():
         "--max-num-batched-tokens 8192",
         "--kv-transport",
         "nixl",
+        "--profile",
+        "/profiles/cpu.json",
+        "--slo-itl-ms",
+        "50",
     ]
     args, vllm_flags = build_parser().parse_known_args(argv)
     s = load_cluster_spec(args, vllm_flags)
+    assert s.router.profile == "/profiles/cpu.json" and (s.router.slo.ttft_ms, s.router.slo.itl_ms) == (1000, 50)
     assert s.engine.model == "/models/x" and s.engine.max_model_len == 2048
     assert s.prefill.kv_transport == s.decode.kv_transport == "nixl"
     assert (
