@@ -76,13 +76,21 @@ def main(
     for mode, r in results.items():
         hit = r.prefix_cache_hit_rate or 0.0
         print(f"{mode:<12} {r.completed:>5} {hit:>9.1%} {hit / ceiling if ceiling else 0:>9.2f} {format_ms(r.ttft_ms):>22}")
+        for error in r.errors:
+            print(f"{'':<12} failed: {error}")
     report = {
         "requests": len(trace),
         "rate": trace_rate(trace),
         "block_size": block_size,
         "ceiling_hit_rate": round(ceiling, 4),
         "modes": {
-            mode: {"prefix_cache_hit_rate": r.prefix_cache_hit_rate, "ttft_ms": r.ttft_ms, "completed": r.completed, "failed": r.failed}
+            mode: {
+                "prefix_cache_hit_rate": r.prefix_cache_hit_rate,
+                "ttft_ms": r.ttft_ms,
+                "completed": r.completed,
+                "failed": r.failed,
+                "errors": r.errors,
+            }
             for mode, r in results.items()
         },
     }
