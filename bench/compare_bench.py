@@ -276,7 +276,9 @@ def main(
         comparisons.append(Comparison("trace", trace_rate(trace), by_system["colocated"]["trace"][0], by_system["pdcluster"]["trace"][0]))
     by_workload = {name: [c for c in comparisons if c.workload == name] for name in dict.fromkeys(c.workload for c in comparisons)}
     _print_table(comparisons, engine, cpus, chosen, slo_ttft_ms, slo_itl_ms)
-    _print_goals(by_workload)
+    rates = {name: goodput_rates(rows) for name, rows in by_workload.items()}
+    verdicts = {name: goals(name, rows) for name, rows in by_workload.items()}
+    _print_goals(rates, verdicts)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(
@@ -288,12 +290,12 @@ def main(
                     "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
                     "cost_per_hour": cost_per_hour,
                     "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "slo_attainment")}} for c in comparisons],
-                    "goodput_rate": {name: goodput_rates(rows) for name, rows in by_workload.items()},
+                    "goodput_rate": rates,
                     "slo_attainment": {
                         name: {s: {str(c.rate): getattr(c, s).slo_attainment for c in rows} for s in SYSTEMS}
                         for name, rows in by_workload.items()
                     },
-                    "goals": {name: goals(name, rows) for name, rows in by_workload.items()},
+                    "goals": verdicts,
                 },
                 fh,
                 indent=1,
@@ -320,12 +322,11 @@ def _misses(result: RateResult) -> str:
     return f"{m['ttft']}/{m['tpot']}/{m['both']}"
 
 
-def _print_goals(by_workload: dict[str, list[Comparison]]) -> None:
+def _print_goals(rates: dict[str, dict[str, float]], verdicts: dict[str, dict]) -> None:
     print("\ngoodput (highest rate with >= 90% of requests within both SLOs) and goals")
-    for name, rows in by_workload.items():
-        rates = goodput_rates(rows)
-        verdicts = "; ".join(f"{goal}: {'met' if g['met'] else 'MISSED'}" for goal, g in goals(name, rows).items())
-        print(f"  {name}: co-located {rates['colocated']:g} req/s, pdcluster {rates['pdcluster']:g} req/s; {verdicts}")
+    for name, by_system in rates.items():
+        met = "; ".join(f"{goal}: {'met' if g['met'] else 'MISSED'}" for goal, g in verdicts[name].items())
+        print(f"  {name}: co-located {by_system['colocated']:g} req/s, pdcluster {by_system['pdcluster']:g} req/s; {met}")
 
 
 def _dollars(result: RateResult) -> str:

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 from pdcluster.cluster.cluster_spec import AutoscalingSpec, PoolSpec
-from pdcluster.common.engine_profile import EngineProfile, decode_context_tokens
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.common.slo import SLO
+from pdcluster.common.worker_load import decode_context_tokens, kv_cache_usage
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
 
@@ -42,7 +43,7 @@ def pool_load(role: str, stats: list[worker_pb2.WorkerStats], spec: AutoscalingS
         return sum(slo.replica_load(role, s) for s in stats) / len(stats)
     if role == Role.PREFILL:
         return sum(s.queued_prefill_tokens for s in stats) / len(stats) / spec.prefill_target_queued_tokens
-    kv_usage = sum(1.0 - s.free_kv_blocks / s.total_kv_blocks for s in stats if s.total_kv_blocks) / len(stats)
+    kv_usage = sum(kv_cache_usage(s) for s in stats) / len(stats)
     running = sum(s.running + s.queued for s in stats) / len(stats)
     return max(kv_usage / spec.decode_target_kv_usage, running / spec.decode_target_running)
 
@@ -59,8 +60,7 @@ class SLOLoad:
         if role == Role.PREFILL:
             return max(s.prefill_seconds_p90, self.profile.queued_prompt_seconds(s.queued_prefill_tokens)) / self.slo.ttft_s
         itl = max(s.itl_seconds_p90, self.profile.decode_step_seconds(s.running, decode_context_tokens(s))) / self.slo.itl_s
-        kv_usage = 1.0 - s.free_kv_blocks / s.total_kv_blocks if s.total_kv_blocks else 0.0
-        return max(itl, kv_usage / self.kv_target)
+        return max(itl, kv_cache_usage(s) / self.kv_target)
 
 
 @dataclass

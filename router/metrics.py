@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pdcluster.common.worker_load import kv_cache_usage
 from pdcluster.common.worker_record import ROLES
 from pdcluster.router.worker_pool import WorkerPool
 
@@ -86,8 +87,7 @@ class _PoolCollector:
             if w.stats is None:
                 continue
             values = [w.role, w.worker_id]
-            total = w.stats.total_kv_blocks
-            usage.add_metric(values, 1.0 - w.stats.free_kv_blocks / total if total else 0.0)
+            usage.add_metric(values, kv_cache_usage(w.stats))
             sent.add_metric(values, w.stats.kv_bytes_sent)
             received.add_metric(values, w.stats.kv_bytes_received)
         yield from (usage, sent, received)

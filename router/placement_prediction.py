@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdcluster.common.engine_profile import EngineProfile, decode_context_tokens
+from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.common.slo import SLO
+from pdcluster.common.worker_load import decode_context_tokens
 from pdcluster.router.worker_pool import WorkerView, queued_prefill_tokens
 
 REMOTE, LOCAL = "remote", "local"

@@ -111,10 +111,5 @@ class EngineProfile(BaseModel):
         Path(path).write_text(json.dumps(self.model_dump(), indent=1) + "\n")
 
 
-def decode_context_tokens(stats) -> int:
-    """The tokens in a worker's KV cache (from its WorkerStats): what its decode steps read."""
-    return int(stats.total_kv_blocks - stats.free_kv_blocks) * max(stats.block_size, 1)
-
-
 def load_profile(path: str | Path) -> EngineProfile:
     return EngineProfile.model_validate_json(Path(path).read_text())

@@ -345,6 +345,18 @@ def test_admission_control_and_api_key(cluster, long_prompt):
         router.stop()
 
 
+def concurrent_texts(router, kwargs: dict, count: int) -> list[str]:
+    """`count` copies of one completion request sent at once to `router`; their texts."""
+    client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=120)
+    texts: list[str] = []
+    threads = [threading.Thread(target=lambda: texts.append(client.completions.create(**kwargs).choices[0].text)) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts
+
+
 def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long_prompt):
     """With --local-prefill-above-queued, prompts that arrive while the prefill worker is busy
     are computed on the decode worker instead, with the same greedy text."""
@@ -354,16 +366,7 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long
         [w.address for w in cluster[1]], ["--bypass-prefill-below", str(BYPASS_BELOW), "--local-prefill-above-queued", "1", *SERVED_AS]
     )
     try:
-        backlog_client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=120)
-        texts: list[str] = []
-        threads = [
-            threading.Thread(target=lambda: texts.append(backlog_client.completions.create(**kwargs).choices[0].text)) for _ in range(6)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert texts == [expected] * 6
+        assert concurrent_texts(router, kwargs, 6) == [expected] * 6
         with httpx.Client(base_url=router.record.http, timeout=60) as http:
             # The first prompt goes to the idle prefill worker; some of the rest arrive behind it.
             assert metric(http, "pdcluster_router_worker_picks_total", 'role="prefill"') >= 1
@@ -373,25 +376,16 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long
 
 
 def test_predicted_placement_serves_the_same_answers_and_reports_its_predictions(cluster, client, long_prompt):
-    """With --profile, each prompt goes where its predicted TTFT is best kept (here a 50 ms
-    SLO no prompt keeps: the earlier first token wins); every one is counted by what decided
-    it, and its observed TTFT against the prediction."""
+    """With --profile, each prompt goes where the SLOs are best kept (here a 50 ms TTFT SLO no
+    prompt keeps: the smaller overshoot wins); every one is counted by what decided it, and
+    its observed TTFT against the prediction."""
     kwargs = dict(model=MODEL, prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
     expected = client.completions.create(**kwargs).choices[0].text
     profile = ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"
     router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), "--profile", str(profile), "--slo-ttft-ms", "50", *SERVED_AS]
     router = start_router([w.address for w in cluster[1]], router_args)
     try:
-        placed_client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=120)
-        texts: list[str] = []
-        threads = [
-            threading.Thread(target=lambda: texts.append(placed_client.completions.create(**kwargs).choices[0].text)) for _ in range(6)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert texts == [expected] * 6
+        assert concurrent_texts(router, kwargs, 6) == [expected] * 6
         with httpx.Client(base_url=router.record.http, timeout=60) as http:
             placements = "pdcluster_router_placements_total"
             # (Prometheus writes labels in name order.)
