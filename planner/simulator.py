@@ -3,8 +3,9 @@ prefill replicas, of co-located engines) serving a list of requests.
 
 The router's part runs the router's own code: `pick_decode_worker` and `place_prefill`
 (bypass, prefix-aware prefill choice, backlog placement) over `WorkerView`s whose stats are
-refreshed every `health_interval_s`, with the router's own between-poll counters, as the
-real router sees its workers. Each replica is a `SimEngine` (vLLM-style continuous
+refreshed every `health_interval_s`, with the router's own between-poll counts (its
+`WorkerLoad` reservations, taken and released at the same steps), as the real router sees
+its workers. Each replica is a `SimEngine` (vLLM-style continuous
 batching); a prompt prefilled remotely reserves blocks on its decode replica, moves its KV
 at the profile's transfer rate (overlapping the last prompt step, as per-layer streaming
 does), and its first token comes from the decode replica's next step.
@@ -27,7 +28,7 @@ from pdcluster.protos import worker_pb2
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.placement_prediction import PlacementPredictor
 from pdcluster.router.routing_policy import PrefixIndex, pick_decode_worker, place_prefill
-from pdcluster.router.worker_pool import DecodeStream, WorkerView
+from pdcluster.router.worker_pool import WorkerView
 
 
 @dataclass
@@ -71,7 +72,7 @@ class RequestOutcome:
 class _Replica:
     def __init__(self, role: Role, index: int, profile: EngineProfile) -> None:
         self.engine = SimEngine(f"{role}-{index}", profile)
-        self.view = WorkerView(address=self.engine.worker_id, channel=None, stub=None, reachable=True)
+        self.view = WorkerView(address=self.engine.worker_id, reachable=True)
         self.role = role
         self.refresh()
 
@@ -166,16 +167,13 @@ class ClusterSimulation:
         placement = place_prefill(
             [p.view for p in self.prefills], decode.view, request.input_tokens, self.index, hashes_for, self.shape.router, self.predictor
         )
-        decode.view.last_picked = self.now
-        decode.view.inflight += 1
-        stream = DecodeStream(request.output_tokens)
-        decode.view.streams.add(stream)
+        decode.view.load.picked(self.now)
+        local_prompt = 0 if placement.worker else request.input_tokens  # queued on the decode worker, as the router counts it
+        reservation = decode.view.load.reserve_decode(request.output_tokens, local_prompt)
 
         def on_token(seq: SimSequence, now: float) -> None:
-            stream.tokens += 1
-            if outcome.first_token < 0:
-                outcome.first_token = stream.first_token_at = now
-                decode.view.pending_prefill_tokens -= local_prompt
+            if reservation.tokens(1, now):
+                outcome.first_token = now
                 if placement.chosen is not None:
                     self.predictor.observe(placement.chosen.choice, placement.chosen.ttft_s, now - outcome.arrival)
             else:
@@ -183,13 +181,10 @@ class ClusterSimulation:
             outcome.last_token = now
 
         def on_answered(seq: SimSequence, now: float) -> None:
-            decode.view.inflight -= 1
-            decode.view.streams.discard(stream)
+            reservation.release()
             self._unfinished -= 1
             self._in_system -= 1
 
-        local_prompt = 0 if placement.worker else request.input_tokens  # queued on the decode worker, as the router counts it
-        decode.view.pending_prefill_tokens += local_prompt
         if placement.worker is None:
             outcome.placement = placement.bypass
             decode.engine.waiting.append(SimSequence(request, 0, False, on_answered, on_token, hashes_for=hashes_for))
@@ -197,9 +192,8 @@ class ClusterSimulation:
             return
         outcome.placement = "remote"
         prefill = self._by_view(self.prefills, placement.worker)
-        prefill.view.last_picked = self.now
-        prefill.view.pending_prefill_tokens += request.input_tokens
-        prefill.view.inflight += 1
+        prefill.view.load.picked(self.now)
+        prefill_reservation = prefill.view.load.reserve_prefill(request.input_tokens)
         # The decode worker holds the request from now on, allocating its blocks in turn.
         consumer = SimSequence(request, request.input_tokens - 1, False, on_answered, on_token, kv_ready=False)
         consumer.computed = request.input_tokens - 1
@@ -207,8 +201,7 @@ class ClusterSimulation:
         self._kick(decode)
 
         def on_prefilled(seq: SimSequence, now: float) -> None:
-            prefill.view.pending_prefill_tokens -= request.input_tokens
-            prefill.view.inflight -= 1
+            prefill_reservation.release()
             # Layers stream while the prompt computes: what is left is the part the steps did not hide.
             transfer = self.shape.prefill.transfer_seconds(request.input_tokens)
             tail = max(self.shape.prefill.transfer_latency_s, transfer - seq.prompt_seconds)

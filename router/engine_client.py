@@ -20,7 +20,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.parallel_sampling import ParentRequest
 
-from pdcluster.router.request_flow import GenerationRequest, RequestFlow, TokenDelta, Usage
+from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
+from pdcluster.router.request_flow import RequestFlow
 from pdcluster.router.worker_pool import WorkerPool
 
 SUPPORTED_TASKS = ("generate",)

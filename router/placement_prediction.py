@@ -50,7 +50,7 @@ class Outlook:
 
 
 def decoding_requests(worker: WorkerView) -> int:
-    return max(worker.stats.running, len(worker.streams))
+    return max(worker.stats.running, len(worker.load.streams))
 
 
 def tpot_cost(worker: WorkerView, step_s: float, delay_s: float, slo: SLO, now: float) -> tuple[int, float]:
@@ -59,7 +59,7 @@ def tpot_cost(worker: WorkerView, step_s: float, delay_s: float, slo: SLO, now: 
     (those past it anyway are not counted: neither choice saves them), and the overshoot it
     adds, in multiples of the SLO."""
     count, excess = 0, 0.0
-    for stream in worker.streams:
+    for stream in worker.load.streams:
         if stream.first_token_at is None or stream.max_tokens < 2:
             continue
         remaining = stream.max_tokens - stream.tokens

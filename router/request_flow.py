@@ -6,6 +6,10 @@ prefill or decode worker is excluded and the request tried again elsewhere; a de
 worker lost mid-stream is resumed on another from the prompt plus the tokens already
 sent, so the caller sees one uninterrupted stream.
 
+An attempt runs in steps: route it (`_route`), build its messages (`worker_requests`),
+reserve the load it puts on its workers (`WorkerLoad`), call the workers (`worker_calls`),
+and relay the tokens.
+
 Requests carry vLLM's own SamplingParams (one sample each; the engine client fans n out).
 """
 
@@ -16,57 +20,28 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
-import msgspec
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.prefix_hashes import prompt_block_hashes
-from pdcluster.common.sample_wire import decode_logprobs, encode_sampling_params
+from pdcluster.common.sample_wire import decode_logprobs
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
+from pdcluster.router import worker_calls
 from pdcluster.router.admission import AdmissionGate
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.continuation_text import ContinuationText
 from pdcluster.router.errors import NoCapacity
+from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement_prediction import PlacementPredictor
 from pdcluster.router.routing_policy import PrefillPlacement, PrefixIndex, pick_decode_worker, place_prefill
-from pdcluster.router.worker_pool import DecodeStream, WorkerPool, WorkerView
+from pdcluster.router.worker_calls import DecodeCall, WorkerFailed
+from pdcluster.router.worker_pool import WorkerPool, WorkerView
+from pdcluster.router.worker_requests import attempt_params, decode_request, prefill_request
 
 logger = logging.getLogger("pdcluster.router.flow")
-
-LOST = "lost: it stopped answering health checks"
-# Codes that say the request itself is wrong: retrying elsewhere would fail the same way.
-_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE}
-
-
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams  # n == 1; max_tokens is always set
-    reasoning_ended: bool | None = None  # vLLM's OpenAI layer's word on the reasoning parser's state
-    reasoning_parser_kwargs: dict | None = None
-
-
-@dataclass
-class TokenDelta:
-    token_ids: list[int]
-    text: str
-    finish_reason: str = ""
-    stop_reason: int | str | None = None
-    logprobs: list | None = None  # vLLM's, one position per token, when asked for
-    cumulative_logprob: float | None = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    prompt_logprobs: list | None = None  # vLLM's, when asked for; known before the first delta
 
 
 @dataclass
@@ -75,10 +50,17 @@ class _Attempt:
     excluded: set = field(default_factory=set)
 
 
-class WorkerFailed(Exception):
-    def __init__(self, worker: WorkerView, role: str, reason: str) -> None:
-        super().__init__(f"{role} worker {worker.address}: {reason}")
-        self.worker, self.role = worker, role
+@dataclass
+class _Route:
+    """Where one attempt runs: its decode worker, and where its prompt is computed."""
+
+    decode: WorkerView
+    placement: PrefillPlacement
+    placed_at: float  # monotonic
+
+    @property
+    def prefill(self) -> WorkerView | None:
+        return self.placement.worker
 
 
 class RequestFlow:
@@ -153,93 +135,50 @@ class RequestFlow:
 
     async def _run_attempt(self, request: GenerationRequest, sent: list[int], attempt: _Attempt, usage: Usage):
         prompt = request.prompt_token_ids + sent
-        params = _attempt_params(request.sampling_params, len(sent))
+        params = attempt_params(request.sampling_params, len(sent))
         if params.max_tokens <= 0:  # the lost worker had sent every token but not the finish
             yield TokenDelta([], "", "length")
             return
-        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens)
-        placed_at = time.monotonic()
-        placement = self._place_prefill(prompt, attempt, decode)
-        prefill = placement.worker
-        self._note_pick(decode, Role.DECODE)
-        transfer_id = f"{request.request_id}-{attempt.number}" if prefill else None
-        encoded_params = decode_params = encode_sampling_params(params)
-        if prefill is not None and params.prompt_logprobs is not None:
-            without = params.clone()  # the prefill worker computes the prompt, and its logprobs
-            without.prompt_logprobs = None
-            decode_params = encode_sampling_params(without)
-        decode_request = worker_pb2.DecodeRequest(
-            request_id=f"{request.request_id}-{attempt.number}",
-            prompt_token_ids=prompt,
-            sampling_params=decode_params,
-            transfer_id=transfer_id,
-            producer_kv_endpoint=prefill.stats.kv_endpoint if prefill else "",
-            reasoning_ended=request.reasoning_ended,
-            reasoning_parser_kwargs=msgspec.msgpack.encode(request.reasoning_parser_kwargs) if request.reasoning_parser_kwargs else b"",
+        route = await self._route(prompt, params, attempt)
+        attempt_id = f"{request.request_id}-{attempt.number}"
+        computed_on_decode = 0 if route.prefill else len(prompt)  # queued there until its first token
+        reservation = route.decode.load.reserve_decode(params.max_tokens, computed_on_decode)
+        decode = DecodeCall(
+            route.decode,
+            decode_request(request, attempt_id, prompt, params, route.prefill),
+            self.pool.metadata,
+            self.config.decode_idle_timeout_s,
         )
-        continuation = _continuation(self.tokenizer, sent, params) if sent else None
-        progress = DecodeStream(params.max_tokens)
-        local_prompt = 0 if prefill else len(prompt)  # computed on the decode worker: queued there until its first token
-        decode.inflight += 1
-        decode.streams.add(progress)
-        decode.pending_prefill_tokens += local_prompt
-        stream = decode.stub.Decode(decode_request, metadata=self.pool.metadata)
-        decode_watch = _cancel_when_lost(decode, stream)
         prefill_task = None
-        if prefill is not None:
-            prefill_task = self._start_prefill(prefill, decode, prompt, encoded_params, transfer_id, usage)
-            # A failed prefill must not leave decode waiting for KV that will not come.
-            prefill_task.add_done_callback(lambda task: _failure_of(task) and stream.cancel())
+        if route.prefill is not None:
+            prefill_task = self._start_prefill(route.prefill, prefill_request(attempt_id, prompt, params, route.decode), usage)
+            decode.end_if_fails(prefill_task)
+        continuation = _continuation(self.tokenizer, sent, params) if sent else None
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(stream.read(), self.config.decode_idle_timeout_s)
-                except TimeoutError:
-                    raise WorkerFailed(decode, Role.DECODE, f"no token for {self.config.decode_idle_timeout_s:.0f}s") from None
-                except asyncio.CancelledError:
-                    # grpc.aio reports our own stream.cancel() (the decode worker lost, or a failed
-                    # prefill) this way.
-                    if asyncio.current_task().cancelling():
-                        raise
-                    if _fired(decode_watch):
-                        raise WorkerFailed(decode, Role.DECODE, LOST) from None
-                    if _failure_of(prefill_task) is None:
-                        raise
-                    raise _failure_of(prefill_task) from None
-                except grpc.aio.AioRpcError as e:
-                    raise _failure_of(prefill_task) or _classify(e, decode, Role.DECODE) from None
-                if chunk is grpc.aio.EOF:
-                    return
-                if progress.first_token_at is None and chunk.token_ids:
-                    progress.first_token_at = time.monotonic()
-                    decode.pending_prefill_tokens -= local_prompt
-                    local_prompt = 0
-                    self._observe_prediction(placement, progress.first_token_at - placed_at)
-                progress.tokens += len(chunk.token_ids)
+            async for chunk in decode.chunks():
+                if reservation.tokens(len(chunk.token_ids), time.monotonic()):
+                    self._observe_prediction(route.placement, reservation.stream.first_token_at - route.placed_at)
                 if prefill_task is not None and not prefill_task.done():
                     # Its reply holds what the first delta reports: prompt logprobs, cached tokens.
                     await asyncio.shield(prefill_task)
-                if prefill is None and not sent:
+                if route.prefill is None and not sent:
                     usage.cached_tokens = usage.cached_tokens or chunk.num_cached_tokens
                     usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(chunk.prompt_logprobs)
-                text = continuation.delta(list(chunk.token_ids), chunk.finish_reason) if continuation else chunk.text
-                stop_field = chunk.WhichOneof("stop_reason")
-                yield TokenDelta(
-                    list(chunk.token_ids),
-                    text,
-                    chunk.finish_reason,
-                    stop_reason=getattr(chunk, stop_field) if stop_field else None,
-                    logprobs=decode_logprobs(chunk.logprobs),
-                    cumulative_logprob=chunk.cumulative_logprob if params.logprobs is not None else None,
-                )
+                yield _delta(chunk, continuation, params)
         finally:
-            decode_watch.cancel()
-            decode.inflight -= 1
-            decode.streams.discard(progress)
-            decode.pending_prefill_tokens -= local_prompt
-            stream.cancel()  # no-op once finished; aborts the request on the worker otherwise
+            reservation.release()
+            decode.close()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
+
+    # -- routing ------------------------------------------------------------------------
+
+    async def _route(self, prompt: list[int], params: SamplingParams, attempt: _Attempt) -> _Route:
+        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens)
+        placed_at = time.monotonic()
+        placement = self._place_prefill(prompt, attempt, decode)
+        self._note_pick(decode, Role.DECODE)
+        return _Route(decode, placement, placed_at)
 
     def _candidates(self, role: str, attempt: _Attempt) -> list[WorkerView]:
         return [w for w in self.pool.healthy(role) if w not in attempt.excluded]
@@ -283,94 +222,37 @@ class RequestFlow:
         self.predictor.observe(choice, predicted, observed_s)
 
     def _note_pick(self, worker: WorkerView, role: Role) -> None:
-        worker.last_picked = time.monotonic()
+        worker.load.picked(time.monotonic())
         self.metrics.picks.labels(role, worker.worker_id).inc()
 
-    def _start_prefill(
-        self, prefill: WorkerView, decode: WorkerView, prompt: list[int], sampling_params: bytes, transfer_id: str, usage: Usage
-    ) -> asyncio.Task:
+    # -- the prefill call ---------------------------------------------------------------
+
+    def _start_prefill(self, prefill: WorkerView, message: worker_pb2.PrefillRequest, usage: Usage) -> asyncio.Task:
         """Counts the prompt on its prefill worker now, before another request of a burst is
         routed, and uncounts it when the prefill ends, however it ends (even cancelled unstarted)."""
-        num_tokens = len(prompt)
-        prefill.pending_prefill_tokens += num_tokens
-        prefill.inflight += 1
-
-        def uncount(_task: asyncio.Task) -> None:
-            prefill.pending_prefill_tokens -= num_tokens
-            prefill.inflight -= 1
-
-        task = asyncio.create_task(self._prefill(prefill, decode, prompt, sampling_params, transfer_id, usage))
-        task.add_done_callback(uncount)
+        reservation = prefill.load.reserve_prefill(len(message.prompt_token_ids))
+        task = asyncio.create_task(self._prefill(prefill, message, usage))
+        task.add_done_callback(lambda _task: reservation.release())
         return task
 
-    async def _prefill(
-        self, prefill: WorkerView, decode: WorkerView, prompt: list[int], sampling_params: bytes, transfer_id: str, usage: Usage
-    ) -> None:
-        call = prefill.stub.Prefill(
-            worker_pb2.PrefillRequest(
-                request_id=transfer_id,
-                prompt_token_ids=prompt,
-                sampling_params=sampling_params,
-                target=worker_pb2.KVTransferTarget(transfer_id=transfer_id, consumer_endpoint=decode.stats.kv_endpoint),
-            ),
-            timeout=self.config.prefill_timeout_s,
-            metadata=self.pool.metadata,
-        )
-        watch = _cancel_when_lost(prefill, call)
-        try:
-            reply = await call
-        except asyncio.CancelledError:
-            if _fired(watch) and not asyncio.current_task().cancelling():
-                raise WorkerFailed(prefill, Role.PREFILL, LOST) from None
-            raise
-        except grpc.aio.AioRpcError as e:
-            raise _classify(e, prefill, Role.PREFILL) from None
-        finally:
-            watch.cancel()
-            call.cancel()  # no-op once answered; aborts the prefill on the worker otherwise
+    async def _prefill(self, prefill: WorkerView, message: worker_pb2.PrefillRequest, usage: Usage) -> None:
+        reply = await worker_calls.prefill(prefill, message, self.pool.metadata, self.config.prefill_timeout_s)
         usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
         usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(reply.prompt_logprobs)
 
 
-def _cancel_when_lost(worker: WorkerView, call) -> asyncio.Task:
-    """A watcher that cancels `call`, an RPC on `worker`, as soon as the pool finds the worker
-    lost (gone or frozen); the RPC then ends at once here, and the worker drops the request if
-    it ever wakes up. Cancel the watcher once done with the call."""
-    watch = asyncio.ensure_future(worker.lost.wait())
-    watch.add_done_callback(lambda w: w.cancelled() or call.cancel())
-    return watch
-
-
-def _fired(watch: asyncio.Task) -> bool:
-    return watch.done() and not watch.cancelled()
-
-
-def _failure_of(task: asyncio.Task | None) -> BaseException | None:
-    if task is None or not task.done() or task.cancelled():
-        return None
-    return task.exception()
-
-
-def _classify(error: grpc.aio.AioRpcError, worker: WorkerView, role: str) -> Exception:
-    if error.code() in _CLIENT_ERRORS:
-        return VLLMValidationError(error.details() or "invalid request")
-    return WorkerFailed(worker, role, f"{error.code().name}: {error.details()}")
-
-
-def _attempt_params(params: SamplingParams, num_sent: int) -> SamplingParams:
-    """The request's params for an attempt that continues after `num_sent` tokens."""
-    if not num_sent:
-        return params
-    if params.structured_outputs is not None:
-        # vLLM cannot start a grammar part-way through an output: fail rather than break it.
-        raise NoCapacity(
-            f"the decode worker was lost after {num_sent} tokens, and a structured output cannot resume on another; retry the request"
-        )
-    resumed = params.clone()
-    resumed.max_tokens = params.max_tokens - num_sent
-    resumed.min_tokens = max(0, params.min_tokens - num_sent)
-    resumed.prompt_logprobs = None  # the client has them
-    return resumed
+def _delta(chunk: worker_pb2.DecodeChunk, continuation: ContinuationText | None, params: SamplingParams) -> TokenDelta:
+    """A chunk of the decode stream as the client's delta (its text decoded here on a resumed attempt)."""
+    text = continuation.delta(list(chunk.token_ids), chunk.finish_reason) if continuation else chunk.text
+    stop_field = chunk.WhichOneof("stop_reason")
+    return TokenDelta(
+        list(chunk.token_ids),
+        text,
+        chunk.finish_reason,
+        stop_reason=getattr(chunk, stop_field) if stop_field else None,
+        logprobs=decode_logprobs(chunk.logprobs),
+        cumulative_logprob=chunk.cumulative_logprob if params.logprobs is not None else None,
+    )
 
 
 def _continuation(tokenizer, sent: list[int], params: SamplingParams) -> ContinuationText:

@@ -63,7 +63,7 @@ class PrefixIndex:
 def _load(worker: WorkerView) -> int:
     """Requests on the worker: its own count, or ours where the last poll lags behind."""
     stats = worker.stats
-    return max(stats.running + stats.queued, worker.inflight)
+    return max(stats.running + stats.queued, worker.load.inflight)
 
 
 def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerView | None:
@@ -75,7 +75,7 @@ def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerVi
     def key(w: WorkerView):
         blocks_needed = -(-total_tokens // max(w.stats.block_size, 1))
         fits = w.stats.free_kv_blocks >= blocks_needed or w.stats.total_kv_blocks == 0
-        return (not fits, _load(w), -int(w.stats.free_kv_blocks), w.last_picked)
+        return (not fits, _load(w), -int(w.stats.free_kv_blocks), w.load.last_picked)
 
     return min(workers, key=key)
 
@@ -89,7 +89,7 @@ def pick_prefill_worker(workers: list[WorkerView], prompt_len: int, index: Prefi
     for w in workers:
         block_size = max(w.stats.block_size, 1)
         overlap = index.overlap_blocks(w.worker_id, hashes_for(block_size)) * block_size
-        key = (queued_prefill_tokens(w) + prompt_len - overlap, _load(w), w.last_picked)
+        key = (queued_prefill_tokens(w) + prompt_len - overlap, _load(w), w.load.last_picked)
         if best_key is None or key < best_key:
             best, best_key, best_overlap = w, key, overlap
     return best, best_overlap
@@ -143,7 +143,7 @@ def place_prefill(
     if should_bypass_prefill(prompt_len, config.bypass_prefill_below_tokens):
         return PrefillPlacement(None, bypass="short_prompt")
     if config.prefill_routing == "round-robin":
-        prefill, overlap = min(candidates, key=lambda w: w.last_picked, default=None), 0
+        prefill, overlap = min(candidates, key=lambda w: w.load.last_picked, default=None), 0
     else:
         prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for)
     if prefill is None:

@@ -2,9 +2,10 @@
 
 Each worker's `Stats` is polled every `interval_s`; a worker that is draining, or misses
 `unhealthy_after` checks in a row, is not routed to, and is `lost`: requests waiting on it
-stop waiting. Between polls the router adds the load it has itself sent
-(`inflight`, `pending_prefill_tokens`) so a burst does not all land on one worker, and
-workers equal on all that take turns (`last_picked`).
+stop waiting. Between polls the router adds the load it has itself sent (`WorkerLoad`), so
+a burst does not all land on one worker. The view is plain state, which routing policies
+read and the simulator builds without a process behind it; the channel and stub sit on the
+pool's `WorkerConnection`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.tls import TLSFiles, open_channel
 from pdcluster.common.worker_record import ROLES, Role
 from pdcluster.protos import worker_pb2, worker_pb2_grpc
+from pdcluster.router.worker_load import WorkerLoad
 
 logger = logging.getLogger("pdcluster.router.pool")
 
@@ -27,27 +29,25 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_se
 
 
 @dataclass(eq=False)
-class DecodeStream:
-    """A request streaming from a decode worker through this router: how far it has come."""
-
-    max_tokens: int
-    tokens: int = 0
-    first_token_at: float | None = None  # monotonic
+class WorkerConnection:
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerStub
 
 
 @dataclass(eq=False)
 class WorkerView:
     address: str
-    channel: grpc.aio.Channel
-    stub: worker_pb2_grpc.WorkerStub
     stats: worker_pb2.WorkerStats | None = None
     reachable: bool = False
     missed_polls: int = 0  # health checks in a row without an answer
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops answering
-    inflight: int = 0  # requests this router has running on it
-    pending_prefill_tokens: int = 0  # prompt tokens this router has sent it, not yet prefilled
-    last_picked: float = 0.0  # monotonic time this router last routed a request to it
-    streams: set[DecodeStream] = field(default_factory=set)  # requests it decodes for this router
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    connection: WorkerConnection | None = None  # None in the simulator and in policy tests
+
+    @property
+    def stub(self) -> worker_pb2_grpc.WorkerStub:
+        assert self.connection is not None, f"{self.address} has no connection"
+        return self.connection.stub
 
     @property
     def role(self) -> Role | None:
@@ -80,13 +80,13 @@ class WorkerView:
             "kv_bytes_by_transport": dict(s.kv_bytes_by_transport),
             "kv_transfers_by_transport": dict(s.kv_transfers_by_transport),
             "draining": s.draining,
-            "router_inflight": self.inflight,
+            "router_inflight": self.load.inflight,
         }
 
 
 def queued_prefill_tokens(worker: WorkerView) -> int:
     """Prompt tokens ahead of a new prompt on a worker: its count, or ours if the poll lags."""
-    return max(worker.stats.queued_prefill_tokens, worker.pending_prefill_tokens)
+    return max(worker.stats.queued_prefill_tokens, worker.load.pending_prefill_tokens)
 
 
 class WorkerPool:
@@ -120,12 +120,12 @@ class WorkerPool:
                 if poller is not None:
                     poller.cancel()
                 departed.lost.set()  # requests still on it go elsewhere
-                asyncio.get_running_loop().create_task(departed.channel.close())
+                asyncio.get_running_loop().create_task(departed.connection.channel.close())
                 if self._on_departed is not None:
                     self._on_departed(departed)
         for address in wanted - set(self._workers):
             channel = open_channel(address, self._tls, _CHANNEL_OPTIONS)
-            self._workers[address] = WorkerView(address, channel, worker_pb2_grpc.WorkerStub(channel))
+            self._workers[address] = WorkerView(address, connection=WorkerConnection(channel, worker_pb2_grpc.WorkerStub(channel)))
             if self._started:
                 self._start_polling(self._workers[address])
 
@@ -177,4 +177,4 @@ class WorkerPool:
 
     async def close(self) -> None:
         await cancel_all(self._pollers.values())
-        await asyncio.gather(*(w.channel.close() for w in self._workers.values()))
+        await asyncio.gather(*(w.connection.channel.close() for w in self._workers.values()))

@@ -10,4 +10,4 @@ BLOCK = 16
 
 def worker(name: str, role: str, **stats) -> WorkerView:
     defaults = dict(role=role, worker_id=name, block_size=BLOCK, free_kv_blocks=1000, total_kv_blocks=1000)
-    return WorkerView(address=name, channel=None, stub=None, stats=worker_pb2.WorkerStats(**{**defaults, **stats}), reachable=True)
+    return WorkerView(address=name, stats=worker_pb2.WorkerStats(**{**defaults, **stats}), reachable=True)

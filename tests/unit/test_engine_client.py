@@ -17,7 +17,7 @@ from pdcluster.common.tiny_model.generate import ensure_tiny_model
 from pdcluster.common.vllm_args import vllm_serve_args
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.engine_client import ClusterEngineClient
-from pdcluster.router.request_flow import TokenDelta
+from pdcluster.router.generation import TokenDelta
 
 
 class FakeFlow:

@@ -12,7 +12,7 @@ from pdcluster.planner.workloads import RequestShape
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.placement_prediction import LOCAL, REMOTE, PlacementPredictor
 from pdcluster.router.routing_policy import PrefixIndex, place_prefill
-from pdcluster.router.worker_pool import DecodeStream
+from pdcluster.router.worker_load import DecodeStream
 
 from tests.support.hand_profile import profile
 from tests.support.worker_views import worker
@@ -51,7 +51,7 @@ def test_requests_decoding_near_their_tpot_limit_keep_the_prompt_away():
     # 50 of 101 tokens in 0.5 s: 10 ms each so far, 11 ms a step from now on -> TPOT 10.6 ms;
     # a local prompt's 0.5 s stall would make it 15.6 ms.
     for _ in range(3):
-        decode.streams.add(DecodeStream(max_tokens=101, tokens=50, first_token_at=NOW - 0.5))
+        decode.load.streams.add(DecodeStream(max_tokens=101, tokens=50, first_token_at=NOW - 0.5))
     chosen, other = predictor(slo).choose(prefill, decode, PROMPT, 0)
     assert (chosen.choice, chosen.misses(slo)) == (REMOTE, 1)  # its own TTFT only
     assert (other.choice, other.tpot_misses) == (LOCAL, 3)
@@ -59,7 +59,7 @@ def test_requests_decoding_near_their_tpot_limit_keep_the_prompt_away():
 
 def test_when_both_miss_the_earlier_first_token_wins():
     prefill, decode = worker("p", "prefill", queued_prefill_tokens=5000), worker("d", "decode")
-    decode.pending_prefill_tokens = 3000  # prompts this router sent it to compute
+    decode.load.pending_prefill_tokens = 3000  # prompts this router sent it to compute
     chosen, other = predictor().choose(prefill, decode, PROMPT, 0)
     assert chosen.choice == LOCAL and chosen.ttft_s == pytest.approx(3.03 + 0.51) and other.ttft_s > chosen.ttft_s
 
@@ -71,7 +71,7 @@ def test_when_every_choice_misses_the_smaller_overshoot_wins():
     slo = SLO(ttft_ms=400, itl_ms=10)  # neither choice computes the prompt in time
     decode = worker("d", "decode")
     for _ in range(2):  # 12 ms a step from now on: past the 10 ms SLO already (17 ms over the run)
-        decode.streams.add(DecodeStream(max_tokens=11, tokens=5, first_token_at=NOW - 0.1))
+        decode.load.streams.add(DecodeStream(max_tokens=11, tokens=5, first_token_at=NOW - 0.1))
     # Local: 0.512 s, and a 0.5 s stall over 10 tokens adds 5 SLOs to each stream: 0.28 + 10.
     # Remote behind 690 queued tokens: 1.22 s, 2.06 SLOs past.
     chosen, other = predictor(slo).choose(worker("p", "prefill", queued_prefill_tokens=690), decode, PROMPT, 0)

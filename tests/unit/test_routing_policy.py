@@ -76,7 +76,7 @@ def test_placement_records_its_choice_except_round_robin():
         index, config = PrefixIndex(), RouterConfig(prefill_routing=routing)
         a, b = worker("a", "prefill"), worker("b", "prefill", queued_prefill_tokens=10 * BLOCK)
         index.record("b", prompt_block_hashes(shared, BLOCK))
-        a.last_picked, b.last_picked = 2.0, 1.0
+        a.load.last_picked, b.load.last_picked = 2.0, 1.0
         placement = place_prefill([a, b], worker("d", "decode"), len(shared), index, lambda bs: prompt_block_hashes(shared, bs), config)
         if routing == "round-robin":  # in turn: neither the prefix b holds nor its queue counts
             assert placement.worker is b and placement.overlap_tokens == 0 and index.overlap_blocks("a", [1]) == 0
@@ -86,7 +86,7 @@ def test_placement_records_its_choice_except_round_robin():
 
 def test_prefill_counts_work_the_router_sent_since_the_last_poll():
     a, b = worker("a", "prefill"), worker("b", "prefill")
-    a.pending_prefill_tokens = 4000
+    a.load.pending_prefill_tokens = 4000
     assert pick_prefill([a, b], list(range(64)), PrefixIndex())[0] is b
     assert pick_prefill([], list(range(64)), PrefixIndex()) == (None, 0)
 
@@ -103,7 +103,7 @@ def test_workers_equal_in_every_other_way_take_turns():
         order = []
         for now in (1.0, 2.0, 3.0, 4.0):
             chosen = pick([a, b])
-            chosen.last_picked = now
+            chosen.load.last_picked = now
             order.append(chosen.address)
         assert order == ["a", "b", "a", "b"]
 
@@ -112,7 +112,7 @@ def test_decode_balances_load_and_needs_room():
     a = worker("a", "decode", running=5)
     b = worker("b", "decode", running=1)
     assert pick_decode_worker([a, b], 100) is b
-    b.inflight = 9  # sent by this router, not yet in b's stats
+    b.load.inflight = 9  # sent by this router, not yet in b's stats
     assert pick_decode_worker([a, b], 100) is a
     # A worker without room for the sequence loses even when idle.
     c = worker("c", "decode", free_kv_blocks=2)
@@ -137,7 +137,7 @@ def test_a_deep_prefill_backlog_sends_the_prompt_to_the_decode_worker_only_when_
     assert not prefill_backlog_too_deep(worker("q", "prefill", queued_prefill_tokens=2048), 2048)
     # Our own count of prompts sent and not yet answered counts while the last poll lags.
     lagging = worker("r", "prefill")
-    lagging.pending_prefill_tokens = 4096
+    lagging.load.pending_prefill_tokens = 4096
     assert prefill_backlog_too_deep(lagging, 2048)
 
 

@@ -1,0 +1,34 @@
+"""One sample's request as the router runs it, and what comes back: deltas and usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm import SamplingParams
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams  # n == 1; max_tokens is always set
+    reasoning_ended: bool | None = None  # vLLM's OpenAI layer's word on the reasoning parser's state
+    reasoning_parser_kwargs: dict | None = None
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    text: str
+    finish_reason: str = ""
+    stop_reason: int | str | None = None
+    logprobs: list | None = None  # vLLM's, one position per token, when asked for
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list | None = None  # vLLM's, when asked for; known before the first delta
