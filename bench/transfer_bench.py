@@ -28,7 +28,7 @@ import torch
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
 from pdcluster.kv_transfer.nixl_agent import nixl_api
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import TRANSPORTS, KVEndpointSettings
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -69,7 +69,7 @@ def _nixl_agent(name: str, layers: list[torch.Tensor]):
     return agent
 
 
-def _consumer(conn, tokens: int, settings: KVTransferSettings) -> None:
+def _consumer(conn, tokens: int, settings: KVEndpointSettings) -> None:
     """Child process: a KV consumer endpoint, a raw TCP sink and a NIXL agent."""
     layers = _paged_layers(tokens, fill=False)
     nixl = _nixl_agent(f"consumer-{uuid.uuid4().hex}", layers)
@@ -196,7 +196,7 @@ def _memcpy_once(nbytes: int) -> float:
     return nbytes / (time.perf_counter() - started) / 1e9
 
 
-def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
+def measure(tokens: int, repeats: int, settings: KVEndpointSettings) -> Row:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_consumer, args=(child, tokens, settings), daemon=True)
@@ -204,7 +204,7 @@ def measure(tokens: int, repeats: int, settings: KVTransferSettings) -> Row:
     kv_endpoint, tcp_port = parent.recv()
     layers = _paged_layers(tokens, fill=True)
     nbytes = tokens * TOKEN_BYTES
-    transports = ("auto", "tcp", "grpc", "nixl") if nixl_api() else ("auto", "tcp", "grpc")
+    transports = [t for t in TRANSPORTS if t != "nixl" or nixl_api()]
     producers = {
         transport: KVEndpoint(layers, layers[0].shape[0], BLOCK, replace(settings, transport=transport), produce=True, consume=False)
         for transport in transports
@@ -242,7 +242,7 @@ def _idle_cpu_pct(pids: tuple[int, ...], seconds: float = 3.0) -> tuple[float, .
 
 
 def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:
-    settings = KVTransferSettings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = KVEndpointSettings(**{k: v for k, v in overrides.items() if v is not None})
     print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes / 2**20:g} MiB chunks; GB/s, median of {repeats}")
     print(
         f"{'tokens':>7} {'MiB':>6} {'KV default':>11} {'KV nixl':>8} {'KV tcp':>7} {'KV grpc':>8} {'raw TCP':>8} {'memcpy':>7} "

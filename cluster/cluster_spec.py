@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pdcluster.common.tls import TLSFiles
 from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags, vllm_serve_args
 from pdcluster.common.worker_record import Role
+from pdcluster.kv_transfer.settings import TRANSPORTS, KVTransferSettings
 from pdcluster.router.config import RouterConfig
-from pdcluster.worker.config import EngineConfig, KVTransport, WorkerConfig
+from pdcluster.worker.config import EngineConfig, WorkerConfig
 
 
 class _Strict(BaseModel):
@@ -35,7 +36,7 @@ class PoolSpec(_Strict):
     # A Ray custom resource only this pool's nodes advertise (e.g. `prefill_pool`); each
     # replica takes one unit of it, so pools land on their own node types.
     node_resource: str = ""
-    kv_transport: KVTransport = "auto"
+    kv: KVTransferSettings = Field(default_factory=KVTransferSettings)  # this pool's KV transfer settings
     cost_per_hour: float = Field(0.0, ge=0)  # USD per replica-hour: the controller's $/1M-token metrics
     # vLLM engine arguments for this pool only, over the spec's `engine:` (e.g. a prefill pool's
     # larger max_num_batched_tokens); checked by vLLM like `engine:`.
@@ -47,6 +48,15 @@ class PoolSpec(_Strict):
     def _vllm_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
         check_engine_args(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kv_transport_shorthand(cls, data: Any) -> Any:
+        """`kv_transport: X` is short for `kv: {transport: X}`."""
+        if isinstance(data, dict) and "kv_transport" in data:
+            data = dict(data)
+            data["kv"] = {**data.get("kv", {}), "transport": data.pop("kv_transport")}
+        return data
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -133,7 +143,7 @@ class ClusterSpec(_Strict):
             worker_id=worker_id,
             host=self.bind_host(),
             auth_token=self.auth_token,
-            kv_transport=pool.kv_transport,
+            kv=pool.kv,
             registry=self.registry,
             tls=self.tls,
             cluster_name=self.name,
@@ -188,7 +198,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=path, metavar=flag.removeprefix("--").upper().replace("-", "_"), **{"default": None, **kwargs})
     parser.add_argument(
         "--kv-transport",
-        choices=get_args(KVTransport),
+        choices=TRANSPORTS,
         default=None,
         help="KV data path of both pools (default auto: nixl where it reaches, else tcp)",
     )
@@ -224,7 +234,7 @@ def load_cluster_spec(args: argparse.Namespace, vllm_flags: list[str] = ()) -> C
             raise ValueError(f"--{role}-args: not vLLM engine flags: {' '.join(unknown)}")
         data.setdefault(role, {}).setdefault("engine", {}).update(pool_args)
         if args.kv_transport:
-            data[role]["kv_transport"] = args.kv_transport
+            data[role].setdefault("kv", {})["transport"] = args.kv_transport
     router = data.setdefault("router", {})
     router["vllm_args"] = [*router.get("vllm_args", []), *vllm_flags]
     spec = ClusterSpec.model_validate(data)  # replicas given widen the pool's bounds (PoolSpec._bounds)

@@ -26,7 +26,7 @@ from pdcluster.common.process_lifetime import die_with_parent
 from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
 from pdcluster.kv_transfer.connector_scheduler import PdConnectorScheduler
 from pdcluster.kv_transfer.connector_worker import PdConnectorWorker
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.vllm_version import check_vllm_version
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class PdConnector(KVConnectorBase_V1):
         # with the worker that spawned them instead of lingering after it is killed.
         die_with_parent()
         config = self._kv_transfer_config
-        settings = KVTransferSettings.from_extra_config(config.kv_connector_extra_config)
+        settings = KVEndpointSettings.from_extra_config(config.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size
         self._scheduler: PdConnectorScheduler | None = None
         self._worker: PdConnectorWorker | None = None

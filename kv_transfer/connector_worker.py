@@ -14,7 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from pdcluster.common.files import write_atomically
 from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
 from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ IDLE_STEP_WAIT_S = 0.005
 
 class PdConnectorWorker:
     def __init__(
-        self, settings: KVTransferSettings, block_size: int, num_blocks: int, engine_id: str, *, produce: bool, consume: bool
+        self, settings: KVEndpointSettings, block_size: int, num_blocks: int, engine_id: str, *, produce: bool, consume: bool
     ) -> None:
         self._settings = settings
         self._block_size = block_size

@@ -23,7 +23,7 @@ from pdcluster.kv_transfer.grpc_options import bulk_channel_options
 from pdcluster.kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
 from pdcluster.kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
 from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import kv_transfer_pb2 as pb
 
@@ -176,7 +176,7 @@ class KVTransferService:
         )
 
 
-async def start_kv_server(service: KVTransferService, settings: KVTransferSettings) -> tuple[grpc.aio.Server, int]:
+async def start_kv_server(service: KVTransferService, settings: KVEndpointSettings) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=bulk_channel_options(settings.chunk_bytes))
     server.add_generic_rpc_handlers((service.handler(),))
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
@@ -190,7 +190,7 @@ class KVClient:
     """Pushes chunks to consumers over the configured data path; one set of gRPC
     channels per consumer endpoint."""
 
-    def __init__(self, settings: KVTransferSettings) -> None:
+    def __init__(self, settings: KVEndpointSettings) -> None:
         self._settings = settings
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
         self._data_channels: dict[str, tuple[str, int]] = {}

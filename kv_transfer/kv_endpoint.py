@@ -19,7 +19,7 @@ from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
 from pdcluster.kv_transfer.nixl_producer import NixlProducer
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
 from pdcluster.kv_transfer.producer_watch import ProducerWatch
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.tcp_transport import TcpChunkServer
 from pdcluster.kv_transfer.transfer_stats import TransferStats
 from pdcluster.protos import kv_transfer_pb2 as pb
@@ -33,7 +33,7 @@ class KVEndpoint:
         layers: Sequence[torch.Tensor],
         num_blocks: int,
         block_size: int,
-        settings: KVTransferSettings,
+        settings: KVEndpointSettings,
         *,
         produce: bool,
         consume: bool,

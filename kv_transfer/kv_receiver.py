@@ -22,7 +22,7 @@ import torch
 from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader, payload_checksum
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class KVReceiver:
         self,
         layers: Sequence[torch.Tensor],
         layout: PagedKVLayout,
-        settings: KVTransferSettings,
+        settings: KVEndpointSettings,
         stats: TransferStats,
         progress: threading.Event | None = None,
     ) -> None:

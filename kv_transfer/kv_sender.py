@@ -26,7 +26,7 @@ from pdcluster.kv_transfer.grpc_transport import KVClient, TransferFailed
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.nixl_producer import NixlProducer
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class KVSender:
         client: KVClient,
         layers: Sequence[torch.Tensor],
         layout: PagedKVLayout,
-        settings: KVTransferSettings,
+        settings: KVEndpointSettings,
         stats: TransferStats,
         progress: threading.Event | None = None,
         nixl: NixlProducer | None = None,

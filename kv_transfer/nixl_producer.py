@@ -22,7 +22,7 @@ from pdcluster.kv_transfer.grpc_transport import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_agent import NixlAgent, NixlWriteFailed
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
 from pdcluster.kv_transfer.paged_kv_layout import LayerSpan
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ DRAIN_S = 2.0
 
 
 class NixlProducer:
-    def __init__(self, agent: NixlAgent, client: KVClient, layers: Sequence[torch.Tensor], settings: KVTransferSettings) -> None:
+    def __init__(self, agent: NixlAgent, client: KVClient, layers: Sequence[torch.Tensor], settings: KVEndpointSettings) -> None:
         self._agent = agent
         self._client = client
         self._layers = list(layers)

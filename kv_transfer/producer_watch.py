@@ -20,7 +20,7 @@ from pdcluster.common.tls import open_channel
 from pdcluster.kv_transfer.grpc_transport import STATS
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.kv_receiver import KVReceiver
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ PING_TIMEOUT_S = 2.0
 
 
 class ProducerWatch:
-    def __init__(self, receiver: KVReceiver, settings: KVTransferSettings, io: KVIOLoop) -> None:
+    def __init__(self, receiver: KVReceiver, settings: KVEndpointSettings, io: KVIOLoop) -> None:
         self._receiver = receiver
         self._settings = settings
         self._channels: dict[str, grpc.aio.Channel] = {}

@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+from pdcluster.kv_transfer.settings import TRANSPORTS
+
 
 def _model_tiny(args: argparse.Namespace) -> int:
     from pdcluster.common.tiny_model.generate import ensure_tiny_model
@@ -411,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")
     profile.add_argument("--out", default="profile.json", help="where to write the profile")
     profile.add_argument("--name", default="", help="the profile's name (default: cpuN-MODEL)")
-    profile.add_argument("--kv-transport", choices=["auto", "tcp", "grpc", "nixl"], default="auto", help="transport to measure")
+    profile.add_argument("--kv-transport", choices=TRANSPORTS, default="auto", help="transport to measure")
     profile.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     profile.add_argument("--cores", type=int, default=0, help="run on the first N cores, as one pool's worker would (default: all)")
     profile.add_argument("--cost-per-hour", type=float, default=0.0, help="USD per hour of one replica")

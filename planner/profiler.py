@@ -141,9 +141,9 @@ def measure_transfer_gbps(layer_shape: tuple[int, ...], dtype, num_layers: int, 
 
     from pdcluster.kv_transfer.connector_metadata import SaveSpec
     from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
-    from pdcluster.kv_transfer.settings import KVTransferSettings
+    from pdcluster.kv_transfer.settings import KVEndpointSettings
 
-    settings = KVTransferSettings(transport=transport)
+    settings = KVEndpointSettings(transport=transport)
     num_blocks = layer_shape[0]
     producer_layers = [torch.randn(layer_shape).to(dtype) for _ in range(num_layers)]
     consumer_layers = [torch.zeros(layer_shape, dtype=dtype) for _ in range(num_layers)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,8 +17,7 @@ from pdcluster.common.processes import ROLE_SWITCHING
 from pdcluster.common.tls import TLSFiles
 from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags
 from pdcluster.common.worker_record import Role
-
-KVTransport = Literal["auto", "tcp", "grpc", "nixl"]
+from pdcluster.kv_transfer.settings import KVTransferSettings
 
 
 class _Strict(BaseModel):
@@ -52,19 +51,9 @@ class WorkerConfig(_Strict):
     worker_id: str = ""
     host: str = Field("127.0.0.1", description="address its servers bind and advertise (empty in a spec: the Ray node's)")
     port: int = Field(0, description="Worker gRPC port (0: any free port)")
-    kv_port: int = 0
     metrics_port: int = 0
     auth_token: str = Field("", description="the cluster's shared KV transfer secret", json_schema_extra={"env": "PDCLUSTER_KV_TOKEN"})
-    kv_transport: KVTransport = Field(
-        "auto",
-        description="KV data path: NIXL one-sided writes (nixl), raw TCP negotiated over gRPC (tcp), gRPC streams (grpc), "
-        "or nixl where both ends have it and reach each other, else tcp (auto)",
-    )
-    kv_data_port: int = 0
-    kv_data_advertise: str = Field("", description="host:port producers dial for KV data")
-    kv_chunk_bytes: int = Field(4 << 20, description="4 MiB suits tcp, 1 MiB grpc")
-    kv_load_timeout_s: float = Field(60.0, json_schema_extra={"flag": "--kv-load-timeout"})
-    kv_send_timeout_s: float = Field(60.0, json_schema_extra={"flag": "--kv-send-timeout"})
+    kv: KVTransferSettings = Field(default_factory=KVTransferSettings, description="KV transfer (flags: --kv-*)")
     ready_file: str = Field("", description="written (the WorkerRecord, JSON) once the worker serves")
     registry: str = Field("", description="redis://HOST:PORT/DB: announce this worker there")
     tls: TLSFiles = Field(default_factory=TLSFiles, description="on the Worker service, the KV endpoint and the data channel")

@@ -31,6 +31,7 @@ from pdcluster.common.tls import add_port
 from pdcluster.common.worker_auth import WorkerTokenCheck
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
 from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
@@ -130,21 +131,9 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         prepare_environment(cfg.engine)
         scratch = tempfile.mkdtemp(prefix="pdcluster-kv-")
         endpoint_file = os.path.join(scratch, "endpoint.json")
-        extra = dict(
-            host=cfg.host,
-            port=cfg.kv_port,
-            endpoint_file=endpoint_file,
-            auth_token=cfg.auth_token,
-            transport=cfg.kv_transport,
-            data_port=cfg.kv_data_port,
-            data_advertise=cfg.kv_data_advertise,
-            chunk_bytes=cfg.kv_chunk_bytes,
-            load_timeout_s=cfg.kv_load_timeout_s,
-            send_timeout_s=cfg.kv_send_timeout_s,
-            tls_cert=cfg.tls.cert,
-            tls_key=cfg.tls.key,
-            tls_ca=cfg.tls.ca,
-        )
+        extra = KVEndpointSettings(
+            **dict(cfg.kv), host=cfg.host, auth_token=cfg.auth_token, endpoint_file=endpoint_file, tls=cfg.tls
+        ).model_dump(mode="json")
         kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra, both=cfg.role_switching))
         if cfg.role == Role.PREFILL or cfg.role_switching:
             events, replay = follow_kv_events(kwargs, scratch)
@@ -332,7 +321,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             total_kv_blocks=total,
             kv_bytes_sent=self._kv_stats.bytes_sent,
             kv_bytes_received=self._kv_stats.bytes_received,
-            kv_transport=self.config.kv_transport,
+            kv_transport=self.config.kv.transport,
             kv_bytes_by_transport={k: sent.get(k, 0) + received.get(k, 0) for k in {*sent, *received}},
             kv_transfers_by_transport=self._kv_stats.transfers_by_transport,
             kv_endpoint=self.kv_endpoint,

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdcluster.common.cluster_token import local_cluster_token, local_token_path
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.kv_transfer.grpc_transport import KVClient, fetch_kv_stats
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
@@ -103,7 +103,7 @@ def test_failed_prefill_does_not_hang_decode(pd_pair, prompts, expected):
         task = asyncio.create_task(generate(prefill, decode, prompts[5], skip_prefill=True, transfer_id=transfer_id))
         while not (await fetch_kv_stats(decode.kv_endpoint)).pending_receives:
             await asyncio.sleep(0.05)
-        client = KVClient(KVTransferSettings(auth_token=local_cluster_token("pdcluster")))  # as a hand-started producer has it
+        client = KVClient(KVEndpointSettings(auth_token=local_cluster_token("pdcluster")))  # as a hand-started producer has it
         await client.abort(decode.kv_endpoint, transfer_id, "prefill failed")
         await client.close()
         # well inside the decode side's own deadline: the abort ended the wait

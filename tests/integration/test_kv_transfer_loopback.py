@@ -8,7 +8,7 @@ import torch
 
 from pdcluster.common.ports import free_port
 from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 
 from tests.support.kv_fakes import (
     CUDA_SHAPE,
@@ -36,7 +36,7 @@ def transport(request):
 
 @pytest.fixture
 def pair(request, transport):
-    settings = KVTransferSettings(transport=transport, **getattr(request, "param", {}))
+    settings = KVEndpointSettings(transport=transport, **getattr(request, "param", {}))
     prod = endpoint(paged_layers(seed=1), settings, consume=False)
     cons = endpoint(paged_layers(seed=None), settings, consume=True)
     yield prod, cons
@@ -64,7 +64,7 @@ def test_transfer_lands_in_the_allocated_blocks(pair, steps, transport):
 
 
 def test_layout_with_non_contiguous_blocks_is_packed_and_unpacked(transport):
-    settings = KVTransferSettings(transport=transport, chunk_bytes=8192)
+    settings = KVEndpointSettings(transport=transport, chunk_bytes=8192)
     prod = endpoint(paged_layers(seed=1, shape=CUDA_SHAPE), settings, consume=False)
     cons = endpoint(paged_layers(seed=None, shape=CUDA_SHAPE), settings, consume=True)
     try:
@@ -123,9 +123,9 @@ def test_corruption_in_flight_is_caught_and_resent(transport):
     data_port = free_port()
     # In front of the gRPC endpoint or of the raw-TCP data channel, whichever carries chunks.
     proxy = CorruptingProxy(f"127.0.0.1:{data_port}", corrupt_at=6000)  # inside the first 8 KiB payload
-    prod = endpoint(paged_layers(seed=1), KVTransferSettings(**settings), consume=False)
+    prod = endpoint(paged_layers(seed=1), KVEndpointSettings(**settings), consume=False)
     cons = endpoint(
-        paged_layers(seed=None), KVTransferSettings(**settings, data_port=data_port, data_advertise=proxy.address), consume=True
+        paged_layers(seed=None), KVEndpointSettings(**settings, data_port=data_port, data_advertise=proxy.address), consume=True
     )
     grpc_proxy = CorruptingProxy(cons.address, corrupt_at=6000) if transport == "grpc" else None
     try:
@@ -196,7 +196,7 @@ def test_producer_abort_fails_the_load_at_once(pair):
 @pytest.mark.parametrize("pair", [{"auth_token": "s3cret"}], indirect=True)
 def test_peer_without_the_cluster_token_is_refused(pair, transport):
     prod, cons = pair
-    intruder = endpoint(paged_layers(seed=2), KVTransferSettings(transport=transport, auth_token="wrong"), consume=False)
+    intruder = endpoint(paged_layers(seed=2), KVEndpointSettings(transport=transport, auth_token="wrong"), consume=False)
     try:
         cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
         send(intruder, cons.address)

@@ -14,7 +14,7 @@ from pdcluster.common.ports import free_port
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.grpc_transport import KVClient
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb
 
 from tests.support.kv_endpoint_process import EndpointProcess
@@ -41,7 +41,7 @@ def endpoints():
     made = []
 
     def make(consume: bool, **settings):
-        ep = endpoint(paged_layers(seed=None if consume else 1), KVTransferSettings(**settings), consume=consume)
+        ep = endpoint(paged_layers(seed=None if consume else 1), KVEndpointSettings(**settings), consume=consume)
         made.append(ep)
         return ep
 
@@ -139,7 +139,7 @@ def test_a_consumer_restarted_on_its_address_is_never_written_with_stale_metadat
 
 def test_a_producer_killed_mid_write_fails_the_load_over_to_recompute():
     producer = EndpointProcess({"transport": "nixl"}, seed=1, consume=False)
-    cons = endpoint(paged_layers(seed=None), KVTransferSettings(transport="nixl", producer_lost_after_s=1.0), consume=True)
+    cons = endpoint(paged_layers(seed=None), KVEndpointSettings(transport="nixl", producer_lost_after_s=1.0), consume=True)
     try:
         cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, producer=producer.address)
         spec = SaveSpec("r1", "t1", cons.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=False)
@@ -216,7 +216,7 @@ def test_a_complete_transfer_stays_held_until_its_writer_ends_and_a_retry_writes
     request = pb.NixlTargetRequest(
         transfer_id="t1", producer_agent="writer", wait_ms=100, layout=cons.layout.signature, dtype=cons.layout.dtype_name, lease_ms=60_000
     )
-    client = KVClient(KVTransferSettings())
+    client = KVClient(KVEndpointSettings())
     reply = asyncio.run(client.nixl_target(cons.address, request))
     assert reply.status == pb.NixlTargetReply.COMPLETE and not reply.block_ids
     assert receiver.poll() == ({"r1"}, set())

@@ -7,13 +7,13 @@ import multiprocessing as mp
 import os
 import signal
 
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 
 from tests.support.kv_fakes import endpoint, paged_layers
 
 
 def _serve(conn, settings: dict, seed: int | None, consume: bool) -> None:
-    ep = endpoint(paged_layers(seed=seed), KVTransferSettings(**settings), consume=consume)
+    ep = endpoint(paged_layers(seed=seed), KVEndpointSettings(**settings), consume=consume)
     conn.send(ep.address)
     while True:
         command, *args = conn.recv()

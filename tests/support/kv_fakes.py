@@ -9,7 +9,7 @@ import torch
 
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
-from pdcluster.kv_transfer.settings import KVTransferSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 
 CACHE_BLOCKS, KV_HEADS, BLOCK_SIZE, HEAD2 = 64, 2, 16, 64
 
@@ -25,7 +25,7 @@ def paged_layers(num_layers: int = 3, seed: int | None = 0, shape=CPU_SHAPE) -> 
     return [torch.randn(shape, generator=gen) for _ in range(num_layers)]
 
 
-def endpoint(layers: list[torch.Tensor], settings: KVTransferSettings, *, consume: bool) -> KVEndpoint:
+def endpoint(layers: list[torch.Tensor], settings: KVEndpointSettings, *, consume: bool) -> KVEndpoint:
     return KVEndpoint(layers, CACHE_BLOCKS, BLOCK_SIZE, settings, produce=True, consume=consume)
 
 

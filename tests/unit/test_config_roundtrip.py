@@ -4,9 +4,11 @@ needs it (as the JSON the controller hands it), and every engine setting reaches
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from pdcluster.cluster.cluster_spec import ClusterSpec, load_cluster_spec
 from pdcluster.common.worker_record import ROLES, Role
+from pdcluster.kv_transfer.settings import KVEndpointSettings, KVTransferSettings
 from pdcluster.router.config import RouterConfig, parse_router_args
 from pdcluster.worker.config import EngineConfig, parse_worker_config, worker_args
 from pdcluster.worker.engine_args import engine_environment, engine_kwargs
@@ -59,14 +61,14 @@ def test_every_spec_field_reaches_the_worker(role):
     pool = s.pool(role)
     expected = {**ENGINE, **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size}
     assert received.engine == EngineConfig(**expected)
-    assert (received.kv_transport, received.registry, received.tls, received.cluster_name) == (pool.kv_transport, s.registry, s.tls, "c9")
+    assert (received.kv, received.registry, received.tls, received.cluster_name) == (pool.kv, s.registry, s.tls, "c9")
     assert received.worker_id == f"{role}-1" and received.role == role and received.auth_token == "cluster-secret"
 
 
 def test_flags_override_single_fields_of_the_config():
     sent = spec().worker_config(ROLES[0], "w")
     received = parse_worker_config(ROLES[0], [*worker_args(sent), "--kv-load-timeout", "5", "--enable-prefix-caching", "--port", "9"])
-    assert (received.kv_load_timeout_s, received.engine.enable_prefix_caching, received.port) == (5.0, True, 9)
+    assert (received.kv.load_timeout_s, received.engine.enable_prefix_caching, received.port) == (5.0, True, 9)
     assert received.engine.max_model_len == 2048 and received.tls == sent.tls
     with pytest.raises(SystemExit):  # neither ours nor vLLM's
         parse_worker_config(ROLES[0], ["--no-such-flag", "1"])
@@ -114,7 +116,7 @@ def test_pdcluster_serve_takes_vllm_serve_flags():
     s = load_cluster_spec(args, vllm_flags)
     assert s.router.profile == "/profiles/cpu.json" and (s.router.slo.ttft_ms, s.router.slo.itl_ms) == (1000, 50)
     assert s.engine.model == "/models/x" and s.engine.max_model_len == 2048
-    assert s.prefill.kv_transport == s.decode.kv_transport == "nixl"
+    assert s.prefill.kv.transport == s.decode.kv.transport == "nixl"
     assert (
         s.pool_engine(Role.PREFILL).max_num_batched_tokens == 8192 and "max_num_batched_tokens" not in s.pool_engine(Role.DECODE).vllm_args
     )
@@ -177,3 +179,40 @@ def test_the_environment_fills_only_what_the_config_and_flags_leave_unset(monkey
     assert parse_worker_config(ROLES[0], [*worker_args(sent), "--auth-token", "flag"]).auth_token == "flag"
     router = parse_router_args([])
     assert (router.worker_token, router.api_key) == ("from-env", "key-from-env")
+
+
+def test_every_kv_transfer_setting_is_set_from_the_spec_and_from_worker_flags():
+    """Each field of KVTransferSettings: a pool's `kv:` reaches the worker's config, and the
+    worker's `--kv-*` flag overrides it; the connector receives both with the worker's own."""
+    values = {
+        "transport": "grpc",
+        "port": 7001,
+        "data_port": 7002,
+        "data_advertise": "10.0.0.9:7002",
+        "chunk_bytes": 1 << 20,
+        "streams_per_transfer": 3,
+        "load_timeout_s": 11.0,
+        "producer_lost_after_s": 2.5,
+        "send_timeout_s": 13.0,
+        "send_retries": 4,
+        "max_staged_bytes": 1 << 20,
+        "staged_ttl_s": 7.0,
+    }
+    assert set(values) == set(KVTransferSettings.model_fields)
+    s = ClusterSpec.model_validate({"decode": {"kv": values}, "prefill": {"kv_transport": "tcp"}})
+    sent = s.worker_config(Role.DECODE, "d")
+    assert sent.kv == KVTransferSettings(**values) and s.prefill.kv.transport == "tcp"
+    flags = {"--kv-load-timeout": "3", "--kv-send-timeout": "4", "--kv-producer-lost-after-s": "1.5", "--kv-send-retries": "0"}
+    received = parse_worker_config(Role.DECODE, [*worker_args(sent), *(x for kv in flags.items() for x in kv)])
+    expected = KVTransferSettings(
+        **{**values, "load_timeout_s": 3.0, "send_timeout_s": 4.0, "producer_lost_after_s": 1.5, "send_retries": 0}
+    )
+    assert received.kv == expected
+    endpoint = KVEndpointSettings.from_extra_config(
+        KVEndpointSettings(**dict(received.kv), host="10.0.0.1", auth_token="t").model_dump(mode="json")
+    )
+    assert KVTransferSettings(**{k: getattr(endpoint, k) for k in values}) == expected and endpoint.host == "10.0.0.1"
+    with pytest.raises(ValidationError, match="chunk_bytes"):
+        KVTransferSettings(chunk_bytes=0)
+    with pytest.raises(ValidationError, match="no_such_key"):
+        KVEndpointSettings.from_extra_config({"no_such_key": 1})

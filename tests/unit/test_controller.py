@@ -109,7 +109,7 @@ async def test_reconcile_starts_each_pool_at_its_target_with_the_spec_config():
     assert len(launcher.live(Role.PREFILL)) == 2 and len(launcher.live(Role.DECODE)) == 1
     assert sorted(await controller.members()) == sorted(r.record.address for r in launcher.replicas)
     config = launcher.live(Role.PREFILL)[0].config
-    assert config.engine.max_model_len == 777 and config.kv_transport == "grpc" and config.cluster_name == "c1"
+    assert config.engine.max_model_len == 777 and config.kv.transport == "grpc" and config.cluster_name == "c1"
     status = await controller.status()
     assert status["pools"]["prefill"]["ready"] == 2 and status["pools"]["decode"]["target"] == 1
     await rounds(controller, 3)
