@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -70,7 +70,7 @@ class FaultResult:
 
 
 class ChaosCluster:
-    def __init__(self, prefill: int, decode: int, serve_flags: list[str] = ()) -> None:
+    def __init__(self, prefill: int, decode: int, serve_flags: Sequence[str] = ()) -> None:
         self.roles = {"prefill": prefill, "decode": decode}
         self.started = time.time()
         self.redis, self.redis_url = start_redis()
@@ -407,7 +407,9 @@ def _prompts(count: int) -> list[list[int]]:
     return [ids[start : start + (160 if i % 3 else 24)] for i, start in enumerate(starts)]
 
 
-def main(json_output: bool = False, faults: list[str] = FAULTS, prefill: int = 2, decode: int = 2, serve_flags: list[str] = ()) -> int:
+def main(
+    json_output: bool = False, faults: Sequence[str] = FAULTS, prefill: int = 2, decode: int = 2, serve_flags: Sequence[str] = ()
+) -> int:
     cluster = ChaosCluster(prefill, decode, serve_flags)
     try:
         battery = Battery(cluster, Load(cluster.grpc, _prompts(24)))

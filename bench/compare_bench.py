@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 from pdcluster.bench.rate_plot import plot_grid
@@ -108,7 +109,7 @@ def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple
 
 
 def start_pdcluster(
-    engine: EngineConfig, workers_on: list[tuple[Role, set[int]]], log_dir: str, router_flags: list[str] = ()
+    engine: EngineConfig, workers_on: list[tuple[Role, set[int]]], log_dir: str, router_flags: Sequence[str] = ()
 ) -> tuple[list[LocalProcess], str]:
     """A worker of each role on its cores, and the router; returns them and its URL."""
     workers = [
@@ -139,7 +140,7 @@ def start_pdcluster(
         for p in started:
             p.stop()
         raise
-    return started, router.record.http
+    return started, router.router.http
 
 
 def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:
@@ -174,22 +175,35 @@ def _run_system(
         model_name = asyncio.run(served_model(url))
         # pdcluster's router says where each rate's prompts went and how far off its predictions were.
         counters = None if system == "colocated" else lambda: prometheus_counters(url, ROUTER_COUNTERS)
-        measure = dict(cost_per_hour=cost_per_hour, counters=counters)
         out = {}
         for name, workload in workloads.items():
             print(f"  {system} / {name}: rates {rates}, {requests} requests each", flush=True)
             _warm_up(url, model_name, vocab, workload)
-            out[name] = sweep(url, model_name, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, **measure)
+            out[name] = sweep(
+                url, model_name, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, cost_per_hour=cost_per_hour, counters=counters
+            )
         if trace:
             print(f"  {system} / trace: {len(trace)} requests at {trace_rate(trace):g} req/s", flush=True)
-            out["trace"] = [replay(url, model_name, trace_rate(trace), trace, vocab, slo_ttft_ms, slo_itl_ms, **measure)]
+            out["trace"] = [
+                replay(
+                    url,
+                    model_name,
+                    trace_rate(trace),
+                    trace,
+                    vocab,
+                    slo_ttft_ms,
+                    slo_itl_ms,
+                    cost_per_hour=cost_per_hour,
+                    counters=counters,
+                )
+            ]
         return out
     finally:
         for p in reversed(processes):
             p.stop()
 
 
-def trace_rate(trace: list[RequestShape]) -> float:
+def trace_rate(trace: Sequence[RequestShape]) -> float:
     span = trace[-1].arrival_s - trace[0].arrival_s
     return round((len(trace) - 1) / span, 3) if span > 0 else float(len(trace))
 
@@ -219,10 +233,10 @@ def main(
     slo_itl_ms: float = 20.0,
     json_path: str = "",
     plot_path: str = "",
-    router_flags: list[str] = (),
+    router_flags: Sequence[str] = (),
     cost_per_hour: float = 0.0,
-    trace: list[RequestShape] = (),
-    vllm_flags: list[str] = (),
+    trace: Sequence[RequestShape] = (),
+    vllm_flags: Sequence[str] = (),
     profile: str = "",
 ) -> list[Comparison]:
     from transformers import AutoTokenizer
@@ -276,9 +290,9 @@ def main(
         comparisons.append(Comparison("trace", trace_rate(trace), by_system["colocated"]["trace"][0], by_system["pdcluster"]["trace"][0]))
     by_workload = {name: [c for c in comparisons if c.workload == name] for name in dict.fromkeys(c.workload for c in comparisons)}
     _print_table(comparisons, engine, cpus, chosen, slo_ttft_ms, slo_itl_ms)
-    rates = {name: goodput_rates(rows) for name, rows in by_workload.items()}
+    goodput = {name: goodput_rates(rows) for name, rows in by_workload.items()}
     verdicts = {name: goals(name, rows) for name, rows in by_workload.items()}
-    _print_goals(rates, verdicts)
+    _print_goals(goodput, verdicts)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(
@@ -290,7 +304,7 @@ def main(
                     "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
                     "cost_per_hour": cost_per_hour,
                     "comparisons": [{**asdict(c), "ratios": {m: c.ratio(m) for m in (*LATENCIES, "slo_attainment")}} for c in comparisons],
-                    "goodput_rate": rates,
+                    "goodput_rate": goodput,
                     "slo_attainment": {
                         name: {s: {str(c.rate): getattr(c, s).slo_attainment for c in rows} for s in SYSTEMS}
                         for name, rows in by_workload.items()

@@ -143,7 +143,7 @@ def main(json_output: bool = False, concurrency=(1, 8, 32), requests: int = 200,
             )
         )
         os.sched_setaffinity(router.process.pid, {0})
-        rows = [asyncio.run(_measure(decode.address, router.record, router.process.pid, c, requests, vocab)) for c in concurrency]
+        rows = [asyncio.run(_measure(decode.address, router.router, router.process.pid, c, requests, vocab)) for c in concurrency]
     finally:
         for p in (router, decode):
             if p is not None:

@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import aiohttp
 
@@ -245,7 +246,7 @@ def replay(
     model: str,
     rate: float,
     requests: list[RequestShape],
-    *args,
+    *args: Any,
     quiet: bool = False,
     counters: Callable[[], dict[str, float]] | None = None,
     **kwargs,
@@ -256,7 +257,7 @@ def replay(
 
     before = counters() if counters else {}
     with tqdm(total=len(requests), desc=f"{rate:g} req/s", disable=quiet, leave=False) as bar:
-        result = asyncio.run(run_rate(url, model, rate, requests, *args, progress=bar, **kwargs))
+        result = asyncio.run(run_rate(url, model, rate, requests, *args, **{**kwargs, "progress": bar}))
     if counters:
         result.server_counters = {k: round(v - before.get(k, 0.0), 4) for k, v in counters().items() if v != before.get(k, 0.0)}
     return result

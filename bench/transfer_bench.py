@@ -21,7 +21,7 @@ import socket
 import statistics
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -206,7 +206,9 @@ def measure(tokens: int, repeats: int, settings: KVEndpointSettings) -> Row:
     nbytes = tokens * TOKEN_BYTES
     transports = [t for t in TRANSPORTS if t != "nixl" or nixl_api()]
     producers = {
-        transport: KVEndpoint(layers, layers[0].shape[0], BLOCK, replace(settings, transport=transport), produce=True, consume=False)
+        transport: KVEndpoint(
+            layers, layers[0].shape[0], BLOCK, settings.model_copy(update={"transport": transport}), produce=True, consume=False
+        )
         for transport in transports
     }
     gbps = {}
@@ -233,12 +235,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _idle_cpu_pct(pids: tuple[int, ...], seconds: float = 3.0) -> tuple[float, ...]:
+def _idle_cpu_pct(pids: tuple[int, int], seconds: float = 3.0) -> tuple[float, float]:
     """CPU use of whole processes (every endpoint thread, NIXL's included) while nothing moves:
     a polling or spinning transport shows here."""
     before = [_cpu_seconds(pid) for pid in pids]
     time.sleep(seconds)
-    return tuple(round(100 * (_cpu_seconds(pid) - b) / seconds, 1) for pid, b in zip(pids, before))
+    consumer, producer = (round(100 * (_cpu_seconds(pid) - b) / seconds, 1) for pid, b in zip(pids, before, strict=True))
+    return consumer, producer
 
 
 def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
@@ -205,7 +206,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-router", action="store_true", help="controller and pools only (routers run elsewhere, on --registry)")
 
 
-def load_cluster_spec(args: argparse.Namespace, vllm_flags: list[str] = ()) -> ClusterSpec:
+def load_cluster_spec(args: argparse.Namespace, vllm_flags: Sequence[str] = ()) -> ClusterSpec:
     """The spec from `--config` (if any), with the flags given on the command line on top.
 
     `vllm_flags` are `vllm serve` flags: the engine arguments among them go to every worker's

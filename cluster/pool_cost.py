@@ -40,7 +40,7 @@ class PoolCostMeter:
         self._totals = _Totals()
         self._samples: collections.deque[tuple[float, _Totals]] = collections.deque()
         self._seen: dict[str, worker_pb2.WorkerStats] = {}  # replica id -> its last stats
-        self._last = None
+        self._last: float | None = None
 
     def observe(self, now: float, ready: list[tuple[str, Role, worker_pb2.WorkerStats]], cost_per_hour: dict[Role, float]) -> None:
         """One round: `ready` holds each ready replica's id, role and latest stats."""

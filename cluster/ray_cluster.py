@@ -64,7 +64,7 @@ class ControllerActor(ClusterController):
     """The controller as a Ray actor. Ray runs this again after a crash (max_restarts); each
     life starts by adopting the replicas still running, then resumes healing and scaling."""
 
-    async def __init__(self, spec_json: str) -> None:
+    async def __init__(self, spec_json: str) -> None:  # type: ignore[misc]  # Ray awaits an async actor's constructor
         super().__init__(spec_json)
         await self.start()
 
@@ -83,7 +83,7 @@ def start_controller(spec: ClusterSpec):
         )
         .remote(spec.model_dump_json())
     )
-    ray.get(controller.status.remote())  # construction (and start) done
+    ray.get(controller.status.remote())  # type: ignore[attr-defined]  # construction (and start) done
     return controller
 
 

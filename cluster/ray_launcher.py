@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -30,8 +31,8 @@ STOP_TIMEOUT_S = 10.0
 
 @dataclass(eq=False)
 class RayReplica:
-    actor: object
-    placement_group: object
+    actor: Any  # a Ray actor handle: its methods' .remote() are resolved at run time
+    placement_group: Any
 
 
 class RayReplicaLauncher:

@@ -7,16 +7,16 @@ places each replica with Ray; tests drive the controller with a fake one.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pdcluster.cluster.cluster_spec import PoolSpec
 from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
 
-
-class ReplicaHandle(Protocol):
-    """Whatever a launcher needs to find its replica again."""
+# Whatever a launcher needs to find its replica again: opaque to the controller, each
+# launcher's own type (a Ray actor and placement group, a fake's record).
+ReplicaHandle = Any
 
 
 class LiveReplica(NamedTuple):

@@ -120,7 +120,7 @@ class KVTransferService:
         await self._authorize(request.auth_token, context)
         return self._data_channel
 
-    async def nixl_target(self, request: pb.NixlTargetRequest, context) -> pb.NixlTargetReply:
+    async def nixl_target(self, request: pb.NixlTargetRequest, context) -> pb.NixlTargetReply:  # type: ignore[return]  # abort raises
         await self._authorize(request.auth_token, context)
         if self._nixl is None:
             return pb.NixlTargetReply(status=pb.NixlTargetReply.NO_NIXL)
@@ -129,7 +129,7 @@ class KVTransferService:
         except (ChunkError, TransferNotWanted) as e:
             await context.abort(status_for(e), str(e))
 
-    async def nixl_written(self, request: pb.NixlWrittenRequest, context) -> pb.PushAck:
+    async def nixl_written(self, request: pb.NixlWrittenRequest, context) -> pb.PushAck:  # type: ignore[return]  # abort raises
         await self._authorize(request.auth_token, context)
         if self._nixl is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine takes no NIXL writes")

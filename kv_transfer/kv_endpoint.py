@@ -61,8 +61,8 @@ class KVEndpoint:
             settings.tls.server_context() if settings.tls.enabled else None,
         )
         if settings.data_advertise:
-            host, port = settings.data_advertise.rsplit(":", 1)
-            data_channel = pb.DataChannel(host=host, port=int(port))
+            host, port_text = settings.data_advertise.rsplit(":", 1)
+            data_channel = pb.DataChannel(host=host, port=int(port_text))
         else:
             data_channel = pb.DataChannel(host=settings.host, port=self._tcp.port)
         service = KVTransferService(self.receiver, self.kv_stats, settings.check_token, data_channel, self._nixl_consumer)

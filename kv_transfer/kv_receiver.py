@@ -21,7 +21,7 @@ import torch
 
 from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader, payload_checksum
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
-from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
+from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout, tensor_bytes
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
 
@@ -231,8 +231,7 @@ class KVReceiver:
             return ChunkLanding(header, [memoryview(buffer)], t, buffer, replay, transport)
         # Blocks below first_block are shared prefix-cache blocks: land those in scratch.
         parts = [
-            memoryview(bytearray(header.block_bytes)) if i < t.first_block else memoryview(v.view(-1).view(torch.uint8).numpy())
-            for i, v in zip(range(start, end), views)
+            memoryview(bytearray(header.block_bytes)) if i < t.first_block else tensor_bytes(v) for i, v in zip(range(start, end), views)
         ]
         return ChunkLanding(header, parts, t, None, replay, transport)
 
@@ -406,7 +405,7 @@ class KVReceiver:
 
     # -- internals --------------------------------------------------------------------
 
-    def _deliver(self, header: KVChunkHeader, payload: bytes | memoryview, transport: str, replay: bool) -> bool:
+    def _deliver(self, header: KVChunkHeader, payload: bytes | bytearray | memoryview, transport: str, replay: bool) -> bool:
         if len(payload) != header.payload_bytes:
             raise ChunkError(f"chunk payload is {len(payload)} bytes, header says {header.payload_bytes}")
         landing = self.land(header, transport, replay)

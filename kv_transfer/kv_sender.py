@@ -189,7 +189,7 @@ class KVSender:
             failed, other = group.split(TransferFailed)
             if other is not None:
                 raise other
-            errors = failed.exceptions
+            errors = [e for e in failed.exceptions if isinstance(e, TransferFailed)]  # split() kept only these
             # Retry only if every stream failed in a way a retry can fix.
             raise TransferFailed(str(errors[0]), all(e.retryable for e in errors)) from None
         t.moved = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes

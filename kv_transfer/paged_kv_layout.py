@@ -87,8 +87,8 @@ class PagedKVLayout:
         where each block is contiguous (vLLM's CPU layout), else packed into `into`."""
         views = list(self.views(layer, block_ids))
         if all(v.is_contiguous() for v in views):
-            return [memoryview(v.view(-1).view(torch.uint8).numpy()) for v in views]
-        return [memoryview(self.pack(layer, block_ids, into=into).numpy())]
+            return [tensor_bytes(v) for v in views]
+        return [tensor_bytes(self.pack(layer, block_ids, into=into))]
 
     def checksum(self, layer: torch.Tensor, block_ids: Sequence[int], scratch: torch.Tensor | None = None) -> int:
         """A checksum of the given blocks' bytes, in order: xxh3 in host memory (what a chunk's
@@ -148,3 +148,8 @@ def split_block_range(start: int, end: int, block_bytes: int, chunk_bytes: int) 
     one block each)."""
     step = max(1, chunk_bytes // block_bytes)
     return [(s, min(s + step, end)) for s in range(start, end, step)]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A contiguous tensor's memory as bytes (no copy)."""
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays are buffers

@@ -113,7 +113,7 @@ def plan(
 
     mean_prompt = sum(r.input_tokens for r in requests) // len(requests)
     first = {tp: 1.0 / max(1e-3, p.prefill_seconds(mean_prompt)) for tp, p in profiles.items()}
-    phases = {"prefill": {}, "decode": {}, "co-located": {}}  # (tp, replicas) -> goodput rate
+    phases: dict[str, dict[tuple[int, int], float]] = {"prefill": {}, "decode": {}, "co-located": {}}  # (tp, replicas) -> goodput rate
     for tp, profile in sorted(profiles.items()):
         guess = {kind: first[tp] for kind in phases}
         for n in range(1, max_gpus // _units(profile) + 1):

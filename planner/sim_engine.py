@@ -7,6 +7,7 @@ blocks still in the replica's cache. The step's duration comes from the profile'
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdcluster.common.engine_profile import EngineProfile, prefill_pairs
@@ -20,9 +21,9 @@ class SimSequence:
     request: RequestShape
     compute_from: int  # prompt tokens already present (loaded KV) before this engine computes
     stop_after_prompt: bool  # a prefill worker's job: the prompt, then hand the KV over
-    on_done: object  # called (sequence, now) when the prompt ends (prefill) or the answer does
-    on_token: object = None  # called (sequence, now) per token produced
-    hashes_for: object = None  # block size -> the prompt's block hashes (cached by the caller)
+    on_done: Callable[[SimSequence, float], None]  # called (sequence, now) when the prompt ends (prefill) or the answer does
+    on_token: Callable[[SimSequence, float], None] | None = None  # called (sequence, now) per token produced
+    hashes_for: Callable[[int], list[int]] | None = None  # block size -> the prompt's block hashes (cached by the caller)
     computed: int = 0  # prompt tokens in KV so far
     generated: int = 0
     blocks: int = 0

@@ -15,6 +15,7 @@ from vllm.engine.protocol import EngineClient
 from vllm.exceptions import VLLMValidationError
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.tasks import SupportedTask
 from vllm.utils.async_utils import merge_async_iterators
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.input_processor import InputProcessor
@@ -24,7 +25,7 @@ from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
 from pdcluster.router.request_flow import RequestFlow
 from pdcluster.router.worker_pool import WorkerPool
 
-SUPPORTED_TASKS = ("generate",)
+SUPPORTED_TASKS: tuple[SupportedTask, ...] = ("generate",)
 
 
 async def _per_engine(*args, **kwargs):

@@ -45,7 +45,7 @@ class MembershipFollower:
 
 def follow_registry(
     pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float, follow_token: bool
-) -> tuple[MembershipFollower, object]:
+) -> tuple[MembershipFollower, RedisRegistry]:
     """Membership from the Redis registry, and prefix hints shared with the other routers; with
     `follow_token`, also the cluster token the controller published there."""
     registry = RedisRegistry(url, cluster_name)

@@ -180,7 +180,7 @@ class RequestFlow:
         self._note_pick(decode, Role.DECODE)
         return _Route(decode, placement, placed_at)
 
-    def _candidates(self, role: str, attempt: _Attempt) -> list[WorkerView]:
+    def _candidates(self, role: Role, attempt: _Attempt) -> list[WorkerView]:
         return [w for w in self.pool.healthy(role) if w not in attempt.excluded]
 
     async def _decode_candidates(self, attempt: _Attempt) -> list[WorkerView]:

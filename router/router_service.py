@@ -7,6 +7,7 @@ import dataclasses
 import hmac
 
 from pdcluster.common.cluster_token import local_cluster_token
+from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, vllm_serve_args
 from pdcluster.common.worker_auth import token_metadata
@@ -56,7 +57,7 @@ class Router:
         self.engine = ClusterEngineClient(vllm_config, renderer, self.flow, self.pool)
         self._membership = membership
         self._follower: MembershipFollower | None = None
-        self._registry = None
+        self._registry: RedisRegistry | None = None
         self._prefix_watch: PrefixCacheWatch | None = None
         if config.prefill_routing == "kv-events":
             self._prefix_watch = PrefixCacheWatch(self.pool, self.flow.prefix_index, config.health_interval_s)

@@ -22,7 +22,7 @@ class PrefixIndex:
     def __init__(self, capacity_blocks: int = 65536) -> None:
         self._capacity = capacity_blocks
         self._blocks: dict[str, OrderedDict[int, None]] = {}
-        self.on_record = None  # called with (worker_id, hashes) for routing decisions made here
+        self.on_record: Callable[[str, list[int]], None] | None = None  # called with (worker_id, hashes) for routing decisions made here
 
     def record(self, worker_id: str, hashes: list[int], shared: bool = True) -> None:
         """Remember that `worker_id` now holds these blocks; `shared=False` for hints that
@@ -38,7 +38,7 @@ class PrefixIndex:
 
     def overlap_blocks(self, worker_id: str, hashes: list[int]) -> int:
         """How many leading blocks of the prompt the worker is likely to have cached."""
-        blocks = self._blocks.get(worker_id, {})
+        blocks: dict[int, None] = self._blocks.get(worker_id, {})
         count = 0
         for h in hashes:
             if h not in blocks:
@@ -48,7 +48,7 @@ class PrefixIndex:
 
     def remove(self, worker_id: str, hashes) -> None:
         """The worker evicted these blocks (its engine said so)."""
-        blocks = self._blocks.get(worker_id, {})
+        blocks: dict[int, None] = self._blocks.get(worker_id, {})
         for h in hashes:
             blocks.pop(h, None)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
+from typing import Any
 
 import grpc
 import uvicorn
@@ -39,14 +41,14 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> 
     sock = socket.create_server((config.host, config.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     http_port = sock.getsockname()[1]
-    https = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
+    https: dict[str, Any] = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
         uvicorn.Config(
             BodySizeLimit(app, config.max_body_bytes),
             log_level="warning",
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=config.drain_timeout_s,
+            timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
             **https,
         )
     )

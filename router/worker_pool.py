@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -92,7 +92,7 @@ def queued_prefill_tokens(worker: WorkerView) -> int:
 class WorkerPool:
     def __init__(
         self,
-        addresses: list[str] = (),
+        addresses: Sequence[str] = (),
         interval_s: float = 1.0,
         tls: TLSFiles = TLSFiles(),
         on_departed: Callable[[WorkerView], None] | None = None,

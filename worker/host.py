@@ -17,7 +17,7 @@ import signal
 import tempfile
 import time
 import uuid
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +36,9 @@ from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
 from pdcluster.worker.engine_args import engine_kwargs, follow_kv_events, pd_kv_transfer, prepare_environment
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
 from pdcluster.worker.metrics import WorkerCollector
 from pdcluster.worker.prefix_cache_mirror import PrefixCacheMirror
 
@@ -95,7 +98,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self._handler_classes = handler_classes
         self._handlers: dict[Role, RoleHandler] = {}
-        self.engine = None
+        self.engine: AsyncLLM | None = None
         self.kv_endpoint = ""
         self._scheduler_stats: dict = {}
         self._kv_stats = kv_transfer_pb2.KVStats()

@@ -25,7 +25,7 @@ WATCH_BACKLOG = 1024  # updates a watching router may lag behind before it is dr
 class PrefixCacheMirror:
     def __init__(self) -> None:
         self._names: dict[object, int] = {}  # vLLM block hash -> our name
-        self._held = collections.Counter()  # our name -> vLLM blocks of that name (salted twins)
+        self._held: collections.Counter[int] = collections.Counter()  # our name -> vLLM blocks of that name (salted twins)
         self._watchers: set[asyncio.Queue] = set()
         self._next_seq = 0  # the publisher numbers its batches from 0
         self.block_size = 0
@@ -168,7 +168,7 @@ async def _replayed(context, endpoint: str, start: int, end: int | None) -> list
     socket.connect(endpoint)
     try:
         await socket.send_multipart([b"", start.to_bytes(8, "big")])
-        batches = []
+        batches: list = []
         while True:
             _empty, _topic, seq_bytes, payload = await asyncio.wait_for(socket.recv_multipart(), REPLAY_TIMEOUT_S)
             seq = int.from_bytes(seq_bytes, "big", signed=True)

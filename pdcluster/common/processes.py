@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,22 @@ class LocalProcess:
     record: WorkerRecord | RouterRecord | None = None  # read from `ready_file` by wait_ready
 
     @property
+    def worker(self) -> WorkerRecord:
+        assert isinstance(self.record, WorkerRecord), f"{self.role} is not a ready worker"
+        return self.record
+
+    @property
+    def router(self) -> RouterRecord:
+        assert isinstance(self.record, RouterRecord), f"{self.role} is not a ready router"
+        return self.record
+
+    @property
     def address(self) -> str:
-        return self.record.address
+        return self.worker.address
 
     @property
     def kv_endpoint(self) -> str:
-        return self.record.kv_endpoint
+        return self.worker.kv_endpoint
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
@@ -58,7 +69,7 @@ _MODULES = {
 
 
 def start_process(
-    role: str, args: list[str] = (), env: dict | None = None, log_dir: str | None = None, cpus: set[int] | None = None
+    role: str, args: Sequence[str] = (), env: dict | None = None, log_dir: str | None = None, cpus: set[int] | None = None
 ) -> LocalProcess:
     """Spawn a `role` process (prefill, decode, role_switching or router), on the given CPU cores if any;
     `wait_ready` blocks until it serves."""

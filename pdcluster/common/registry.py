@@ -37,7 +37,8 @@ class RedisRegistry:
         await self._redis.set(f"{self._prefix}:token", token)
 
     async def token(self) -> str:
-        return (await self._redis.get(f"{self._prefix}:token") or b"").decode()
+        token = await self._redis.get(f"{self._prefix}:token")
+        return token.decode() if isinstance(token, bytes) else token or ""
 
     async def shared_token(self) -> str:
         """The token kept here; the first process that needs one makes it."""

@@ -112,10 +112,10 @@ def _build_model(spec: TinyModelSpec, vocab_size: int, bos: int, eos: int, out: 
         eos_token_id=eos,
         tie_word_embeddings=False,
         initializer_range=spec.initializer_range,
-        torch_dtype="float32",
+        torch_dtype="float32",  # type: ignore[call-arg]  # kept in config.json as transformers writes it
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # transformers' stubs miss dtype
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(out)
 
