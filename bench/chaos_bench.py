@@ -88,8 +88,8 @@ class ChaosCluster:
             self.redis_url,
             *serve_flags,
         ]
-        self.proc, self.lines, urls = launch_serve(args)
-        self.http, self.grpc = urls["http"], urls["grpc"]
+        self.proc, self.lines, served = launch_serve(args)
+        self.http, self.grpc = served.router.http, served.router.grpc
 
     def workers(self) -> list[dict]:
         return httpx.get(self.http + "/cluster", timeout=30).json()["workers"]

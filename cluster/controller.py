@@ -63,6 +63,16 @@ class Replica:
 
 
 @dataclass
+class StartFailure:
+    """A replica whose worker died or hung before it served: why, in its own log's words."""
+
+    role: Role
+    replica: str
+    cause: str  # the error, with its log's path and last lines
+    at: float
+
+
+@dataclass
 class Heal:
     role: Role
     replaced: str
@@ -92,6 +102,10 @@ class ClusterController:
             self.slo_load = SLOLoad(profile, self.spec.router.slo, self.spec.autoscaling.decode_target_kv_usage)
         self.decisions: collections.deque[ScalingDecision] = collections.deque(maxlen=50)
         self.heals: collections.deque[Heal] = collections.deque(maxlen=50)
+        self.start_failures: collections.deque[StartFailure] = collections.deque(maxlen=50)
+        # Per pool: replicas that failed to start since the last one that started. A cause that
+        # repeats (a bad engine argument) fails every start; `pdcluster serve` gives up on it.
+        self.failed_starts_in_a_row: collections.Counter[Role] = collections.Counter()
         self._open_heals: list[Heal] = []
         self._last_autoscale = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -153,6 +167,7 @@ class ClusterController:
                     "min": self.spec.pool(role).min_replicas,
                     "max": self.spec.pool(role).max_replicas,
                     "ready": self._ready_count(role),
+                    "failed_starts_in_a_row": self.failed_starts_in_a_row[role],
                     "resources": self.spec.pool(role).bundle(),
                 }
                 for role in ROLES
@@ -161,6 +176,7 @@ class ClusterController:
             "autoscaling": self.spec.autoscaling.enabled,
             "decisions": [asdict(d) for d in self.decisions],
             "heals": [asdict(h) for h in self.heals],
+            "start_failures": [asdict(f) for f in self.start_failures],
         }
 
     async def shutdown(self) -> None:
@@ -261,10 +277,13 @@ class ClusterController:
                 return
             if replica.ready.exception() is not None:
                 logger.error("%s replica %s failed to start: %s", replica.role, replica.id, replica.ready.exception())
+                self.start_failures.append(StartFailure(replica.role, replica.id, str(replica.ready.exception()), time.time()))
+                self.failed_starts_in_a_row[replica.role] += 1
                 await self._remove(replica, drain=False)
                 return
             replica.record = replica.ready.result()
             replica.state = "ready"
+            self.failed_starts_in_a_row[replica.role] = 0
             self._close_heal(replica)
             logger.info("%s replica %s ready at %s", replica.role, replica.id, replica.record.address)
         if replica.state != "ready":

@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pdcluster.cluster.cluster_spec import load_cluster_spec
     from pdcluster.cluster.ray_cluster import connect_ray, start_controller
+    from pdcluster.router.listeners import PortTaken, bind_listeners
     from pdcluster.router.server import serve_router
 
     try:
@@ -33,6 +34,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:  # a bad spec or flag: say which, start nothing
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 2
+    try:  # before Ray and the workers: a taken port fails now, and nothing started meanwhile takes ours
+        listeners = None if args.no_router else bind_listeners(spec.router_config())
+    except PortTaken as e:
+        print(f"pdcluster serve: {e}", file=sys.stderr)
+        return 1
     # Never an open cluster: without a configured secret, one made for this run.
     spec.auth_token = spec.auth_token or os.environ.get("PDCLUSTER_KV_TOKEN") or secrets.token_urlsafe(32)
     stop = threading.Event()
@@ -44,15 +50,19 @@ def _serve(args: argparse.Namespace) -> int:
     controller = None
     try:
         controller = start_controller(spec)
-        if not _wait_for_pools(controller, stop):
-            return 130
+        waited = _wait_for_pools(controller, stop)
+        if waited != 0:
+            return waited
         if args.no_router:
             print(f"pdcluster pools ready: {spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers", flush=True)
+            _write_ready(args.ready_file, None, spec)
             stop.wait()
             return 0
         config = spec.router_config()
         membership = None if spec.registry else (lambda: controller.members.remote())
-        asyncio.run(serve_router(config, on_ready=lambda info: _print_ready(info, spec), membership=membership))
+        asyncio.run(
+            serve_router(config, on_ready=lambda info: _on_ready(info, spec, args.ready_file), membership=membership, listeners=listeners)
+        )
         return 0
     finally:
         print("stopping workers...", flush=True)
@@ -64,8 +74,20 @@ def _serve(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
-def _wait_for_pools(controller, stop: threading.Event) -> bool:
-    """Print each replica as it becomes ready; False if stopped first."""
+def _start_failure_text(cause: str) -> str:
+    """The error naming the worker's log, and the log's last lines (Ray wraps it in its own traceback)."""
+    lines = cause.splitlines()
+    named = [i for i, line in enumerate(lines) if "(log: /" in line]
+    start = named[-1] if named else 0
+    return "\n".join([lines[start].split("Error: ", 1)[-1], *lines[start + 1 :][-10:]]) if lines else cause
+
+
+GIVE_UP_AFTER_FAILED_STARTS = 3  # in a row, in one pool: the same cause will not go away by retrying
+
+
+def _wait_for_pools(controller, stop: threading.Event) -> int:
+    """Print each replica as it becomes ready, and each that fails to start, with why; 0 once
+    every pool is ready, 1 when a pool's starts keep failing, 130 if stopped first."""
     import ray
 
     started = time.monotonic()
@@ -79,17 +101,44 @@ def _wait_for_pools(controller, stop: threading.Event) -> bool:
             if r["state"] == "ready" and r["id"] not in seen:
                 seen.add(r["id"])
                 print(f"  {r['role']} worker {r['id']} ready at {r['address']} after {time.monotonic() - started:.0f}s", flush=True)
+        for failure in status["start_failures"]:
+            if failure["replica"] not in seen:
+                seen.add(failure["replica"])
+                print(
+                    f"  {failure['role']} worker {failure['replica']} failed to start: {_start_failure_text(failure['cause'])}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        for role, pool in status["pools"].items():
+            if pool["failed_starts_in_a_row"] >= GIVE_UP_AFTER_FAILED_STARTS:
+                print(
+                    f"pdcluster serve: {pool['failed_starts_in_a_row']} {role} workers in a row failed to start (above: why); stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
         if all(pool["ready"] >= pool["target"] for pool in status["pools"].values()):
-            return True
-    return False
+            return 0
+    return 130
 
 
-def _print_ready(info, spec) -> None:
+def _on_ready(info, spec, ready_file: str) -> None:
     print(
         f"pdcluster ready: {info.http}/v1 (OpenAI), grpc {info.grpc}, model {info.model}, "
         f"{spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers (Ctrl-C to stop)",
         flush=True,
     )
+    _write_ready(ready_file, info, spec)
+
+
+def _write_ready(ready_file: str, router, spec) -> None:
+    """The typed record of a serving cluster, for scripts (the printed line is for people)."""
+    if ready_file:
+        from pdcluster.common.files import write_atomically
+        from pdcluster.common.worker_record import ServeRecord
+
+        record = ServeRecord(router=router, prefill_workers=spec.prefill.replicas, decode_workers=spec.decode.replicas, pid=os.getpid())
+        write_atomically(ready_file, record.model_dump_json())
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -401,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a cluster: workers on Ray, and the router")
     add_cluster_flags(serve)
+    serve.add_argument("--ready-file", default="", help="write a JSON record (the router's URLs, pool sizes, pid) here once serving")
     serve.set_defaults(func=_serve, takes_vllm_flags=True)
 
     status = sub.add_parser("status", help="pools, replicas, health and autoscaler decisions of a running cluster")

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import signal
-import socket
 from typing import Any
 
 import grpc
@@ -21,25 +20,26 @@ from pdcluster.protos import inference_pb2_grpc
 from pdcluster.router.body_size_limit import BodySizeLimit
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.inference_service import InferenceService
+from pdcluster.router.listeners import PortTaken, RouterListeners, bind_listeners
 from pdcluster.router.openai_frontend import build_openai_app
 from pdcluster.router.router_service import Router
 
 logger = logging.getLogger("pdcluster.router")
 
 
-async def serve_router(config: RouterConfig, on_ready=None, membership=None) -> None:
+async def serve_router(config: RouterConfig, on_ready=None, membership=None, listeners: RouterListeners | None = None) -> None:
     """Serve until a signal; `on_ready(record)` is called once both APIs listen. See Router
-    for `membership`."""
+    for `membership`. The ports are bound first (or were, in `listeners`)."""
+    listeners = listeners or bind_listeners(config)
     router = Router(config, membership)
     await router.start()
     app = await build_openai_app(router)
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router, app.state), grpc_server)
-    grpc_port = add_port(grpc_server, f"{config.host}:{config.grpc_port}", config.tls, clients_need_cert=False)
+    grpc_port = add_port(grpc_server, f"{config.host}:{listeners.release_grpc_port()}", config.tls, clients_need_cert=False)
     await grpc_server.start()
 
-    sock = socket.create_server((config.host, config.port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+    sock = listeners.http
     http_port = sock.getsockname()[1]
     https: dict[str, Any] = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
@@ -88,7 +88,13 @@ async def _stop_with(server: uvicorn.Server, grpc_server: grpc.aio.Server, grace
     await grpc_server.stop(grace=grace_s)
 
 
-def run_router(config: RouterConfig) -> None:
+def run_router(config: RouterConfig) -> int:
     """Entry point of `python -m pdcluster.router`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve_router(config))
+    try:
+        listeners = bind_listeners(config)
+    except PortTaken as e:
+        logger.error("%s", e)
+        return 1
+    asyncio.run(serve_router(config, listeners=listeners))
+    return 0

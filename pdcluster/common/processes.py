@@ -101,12 +101,12 @@ def wait_ready(proc: LocalProcess, timeout: float = 300.0, cancel=None) -> Local
     deadline = time.monotonic() + timeout
     while not os.path.exists(ready):
         if proc.process.poll() is not None:
-            raise RuntimeError(f"{proc.role} process exited with {proc.process.returncode}:\n{proc.log_tail()}")
+            raise RuntimeError(f"{proc.role} process exited with {proc.process.returncode} (log: {proc.log_path}):\n{proc.log_tail()}")
         if cancel is not None and cancel.is_set():
             raise InterruptedError(f"stopped waiting for the {proc.role} process")
         if time.monotonic() > deadline:
             proc.stop()
-            raise TimeoutError(f"{proc.role} process not ready after {timeout}s:\n{proc.log_tail()}")
+            raise TimeoutError(f"{proc.role} process not ready after {timeout}s (log: {proc.log_path}):\n{proc.log_tail()}")
         time.sleep(0.2)
     record_type = RouterRecord if proc.role == "router" else WorkerRecord
     proc.record = record_type.model_validate_json(Path(ready).read_text())

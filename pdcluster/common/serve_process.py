@@ -1,5 +1,5 @@
-"""`pdcluster serve` as a user runs it: its own process group, read by its output lines.
-Used by the cluster tests and `pdcluster bench chaos`."""
+"""`pdcluster serve` as a user runs it: its own process group, ready once it writes its
+`--ready-file` (a ServeRecord). Used by the cluster tests and `pdcluster bench chaos`."""
 
 from __future__ import annotations
 
@@ -7,15 +7,20 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+from pdcluster.common.worker_record import ServeRecord
 
 
-def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str], dict]:
-    """`pdcluster serve ARGS` in its own process group, once it prints its ready line; the
-    list fills with its output lines as they come. Returns also the URLs from the ready
-    line (`http`, `grpc`), so ARGS can ask for free ports (`--port 0 --grpc-port 0`)."""
-    cmd = [sys.executable, "-m", "pdcluster", "serve", *args]
+def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str], ServeRecord]:
+    """`pdcluster serve ARGS` in its own process group, once it serves; the list fills with
+    its output lines as they come. Returns also its ServeRecord (the router's URLs: ARGS can
+    ask for free ports, `--port 0 --grpc-port 0`)."""
+    ready = Path(tempfile.mkdtemp(prefix="pdcluster-serve-")) / "ready.json"
+    cmd = [sys.executable, "-m", "pdcluster", "serve", "--ready-file", str(ready), *args]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -27,14 +32,12 @@ def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Po
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    while not any(line.startswith("pdcluster ready") for line in lines):
+    while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_serve(proc, timeout_s=30)
             raise RuntimeError("pdcluster serve did not become ready:\n" + "".join(lines[-40:]))
         time.sleep(0.5)
-    ready = next(line for line in lines if line.startswith("pdcluster ready"))
-    urls = {"http": ready.split()[2].removesuffix("/v1"), "grpc": ready.split("grpc ")[1].split(",")[0]}
-    return proc, lines, urls
+    return proc, lines, ServeRecord.model_validate_json(ready.read_text())
 
 
 def stop_serve(proc: subprocess.Popen, timeout_s: float = 180) -> None:

@@ -44,3 +44,14 @@ class RouterRecord(BaseModel):
     grpc: str  # host:port of the Inference service
     model: str
     pid: int
+
+
+class ServeRecord(BaseModel):
+    """What `pdcluster serve --ready-file` writes once the cluster serves."""
+
+    model_config = ConfigDict(frozen=True)
+
+    router: RouterRecord | None  # None with --no-router
+    prefill_workers: int
+    decode_workers: int
+    pid: int

@@ -116,12 +116,12 @@ def serve(fake_cluster, tmp_path_factory):
     spec = json.loads(json.dumps(SPEC))
     spec["router"].update(port=0, grpc_port=0)
     spec_path.write_text(yaml.safe_dump(spec))
-    proc, _, urls = launch_serve(["--config", str(spec_path)])
+    proc, _, served = launch_serve(["--config", str(spec_path)])
     import ray
 
     ray.init(address="auto", namespace="pdcluster", log_to_driver=False)
     controller = ray.get_actor("autoscale-test-controller", namespace="pdcluster")
-    yield controller, urls["http"]
+    yield controller, served.router.http
     ray.shutdown()
     stop_serve(proc)
 

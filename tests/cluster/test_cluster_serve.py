@@ -38,8 +38,8 @@ MAX_TOKENS = 200
 @pytest.fixture(scope="module")
 def serve():
     """`pdcluster serve --prefill 2 --decode 1` on free ports."""
-    proc, lines, urls = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *EAGER])
-    yield proc, urls["http"], lines
+    proc, lines, served = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *EAGER])
+    yield proc, served.router.http, lines
     stop_serve(proc)
 
 

@@ -102,10 +102,10 @@ def test_profile_simulate_plan_serve(tmp_path):
     assert (spec.prefill.replicas, spec.decode.replicas) == (best["prefill_replicas"], best["decode_replicas"])
     assert spec.engine.model == profile.model and spec.decode.cost_per_hour == 0.5
 
-    proc, _, urls = launch_serve(["--config", str(spec_path), "--port", "0", "--grpc-port", "0", *EAGER])
+    proc, _, served = launch_serve(["--config", str(spec_path), "--port", "0", "--grpc-port", "0", *EAGER])
     try:
-        reply = httpx.post(urls["http"] + "/v1/completions", json={"prompt": "The old mill", "max_tokens": 8}, timeout=120)
+        reply = httpx.post(served.router.http + "/v1/completions", json={"prompt": "The old mill", "max_tokens": 8}, timeout=120)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
-        assert httpx.get(urls["http"] + "/health", timeout=30).status_code == 200
+        assert httpx.get(served.router.http + "/health", timeout=30).status_code == 200
     finally:
         stop_serve(proc)
