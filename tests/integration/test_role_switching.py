@@ -48,7 +48,7 @@ def test_a_worker_switches_pools_and_back_with_the_same_answers():
             assert metric(http, "pdcluster_router_worker_picks_total", 'role="prefill"') == 1  # computed remotely
 
             reply = asyncio.run(switch(prefill.address, "decode"))
-            assert reply.role == "decode" and reply.drained_seconds >= 0
+            assert reply.role == "decode" and reply.drained_seconds < 5  # nothing was running: no wait for a drain
             wait_for_roles(http, [(prefill.address, "decode"), (decode.address, "decode")])
             assert client.completions.create(**kwargs).choices[0].text == expected  # no prefill pool: on a decode worker
             assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="no_prefill_worker"') == 1

@@ -25,6 +25,7 @@ from pdcluster.protos import inference_pb2_grpc as igrpc
 from tests.support.paths import ROOT, TRACES
 from tests.support.processes import reference_outputs, running_cluster, start_router
 from tests.support.router_metrics import kv_bytes_received, metric
+from tests.support.worker_calls import worker_stats
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +214,11 @@ def test_bad_input_over_grpc(cluster, http):
 
 
 def test_client_disconnect_aborts_on_workers(cluster, http, long_prompt):
+    """The workers themselves stop generating: a request left to run would generate all of
+    its 3000 tokens on its decode worker."""
     url = cluster[0].record.http
+    decoders = [w.address for w in cluster[1] if worker_stats(w.address).role == "decode"]
+    generated_before = sum(worker_stats(a).generation_tokens for a in decoders)
     cancelled_before = metric(http, "pdcluster_router_requests_total", 'outcome="cancelled"')
     body = json.dumps({"prompt": long_prompt, "max_tokens": 3000, "temperature": 0, "stream": True, "ignore_eos": True}).encode()
     host, port = url.removeprefix("http://").split(":")
@@ -238,7 +243,8 @@ def test_client_disconnect_aborts_on_workers(cluster, http, long_prompt):
         time.sleep(0.5)
     assert all(w["running"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] for w in workers), workers
     assert metric(http, "pdcluster_router_requests_total", 'outcome="cancelled"') == cancelled_before + 1
-    assert metric(http, "pdcluster_router_output_tokens_total") < 3000 * 10
+    generated = sum(worker_stats(a).generation_tokens for a in decoders) - generated_before
+    assert 0 < generated < 3000, generated
 
 
 def _raw_post(url: str, headers: list[str], body_parts) -> tuple[int, dict]:
@@ -420,7 +426,7 @@ def test_bench_serve_measures_an_open_loop_sweep(cluster, http, tmp_path):
         cost, rel = 3.6 * r.duration_s / 3600, 1e-3 + 0.0005 / r.duration_s
         assert r.cost_usd_per_million_tokens["output"] == pytest.approx(cost / (6 * 8) * 1e6, rel=rel)
         assert r.cost_usd_per_million_tokens["input"] == pytest.approx(cost / (6 * 120) * 1e6, rel=rel)
-        assert r.output_tok_per_s > 0 and 0.0 <= r.slo_attainment <= 1.0
+        assert r.output_tok_per_s > 0
         assert round(r.slo_attainment * 6) + sum(r.slo_misses.values()) == 6  # each request within, or what it missed
         assert r.ttft_ms["p50"] <= r.ttft_ms["p99"] and r.e2e_ms["p50"] <= r.e2e_ms["p99"]
         assert r.ttft_ms["p99"] <= r.e2e_ms["p99"]

@@ -7,6 +7,7 @@ streamed and not."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
 from pdcluster.common.vllm_server import start_vllm_server
+from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
 from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_environment
 
@@ -325,3 +327,21 @@ def test_bad_requests_get_vllms_status_and_type_and_disturb_nothing(servers, lon
     assert httpx.get(pd + "/health").status_code == 200
     assert all(w["healthy"] for w in httpx.get(pd + "/cluster").json()["workers"])
     assert folded(answer(pd, "/v1/completions", normal)) == before
+
+
+def test_tokenize_and_detokenize(servers, long_prompt):
+    for body in ({"prompt": long_prompt}, {"messages": [{"role": "user", "content": "The river"}], "add_generation_prompt": True}):
+        vllm, ours = (post(url, "/tokenize", body) for url in servers.values())
+        assert ours.status_code == vllm.status_code == 200 and ours.json() == vllm.json()
+    tokens = post(servers["vllm"], "/tokenize", {"prompt": long_prompt}).json()["tokens"]
+    vllm, ours = (post(url, "/detokenize", {"tokens": tokens}) for url in servers.values())
+    assert ours.status_code == vllm.status_code == 200 and ours.json() == vllm.json()
+
+
+def test_the_disaggregated_answers_above_were_decoded_from_transferred_kv(servers):
+    """Parity alone would hold if every KV load failed and the decode worker recomputed the
+    prompt: the decode worker received the transfers and recomputed none."""
+    workers = httpx.get(servers["pdcluster"] + "/cluster").json()["workers"]
+    (decode,) = [w for w in workers if w["role"] == "decode"]
+    stats = asyncio.run(fetch_kv_stats(decode["kv_endpoint"]))
+    assert stats.transfers_received > 10 and stats.recomputes == 0 and stats.transfers_failed == 0

@@ -80,3 +80,13 @@ async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, s
 
 def kv_stats(worker):
     return asyncio.run(fetch_kv_stats(worker.kv_endpoint))
+
+
+def worker_stats(address: str) -> wpb.WorkerStats:
+    """A worker's own Stats, as it reports them."""
+
+    async def call():
+        async with worker_channel(address) as channel:
+            return await wgrpc.WorkerStub(channel).Stats(wpb.StatsRequest(), timeout=10)
+
+    return asyncio.run(call())

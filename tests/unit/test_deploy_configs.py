@@ -7,6 +7,7 @@ import argparse
 import copy
 import os
 
+import jsonschema
 import pytest
 import yaml
 
@@ -51,7 +52,7 @@ def test_local_cluster_yaml_passes_ray_validation():
 def test_ray_validation_catches_a_broken_config():
     broken = load("ray/aws.yaml")
     broken["available_node_types"]["prefill_gpu"]["max_workers"] = "many"
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="'many' is not of type 'integer'"):
         ray_validate(broken)
 
 
