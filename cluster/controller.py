@@ -17,9 +17,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, SLOLoad, pool_load
-from pdcluster.cluster.cluster_spec import ClusterSpec
+from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
 from pdcluster.cluster.pool_cost import PoolCostMeter
-from pdcluster.cluster.replica_launcher import ReplicaHandle, ReplicaLauncher, WorkerProbe
+from pdcluster.cluster.reconcile_policy import Action, Drain, ReplicaState, ReplicaView, Start, Switch, converge, scale
+from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, ReplicaHandle, ReplicaLauncher, WorkerProbe
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
@@ -39,7 +40,7 @@ class Replica:
     role: Role
     handle: ReplicaHandle
     ready: asyncio.Future  # resolves to the WorkerRecord once the worker serves
-    state: str = "starting"  # starting -> ready (<-> switching, to the other role) -> draining
+    state: ReplicaState = ReplicaState.STARTING  # -> ready (<-> switching, to the other role) -> draining
     record: WorkerRecord | None = None
     created: float = field(default_factory=time.time)
     failed_checks: int = 0
@@ -50,7 +51,7 @@ class Replica:
         return {
             "id": self.id,
             "role": self.role.value,
-            "state": self.state,
+            "state": self.state.value,
             "address": r.address if r else "",
             "node": r.node if r else "",
             "pid": r.pid if r else 0,
@@ -137,24 +138,27 @@ class ClusterController:
 
     async def _adopt_live_replicas(self) -> None:
         """After a crash: take over the replicas an earlier life started, without restarting
-        them, and serve membership only once the ready ones are known again."""
+        them, and serve membership only once the ready ones are known again. A replica's role
+        is the one its worker reports (a switch outlives the controller that made it), so the
+        pools' targets are set only after the first probe."""
         for live in await self.launcher.live_replicas():
             ready = asyncio.ensure_future(self.launcher.wait_ready(live.handle, READY_TIMEOUT_S))
             self.replicas.append(Replica(live.replica_id, live.role, live.handle, ready))
         if not self.replicas:
             return
         logger.info("adopting %d live replicas: %s", len(self.replicas), [r.id for r in self.replicas])
+        await asyncio.wait([r.ready for r in self.replicas], timeout=ADOPT_READY_WAIT_S)
+        await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
         if self.spec.autoscaling.enabled:  # the autoscaler's last targets, as far as the live replicas tell
             for role in ROLES:
                 pool = self.spec.pool(role)
-                count = sum(r.role == role for r in self.replicas)
+                count = sum(r.role == role and r.state != ReplicaState.DRAINING for r in self.replicas)
                 self.targets[role] = min(max(count, pool.min_replicas), pool.max_replicas)
-        await asyncio.wait([r.ready for r in self.replicas], timeout=ADOPT_READY_WAIT_S)
         await self.reconcile()  # the first round now: the ready ones become members
 
     async def members(self) -> list[str]:
         """Addresses of the replicas that take new requests (a switching one drains, then does again)."""
-        return [r.record.address for r in self.replicas if r.state in ("ready", "switching")]
+        return [r.record.address for r in self.replicas if r.state in (ReplicaState.READY, ReplicaState.SWITCHING)]
 
     async def status(self) -> dict:
         return {
@@ -166,7 +170,7 @@ class ClusterController:
                     "target": self.targets[role],
                     "min": self.spec.pool(role).min_replicas,
                     "max": self.spec.pool(role).max_replicas,
-                    "ready": self._ready_count(role),
+                    "ready": self.ready_count(role),
                     "failed_starts_in_a_row": self.failed_starts_in_a_row[role],
                     "resources": self.spec.pool(role).bundle(),
                 }
@@ -187,75 +191,65 @@ class ClusterController:
 
     # -- one round --------------------------------------------------------------------
 
-    def _ready_count(self, role: Role) -> int:
-        return sum(r.role == role and r.state == "ready" for r in self.replicas)
+    def ready_count(self, role: Role) -> int:
+        return sum(r.role == role and r.state == ReplicaState.READY for r in self.replicas)
 
     async def reconcile(self) -> None:
-        """Check every replica, let the autoscaler move targets, then start or drain replicas to meet them."""
+        """One round: check every replica, let the policies decide (the autoscaler's targets and
+        switches, then the starts and drains that meet the targets), and carry that out."""
         await asyncio.gather(*(self._check(r) for r in list(self.replicas)))
-        ready = [(r.id, r.role, r.stats) for r in self.replicas if r.state == "ready" and r.stats is not None]
+        ready = [(r.id, r.role, r.stats) for r in self.replicas if r.state == ReplicaState.READY and r.stats is not None]
         self.cost.observe(time.monotonic(), ready, {role: self.spec.pool(role).cost_per_hour for role in ROLES})
         if self.spec.autoscaling.enabled and time.monotonic() - self._last_autoscale >= self.spec.autoscaling.interval_s:
             self._last_autoscale = time.monotonic()
-            self._autoscale()
-        for role in ROLES:
-            active = [r for r in self.replicas if r.role == role and r.state != "draining"]
-            for _ in range(self.targets[role] - len(active)):
-                self._add(role)
-            surplus = len(active) - self.targets[role]
-            if surplus > 0:
-                # Shrink: drop replicas still starting first, then the least busy ready ones.
-                order = sorted(active, key=lambda r: (r.state == "ready", r.stats.running if r.stats else 0))
-                for replica in order[:surplus]:
-                    asyncio.create_task(self._remove(replica, drain=True))
+            self.targets, decisions, switches = scale(
+                self._views(), self.targets, self._loads(), self.spec.autoscaling, self._pools(), self.autoscaler
+            )
+            for decision in decisions:
+                self._record(decision)
+            self._act(switches)
+        self._act(converge(self._views(), self.targets))
 
-    def _autoscale(self) -> None:
-        ready = {role: [r for r in self.replicas if r.role == role and r.state == "ready" and r.stats] for role in ROLES}
-        loads = {role: pool_load(role, [r.stats for r in ready[role]], self.spec.autoscaling, self.slo_load) for role in ROLES}
-        for role in ROLES:
-            decision = self.autoscaler.decide(role, self.spec.pool(role), self.targets[role], len(ready[role]), loads[role])
-            if decision is None:
-                continue
-            grows = decision.to_replicas > decision.from_replicas
-            donor = self._switch_donor(other_role(role), ready, loads) if grows else None
-            if donor is not None:
-                decision.to_replicas = decision.from_replicas + 1  # one switch per decision: it takes effect at once
-                decision.reason += f"; {donor.id} switches from {donor.role}"
-                self._record(
-                    ScalingDecision(
-                        decision.at,
-                        donor.role,
-                        self.targets[donor.role],
-                        self.targets[donor.role] - 1,
-                        loads[donor.role],
-                        f"{donor.id} switches to {role}",
-                    )
-                )
-                self.targets[donor.role] -= 1
-                self._switch(donor, role)
-            self._record(decision)
-            self.targets[role] = decision.to_replicas
+    def _views(self) -> list[ReplicaView]:
+        return [ReplicaView(r.id, r.role, r.state, r.stats.running + r.stats.queued if r.stats else 0) for r in self.replicas]
+
+    def _pools(self) -> dict[Role, PoolSpec]:
+        return {role: self.spec.pool(role) for role in ROLES}
+
+    def _loads(self) -> dict[Role, float]:
+        def stats(role: Role) -> list[worker_pb2.WorkerStats]:
+            return [r.stats for r in self.replicas if r.role == role and r.state == ReplicaState.READY and r.stats]
+
+        return {role: pool_load(role, stats(role), self.spec.autoscaling, self.slo_load) for role in ROLES}
+
+    def _act(self, actions: list[Action]) -> None:
+        """Carry out the policies' actions: the one place replicas are started, drained or switched."""
+        by_id = {r.id: r for r in self.replicas}
+        for action in actions:
+            match action:
+                case Start(role):
+                    self._add(role)
+                case Drain(replica_id):
+                    self._spawn(self._remove(by_id[replica_id], drain=True))
+                case Switch(replica_id, to):
+                    self._switch(by_id[replica_id], to)
+
+    def _spawn(self, work) -> None:
+        """Run `work` beside the rounds, keeping a reference until it ends (shutdown cancels it)."""
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(work))
 
     def _record(self, decision: ScalingDecision) -> None:
         logger.info("autoscaler: %s %d -> %d (%s)", decision.role, decision.from_replicas, decision.to_replicas, decision.reason)
         self.decisions.append(decision)
         self.decision_counts[(decision.role, "up" if decision.to_replicas > decision.from_replicas else "down")] += 1
 
-    def _switch_donor(self, role: Role, ready: dict, loads: dict) -> Replica | None:
-        """With role switching, a ready replica of `role` to move to the other pool: the least
-        busy, from a pool under its downscale threshold and above its minimum."""
-        if not self.spec.autoscaling.role_switching or loads[role] >= self.spec.autoscaling.downscale_ratio:
-            return None
-        if self.targets[role] <= self.spec.pool(role).min_replicas or not ready[role]:
-            return None
-        return min(ready[role], key=lambda r: r.stats.running + r.stats.queued)
-
     def _switch(self, replica: Replica, role: Role) -> None:
         """Move a ready replica to `role`'s pool: it counts there at once (nothing new starts),
         drains, and serves the new role. A failed switch leaves it in its old pool; the next
         rounds then start and drain replicas to meet the targets as without switching."""
         old = replica.role
-        replica.role, replica.state = role, "switching"
+        replica.role, replica.state = role, ReplicaState.SWITCHING
 
         async def switch() -> None:
             try:
@@ -265,14 +259,13 @@ class ClusterController:
                 replica.role = old
             else:
                 self.switch_counts[(old, role)] += 1
-            if replica.state == "switching":
-                replica.state = "ready"
+            if replica.state == ReplicaState.SWITCHING:
+                replica.state = ReplicaState.READY
 
-        self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(switch()))
+        self._spawn(switch())
 
     async def _check(self, replica: Replica) -> None:
-        if replica.state == "starting":
+        if replica.state == ReplicaState.STARTING:
             if not replica.ready.done():
                 return
             if replica.ready.exception() is not None:
@@ -282,11 +275,11 @@ class ClusterController:
                 await self._remove(replica, drain=False)
                 return
             replica.record = replica.ready.result()
-            replica.state = "ready"
+            replica.state = ReplicaState.READY
             self.failed_starts_in_a_row[replica.role] = 0
             self._close_heal(replica)
             logger.info("%s replica %s ready at %s", replica.role, replica.id, replica.record.address)
-        if replica.state != "ready":
+        if replica.state != ReplicaState.READY:
             return
         try:
             replica.stats = await self.probe.stats(replica.record)
@@ -315,7 +308,7 @@ class ClusterController:
     # -- replicas ---------------------------------------------------------------------
 
     def _add(self, role: Role) -> None:
-        replica_id = f"{role}-{uuid.uuid4().hex[:8]}"
+        replica_id = f"{REPLICA_ID_PREFIX}{uuid.uuid4().hex[:8]}"
         pool = self.spec.pool(role)
         handle = self.launcher.launch(self.spec.worker_config(role, replica_id), pool)
         ready = asyncio.ensure_future(self.launcher.wait_ready(handle, READY_TIMEOUT_S))
@@ -323,9 +316,9 @@ class ClusterController:
         logger.info("starting %s replica %s (%s)", role, replica_id, pool.bundle())
 
     async def _remove(self, replica: Replica, drain: bool) -> None:
-        if replica.state == "draining" and drain:
+        if replica.state == ReplicaState.DRAINING and drain:
             return
-        replica.state = "draining"
+        replica.state = ReplicaState.DRAINING
         await self.launcher.stop(replica.handle, drain)
         if replica.record is not None:
             await self.probe.forget(replica.record)
@@ -368,7 +361,7 @@ class _ControllerCollector:
             utilization.add_metric([pool], share)
         for role in ROLES:
             target.add_metric([role], c.targets[role])
-            ready.add_metric([role], sum(r.role == role and r.state == "ready" for r in c.replicas))
+            ready.add_metric([role], c.ready_count(role))
             for direction in ("up", "down"):
                 decisions.add_metric([role, direction], c.decision_counts[(role, direction)])
             heals.add_metric([role], c.heal_counts[role])

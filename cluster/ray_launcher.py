@@ -14,11 +14,11 @@ from typing import Any
 import grpc
 
 from pdcluster.cluster.cluster_spec import PoolSpec
-from pdcluster.cluster.replica_launcher import LiveReplica
+from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, LiveReplica
 from pdcluster.cluster.worker_actor import WorkerActor
 from pdcluster.common.tls import TLSFiles, open_channel
 from pdcluster.common.worker_auth import token_metadata
-from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
+from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
 
@@ -84,16 +84,17 @@ class RayReplicaLauncher:
         from ray.util.placement_group import get_placement_group, remove_placement_group
 
         actors = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
-        found = []
+        found: list[LiveReplica] = []
         for info in ray.util.placement_group_table().values():
             name = info["name"]
             replica_id = name.removeprefix(self._prefix)
-            role = replica_id.split("-")[0]
-            if not name.startswith(self._prefix) or role not in ROLES or info["state"] == "REMOVED":
+            if not name.startswith(self._prefix) or not replica_id.startswith(REPLICA_ID_PREFIX) or info["state"] == "REMOVED":
                 continue
             pg = get_placement_group(name)
             if name in actors:
-                found.append(LiveReplica(replica_id, Role(role), RayReplica(ray.get_actor(name, namespace=NAMESPACE), pg)))
+                actor = ray.get_actor(name, namespace=NAMESPACE)
+                role = Role(await asyncio.wait_for(actor.started_role.remote(), STATS_TIMEOUT_S))
+                found.append(LiveReplica(replica_id, role, RayReplica(actor, pg)))
             else:  # its actor died with the controller that was starting it
                 remove_placement_group(pg)
         return found

@@ -19,11 +19,14 @@ from pdcluster.worker.config import WorkerConfig
 ReplicaHandle = Any
 
 
+REPLICA_ID_PREFIX = "replica-"  # replica ids name no role: a replica may switch pools
+
+
 class LiveReplica(NamedTuple):
     """A replica found running, started by an earlier life of the controller."""
 
     replica_id: str
-    role: Role
+    role: Role  # the one it started in; the controller asks the worker which it serves now
     handle: ReplicaHandle
 
 

@@ -18,7 +18,12 @@ class WorkerActor:
         config = WorkerConfig.model_validate_json(config_json)
         if not config.host:  # the address of the node it runs on, which only the actor knows
             config = config.model_copy(update={"host": ray.util.get_node_ip_address()})
+        self._role = config.role
         self._proc: LocalProcess = start_process(worker_process_kind(config), [*worker_args(config), *extra_args])
+
+    def started_role(self) -> str:
+        """The role it started in (a role-switching worker may have changed since: ask it)."""
+        return self._role
 
     def wait_ready(self, timeout_s: float) -> str:
         """The worker's record (JSON) once it serves."""

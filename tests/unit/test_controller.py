@@ -263,3 +263,31 @@ async def test_a_restarted_controller_adopts_the_running_replicas_and_resumes_he
     await rounds(second, 2)
     assert dead.stopped is False and len(launcher.live(Role.DECODE)) == 1 and launcher.live(Role.DECODE)[0] is not dead
     await second.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_switch_outlives_the_controller_that_made_it():
+    """A restarted controller counts a switched replica in the pool it serves now (its worker
+    says so), not the one it was started in: the pools keep their sizes and nothing restarts."""
+    first, launcher, _ = make_controller(ROLE_SWITCHING)
+    await rounds(first, 2)
+    launcher.live(Role.PREFILL)[0].stats.queued_prefill_tokens = 250
+    launcher.live(Role.DECODE)[0].stats.running = 3
+    await rounds(first, 3)
+    assert first.targets == {Role.PREFILL: 2, Role.DECODE: 1} and first.switch_counts[(Role.DECODE, Role.PREFILL)] == 1
+    for r in launcher.replicas:
+        r.stats.queued_prefill_tokens = r.stats.running = 0  # the burst is over; the next life sees a quiet cluster
+    second, _, _ = make_controller(ROLE_SWITCHING, launcher)
+    await second.start(serve_metrics=False)
+    assert second.targets == {Role.PREFILL: 2, Role.DECODE: 1}
+    assert sorted(r.role for r in second.replicas) == [Role.DECODE, Role.PREFILL, Role.PREFILL]
+    await rounds(second, 2)
+    assert len(launcher.replicas) == 3 and all(r.stopped is None for r in launcher.replicas)  # nothing started or stopped
+    await second.shutdown()
+
+
+def test_replica_ids_name_no_role():
+    controller, launcher, _ = make_controller({"prefill": {"replicas": 1}, "decode": {"replicas": 1}})
+    asyncio.run(rounds(controller))
+    assert all(r.id.startswith("replica-") for r in controller.replicas)
+    assert {r.config.worker_id for r in launcher.replicas} == {r.id for r in controller.replicas}

@@ -1,0 +1,121 @@
+"""What the controller does in one round, decided from what it sees: pure functions that
+return actions, which the controller alone carries out (Dynamo's planner: observe, decide,
+then act through one actuator). The same decisions drive the unit tests with no Ray.
+
+- `scale`: the autoscaler's new targets per pool and, with role switching, which replica
+  moves to a pool that must grow instead of a new one starting there;
+- `converge`: the replicas to start or drain so that each pool meets its target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision
+from pdcluster.cluster.cluster_spec import AutoscalingSpec, PoolSpec
+from pdcluster.common.worker_record import ROLES, Role, other_role
+
+
+class ReplicaState(StrEnum):
+    STARTING = "starting"  # launched, not serving yet
+    READY = "ready"  # serving its role
+    SWITCHING = "switching"  # counted in its new pool; drains, then serves the new role
+    DRAINING = "draining"  # leaving: finishes its running requests, then stops
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the policies see of a replica."""
+
+    id: str
+    role: Role
+    state: ReplicaState
+    busy: int = 0  # running + queued requests, at its last check
+
+
+@dataclass(frozen=True)
+class Start:
+    role: Role
+
+
+@dataclass(frozen=True)
+class Drain:
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class Switch:
+    replica_id: str
+    to: Role
+
+
+Action = Start | Drain | Switch
+
+
+def scale(
+    replicas: list[ReplicaView],
+    targets: dict[Role, int],
+    loads: dict[Role, float],
+    spec: AutoscalingSpec,
+    pools: dict[Role, PoolSpec],
+    autoscaler: Autoscaler,
+) -> tuple[dict[Role, int], list[ScalingDecision], list[Action]]:
+    """The pools' new targets, the decisions behind them and the switches they take."""
+    targets = dict(targets)
+    decisions: list[ScalingDecision] = []
+    actions: list[Action] = []
+    ready = {role: [r for r in replicas if r.role == role and r.state == ReplicaState.READY] for role in ROLES}
+    for role in ROLES:
+        decision = autoscaler.decide(role, pools[role], targets[role], len(ready[role]), loads[role])
+        if decision is None:
+            continue
+        donor = None
+        if decision.to_replicas > decision.from_replicas:
+            donor = _switch_donor(other_role(role), ready, loads, targets, spec, pools)
+        if donor is not None:
+            # One switch per decision: it takes effect at once, no engine starts.
+            decision = replace(
+                decision, to_replicas=decision.from_replicas + 1, reason=f"{decision.reason}; {donor.id} switches from {donor.role}"
+            )
+            old = donor.role
+            decisions.append(
+                ScalingDecision(decision.at, old, targets[old], targets[old] - 1, loads[old], f"{donor.id} switches to {role}")
+            )
+            targets[old] -= 1
+            actions.append(Switch(donor.id, role))
+            ready[old].remove(donor)
+        decisions.append(decision)
+        targets[role] = decision.to_replicas
+    return targets, decisions, actions
+
+
+def _switch_donor(
+    role: Role,
+    ready: dict[Role, list[ReplicaView]],
+    loads: dict[Role, float],
+    targets: dict[Role, int],
+    spec: AutoscalingSpec,
+    pools: dict[Role, PoolSpec],
+) -> ReplicaView | None:
+    """With role switching, a ready replica of `role` to move to the other pool: the least
+    busy, from a pool under its downscale threshold and above its minimum."""
+    if not spec.role_switching or loads[role] >= spec.downscale_ratio:
+        return None
+    if targets[role] <= pools[role].min_replicas or not ready[role]:
+        return None
+    return min(ready[role], key=lambda r: r.busy)
+
+
+def converge(replicas: list[ReplicaView], targets: dict[Role, int]) -> list[Action]:
+    """Starts for pools under their target; drains for pools over it: replicas still starting
+    first, then the least busy ready ones."""
+    actions: list[Action] = []
+    for role in ROLES:
+        active = [r for r in replicas if r.role == role and r.state != ReplicaState.DRAINING]
+        actions += [Start(role)] * (targets[role] - len(active))
+        surplus = len(active) - targets[role]
+        if surplus > 0:
+            order = sorted(active, key=lambda r: (r.state == ReplicaState.READY, r.busy))
+            actions += [Drain(r.id) for r in order[:surplus]]
+    return actions
