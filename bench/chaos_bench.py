@@ -19,7 +19,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import grpc
 import httpx
 import psutil
 
+from pdcluster.cluster.ray_cluster import find_controller
 from pdcluster.common.redis_server import start_redis
 from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
@@ -52,6 +52,7 @@ FAULT_AT_S = 4.0  # into the window
 MAX_TOKENS = 24
 REQUEST_TIMEOUT_S = 300.0
 HEAL_TIMEOUT_S = 300.0
+STATUS_TIMEOUT_S = 60.0  # one status call of the controller (longer while Ray restarts it)
 REST_TIMEOUT_S = 60.0
 
 
@@ -90,15 +91,17 @@ class ChaosCluster:
         ]
         self.proc, self.lines, served = launch_serve(args)
         self.http, self.grpc = served.router.http, served.router.grpc
+        # One Ray connection for the whole run. The handle outlives the controller's restarts:
+        # Ray sends calls to its next life.
+        self.controller = find_controller("pdcluster", served.ray_address)
 
     def workers(self) -> list[dict]:
         return httpx.get(self.http + "/cluster", timeout=30).json()["workers"]
 
     def status(self) -> dict:
-        out = subprocess.run([sys.executable, "-m", "pdcluster", "status", "--json"], capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-2000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        import ray
+
+        return ray.get(self.controller.status.remote(), timeout=STATUS_TIMEOUT_S)
 
     def whole(self) -> bool:
         """Every pool at its size with healthy workers, seen by the router and the controller."""
@@ -144,6 +147,9 @@ class ChaosCluster:
         return found
 
     def close(self) -> None:
+        import ray
+
+        ray.shutdown()
         stop_serve(self.proc)
         self.redis.kill()
         self.redis.wait()

@@ -183,6 +183,31 @@ class ClusterController:
             "start_failures": [asdict(f) for f in self.start_failures],
         }
 
+    async def switch_replica(self, replica_id: str, role: str) -> str:
+        """An operator's move of one ready replica to the other pool; the pools' targets follow
+        it. Returns the role it serves once the switch ends (its old one if the switch failed)."""
+        replica = next((r for r in self.replicas if r.id == replica_id), None)
+        if replica is None or replica.state != ReplicaState.READY:
+            raise ValueError(f"no ready replica {replica_id!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if not self.spec.autoscaling.role_switching:
+            raise ValueError("the workers were not started able to switch roles (autoscaling.role_switching)")
+        new, old = Role(role), replica.role
+        if new == old:
+            return old
+        if self.targets[new] >= self.spec.pool(new).max_replicas:
+            raise ValueError(f"the {new} pool is at its max_replicas ({self.spec.pool(new).max_replicas})")
+        self.targets[old] -= 1
+        self.targets[new] += 1
+        self._act([Switch(replica_id, new)])
+        while replica.state == ReplicaState.SWITCHING:
+            await asyncio.sleep(0.2)
+        if replica.role == old:  # refused: the pools stay as they were
+            self.targets[old] += 1
+            self.targets[new] -= 1
+        return replica.role
+
     async def shutdown(self) -> None:
         await cancel_all(self._tasks)
         if self._registry is not None:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from pdcluster.common.worker_record import ROLES
 from pdcluster.kv_transfer.settings import TRANSPORTS
 
 
@@ -55,13 +56,18 @@ def _serve(args: argparse.Namespace) -> int:
             return waited
         if args.no_router:
             print(f"pdcluster pools ready: {spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers", flush=True)
-            _write_ready(args.ready_file, None, spec)
+            _write_ready(args.ready_file, None, spec, ray.get_runtime_context().gcs_address)
             stop.wait()
             return 0
         config = spec.router_config()
         membership = None if spec.registry else (lambda: controller.members.remote())
         asyncio.run(
-            serve_router(config, on_ready=lambda info: _on_ready(info, spec, args.ready_file), membership=membership, listeners=listeners)
+            serve_router(
+                config,
+                on_ready=lambda info: _on_ready(info, spec, args.ready_file, ray.get_runtime_context().gcs_address),
+                membership=membership,
+                listeners=listeners,
+            )
         )
         return 0
     finally:
@@ -122,23 +128,44 @@ def _wait_for_pools(controller, stop: threading.Event) -> int:
     return 130
 
 
-def _on_ready(info, spec, ready_file: str) -> None:
+def _on_ready(info, spec, ready_file: str, ray_address: str) -> None:
     print(
         f"pdcluster ready: {info.http}/v1 (OpenAI), grpc {info.grpc}, model {info.model}, "
         f"{spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers (Ctrl-C to stop)",
         flush=True,
     )
-    _write_ready(ready_file, info, spec)
+    _write_ready(ready_file, info, spec, ray_address)
 
 
-def _write_ready(ready_file: str, router, spec) -> None:
+def _write_ready(ready_file: str, router, spec, ray_address: str) -> None:
     """The typed record of a serving cluster, for scripts (the printed line is for people)."""
     if ready_file:
         from pdcluster.common.files import write_atomically
         from pdcluster.common.worker_record import ServeRecord
 
-        record = ServeRecord(router=router, prefill_workers=spec.prefill.replicas, decode_workers=spec.decode.replicas, pid=os.getpid())
+        record = ServeRecord(
+            router=router,
+            ray_address=ray_address,
+            prefill_workers=spec.prefill.replicas,
+            decode_workers=spec.decode.replicas,
+            pid=os.getpid(),
+        )
         write_atomically(ready_file, record.model_dump_json())
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from pdcluster.cluster.ray_cluster import find_controller
+
+    controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
+    import ray
+
+    try:
+        role = ray.get(controller.switch_replica.remote(args.replica, args.role))
+    except ray.exceptions.RayTaskError as e:
+        print(f"pdcluster switch: {e.cause if hasattr(e, 'cause') else e}", file=sys.stderr)
+        return 1
+    print(f"{args.replica} serves {role}")
+    return 0 if role == args.role else 1
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -458,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--name", default="pdcluster", help="cluster name in the spec")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
+
+    switch = sub.add_parser("switch", help="move one replica of a role-switching cluster to the other pool (it drains first)")
+    switch.add_argument("replica", help="the replica's id (pdcluster status)")
+    switch.add_argument("role", choices=ROLES)
+    switch.add_argument("--address", default="auto", help="Ray address (default: the local one)")
+    switch.add_argument("--name", default="pdcluster", help="cluster name in the spec")
+    switch.set_defaults(func=_switch)
 
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")

@@ -52,6 +52,7 @@ class ServeRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     router: RouterRecord | None  # None with --no-router
+    ray_address: str  # the Ray cluster's GCS address: `pdcluster status --address` finds this cluster there
     prefill_workers: int
     decode_workers: int
     pid: int
