@@ -27,13 +27,16 @@ import grpc
 import httpx
 import psutil
 
+from pdcluster.cluster.cluster_status import ClusterStatus
 from pdcluster.cluster.ray_cluster import find_controller
 from pdcluster.common.redis_server import start_redis
 from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
 from pdcluster.common.worker_auth import token_metadata
+from pdcluster.common.worker_record import Role
 from pdcluster.kv_transfer.chunk_header import KVChunkHeader
 from pdcluster.protos import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pdcluster.router.cluster_view import ClusterView, WorkerSummary
 
 FAULTS = (
     "client-hangup",
@@ -95,10 +98,10 @@ class ChaosCluster:
         # Ray sends calls to its next life.
         self.controller = find_controller("pdcluster", served.ray_address)
 
-    def workers(self) -> list[dict]:
-        return httpx.get(self.http + "/cluster", timeout=30).json()["workers"]
+    def workers(self) -> list[WorkerSummary]:
+        return ClusterView.model_validate(httpx.get(self.http + "/cluster", timeout=30).json()).workers
 
-    def status(self) -> dict:
+    def status(self) -> ClusterStatus:
         import ray
 
         return ray.get(self.controller.status.remote(), timeout=STATUS_TIMEOUT_S)
@@ -106,12 +109,12 @@ class ChaosCluster:
     def whole(self) -> bool:
         """Every pool at its size with healthy workers, seen by the router and the controller."""
         try:
-            healthy = [w for w in self.workers() if w["healthy"]]
-            pools = self.status()["pools"]
+            healthy = [w for w in self.workers() if w.healthy]
+            pools = self.status().pools
         except Exception:
             return False
         return all(
-            sum(w["role"] == role for w in healthy) == n and pools[role]["ready"] == n == pools[role]["target"]
+            sum(w.role == role for w in healthy) == n and pools[Role(role)].ready == n == pools[Role(role)].target
             for role, n in self.roles.items()
         )
 
@@ -128,7 +131,7 @@ class ChaosCluster:
         deadline = time.monotonic() + REST_TIMEOUT_S
         while time.monotonic() < deadline:
             workers = self.workers()
-            if all(w["running"] == 0 and w["queued"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] > 0 for w in workers):
+            if all(w.running == 0 and w.queued == 0 and w.free_kv_blocks == w.total_kv_blocks > 0 for w in workers):
                 return True
             time.sleep(1.0)
         return False
@@ -136,7 +139,7 @@ class ChaosCluster:
     def strays(self) -> list[str]:
         """Processes of ours outside the live cluster: worker or engine processes no live worker
         owns (a killed or replaced worker's leftovers), wherever they now hang."""
-        live = {w["pid"] for w in self.workers()}
+        live = {w.pid for w in self.workers()}
         live |= {c.pid for pid in live if psutil.pid_exists(pid) for c in psutil.Process(pid).children(recursive=True)}
         found = []
         for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
@@ -252,16 +255,16 @@ class Battery:
 
     # -- faults: each returns (inject, undo) ----------------------------------------
 
-    def _worker(self, role: str) -> dict:
-        return next(w for w in self.cluster.workers() if w["role"] == role and w["healthy"])
+    def _worker(self, role: str) -> WorkerSummary:
+        return next(w for w in self.cluster.workers() if w.role == role and w.healthy)
 
     def _signal(self, role: str, sig: int):
         """A frozen (SIGSTOP) worker stays frozen: the controller must find and replace it."""
 
         def inject() -> None:
             worker = self._worker(role)
-            self.notes.append(f"{signal.Signals(sig).name} {worker['id']} pid {worker['pid']}")
-            os.kill(worker["pid"], sig)
+            self.notes.append(f"{signal.Signals(sig).name} {worker.id} pid {worker.pid}")
+            os.kill(worker.pid, sig)
 
         return inject, None
 
@@ -278,18 +281,18 @@ class Battery:
         return self._signal("decode", signal.SIGSTOP)
 
     def _controller_kill(self):
-        before = {w["pid"] for w in self.cluster.workers()}
+        before = {w.pid for w in self.cluster.workers()}
 
         def inject() -> None:
-            pid = self.cluster.status()["controller_pid"]
+            pid = self.cluster.status().controller_pid
             os.kill(pid, signal.SIGKILL)
             self.notes.append(f"SIGKILL controller pid {pid}")
 
         def check() -> None:
             self.cluster.wait_whole()
             status = self.cluster.status()
-            kept = before == {r["pid"] for r in status["replicas"]}
-            self.notes.append(f"back as pid {status['controller_pid']}, {'no worker restarted' if kept else 'WORKERS RESTARTED'}")
+            kept = before == {r.pid for r in status.replicas}
+            self.notes.append(f"back as pid {status.controller_pid}, {'no worker restarted' if kept else 'WORKERS RESTARTED'}")
 
         return inject, check
 
@@ -310,9 +313,9 @@ class Battery:
         def inject() -> None:
             ports = set()
             for w in self.cluster.workers():
-                for p in [psutil.Process(w["pid"]), *psutil.Process(w["pid"]).children(recursive=True)]:
+                for p in [psutil.Process(w.pid), *psutil.Process(w.pid).children(recursive=True)]:
                     ports |= {c.laddr.port for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
-                ports.discard(int(w["address"].rsplit(":", 1)[1]))  # not the Worker service: only KV
+                ports.discard(int(w.address.rsplit(":", 1)[1]))  # not the Worker service: only KV
             cut, end = 0, time.monotonic() + 3.0
             while time.monotonic() < end:
                 for port in ports:
@@ -343,7 +346,7 @@ class Battery:
         return inject, None
 
     def _listening_ports(self) -> list[tuple[str, int]]:
-        pids = {self.cluster.proc.pid} | {w["pid"] for w in self.cluster.workers()}
+        pids = {self.cluster.proc.pid} | {w.pid for w in self.cluster.workers()}
         pids |= {c.pid for pid in set(pids) for c in psutil.Process(pid).children() if "EngineCore" in " ".join(c.cmdline())}
         return sorted(
             {
@@ -357,7 +360,7 @@ class Battery:
     def _wrong_token_calls(self) -> int:
         refused = 0
         for w in self.cluster.workers():
-            with grpc.insecure_channel(w["address"]) as channel:
+            with grpc.insecure_channel(w.address) as channel:
                 try:
                     worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10, metadata=token_metadata("wrong"))
                 except grpc.RpcError as e:

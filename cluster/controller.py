@@ -14,10 +14,11 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, SLOLoad, pool_load
 from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
+from pdcluster.cluster.cluster_status import ClusterStatus, Heal, PoolStatus, ReplicaStatus, StartFailure
 from pdcluster.cluster.pool_cost import PoolCostMeter
 from pdcluster.cluster.reconcile_policy import Action, Drain, ReplicaState, ReplicaView, Start, Switch, converge, scale
 from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, ReplicaHandle, ReplicaLauncher, WorkerProbe
@@ -46,42 +47,21 @@ class Replica:
     failed_checks: int = 0
     stats: worker_pb2.WorkerStats | None = None
 
-    def describe(self) -> dict:
+    def describe(self) -> ReplicaStatus:
         s, r = self.stats, self.record
-        return {
-            "id": self.id,
-            "role": self.role.value,
-            "state": self.state.value,
-            "address": r.address if r else "",
-            "node": r.node if r else "",
-            "pid": r.pid if r else 0,
-            "running": s.running if s else 0,
-            "queued": s.queued if s else 0,
-            "free_kv_blocks": s.free_kv_blocks if s else 0,
-            "total_kv_blocks": s.total_kv_blocks if s else 0,
-            "age_s": round(time.time() - self.created, 1),
-        }
-
-
-@dataclass
-class StartFailure:
-    """A replica whose worker died or hung before it served: why, in its own log's words."""
-
-    role: Role
-    replica: str
-    cause: str  # the error, with its log's path and last lines
-    at: float
-
-
-@dataclass
-class Heal:
-    role: Role
-    replaced: str
-    reason: str
-    detected_at: float
-    replacement: str = ""
-    ready_at: float = 0.0
-    seconds: float = 0.0
+        return ReplicaStatus(
+            id=self.id,
+            role=self.role,
+            state=self.state.value,
+            address=r.address if r else "",
+            node=r.node if r else "",
+            pid=r.pid if r else 0,
+            running=s.running if s else 0,
+            queued=s.queued if s else 0,
+            free_kv_blocks=s.free_kv_blocks if s else 0,
+            total_kv_blocks=s.total_kv_blocks if s else 0,
+            age_s=round(time.time() - self.created, 1),
+        )
 
 
 class ClusterController:
@@ -160,28 +140,28 @@ class ClusterController:
         """Addresses of the replicas that take new requests (a switching one drains, then does again)."""
         return [r.record.address for r in self.replicas if r.state in (ReplicaState.READY, ReplicaState.SWITCHING)]
 
-    async def status(self) -> dict:
-        return {
-            "name": self.spec.name,
-            "metrics_address": self.metrics_address,
-            "controller_pid": os.getpid(),
-            "pools": {
-                role.value: {
-                    "target": self.targets[role],
-                    "min": self.spec.pool(role).min_replicas,
-                    "max": self.spec.pool(role).max_replicas,
-                    "ready": self.ready_count(role),
-                    "failed_starts_in_a_row": self.failed_starts_in_a_row[role],
-                    "resources": self.spec.pool(role).bundle(),
-                }
+    async def status(self) -> ClusterStatus:
+        return ClusterStatus(
+            name=self.spec.name,
+            metrics_address=self.metrics_address,
+            controller_pid=os.getpid(),
+            pools={
+                role: PoolStatus(
+                    target=self.targets[role],
+                    min=self.spec.pool(role).min_replicas,
+                    max=self.spec.pool(role).max_replicas,
+                    ready=self.ready_count(role),
+                    failed_starts_in_a_row=self.failed_starts_in_a_row[role],
+                    resources=self.spec.pool(role).bundle(),
+                )
                 for role in ROLES
             },
-            "replicas": [r.describe() for r in self.replicas],
-            "autoscaling": self.spec.autoscaling.enabled,
-            "decisions": [asdict(d) for d in self.decisions],
-            "heals": [asdict(h) for h in self.heals],
-            "start_failures": [asdict(f) for f in self.start_failures],
-        }
+            replicas=[r.describe() for r in self.replicas],
+            autoscaling=self.spec.autoscaling.enabled,
+            decisions=list(self.decisions),
+            heals=list(self.heals),
+            start_failures=list(self.start_failures),
+        )
 
     async def switch_replica(self, replica_id: str, role: str) -> str:
         """An operator's move of one ready replica to the other pool; the pools' targets follow

@@ -98,32 +98,32 @@ def _wait_for_pools(controller, stop: threading.Event) -> int:
 
     started = time.monotonic()
     status = ray.get(controller.status.remote())
-    targets = {role: pool["target"] for role, pool in status["pools"].items()}
-    print(f"starting {targets['prefill']} prefill + {targets['decode']} decode workers on Ray (engines load in ~30-60 s)...", flush=True)
+    prefill, decode = (status.pools[role].target for role in ROLES)
+    print(f"starting {prefill} prefill + {decode} decode workers on Ray (engines load in ~30-60 s)...", flush=True)
     seen: set[str] = set()
     while not stop.wait(1.0):
         status = ray.get(controller.status.remote())
-        for r in status["replicas"]:
-            if r["state"] == "ready" and r["id"] not in seen:
-                seen.add(r["id"])
-                print(f"  {r['role']} worker {r['id']} ready at {r['address']} after {time.monotonic() - started:.0f}s", flush=True)
-        for failure in status["start_failures"]:
-            if failure["replica"] not in seen:
-                seen.add(failure["replica"])
+        for r in status.replicas:
+            if r.state == "ready" and r.id not in seen:
+                seen.add(r.id)
+                print(f"  {r.role} worker {r.id} ready at {r.address} after {time.monotonic() - started:.0f}s", flush=True)
+        for failure in status.start_failures:
+            if failure.replica not in seen:
+                seen.add(failure.replica)
                 print(
-                    f"  {failure['role']} worker {failure['replica']} failed to start: {_start_failure_text(failure['cause'])}",
+                    f"  {failure.role} worker {failure.replica} failed to start: {_start_failure_text(failure.cause)}",
                     file=sys.stderr,
                     flush=True,
                 )
-        for role, pool in status["pools"].items():
-            if pool["failed_starts_in_a_row"] >= GIVE_UP_AFTER_FAILED_STARTS:
+        for role, pool in status.pools.items():
+            if pool.failed_starts_in_a_row >= GIVE_UP_AFTER_FAILED_STARTS:
                 print(
-                    f"pdcluster serve: {pool['failed_starts_in_a_row']} {role} workers in a row failed to start (above: why); stopping",
+                    f"pdcluster serve: {pool.failed_starts_in_a_row} {role} workers in a row failed to start (above: why); stopping",
                     file=sys.stderr,
                     flush=True,
                 )
                 return 1
-        if all(pool["ready"] >= pool["target"] for pool in status["pools"].values()):
+        if all(pool.ready >= pool.target for pool in status.pools.values()):
             return 0
     return 130
 
@@ -169,7 +169,6 @@ def _switch(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import json
 
     from pdcluster.cluster.ray_cluster import find_controller
 
@@ -178,22 +177,22 @@ def _status(args: argparse.Namespace) -> int:
 
     status = ray.get(controller.status.remote())
     if args.json:
-        print(json.dumps(status))
+        print(status.model_dump_json())
         return 0
-    print(f"cluster {status['name']} (autoscaling {'on' if status['autoscaling'] else 'off'})")
-    for role, pool in status["pools"].items():
-        print(f"  {role:<8} ready {pool['ready']}/{pool['target']} (min {pool['min']}, max {pool['max']}) per replica {pool['resources']}")
-    for r in status["replicas"]:
+    print(f"cluster {status.name} (autoscaling {'on' if status.autoscaling else 'off'})")
+    for role, pool in status.pools.items():
+        print(f"  {role:<8} ready {pool.ready}/{pool.target} (min {pool.min}, max {pool.max}) per replica {pool.resources}")
+    for r in status.replicas:
         print(
-            f"    {r['id']:<18} {r['state']:<9} {r['address']:<22} pid {r['pid']:<7} running {r['running']:<3} "
-            f"free KV {r['free_kv_blocks']}/{r['total_kv_blocks']}  up {r['age_s']:.0f}s"
+            f"    {r.id:<18} {r.role:<8} {r.state:<9} {r.address:<22} pid {r.pid:<7} running {r.running:<3} "
+            f"free KV {r.free_kv_blocks}/{r.total_kv_blocks}  up {r.age_s:.0f}s"
         )
-    for d in status["decisions"][-10:]:
-        print(
-            f"  autoscaler {time.strftime('%H:%M:%S', time.localtime(d['at']))} {d['role']} {d['from_replicas']} -> {d['to_replicas']}: {d['reason']}"
-        )
-    for h in status["heals"][-10:]:
-        print(f"  healed {h['role']}: {h['replaced']} ({h['reason']}) -> {h['replacement']} in {h['seconds']}s")
+    for d in status.decisions[-10:]:
+        print(f"  autoscaler {time.strftime('%H:%M:%S', time.localtime(d.at))} {d.role} {d.from_replicas} -> {d.to_replicas}: {d.reason}")
+    for h in status.heals[-10:]:
+        print(f"  healed {h.role}: {h.replaced} ({h.reason}) -> {h.replacement} in {h.seconds}s")
+    for f in status.start_failures[-5:]:
+        print(f"  failed to start: {f.role} {f.replica}: {_start_failure_text(f.cause)}")
     return 0
 
 

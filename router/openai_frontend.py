@@ -11,6 +11,7 @@ from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.app import build_app
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+from pdcluster.router.cluster_view import ClusterView
 from pdcluster.router.engine_client import SUPPORTED_TASKS
 from pdcluster.router.router_service import Router
 
@@ -40,9 +41,9 @@ def _add_cluster_view(app: FastAPI, router: Router) -> None:
             raise HTTPException(401, "a valid API key is required (Authorization: Bearer KEY)")
 
     @app.get("/cluster", dependencies=[Depends(authorized)])
-    async def cluster():
-        return {
-            "model": router.served_model_names[0],
-            "workers": [w.describe() for w in router.pool.workers()],
-            "prefix_index_blocks": router.flow.prefix_index.sizes(),
-        }
+    async def cluster() -> ClusterView:
+        return ClusterView(
+            model=router.served_model_names[0],
+            workers=[w.describe() for w in router.pool.workers()],
+            prefix_index_blocks=router.flow.prefix_index.sizes(),
+        )

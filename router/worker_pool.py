@@ -21,6 +21,7 @@ from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.tls import TLSFiles, open_channel
 from pdcluster.common.worker_record import ROLES, Role
 from pdcluster.protos import worker_pb2, worker_pb2_grpc
+from pdcluster.router import cluster_view
 from pdcluster.router.worker_load import WorkerLoad
 
 logger = logging.getLogger("pdcluster.router.pool")
@@ -61,27 +62,27 @@ class WorkerView:
     def healthy(self) -> bool:
         return self.reachable and self.stats is not None and not self.stats.draining
 
-    def describe(self) -> dict:
+    def describe(self) -> cluster_view.WorkerSummary:
         s = self.stats or worker_pb2.WorkerStats()
-        return {
-            "id": self.worker_id,
-            "role": s.role or None,
-            "address": self.address,
-            "healthy": self.healthy,
-            "pid": s.pid,
-            "running": s.running,
-            "queued": s.queued,
-            "free_kv_blocks": s.free_kv_blocks,
-            "total_kv_blocks": s.total_kv_blocks,
-            "kv_bytes_sent": s.kv_bytes_sent,
-            "kv_bytes_received": s.kv_bytes_received,
-            "kv_endpoint": s.kv_endpoint,
-            "kv_transport": s.kv_transport,
-            "kv_bytes_by_transport": dict(s.kv_bytes_by_transport),
-            "kv_transfers_by_transport": dict(s.kv_transfers_by_transport),
-            "draining": s.draining,
-            "router_inflight": self.load.inflight,
-        }
+        return cluster_view.WorkerSummary(
+            id=self.worker_id,
+            role=s.role or None,
+            address=self.address,
+            healthy=self.healthy,
+            pid=s.pid,
+            running=s.running,
+            queued=s.queued,
+            free_kv_blocks=s.free_kv_blocks,
+            total_kv_blocks=s.total_kv_blocks,
+            kv_bytes_sent=s.kv_bytes_sent,
+            kv_bytes_received=s.kv_bytes_received,
+            kv_endpoint=s.kv_endpoint,
+            kv_transport=s.kv_transport,
+            kv_bytes_by_transport=dict(s.kv_bytes_by_transport),
+            kv_transfers_by_transport=dict(s.kv_transfers_by_transport),
+            draining=s.draining,
+            router_inflight=self.load.inflight,
+        )
 
 
 def queued_prefill_tokens(worker: WorkerView) -> int:

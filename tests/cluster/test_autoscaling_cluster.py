@@ -127,9 +127,10 @@ def serve(fake_cluster, tmp_path_factory):
 
 
 def status(controller) -> dict:
+    """The controller's status as `pdcluster status --json` prints it."""
     import ray
 
-    return ray.get(controller.status.remote())
+    return ray.get(controller.status.remote()).model_dump(mode="json")
 
 
 def pool_nodes(resource: str) -> int:

@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
+from pdcluster.cluster.cluster_status import ClusterStatus
 from pdcluster.cluster.controller import ClusterController
 from pdcluster.cluster.replica_launcher import LiveReplica
 from pdcluster.common.worker_record import Role, WorkerRecord
@@ -111,7 +112,8 @@ async def test_reconcile_starts_each_pool_at_its_target_with_the_spec_config():
     config = launcher.live(Role.PREFILL)[0].config
     assert config.engine.max_model_len == 777 and config.kv.transport == "grpc" and config.cluster_name == "c1"
     status = await controller.status()
-    assert status["pools"]["prefill"]["ready"] == 2 and status["pools"]["decode"]["target"] == 1
+    assert status.pools[Role.PREFILL].ready == 2 and status.pools[Role.DECODE].target == 1
+    assert ClusterStatus.model_validate_json(status.model_dump_json()) == status  # `pdcluster status --json` reads back whole
     await rounds(controller, 3)
     assert len(launcher.replicas) == 3  # nothing more is started once the targets are met
 
@@ -128,11 +130,9 @@ async def test_a_replica_that_exits_is_replaced_and_the_heal_recorded():
     await rounds(controller)
     replacement = launcher.live(Role.DECODE)
     assert len(replacement) == 1 and replacement[0] is not dead
-    heals = (await controller.status())["heals"]
-    assert [(h["role"], h["replaced"], h["replacement"]) for h in heals] == [
-        ("decode", dead.config.worker_id, replacement[0].config.worker_id)
-    ]
-    assert heals[0]["reason"] == "exited with 137" and controller.heal_counts[Role.DECODE] == 1
+    heals = (await controller.status()).heals
+    assert [(h.role, h.replaced, h.replacement) for h in heals] == [(Role.DECODE, dead.config.worker_id, replacement[0].config.worker_id)]
+    assert heals[0].reason == "exited with 137" and controller.heal_counts[Role.DECODE] == 1
 
 
 @pytest.mark.asyncio
