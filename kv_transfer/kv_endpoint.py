@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import torch
 
 from pdcluster.common.ports import is_loopback
-from pdcluster.kv_transfer.grpc_transport import KVClient, KVTransferService, start_kv_server, status_for
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.kv_receiver import KVReceiver
 from pdcluster.kv_transfer.kv_sender import KVSender
+from pdcluster.kv_transfer.kv_transfer_service import KVClient, KVTransferService, start_kv_server, status_for
 from pdcluster.kv_transfer.nixl_agent import NixlAgent, NixlUnavailable
 from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
 from pdcluster.kv_transfer.nixl_producer import NixlProducer

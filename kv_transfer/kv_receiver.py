@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import torch
@@ -28,6 +29,16 @@ from pdcluster.kv_transfer.transfer_stats import TransferStats
 logger = logging.getLogger(__name__)
 
 _CLOSED_IDS_KEPT = 10_000
+
+
+class IncomingState(StrEnum):
+    """Where an expected transfer stands. Its blocks are vLLM's again only in the last two."""
+
+    AWAITED = "awaited"  # blocks still to arrive, none refused
+    LANDING = "landing"  # ended, but chunk writes into its blocks are still in flight
+    HELD = "held"  # ended, but its NIXL writer may still write into its blocks (until it says its writes ended)
+    COMPLETE = "complete"  # every block arrived intact: vLLM decodes from it
+    FAILED = "failed"  # deadline missed, aborted, mismatched, corrupt or cancelled: vLLM recomputes
 
 
 class TransferNotWanted(Exception):
@@ -64,6 +75,17 @@ class ExpectedTransfer:
     @property
     def awaited(self) -> bool:
         return not self.failure and not self.complete
+
+    def state(self, now: float) -> IncomingState:
+        if self.awaited:
+            return IncomingState.AWAITED
+        if self.writers:
+            return IncomingState.LANDING
+        # A complete NIXL transfer stays held too until its writer says its writes ended: a
+        # retry's write may still be landing on the prompt's last block, which the decode fills.
+        if self.hold_until > now:
+            return IncomingState.HELD
+        return IncomingState.FAILED if self.failure else IncomingState.COMPLETE
 
 
 @dataclass
@@ -165,16 +187,14 @@ class KVReceiver:
             for transfer_id, t in list(self._expected.items()):
                 if t.awaited and now > t.deadline:
                     t.failure = f"no complete KV within {self._settings.load_timeout_s}s"
-                # A complete NIXL transfer stays held too until its writer says its writes
-                # ended: a retry's write may still be landing on the prompt's last block,
-                # which the decode then fills.
-                if t.writers or t.awaited or t.hold_until > now:
+                state = t.state(now)
+                if state not in (IncomingState.COMPLETE, IncomingState.FAILED):
                     continue
                 del self._expected[transfer_id]
                 self._by_request.pop(t.request_id, None)
-                self._close(transfer_id, completed=t.complete and not t.failure)
+                self._close(transfer_id, completed=state == IncomingState.COMPLETE)
                 finished.add(t.request_id)
-                if t.complete and not t.failure:
+                if state == IncomingState.COMPLETE:
                     self._stats.transfer_done(t.transport, transfers_received=1, receive_seconds=time.monotonic() - t.started)
                     continue
                 failed.add(t.request_id)

@@ -22,8 +22,8 @@ import torch
 
 from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
-from pdcluster.kv_transfer.grpc_transport import KVClient, TransferFailed
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
+from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_producer import NixlProducer
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
 from pdcluster.kv_transfer.settings import KVEndpointSettings
@@ -180,11 +180,12 @@ class KVSender:
                 t.transport = "nixl"
                 t.moved = await self._nixl.write(t, target)
                 return
-        t.transport = "grpc" if self._settings.transport == "grpc" else "tcp"
+        path = self._settings.stream_path
+        t.transport = path
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(self._settings.streams_per_transfer):
-                    group.create_task(self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic()))
+                    group.create_task(self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic(), path))
         except ExceptionGroup as group:
             failed, other = group.split(TransferFailed)
             if other is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdcluster.kv_transfer.grpc_transport import KVClient, TransferFailed
+from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_agent import NixlAgent, NixlWriteFailed
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
 from pdcluster.kv_transfer.paged_kv_layout import LayerSpan

@@ -17,9 +17,9 @@ import grpc
 
 from pdcluster.common.periodic import cancel_all
 from pdcluster.common.tls import open_channel
-from pdcluster.kv_transfer.grpc_transport import STATS
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.kv_receiver import KVReceiver
+from pdcluster.kv_transfer.kv_transfer_service import STATS
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb
 

@@ -30,7 +30,7 @@ from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_auth import WorkerTokenCheck
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
-from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdcluster.common.cluster_token import local_cluster_token, local_token_path
 from pdcluster.common.tiny_model.generate import CORPUS
-from pdcluster.kv_transfer.grpc_transport import KVClient, fetch_kv_stats
+from pdcluster.kv_transfer.kv_transfer_service import KVClient, fetch_kv_stats
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc

@@ -12,7 +12,7 @@ import torch
 
 from pdcluster.common.ports import free_port
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
-from pdcluster.kv_transfer.grpc_transport import KVClient
+from pdcluster.kv_transfer.kv_transfer_service import KVClient
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb

@@ -293,6 +293,21 @@ def test_router_drains_on_sigterm(cluster, long_prompt):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        # A gRPC stream is running too when the signal comes: it must finish whole as well.
+        grpc_finished: dict[str, int] = {}
+        first_grpc_reply = threading.Event()
+
+        def grpc_stream() -> None:
+            with grpc.insecure_channel(router.record.grpc) as channel:
+                request = ipb.GenerateRequest(prompt=long_prompt, max_tokens=1000, temperature=0, ignore_eos=True)
+                for reply in igrpc.InferenceStub(channel).Generate(request, timeout=300):
+                    first_grpc_reply.set()
+                    if reply.finish_reason:
+                        grpc_finished["tokens"] = reply.usage.completion_tokens
+
+        streaming = threading.Thread(target=grpc_stream)
+        streaming.start()
+        assert first_grpc_reply.wait(120)
         events = []
         with httpx.Client(base_url=url, timeout=120) as http, http.stream("POST", "/v1/completions", json=request) as stream:
             for line in stream.iter_lines():
@@ -304,8 +319,13 @@ def test_router_drains_on_sigterm(cluster, long_prompt):
                     time.sleep(0.5)
                     with pytest.raises(httpx.ConnectError):  # no new requests once draining
                         httpx.get(url + "/health", timeout=5)
+                    with grpc.insecure_channel(router.record.grpc) as channel, pytest.raises(grpc.RpcError) as refused:
+                        igrpc.InferenceStub(channel).Complete(ipb.GenerateRequest(prompt="hi", max_tokens=2), timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # nor on gRPC
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 2000  # the stream finished whole
+        streaming.join(300)
+        assert grpc_finished == {"tokens": 1000}
         assert router.process.wait(60) == 0
     finally:
         router.stop()
@@ -347,6 +367,24 @@ def test_admission_control_and_api_key(cluster, long_prompt):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
             reply = stub.Complete(ipb.GenerateRequest(prompt="hi", max_tokens=2), metadata=[("authorization", "Bearer s3cret")])
             assert reply.usage.completion_tokens >= 1
+            # The same admission on gRPC: past the queue, RESOURCE_EXHAUSTED with the reason.
+            codes: list[grpc.StatusCode] = []
+
+            def one_grpc() -> None:
+                request = ipb.GenerateRequest(prompt=long_prompt, max_tokens=200, temperature=0, ignore_eos=True)
+                try:
+                    stub.Complete(request, metadata=[("authorization", "Bearer s3cret")], timeout=120)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    assert e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "capacity" in e.details()
+                    codes.append(e.code())
+
+            threads = [threading.Thread(target=one_grpc) for _ in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1 and codes.count(grpc.StatusCode.OK) >= 2, codes
     finally:
         router.stop()
 

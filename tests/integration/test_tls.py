@@ -16,7 +16,7 @@ import pytest
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.common.tls import TLSFiles
 from pdcluster.common.worker_auth import token_metadata
-from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc

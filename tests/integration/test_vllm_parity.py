@@ -17,7 +17,7 @@ import pytest
 
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
 from pdcluster.common.vllm_server import start_vllm_server
-from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
 from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_environment
 

@@ -10,7 +10,7 @@ import grpc
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.sample_wire import encode_sampling_params
 from pdcluster.common.worker_auth import token_metadata
-from pdcluster.kv_transfer.grpc_transport import fetch_kv_stats
+from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 

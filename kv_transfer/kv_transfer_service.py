@@ -23,7 +23,7 @@ from pdcluster.kv_transfer.grpc_options import bulk_channel_options
 from pdcluster.kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
 from pdcluster.kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
 from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
-from pdcluster.kv_transfer.settings import KVEndpointSettings
+from pdcluster.kv_transfer.settings import KVEndpointSettings, StreamPath
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import kv_transfer_pb2 as pb
 
@@ -206,10 +206,10 @@ class KVClient:
             self._channels[endpoint] = channels
         return channels[next(self._rr) % len(channels)]
 
-    async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float) -> None:
-        """Send one stream of (header, payload parts) chunks; raises TransferFailed."""
+    async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float, path: StreamPath) -> None:
+        """Send one stream of (header, payload parts) chunks by `path`; raises TransferFailed."""
         try:
-            if self._settings.transport != "grpc":  # tcp, and what nixl/auto fall back to
+            if path == "tcp":
                 host, port = await self._data_channel(endpoint)
                 status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, self._tls_context), timeout)
                 if status != "OK":
