@@ -93,3 +93,24 @@ def test_dead_prefill_worker_costs_a_retry_not_the_request(cluster, prompt):
     assert complete(client, prompt, stream=False, max_tokens=32).text == expected.text
     assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="no_prefill_worker"') >= 1
     assert http.get("/health").status_code == 503  # no prefill worker left
+
+
+def test_a_decode_worker_drains_its_running_stream_on_sigterm(cluster, prompt):
+    """SIGTERM: the worker takes nothing new and finishes what runs, then exits 0. The stream
+    completes on it whole, not resumed elsewhere. (Last here: it leaves no decode worker.)"""
+    router, workers = cluster
+    client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=300)
+    http = httpx.Client(base_url=router.record.http, timeout=60)
+    (decode,) = [w for w in workers if w.role == "decode" and w.process.poll() is None]
+    expected = complete(client, prompt, stream=False, max_tokens=1000)
+    resumes_before = metric(http, "pdcluster_router_resumes_total")
+    pieces, finish, signalled = [], None, False
+    for chunk in complete(client, prompt, stream=True, max_tokens=1000):
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+        if not signalled and chunk.choices[0].text:
+            decode.process.send_signal(signal.SIGTERM)
+            signalled = True
+    assert signalled and "".join(pieces) == expected.text and finish == "length"
+    assert metric(http, "pdcluster_router_resumes_total") == resumes_before  # finished where it ran
+    assert decode.process.wait(60) == 0
