@@ -33,12 +33,15 @@ from tests.support.processes import EAGER
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 200
+PREFILL_KV_BLOCKS = 100  # room for every prompt here, and unlike the default
 
 
 @pytest.fixture(scope="module")
 def serve():
     """`pdcluster serve --prefill 2 --decode 1` on free ports."""
-    proc, lines, served = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *EAGER])
+    # The prefill pool's own engine flags, which must reach its engines and only theirs.
+    prefill_args = ["--prefill-args", f"--num-gpu-blocks-override {PREFILL_KV_BLOCKS}"]
+    proc, lines, served = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *prefill_args, *EAGER])
     yield proc, served.router.http, lines
     stop_serve(proc)
 
@@ -61,6 +64,7 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     workers = cluster_workers(url)
     assert sorted(w["role"] for w in workers) == ["decode", "prefill", "prefill"]
     assert all(w["healthy"] for w in workers)
+    assert [w["total_kv_blocks"] == PREFILL_KV_BLOCKS for w in workers] == [w["role"] == "prefill" for w in workers]  # --prefill-args
     # A local cluster's workers listen on loopback only: Worker service, KV endpoint, data channel, metrics.
     for w in workers:
         assert w["address"].startswith("127.0.0.1:") and w["kv_endpoint"].startswith("127.0.0.1:")

@@ -19,7 +19,6 @@ from pdcluster.common.serve_process import launch_serve, stop_serve
 pytestmark = pytest.mark.slow
 
 NAME = "switch-test"
-PREFILL_BLOCKS = 40
 SPEC = {
     "name": NAME,
     "engine": {"enforce_eager": True},
@@ -49,18 +48,11 @@ def pools_and_pids(report: dict) -> tuple[dict, dict]:
 def test_a_switched_replica_keeps_its_pool_when_the_controller_restarts(tmp_path):
     spec_path = tmp_path / "cluster.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))
-    # One pool's own engine flags reach its running engines: the prefill pool's KV cache size.
-    proc, _, served = launch_serve(
-        ["--config", str(spec_path), "--no-router", "--prefill-args", f"--num-gpu-blocks-override={PREFILL_BLOCKS}"]
-    )
+    proc, _, served = launch_serve(["--config", str(spec_path), "--no-router"])
     try:
         assert served.router is None and (served.prefill_workers, served.decode_workers) == (1, 2)
         ray = served.ray_address
         before = status(ray)
-        blocks = {r["role"]: set() for r in before["replicas"]}
-        for r in before["replicas"]:
-            blocks[r["role"]].add(r["total_kv_blocks"])
-        assert blocks["prefill"] == {PREFILL_BLOCKS} and PREFILL_BLOCKS not in blocks["decode"], blocks
         moved = next(r["id"] for r in before["replicas"] if r["role"] == "decode")
         assert moved.startswith("replica-")  # ids name no role
 
