@@ -89,7 +89,8 @@ class ClusterController:
         self.failed_starts_in_a_row: collections.Counter[Role] = collections.Counter()
         self._open_heals: list[Heal] = []
         self._last_autoscale = 0.0
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # its periodic loops
+        self._actions: list[asyncio.Task] = []  # drains and switches under way
         self._registry: RedisRegistry | None = None
         self.metrics_address = ""
         self.decision_counts: collections.Counter = collections.Counter()  # (role, "up"|"down")
@@ -190,6 +191,7 @@ class ClusterController:
 
     async def shutdown(self) -> None:
         await cancel_all(self._tasks)
+        await asyncio.gather(*self._actions, return_exceptions=True)  # a drain under way ends as it began
         if self._registry is not None:
             await self._registry.close()
         await asyncio.gather(*(self._remove(r, drain=True) for r in list(self.replicas)))
@@ -240,9 +242,9 @@ class ClusterController:
                     self._switch(by_id[replica_id], to)
 
     def _spawn(self, work) -> None:
-        """Run `work` beside the rounds, keeping a reference until it ends (shutdown cancels it)."""
-        self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(work))
+        """Run `work` beside the rounds, keeping a reference until it ends (shutdown awaits it)."""
+        self._actions = [t for t in self._actions if not t.done()]
+        self._actions.append(asyncio.create_task(work))
 
     def _record(self, decision: ScalingDecision) -> None:
         logger.info("autoscaler: %s %d -> %d (%s)", decision.role, decision.from_replicas, decision.to_replicas, decision.reason)

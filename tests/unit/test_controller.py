@@ -62,6 +62,7 @@ class FakeLauncher:
         return [LiveReplica(r.config.worker_id, r.config.role, r) for r in self.replicas if r.stopped is None]
 
     async def stop(self, handle: FakeReplica, drain: bool) -> None:
+        await asyncio.sleep(0)  # as a real stop, it waits before the replica is gone
         handle.stopped = drain
 
     def live(self, role: Role) -> list[FakeReplica]:
@@ -291,3 +292,14 @@ def test_replica_ids_name_no_role():
     asyncio.run(rounds(controller))
     assert all(r.id.startswith("replica-") for r in controller.replicas)
     assert {r.config.worker_id for r in launcher.replicas} == {r.id for r in controller.replicas}
+
+
+@pytest.mark.asyncio
+async def test_shutdown_during_a_drain_still_stops_every_replica():
+    controller, launcher, _ = make_controller({"prefill": {"replicas": 2}, "decode": {"replicas": 1}})
+    await rounds(controller)
+    controller.targets[Role.PREFILL] = 1
+    await rounds(controller)  # one prefill replica starts draining
+    await asyncio.sleep(0)  # its drain is under way when the controller is told to stop
+    await controller.shutdown()
+    assert [r.stopped for r in launcher.replicas] == [True, True, True]  # each drained, none left running
