@@ -42,6 +42,7 @@ class FakeLauncher:
     def __init__(self) -> None:
         self.replicas: list[FakeReplica] = []
         self._numbers = itertools.count(1)
+        self.drains_wait_for: asyncio.Event | None = None
 
     def node_address(self) -> str:
         return "127.0.0.1"
@@ -62,7 +63,8 @@ class FakeLauncher:
         return [LiveReplica(r.config.worker_id, r.config.role, r) for r in self.replicas if r.stopped is None]
 
     async def stop(self, handle: FakeReplica, drain: bool) -> None:
-        await asyncio.sleep(0)  # as a real stop, it waits before the replica is gone
+        if drain and self.drains_wait_for is not None:  # a drain takes as long as the test says
+            await self.drains_wait_for.wait()
         handle.stopped = drain
 
     def live(self, role: Role) -> list[FakeReplica]:
@@ -298,8 +300,11 @@ def test_replica_ids_name_no_role():
 async def test_shutdown_during_a_drain_still_stops_every_replica():
     controller, launcher, _ = make_controller({"prefill": {"replicas": 2}, "decode": {"replicas": 1}})
     await rounds(controller)
+    launcher.drains_wait_for = asyncio.Event()
     controller.targets[Role.PREFILL] = 1
-    await rounds(controller)  # one prefill replica starts draining
-    await asyncio.sleep(0)  # its drain is under way when the controller is told to stop
-    await controller.shutdown()
+    await rounds(controller)  # one prefill replica starts draining, and is still draining...
+    shutdown = asyncio.create_task(controller.shutdown())  # ...when the controller is told to stop
+    await asyncio.sleep(0.05)
+    launcher.drains_wait_for.set()
+    await shutdown
     assert [r.stopped for r in launcher.replicas] == [True, True, True]  # each drained, none left running
