@@ -181,9 +181,7 @@ class ClusterController:
             raise ValueError(f"the {new} pool is at its max_replicas ({self.spec.pool(new).max_replicas})")
         self.targets[old] -= 1
         self.targets[new] += 1
-        self._act([Switch(replica_id, new)])
-        while replica.state == ReplicaState.SWITCHING:
-            await asyncio.sleep(0.2)
+        await self._switch(replica, new)
         if replica.role == old:  # refused: the pools stay as they were
             self.targets[old] += 1
             self.targets[new] -= 1
@@ -241,17 +239,18 @@ class ClusterController:
                 case Switch(replica_id, to):
                     self._switch(by_id[replica_id], to)
 
-    def _spawn(self, work) -> None:
+    def _spawn(self, work) -> asyncio.Task:
         """Run `work` beside the rounds, keeping a reference until it ends (shutdown awaits it)."""
         self._actions = [t for t in self._actions if not t.done()]
         self._actions.append(asyncio.create_task(work))
+        return self._actions[-1]
 
     def _record(self, decision: ScalingDecision) -> None:
         logger.info("autoscaler: %s %d -> %d (%s)", decision.role, decision.from_replicas, decision.to_replicas, decision.reason)
         self.decisions.append(decision)
         self.decision_counts[(decision.role, "up" if decision.to_replicas > decision.from_replicas else "down")] += 1
 
-    def _switch(self, replica: Replica, role: Role) -> None:
+    def _switch(self, replica: Replica, role: Role) -> asyncio.Task:
         """Move a ready replica to `role`'s pool: it counts there at once (nothing new starts),
         drains, and serves the new role. A failed switch leaves it in its old pool; the next
         rounds then start and drain replicas to meet the targets as without switching."""
@@ -269,7 +268,7 @@ class ClusterController:
             if replica.state == ReplicaState.SWITCHING:
                 replica.state = ReplicaState.READY
 
-        self._spawn(switch())
+        return self._spawn(switch())
 
     async def _check(self, replica: Replica) -> None:
         if replica.state == ReplicaState.STARTING:

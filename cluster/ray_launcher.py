@@ -69,7 +69,12 @@ class RayReplicaLauncher:
         return RayReplica(actor, pg)
 
     async def wait_ready(self, handle: RayReplica, timeout_s: float) -> WorkerRecord:
-        return WorkerRecord.model_validate_json(await handle.actor.wait_ready.remote(timeout_s))
+        from ray.exceptions import RayTaskError
+
+        try:
+            return WorkerRecord.model_validate_json(await handle.actor.wait_ready.remote(timeout_s))
+        except RayTaskError as e:  # the worker's own error (its log's path and last lines), not Ray's wrapper
+            raise (e.cause or e) from None
 
     async def exit_code(self, handle: RayReplica) -> int | None:
         try:

@@ -46,6 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
     connect_ray(spec)  # before anything imports ray: it decides how ray is set up
     import ray
 
+    ray_address = ray.get_runtime_context().gcs_address  # in the ready record: tools find this cluster there
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     controller = None
@@ -56,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
             return waited
         if args.no_router:
             print(f"pdcluster pools ready: {spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers", flush=True)
-            _write_ready(args.ready_file, None, spec, ray.get_runtime_context().gcs_address)
+            _write_ready(args.ready_file, None, spec, ray_address)
             stop.wait()
             return 0
         config = spec.router_config()
@@ -64,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(
             serve_router(
                 config,
-                on_ready=lambda info: _on_ready(info, spec, args.ready_file, ray.get_runtime_context().gcs_address),
+                on_ready=lambda info: _on_ready(info, spec, args.ready_file, ray_address),
                 membership=membership,
                 listeners=listeners,
             )
@@ -81,11 +83,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _start_failure_text(cause: str) -> str:
-    """The error naming the worker's log, and the log's last lines (Ray wraps it in its own traceback)."""
-    lines = cause.splitlines()
-    named = [i for i, line in enumerate(lines) if "(log: /" in line]
-    start = named[-1] if named else 0
-    return "\n".join([lines[start].split("Error: ", 1)[-1], *lines[start + 1 :][-10:]]) if lines else cause
+    """The error (it names the worker's log) and the log's last lines."""
+    first, *rest = cause.splitlines() or [""]
+    return "\n".join([first, *rest[-10:]])
 
 
 GIVE_UP_AFTER_FAILED_STARTS = 3  # in a row, in one pool: the same cause will not go away by retrying
