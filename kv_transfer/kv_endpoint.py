@@ -22,6 +22,7 @@ from pdcluster.kv_transfer.producer_watch import ProducerWatch
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.tcp_transport import TcpChunkServer
 from pdcluster.kv_transfer.transfer_stats import TransferStats
+from pdcluster.kv_transfer.transports import transports_for
 from pdcluster.protos import kv_transfer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,16 @@ class KVEndpoint:
         self.io = KVIOLoop()
         self.nixl = self._start_nixl()
         self.receiver = KVReceiver(self.layers, self.layout, settings, self.stats, self.progress) if consume else None
-        self._producer_watch = ProducerWatch(self.receiver, settings, self.io) if consume else None
-        self._nixl_consumer = NixlConsumer(self.nixl, self.receiver) if consume and self.nixl else None
+        self._producer_watch = ProducerWatch(self.receiver.transfers, settings, self.io) if self.receiver else None
+        self.nixl_consumer = (
+            NixlConsumer(self.nixl, self.receiver.transfers, self.layers, self.stats) if self.receiver and self.nixl else None
+        )
         self._client = KVClient(settings) if produce else None
         self.sender = None
         if produce:
             nixl = NixlProducer(self.nixl, self._client, self.layers, settings) if self.nixl else None
-            self.sender = KVSender(self.io, self._client, self.layers, self.layout, settings, self.stats, self.progress, nixl)
+            transports = transports_for(settings, self._client, self.layers, self.layout, nixl)
+            self.sender = KVSender(self.io, self._client, transports, self.layout, settings, self.stats, self.progress)
         self._tcp = TcpChunkServer(
             self.receiver,
             settings.host,
@@ -65,7 +69,7 @@ class KVEndpoint:
             data_channel = pb.DataChannel(host=host, port=int(port_text))
         else:
             data_channel = pb.DataChannel(host=settings.host, port=self._tcp.port)
-        service = KVTransferService(self.receiver, self.kv_stats, settings.check_token, data_channel, self._nixl_consumer)
+        service = KVTransferService(self.receiver, self.kv_stats, settings.check_token, data_channel, self.nixl_consumer)
         self._server, port = self.io.run(start_kv_server(service, settings))
         self.address = f"{settings.host}:{port}"
 
@@ -96,8 +100,8 @@ class KVEndpoint:
             self.io.run(self._client.close(), timeout=10)
         if self._producer_watch is not None:
             self.io.run(self._producer_watch.aclose(), timeout=10)
-        if self._nixl_consumer is not None:
-            self.io.run(self._nixl_consumer.aclose(), timeout=10)
+        if self.nixl_consumer is not None:
+            self.io.run(self.nixl_consumer.aclose(), timeout=10)
         self.io.run(self._server.stop(grace=1.0), timeout=10)
         self._tcp.close()
         self.io.stop()

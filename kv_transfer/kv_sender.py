@@ -16,38 +16,18 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-import torch
-
-from pdcluster.kv_transfer.chunk_header import KVChunkHeader, payload_checksum
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_producer import NixlProducer
+from pdcluster.kv_transfer.outgoing_transfer import OutgoingState, OutgoingTransfer
 from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout, split_block_range
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
+from pdcluster.kv_transfer.transports import Transport
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class OutgoingTransfer:
-    request_id: str
-    transfer_id: str
-    endpoint: str
-    block_ids: list[int]
-    deadline: float
-    ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, first block, end block)
-    final: bool = False
-    cursor: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    started: float = field(default_factory=time.monotonic)
-    task: asyncio.Task | None = None
-    transport: str = ""  # the data path of the last attempt
-    moved: int = 0  # bytes that attempt moved
-    nixl_held: bool = False  # a NIXL attempt got the consumer's blocks: they stay held until told
 
 
 class KVSender:
@@ -55,18 +35,16 @@ class KVSender:
         self,
         io: KVIOLoop,
         client: KVClient,
-        layers: Sequence[torch.Tensor],
+        transports: Sequence[Transport],
         layout: PagedKVLayout,
         settings: KVEndpointSettings,
         stats: TransferStats,
         progress: threading.Event | None = None,
-        nixl: NixlProducer | None = None,
     ) -> None:
         self._progress = progress or threading.Event()  # set when a transfer ends
         self._io = io
-        self._client = client
-        self._nixl = nixl  # None: this engine writes no KV over NIXL
-        self._layers = list(layers)
+        self._client = client  # for aborts
+        self._transports = list(transports)  # tried in order: the first that can carries a transfer
         self._layout = layout
         self._settings = settings
         self._stats = stats
@@ -135,13 +113,13 @@ class KVSender:
     def _finalize(self, request_id: str) -> None:
         t = self._transfers.get(request_id)
         if t is not None:
-            t.final = True
+            t.state = OutgoingState.ANNOUNCED
             t.changed.set()
 
     def _abort_if_unfinished(self, request_id: str) -> None:
         # vLLM finished the request: a transfer never finalized will never be complete.
         t = self._transfers.get(request_id)
-        if t is not None and not t.final and t.task is not None:
+        if t is not None and not t.announced and t.task is not None:
             t.task.cancel()
 
     async def _drive(self, t: OutgoingTransfer) -> None:
@@ -174,62 +152,19 @@ class KVSender:
 
     async def _attempt(self, t: OutgoingTransfer) -> None:
         t.cursor = 0  # a retry resends everything from the held blocks
-        if self._nixl is not None:
-            target = await self._nixl.target(t)
-            if target is not None:
-                t.transport = "nixl"
-                t.moved = await self._nixl.write(t, target)
-                return
-        path = self._settings.stream_path
-        t.transport = path
-        try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(self._settings.streams_per_transfer):
-                    group.create_task(self._client.push(t.endpoint, self._chunks(t), t.deadline - time.monotonic(), path))
-        except ExceptionGroup as group:
-            failed, other = group.split(TransferFailed)
-            if other is not None:
-                raise other
-            errors = [e for e in failed.exceptions if isinstance(e, TransferFailed)]  # split() kept only these
-            # Retry only if every stream failed in a way a retry can fix.
-            raise TransferFailed(str(errors[0]), all(e.retryable for e in errors)) from None
-        t.moved = sum(e - s for _, s, e in t.ranges) * self._layout.block_bytes
-        if t.nixl_held:  # TCP carried what a NIXL attempt began: its writes have ended
-            await self._nixl.written(t)
-
-    async def _chunks(self, t: OutgoingTransfer):
-        # One pack buffer per stream (for layouts that need packing): a chunk is handed
-        # over before the next is packed.
-        step = max(1, self._settings.chunk_bytes // self._layout.block_bytes)
-        buffer = torch.empty(step * self._layout.block_bytes, dtype=torch.uint8)
-        while True:
-            while t.cursor >= len(t.ranges) and not t.final:
-                t.changed.clear()
-                await t.changed.wait()
-            if t.cursor >= len(t.ranges):
-                return
-            layer, start, end = t.ranges[t.cursor]
-            t.cursor += 1
-            yield self._encode(t, layer, start, end, buffer)
-
-    def _encode(self, t: OutgoingTransfer, layer: int, start: int, end: int, buffer: torch.Tensor) -> tuple[bytes, list[memoryview]]:
-        parts = self._layout.payload_parts(self._layers[layer], t.block_ids[start:end], into=buffer)
-        header = KVChunkHeader(
-            transfer_id=t.transfer_id,
-            layer=layer,
-            block_start=start,
-            num_blocks=end - start,
-            dtype=self._layout.dtype_name,
-            block_bytes=self._layout.block_bytes,
-            layout=self._layout.signature,
-            payload_bytes=sum(p.nbytes for p in parts),
-            checksum=payload_checksum(*parts),
-            auth_token=self._settings.auth_token,
-        )
-        return header.encode(), parts
+        for transport in self._transports:
+            moved = await transport.send(t)
+            if moved is not None:
+                t.transport, t.moved = transport.name, moved
+                break
+        else:
+            raise TransferFailed(f"no data path to {t.endpoint} carried the transfer", False)
+        if t.nixl_held and t.transport != "nixl":  # another path carried what a NIXL attempt began
+            await next(n for n in self._transports if isinstance(n, NixlProducer)).written(t)
 
     async def _finish(self, t: OutgoingTransfer, failure: str) -> None:
         self._transfers.pop(t.request_id, None)
+        t.state = OutgoingState.FAILED if failure else OutgoingState.SENT
         if failure:
             logger.warning("KV transfer %s failed: %s", t.transfer_id, failure)
             self._stats.add(transfers_failed=1)

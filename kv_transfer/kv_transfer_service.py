@@ -1,11 +1,10 @@
-"""The `KVTransfer` gRPC service and the client that pushes KV to it.
+"""The `KVTransfer` gRPC service and the client that calls it.
 
 gRPC is always the control channel (Abort, Stats, OpenDataChannel, NixlTarget,
-NixlWritten). The KV itself goes on gRPC client streams of `KVChunk` messages
-(`transport="grpc"`; see kv_chunk_wire for why they are encoded by hand), on the raw-TCP
-data channel the service hands out (`"tcp"`; see tcp_transport; several streams, each on
-its own connection, carry one transfer in parallel), or as NIXL one-sided writes into the
-consumer's blocks (`"nixl"`, and `"auto"` where both ends can; see nixl_producer).
+NixlWritten). The KV itself goes on gRPC client streams of `KVChunk` messages (`grpc`; see
+kv_chunk_wire for why they are encoded by hand), on the raw-TCP data channel the service
+hands out (`tcp`; see tcp_transport), or as NIXL one-sided writes into the consumer's
+blocks (`nixl`); transports.py chooses among them.
 """
 
 from __future__ import annotations
@@ -20,10 +19,12 @@ import grpc
 from pdcluster.common.tls import TLSFiles, add_port, open_channel
 from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader
 from pdcluster.kv_transfer.grpc_options import bulk_channel_options
+from pdcluster.kv_transfer.incoming_transfers import TransferNotWanted
 from pdcluster.kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
-from pdcluster.kv_transfer.kv_receiver import KVReceiver, StagingFull, TransferNotWanted
+from pdcluster.kv_transfer.kv_receiver import KVReceiver
+from pdcluster.kv_transfer.kv_staging import StagingFull
 from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
-from pdcluster.kv_transfer.settings import KVEndpointSettings, StreamPath
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import kv_transfer_pb2 as pb
 
@@ -206,25 +207,26 @@ class KVClient:
             self._channels[endpoint] = channels
         return channels[next(self._rr) % len(channels)]
 
-    async def push(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float, path: StreamPath) -> None:
-        """Send one stream of (header, payload parts) chunks by `path`; raises TransferFailed."""
+    async def push_over_data_channel(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float) -> None:
+        """Send one stream of (header, payload parts) chunks on the consumer's raw-TCP data
+        channel; raises TransferFailed."""
         try:
-            if path == "tcp":
-                host, port = await self._data_channel(endpoint)
-                status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, self._tls_context), timeout)
-                if status != "OK":
-                    raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
-                return
-            call = self._channel(endpoint).stream_unary(
-                PUSH,
-                request_serializer=lambda chunk: encode_kv_chunk(*chunk),
-                response_deserializer=pb.PushAck.FromString,
-            )
+            host, port = await self._data_channel(endpoint)
+            status, message = await asyncio.wait_for(push_over_tcp(host, port, chunks, timeout, self._tls_context), timeout)
+        except (TimeoutError, OSError) as e:
+            raise TransferFailed(f"push to {endpoint} failed: {e!r}", True) from None
+        if status != "OK":
+            raise TransferFailed(f"push to {endpoint} failed: {status} {message}", status in _RETRYABLE_NAMES)
+
+    async def push_over_grpc(self, endpoint: str, chunks: AsyncIterator[tuple[bytes, list[memoryview]]], timeout: float) -> None:
+        """Send one stream of chunks as a gRPC client stream; raises TransferFailed."""
+        call = self._channel(endpoint).stream_unary(
+            PUSH, request_serializer=lambda chunk: encode_kv_chunk(*chunk), response_deserializer=pb.PushAck.FromString
+        )
+        try:
             await call(chunks, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise TransferFailed(f"push to {endpoint} failed: {e.code().name} {e.details()}", e.code() in _RETRYABLE) from None
-        except (TimeoutError, OSError) as e:
-            raise TransferFailed(f"push to {endpoint} failed: {e!r}", True) from None
 
     async def _data_channel(self, endpoint: str) -> tuple[str, int]:
         if endpoint not in self._data_channels:

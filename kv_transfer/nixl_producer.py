@@ -14,19 +14,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_agent import NixlAgent, NixlWriteFailed
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
+from pdcluster.kv_transfer.outgoing_transfer import OutgoingTransfer
 from pdcluster.kv_transfer.paged_kv_layout import LayerSpan
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb
-
-if TYPE_CHECKING:
-    from pdcluster.kv_transfer.kv_sender import OutgoingTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +39,22 @@ DRAIN_S = 2.0
 
 
 class NixlProducer:
+    """The `nixl` Transport."""
+
+    name = "nixl"
+
     def __init__(self, agent: NixlAgent, client: KVClient, layers: Sequence[torch.Tensor], settings: KVEndpointSettings) -> None:
         self._agent = agent
         self._client = client
         self._layers = list(layers)
         self._settings = settings
         self._unreachable_until: dict[str, float] = {}
+
+    async def send(self, t: OutgoingTransfer) -> int | None:
+        """Writes `t` where the consumer says; None when TCP should carry it instead (`auto`:
+        the consumer takes no NIXL writes, cannot be reached, or has not scheduled the request)."""
+        target = await self.target(t)
+        return None if target is None else await self.write(t, target)
 
     async def target(self, t: OutgoingTransfer) -> pb.NixlTargetReply | None:
         """Where to write `t`, or None when TCP should carry it. Raises TransferFailed."""
@@ -126,7 +133,7 @@ class NixlProducer:
                 if in_flight:
                     await asyncio.sleep(WRITE_POLL_S)
                 elif t.cursor >= len(t.ranges):
-                    if t.final:
+                    if t.announced:
                         break
                     t.changed.clear()
                     await t.changed.wait()

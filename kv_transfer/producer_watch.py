@@ -17,8 +17,8 @@ import grpc
 
 from pdcluster.common.periodic import cancel_all
 from pdcluster.common.tls import open_channel
+from pdcluster.kv_transfer.incoming_transfers import IncomingTransfers
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
-from pdcluster.kv_transfer.kv_receiver import KVReceiver
 from pdcluster.kv_transfer.kv_transfer_service import STATS
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import kv_transfer_pb2 as pb
@@ -30,8 +30,8 @@ PING_TIMEOUT_S = 2.0
 
 
 class ProducerWatch:
-    def __init__(self, receiver: KVReceiver, settings: KVEndpointSettings, io: KVIOLoop) -> None:
-        self._receiver = receiver
+    def __init__(self, transfers: IncomingTransfers, settings: KVEndpointSettings, io: KVIOLoop) -> None:
+        self._transfers = transfers
         self._settings = settings
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._silent_since: dict[str, float] = {}
@@ -44,7 +44,7 @@ class ProducerWatch:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(CHECK_INTERVAL_S)
-            producers = self._receiver.waiting_producers()
+            producers = self._transfers.waiting_producers()
             for endpoint in set(self._channels) - producers:
                 self._silent_since.pop(endpoint, None)
                 await self._channels.pop(endpoint).close()
@@ -68,7 +68,7 @@ class ProducerWatch:
             gone = e.code() == grpc.StatusCode.UNAVAILABLE
         silent_s = time.monotonic() - self._silent_since.setdefault(endpoint, asked)
         if silent_s >= self._settings.producer_lost_after_s:
-            failed = self._receiver.fail_from(endpoint, f"producer {endpoint} has not answered for {silent_s:.0f}s", writes_stopped=gone)
+            failed = self._transfers.fail_from(endpoint, f"producer {endpoint} has not answered for {silent_s:.0f}s", writes_stopped=gone)
             if failed:
                 logger.warning("KV producer %s silent for %.0fs: %d transfers fail over to recompute", endpoint, silent_s, failed)
 

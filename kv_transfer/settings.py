@@ -13,7 +13,6 @@ from pdcluster.common.tls import TLSFiles
 
 Transport = Literal["auto", "tcp", "grpc", "nixl"]
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
-StreamPath = Literal["tcp", "grpc"]  # how chunks stream when they do not go by NIXL
 
 
 class KVTransferSettings(BaseModel):
@@ -50,12 +49,6 @@ class KVTransferSettings(BaseModel):
     send_retries: int = Field(2, ge=0, description="producer: resends of a transfer the consumer refused (a corrupt chunk)")
     max_staged_bytes: int = Field(2 << 30, ge=0, description="consumer: KV that arrived before its request was scheduled, at most")
     staged_ttl_s: float = Field(60.0, gt=0, description="consumer: how long staged KV waits for its request")
-
-    @property
-    def stream_path(self) -> StreamPath:
-        """gRPC streams when asked for; else (tcp, and what nixl and auto fall back to) the raw
-        TCP data channel. NIXL itself is chosen per transfer, when the consumer answers for it."""
-        return "grpc" if self.transport == "grpc" else "tcp"
 
 
 class KVEndpointSettings(KVTransferSettings):

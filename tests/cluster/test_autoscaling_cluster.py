@@ -116,14 +116,18 @@ def serve(fake_cluster, tmp_path_factory):
     spec = json.loads(json.dumps(SPEC))
     spec["router"].update(port=0, grpc_port=0)
     spec_path.write_text(yaml.safe_dump(spec))
-    proc, _, served = launch_serve(["--config", str(spec_path)])
+    proc, lines, served = launch_serve(["--config", str(spec_path)])
     import ray
 
     ray.init(address="auto", namespace="pdcluster", log_to_driver=False)
     controller = ray.get_actor("autoscale-test-controller", namespace="pdcluster")
+    SERVED.update(url=served.router.http, output=lines)
     yield controller, served.router.http
     ray.shutdown()
     stop_serve(proc)
+
+
+SERVED: dict = {}  # the running serve's URL and output lines, quoted when a wait fails
 
 
 def status(controller) -> dict:
@@ -139,11 +143,30 @@ def pool_nodes(resource: str) -> int:
     return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource))
 
 
-def wait_until(predicate, timeout_s: float, what: str, controller):
+def wait_until(predicate, timeout_s: float, what: str, controller, load: Load | None = None):
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        assert time.monotonic() < deadline, f"{what}: {json.dumps(status(controller), indent=1)[:3000]}"
+        assert time.monotonic() < deadline, failure_report(what, controller, load)
         time.sleep(1)
+
+
+def failure_report(what: str, controller, load: Load | None) -> str:
+    """What a failed wait saw: the controller's status, the router's own view of its workers,
+    what the load got back, and the end of serve's output (the router logs there)."""
+    try:
+        router_view = httpx.get(f"{SERVED['url']}/cluster", timeout=10).text
+    except httpx.HTTPError as e:
+        router_view = repr(e)
+    return "\n".join(
+        [
+            what,
+            "controller: " + json.dumps(status(controller))[:3000],
+            "router /cluster: " + router_view[:3000],
+            "load: " + (load.summary() if load else "none"),
+            "serve output:",
+            *SERVED["output"][-40:],
+        ]
+    )
 
 
 class Load:
@@ -153,11 +176,26 @@ class Load:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(url, body), daemon=True) for _ in range(clients)]
         self.statuses: list[int] = []
+        self.errors: list[str] = []  # bodies of non-200 answers, and exceptions
+        self.in_flight = 0
 
     def _loop(self, url: str, body: dict) -> None:
         with httpx.Client(base_url=url, timeout=600) as http:
             while not self._stop.is_set():
-                self.statuses.append(http.post("/v1/completions", json=body).status_code)
+                self.in_flight += 1
+                try:
+                    response = http.post("/v1/completions", json=body)
+                except httpx.HTTPError as e:
+                    self.errors.append(repr(e))
+                    continue
+                finally:
+                    self.in_flight -= 1
+                self.statuses.append(response.status_code)
+                if response.status_code != 200:
+                    self.errors.append(response.text[:300])
+
+    def summary(self) -> str:
+        return f"{len(self.statuses)} answered {sorted(set(self.statuses))}, {self.in_flight} in flight, errors {self.errors[:3]}"
 
     def __enter__(self):
         for t in self._threads:
@@ -176,8 +214,8 @@ def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, token
     assert pool_nodes("prefill_pool") == 1 and pool_nodes("decode_pool") == 1
     prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:1500])
     with Load(url, {"prompt": prompt, "max_tokens": 1, "temperature": 0}, clients=6) as load:
-        wait_until(lambda: status(controller)["pools"]["prefill"]["target"] == 2, 120, "prefill scale-up decision", controller)
-    assert load.statuses and set(load.statuses) == {200}
+        wait_until(lambda: status(controller)["pools"]["prefill"]["target"] == 2, 120, "prefill scale-up decision", controller, load)
+    assert load.statuses and set(load.statuses) == {200}, load.summary()
     # The burst is over, but the pool holds while its new replica starts (on 2 cores it starts
     # in minutes under load, so the test lets it start idle).
     wait_until(lambda: status(controller)["pools"]["prefill"]["ready"] == 2, 600, "second prefill replica", controller)
@@ -197,8 +235,8 @@ def test_decode_scales_on_its_own_signal(serve, tokenizer):
     before = len(status(controller)["decisions"])
     body = {"prompt": "The old mill stands by the river", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
     with Load(url, body, clients=10) as load:
-        wait_until(lambda: status(controller)["pools"]["decode"]["target"] == 2, 120, "decode scale-up decision", controller)
-    assert load.statuses and set(load.statuses) == {200}
+        wait_until(lambda: status(controller)["pools"]["decode"]["target"] == 2, 120, "decode scale-up decision", controller, load)
+    assert load.statuses and set(load.statuses) == {200}, load.summary()
     wait_until(lambda: status(controller)["pools"]["decode"]["ready"] == 2, 600, "second decode replica", controller)
     assert pool_nodes("decode_pool") == 2
     new = [(d["role"], d["from_replicas"], d["to_replicas"]) for d in status(controller)["decisions"][before:]]

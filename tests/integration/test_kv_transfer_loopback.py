@@ -175,7 +175,7 @@ def test_a_silent_producer_fails_its_loads_in_seconds_and_a_live_one_is_waited_f
         assert poll_consumer(cons) == ({"r1"}, {"r1"})
         print(f"silent producer detected after {time.monotonic() - started:.1f}s")
         time.sleep(3.0)  # several pings: the live producer answers, so its load is still awaited
-        assert cons.receiver.poll() == (set(), set()) and cons.receiver.waiting_producers() == {prod.address}
+        assert cons.receiver.poll() == (set(), set()) and cons.receiver.transfers.waiting_producers() == {prod.address}
         send(prod, cons.address, "t2", "r2")
         assert poll_consumer(cons) == ({"r2"}, set())
     finally:

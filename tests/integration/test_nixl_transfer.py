@@ -96,15 +96,15 @@ def test_auto_stages_over_tcp_when_the_request_is_not_scheduled_in_time(endpoint
 
 def test_a_corrupted_block_is_detected_and_recomputed_never_used(endpoints):
     prod, cons = endpoints(False, transport="nixl"), endpoints(True, transport="nixl")
-    landed = cons.receiver.nixl_landed
+    landed = cons.nixl_consumer.landed
 
     def corrupt_then_check(writer, notice):
         # The write has landed; flip one byte of its first block before the check runs.
         cons.layers[0].select(0, DST_BLOCKS[0]).view(-1)[5] += 1.0
-        cons.receiver.nixl_landed = landed
+        cons.nixl_consumer.landed = landed
         landed(writer, notice)
 
-    cons.receiver.nixl_landed = corrupt_then_check
+    cons.nixl_consumer.landed = corrupt_then_check
     cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
     send(prod, cons.address)
     assert poll_consumer(cons) == ({"r1"}, {"r1"})
@@ -200,15 +200,15 @@ def test_a_complete_transfer_stays_held_until_its_writer_ends_and_a_retry_writes
     attempt before complete the transfer. Handed to vLLM then, the retry's write of the
     prompt's last block would land on the KV of the tokens the decode appends there."""
     cons = endpoints(True, transport="nixl")
-    receiver = cons.receiver
+    receiver, nixl = cons.receiver, cons.nixl_consumer
 
     def land_every_block(transfer_id: str) -> None:
         for layer in range(len(cons.layers)):
             checksum = cons.layout.checksum(cons.layers[layer], DST_BLOCKS)
-            receiver.nixl_landed("writer", NixlWriteNotice(transfer_id, layer, 0, NUM_BLOCKS, checksum).encode())
+            nixl.landed("writer", NixlWriteNotice(transfer_id, layer, 0, NUM_BLOCKS, checksum).encode())
 
     receiver.expect("t1", "r1", DST_BLOCKS, 0)
-    assert receiver.nixl_target("t1", "writer", hold_s=60) is not None
+    assert nixl.allow_writer("t1", "writer", hold_s=60) is not None
     land_every_block("t1")
     time.sleep(0.2)
     assert receiver.poll() == (set(), set())  # complete, but the writer has not said it ended
@@ -222,8 +222,8 @@ def test_a_complete_transfer_stays_held_until_its_writer_ends_and_a_retry_writes
     assert receiver.poll() == ({"r1"}, set())
 
     receiver.expect("t2", "r2", DST_BLOCKS, 0)
-    receiver.nixl_target("t2", "writer", hold_s=60)
+    nixl.allow_writer("t2", "writer", hold_s=60)
     land_every_block("t2")
     assert receiver.poll() == (set(), set())
-    assert receiver.nixl_written("t2", "writer")  # the writer's writes ended: vLLM's now
+    assert nixl.writes_ended("t2", "writer")  # the writer's writes ended: vLLM's now
     assert receiver.poll() == ({"r2"}, set())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pdcluster.kv_transfer.kv_receiver import ExpectedTransfer, IncomingState
+from pdcluster.kv_transfer.incoming_transfers import ExpectedTransfer, IncomingState
 
 NOW = 100.0
 
