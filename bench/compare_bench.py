@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 
 from pdcluster.bench.rate_plot import plot_grid
 from pdcluster.bench.serve_bench import RateResult, goodput_rate, prometheus_counters, replay, run_rate, served_model, sweep
-from pdcluster.common.processes import LocalProcess, start_process, wait_ready
+from pdcluster.common.processes import LocalProcess, start_process, stop_all, wait_ready
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, engine_flags
 from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.common.worker_record import Role
@@ -137,8 +137,7 @@ def start_pdcluster(
         started.append(router)
         wait_ready(router)
     except BaseException:
-        for p in started:
-            p.stop()
+        stop_all(started)
         raise
     return started, router.router.http
 
@@ -199,8 +198,7 @@ def _run_system(
             ]
         return out
     finally:
-        for p in reversed(processes):
-            p.stop()
+        stop_all(processes)
 
 
 def trace_rate(trace: Sequence[RequestShape]) -> float:

@@ -19,6 +19,7 @@ import tempfile
 from pdcluster.bench.compare_bench import start_pdcluster, trace_rate
 from pdcluster.bench.serve_bench import RateResult, replay, served_model
 from pdcluster.common.percentiles import format_ms
+from pdcluster.common.processes import stop_all
 from pdcluster.common.worker_record import Role
 from pdcluster.planner.workloads import RequestShape
 from pdcluster.router.config import PREFILL_ROUTING_MODES
@@ -51,8 +52,7 @@ def run_mode(mode: str, engine: EngineConfig, trace: list[RequestShape], vocab: 
         model = asyncio.run(served_model(url))
         return replay(url, model, trace_rate(trace), trace, vocab, slo_ttft_ms, slo_itl_ms)
     finally:
-        for p in reversed(processes):
-            p.stop()
+        stop_all(processes)
 
 
 def main(

@@ -24,7 +24,7 @@ from vllm import SamplingParams
 
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.percentiles import percentile
-from pdcluster.common.processes import start_process, wait_ready
+from pdcluster.common.processes import start_process, stop_all, wait_ready
 from pdcluster.common.sample_wire import encode_sampling_params
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.common.worker_record import Role, RouterRecord
@@ -145,9 +145,7 @@ def main(json_output: bool = False, concurrency=(1, 8, 32), requests: int = 200,
         os.sched_setaffinity(router.process.pid, {0})
         rows = [asyncio.run(_measure(decode.address, router.router, router.process.pid, c, requests, vocab)) for c in concurrency]
     finally:
-        for p in (router, decode):
-            if p is not None:
-                p.stop()
+        stop_all([router, decode])
     print(
         f"router overhead: {PROMPT_TOKENS}-token prompts, {OUTPUT_TOKENS} output tokens, router pinned to one core; "
         "ceiling = Worker.Decode called directly"

@@ -43,19 +43,28 @@ class LocalProcess:
         return self.worker.kv_endpoint
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.send_signal(signal.SIGCONT)  # a frozen process acts on it only once thawed
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_all([self], timeout)
 
     def log_tail(self, n: int = 40) -> str:
         if not self.log_path or not os.path.exists(self.log_path):
             return ""
         return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+
+
+def stop_all(processes: Sequence[LocalProcess | None], timeout: float = 30.0) -> None:
+    """SIGTERM to every running one at once (each drains and shuts its engine down meanwhile),
+    then wait; whatever is still running after `timeout` is killed."""
+    running = [p.process for p in processes if p is not None and p.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGCONT)  # a frozen process acts on it only once thawed
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # What each kind of process runs; each writes its ready file once it serves.

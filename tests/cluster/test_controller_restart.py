@@ -1,6 +1,8 @@
 """A switch outlives the controller that made it, on real Ray: a decode replica of a
 role-switching cluster moves to the prefill pool, the controller is SIGKILLed, and its next
-life (Ray restarts it) keeps both pools at their sizes without restarting a healthy worker."""
+life (Ray restarts it) keeps both pools at their sizes without restarting a healthy worker.
+The cluster runs with `tls:` in its spec, so the controller probes, switches and adopts its
+workers over mutual TLS, and the workers refuse plaintext."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdcluster.common.serve_process import launch_serve, stop_serve
+
+from tests.support.certificates import make_certificates
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +51,26 @@ def pools_and_pids(report: dict) -> tuple[dict, dict]:
     return pools, {r["id"]: (r["role"], r["pid"], r["state"]) for r in report["replicas"]}
 
 
+def health(address: str, credentials: grpc.ChannelCredentials | None) -> int:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
 def test_a_switched_replica_keeps_its_pool_when_the_controller_restarts(tmp_path):
+    member = make_certificates(tmp_path)["member"]
     spec_path = tmp_path / "cluster.yaml"
-    spec_path.write_text(yaml.safe_dump(SPEC))
+    spec_path.write_text(yaml.safe_dump({**SPEC, "tls": member.model_dump()}))
     proc, _, served = launch_serve(["--config", str(spec_path), "--no-router"])
     try:
         assert served.router is None and (served.prefill_workers, served.decode_workers) == (1, 2)
         ray = served.ray_address
         before = status(ray)
+        for replica in before["replicas"]:  # the spec's TLS reached every worker
+            assert health(replica["address"], member.channel_credentials()) == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as plaintext:
+                health(replica["address"], None)
+            assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
         moved = next(r["id"] for r in before["replicas"] if r["role"] == "decode")
         assert moved.startswith("replica-")  # ids name no role
 

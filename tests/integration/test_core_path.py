@@ -1,5 +1,7 @@
 """The core path on real vLLM engines: prefill worker -> KV transfer -> decode worker
-returns exactly the tokens one plain vLLM engine returns."""
+returns exactly the tokens one plain vLLM engine returns. Over the raw-TCP data channel the
+engines run vLLM's compiled default (and are compared with a compiled engine); over NIXL they
+run eager, like the rest of the suite, and are compared with the shared vLLM reference."""
 
 from __future__ import annotations
 
@@ -13,20 +15,23 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdcluster.common.cluster_token import local_cluster_token, local_token_path
+from pdcluster.common.ports import free_port
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.kv_transfer.kv_transfer_service import KVClient, fetch_kv_stats
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
-from tests.support.processes import reference_outputs
-from tests.support.worker_calls import KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, greedy_params, kv_stats, worker_channel
+from tests.support.processes import reference_outputs, running_pair
+from tests.support.tcp_proxy import CorruptingProxy
+from tests.support.worker_calls import KV_CHUNK_BYTES, KV_LOAD_TIMEOUT_S, MAX_TOKENS, generate, greedy_params, kv_stats, worker_channel
 
 pytestmark = pytest.mark.slow
 
 # 4 layers x 2 KV heads x 32 dims x (K, V) x float32
 TINY_KV_BYTES_PER_TOKEN = 4 * 2 * 32 * 2 * 4
 CPU_BLOCK_SIZE = 128  # whole blocks move, the partial last one included
+COMPILED_PATH = "tcp"  # the data path whose engines run compiled
 # token counts around the CPU block size (128) and the test chunk size (32 tokens)
 PROMPT_LENGTHS = [3, 31, 100, 127, 128, 129, 300, 777, 1500]
 
@@ -40,8 +45,39 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def expected(prompts, tmp_path_factory) -> list[list[int]]:
+def kv_data_proxy():
+    """Sits in front of the decode worker's KV data channel; tests arm it to corrupt."""
+    port = free_port()
+    proxy = CorruptingProxy(f"127.0.0.1:{port}")
+    proxy.upstream_port = port
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module", params=["tcp", "nixl"])  # torn down before another module starts its engines
+def pd_pair(request, model_dir, kv_data_proxy):
+    """One prefill and one decode worker process on the tiny model, moving KV over each data path."""
+    args = ["--kv-transport", request.param, "--kv-chunk-bytes", str(KV_CHUNK_BYTES), "--kv-load-timeout", str(KV_LOAD_TIMEOUT_S)]
+    decode_args = ["--kv-data-port", str(kv_data_proxy.upstream_port), "--kv-data-advertise", kv_data_proxy.address]
+    with running_pair(args, args + decode_args, compiled=request.param == COMPILED_PATH) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def compiled_reference(prompts, tmp_path_factory) -> list[list[int]]:
     return reference_outputs(prompts, MAX_TOKENS, tmp_path_factory.mktemp("reference"), compiled=True)
+
+
+@pytest.fixture(scope="module")
+def eager_reference(prompts, vllm_reference) -> list[list[int]]:
+    return vllm_reference.greedy(prompts, MAX_TOKENS)
+
+
+@pytest.fixture
+def expected(pd_pair, request) -> list[list[int]]:
+    """What one plain engine in the same mode as the pair answers."""
+    compiled = request.node.callspec.params["pd_pair"] == COMPILED_PATH
+    return request.getfixturevalue("compiled_reference" if compiled else "eager_reference")
 
 
 def test_disaggregated_equals_single_engine_one_at_a_time(pd_pair, prompts, expected):

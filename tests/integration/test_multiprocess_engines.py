@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from tests.support.processes import reference_outputs, running_pair
+from tests.support.processes import running_pair
+from tests.support.vllm_reference import ENGINE_FLAGS
 from tests.support.worker_calls import MAX_TOKENS, generate, kv_stats
 
 pytestmark = pytest.mark.slow
@@ -17,12 +18,13 @@ PROMPTS = [list(range(20, 20 + n)) for n in (5, 200)]
 
 @pytest.fixture(scope="module")
 def mp_pair(model_dir):
-    with running_pair(env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as pair:
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with running_pair(ENGINE_FLAGS, ENGINE_FLAGS, env=env) as pair:
         yield pair
 
 
-def test_multiprocess_executor_transfer_is_token_exact(mp_pair, tmp_path):
-    expected = reference_outputs(PROMPTS, MAX_TOKENS, tmp_path)
+def test_multiprocess_executor_transfer_is_token_exact(mp_pair, vllm_reference):
+    expected = vllm_reference.greedy(PROMPTS, MAX_TOKENS)
     prefill, decode = mp_pair
     for prompt, want in zip(PROMPTS, expected):
         tokens, _, _ = asyncio.run(generate(prefill, decode, prompt))

@@ -61,10 +61,3 @@ def test_a_worker_switches_pools_and_back_with_the_same_answers():
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 asyncio.run(switch(decode.address, "router"))
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefill, decode" in bad.value.details()
-
-
-def test_a_worker_started_for_one_role_refuses_to_switch():
-    with running_cluster(prefill=1, decode=0) as (_, (prefill,)):
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            asyncio.run(switch(prefill.address, "decode"))
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "role switching" in refused.value.details()

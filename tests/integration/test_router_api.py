@@ -4,6 +4,7 @@ admission control and API keys."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,11 +22,14 @@ import pytest
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
+from pdcluster.protos import worker_pb2 as wpb
+from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.paths import ROOT, TRACES
-from tests.support.processes import reference_outputs, running_cluster, start_router
-from tests.support.router_metrics import kv_bytes_received, metric
-from tests.support.worker_calls import worker_stats
+from tests.support.processes import running_cluster, start_router
+from tests.support.router_metrics import metric
+from tests.support.vllm_reference import ENGINE_FLAGS
+from tests.support.worker_calls import kv_stats, worker_channel, worker_stats
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +42,8 @@ SERVED_AS = ["--served-model-name", MODEL]
 
 @pytest.fixture(scope="module")
 def cluster():
-    with running_cluster(router_args=["--bypass-prefill-below", str(BYPASS_BELOW), *SERVED_AS]) as (router, workers):
+    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVED_AS]
+    with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, workers):
         yield router, workers
 
 
@@ -88,10 +93,11 @@ def test_health_models_and_cluster(http, cluster, model_dir):
 
 
 @pytest.mark.parametrize("which", ["long", "short"])
-def test_completion_streamed_equals_unary_and_grpc_equals_reference(which, client, http, cluster, tokenizer, long_prompt, tmp_path):
+def test_completion_streamed_equals_unary_and_grpc_equals_reference(which, client, http, cluster, tokenizer, long_prompt, vllm_reference):
     prompt = long_prompt if which == "long" else SHORT_PROMPT
     prompt_ids = tokenizer(prompt).input_ids
-    received_before = kv_bytes_received(http)
+    decode_worker = next(w for w in cluster[1] if w.role == "decode")
+    received_before = kv_stats(decode_worker).bytes_received  # the worker's own count, not the router's last poll
     bypass_before = metric(http, "pdcluster_router_prefill_bypass_total")
 
     unary = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
@@ -126,17 +132,29 @@ def test_completion_streamed_equals_unary_and_grpc_equals_reference(which, clien
     assert token_ids == list(whole.token_ids)
     assert replies[-1].finish_reason == "length" and replies[-1].usage.completion_tokens == MAX_TOKENS
     assert replies[-1].usage.prompt_tokens == len(prompt_ids)
-    assert token_ids == reference_outputs([prompt_ids], MAX_TOKENS, tmp_path)[0]
+    assert token_ids == vllm_reference.greedy([prompt_ids], MAX_TOKENS, ignore_eos=True)[0]
 
-    moved = kv_bytes_received(http) - received_before
+    kv = kv_stats(decode_worker)
+    moved = kv.bytes_received - received_before
     bypassed = metric(http, "pdcluster_router_prefill_bypass_total") - bypass_before
     if which == "long":  # 4 requests, each through remote prefill and a KV transfer
         assert moved > 0 and bypassed == 0
+        assert set(kv.bytes_received_by_transport) == {"nixl"}  # both ends have NIXL: auto took it
         decode = [w for w in http.get("/cluster").json()["workers"] if w["role"] == "decode"]
         assert [w["kv_transport"] for w in decode] == ["auto"]
-        assert set(decode[0]["kv_bytes_by_transport"]) == {"nixl"}  # both ends have NIXL: auto took it
     else:
         assert moved == 0 and bypassed == 4
+
+
+def test_a_worker_started_for_one_role_refuses_to_switch(cluster):
+    async def switch(address: str) -> None:
+        async with worker_channel(address) as channel:
+            await wgrpc.WorkerStub(channel).SwitchRole(wpb.SwitchRoleRequest(role="decode"), timeout=60)
+
+    prefill = next(w for w in cluster[1] if w.role == "prefill")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(switch(prefill.address))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "role switching" in refused.value.details()
 
 
 def test_chat_streamed_equals_unary(client, tokenizer):

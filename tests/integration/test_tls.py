@@ -5,8 +5,6 @@ refuse peers without a certificate from the cluster's CA."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 
 import grpc
@@ -24,61 +22,18 @@ from pdcluster.protos import kv_transfer_pb2 as kpb
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
-from tests.support.processes import reference_outputs, running_pair, start_router
+from tests.support.certificates import make_certificates
+from tests.support.processes import running_pair, start_router
+from tests.support.vllm_reference import ENGINE_FLAGS
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "cluster-secret"
 
 
-def _issue(name: str, issuer=None, issuer_key=None, ca: bool = False):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return cert, key
-
-
-def _write(directory, name: str, cert, key) -> tuple[str, str]:
-    from cryptography.hazmat.primitives import serialization
-
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> dict[str, TLSFiles]:
-    """The cluster's CA and a certificate it signed; and an outsider's self-made pair."""
-    directory = tmp_path_factory.mktemp("certs")
-    ca_cert, ca_key = _issue("pdcluster test CA", ca=True)
-    ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
-    member = _write(directory, "member", *_issue("pdcluster member", ca_cert, ca_key))
-    outsider = _write(directory, "outsider", *_issue("outsider"))
-    return {
-        "member": TLSFiles(cert=member[0], key=member[1], ca=ca_path),
-        "outsider": TLSFiles(cert=outsider[0], key=outsider[1], ca=ca_path),
-    }
+    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def tls_args(tls: TLSFiles) -> list[str]:
@@ -87,7 +42,7 @@ def tls_args(tls: TLSFiles) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tls_cluster(certs):
-    args = tls_args(certs["member"]) + ["--auth-token", TOKEN]
+    args = tls_args(certs["member"]) + ["--auth-token", TOKEN, *ENGINE_FLAGS]
     with running_pair(args, args) as (prefill, decode):
         router = start_router([prefill.address, decode.address], tls_args(certs["member"]) + ["--worker-token", TOKEN])
         try:
@@ -96,7 +51,7 @@ def tls_cluster(certs):
             router.stop()
 
 
-def test_requests_flow_over_mutual_tls_with_exact_tokens(tls_cluster, certs, tokenizer, tmp_path):
+def test_requests_flow_over_mutual_tls_with_exact_tokens(tls_cluster, certs, tokenizer, vllm_reference):
     router, prefill, decode = tls_cluster
     member = certs["member"]
     assert router.record.http.startswith("https://")
@@ -113,7 +68,7 @@ def test_requests_flow_over_mutual_tls_with_exact_tokens(tls_cluster, certs, tok
             .Complete(ipb.GenerateRequest(prompt_token_ids=prompt_ids, max_tokens=16, temperature=0.0, ignore_eos=True))
             .token_ids
         )
-    assert tokens == reference_outputs([prompt_ids], 16, tmp_path)[0]
+    assert tokens == vllm_reference.greedy([prompt_ids], 16, ignore_eos=True)[0]
 
 
 def _worker_stats(address: str, credentials) -> wpb.WorkerStats:

@@ -9,32 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 
 import httpx
 import pytest
 
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
-from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
-from pdcluster.worker.config import EngineConfig
-from pdcluster.worker.engine_args import engine_environment
 
-from tests.support.processes import EAGER, running_cluster
+from tests.support.processes import running_cluster
 from tests.support.router_metrics import metric
+from tests.support.vllm_reference import ENGINE_FLAGS
 
 pytestmark = pytest.mark.slow
 
 BYPASS_BELOW = 32
 SHORT = "The old mill"
-# vLLM's own flags, given to both servers alike: engine flags (pdcluster's workers take them)
-# and serving flags (the router hands them to vLLM's layer), a chat template of our own among them.
-ENGINE_FLAGS = ["--dtype", "float32"]
-SERVE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--enable-prompt-tokens-details"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 # JSON valid against SCHEMA with no room for whitespace, which the tiny model would otherwise
 # emit until max_tokens.
 GRAMMAR = (
@@ -66,20 +56,13 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def servers(model, tmp_path_factory):
-    """{"vllm": url, "pdcluster": url}: each serves the model under --model as given."""
-    env = {**os.environ, **engine_environment(EngineConfig())}
-    log = str(tmp_path_factory.mktemp("vllm") / "vllm.log")
-    template = tmp_path_factory.mktemp("template") / "chat.jinja"
-    template.write_text(CHAT_TEMPLATE)
-    serve_flags = [*SERVE_FLAGS, "--chat-template", str(template)]
-    vllm, vllm_url = start_vllm_server(["--model", model, "--seed", "0", *ENGINE_FLAGS, *EAGER, *serve_flags], env, log)
-    try:
-        router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *serve_flags]
-        with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, _):
-            yield {"vllm": vllm_url, "pdcluster": router.record.http}
-    finally:
-        vllm.stop()
+def servers(vllm_reference):
+    """{"vllm": url, "pdcluster": url}: each serves the model under --model as given, with the
+    same engine flags (pdcluster's workers take them) and serving flags (the router hands them
+    to vLLM's layer), a chat template of our own among them."""
+    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *vllm_reference.serve_flags]
+    with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, _):
+        yield {"vllm": vllm_reference.url, "pdcluster": router.record.http}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from pdcluster.common.processes import ROLE_SWITCHING, start_process, wait_ready
+from pdcluster.common.processes import ROLE_SWITCHING, start_process, stop_all, wait_ready
 from pdcluster.common.worker_record import Role
 
 from tests.support.paths import ROOT
@@ -37,8 +37,7 @@ def running_cluster(
         started.append(router)
         yield router, workers
     finally:
-        for p in started:
-            p.stop()
+        stop_all(started)
 
 
 def start_router(worker_addresses: list[str], router_args: list[str] = ()):
@@ -59,8 +58,7 @@ def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env:
             wait_ready(w)
         yield tuple(workers)
     finally:
-        for w in workers:
-            w.stop()
+        stop_all(workers)
 
 
 def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path, compiled: bool = False) -> list[list[int]]:

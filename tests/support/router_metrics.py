@@ -1,4 +1,4 @@
-"""Reading the router's Prometheus text and cluster view in tests."""
+"""Reading the router's Prometheus text in tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,3 @@ def metric(http, name: str, labels: str = "") -> float:
             if key == name or key.startswith(name + "{"):
                 total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def kv_bytes_received(http) -> int:
-    return sum(w["kv_bytes_received"] for w in http.get("/cluster").json()["workers"] if w["role"] == "decode")
