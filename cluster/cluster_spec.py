@@ -16,7 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdcluster.common.tls import TLSFiles
-from pdcluster.common.vllm_args import check_engine_args, engine_args_from_flags, vllm_serve_args
+from pdcluster.common.vllm_args import (
+    check_engine_args,
+    engine_args_from_flags,
+    split_serve_command_line,
+    vllm_config_flags,
+    vllm_serve_args,
+)
 from pdcluster.common.worker_record import Role
 from pdcluster.kv_transfer.settings import TRANSPORTS, KVTransferSettings
 from pdcluster.router.config import RouterConfig
@@ -189,10 +195,15 @@ _SERVE_FLAGS: list[tuple[str, str, dict]] = [
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """`pdcluster serve [MODEL]` flags; each one given overrides the spec file. Any other flag
-    is one of `vllm serve`'s (see `load_cluster_spec`)."""
-    parser.add_argument("model_arg", nargs="?", metavar="MODEL", help="HF model directory, as `vllm serve MODEL` (or --model)")
-    parser.add_argument("--config", default="", help="cluster spec YAML (see deploy/cluster.example.yaml)")
+    """`pdcluster serve [MODEL]` flags; each one given overrides the spec file. Any other flag,
+    and the model given positionally, is `vllm serve`'s (see `load_cluster_spec`)."""
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="a cluster spec YAML (see deploy/cluster.example.yaml), or a `vllm serve --config` YAML (told apart by their keys); "
+        "either or both",
+    )
     for role in ("prefill", "decode"):
         parser.add_argument(f"--{role}-args", default="", help=f"vLLM engine flags for the {role} pool only, e.g. '--max-num-seqs 8'")
     for flag, path, kwargs in _SERVE_FLAGS:
@@ -209,14 +220,25 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
 def load_cluster_spec(args: argparse.Namespace, vllm_flags: Sequence[str] = ()) -> ClusterSpec:
     """The spec from `--config` (if any), with the flags given on the command line on top.
 
-    `vllm_flags` are `vllm serve` flags: the engine arguments among them go to every worker's
-    engine (and the pool's `--prefill-args`/`--decode-args` to that pool's), and all of them to
-    the router's vLLM layer, which also takes the serving ones (--served-model-name,
-    --tool-call-parser, ...). vLLM's parsers check them all here, before anything starts."""
+    `vllm_flags` is the rest of the command line, as `vllm serve` takes it: the model (positional
+    or `--model`), and flags, the engine arguments among which go to every worker's engine (and
+    the pool's `--prefill-args`/`--decode-args` to that pool's), and all of which go to the
+    router's vLLM layer, which also takes the serving ones (--served-model-name,
+    --tool-call-parser, ...). A `--config` file whose top-level keys are not all cluster-spec
+    fields is a `vllm serve` config: its flags come before the command line's, so, as in vLLM,
+    the command line wins over it, and both win over the cluster spec. vLLM's parsers check
+    every flag here, before anything starts."""
     data: dict = {}
-    if args.config:
-        with open(args.config) as f:
-            data = yaml.safe_load(f) or {}
+    config_flags: list[str] = []
+    for path in args.config:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: not a YAML mapping")
+        if set(loaded) <= set(ClusterSpec.model_fields):
+            data = _merged(data, loaded)
+        else:
+            config_flags += vllm_config_flags(path)
     for _, path, _ in _SERVE_FLAGS:
         value = getattr(args, path)
         if value is not None:
@@ -225,10 +247,17 @@ def load_cluster_spec(args: argparse.Namespace, vllm_flags: Sequence[str] = ()) 
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-    if args.model_arg:
-        data.setdefault("engine", {})["model"] = args.model_arg
-    engine_args, _serving = engine_args_from_flags(list(vllm_flags))
-    data.setdefault("engine", {}).update(engine_args)
+    config_model, config_flags = split_serve_command_line(config_flags)
+    model, flags = split_serve_command_line(list(vllm_flags))
+    engine = data.setdefault("engine", {})
+    model_flag = getattr(args, "engine.model")  # `--model`, read with pdcluster's own flags
+    if model and model_flag and model != model_flag:
+        raise ValueError(f"two models given: {model} and --model {model_flag}")
+    if model or config_model:
+        engine["model"] = model or model_flag or config_model
+    flags = [*config_flags, *flags]
+    engine_args, _serving = engine_args_from_flags(flags)
+    engine.update(engine_args)
     for role in ("prefill", "decode"):
         pool_args, unknown = engine_args_from_flags(shlex.split(getattr(args, f"{role}_args")))
         if unknown:
@@ -237,7 +266,15 @@ def load_cluster_spec(args: argparse.Namespace, vllm_flags: Sequence[str] = ()) 
         if args.kv_transport:
             data[role].setdefault("kv", {})["transport"] = args.kv_transport
     router = data.setdefault("router", {})
-    router["vllm_args"] = [*router.get("vllm_args", []), *vllm_flags]
+    router["vllm_args"] = [*router.get("vllm_args", []), *flags]
     spec = ClusterSpec.model_validate(data)  # replicas given widen the pool's bounds (PoolSpec._bounds)
     vllm_serve_args(spec.engine.model or "model", spec.router.vllm_args)  # vLLM refuses a flag it does not know
     return spec
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, mapping into mapping (two cluster specs given)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

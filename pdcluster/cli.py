@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         spec = load_cluster_spec(args, args.vllm_flags)
-    except ValueError as e:  # a bad spec or flag: say which, start nothing
+    except (ValueError, OSError) as e:  # a bad spec or flag, or a config file that cannot be read: say which, start nothing
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 2
     try:  # before Ray and the workers: a taken port fails now, and nothing started meanwhile takes ours
@@ -474,7 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", default=None, help="directory to write it to (default: the cache)")
     tiny.set_defaults(func=_model_tiny)
 
-    serve = sub.add_parser("serve", help="run a cluster: workers on Ray, and the router")
+    serve = sub.add_parser(
+        "serve",
+        help="run a cluster: workers on Ray, and the router",
+        usage="pdcluster serve [MODEL] [pdcluster flags] [vllm serve flags]",
+        description="Takes `vllm serve`'s command line as it is (the model positional or --model, any vLLM flag) "
+        "and the pdcluster flags below, in any order.",
+        allow_abbrev=False,
+    )
     add_cluster_flags(serve)
     serve.add_argument("--ready-file", default="", help="write a JSON record (the router's URLs, pool sizes, pid) here once serving")
     serve.set_defaults(func=_serve, takes_vllm_flags=True)

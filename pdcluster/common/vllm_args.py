@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import functools
 import json
+from collections.abc import Sequence
 from typing import Any
 
 # Where pdcluster's default differs from vLLM's, and why: a CPU machine's context and batch
@@ -76,11 +77,77 @@ def vllm_serve_args(model_dir: str, flags: list[str], api_key: str = "") -> argp
     """`vllm serve MODEL FLAGS`, parsed and checked by vLLM: the model (tokenizer, context
     length, generation defaults) and the serving options (served model names, chat template,
     tool and reasoning parsers, ...), written as a vLLM user writes them."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 
-    args = make_arg_parser(FlexibleArgumentParser(prog="pdcluster")).parse_args(["--model", model_dir, *flags])
+    args = _serve_parser().parse_args(["--model", model_dir, *flags])
     validate_parsed_serve_args(args)
     if api_key:
         args.api_key = [api_key]
     return args
+
+
+def split_serve_command_line(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """What follows `vllm serve` (less pdcluster's own flags), in any form vLLM takes: the model
+    positional or as `--model`, flags in any order, `--flag value` or `--flag=value`. Returns
+    (the model, "" if not given; the other flags). A flag's arity comes from vLLM's own serve
+    parser, so a flag's value is never taken for the model."""
+    actions = _serve_parser()._option_string_actions
+    model, flags, tokens = "", [], list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("-") or token == "-":
+            if model:
+                raise ValueError(f"two models given: {model} and {token}")
+            model = token
+            continue
+        name, has_value, value = token.partition("=")
+        if name not in actions and name.replace("_", "-") in actions:  # vLLM takes --max_model_len too
+            name = name.replace("_", "-")
+            token = name + (f"={value}" if has_value else "")
+        action = actions.get(name)
+        taken: list[str] = []
+        if not has_value and action is not None:
+            taken = _values_of(action.nargs, tokens[i:])
+            i += len(taken)
+        if action is not None and action.dest == "model":  # `--model X`, as vLLM still takes it
+            given = value if has_value else (taken[0] if taken else "")
+            if model and given != model:
+                raise ValueError(f"two models given: {model} and {given}")
+            model = given
+            continue
+        flags += [token, *taken]
+    return model, flags
+
+
+def vllm_config_flags(path: str) -> list[str]:
+    """A `vllm serve --config FILE` YAML as the flags it stands for, by vLLM's own reader."""
+    return _serve_parser().load_config_file(path)
+
+
+def _values_of(nargs, rest: list[str]) -> list[str]:
+    """The values a flag of this arity takes from the tokens after it."""
+    if nargs == 0:
+        return []
+    if nargs is None or nargs == 1:
+        return rest[:1]
+    if isinstance(nargs, int):
+        return rest[:nargs]
+    values = []
+    for token in rest:  # "?", "*", "+": up to the next flag
+        if token.startswith("-") and token != "-":
+            break
+        values.append(token)
+        if nargs == "?":
+            break
+    return values
+
+
+@functools.cache
+def _serve_parser():
+    """vLLM's own `vllm serve` argument parser."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="pdcluster"))

@@ -213,7 +213,12 @@ def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, token
     controller, url = serve
     assert pool_nodes("prefill_pool") == 1 and pool_nodes("decode_pool") == 1
     prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:1500])
-    with Load(url, {"prompt": prompt, "max_tokens": 1, "temperature": 0}, clients=6) as load:
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+    # One request through the whole path first, however long a cold start makes it: the
+    # scale-up wait below times the autoscaler, not the first request.
+    first = httpx.post(url + "/v1/completions", json=body, timeout=600)
+    assert first.status_code == 200, first.text
+    with Load(url, body, clients=6) as load:
         wait_until(lambda: status(controller)["pools"]["prefill"]["target"] == 2, 120, "prefill scale-up decision", controller, load)
     assert load.statuses and set(load.statuses) == {200}, load.summary()
     # The burst is over, but the pool holds while its new replica starts (on 2 cores it starts
