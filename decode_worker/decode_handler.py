@@ -45,6 +45,7 @@ class DecodeHandler:
                 TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
                 params,
                 f"{request.request_id}-decode",
+                priority=request.priority,
                 reasoning_ended=request.reasoning_ended if request.HasField("reasoning_ended") else None,
                 reasoning_parser_kwargs=msgspec.msgpack.decode(request.reasoning_parser_kwargs)
                 if request.reasoning_parser_kwargs

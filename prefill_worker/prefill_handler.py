@@ -51,7 +51,10 @@ class PrefillHandler:
                 request.sampling_params, kv, max_tokens=1, min_tokens=0, logprobs=None, structured_outputs=None
             )
             async for out in self._host.engine.generate(
-                TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)), params, f"{request.request_id}-prefill"
+                TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
+                params,
+                f"{request.request_id}-prefill",
+                priority=request.priority,
             ):
                 final = out
         except INVALID_REQUEST_ERRORS as e:

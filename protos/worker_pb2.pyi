@@ -15,16 +15,18 @@ class KVTransferTarget(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., consumer_endpoint: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params")
+    __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     target: KVTransferTarget
     sampling_params: bytes
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling_params: _Optional[bytes] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling_params: _Optional[bytes] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("first_token_id", "num_cached_tokens", "prompt_logprobs")
@@ -37,7 +39,7 @@ class PrefillReply(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bytes] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "transfer_id", "producer_kv_endpoint", "reasoning_ended", "reasoning_parser_kwargs")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "transfer_id", "producer_kv_endpoint", "reasoning_ended", "reasoning_parser_kwargs", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class DecodeRequest(_message.Message):
     PRODUCER_KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     REASONING_ENDED_FIELD_NUMBER: _ClassVar[int]
     REASONING_PARSER_KWARGS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: bytes
@@ -52,7 +55,8 @@ class DecodeRequest(_message.Message):
     producer_kv_endpoint: str
     reasoning_ended: bool
     reasoning_parser_kwargs: bytes
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., producer_kv_endpoint: _Optional[str] = ..., reasoning_ended: _Optional[bool] = ..., reasoning_parser_kwargs: _Optional[bytes] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., producer_kv_endpoint: _Optional[str] = ..., reasoning_ended: _Optional[bool] = ..., reasoning_parser_kwargs: _Optional[bytes] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", "logprobs", "prompt_logprobs", "cumulative_logprob", "stop_string", "stop_token_id")

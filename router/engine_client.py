@@ -69,7 +69,7 @@ class ClusterEngineClient(EngineClient):
         samples = _samples(checked, request_id, params)
         usages = [Usage() for _ in samples]
         streams = [
-            self._flow.generate(GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs), usage)
+            self._flow.generate(GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority), usage)
             for (sample_id, p), usage in zip(samples, usages, strict=True)
         ]
         outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(samples))]

@@ -14,6 +14,7 @@ class GenerationRequest:
     sampling_params: SamplingParams  # n == 1; max_tokens is always set
     reasoning_ended: bool | None = None  # vLLM's OpenAI layer's word on the reasoning parser's state
     reasoning_parser_kwargs: dict | None = None
+    priority: int = 0  # vLLM's: lower runs first, in the router's queue and on the workers
 
 
 @dataclass

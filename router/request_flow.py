@@ -78,7 +78,7 @@ class RequestFlow:
         """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
         arrived = time.monotonic()
         outcome = "error"
-        async with self.admission.slot():
+        async with self.admission.slot(request.priority):
             try:
                 async for delta in self._generate_with_failover(request, usage, arrived):
                     yield delta
@@ -151,7 +151,7 @@ class RequestFlow:
         )
         prefill_task = None
         if route.prefill is not None:
-            prefill_task = self._start_prefill(route.prefill, prefill_request(attempt_id, prompt, params, route.decode), usage)
+            prefill_task = self._start_prefill(route.prefill, prefill_request(request, attempt_id, prompt, params, route.decode), usage)
             decode.end_if_fails(prefill_task)
         continuation = _continuation(self.tokenizer, sent, params) if sent else None
         try:

@@ -48,14 +48,18 @@ def decode_request(
         producer_kv_endpoint=prefill.stats.kv_endpoint if prefill else "",
         reasoning_ended=request.reasoning_ended,
         reasoning_parser_kwargs=msgspec.msgpack.encode(request.reasoning_parser_kwargs) if request.reasoning_parser_kwargs else b"",
+        priority=request.priority,
     )
 
 
-def prefill_request(attempt_id: str, prompt: list[int], params: SamplingParams, decode: WorkerView) -> worker_pb2.PrefillRequest:
+def prefill_request(
+    request: GenerationRequest, attempt_id: str, prompt: list[int], params: SamplingParams, decode: WorkerView
+) -> worker_pb2.PrefillRequest:
     """The prompt's KV goes to `decode`'s KV endpoint under transfer `attempt_id`."""
     return worker_pb2.PrefillRequest(
         request_id=attempt_id,
         prompt_token_ids=prompt,
         sampling_params=encode_sampling_params(params),
         target=worker_pb2.KVTransferTarget(transfer_id=attempt_id, consumer_endpoint=decode.stats.kv_endpoint),
+        priority=request.priority,
     )

@@ -1,23 +1,26 @@
 """The whole autoscaling loop on Ray's fake autoscaling cluster (one machine, fake nodes), on
-the SLO signal: a prefill burst (prompts later than the TTFT SLO) adds a prefill replica and a
-node of the prefill type, idle time removes them, and the decode pool scales on its own
-latency (ITL) against its SLO."""
+each signal. On the SLO signal, a prefill burst (prompts later than the TTFT SLO) adds a
+prefill replica and a node of the prefill type, and idle time removes them. On the queue
+signal, the decode pool scales on its own load (running requests per replica) and back, the
+prefill pool untouched."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 import yaml
 
 from pdcluster.common.serve_process import launch_serve, stop_serve
-from pdcluster.common.tiny_model.generate import CORPUS
+from pdcluster.common.tiny_model.generate import BENCH_MODEL, CORPUS, ensure_tiny_model
 
 from tests.support.paths import ROOT
 
@@ -71,8 +74,7 @@ SPEC = {
     "decode": {"replicas": 1, "min_replicas": 1, "max_replicas": 2, "node_resource": "decode_pool"},
     "router": {
         "bypass_prefill_below_tokens": 16,
-        # SLO autoscaling predicts from a profile: the bench model's, slower than the tiny one, so
-        # the replicas' observed latencies are what bring a pool back down.
+        # SLO autoscaling predicts from a profile (the bench model's, which the SLO test serves).
         "profile": str(ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"),
         "slo": {"ttft_ms": 1000, "itl_ms": 40},
     },
@@ -110,12 +112,27 @@ def fake_cluster(tmp_path_factory):
         cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def serve(fake_cluster, tmp_path_factory):
-    spec_path = tmp_path_factory.mktemp("spec") / "cluster.yaml"
+def spec_for(signal: str) -> dict:
     spec = json.loads(json.dumps(SPEC))
     spec["router"].update(port=0, grpc_port=0)
-    spec_path.write_text(yaml.safe_dump(spec))
+    spec["autoscaling"]["signal"] = signal
+    if signal == "slo":
+        # The model the profile describes: its 1500-token prompts take seconds here (the tiny
+        # model's take ~0.1 s, inside any SLO), so a burst of them misses the TTFT SLO.
+        spec["engine"]["model"] = str(ensure_tiny_model(spec=BENCH_MODEL))
+        # Every prompt to the prefill pool: with the profile the router would keep prompts on an
+        # idle decode worker, and the burst would never reach the pool that should grow.
+        spec["router"]["local_prefill_above_queued_tokens"] = 1_000_000
+    if signal == "queue":
+        spec["autoscaling"]["decode_target_running"] = 4  # the decode test's 10 clients overload one replica
+    return spec
+
+
+@pytest.fixture
+def serve(request, fake_cluster, tmp_path):
+    """`pdcluster serve` of SPEC on the autoscaling signal the test names (indirect param)."""
+    spec_path = tmp_path / "cluster.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_for(request.param)))
     proc, lines, served = launch_serve(["--config", str(spec_path)])
     import ray
 
@@ -170,21 +187,21 @@ def failure_report(what: str, controller, load: Load | None) -> str:
 
 
 class Load:
-    """Client threads sending one kind of request in a loop until stopped."""
+    """Client threads sending requests (each `next_body()`) in a loop until stopped."""
 
-    def __init__(self, url: str, body: dict, clients: int) -> None:
+    def __init__(self, url: str, next_body: Callable[[], dict], clients: int) -> None:
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(url, body), daemon=True) for _ in range(clients)]
+        self._threads = [threading.Thread(target=self._loop, args=(url, next_body), daemon=True) for _ in range(clients)]
         self.statuses: list[int] = []
         self.errors: list[str] = []  # bodies of non-200 answers, and exceptions
         self.in_flight = 0
 
-    def _loop(self, url: str, body: dict) -> None:
+    def _loop(self, url: str, next_body: Callable[[], dict]) -> None:
         with httpx.Client(base_url=url, timeout=600) as http:
             while not self._stop.is_set():
                 self.in_flight += 1
                 try:
-                    response = http.post("/v1/completions", json=body)
+                    response = http.post("/v1/completions", json=next_body())
                 except httpx.HTTPError as e:
                     self.errors.append(repr(e))
                     continue
@@ -209,16 +226,24 @@ class Load:
 
 
 @pytest.mark.timeout(1800)  # its waits add up to more than the suite's per-test 900 s
-def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, tokenizer):
+@pytest.mark.parametrize("serve", ["slo"], indirect=True)
+def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve):
+    from transformers import AutoTokenizer
+
     controller, url = serve
     assert pool_nodes("prefill_pool") == 1 and pool_nodes("decode_pool") == 1
-    prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:1500])
-    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+    corpus = AutoTokenizer.from_pretrained(ensure_tiny_model(spec=BENCH_MODEL))(CORPUS.read_text()).input_ids[:1500]
+    rng = random.Random(0)
+
+    def prompt_nobody_sent() -> dict:
+        # A fresh first block: no prefix cache spares the prompt its prefill.
+        return {"prompt": [rng.randrange(10, 900) for _ in range(32)] + corpus[32:], "max_tokens": 1, "temperature": 0}
+
     # One request through the whole path first, however long a cold start makes it: the
     # scale-up wait below times the autoscaler, not the first request.
-    first = httpx.post(url + "/v1/completions", json=body, timeout=600)
+    first = httpx.post(url + "/v1/completions", json=prompt_nobody_sent(), timeout=600)
     assert first.status_code == 200, first.text
-    with Load(url, body, clients=6) as load:
+    with Load(url, prompt_nobody_sent, clients=6) as load:
         wait_until(lambda: status(controller)["pools"]["prefill"]["target"] == 2, 120, "prefill scale-up decision", controller, load)
     assert load.statuses and set(load.statuses) == {200}, load.summary()
     # The burst is over, but the pool holds while its new replica starts (on 2 cores it starts
@@ -235,15 +260,15 @@ def test_prefill_burst_adds_replica_and_node_then_idle_removes_them(serve, token
 
 
 @pytest.mark.timeout(1800)
-def test_decode_scales_on_its_own_signal(serve, tokenizer):
+@pytest.mark.parametrize("serve", ["queue"], indirect=True)
+def test_decode_scales_on_its_own_queue(serve, tokenizer):
     controller, url = serve
-    before = len(status(controller)["decisions"])
     body = {"prompt": "The old mill stands by the river", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    with Load(url, body, clients=10) as load:
+    with Load(url, lambda: body, clients=10) as load:
         wait_until(lambda: status(controller)["pools"]["decode"]["target"] == 2, 120, "decode scale-up decision", controller, load)
     assert load.statuses and set(load.statuses) == {200}, load.summary()
     wait_until(lambda: status(controller)["pools"]["decode"]["ready"] == 2, 600, "second decode replica", controller)
     assert pool_nodes("decode_pool") == 2
-    new = [(d["role"], d["from_replicas"], d["to_replicas"]) for d in status(controller)["decisions"][before:]]
-    assert new == [("decode", 1, 2)]  # prefill untouched
+    decisions = [(d["role"], d["from_replicas"], d["to_replicas"]) for d in status(controller)["decisions"]]
+    assert decisions == [("decode", 1, 2)]  # prefill untouched
     wait_until(lambda: status(controller)["pools"]["decode"]["target"] == 1, 120, "decode scale-down decision", controller)

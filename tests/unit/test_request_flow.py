@@ -43,11 +43,11 @@ async def fake_cluster(tokenizer, prefill=(Behaviour(),), decode=(Behaviour(),),
             await w.stop()
 
 
-async def run(flow: RequestFlow, prompt=PROMPT, **params):
+async def run(flow: RequestFlow, prompt=PROMPT, priority: int = 0, **params):
     params.setdefault("max_tokens", 12)
     params.setdefault("temperature", 0.0)
     usage = Usage()
-    request = GenerationRequest(uuid.uuid4().hex, list(prompt), SamplingParams(**params))
+    request = GenerationRequest(uuid.uuid4().hex, list(prompt), SamplingParams(**params), priority=priority)
     deltas = [d async for d in flow.generate(request, usage)]
     return deltas, usage
 
@@ -80,6 +80,12 @@ async def test_disaggregated_request_streams_the_models_tokens_and_gives_every_c
         assert prefill_call.request.target.consumer_endpoint == f"kv-{decode.address}"
         assert decode_call.request.producer_kv_endpoint == f"kv-{prefill.address}"
         assert_at_rest(flow)
+
+
+async def test_the_requests_priority_reaches_both_workers(tokenizer):
+    async with fake_cluster(tokenizer) as (flow, (prefill, decode)):
+        await run(flow, priority=-3)
+        assert prefill.calls_of("Prefill")[0].request.priority == decode.calls_of("Decode")[0].request.priority == -3
 
 
 async def test_short_prompt_bypasses_prefill(tokenizer):
