@@ -162,19 +162,6 @@ class IncomingTransfers:
             t.failure = t.failure or "cancelled"
             return True
 
-    def fail(self, transfer_id: str, reason: str, writes_stopped: bool = False) -> bool:
-        """Fail an expected transfer; `writes_stopped`: its producer says no write of it is
-        in flight. Returns whether it was expected."""
-        with self.lock:
-            t = self._expected.get(transfer_id)
-            if t is None:
-                return False
-            t.failure = t.failure or reason
-            if writes_stopped:
-                t.hold_until = 0.0
-        self.progress.set()
-        return True
-
     def waiting_producers(self) -> set[str]:
         """KV endpoints of the producers whose transfers are still awaited, or whose blocks are
         held for NIXL writes that may still land."""

@@ -180,12 +180,17 @@ class KVReceiver:
     def fail(self, transfer_id: str, reason: str, writes_stopped: bool = False) -> bool:
         """Fail a transfer, expected or staged; `writes_stopped`: its producer says no write
         of it is in flight. Returns whether it was known here."""
-        if self.transfers.fail(transfer_id, reason, writes_stopped):
-            return True
-        with self.transfers.lock:
-            staged = self._staging.take(transfer_id)
-            self.transfers.close(transfer_id)
-        return staged is not None
+        with self.transfers.lock:  # one lock: an expect() in between would miss the abort
+            t = self.transfers.get(transfer_id)
+            if t is None:
+                staged = self._staging.take(transfer_id)
+                self.transfers.close(transfer_id)
+                return staged is not None
+            t.failure = t.failure or reason
+            if writes_stopped:
+                t.hold_until = 0.0
+        self.transfers.progress.set()
+        return True
 
     # -- internals --------------------------------------------------------------------
 

@@ -17,11 +17,8 @@ class AdmissionGate:
         self._max_queue = max_queue
         self._queue: list[tuple[int, int, asyncio.Future]] = []  # (priority, arrival, woken when its turn comes)
         self._arrivals = itertools.count()
+        self._waiting = 0  # in the queue and not gone (a left client's entry stays until popped)
         self._metrics = metrics
-
-    @property
-    def _waiting(self) -> int:
-        return sum(not future.done() for _, _, future in self._queue)
 
     def check(self, n: int = 1) -> None:
         """Refuse at once when `n` more requests would overflow the queue."""
@@ -45,6 +42,7 @@ class AdmissionGate:
     async def _wait_turn(self, priority: int) -> None:
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._queue, (priority, next(self._arrivals), future))
+        self._waiting += 1
         self._metrics.queue_depth.inc()
         try:
             await future  # its slot is handed over by _release
@@ -55,6 +53,7 @@ class AdmissionGate:
                 future.cancel()  # skipped by _release
             raise
         finally:
+            self._waiting -= 1
             self._metrics.queue_depth.dec()
 
     def _release(self) -> None:
