@@ -10,6 +10,7 @@ class WorkerSummary(BaseModel):
     id: str
     role: str | None  # None until its first health check answers
     address: str
+    metrics_port: int  # 0 until its first health check answers
     healthy: bool
     pid: int
     running: int
@@ -30,3 +31,22 @@ class ClusterView(BaseModel):
     model: str
     workers: list[WorkerSummary]
     prefix_index_blocks: dict[str, int]  # block hashes this router remembers per prefill worker
+
+
+class ScrapeTargets(BaseModel):
+    """One entry of Prometheus's HTTP service discovery (`http_sd_configs`): a worker's metrics
+    endpoint. The `__meta_` labels are there for relabelling; the series carry role and id."""
+
+    targets: list[str]
+    labels: dict[str, str]
+
+
+def scrape_targets(workers: list[WorkerSummary]) -> list[ScrapeTargets]:
+    return [
+        ScrapeTargets(
+            targets=[f"{w.address.rsplit(':', 1)[0]}:{w.metrics_port}"],
+            labels={"__meta_pdcluster_role": w.role or "", "__meta_pdcluster_worker_id": w.id},
+        )
+        for w in workers
+        if w.metrics_port
+    ]

@@ -63,6 +63,8 @@ class ClusterEngineClient(EngineClient):
         if sampling_params.n > self._flow.config.max_n:
             raise VLLMValidationError(f"n must be at most {self._flow.config.max_n}", parameter="n", value=sampling_params.n)
         checked = self.input_processor.process_inputs(request_id, prompt, sampling_params, SUPPORTED_TASKS, priority=priority)
+        if self._flow.metrics.vllm:
+            self._flow.metrics.vllm.request(sampling_params.n)
         prompt_ids = list(checked.prompt_token_ids or ())
         params = sampling_params.clone()
         params.max_tokens = checked.sampling_params.max_tokens

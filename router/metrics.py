@@ -1,4 +1,5 @@
-"""The router's Prometheus metrics (prefix `pdcluster_router_`), plus a per-worker view."""
+"""The router's Prometheus metrics: its own (prefix `pdcluster_router_`), a per-worker view, and
+each request's figures under vLLM's names (VllmRequestMetrics)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pdcluster.common.worker_load import kv_cache_usage
 from pdcluster.common.worker_record import ROLES
+from pdcluster.router.vllm_request_metrics import VllmRequestMetrics
 from pdcluster.router.worker_pool import WorkerPool
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -14,9 +16,14 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 
 
 class RouterMetrics:
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, vllm_config=None) -> None:
+        """`vllm_config`: the served model's, for vLLM's request metrics (None: without them,
+        as unit tests of the flow run without a model)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        self.vllm = VllmRequestMetrics(vllm_config) if vllm_config is not None else None
+        if self.vllm:
+            r.register(self.vllm.collector())
         self.ttft = Histogram("pdcluster_router_ttft_seconds", "Time to first token", registry=r, buckets=_LATENCY_BUCKETS)
         self.itl = Histogram("pdcluster_router_itl_seconds", "Time between output tokens", registry=r, buckets=_ITL_BUCKETS)
         self.e2e = Histogram("pdcluster_router_e2e_seconds", "Request latency, arrival to last token", registry=r, buckets=_LATENCY_BUCKETS)

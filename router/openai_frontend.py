@@ -1,6 +1,7 @@
 """The router's HTTP API: vLLM's own OpenAI server (its app, routes, protocol and serving
 classes, as `vllm serve` builds them) over ClusterEngineClient, plus the cluster view
-(`/cluster`) and the router's metrics on vLLM's `/metrics`. The gRPC Inference service
+(`/cluster`), the router's metrics on vLLM's `/metrics`, and every worker's metrics endpoint for
+Prometheus's HTTP service discovery (`/prometheus/targets`). The gRPC Inference service
 serves through the same serving classes (`app.state`)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.app import build_app
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from pdcluster.router.cluster_view import ClusterView
+from pdcluster.router.cluster_view import ClusterView, ScrapeTargets, scrape_targets
 from pdcluster.router.engine_client import SUPPORTED_TASKS
 from pdcluster.router.router_service import Router
 
@@ -47,3 +48,7 @@ def _add_cluster_view(app: FastAPI, router: Router) -> None:
             workers=[w.describe() for w in router.pool.workers()],
             prefix_index_blocks=router.flow.prefix_index.sizes(),
         )
+
+    @app.get("/prometheus/targets", dependencies=[Depends(authorized)])
+    async def prometheus_targets() -> list[ScrapeTargets]:
+        return scrape_targets([w.describe() for w in router.pool.workers()])

@@ -37,6 +37,7 @@ from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement_prediction import PlacementPredictor
 from pdcluster.router.routing_policy import PrefillPlacement, PrefixIndex, pick_decode_worker, place_prefill
+from pdcluster.router.vllm_request_metrics import RequestTimeline
 from pdcluster.router.worker_calls import DecodeCall, WorkerFailed
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
 from pdcluster.router.worker_requests import attempt_params, decode_request, prefill_request
@@ -77,10 +78,14 @@ class RequestFlow:
     async def generate(self, request: GenerationRequest, usage: Usage):
         """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
         arrived = time.monotonic()
-        outcome = "error"
+        timeline = self.metrics.vllm.timeline(len(request.prompt_token_ids)) if self.metrics.vllm else None
+        outcome, finish_reason = "error", "error"
         async with self.admission.slot(request.priority):
+            if timeline:
+                timeline.admit()
             try:
-                async for delta in self._generate_with_failover(request, usage, arrived):
+                async for delta in self._generate_with_failover(request, usage, arrived, timeline):
+                    finish_reason = delta.finish_reason or finish_reason
                     yield delta
                 outcome = "ok"
             except VLLMValidationError:
@@ -90,13 +95,16 @@ class RequestFlow:
                 outcome = "unavailable"
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                outcome = "cancelled"
+                outcome, finish_reason = "cancelled", "abort"
                 raise
             finally:
                 self.metrics.requests.labels(outcome).inc()
+                # As vLLM counts: what an engine ran, whatever its end; not what it refused.
+                if timeline and outcome not in ("invalid", "unavailable"):
+                    timeline.finish(finish_reason, usage.cached_tokens, request.sampling_params.max_tokens)
         self.metrics.e2e.observe(time.monotonic() - arrived)
 
-    async def _generate_with_failover(self, request: GenerationRequest, usage: Usage, arrived: float):
+    async def _generate_with_failover(self, request: GenerationRequest, usage: Usage, arrived: float, timeline: RequestTimeline | None):
         usage.prompt_tokens = len(request.prompt_token_ids)
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         sent: list[int] = []
@@ -115,6 +123,8 @@ class RequestFlow:
                         else:
                             self.metrics.itl.observe((now - last_token_at) / len(delta.token_ids))
                         last_token_at = now
+                        if timeline:
+                            timeline.tokens(len(delta.token_ids), usage.cached_tokens)
                     sent.extend(delta.token_ids)
                     usage.completion_tokens = len(sent)
                     self.metrics.output_tokens.inc(len(delta.token_ids))

@@ -51,7 +51,7 @@ class Router:
         # Without a token or a registry to read it from: the one workers started by hand on this machine share.
         token = config.worker_token or ("" if config.registry else local_cluster_token(config.cluster_name))
         self.pool.metadata = token_metadata(token)
-        self.metrics = RouterMetrics(self.pool)
+        self.metrics = RouterMetrics(self.pool, vllm_config)
         renderer = renderer_from_config(vllm_config)
         self.flow = RequestFlow(self.pool, config, self.metrics, renderer.tokenizer)
         self.engine = ClusterEngineClient(vllm_config, renderer, self.flow, self.pool)

@@ -68,6 +68,7 @@ class WorkerView:
             id=self.worker_id,
             role=s.role or None,
             address=self.address,
+            metrics_port=s.metrics_port,
             healthy=self.healthy,
             pid=s.pid,
             running=s.running,

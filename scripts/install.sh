@@ -6,11 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# The registry (`--registry redis://...`) and its tests use a real redis-server.
-if ! command -v redis-server >/dev/null 2>&1; then
+# The registry (`--registry redis://...`) and its tests use a real redis-server; the metrics
+# tests scrape a cluster with a real Prometheus on the shipped config.
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+if [ -n "$missing" ]; then
   { command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
-    || echo "could not install redis-server: install it for the Redis registry and its tests" >&2
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null; } \
+    || echo "could not install$missing: install them for the Redis registry and the metrics tests" >&2
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.files import write_atomically
@@ -39,7 +39,7 @@ from pdcluster.worker.engine_args import engine_kwargs, follow_kv_events, pd_kv_
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
-from pdcluster.worker.metrics import WorkerCollector
+from pdcluster.worker.metrics import WorkerCollector, start_metrics_server
 from pdcluster.worker.prefix_cache_mirror import PrefixCacheMirror
 
 logger = logging.getLogger("pdcluster.worker")
@@ -160,8 +160,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         await self._server.start()
         registry = CollectorRegistry()
         registry.register(WorkerCollector(self))
-        metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
-        self.metrics_port = metrics_server.server_port
+        self.metrics_port = start_metrics_server(registry, cfg.host, cfg.metrics_port)
         logger.info(
             "%s worker %s serving on %s:%d (KV %s, metrics %d)",
             cfg.role,
@@ -318,6 +317,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             role=self.config.role,
             worker_id=self.worker_id,
             pid=os.getpid(),
+            metrics_port=self.metrics_port,
             running=sched.num_running_reqs if sched else 0,
             queued=sched.num_waiting_reqs if sched else 0,
             free_kv_blocks=int(total * (1.0 - usage)),

@@ -1,9 +1,17 @@
 """The worker's Prometheus metrics: engine scheduler state and KV transfer counters, read at
-scrape time from the host's latest stats."""
+scrape time from the host's latest stats, and the engine's own `vllm:*` metrics (its queue, KV
+cache, prefix cache, preemptions) labelled with the worker's role and id."""
 
 from __future__ import annotations
 
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pdcluster.common.vllm_metrics import VllmMetricsView, is_engine_metric
 
 
 class WorkerCollector:
@@ -58,3 +66,30 @@ class WorkerCollector:
             for transport, nbytes in moved.items():
                 by_transport.add_metric([*values, direction, transport], nbytes)
         yield by_transport
+        # vLLM's stat logger records into the process's default registry.
+        yield from VllmMetricsView(REGISTRY, is_engine_metric, dict(zip(labels, values, strict=True))).collect()
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:
+        """A scrape every few seconds is not news."""
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Serve `registry` at http://host:port/metrics in Prometheus's text format, as vLLM's own
+    /metrics does; returns the port. prometheus_client's OpenMetrics output, which Prometheus
+    asks for first, writes the colon of each `vllm:` sample name as an underscore, where vLLM's
+    dashboards would find nothing."""
+    app = make_wsgi_app(registry)
+
+    def text_format(environ, start_response):
+        environ["HTTP_ACCEPT"] = "text/plain; version=0.0.4"
+        return app(environ, start_response)
+
+    server = make_server(host, port, text_format, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server.server_port

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import httpx
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
 from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
 
+from tests.support.paths import DEPLOY
 from tests.support.processes import running_cluster
+from tests.support.prometheus import running_prometheus
 from tests.support.router_metrics import metric
 from tests.support.vllm_reference import ENGINE_FLAGS
 
@@ -328,3 +333,74 @@ def test_the_disaggregated_answers_above_were_decoded_from_transferred_kv(server
     (decode,) = [w for w in workers if w["role"] == "decode"]
     stats = asyncio.run(fetch_kv_stats(decode["kv_endpoint"]))
     assert stats.transfers_received > 10 and stats.recomputes == 0 and stats.transfers_failed == 0
+
+
+# What vLLM's Grafana dashboard (examples/observability/prometheus_grafana/grafana.json in vLLM's
+# repository) reads, by how it reads it, and the engine figures the drop-in promise names.
+DASHBOARD_HISTOGRAMS = (
+    "vllm:e2e_request_latency_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:time_to_first_token_seconds",
+    "vllm:request_prompt_tokens",
+    "vllm:request_generation_tokens",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
+    "vllm:request_max_num_generation_tokens",
+)
+DASHBOARD_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total")
+ENGINE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+ENGINE_COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total")
+
+
+def _vllm_series_names(metrics_text: str) -> set[str]:
+    return {
+        sample.name
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name.startswith("vllm:") and not sample.name.endswith("_created")
+    }
+
+
+def test_vllms_dashboard_reads_the_cluster_through_the_shipped_prometheus_config(servers, model, long_prompt, tmp_path):
+    """Prometheus, on the shipped config (its addresses pointed at this cluster), finds the
+    workers through the router's service discovery; every query of vLLM's dashboard then has
+    data, under the served model's name, and every `vllm:` series vLLM's own server exports
+    exists for the cluster. Request figures come from the router only (a prefill worker's own
+    first token is not a request's); engine figures from both pools' workers."""
+    url = servers["pdcluster"]
+    config = yaml.safe_load((DEPLOY / "observability" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    jobs["pdcluster-router"]["static_configs"] = [{"targets": [url.removeprefix("http://")]}]
+    (discovery,) = jobs["pdcluster-workers"]["http_sd_configs"]
+    discovery.update(url=url + "/prometheus/targets", refresh_interval="1s")
+    del jobs["pdcluster-controller"]  # no controller: workers and a router started by hand
+    config["scrape_configs"] = list(jobs.values())
+    with running_prometheus(config, tmp_path) as prometheus:
+        targets = prometheus.wait_for_targets(3)
+        assert sorted(t["discoveredLabels"].get("__meta_pdcluster_role", "") for t in targets) == ["", "decode", "prefill"]
+        for prompt, stream in ((long_prompt, False), (long_prompt[: len(long_prompt) // 2], True), (SHORT, True)):
+            answer(url, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": stream})
+        time.sleep(3)  # two scrapes after the last request
+        selector = f'{{model_name="{model}"}}'
+        for name in DASHBOARD_HISTOGRAMS:
+            assert prometheus.query(f"sum by (le) (increase({name}_bucket{selector}[1m])) > 0"), name
+            assert prometheus.query(f"{name}_sum{selector}") and prometheus.query(f"{name}_count{selector}"), name
+        for name in DASHBOARD_COUNTERS:
+            assert prometheus.query(f"sum(increase({name}{selector}[1m])) > 0"), name
+        reasons = {r["metric"]["finished_reason"] for r in prometheus.query(f"increase(vllm:request_success_total{selector}[1m]) > 0")}
+        assert "length" in reasons
+        for name in ENGINE_GAUGES + ENGINE_COUNTERS:
+            roles = {r["metric"].get("role") for r in prometheus.query(f"{name}{selector}")}
+            assert roles == {"prefill", "decode"}, (name, roles)
+        # Each request's first token is counted once, by the router: no worker exports TTFT.
+        assert not prometheus.query('vllm:time_to_first_token_seconds_count{role!=""}')
+        (ttft,) = prometheus.query(f"sum(vllm:time_to_first_token_seconds_count{selector})")
+        router_ttft = metric(httpx.Client(base_url=url), "pdcluster_router_ttft_seconds_count")
+        assert float(ttft["value"][1]) == router_ttft > 0
+        # Every vllm: series vLLM's own server exports exists for the cluster.
+        reference = _vllm_series_names(httpx.get(servers["vllm"] + "/metrics").text)
+        ours = {r["metric"]["__name__"] for r in prometheus.query('count by (__name__) ({__name__=~"vllm:.+"})')}
+        assert {"vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket"} <= reference
+        assert reference - ours == set()

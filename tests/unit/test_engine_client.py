@@ -18,6 +18,8 @@ from pdcluster.common.vllm_args import vllm_serve_args
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.engine_client import ClusterEngineClient
 from pdcluster.router.generation import TokenDelta
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.worker_pool import WorkerPool
 
 
 class FakeFlow:
@@ -25,6 +27,7 @@ class FakeFlow:
 
     def __init__(self) -> None:
         self.config = RouterConfig(max_n=4)
+        self.metrics = RouterMetrics(WorkerPool([]))
         self.requests = []
 
     async def generate(self, request, usage):

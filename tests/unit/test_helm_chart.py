@@ -76,7 +76,7 @@ def test_rendered_manifests_validate(values):
     docs = render(values)
     kinds = sorted(d["kind"] for d in docs)
     expected = ["ConfigMap", "Deployment", "Deployment", "RayCluster", "Service", "Service", "Service"]
-    assert kinds == sorted(expected + (["ServiceMonitor"] if values else []))
+    assert kinds == sorted(expected + (["ScrapeConfig", "ServiceMonitor"] if values else []))
     for doc in docs:
         if doc["kind"] == "RayCluster":
             jsonschema.validate(doc, schema("raycluster-v1.json"))
@@ -86,6 +86,12 @@ def test_rendered_manifests_validate(values):
                 kubernetes_validate.validate(pod_template, KUBE_VERSION, strict=True)
         elif doc["kind"] == "ServiceMonitor":
             jsonschema.validate(doc, schema("servicemonitor-v1.json"))
+        elif doc["kind"] == "ScrapeConfig":
+            jsonschema.validate(doc, schema("scrapeconfig-v1alpha1.json"))
+            # Prometheus finds the workers through the router's discovery endpoint, with its key.
+            (sd,) = doc["spec"]["httpSDConfigs"]
+            assert sd["url"] == "https://demo-router.llm.svc:8000/prometheus/targets"
+            assert sd["authorization"]["credentials"]["name"] == "pd-api-key"
         else:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     # The validators are live: a wrong type and an unknown field are caught.
