@@ -46,6 +46,7 @@ class DecodeHandler:
                 params,
                 f"{request.request_id}-decode",
                 priority=request.priority,
+                lora_request=self._host.lora.request_for(request.lora),
                 reasoning_ended=request.reasoning_ended if request.HasField("reasoning_ended") else None,
                 reasoning_parser_kwargs=msgspec.msgpack.decode(request.reasoning_parser_kwargs)
                 if request.reasoning_parser_kwargs

@@ -55,6 +55,7 @@ class PrefillHandler:
                 params,
                 f"{request.request_id}-prefill",
                 priority=request.priority,
+                lora_request=self._host.lora.request_for(request.lora),
             ):
                 final = out
         except INVALID_REQUEST_ERRORS as e:

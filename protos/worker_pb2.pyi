@@ -15,18 +15,28 @@ class KVTransferTarget(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., consumer_endpoint: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params", "priority")
+    __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params", "priority", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     target: KVTransferTarget
     sampling_params: bytes
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling_params: _Optional[bytes] = ..., priority: _Optional[int] = ...) -> None: ...
+    lora: LoRAAdapter
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling_params: _Optional[bytes] = ..., priority: _Optional[int] = ..., lora: _Optional[_Union[LoRAAdapter, _Mapping]] = ...) -> None: ...
+
+class LoRAAdapter(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("first_token_id", "num_cached_tokens", "prompt_logprobs")
@@ -39,7 +49,7 @@ class PrefillReply(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[bytes] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "transfer_id", "producer_kv_endpoint", "reasoning_ended", "reasoning_parser_kwargs", "priority")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "transfer_id", "producer_kv_endpoint", "reasoning_ended", "reasoning_parser_kwargs", "priority", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +58,7 @@ class DecodeRequest(_message.Message):
     REASONING_ENDED_FIELD_NUMBER: _ClassVar[int]
     REASONING_PARSER_KWARGS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: bytes
@@ -56,7 +67,8 @@ class DecodeRequest(_message.Message):
     reasoning_ended: bool
     reasoning_parser_kwargs: bytes
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., producer_kv_endpoint: _Optional[str] = ..., reasoning_ended: _Optional[bool] = ..., reasoning_parser_kwargs: _Optional[bytes] = ..., priority: _Optional[int] = ...) -> None: ...
+    lora: LoRAAdapter
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[bytes] = ..., transfer_id: _Optional[str] = ..., producer_kv_endpoint: _Optional[str] = ..., reasoning_ended: _Optional[bool] = ..., reasoning_parser_kwargs: _Optional[bytes] = ..., priority: _Optional[int] = ..., lora: _Optional[_Union[LoRAAdapter, _Mapping]] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", "logprobs", "prompt_logprobs", "cumulative_logprob", "stop_string", "stop_token_id")
@@ -89,7 +101,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "worker_id", "pid", "running", "queued", "free_kv_blocks", "total_kv_blocks", "kv_bytes_sent", "kv_bytes_received", "kv_endpoint", "model", "queued_prefill_tokens", "block_size", "draining", "max_model_len", "kv_transport", "kv_bytes_by_transport", "kv_transfers_by_transport", "prompt_tokens", "generation_tokens", "busy_seconds", "prefill_seconds_p90", "itl_seconds_p90", "metrics_port")
+    __slots__ = ("role", "worker_id", "pid", "running", "queued", "free_kv_blocks", "total_kv_blocks", "kv_bytes_sent", "kv_bytes_received", "kv_endpoint", "model", "queued_prefill_tokens", "block_size", "draining", "max_model_len", "kv_transport", "kv_bytes_by_transport", "kv_transfers_by_transport", "prompt_tokens", "generation_tokens", "busy_seconds", "prefill_seconds_p90", "itl_seconds_p90", "metrics_port", "lora_adapters")
     class KvBytesByTransportEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +140,7 @@ class WorkerStats(_message.Message):
     PREFILL_SECONDS_P90_FIELD_NUMBER: _ClassVar[int]
     ITL_SECONDS_P90_FIELD_NUMBER: _ClassVar[int]
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: str
     pid: int
@@ -152,7 +165,8 @@ class WorkerStats(_message.Message):
     prefill_seconds_p90: float
     itl_seconds_p90: float
     metrics_port: int
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_bytes_by_transport: _Optional[_Mapping[str, int]] = ..., kv_transfers_by_transport: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., prefill_seconds_p90: _Optional[float] = ..., itl_seconds_p90: _Optional[float] = ..., metrics_port: _Optional[int] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_bytes_by_transport: _Optional[_Mapping[str, int]] = ..., kv_transfers_by_transport: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., prefill_seconds_p90: _Optional[float] = ..., itl_seconds_p90: _Optional[float] = ..., metrics_port: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchPrefixCacheRequest(_message.Message):
     __slots__ = ()
@@ -183,3 +197,7 @@ class SwitchRoleReply(_message.Message):
     role: str
     drained_seconds: float
     def __init__(self, role: _Optional[str] = ..., drained_seconds: _Optional[float] = ...) -> None: ...
+
+class LoadLoRAReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

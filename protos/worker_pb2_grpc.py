@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleRequest.SerializeToString,
                 response_deserializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleReply.FromString,
                 _registered_method=True)
+        self.LoadLoRA = channel.unary_unary(
+                '/pdcluster.v1.Worker/LoadLoRA',
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.LoRAAdapter.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.LoadLoRAReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -95,6 +100,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRA(self, request, context):
+        """Load an adapter into the engine (vLLM's /v1/load_lora_adapter, on every worker); an
+        adapter that cannot be loaded fails with NOT_FOUND or INVALID_ARGUMENT and vLLM's message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +135,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SwitchRole,
                     request_deserializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleRequest.FromString,
                     response_serializer=pdcluster_dot_protos_dot_worker__pb2.SwitchRoleReply.SerializeToString,
+            ),
+            'LoadLoRA': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRA,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.LoRAAdapter.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.LoadLoRAReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +277,33 @@ class Worker:
             '/pdcluster.v1.Worker/SwitchRole',
             pdcluster_dot_protos_dot_worker__pb2.SwitchRoleRequest.SerializeToString,
             pdcluster_dot_protos_dot_worker__pb2.SwitchRoleReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdcluster.v1.Worker/LoadLoRA',
+            pdcluster_dot_protos_dot_worker__pb2.LoRAAdapter.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.LoadLoRAReply.FromString,
             options,
             channel_credentials,
             insecure,

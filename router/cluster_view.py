@@ -25,6 +25,7 @@ class WorkerSummary(BaseModel):
     kv_transfers_by_transport: dict[str, int]
     draining: bool
     router_inflight: int  # requests this router has running on it
+    lora_adapters: list[str]  # the LoRA adapters its engine holds loaded
 
 
 class ClusterView(BaseModel):

@@ -21,6 +21,9 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.parallel_sampling import ParentRequest
 
+from pdcluster.common.worker_record import ROLES
+from pdcluster.protos import worker_pb2
+from pdcluster.router import worker_calls
 from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
 from pdcluster.router.request_flow import RequestFlow
 from pdcluster.router.worker_pool import WorkerPool
@@ -58,11 +61,11 @@ class ClusterEngineClient(EngineClient):
         reasoning_parser_kwargs: dict | None = None,
         **_ignored,  # tracing, sessions, KV hints and DP ranks do not change what the pools compute
     ) -> AsyncGenerator[RequestOutput, None]:
-        if lora_request is not None:
-            raise VLLMValidationError("LoRA adapters are not served by pdcluster", parameter="model")
         if sampling_params.n > self._flow.config.max_n:
             raise VLLMValidationError(f"n must be at most {self._flow.config.max_n}", parameter="n", value=sampling_params.n)
-        checked = self.input_processor.process_inputs(request_id, prompt, sampling_params, SUPPORTED_TASKS, priority=priority)
+        checked = self.input_processor.process_inputs(
+            request_id, prompt, sampling_params, SUPPORTED_TASKS, lora_request=lora_request, priority=priority
+        )
         if self._flow.metrics.vllm:
             self._flow.metrics.vllm.request(sampling_params.n)
         prompt_ids = list(checked.prompt_token_ids or ())
@@ -71,7 +74,9 @@ class ClusterEngineClient(EngineClient):
         samples = _samples(checked, request_id, params)
         usages = [Usage() for _ in samples]
         streams = [
-            self._flow.generate(GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority), usage)
+            self._flow.generate(
+                GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority, lora_request), usage
+            )
             for (sample_id, p), usage in zip(samples, usages, strict=True)
         ]
         outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(samples))]
@@ -150,7 +155,15 @@ class ClusterEngineClient(EngineClient):
         raise VLLMValidationError("pooling models are not served by pdcluster")
 
     async def add_lora(self, lora_request) -> bool:
-        raise VLLMValidationError("LoRA adapters are not served by pdcluster")
+        """vLLM's check that an adapter loads (--lora-modules, /v1/load_lora_adapter): every
+        worker serving now loads it; a worker that starts later loads it with its first request
+        for it (each request carries the adapter's path). A failure carries the worker's word,
+        which vLLM's layer turns into its own error."""
+        workers = [w for role in ROLES for w in self._pool.healthy(role)]
+        await worker_calls.load_lora(
+            workers, worker_pb2.LoRAAdapter(name=lora_request.lora_name, path=lora_request.lora_path), self._pool.metadata
+        )
+        return True
 
     async def notify_kv_transfer_request_rejected(self, *args, **kwargs) -> None:
         """Our connector's transfers are the router's own; no client-side kv_transfer_params."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm import SamplingParams
+from vllm.lora.request import LoRARequest
 
 
 @dataclass
@@ -15,6 +16,7 @@ class GenerationRequest:
     reasoning_ended: bool | None = None  # vLLM's OpenAI layer's word on the reasoning parser's state
     reasoning_parser_kwargs: dict | None = None
     priority: int = 0  # vLLM's: lower runs first, in the router's queue and on the workers
+    lora: LoRARequest | None = None  # vLLM's, as its OpenAI layer resolved the model name
 
 
 @dataclass

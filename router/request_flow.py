@@ -149,7 +149,7 @@ class RequestFlow:
         if params.max_tokens <= 0:  # the lost worker had sent every token but not the finish
             yield TokenDelta([], "", "length")
             return
-        route = await self._route(prompt, params, attempt)
+        route = await self._route(prompt, params, attempt, request.lora.lora_name if request.lora else None)
         attempt_id = f"{request.request_id}-{attempt.number}"
         computed_on_decode = 0 if route.prefill else len(prompt)  # queued there until its first token
         reservation = route.decode.load.reserve_decode(params.max_tokens, computed_on_decode)
@@ -183,10 +183,10 @@ class RequestFlow:
 
     # -- routing ------------------------------------------------------------------------
 
-    async def _route(self, prompt: list[int], params: SamplingParams, attempt: _Attempt) -> _Route:
-        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens)
+    async def _route(self, prompt: list[int], params: SamplingParams, attempt: _Attempt, lora_name: str | None) -> _Route:
+        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens, lora_name)
         placed_at = time.monotonic()
-        placement = self._place_prefill(prompt, attempt, decode)
+        placement = self._place_prefill(prompt, attempt, decode, lora_name)
         self._note_pick(decode, Role.DECODE)
         return _Route(decode, placement, placed_at)
 
@@ -202,16 +202,17 @@ class RequestFlow:
             await asyncio.sleep(0.25)
         return candidates
 
-    def _place_prefill(self, prompt: list[int], attempt: _Attempt, decode: WorkerView) -> PrefillPlacement:
+    def _place_prefill(self, prompt: list[int], attempt: _Attempt, decode: WorkerView, lora_name: str | None) -> PrefillPlacement:
         hashes: dict[int, list[int]] = {}
         placement = place_prefill(
             self._candidates(Role.PREFILL, attempt),
             decode,
             len(prompt),
             self.prefix_index,
-            lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs)),
+            lambda bs: hashes.setdefault(bs, prompt_block_hashes(prompt, bs, lora_name)),
             self.config,
             self.predictor,
+            lora_name,
         )
         kept = "none" if placement.chosen is None else "kept" if placement.chosen.misses(self.config.slo) == 0 else "missed"
         self.metrics.placements.labels("remote" if placement.worker else "local", placement.basis, kept).inc()

@@ -60,36 +60,53 @@ class PrefixIndex:
         self._blocks.pop(worker_id, None)
 
 
+# What a worker without a request's LoRA adapter loaded costs in the choice: loading it takes
+# time and an adapter slot, worth this many requests queued on a decode worker, or this many
+# prompt tokens queued on a prefill worker. A soft preference: traffic for one adapter still
+# spreads once the workers holding it are that much busier than the others.
+ADAPTER_LOAD_COST_REQUESTS = 4
+ADAPTER_LOAD_COST_TOKENS = 1024
+
+
+def _lacks_adapter(worker: WorkerView, lora_name: str | None) -> bool:
+    return bool(lora_name) and lora_name not in worker.stats.lora_adapters
+
+
 def _load(worker: WorkerView) -> int:
     """Requests on the worker: its own count, or ours where the last poll lags behind."""
     stats = worker.stats
     return max(stats.running + stats.queued, worker.load.inflight)
 
 
-def pick_decode_worker(workers: list[WorkerView], total_tokens: int) -> WorkerView | None:
-    """Prefer workers with room for the whole sequence, then the least loaded, then the most
-    free KV, then the one picked least recently."""
+def pick_decode_worker(workers: list[WorkerView], total_tokens: int, lora_name: str | None = None) -> WorkerView | None:
+    """Prefer workers with room for the whole sequence, then the least loaded (counting a
+    LoRA adapter to load as requests), then the most free KV, then the one picked least
+    recently."""
     if not workers:
         return None
 
     def key(w: WorkerView):
         blocks_needed = -(-total_tokens // max(w.stats.block_size, 1))
         fits = w.stats.free_kv_blocks >= blocks_needed or w.stats.total_kv_blocks == 0
-        return (not fits, _load(w), -int(w.stats.free_kv_blocks), w.load.last_picked)
+        load = _load(w) + ADAPTER_LOAD_COST_REQUESTS * _lacks_adapter(w, lora_name)
+        return (not fits, load, -int(w.stats.free_kv_blocks), w.load.last_picked)
 
     return min(workers, key=key)
 
 
-def pick_prefill_worker(workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for) -> tuple[WorkerView | None, int]:
+def pick_prefill_worker(
+    workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for, lora_name: str | None = None
+) -> tuple[WorkerView | None, int]:
     """The worker with the least prefill work ahead once this prompt's cached prefix is
-    subtracted (then the least loaded, then the one picked least recently); returns it and the
-    prefix tokens it likely holds. `hashes_for(block_size)` gives the prompt's block hashes for
-    a worker's block size."""
+    subtracted (a LoRA adapter to load counting as tokens; then the least loaded, then the one
+    picked least recently); returns it and the prefix tokens it likely holds.
+    `hashes_for(block_size)` gives the prompt's block hashes for a worker's block size."""
     best, best_key, best_overlap = None, None, 0
     for w in workers:
         block_size = max(w.stats.block_size, 1)
         overlap = index.overlap_blocks(w.worker_id, hashes_for(block_size)) * block_size
-        key = (queued_prefill_tokens(w) + prompt_len - overlap, _load(w), w.load.last_picked)
+        work = queued_prefill_tokens(w) + prompt_len - overlap + ADAPTER_LOAD_COST_TOKENS * _lacks_adapter(w, lora_name)
+        key = (work, _load(w), w.load.last_picked)
         if best_key is None or key < best_key:
             best, best_key, best_overlap = w, key, overlap
     return best, best_overlap
@@ -134,6 +151,7 @@ def place_prefill(
     hashes_for: Callable[[int], list[int]],
     config: RouterConfig,
     predictor: PlacementPredictor | None = None,
+    lora_name: str | None = None,
 ) -> PrefillPlacement:
     """The router's whole prefill choice for one prompt, its decode worker already picked.
     Rules first: a short prompt, or with `local_prefill_above_queued_tokens` set, a deep
@@ -145,7 +163,7 @@ def place_prefill(
     if config.prefill_routing == "round-robin":
         prefill, overlap = min(candidates, key=lambda w: w.load.last_picked, default=None), 0
     else:
-        prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for)
+        prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for, lora_name)
     if prefill is None:
         return PrefillPlacement(None, bypass="no_prefill_worker")
     if prefill_backlog_too_deep(prefill, config.local_prefill_above_queued_tokens):

@@ -108,3 +108,22 @@ async def prefill(worker: WorkerView, request: worker_pb2.PrefillRequest, metada
     finally:
         watch.cancel()
         call.cancel()  # no-op once answered; aborts the prefill on the worker otherwise
+
+
+LOAD_LORA_TIMEOUT_S = 120.0
+# Codes that say the adapter cannot be loaded; any other is a worker away for a moment, which
+# loads the adapter with its first request for it.
+_ADAPTER_REFUSED = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+async def load_lora(workers: list[WorkerView], adapter: worker_pb2.LoRAAdapter, metadata) -> None:
+    """Load `adapter` on each worker at once; a worker's refusal raises with its message
+    (vLLM's own, for an adapter not found)."""
+    results = await asyncio.gather(
+        *(w.stub.LoadLoRA(adapter, metadata=metadata, timeout=LOAD_LORA_TIMEOUT_S) for w in workers), return_exceptions=True
+    )
+    for worker, result in zip(workers, results, strict=True):
+        if isinstance(result, grpc.aio.AioRpcError) and result.code() in _ADAPTER_REFUSED:
+            raise ValueError(f"{worker.worker_id}: {result.details()}")
+        if isinstance(result, BaseException) and not isinstance(result, grpc.aio.AioRpcError):
+            raise result

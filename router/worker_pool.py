@@ -83,6 +83,7 @@ class WorkerView:
             kv_transfers_by_transport=dict(s.kv_transfers_by_transport),
             draining=s.draining,
             router_inflight=self.load.inflight,
+            lora_adapters=list(s.lora_adapters),
         )
 
 

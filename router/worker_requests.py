@@ -49,6 +49,7 @@ def decode_request(
         reasoning_ended=request.reasoning_ended,
         reasoning_parser_kwargs=msgspec.msgpack.encode(request.reasoning_parser_kwargs) if request.reasoning_parser_kwargs else b"",
         priority=request.priority,
+        lora=lora_adapter(request),
     )
 
 
@@ -62,4 +63,10 @@ def prefill_request(
         sampling_params=encode_sampling_params(params),
         target=worker_pb2.KVTransferTarget(transfer_id=attempt_id, consumer_endpoint=decode.stats.kv_endpoint),
         priority=request.priority,
+        lora=lora_adapter(request),
     )
+
+
+def lora_adapter(request: GenerationRequest) -> worker_pb2.LoRAAdapter | None:
+    """The request's adapter, for both its workers: the KV depends on it."""
+    return worker_pb2.LoRAAdapter(name=request.lora.lora_name, path=request.lora.lora_path) if request.lora else None

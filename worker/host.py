@@ -39,6 +39,7 @@ from pdcluster.worker.engine_args import engine_kwargs, follow_kv_events, pd_kv_
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
+from pdcluster.worker.lora_adapters import LoRAAdapters
 from pdcluster.worker.metrics import WorkerCollector, start_metrics_server
 from pdcluster.worker.prefix_cache_mirror import PrefixCacheMirror
 
@@ -108,6 +109,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self.prefix_cache: PrefixCacheMirror | None = None  # prefill workers whose engine publishes KV events
+        self.lora = LoRAAdapters()
         self._tasks: list[asyncio.Task] = []
         self.port = 0
         self.metrics_port = 0
@@ -249,6 +251,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
 
     async def _refresh_kv_stats(self) -> None:
         self._kv_stats = await fetch_kv_stats(self.kv_endpoint, tls=self.config.tls)
+        if self.engine is not None and self.engine.vllm_config.lora_config is not None:
+            await self.lora.refresh(self.engine)
 
     # -- request accounting shared by the role handlers --------------------------------
 
@@ -299,6 +303,22 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         return worker_pb2.SwitchRoleReply(role=self.config.role, drained_seconds=drained)
 
+    async def LoadLoRA(self, request, context):
+        from vllm.exceptions import LoRAAdapterNotFoundError
+
+        if self.engine.vllm_config.lora_config is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "LoRA adapters are not enabled on this worker (--enable-lora)")
+        if not request.name or not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an adapter needs a name and a path")
+        try:
+            await self.engine.add_lora(self.lora.request_for(request))
+        except LoRAAdapterNotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Exception as e:  # vLLM's word on a bad adapter (rank, modules, ...)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        await self.lora.refresh(self.engine)
+        return worker_pb2.LoadLoRAReply()
+
     async def WatchPrefixCache(self, request, context):
         if self.prefix_cache is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker publishes no prefix-cache events")
@@ -318,6 +338,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             worker_id=self.worker_id,
             pid=os.getpid(),
             metrics_port=self.metrics_port,
+            lora_adapters=self.lora.loaded,
             running=sched.num_running_reqs if sched else 0,
             queued=sched.num_waiting_reqs if sched else 0,
             free_kv_blocks=int(total * (1.0 - usage)),

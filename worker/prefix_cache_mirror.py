@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 
-from pdcluster.common.prefix_hashes import block_name
+from pdcluster.common.prefix_hashes import block_name, chain_root
 from pdcluster.protos import worker_pb2
 
 logger = logging.getLogger("pdcluster.worker.prefix_cache")
@@ -67,7 +67,7 @@ class PrefixCacheMirror:
 
     def _store(self, event) -> list[int]:
         if event.parent_block_hash is None:
-            parent = 0
+            parent = chain_root(event.lora_name)
         elif (parent := self._names.get(event.parent_block_hash)) is None:
             return []  # its prefix was stored before this mirror listened: it cannot be named
         size = self.block_size = event.block_size

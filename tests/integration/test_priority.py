@@ -1,7 +1,8 @@
 """Request priority, as vLLM has it (`--scheduling-policy priority`; lower runs first): a
-high-priority request, sent over gRPC, overtakes low-priority ones queued before it in the
-router's queue (`--max-inflight 1`). Without priority it would finish last. (That the
-priority reaches both workers' engines is checked on the router's calls, in
+high-priority request, sent over gRPC, overtakes low-priority ones queued before it, in the
+router's queue (`--max-inflight 1`) and in a busy worker's engine (`--max-num-seqs 1`, the
+router admitting everything). Without priority it would finish last. (That the priority
+reaches both workers' engines is checked on the router's calls too, in
 tests/unit/test_request_flow.py.)"""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ PROMPT = "The old mill stands by the river"
 
 @pytest.fixture(scope="module")
 def workers():
-    with running_pair(PRIORITY, PRIORITY) as pair:
+    busy = [*PRIORITY, "--max-num-seqs", "1"]  # one request runs, the others wait in the engine
+    with running_pair(busy, busy) as pair:
         yield pair
 
 
@@ -75,5 +77,18 @@ def test_a_high_priority_request_overtakes_queued_ones_in_the_routers_queue(work
         assert asyncio.run(finish_order(router)) == ["high", "low-0", "low-1", "low-2"]
         queued = httpx.get(router.record.http + "/metrics", timeout=30).text
         assert "pdcluster_router_queue_depth 0.0" in queued  # every waiter left the queue
+    finally:
+        router.stop()
+
+
+def test_a_high_priority_request_overtakes_queued_ones_in_a_busy_engine(workers):
+    """The router admits all four at once; the decode engine runs one request at a time, so
+    the others wait in its queue, which orders by the priority the router forwarded. (Among
+    equal priorities the engine's arrival order is not the client's, so only the high one's
+    place is checked.)"""
+    router = start_router([w.address for w in workers], [*PRIORITY, *BYPASS])
+    try:
+        order = asyncio.run(finish_order(router))
+        assert order[0] == "high" and sorted(order[1:]) == ["low-0", "low-1", "low-2"], order
     finally:
         router.stop()

@@ -24,7 +24,7 @@ from tests.support.paths import DEPLOY
 from tests.support.processes import running_cluster
 from tests.support.prometheus import running_prometheus
 from tests.support.router_metrics import metric
-from tests.support.vllm_reference import ENGINE_FLAGS
+from tests.support.vllm_reference import ENGINE_FLAGS, LORA_FLAGS, RUNTIME_LORA_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +64,10 @@ def model() -> str:
 def servers(vllm_reference):
     """{"vllm": url, "pdcluster": url}: each serves the model under --model as given, with the
     same engine flags (pdcluster's workers take them) and serving flags (the router hands them
-    to vLLM's layer), a chat template of our own among them."""
-    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *vllm_reference.serve_flags]
-    with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, _):
+    to vLLM's layer), a chat template of our own among them, LoRA on with two adapters
+    (--lora-modules) and vLLM's runtime adapter loading allowed."""
+    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *LORA_FLAGS, *vllm_reference.serve_flags]
+    with running_cluster(worker_args=[*ENGINE_FLAGS, *LORA_FLAGS], router_args=router_args, router_env=RUNTIME_LORA_ENV) as (router, _):
         yield {"vllm": vllm_reference.url, "pdcluster": router.record.http}
 
 
@@ -404,3 +405,103 @@ def test_vllms_dashboard_reads_the_cluster_through_the_shipped_prometheus_config
         ours = {r["metric"]["__name__"] for r in prometheus.query('count by (__name__) ({__name__=~"vllm:.+"})')}
         assert {"vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket"} <= reference
         assert reference - ours == set()
+
+
+# -- LoRA adapters: the same flags, endpoints, answers and errors as vLLM's ---------------
+
+
+def _models(url: str) -> list[tuple]:
+    return sorted((m["id"], m["root"], m["parent"]) for m in httpx.get(url + "/v1/models").json()["data"])
+
+
+def test_lora_adapters_are_listed_and_loaded_on_both_pools(servers, vllm_reference):
+    assert _models(servers["pdcluster"]) == _models(servers["vllm"])
+    assert {m[0] for m in _models(servers["vllm"])} >= set(vllm_reference.adapters)
+    # --lora-modules loaded each adapter on every worker, prefill and decode alike (as the
+    # router's next health checks report).
+    deadline = time.monotonic() + 30
+    while True:
+        workers = httpx.get(servers["pdcluster"] + "/cluster").json()["workers"]
+        held = {w["role"]: set(w["lora_adapters"]) for w in workers}
+        if held == {"prefill": set(vllm_reference.adapters), "decode": set(vllm_reference.adapters)} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert held == {"prefill": set(vllm_reference.adapters), "decode": set(vllm_reference.adapters)}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("which", ["long", "short"])
+def test_lora_greedy_text_and_logprobs_equal_vllms(servers, vllm_reference, long_prompt, which, stream):
+    """Long prompts are prefilled on the prefill worker under the adapter and decoded under it
+    on the decode worker (the KV is the adapter's); short ones run on the decode worker alone."""
+    prompt = long_prompt if which == "long" else SHORT
+    base = {
+        "prompt": prompt,
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 2,
+        "stream": stream,
+        "return_token_ids": True,
+    }
+    texts = [folded(answer(servers["vllm"], "/v1/completions", base))[0]["text"]]
+    for adapter in vllm_reference.adapters:
+        vllm, ours = both(servers, "/v1/completions", {**base, "model": adapter})
+        assert_same(vllm, ours)
+        texts.append(folded(ours)[0]["text"])
+    assert len(set(texts)) == 3  # each adapter changes the answer: it really ran
+
+
+def test_lora_prompts_never_share_kv_blocks_across_adapters(servers, vllm_reference, model):
+    """The same prompt under the base model, then adapter a, then b, then a again: only the
+    repeat finds cached blocks, as in vLLM (prefix hashes and routing include the adapter)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(CORPUS.read_text()).input_ids
+    prompt = tokenizer.decode(ids[350:] + ids[:100])  # several blocks no other test sent
+    a, b = vllm_reference.adapters
+    cached = {}
+    for url_name, url in servers.items():
+        cached[url_name] = [
+            answer(url, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0, "model": model})["usage"][
+                "prompt_tokens_details"
+            ]["cached_tokens"]
+            for model in (servers_model(url), a, b, a)
+        ]
+    assert cached["pdcluster"] == cached["vllm"]
+    assert cached["vllm"][:3] == [0, 0, 0] and cached["vllm"][3] > 0
+
+
+def servers_model(url: str) -> str:
+    return httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_lora_adapters_load_and_unload_at_runtime_as_in_vllm(servers, vllm_reference, long_prompt):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (VLLM_ALLOW_RUNTIME_LORA_UPDATING):
+    the same answers, errors included; a loaded adapter serves on both pools."""
+    path = vllm_reference.adapters["tiny-lora-b"]
+    body = {"prompt": long_prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "model": "tiny-lora-c"}
+
+    def each(path_: str, payload: dict) -> list[tuple[int, object]]:
+        replies = [post(url, path_, payload) for url in servers.values()]
+        return [(r.status_code, _error_kind(r)) for r in replies]
+
+    [(vllm_status, vllm_kind), ours] = each("/v1/completions", body)
+    assert vllm_status == 404 and ours == (vllm_status, vllm_kind)  # unknown adapter: vLLM's error
+    [vllm, ours] = each("/v1/load_lora_adapter", {"lora_name": "tiny-lora-c", "lora_path": "/nonexistent/adapter"})
+    assert vllm[0] >= 400 and ours == vllm  # a path no engine can load
+    [vllm, ours] = each("/v1/load_lora_adapter", {"lora_name": "tiny-lora-c", "lora_path": path})
+    assert vllm == ours == (200, None)
+    assert_same(*both(servers, "/v1/completions", body))
+    assert_same(*both(servers, "/v1/completions", {**body, "stream": True}))
+    [vllm, ours] = each("/v1/unload_lora_adapter", {"lora_name": "tiny-lora-c"})
+    assert vllm == ours == (200, None)
+    assert each("/v1/completions", body) == [(404, vllm_kind)] * 2
+
+
+def _error_kind(response: httpx.Response):
+    """An error's OpenAI type, None for a success."""
+    if response.status_code == 200:
+        return None
+    return response.json()["error"]["type"]

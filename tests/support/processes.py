@@ -19,7 +19,12 @@ EAGER = ["--enforce-eager"]
 
 @contextlib.contextmanager
 def running_cluster(
-    prefill: int = 1, decode: int = 1, worker_args: list[str] = (), router_args: list[str] = (), role_switching: bool = False
+    prefill: int = 1,
+    decode: int = 1,
+    worker_args: list[str] = (),
+    router_args: list[str] = (),
+    role_switching: bool = False,
+    router_env: dict | None = None,
 ):
     """Workers (eager; able to switch roles if asked) and a router in front of them, each its
     own process; yields (router, workers)."""
@@ -33,19 +38,19 @@ def running_cluster(
     try:
         for w in workers:
             wait_ready(w)
-        router = start_router([w.address for w in workers], router_args)
+        router = start_router([w.address for w in workers], router_args, router_env)
         started.append(router)
         yield router, workers
     finally:
         stop_all(started)
 
 
-def start_router(worker_addresses: list[str], router_args: list[str] = ()):
+def start_router(worker_addresses: list[str], router_args: list[str] = (), env: dict | None = None):
     """A router process on free ports in front of the given workers, ready."""
     args = ["--port", "0", "--grpc-port", "0", *router_args]
     for address in worker_addresses:
         args += ["--worker", address]
-    return wait_ready(start_process("router", args))
+    return wait_ready(start_process("router", args, env))
 
 
 @contextlib.contextmanager

@@ -15,9 +15,14 @@ from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_environment
 
 from tests.support.processes import EAGER
+from tests.support.tiny_lora import ensure_tiny_lora
 
 # Tests that compare tokens run float32 on both sides: vLLM's `auto` would make it 16-bit.
 ENGINE_FLAGS = ["--dtype", "float32"]
+# LoRA on, for the adapters below (the base model's outputs are bit for bit those without it).
+LORA_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]
+# vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, here and in the router under test.
+RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 # vLLM serving flags, given to this server and, where a test compares with it, to the router.
 SERVE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic", "--enable-prompt-tokens-details"]
 CHAT_TEMPLATE = (
@@ -26,8 +31,9 @@ CHAT_TEMPLATE = (
 
 
 class VLLMReference:
-    def __init__(self, url: str, model: str, serve_flags: list[str]) -> None:
+    def __init__(self, url: str, model: str, serve_flags: list[str], adapters: dict[str, str]) -> None:
         self.url, self.model, self.serve_flags = url, model, serve_flags
+        self.adapters = adapters  # the LoRA adapters it serves (--lora-modules): name -> path
 
     def greedy(self, prompts: list[list[int]], max_tokens: int, ignore_eos: bool = False) -> list[list[int]]:
         """Each prompt's greedy output token ids."""
@@ -52,12 +58,13 @@ class VLLMReference:
 def running_vllm_reference(model: str, directory: Path):
     template = directory / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    serve_flags = [*SERVE_FLAGS, "--chat-template", str(template)]
-    env = {**os.environ, **engine_environment(EngineConfig())}
+    adapters = {name: str(ensure_tiny_lora(model, seed)) for name, seed in (("tiny-lora-a", 1), ("tiny-lora-b", 2))}
+    serve_flags = [*SERVE_FLAGS, "--chat-template", str(template), "--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+    env = {**os.environ, **engine_environment(EngineConfig()), **RUNTIME_LORA_ENV}
     server, url = start_vllm_server(
-        ["--model", model, "--seed", "0", *ENGINE_FLAGS, *EAGER, *serve_flags], env, str(directory / "vllm.log")
+        ["--model", model, "--seed", "0", *ENGINE_FLAGS, *LORA_FLAGS, *EAGER, *serve_flags], env, str(directory / "vllm.log")
     )
     try:
-        yield VLLMReference(url, model, serve_flags)
+        yield VLLMReference(url, model, serve_flags, adapters)
     finally:
         server.stop()

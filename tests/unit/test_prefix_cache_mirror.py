@@ -96,3 +96,11 @@ async def test_a_watcher_too_far_behind_is_ended_so_it_resyncs(monkeypatch):
         mirror.publish(mirror.apply(batch(stored([bytes([i])], None, [i] * BLOCK))))
     got = [update async for update in stream]  # what fitted, then the end of the stream
     assert [list(u.stored) for u in got] == [prompt_block_hashes([i] * BLOCK, BLOCK) for i in range(2)]
+
+
+def test_an_adapters_blocks_get_the_names_routers_give_that_adapters_prompts():
+    mirror = PrefixCacheMirror()
+    event = stored([b"l1", b"l2"], None, PROMPT[:8])
+    event.lora_name = "tiny-lora"
+    assert list(mirror.apply(batch(event)).stored) == prompt_block_hashes(PROMPT[:8], BLOCK, "tiny-lora")
+    assert set(mirror.names).isdisjoint(prompt_block_hashes(PROMPT[:8], BLOCK))

@@ -43,11 +43,11 @@ async def fake_cluster(tokenizer, prefill=(Behaviour(),), decode=(Behaviour(),),
             await w.stop()
 
 
-async def run(flow: RequestFlow, prompt=PROMPT, priority: int = 0, **params):
+async def run(flow: RequestFlow, prompt=PROMPT, priority: int = 0, lora=None, **params):
     params.setdefault("max_tokens", 12)
     params.setdefault("temperature", 0.0)
     usage = Usage()
-    request = GenerationRequest(uuid.uuid4().hex, list(prompt), SamplingParams(**params), priority=priority)
+    request = GenerationRequest(uuid.uuid4().hex, list(prompt), SamplingParams(**params), priority=priority, lora=lora)
     deltas = [d async for d in flow.generate(request, usage)]
     return deltas, usage
 
@@ -86,6 +86,18 @@ async def test_the_requests_priority_reaches_both_workers(tokenizer):
     async with fake_cluster(tokenizer) as (flow, (prefill, decode)):
         await run(flow, priority=-3)
         assert prefill.calls_of("Prefill")[0].request.priority == decode.calls_of("Decode")[0].request.priority == -3
+
+
+async def test_a_lora_request_names_its_adapter_to_both_workers(tokenizer):
+    """Name and path: any worker, one started after the adapter was loaded too, loads it."""
+    from vllm.lora.request import LoRARequest
+
+    async with fake_cluster(tokenizer) as (flow, (prefill, decode)):
+        await run(flow, lora=LoRARequest("tiny-lora", 7, "/adapters/tiny"))
+        for call in (prefill.calls_of("Prefill")[0], decode.calls_of("Decode")[0]):
+            assert (call.request.lora.name, call.request.lora.path) == ("tiny-lora", "/adapters/tiny")
+        await run(flow)
+        assert not decode.calls_of("Decode")[1].request.HasField("lora")
 
 
 async def test_short_prompt_bypasses_prefill(tokenizer):

@@ -165,3 +165,25 @@ async def test_admission_gate_queues_then_refuses():
     async with gate.slot():  # free again
         pass
     await pool.close()
+
+
+def test_a_lora_adapters_prompts_are_named_apart_from_the_base_models_and_each_others():
+    prompt = list(range(4 * BLOCK))
+    base, a, b = (prompt_block_hashes(prompt, BLOCK, name) for name in (None, "a", "b"))
+    assert len({*base, *a, *b}) == 12  # no block shared across adapters
+    assert prompt_block_hashes(prompt, BLOCK, "") == base
+
+
+def test_routing_prefers_workers_holding_the_adapter_while_they_are_not_much_busier():
+    for role, pick in (
+        ("decode", lambda ws, lora: pick_decode_worker(ws, 100, lora)),
+        ("prefill", lambda ws, lora: pick_prefill_worker(ws, 64, PrefixIndex(), lambda bs: [], lora)[0]),
+    ):
+        holds = worker("holds", role, lora_adapters=["a"], running=2, queued_prefill_tokens=500)
+        lacks = worker("lacks", role, running=0)
+        assert pick([holds, lacks], "a") is holds
+        assert pick([holds, lacks], None) is lacks  # the base model: load alone decides
+        assert pick([holds, lacks], "b") is lacks
+        # Far busier than a worker without it: the adapter's traffic spreads.
+        busy = worker("busy", role, lora_adapters=["a"], running=9, queued_prefill_tokens=4000)
+        assert pick([busy, lacks], "a") is lacks
