@@ -16,7 +16,14 @@ from pdcluster.common.vllm_args import vllm_serve_args
 
 MODEL = "/models/x"
 # Serving options (not engine arguments) the router's vLLM layer must see as vLLM does.
-SERVING = ("served_model_name", "enable_auto_tool_choice", "tool_call_parser", "enable_prompt_tokens_details", "chat_template")
+SERVING = (
+    "served_model_name",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
+    "enable_prompt_tokens_details",
+    "chat_template",
+    "lora_modules",
+)
 
 
 def vllm_reads(argv: list[str]):
@@ -71,6 +78,17 @@ FORMS = {
     "flags first, model last": ["--num-gpu-blocks-override", "40", "--enable-prompt-tokens-details", MODEL],
     "--flag=value throughout": [f"--model={MODEL}", "--max-model-len=1024", "--tool-call-parser=pythonic", "--enable-auto-tool-choice"],
     "underscores, list values": [MODEL, "--max_model_len", "512", "--served-model-name", "a", "b", "--dtype", "float32"],
+    "LoRA adapters": [
+        MODEL,
+        "--enable-lora",
+        "--lora-modules",
+        "a=/adapters/a",
+        "b=/adapters/b",
+        "--max-lora-rank",
+        "16",
+        "--max-loras",
+        "2",
+    ],
 }
 
 
