@@ -109,13 +109,15 @@ def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple
 
 
 def start_pdcluster(
-    engine: EngineConfig, workers_on: list[tuple[Role, set[int]]], log_dir: str, router_flags: Sequence[str] = ()
+    engine: EngineConfig,
+    workers_on: list[tuple[Role, set[int]]],
+    log_dir: str,
+    router_flags: Sequence[str] = (),
+    kv_transport: str = "auto",
 ) -> tuple[list[LocalProcess], str]:
     """A worker of each role on its cores, and the router; returns them and its URL."""
-    workers = [
-        start_process(role, worker_args(WorkerConfig(role=role, engine=engine)), _engine_env(cpus, engine), log_dir, cpus)
-        for role, cpus in workers_on
-    ]
+    configs = [(WorkerConfig(role=role, engine=engine, kv={"transport": kv_transport}), cpus) for role, cpus in workers_on]
+    workers = [start_process(c.role, worker_args(c), _engine_env(cpus, engine), log_dir, cpus) for c, cpus in configs]
     started = list(workers)
     try:
         for w in workers:

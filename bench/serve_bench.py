@@ -66,7 +66,9 @@ class RateResult:
     errors: list[str] = field(default_factory=list)
 
 
-async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str) -> RequestResult:
+async def stream_request(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str
+) -> RequestResult:
     body = {
         "model": model,
         "prompt": prompt,
@@ -132,7 +134,7 @@ async def run_rate(
             delay = start + request.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(_one(session, url, model, prompt, request.output_tokens, api_key))
+            task = asyncio.create_task(stream_request(session, url, model, prompt, request.output_tokens, api_key))
             if progress is not None:
                 task.add_done_callback(lambda _: progress.update(1))
             tasks.append(task)

@@ -393,6 +393,14 @@ def _bench_router(args: argparse.Namespace) -> int:
     return bench_main(json_output=args.json, concurrency=args.concurrency, requests=args.requests, model=args.model)
 
 
+def _bench_latency(args: argparse.Namespace) -> int:
+    from pdcluster.bench.latency_bench import main as bench_main
+
+    return bench_main(
+        args.prompt_tokens, args.requests, args.max_tokens, model=args.model, json_output=args.json, kv_transport=args.kv_transport
+    )
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from pdcluster.bench.serve_bench import main as bench_main
     from pdcluster.planner.workloads import Workload
@@ -566,6 +574,16 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--requests", type=int, default=200, help="requests per path and concurrency")
     router.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
     router.set_defaults(func=_bench_router)
+    latency = bench_sub.add_parser(
+        "latency", help="one request at a time: TTFT and ITL of the disaggregated and bypass paths beside vLLM's own server"
+    )
+    latency.add_argument("--json", action="store_true", help="end with a JSON line")
+    latency.add_argument("--prompt-tokens", type=int, nargs="+", default=[256, 1024, 4000], help="prompt lengths")
+    latency.add_argument("--requests", type=int, default=20, help="requests per path and prompt length")
+    latency.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    latency.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
+    latency.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "tcp", "grpc"], help="the workers' KV transport")
+    latency.set_defaults(func=_bench_latency)
     serve_bench = bench_sub.add_parser("serve", help="open-loop load (Poisson arrivals) against an OpenAI-compatible URL")
     serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     serve_bench.add_argument("--model", default="", help="model name to send (default: the server's first)")
