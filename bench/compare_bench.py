@@ -122,26 +122,19 @@ def start_pdcluster(
     try:
         for w in workers:
             wait_ready(w, timeout=600)
-        router = start_process(
-            "router",
-            [
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--model",
-                engine.model,
-                *router_flags,
-                *(a for w in workers for a in ("--worker", w.address)),
-            ],
-            log_dir=log_dir,
-        )
+        router = start_router(engine.model, workers, router_flags, log_dir)
         started.append(router)
         wait_ready(router)
     except BaseException:
         stop_all(started)
         raise
     return started, router.router.http
+
+
+def start_router(model: str, workers: Sequence[LocalProcess], flags: Sequence[str], log_dir: str) -> LocalProcess:
+    """A router on free ports in front of `workers` (not yet ready: `wait_ready` it)."""
+    args = ["--port", "0", "--grpc-port", "0", "--model", model, *flags, *(a for w in workers for a in ("--worker", w.address))]
+    return start_process("router", args, log_dir=log_dir)
 
 
 def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:

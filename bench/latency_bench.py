@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 
 import aiohttp
 
-from pdcluster.bench.compare_bench import start_colocated, start_pdcluster
+from pdcluster.bench.compare_bench import start_colocated, start_pdcluster, start_router
 from pdcluster.bench.serve_bench import RequestResult, served_model, stream_request
-from pdcluster.common.processes import start_process, stop_all, wait_ready
+from pdcluster.common.processes import stop_all, wait_ready
 from pdcluster.common.worker_record import Role
 from pdcluster.worker.config import EngineConfig
 
@@ -105,20 +105,7 @@ def main(
         )
         started += processes
         workers = [p for p in processes if p.role != "router"]
-        bypass_router = start_process(
-            "router",
-            [
-                "--port",
-                "0",
-                "--grpc-port",
-                "0",
-                "--model",
-                model,
-                *ROUTER_PATH_FLAGS["bypass"],
-                *(a for w in workers for a in ("--worker", w.address)),
-            ],
-            log_dir=log_dir,
-        )
+        bypass_router = start_router(model, workers, ROUTER_PATH_FLAGS["bypass"], log_dir)
         started.append(bypass_router)
         urls = {"vllm": vllm_url, "disaggregated": disaggregated_url, "bypass": wait_ready(bypass_router).router.http}
         measured = asyncio.run(_measure(urls, lengths, requests, max_tokens, vocab, seed))

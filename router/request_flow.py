@@ -78,7 +78,7 @@ class RequestFlow:
     async def generate(self, request: GenerationRequest, usage: Usage):
         """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
         arrived = time.monotonic()
-        timeline = self.metrics.vllm.timeline(len(request.prompt_token_ids)) if self.metrics.vllm else None
+        timeline = self.metrics.vllm.timeline(len(request.prompt_token_ids), arrived) if self.metrics.vllm else None
         outcome, finish_reason = "error", "error"
         async with self.admission.slot(request.priority):
             if timeline:
@@ -124,7 +124,7 @@ class RequestFlow:
                             self.metrics.itl.observe((now - last_token_at) / len(delta.token_ids))
                         last_token_at = now
                         if timeline:
-                            timeline.tokens(len(delta.token_ids), usage.cached_tokens)
+                            timeline.tokens(len(delta.token_ids), usage.cached_tokens, now)
                     sent.extend(delta.token_ids)
                     usage.completion_tokens = len(sent)
                     self.metrics.output_tokens.inc(len(delta.token_ids))

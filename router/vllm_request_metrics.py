@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -38,8 +38,9 @@ class VllmRequestMetrics:
         stats.n_params_iter.append(n)
         self.record(stats)
 
-    def timeline(self, prompt_tokens: int) -> RequestTimeline:
-        return RequestTimeline(self, prompt_tokens)
+    def timeline(self, prompt_tokens: int, arrived: float) -> RequestTimeline:
+        """`arrived`: time.monotonic() when the request reached the router."""
+        return RequestTimeline(self, prompt_tokens, arrived)
 
     def record(self, stats) -> None:
         self._logger.record(None, stats)
@@ -65,7 +66,7 @@ class RequestTimeline:
 
     metrics: VllmRequestMetrics
     prompt_tokens: int
-    arrived: float = field(default_factory=time.monotonic)
+    arrived: float
     admitted: float | None = None
     first_token: float | None = None
     last_token: float | None = None
@@ -74,8 +75,8 @@ class RequestTimeline:
     def admit(self) -> None:
         self.admitted = time.monotonic()
 
-    def tokens(self, count: int, cached_tokens: int) -> None:
-        now = time.monotonic()
+    def tokens(self, count: int, cached_tokens: int, now: float) -> None:
+        """`count` tokens streamed at `now` (time.monotonic())."""
         stats = _iteration()
         stats.num_generation_tokens = count
         if self.first_token is None:

@@ -223,7 +223,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        tasks = [*self._tasks, run_periodically(self._refresh_kv_stats, 1.0, logger)]
+        tasks = [*self._tasks, run_periodically(self._refresh_stats, 1.0, logger)]
         registry = None
         if self.config.registry:
             registry = RedisRegistry(self.config.registry, self.config.cluster_name)
@@ -249,7 +249,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         if self.engine is not None:
             self.engine.shutdown()
 
-    async def _refresh_kv_stats(self) -> None:
+    async def _refresh_stats(self) -> None:
+        """What Stats answers from: the KV endpoint's counters, and the adapters the engine holds."""
         self._kv_stats = await fetch_kv_stats(self.kv_endpoint, tls=self.config.tls)
         if self.engine is not None and self.engine.vllm_config.lora_config is not None:
             await self.lora.refresh(self.engine)

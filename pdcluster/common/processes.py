@@ -1,4 +1,5 @@
-"""Starting pdcluster processes (workers, the router) on this machine and waiting until they serve."""
+"""Starting pdcluster processes (workers, the router) on this machine and waiting until they
+serve; and other HTTP servers (vLLM's own, Prometheus) until a URL of theirs answers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,29 @@ def stop_all(processes: Sequence[LocalProcess | None], timeout: float = 30.0) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def start_http_server(
+    name: str, cmd: list[str], env: dict, log_path: str, ready_url: str, cpus=None, timeout_s: float = 600
+) -> LocalProcess:
+    """Spawn `cmd` and wait until GET `ready_url` answers 200; a process that exits or is not
+    ready in time is stopped, and the error carries its log's tail."""
+    proc = LocalProcess(name, spawn(cmd, open(log_path, "wb"), env, cpus), log_path=log_path)
+    deadline = time.monotonic() + timeout_s
+    while not _answers(ready_url):
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"{name} did not become ready:\n{proc.log_tail()}")
+        time.sleep(0.2)
+    return proc
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 # What each kind of process runs; each writes its ready file once it serves.

@@ -8,18 +8,19 @@ tests/unit/test_request_flow.py.)"""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import grpc
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdcluster.common.tiny_model.generate import BENCH_MODEL, ensure_tiny_model
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
 
 from tests.support.processes import running_pair, start_router
+from tests.support.router_metrics import metric
 
 pytestmark = pytest.mark.slow
 
@@ -106,11 +107,14 @@ def test_a_high_priority_request_overtakes_queued_ones_in_a_busy_engine(workers,
     router = start_router([w.address for w in workers], [*model, *PRIORITY, *BYPASS])
     decode = next(w for w in workers if w.role == "decode")
 
+    metrics = httpx.Client(base_url=f"http://{decode.address.rsplit(':', 1)[0]}:{decode.worker.metrics_port}")
+
     async def engine_queue() -> tuple[int, int]:
-        async with httpx.AsyncClient() as http:
-            text = (await http.get(f"http://{decode.address.rsplit(':', 1)[0]}:{decode.worker.metrics_port}/metrics")).text
-        families = {f.name: f for f in text_string_to_metric_families(text)}
-        return tuple(int(families[name].samples[0].value) for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"))
+        read = functools.partial(metric, metrics)
+        return (
+            int(await asyncio.to_thread(read, "vllm:num_requests_running")),
+            int(await asyncio.to_thread(read, "vllm:num_requests_waiting")),
+        )
 
     try:
         order = asyncio.run(finish_order(router, engine_queue))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import httpx
 import yaml
 
 from pdcluster.common.ports import free_port
+from pdcluster.common.processes import start_http_server
 
 
 class Prometheus:
@@ -45,28 +45,15 @@ def running_prometheus(config: dict, directory: Path):
     assert binary, "prometheus is not installed (scripts/install.sh installs it from apt)"
     config_file = directory / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
-    port = free_port()
-    with open(directory / "prometheus.log", "w") as log:
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"
+    cmd = [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address={url.removeprefix('http://')}",
+    ]
+    server = start_http_server("prometheus", cmd, {}, str(directory / "prometheus.log"), url + "/-/ready", timeout_s=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, (directory / "prometheus.log").read_text()[-3000:]
-            time.sleep(0.2)
         yield Prometheus(url)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
