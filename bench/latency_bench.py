@@ -4,8 +4,9 @@ On an idle machine, prompts of each length go one at a time, alternating, to (a)
 OpenAI server (the ceiling: one engine, nothing in between) and to pdcluster's 1P+1D on the
 same model and engine flags, (b) on the disaggregated path (every prompt to the prefill
 worker) and (c) on the bypass path (every prompt on the decode worker alone), through two
-routers over the same workers. Every process may use every core: at concurrency 1 only one
-engine works at a time. Prompts are random tokens, new each time, so no prefix cache helps.
+routers over the same workers. Every process may use every core (at concurrency 1 only one
+engine computes at a time), or with `pin_workers` the prefill worker the first core and the
+decode worker the second. Prompts are random tokens, new each time, so no prefix cache helps.
 It prints TTFT and ITL medians of each and what pdcluster adds to vLLM's.
 """
 
@@ -86,6 +87,7 @@ def main(
     json_output: bool = False,
     seed: int = 0,
     kv_transport: str = "auto",
+    pin_workers: bool = False,
 ) -> int:
     from transformers import AutoTokenizer
 
@@ -101,7 +103,11 @@ def main(
         colocated, vllm_url = start_colocated(engine, cores, log_dir)
         started.append(colocated)
         processes, disaggregated_url = start_pdcluster(
-            engine, [(Role.PREFILL, cores), (Role.DECODE, cores)], log_dir, ROUTER_PATH_FLAGS["disaggregated"], kv_transport
+            engine,
+            [(Role.PREFILL, {0}), (Role.DECODE, {1})] if pin_workers else [(Role.PREFILL, cores), (Role.DECODE, cores)],
+            log_dir,
+            ROUTER_PATH_FLAGS["disaggregated"],
+            kv_transport,
         )
         started += processes
         workers = [p for p in processes if p.role != "router"]
@@ -112,7 +118,8 @@ def main(
     finally:
         stop_all(started)
     print(
-        f"one request at a time, {max_tokens} output tokens, {requests} requests per path and length, KV over {kv_transport};"
+        f"one request at a time, {max_tokens} output tokens, {requests} requests per path and length, KV over {kv_transport},"
+        f" workers {'on a core each' if pin_workers else 'on every core'};"
         " ceiling = vLLM's own server"
     )
     print(f"{'prompt':>7} {'path':>14} {'TTFT p50 ms':>12} {'added':>8} {'ratio':>6} {'ITL p50 ms':>11} {'added':>7}")

@@ -397,7 +397,13 @@ def _bench_latency(args: argparse.Namespace) -> int:
     from pdcluster.bench.latency_bench import main as bench_main
 
     return bench_main(
-        args.prompt_tokens, args.requests, args.max_tokens, model=args.model, json_output=args.json, kv_transport=args.kv_transport
+        args.prompt_tokens,
+        args.requests,
+        args.max_tokens,
+        model=args.model,
+        json_output=args.json,
+        kv_transport=args.kv_transport,
+        pin_workers=args.pin_workers,
     )
 
 
@@ -583,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     latency.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
     latency.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "tcp", "grpc"], help="the workers' KV transport")
+    latency.add_argument("--pin-workers", action="store_true", help="prefill worker on core 0, decode worker on core 1")
     latency.set_defaults(func=_bench_latency)
     serve_bench = bench_sub.add_parser("serve", help="open-loop load (Poisson arrivals) against an OpenAI-compatible URL")
     serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
