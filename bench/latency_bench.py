@@ -8,6 +8,12 @@ routers over the same workers. Every process may use every core (at concurrency 
 engine computes at a time), or with `pin_workers` the prefill worker the first core and the
 decode worker the second. Prompts are random tokens, new each time, so no prefix cache helps.
 It prints TTFT and ITL medians of each and what pdcluster adds to vLLM's.
+
+With traces (the default), every process exports OpenTelemetry spans (vLLM's
+`--otlp-traces-endpoint`, vLLM's own server included, so both carry the same cost) to a
+receiver here, each request in its own trace, and it prints where each path's time to first
+token goes: the phases between the marks of `trace_phases`, and the HTTP and OpenAI layer
+(the client's TTFT less the time between the router's, or vLLM's engine's, first and last mark).
 """
 
 from __future__ import annotations
@@ -16,14 +22,18 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
 from pdcluster.bench.compare_bench import start_colocated, start_pdcluster, start_router
 from pdcluster.bench.serve_bench import RequestResult, served_model, stream_request
+from pdcluster.bench.trace_phases import engine_ttft_ms, marks, phases
+from pdcluster.bench.trace_receiver import ReceivedSpan, TraceReceiver
 from pdcluster.common.processes import stop_all, wait_ready
 from pdcluster.common.worker_record import Role
 from pdcluster.worker.config import EngineConfig
@@ -41,6 +51,13 @@ class PathLatency:
     requests: int
     added_ttft_p50_ms: float = 0.0  # over vLLM's own server's, same prompt length
     added_itl_p50_ms: float = 0.0
+    phases_ms: list[tuple[str, float]] = field(default_factory=list)  # medians, from the traces
+
+
+@dataclass
+class _Sent:
+    trace_id: str
+    result: RequestResult
 
 
 def _summary(prompt_tokens: int, path: str, results: list[RequestResult]) -> PathLatency:
@@ -57,26 +74,60 @@ def _summary(prompt_tokens: int, path: str, results: list[RequestResult]) -> Pat
     )
 
 
-async def _measure(urls: dict[str, str], lengths: list[int], requests: int, max_tokens: int, vocab: int, seed: int) -> list[PathLatency]:
+async def _measure(
+    urls: dict[str, str], lengths: list[int], requests: int, max_tokens: int, vocab: int, seed: int
+) -> list[tuple[list[PathLatency], dict[str, list[_Sent]]]]:
+    """Per prompt length: each path's summary, and its requests (each in its own trace)."""
     rng = random.Random(seed)
-    rows = []
+    rounds = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         models = {path: await served_model(url) for path, url in urls.items()}
         for length in [lengths[0], *lengths]:  # the first round warms every path up and is dropped
-            results: dict[str, list[RequestResult]] = {path: [] for path in urls}
+            sent: dict[str, list[_Sent]] = {path: [] for path in urls}
             for i in range(requests):
                 order = list(urls) if i % 2 == 0 else list(reversed(urls))  # neither path always goes first
                 for path in order:
                     prompt = [rng.randrange(10, vocab) for _ in range(length)]
-                    results[path].append(await stream_request(session, urls[path], models[path], prompt, max_tokens, ""))
-            rows.append([_summary(length, path, results[path]) for path in urls])
-    measured = []
-    for row in rows[1:]:
-        vllm = row[0]
-        for r in row:
-            r.added_ttft_p50_ms, r.added_itl_p50_ms = r.ttft_p50_ms - vllm.ttft_p50_ms, r.itl_p50_ms - vllm.itl_p50_ms
-        measured += row
-    return measured
+                    trace_id = secrets.token_hex(16)
+                    traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
+                    result = await stream_request(session, urls[path], models[path], prompt, max_tokens, "", traceparent)
+                    sent[path].append(_Sent(trace_id, result))
+            row = [_summary(length, path, [s.result for s in sent[path]]) for path in urls]
+            for r in row:
+                r.added_ttft_p50_ms, r.added_itl_p50_ms = r.ttft_p50_ms - row[0].ttft_p50_ms, r.itl_p50_ms - row[0].itl_p50_ms
+            rounds.append((row, sent))
+    return rounds[1:]
+
+
+def _breakdown(path: str, sent: list[_Sent], receiver: TraceReceiver) -> list[tuple[str, float]]:
+    """Median ms of each phase of the path's time to first token, from its requests' traces."""
+    traces = [receiver.spans(s.trace_id) for s in sent]
+    ttfts = [s.result.ttft_s * 1e3 for s in sent]
+    if path == "vllm":  # one span: vLLM's engine's, from its arrival to the first token
+        engine = [next((e for e in spans if e.name == "llm_request"), None) for spans in traces]
+        timed = [(ttft, engine_ttft_ms(e)) for ttft, e in zip(ttfts, engine, strict=True) if e is not None]
+        inside = [("engine_in -> engine_first_token", statistics.median(e for _, e in timed))] if timed else []
+    else:
+        inside = phases(traces)
+        timed = [(ttft, m["router_first_token"]) for ttft, m in zip(ttfts, map(marks, traces), strict=True) if m]
+    if not timed:
+        return []
+    return [("HTTP and the OpenAI layer, in and out", statistics.median(ttft - span for ttft, span in timed)), *inside]
+
+
+# The spans one request of each path leaves at least (a NIXL handshake may add one).
+SPANS_PER_REQUEST = {"vllm": 1, "bypass": 4, "disaggregated": 9}
+
+
+def _all_exported(sent: dict[str, list[_Sent]], receiver: TraceReceiver) -> None:
+    """Wait (bounded) until every request's spans are in: processes export in batches."""
+    wanted = {s.trace_id: SPANS_PER_REQUEST[path] for path, group in sent.items() for s in group}
+
+    def done(spans: list[ReceivedSpan]) -> bool:
+        counts = Counter(s.trace_id for s in spans)
+        return all(counts[trace_id] >= n for trace_id, n in wanted.items())
+
+    receiver.wait_for(done, timeout_s=60.0)
 
 
 def main(
@@ -88,13 +139,17 @@ def main(
     seed: int = 0,
     kv_transport: str = "auto",
     pin_workers: bool = False,
+    traces: bool = True,
 ) -> int:
     from transformers import AutoTokenizer
 
     from pdcluster.common.tiny_model.generate import ensure_tiny_model
 
     model = model or str(ensure_tiny_model())
-    engine = EngineConfig(model=model, max_model_len=max(lengths) + max_tokens + 16)
+    receiver = TraceReceiver() if traces else None
+    tracing = {"otlp_traces_endpoint": receiver.endpoint} if receiver else {}
+    router_tracing = ["--otlp-traces-endpoint", receiver.endpoint] if receiver else []
+    engine = EngineConfig(model=model, max_model_len=max(lengths) + max_tokens + 16, **tracing)
     cores = set(range(os.cpu_count() or 1))
     vocab = len(AutoTokenizer.from_pretrained(model))
     log_dir = tempfile.mkdtemp(prefix="pdcluster-bench-latency-")
@@ -106,21 +161,29 @@ def main(
             engine,
             [(Role.PREFILL, {0}), (Role.DECODE, {1})] if pin_workers else [(Role.PREFILL, cores), (Role.DECODE, cores)],
             log_dir,
-            ROUTER_PATH_FLAGS["disaggregated"],
+            [*ROUTER_PATH_FLAGS["disaggregated"], *router_tracing],
             kv_transport,
         )
         started += processes
         workers = [p for p in processes if p.role != "router"]
-        bypass_router = start_router(model, workers, ROUTER_PATH_FLAGS["bypass"], log_dir)
+        bypass_router = start_router(model, workers, [*ROUTER_PATH_FLAGS["bypass"], *router_tracing], log_dir)
         started.append(bypass_router)
         urls = {"vllm": vllm_url, "disaggregated": disaggregated_url, "bypass": wait_ready(bypass_router).router.http}
-        measured = asyncio.run(_measure(urls, lengths, requests, max_tokens, vocab, seed))
+        rounds = asyncio.run(_measure(urls, lengths, requests, max_tokens, vocab, seed))
+        if receiver is not None:
+            _all_exported({path: [s for _, sent in rounds for s in sent[path]] for path in urls}, receiver)
+            for row, sent in rounds:
+                for r in row:
+                    r.phases_ms = _breakdown(r.path, sent[r.path], receiver)
     finally:
         stop_all(started)
+        if receiver is not None:
+            receiver.close()
+    measured = [r for row, _ in rounds for r in row]
     print(
         f"one request at a time, {max_tokens} output tokens, {requests} requests per path and length, KV over {kv_transport},"
-        f" workers {'on a core each' if pin_workers else 'on every core'};"
-        " ceiling = vLLM's own server"
+        f" workers {'on a core each' if pin_workers else 'on every core'},"
+        f" {'traced' if traces else 'untraced'}; ceiling = vLLM's own server"
     )
     print(f"{'prompt':>7} {'path':>14} {'TTFT p50 ms':>12} {'added':>8} {'ratio':>6} {'ITL p50 ms':>11} {'added':>7}")
     for r in measured:
@@ -129,6 +192,10 @@ def main(
             f"{r.prompt_tokens:>7} {r.path:>14} {r.ttft_p50_ms:>12.1f} {r.added_ttft_p50_ms:>+8.1f} {r.ttft_p50_ms / vllm_ttft:>6.2f}"
             f" {r.itl_p50_ms:>11.2f} {r.added_itl_p50_ms:>+7.2f}"
         )
+    if traces:
+        print("\nwhere the time to first token goes (medians, ms):")
+        for r in measured:
+            print(f"{r.prompt_tokens:>7} {r.path:>14}: " + "; ".join(f"{name} {ms:.1f}" for name, ms in r.phases_ms))
     if json_output:
         print(json.dumps([asdict(r) for r in measured]))
     return 0

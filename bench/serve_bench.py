@@ -67,8 +67,9 @@ class RateResult:
 
 
 async def stream_request(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str
+    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int, api_key: str, traceparent: str = ""
 ) -> RequestResult:
+    """`traceparent`: W3C trace context to send (the request's spans join that trace)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -79,6 +80,8 @@ async def stream_request(
         "stream_options": {"include_usage": True},
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if traceparent:
+        headers["traceparent"] = traceparent
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []

@@ -118,7 +118,7 @@ def _kv_once(producer: KVEndpoint, consumer: str, conn, tokens: int) -> float:
     conn.send(("expect", transfer_id))
     conn.recv()
     blocks = list(range(tokens // BLOCK))
-    spec = SaveSpec(transfer_id, transfer_id, consumer, blocks, 0, len(blocks), True, True)
+    spec = SaveSpec(transfer_id, transfer_id, consumer, blocks, 0, len(blocks), True, True, len(blocks))
     started = time.perf_counter()
     for layer in range(LAYERS):
         producer.sender.add_layer(spec, layer)

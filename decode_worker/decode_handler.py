@@ -8,15 +8,20 @@ prompts, or resuming a request elsewhere from prompt + tokens already sent).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 import msgspec
 
 from pdcluster.common.sample_wire import encode_logprobs
+from pdcluster.common.tracing import headers_of
 from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, TRANSFER_ID
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.recent_latencies import RecentLatencies
 from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 class DecodeHandler:
@@ -31,7 +36,8 @@ class DecodeHandler:
     def latency_stats(self) -> dict:
         return {"itl_seconds_p90": self.latencies.p90()}
 
-    async def decode(self, request: worker_pb2.DecodeRequest, context):
+    async def decode(self, request: worker_pb2.DecodeRequest, context, span: Span):
+        """`span`: the RPC's, which the engine's request joins."""
         from vllm.inputs import TokensPrompt
 
         if not request.request_id or not request.prompt_token_ids:
@@ -47,6 +53,7 @@ class DecodeHandler:
                 f"{request.request_id}-decode",
                 priority=request.priority,
                 lora_request=self._host.lora.request_for(request.lora),
+                trace_headers=headers_of(span) or None,
                 reasoning_ended=request.reasoning_ended if request.HasField("reasoning_ended") else None,
                 reasoning_parser_kwargs=msgspec.msgpack.decode(request.reasoning_parser_kwargs)
                 if request.reasoning_parser_kwargs

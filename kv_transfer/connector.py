@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pdcluster.common.process_lifetime import die_with_parent
+from pdcluster.common.tracing import draw_ids_unseeded
 from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
 from pdcluster.kv_transfer.connector_scheduler import PdConnectorScheduler
 from pdcluster.kv_transfer.connector_worker import PdConnectorWorker
@@ -46,6 +47,7 @@ class PdConnector(KVConnectorBase_V1):
         # This runs inside vLLM's engine-core and model-worker processes: make them exit
         # with the worker that spawned them instead of lingering after it is killed.
         die_with_parent()
+        draw_ids_unseeded()  # our transfer spans here, and vLLM's
         config = self._kv_transfer_config
         settings = KVEndpointSettings.from_extra_config(config.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size

@@ -3,6 +3,7 @@ keys of `kv_transfer_params` by which a request asks for KV to be produced or co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
@@ -27,6 +28,8 @@ class SaveSpec:
     end: int
     first: bool  # the first step of this request's transfer
     final: bool  # `end` is the prompt's last block
+    prompt_blocks: int  # blocks of the whole prompt (a chunked prompt's first steps hold fewer in `block_ids`)
+    trace: Mapping[str, str] = field(default_factory=dict)  # the request's W3C trace headers (first step)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class LoadSpec:
     block_ids: list[int]
     first_block: int
     producer: str = ""  # its KV endpoint; empty: not watched
+    trace: Mapping[str, str] = field(default_factory=dict)  # the request's W3C trace headers
 
 
 @dataclass

@@ -6,7 +6,8 @@ tensors and does no I/O; each step it tells the worker side what to move
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata, SaveSpec
@@ -28,6 +29,7 @@ class _Producing:
     sent_blocks: int = 0
     started: bool = False  # the worker side has opened the transfer
     final: bool = False
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 class PdConnectorScheduler:
@@ -38,6 +40,9 @@ class PdConnectorScheduler:
         self._awaiting_send: set[str] = set()  # finished requests whose blocks a transfer still reads
         self._load_claimed: set[str] = set()  # consumer requests whose load is planned
         self._pending_loads: list[LoadSpec] = []
+        # Producer requests' trace headers (vLLM's, on the Request), from their allocation to
+        # their first step's metadata (whose request data does not carry them).
+        self._traces: dict[str, Mapping[str, str]] = {}
 
     # -- consumer: reserve blocks for KV that will arrive -------------------------------
 
@@ -50,6 +55,8 @@ class PdConnectorScheduler:
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params or {}
+        if params.get(PRODUCE_TO) and request.trace_headers:
+            self._traces[request.request_id] = dict(request.trace_headers)
         if not params.get(CONSUME) or num_external_tokens <= 0 or request.request_id in self._load_claimed:
             return
         self._load_claimed.add(request.request_id)
@@ -62,6 +69,7 @@ class PdConnectorScheduler:
                 # vLLM hands us a block-aligned local prefix hit
                 first_block=(request.num_prompt_tokens - num_external_tokens) // self._block_size,
                 producer=params.get(CONSUME_FROM, ""),
+                trace=dict(request.trace_headers or {}),
             )
         )
 
@@ -78,6 +86,7 @@ class PdConnectorScheduler:
                     endpoint=params[PRODUCE_TO],
                     num_prompt_tokens=len(new.prompt_token_ids or ()),
                     block_ids=list(new.block_ids[0]),
+                    trace=self._traces.pop(new.req_id, {}),
                 )
                 self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -114,6 +123,8 @@ class PdConnectorScheduler:
                 end=end,
                 first=not state.started,
                 final=final,
+                prompt_blocks=blocks_for_tokens(state.num_prompt_tokens, self._block_size),
+                trace=state.trace if not state.started else {},
             )
         )
         state.sent_blocks, state.started, state.final = end, True, final
@@ -122,6 +133,7 @@ class PdConnectorScheduler:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._load_claimed.discard(request.request_id)
+        self._traces.pop(request.request_id, None)
         state = self._producing.pop(request.request_id, None)
         if state is None or not state.started:
             return False, None

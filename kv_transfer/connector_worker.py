@@ -46,7 +46,7 @@ class PdConnectorWorker:
 
     def start_load_kv(self, meta: PdConnectorMetadata) -> None:
         for load in meta.loads:
-            self.kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_block, load.producer)
+            self.kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_block, load.producer, load.trace)
 
     def save_kv_layer(self, meta: PdConnectorMetadata, layer_name: str) -> None:
         layer = self._layer_index[layer_name]

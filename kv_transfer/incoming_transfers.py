@@ -13,11 +13,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
+from opentelemetry.trace import Span
 
+from pdcluster.common.tracing import CONSUMER, NO_SPAN, context_of, end_span, start_span
 from pdcluster.kv_transfer.transfer_stats import TransferStats
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class ExpectedTransfer:
     # unless it says its writes ended).
     nixl_writer: str = ""
     hold_until: float = 0.0
+    span: Span = NO_SPAN  # from expected to handed back to vLLM, in its request's trace
 
     @property
     def complete(self) -> bool:
@@ -94,7 +98,16 @@ class IncomingTransfers:
 
     # -- caller holds the lock ------------------------------------------------------------
 
-    def add(self, transfer_id: str, request_id: str, block_ids: list[int], first_block: int, producer: str) -> ExpectedTransfer:
+    def add(
+        self,
+        transfer_id: str,
+        request_id: str,
+        block_ids: list[int],
+        first_block: int,
+        producer: str,
+        trace: Mapping[str, str] | None = None,
+    ) -> ExpectedTransfer:
+        """`trace`: its request's W3C trace headers."""
         received = np.zeros((self._layers, len(block_ids)), dtype=bool)
         received[:, :first_block] = True
         transfer = ExpectedTransfer(
@@ -105,6 +118,12 @@ class IncomingTransfers:
             deadline=time.monotonic() + self._load_timeout_s,
             producer=producer,
             received=received,
+            span=start_span(
+                "kv_transfer.receive",
+                context_of(trace),
+                CONSUMER,
+                {"pdcluster.transfer_id": transfer_id, "pdcluster.kv_blocks": len(block_ids) - first_block},
+            ),
         )
         if transfer_id in self._closed:  # its producer gave up before we got here
             transfer.failure = "aborted by the producer before the request was scheduled"
@@ -143,6 +162,8 @@ class IncomingTransfers:
                 self._by_request.pop(t.request_id, None)
                 self.close(transfer_id, completed=state == IncomingState.COMPLETE)
                 finished.add(t.request_id)
+                t.span.set_attribute("pdcluster.kv_transport", t.transport)
+                end_span(t.span, t.failure)
                 if state == IncomingState.COMPLETE:
                     self._stats.transfer_done(t.transport, transfers_received=1, receive_seconds=now - t.started)
                     continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +52,19 @@ class KVReceiver:
 
     # -- called by the engine thread --------------------------------------------------
 
-    def expect(self, transfer_id: str, request_id: str, block_ids: list[int], first_block: int, producer: str = "") -> None:
-        """vLLM allocated the request's blocks: its KV may land now (staged chunks first)."""
+    def expect(
+        self,
+        transfer_id: str,
+        request_id: str,
+        block_ids: list[int],
+        first_block: int,
+        producer: str = "",
+        trace: Mapping[str, str] | None = None,
+    ) -> None:
+        """vLLM allocated the request's blocks: its KV may land now (staged chunks first).
+        `trace`: its request's W3C trace headers."""
         with self.transfers.lock:
-            self.transfers.add(transfer_id, request_id, block_ids, first_block, producer)
+            self.transfers.add(transfer_id, request_id, block_ids, first_block, producer, trace)
             staged = self._staging.take(transfer_id)
         for header, payload in staged.chunks if staged else ():
             try:

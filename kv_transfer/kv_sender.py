@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from pdcluster.common.tracing import PRODUCER, context_of, end_span, start_span
 from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.kv_io_loop import KVIOLoop
 from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
@@ -101,7 +102,14 @@ class KVSender:
                 transfer_id=save.transfer_id,
                 endpoint=save.endpoint,
                 block_ids=[],
+                prompt_blocks=save.prompt_blocks,
                 deadline=time.monotonic() + self._settings.send_timeout_s,
+                span=start_span(
+                    "kv_transfer.send",
+                    context_of(save.trace),
+                    PRODUCER,
+                    {"pdcluster.transfer_id": save.transfer_id, "server.address": save.endpoint},
+                ),
             )
             self._transfers[save.request_id] = t
             t.task = asyncio.get_running_loop().create_task(self._drive(t))
@@ -114,6 +122,7 @@ class KVSender:
         t = self._transfers.get(request_id)
         if t is not None:
             t.state = OutgoingState.ANNOUNCED
+            t.span.add_event("prompt_computed")
             t.changed.set()
 
     def _abort_if_unfinished(self, request_id: str) -> None:
@@ -165,6 +174,8 @@ class KVSender:
     async def _finish(self, t: OutgoingTransfer, failure: str) -> None:
         self._transfers.pop(t.request_id, None)
         t.state = OutgoingState.FAILED if failure else OutgoingState.SENT
+        t.span.set_attributes({"pdcluster.kv_transport": t.transport, "pdcluster.kv_bytes": t.moved})
+        end_span(t.span, failure)
         if failure:
             logger.warning("KV transfer %s failed: %s", t.transfer_id, failure)
             self._stats.add(transfers_failed=1)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pdcluster.common.tracing import CLIENT, end_span, start_span
 from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_agent import NixlAgent, NixlWriteFailed
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
@@ -58,6 +59,17 @@ class NixlProducer:
 
     async def target(self, t: OutgoingTransfer) -> pb.NixlTargetReply | None:
         """Where to write `t`, or None when TCP should carry it. Raises TransferFailed."""
+        span = start_span("kv_transfer.nixl_handshake", t.span, CLIENT, {"server.address": t.endpoint})
+        failure: BaseException | None = None
+        try:
+            return await self._target(t)
+        except Exception as e:
+            failure = e
+            raise
+        finally:
+            end_span(span, failure)
+
+    async def _target(self, t: OutgoingTransfer) -> pb.NixlTargetReply | None:
         auto = self._settings.transport == "auto"
         if auto and time.monotonic() < self._unreachable_until.get(t.endpoint, 0.0):
             return None
@@ -86,7 +98,7 @@ class NixlProducer:
                 raise TransferFailed(f"the KV consumer at {t.endpoint} takes no NIXL writes (set kv_transport to auto or tcp)", False)
             if time.monotonic() >= give_up:
                 return None
-        if len(reply.layers) != len(self._layers) or len(reply.block_ids) != len(t.block_ids):
+        if len(reply.layers) != len(self._layers) or len(reply.block_ids) != t.prompt_blocks:
             raise TransferFailed(f"the KV consumer at {t.endpoint} has another layer or block count", False)
         try:
             self._agent.use_peer(t.endpoint, reply.agent, reply.agent_metadata)

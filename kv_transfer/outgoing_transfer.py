@@ -7,6 +7,10 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from opentelemetry.trace import Span
+
+from pdcluster.common.tracing import NO_SPAN
+
 
 class OutgoingState(StrEnum):
     COMPUTING = "computing"  # the prompt's layers are still being computed and announced
@@ -20,7 +24,8 @@ class OutgoingTransfer:
     request_id: str
     transfer_id: str
     endpoint: str
-    block_ids: list[int]
+    block_ids: list[int]  # the prompt's blocks computed so far
+    prompt_blocks: int  # all of the prompt's
     deadline: float
     state: OutgoingState = OutgoingState.COMPUTING
     ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, first block, end block)
@@ -31,6 +36,7 @@ class OutgoingTransfer:
     transport: str = ""  # the data path of the last attempt
     moved: int = 0  # bytes that attempt moved
     nixl_held: bool = False  # a NIXL attempt got the consumer's blocks: they stay held until told
+    span: Span = NO_SPAN  # from the first layer to its end, in its request's trace
 
     @property
     def announced(self) -> bool:

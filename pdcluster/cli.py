@@ -404,6 +404,7 @@ def _bench_latency(args: argparse.Namespace) -> int:
         json_output=args.json,
         kv_transport=args.kv_transport,
         pin_workers=args.pin_workers,
+        traces=args.traces,
     )
 
 
@@ -590,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
     latency.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "tcp", "grpc"], help="the workers' KV transport")
     latency.add_argument("--pin-workers", action="store_true", help="prefill worker on core 0, decode worker on core 1")
+    latency.add_argument(
+        "--no-traces",
+        dest="traces",
+        action="store_false",
+        help="without OpenTelemetry tracing (and without the per-phase breakdown it gives)",
+    )
     latency.set_defaults(func=_bench_latency)
     serve_bench = bench_sub.add_parser("serve", help="open-loop load (Poisson arrivals) against an OpenAI-compatible URL")
     serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")

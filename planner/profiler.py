@@ -156,7 +156,7 @@ def measure_transfer_gbps(layer_shape: tuple[int, ...], dtype, num_layers: int, 
         for _ in range(repeats + 1):  # the first one opens connections
             transfer_id = uuid.uuid4().hex
             consumer.receiver.expect(transfer_id, transfer_id, blocks, 0)
-            spec = SaveSpec(transfer_id, transfer_id, consumer.address, blocks, 0, num_blocks, True, True)
+            spec = SaveSpec(transfer_id, transfer_id, consumer.address, blocks, 0, num_blocks, True, True, num_blocks)
             started = time.perf_counter()
             for layer in range(num_layers):
                 producer.sender.add_layer(spec, layer)

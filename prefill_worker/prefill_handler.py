@@ -9,14 +9,19 @@ request asks for them (only the engine that computes the prompt can give them).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
 from pdcluster.common.sample_wire import encode_logprobs
+from pdcluster.common.tracing import headers_of
 from pdcluster.kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.recent_latencies import RecentLatencies
 from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 class PrefillHandler:
@@ -32,7 +37,8 @@ class PrefillHandler:
     def latency_stats(self) -> dict:
         return {"prefill_seconds_p90": self.latencies.p90()}
 
-    async def prefill(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillReply:
+    async def prefill(self, request: worker_pb2.PrefillRequest, context, span: Span) -> worker_pb2.PrefillReply:
+        """`span`: the RPC's, which the engine's request joins."""
         from vllm.inputs import TokensPrompt
 
         target = request.target
@@ -56,6 +62,7 @@ class PrefillHandler:
                 f"{request.request_id}-prefill",
                 priority=request.priority,
                 lora_request=self._host.lora.request_for(request.lora),
+                trace_headers=headers_of(span) or None,
             ):
                 final = out
         except INVALID_REQUEST_ERRORS as e:

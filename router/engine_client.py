@@ -21,6 +21,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.parallel_sampling import ParentRequest
 
+from pdcluster.common.tracing import context_of
 from pdcluster.common.worker_record import ROLES
 from pdcluster.protos import worker_pb2
 from pdcluster.router import worker_calls
@@ -36,8 +37,10 @@ async def _per_engine(*args, **kwargs):
 
 
 class ClusterEngineClient(EngineClient):
-    def __init__(self, vllm_config, renderer, flow: RequestFlow, pool: WorkerPool) -> None:
+    def __init__(self, vllm_config, renderer, flow: RequestFlow, pool: WorkerPool, tracing: bool = False) -> None:
+        """`tracing`: the router exports OpenTelemetry spans (vLLM's --otlp-traces-endpoint)."""
         self.vllm_config = vllm_config
+        self._tracing = tracing
         self.model_config = vllm_config.model_config
         self.renderer = renderer
         self.input_processor = InputProcessor(vllm_config, renderer)
@@ -59,7 +62,8 @@ class ClusterEngineClient(EngineClient):
         priority: int = 0,
         reasoning_ended: bool | None = None,
         reasoning_parser_kwargs: dict | None = None,
-        **_ignored,  # tracing, sessions, KV hints and DP ranks do not change what the pools compute
+        trace_headers=None,
+        **_ignored,  # sessions, KV hints and DP ranks do not change what the pools compute
     ) -> AsyncGenerator[RequestOutput, None]:
         if sampling_params.n > self._flow.config.max_n:
             raise VLLMValidationError(f"n must be at most {self._flow.config.max_n}", parameter="n", value=sampling_params.n)
@@ -73,9 +77,10 @@ class ClusterEngineClient(EngineClient):
         params.max_tokens = checked.sampling_params.max_tokens
         samples = _samples(checked, request_id, params)
         usages = [Usage() for _ in samples]
+        trace = context_of(trace_headers)
         streams = [
             self._flow.generate(
-                GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority, lora_request), usage
+                GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority, lora_request, trace), usage
             )
             for (sample_id, p), usage in zip(samples, usages, strict=True)
         ]
@@ -135,7 +140,7 @@ class ClusterEngineClient(EngineClient):
         return SUPPORTED_TASKS
 
     async def is_tracing_enabled(self) -> bool:
-        return False
+        return self._tracing
 
     async def do_log_stats(self) -> None:
         """The router's figures are its Prometheus metrics."""

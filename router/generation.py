@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.context import Context
 from vllm import SamplingParams
 from vllm.lora.request import LoRARequest
 
@@ -17,6 +18,7 @@ class GenerationRequest:
     reasoning_parser_kwargs: dict | None = None
     priority: int = 0  # vLLM's: lower runs first, in the router's queue and on the workers
     lora: LoRARequest | None = None  # vLLM's, as its OpenAI layer resolved the model name
+    trace: Context | None = None  # the caller's trace (W3C headers it sent); None: the current one
 
 
 @dataclass

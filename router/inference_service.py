@@ -12,11 +12,13 @@ import json
 from http import HTTPStatus
 
 import grpc
+from opentelemetry import context as otel_context
 from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.exception_handling.error_response import ErrorResponse, create_error_response
 
+from pdcluster.common.tracing import context_of
 from pdcluster.protos import inference_pb2, inference_pb2_grpc
 from pdcluster.router.router_service import Router
 
@@ -78,8 +80,21 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _stream(self, request: inference_pb2.GenerateRequest, context):
         """The request's chunks as vLLM streams them (OpenAI JSON), usage last."""
-        if not self._router.authorizes(dict(context.invocation_metadata()).get("authorization", "")):
+        metadata = dict(context.invocation_metadata())
+        if not self._router.authorizes(metadata.get("authorization", "")):
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
+        # The caller's trace (W3C traceparent in the metadata), current while vLLM's serving
+        # classes run the request: they take trace headers from HTTP requests only.
+        trace = context_of(metadata)
+        token = otel_context.attach(trace) if trace is not None else None
+        try:
+            async for payload in self._serve(request):
+                yield payload
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    async def _serve(self, request: inference_pb2.GenerateRequest):
         given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
         if sum(given) != 1:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of prompt, prompt_token_ids, messages")

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
@@ -26,6 +27,7 @@ from vllm.exceptions import VLLMValidationError
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.sample_wire import decode_logprobs
+from pdcluster.common.tracing import CLIENT, SERVER, end_span, start_span, with_trace, worker_rpc_span
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
 from pdcluster.router import worker_calls
@@ -41,6 +43,9 @@ from pdcluster.router.vllm_request_metrics import RequestTimeline
 from pdcluster.router.worker_calls import DecodeCall, WorkerFailed
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
 from pdcluster.router.worker_requests import attempt_params, decode_request, prefill_request
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger("pdcluster.router.flow")
 
@@ -79,12 +84,14 @@ class RequestFlow:
         """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
         arrived = time.monotonic()
         timeline = self.metrics.vllm.timeline(len(request.prompt_token_ids), arrived) if self.metrics.vllm else None
+        span = start_span("router.request", request.trace, SERVER, {"gen_ai.request.id": request.request_id})
         outcome, finish_reason = "error", "error"
         async with self.admission.slot(request.priority):
+            span.add_event("admitted")
             if timeline:
                 timeline.admit()
             try:
-                async for delta in self._generate_with_failover(request, usage, arrived, timeline):
+                async for delta in self._generate_with_failover(request, usage, arrived, timeline, span):
                     finish_reason = delta.finish_reason or finish_reason
                     yield delta
                 outcome = "ok"
@@ -98,13 +105,24 @@ class RequestFlow:
                 outcome, finish_reason = "cancelled", "abort"
                 raise
             finally:
+                span.set_attributes(
+                    {
+                        "gen_ai.usage.prompt_tokens": usage.prompt_tokens,
+                        "gen_ai.usage.completion_tokens": usage.completion_tokens,
+                        "gen_ai.usage.cached_tokens": usage.cached_tokens,
+                        "pdcluster.outcome": outcome,
+                    }
+                )
+                end_span(span, None if outcome in ("ok", "cancelled") else outcome)
                 self.metrics.requests.labels(outcome).inc()
                 # As vLLM counts: what an engine ran, whatever its end; not what it refused.
                 if timeline and outcome not in ("invalid", "unavailable"):
                     timeline.finish(finish_reason, usage.cached_tokens, request.sampling_params.max_tokens)
         self.metrics.e2e.observe(time.monotonic() - arrived)
 
-    async def _generate_with_failover(self, request: GenerationRequest, usage: Usage, arrived: float, timeline: RequestTimeline | None):
+    async def _generate_with_failover(
+        self, request: GenerationRequest, usage: Usage, arrived: float, timeline: RequestTimeline | None, span: Span
+    ):
         usage.prompt_tokens = len(request.prompt_token_ids)
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         sent: list[int] = []
@@ -113,13 +131,14 @@ class RequestFlow:
         logprob_sum = logprob_base = 0.0  # a resumed attempt's cumulative logprob starts at 0 again
         while True:
             try:
-                async for delta in self._run_attempt(request, sent, attempt, usage):
+                async for delta in self._run_attempt(request, sent, attempt, usage, span):
                     if delta.cumulative_logprob is not None:
                         delta.cumulative_logprob = logprob_sum = logprob_base + delta.cumulative_logprob
                     now = time.monotonic()
                     if delta.token_ids:
                         if last_token_at is None:
                             self.metrics.ttft.observe(now - arrived)
+                            span.add_event("first_token")
                         else:
                             self.metrics.itl.observe((now - last_token_at) / len(delta.token_ids))
                         last_token_at = now
@@ -143,7 +162,7 @@ class RequestFlow:
                 if attempt.number >= self.config.max_attempts:
                     raise NoCapacity(f"request failed on {attempt.number} workers; last: {e}") from e
 
-    async def _run_attempt(self, request: GenerationRequest, sent: list[int], attempt: _Attempt, usage: Usage):
+    async def _run_attempt(self, request: GenerationRequest, sent: list[int], attempt: _Attempt, usage: Usage, span: Span):
         prompt = request.prompt_token_ids + sent
         params = attempt_params(request.sampling_params, len(sent))
         if params.max_tokens <= 0:  # the lost worker had sent every token but not the finish
@@ -151,19 +170,23 @@ class RequestFlow:
             return
         route = await self._route(prompt, params, attempt, request.lora.lora_name if request.lora else None)
         attempt_id = f"{request.request_id}-{attempt.number}"
+        span.add_event("routed", {"pdcluster.attempt": attempt.number, "pdcluster.placement": route.placement.basis})
         computed_on_decode = 0 if route.prefill else len(prompt)  # queued there until its first token
         reservation = route.decode.load.reserve_decode(params.max_tokens, computed_on_decode)
+        decode_span = _rpc_span("Decode", span, route.decode)
         decode = DecodeCall(
             route.decode,
             decode_request(request, attempt_id, prompt, params, route.prefill),
-            self.pool.metadata,
+            with_trace(self.pool.metadata, decode_span),
             self.config.decode_idle_timeout_s,
         )
         prefill_task = None
         if route.prefill is not None:
-            prefill_task = self._start_prefill(route.prefill, prefill_request(request, attempt_id, prompt, params, route.decode), usage)
+            message = prefill_request(request, attempt_id, prompt, params, route.decode)
+            prefill_task = self._start_prefill(route.prefill, message, usage, span)
             decode.end_if_fails(prefill_task)
         continuation = _continuation(self.tokenizer, sent, params) if sent else None
+        failure: BaseException | None = None
         try:
             async for chunk in decode.chunks():
                 if reservation.tokens(len(chunk.token_ids), time.monotonic()):
@@ -175,7 +198,11 @@ class RequestFlow:
                     usage.cached_tokens = usage.cached_tokens or chunk.num_cached_tokens
                     usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(chunk.prompt_logprobs)
                 yield _delta(chunk, continuation, params)
+        except Exception as e:
+            failure = e
+            raise
         finally:
+            end_span(decode_span, failure)
             reservation.release()
             decode.close()
             if prefill_task is not None and not prefill_task.done():
@@ -238,18 +265,28 @@ class RequestFlow:
 
     # -- the prefill call ---------------------------------------------------------------
 
-    def _start_prefill(self, prefill: WorkerView, message: worker_pb2.PrefillRequest, usage: Usage) -> asyncio.Task:
+    def _start_prefill(self, prefill: WorkerView, message: worker_pb2.PrefillRequest, usage: Usage, parent: Span) -> asyncio.Task:
         """Counts the prompt on its prefill worker now, before another request of a burst is
         routed, and uncounts it when the prefill ends, however it ends (even cancelled unstarted)."""
         reservation = prefill.load.reserve_prefill(len(message.prompt_token_ids))
-        task = asyncio.create_task(self._prefill(prefill, message, usage))
-        task.add_done_callback(lambda _task: reservation.release())
+        span = _rpc_span("Prefill", parent, prefill)
+        task = asyncio.create_task(self._prefill(prefill, message, usage, with_trace(self.pool.metadata, span)))
+
+        def ended(task: asyncio.Task) -> None:
+            reservation.release()
+            end_span(span, "cancelled" if task.cancelled() else task.exception())
+
+        task.add_done_callback(ended)
         return task
 
-    async def _prefill(self, prefill: WorkerView, message: worker_pb2.PrefillRequest, usage: Usage) -> None:
-        reply = await worker_calls.prefill(prefill, message, self.pool.metadata, self.config.prefill_timeout_s)
+    async def _prefill(self, prefill: WorkerView, message: worker_pb2.PrefillRequest, usage: Usage, metadata: tuple) -> None:
+        reply = await worker_calls.prefill(prefill, message, metadata, self.config.prefill_timeout_s)
         usage.cached_tokens = max(usage.cached_tokens, reply.num_cached_tokens)
         usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(reply.prompt_logprobs)
+
+
+def _rpc_span(method: str, parent: Span, worker: WorkerView) -> Span:
+    return worker_rpc_span(method, parent, CLIENT, {"server.address": worker.address, "pdcluster.worker_id": worker.worker_id})
 
 
 def _delta(chunk: worker_pb2.DecodeChunk, continuation: ContinuationText | None, params: SamplingParams) -> TokenDelta:

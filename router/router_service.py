@@ -9,6 +9,7 @@ import hmac
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
+from pdcluster.common.tracing import start_router_tracing
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, vllm_serve_args
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.router.config import RouterConfig
@@ -40,6 +41,10 @@ class Router:
         shared = {k: v for k, v in {**PDCLUSTER_DEFAULTS, **config.engine}.items() if k in model_fields}
         engine_args = dataclasses.replace(AsyncEngineArgs.from_cli_args(self.vllm_args), **shared)
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+        # Traced where the workers' engines are (or where the router's own flags say).
+        traces_endpoint = vllm_config.observability_config.otlp_traces_endpoint or config.engine.get("otlp_traces_endpoint")
+        if traces_endpoint:
+            start_router_tracing(traces_endpoint)
         self.pool = WorkerPool(
             config.workers,
             config.health_interval_s,
@@ -54,7 +59,7 @@ class Router:
         self.metrics = RouterMetrics(self.pool, vllm_config)
         renderer = renderer_from_config(vllm_config)
         self.flow = RequestFlow(self.pool, config, self.metrics, renderer.tokenizer)
-        self.engine = ClusterEngineClient(vllm_config, renderer, self.flow, self.pool)
+        self.engine = ClusterEngineClient(vllm_config, renderer, self.flow, self.pool, tracing=bool(traces_endpoint))
         self._membership = membership
         self._follower: MembershipFollower | None = None
         self._registry: RedisRegistry | None = None

@@ -28,6 +28,7 @@ from pdcluster.common.files import write_atomically
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.tls import add_port
+from pdcluster.common.tracing import SERVER, context_of, end_span, name_service, worker_rpc_span
 from pdcluster.common.worker_auth import WorkerTokenCheck
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
 from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
@@ -134,6 +135,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             self.config = self.config.model_copy(update={"auth_token": await self._shared_token()})
         cfg = self.config
         prepare_environment(cfg.engine)
+        if cfg.engine.vllm_args.get("otlp_traces_endpoint"):  # vLLM's engine exports the spans
+            name_service("pdcluster-worker" if cfg.role_switching else f"pdcluster-{cfg.role}")
         scratch = tempfile.mkdtemp(prefix="pdcluster-kv-")
         endpoint_file = os.path.join(scratch, "endpoint.json")
         extra = KVEndpointSettings(
@@ -258,6 +261,19 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
     # -- request accounting shared by the role handlers --------------------------------
 
     @contextlib.contextmanager
+    def traced(self, method: str, context):
+        """The server side of a Worker RPC, in the caller's trace (its gRPC metadata)."""
+        span = worker_rpc_span(method, context_of(context.invocation_metadata()), SERVER, {"pdcluster.worker_id": self.worker_id})
+        failure = None
+        try:
+            yield span
+        except Exception as e:
+            failure = e
+            raise
+        finally:
+            end_span(span, failure)
+
+    @contextlib.contextmanager
     def admitted(self):
         if self._draining or self._switching:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "worker is draining")
@@ -273,8 +289,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         if self.config.role != Role.PREFILL:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
         try:
-            with self.admitted():
-                return await self.handler.prefill(request, context)
+            with self.admitted(), self.traced("Prefill", context) as span:
+                return await self.handler.prefill(request, context, span)
         except _Refused as e:
             await context.abort(e.code, e.message)
 
@@ -282,8 +298,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         if self.config.role != Role.DECODE:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this is a {self.config.role} worker")
         try:
-            with self.admitted():
-                async for chunk in self.handler.decode(request, context):
+            with self.admitted(), self.traced("Decode", context) as span:
+                async for chunk in self.handler.decode(request, context, span):
                     yield chunk
         except _Refused as e:
             await context.abort(e.code, e.message)

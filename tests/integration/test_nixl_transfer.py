@@ -63,6 +63,30 @@ def test_auto_writes_over_nixl_when_both_ends_have_it(endpoints):
     assert received["checksum_failures"] == 0
 
 
+def test_a_chunked_prompt_is_written_chunk_by_chunk(endpoints):
+    """vLLM computes a long prompt in chunks, and each step holds only the blocks allocated so
+    far: the consumer's reserved blocks (all of the prompt's) are the target, and each chunk
+    lands before the next is computed."""
+    prod, cons = endpoints(False, transport="nixl"), endpoints(True, transport="nixl")
+    cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+    chunks = [(0, 2), (2, NUM_BLOCKS)]
+    for step, (start, end) in enumerate(chunks):
+        spec = SaveSpec(
+            "r1", "t1", cons.address, SRC_BLOCKS[:end], start, end, first=step == 0, final=end == NUM_BLOCKS, prompt_blocks=NUM_BLOCKS
+        )
+        for layer in range(len(prod.layers)):
+            prod.sender.add_layer(spec, layer)
+        with cons.receiver.transfers.lock:
+            transfer = cons.receiver.transfers.get("t1")
+        assert transfer is not None and not transfer.failure
+        wait_until(lambda end=end: transfer.received[:, :end].all() or transfer.failure)
+        assert not transfer.failure
+    prod.sender.finalize("r1")
+    assert poll_consumer(cons) == ({"r1"}, set())
+    assert_same_kv(prod, cons)
+    assert prod.stats.snapshot()["bytes_sent_by_transport"] == {"nixl": kv_bytes(prod)}
+
+
 def test_auto_sends_over_tcp_to_a_consumer_without_nixl(endpoints):
     prod, cons = endpoints(False, transport="auto"), endpoints(True, transport="tcp")
     assert cons.nixl is None and prod.nixl is not None
@@ -142,7 +166,7 @@ def test_a_producer_killed_mid_write_fails_the_load_over_to_recompute():
     cons = endpoint(paged_layers(seed=None), KVEndpointSettings(transport="nixl", producer_lost_after_s=1.0), consume=True)
     try:
         cons.receiver.expect("t1", "r1", DST_BLOCKS, 0, producer=producer.address)
-        spec = SaveSpec("r1", "t1", cons.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=False)
+        spec = SaveSpec("r1", "t1", cons.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=False, prompt_blocks=NUM_BLOCKS)
         producer.call("add_layers", spec, [0])  # the first layer is computed and written ...
         wait_until(lambda: cons.stats.snapshot()["bytes_received_by_transport"].get("nixl"))
         producer.kill()  # ... and the engine dies before the next
@@ -158,7 +182,7 @@ def test_a_consumer_killed_mid_write_releases_the_producers_blocks(endpoints):
     prod = endpoints(False, transport="auto", send_timeout_s=15.0, send_retries=1)
     try:
         consumer.call("expect", "t1", "r1", DST_BLOCKS, 0)
-        spec = SaveSpec("r1", "t1", consumer.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=True)
+        spec = SaveSpec("r1", "t1", consumer.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=True, prompt_blocks=NUM_BLOCKS)
         prod.sender.add_layer(spec, 0)
         wait_until(lambda: consumer.call("stats")["bytes_received_by_transport"].get("nixl"))
         consumer.kill()
@@ -180,7 +204,7 @@ def test_a_consumer_killed_mid_write_releases_the_producers_blocks(endpoints):
 def test_blocks_a_live_producer_may_still_write_stay_held_until_its_writes_end(endpoints):
     prod, cons = endpoints(False, transport="nixl"), endpoints(True, transport="nixl")
     cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
-    spec = SaveSpec("r1", "t1", cons.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=True)
+    spec = SaveSpec("r1", "t1", cons.address, SRC_BLOCKS, 0, NUM_BLOCKS, first=True, final=True, prompt_blocks=NUM_BLOCKS)
     prod.sender.add_layer(spec, 0)
     wait_until(lambda: cons.stats.snapshot()["bytes_received_by_transport"].get("nixl"))
     cons.receiver.cancel_request("r1")  # say its client went away

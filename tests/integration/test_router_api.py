@@ -1,12 +1,13 @@
 """The router's public APIs against a live local cluster (real engines, real gRPC/HTTP):
 OpenAI completions and chat, the gRPC Inference service, bad input, disconnects,
-admission control and API keys."""
+admission control and API keys, and OpenTelemetry traces (a real OTLP receiver)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from pdcluster.bench.trace_receiver import ReceivedSpan, TraceReceiver
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
@@ -41,9 +43,17 @@ SERVED_AS = ["--served-model-name", MODEL]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVED_AS]
-    with running_cluster(worker_args=ENGINE_FLAGS, router_args=router_args) as (router, workers):
+def traces():
+    receiver = TraceReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(traces):
+    tracing = ["--otlp-traces-endpoint", traces.endpoint]  # vLLM's flag: the router and both engines export there
+    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVED_AS, *tracing]
+    with running_cluster(worker_args=[*ENGINE_FLAGS, *tracing], router_args=router_args) as (router, workers):
         yield router, workers
 
 
@@ -144,6 +154,64 @@ def test_completion_streamed_equals_unary_and_grpc_equals_reference(which, clien
         assert [w["kv_transport"] for w in decode] == ["auto"]
     else:
         assert moved == 0 and bypassed == 4
+
+
+# One disaggregated request's spans: the router's, both sides of both RPCs, each engine's
+# (vLLM's llm_request) and the KV transfer's two ends.
+TRACED = {"router.request": 1, "pdcluster.v1.Worker/Prefill": 2, "pdcluster.v1.Worker/Decode": 2, "llm_request": 2}
+TRACED |= {"kv_transfer.send": 1, "kv_transfer.receive": 1}
+SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # OTLP's span kinds
+
+
+def test_one_request_is_one_trace_across_router_workers_engines_and_kv_transfer(cluster, traces, long_prompt):
+    """The caller's W3C trace context, over HTTP and over the gRPC front door, is the parent of
+    one trace that spans every process a disaggregated request touches."""
+    callers = {secrets.token_hex(16): secrets.token_hex(8) for _ in range(2)}
+    (http_trace, http_caller), (grpc_trace, grpc_caller) = callers.items()
+    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    reply = httpx.post(
+        router_url(cluster) + "/v1/completions", json=body, headers={"traceparent": f"00-{http_trace}-{http_caller}-01"}, timeout=60
+    )
+    assert reply.status_code == 200
+    channel, stub = grpc_stub(cluster)
+    with channel:
+        request = ipb.GenerateRequest(prompt=long_prompt, max_tokens=4, temperature=0.0, ignore_eos=True)
+        stub.Complete(request, metadata=[("traceparent", f"00-{grpc_trace}-{grpc_caller}-01")])
+
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        return all(sum(s.trace_id == t and s.name in TRACED for s in spans) >= sum(TRACED.values()) for t in callers)
+
+    traces.wait_for(arrived)
+    for trace_id, caller in callers.items():
+        spans = traces.spans(trace_id)
+        named = {name: [s for s in spans if s.name == name] for name in TRACED}
+        assert {name: len(found) for name, found in named.items()} == TRACED, f"trace {trace_id}: {[s.name for s in spans]}"
+        # One tree: every span's parent is in the trace, but the root's, which is the caller's.
+        ids = {s.span_id for s in spans}
+        assert [s.name for s in spans if s.parent_id not in ids] == ["router.request"]
+        (root,) = named["router.request"]
+        assert root.parent_id == caller and root.service == "pdcluster-router" and root.kind == SERVER
+        assert root.attributes["gen_ai.usage.completion_tokens"] == 4 and "first_token" in root.events
+        server = {}
+        for method, role in (("Prefill", "prefill"), ("Decode", "decode")):
+            client_side = next(s for s in named[f"pdcluster.v1.Worker/{method}"] if s.kind == CLIENT)
+            server_side = next(s for s in named[f"pdcluster.v1.Worker/{method}"] if s.kind == SERVER)
+            assert client_side.parent_id == root.span_id and client_side.service == "pdcluster-router"
+            assert server_side.parent_id == client_side.span_id and server_side.service == f"pdcluster-{role}"
+            assert server_side.start_ns >= client_side.start_ns
+            server[role] = server_side
+            # vLLM's own request span, in the engine's process, under the RPC it served.
+            (engine,) = [s for s in named["llm_request"] if s.service == f"pdcluster-{role}"]
+            assert engine.parent_id == server_side.span_id
+            assert engine.attributes["gen_ai.usage.prompt_tokens"] == root.attributes["gen_ai.usage.prompt_tokens"]
+        (send,), (receive,) = named["kv_transfer.send"], named["kv_transfer.receive"]
+        assert (send.parent_id, send.kind, send.service) == (server["prefill"].span_id, PRODUCER, "pdcluster-prefill")
+        assert (receive.parent_id, receive.kind, receive.service) == (server["decode"].span_id, CONSUMER, "pdcluster-decode")
+        assert send.attributes["pdcluster.transfer_id"] == receive.attributes["pdcluster.transfer_id"]
+        assert send.attributes["pdcluster.kv_transport"] == receive.attributes["pdcluster.kv_transport"] == "nixl"
+        assert send.attributes["pdcluster.kv_bytes"] > 0 and not send.error and not receive.error
+        # NIXL's handshake: the consumer's target blocks and agent, asked for under the send.
+        assert [s.parent_id for s in spans if s.name == "kv_transfer.nixl_handshake"] == [send.span_id]
 
 
 def test_a_worker_started_for_one_role_refuses_to_switch(cluster):

@@ -35,10 +35,21 @@ NUM_BLOCKS = len(SRC_BLOCKS)
 
 
 def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1):
-    """Announce the prompt's blocks layer by layer as vLLM would, in `steps` steps."""
+    """Announce the prompt's blocks layer by layer as vLLM would, in `steps` steps (chunked
+    prefill: each step holds the blocks allocated so far)."""
     bounds = [round(NUM_BLOCKS * i / steps) for i in range(steps + 1)]
     for i in range(steps):
-        spec = SaveSpec(request_id, transfer_id, consumer_address, SRC_BLOCKS, bounds[i], bounds[i + 1], first=i == 0, final=i == steps - 1)
+        spec = SaveSpec(
+            request_id,
+            transfer_id,
+            consumer_address,
+            SRC_BLOCKS[: bounds[i + 1]],
+            bounds[i],
+            bounds[i + 1],
+            first=i == 0,
+            final=i == steps - 1,
+            prompt_blocks=len(SRC_BLOCKS),
+        )
         for layer in range(len(prod.layers)):
             prod.sender.add_layer(spec, layer)
     prod.sender.finalize(request_id)

@@ -78,7 +78,7 @@ class FakeClient:
 def send_one(paths) -> tuple[TransferStats, FakeClient]:
     io, client, stats, done = KVIOLoop(), FakeClient(), TransferStats(), threading.Event()
     sender = KVSender(io, client, paths, LAYOUT, KVEndpointSettings(send_timeout_s=5), stats, done)
-    spec = SaveSpec("r1", "t1", "consumer:1", [3, 4, 5], 0, 3, first=True, final=True)
+    spec = SaveSpec("r1", "t1", "consumer:1", [3, 4, 5], 0, 3, first=True, final=True, prompt_blocks=3)
     for layer in range(len(LAYERS)):
         sender.add_layer(spec, layer)
     sender.finalize("r1")
@@ -109,7 +109,7 @@ def test_a_transfer_no_path_carries_fails_and_is_aborted_at_the_consumer():
 
 def test_an_outgoing_transfer_hands_out_ranges_until_every_one_is_announced_and_taken():
     async def run() -> list:
-        t = OutgoingTransfer("r", "t", "e", [1, 2], deadline=time.monotonic() + 5, ranges=[(0, 0, 2)])
+        t = OutgoingTransfer("r", "t", "e", [1, 2], 2, deadline=time.monotonic() + 5, ranges=[(0, 0, 2)])
         taken = [await t.next_range()]
         waiter = asyncio.ensure_future(t.next_range())
         await asyncio.sleep(0.01)
