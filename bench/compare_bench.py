@@ -20,14 +20,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 from pdcluster.bench.rate_plot import plot_grid
-from pdcluster.bench.serve_bench import RateResult, goodput_rate, prometheus_counters, replay, run_rate, served_model, sweep
-from pdcluster.common.processes import LocalProcess, start_process, stop_all, wait_ready
+from pdcluster.bench.serve_bench import RateResult, goodput_rate, prometheus_counters, replay, run_rate, sweep
+from pdcluster.common.openai_stream import served_model
+from pdcluster.common.processes import LocalProcess, stop_all
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, engine_flags
 from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.common.worker_record import Role
+from pdcluster.planner.local_cluster import engine_env, start_pdcluster
 from pdcluster.planner.workloads import COMPARE_RATES, COMPARE_WORKLOADS, RequestShape, Workload
-from pdcluster.worker.config import EngineConfig, WorkerConfig, worker_args
-from pdcluster.worker.engine_args import engine_environment
+from pdcluster.worker.config import EngineConfig
 
 SYSTEMS = ("colocated", "pdcluster")
 LATENCIES = {"itl_ms": "ITL", "tpot_ms": "TPOT", "ttft_ms": "TTFT"}  # compared at p99
@@ -96,45 +97,11 @@ def default_profile(model: str, cores_per_worker: int) -> str:
     return path if not model and os.path.exists(path) else ""
 
 
-def _engine_env(cpus: set[int], engine: EngineConfig) -> dict:
-    # Both systems' engines as pdcluster's workers start theirs, one model thread per core owned.
-    return {**engine_environment(engine), "OMP_NUM_THREADS": str(len(cpus))}
-
-
 def start_colocated(engine: EngineConfig, cpus: set[int], log_dir: str) -> tuple[LocalProcess, str]:
     """vLLM's own OpenAI server, unmodified, on `cpus`; returns it and its base URL."""
     # pdcluster's workers' engine arguments exactly, as `vllm serve` flags.
     args = ["--model", engine.model, *engine_flags({**PDCLUSTER_DEFAULTS, **engine.vllm_args})]
-    return start_vllm_server(args, _engine_env(cpus, engine), os.path.join(log_dir, "colocated-vllm.log"), cpus)
-
-
-def start_pdcluster(
-    engine: EngineConfig,
-    workers_on: list[tuple[Role, set[int]]],
-    log_dir: str,
-    router_flags: Sequence[str] = (),
-    kv_transport: str = "auto",
-) -> tuple[list[LocalProcess], str]:
-    """A worker of each role on its cores, and the router; returns them and its URL."""
-    configs = [(WorkerConfig(role=role, engine=engine, kv={"transport": kv_transport}), cpus) for role, cpus in workers_on]
-    workers = [start_process(c.role, worker_args(c), _engine_env(cpus, engine), log_dir, cpus) for c, cpus in configs]
-    started = list(workers)
-    try:
-        for w in workers:
-            wait_ready(w, timeout=600)
-        router = start_router(engine.model, workers, router_flags, log_dir)
-        started.append(router)
-        wait_ready(router)
-    except BaseException:
-        stop_all(started)
-        raise
-    return started, router.router.http
-
-
-def start_router(model: str, workers: Sequence[LocalProcess], flags: Sequence[str], log_dir: str) -> LocalProcess:
-    """A router on free ports in front of `workers` (not yet ready: `wait_ready` it)."""
-    args = ["--port", "0", "--grpc-port", "0", "--model", model, *flags, *(a for w in workers for a in ("--worker", w.address))]
-    return start_process("router", args, log_dir=log_dir)
+    return start_vllm_server(args, engine_env(cpus, engine), os.path.join(log_dir, "colocated-vllm.log"), cpus)
 
 
 def _warm_up(url: str, model_name: str, vocab: int, workload: Workload) -> None:

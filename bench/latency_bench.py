@@ -30,12 +30,13 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from pdcluster.bench.compare_bench import start_colocated, start_pdcluster, start_router
-from pdcluster.bench.serve_bench import RequestResult, served_model, stream_request
+from pdcluster.bench.compare_bench import start_colocated
 from pdcluster.bench.trace_phases import engine_ttft_ms, marks, phases
 from pdcluster.bench.trace_receiver import ReceivedSpan, TraceReceiver
+from pdcluster.common.openai_stream import RequestResult, served_model, stream_request
 from pdcluster.common.processes import stop_all, wait_ready
 from pdcluster.common.worker_record import Role
+from pdcluster.planner.local_cluster import start_pdcluster, start_router
 from pdcluster.worker.config import EngineConfig
 
 PATHS = ("vllm", "disaggregated", "bypass")

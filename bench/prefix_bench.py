@@ -16,11 +16,13 @@ import json
 import os
 import tempfile
 
-from pdcluster.bench.compare_bench import start_pdcluster, trace_rate
-from pdcluster.bench.serve_bench import RateResult, replay, served_model
+from pdcluster.bench.compare_bench import trace_rate
+from pdcluster.bench.serve_bench import RateResult, replay
+from pdcluster.common.openai_stream import served_model
 from pdcluster.common.percentiles import format_ms
 from pdcluster.common.processes import stop_all
 from pdcluster.common.worker_record import Role
+from pdcluster.planner.local_cluster import start_pdcluster
 from pdcluster.planner.workloads import RequestShape
 from pdcluster.router.config import PREFILL_ROUTING_MODES
 from pdcluster.worker.config import EngineConfig

@@ -10,6 +10,7 @@ on vLLM's own server, since its engine did.
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 from pdcluster.bench.trace_receiver import ReceivedSpan
 
@@ -47,7 +48,8 @@ def marks(spans: list[ReceivedSpan]) -> dict[str, float]:
     """One request's marks (ms since the router took it); empty for a trace without the
     router's span or with two of one kind (a retried request)."""
     root = _one(spans, "router.request")
-    if root is None or "first_token" not in root.events:
+    kinds = Counter((s.name, s.service, s.kind) for s in spans)
+    if root is None or "first_token" not in root.events or max(kinds.values()) > 1:
         return {}
 
     def rpc(method: str, kind: int) -> int | None:

@@ -217,6 +217,11 @@ def _profile(args: argparse.Namespace) -> int:
         f"{s.per_prefill_pair_s * 1e9:.4f} ns/prompt pair + {s.per_decode_context_token_s * 1e9:.3f} ns/context token; "
         f"KV {profile.kv_bytes_per_token} B/token, {profile.kv_capacity_tokens} tokens; transfer {profile.transfer_gbps:.2f} GB/s"
     )
+    path = profile.serving_path
+    print(
+        f"serving path: +{path.request_s * 1e3:.1f} ms to a prompt's first token on its decode worker, "
+        f"+{path.remote_request_s * 1e3:.1f} ms prefilled remotely, +{path.token_s * 1e3:.2f} ms per later token"
+    )
     print(f"{profile.sources['step']}\nwritten to {args.out}")
     return 0
 
@@ -266,6 +271,7 @@ def _simulate(args: argparse.Namespace) -> int:
             args.prefill,
             args.decode,
             parse_router_args(shlex.split(args.router_flags)),
+            shared_cores=args.shared_cores,
         )
         if args.trace:
             runs = [("trace", _trace_requests(args, profiles["decode"].max_model_len))]
@@ -545,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_cmd.add_argument("--tp", default="1", help="tensor-parallel size: N, or prefill=N,decode=M (profiles -tpN beside --profile)")
     simulate_cmd.add_argument("--prefill-profile", default="", help="another profile for the prefill pool")
     simulate_cmd.add_argument("--decode-profile", default="", help="another profile for the decode pool (and co-located engines)")
+    simulate_cmd.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="every replica on the same cores, as a local `pdcluster serve` runs them on one machine (the profile's cores)",
+    )
     simulate_cmd.set_defaults(func=_simulate)
     plan_cmd.add_argument("--cost", default="", help="prefill=USD_PER_HOUR,decode=USD_PER_HOUR per GPU (default: the profiles')")
     plan_cmd.add_argument("--max-gpus", type=int, default=8)

@@ -8,7 +8,8 @@ the chosen KV transport, and fit the profile's step-cost model to it.
   really shared, for several B x L;
 - KV bytes per token from the model's config, and the KV capacity vLLM allocated;
 - transfer GB/s: this model's KV blocks between two KV endpoints on loopback, over the
-  transport chosen (`auto`: NIXL where installed, else TCP).
+  transport chosen (`auto`: NIXL where installed, else TCP);
+- the serving path's own costs, on a 1P+1D of the engine (`serving_path`).
 
 The four step-cost coefficients are a non-negative least-squares fit to all samples in
 relative error; the samples and the fit's error travel in the file.
@@ -26,6 +27,7 @@ import uuid
 import numpy as np
 
 from pdcluster.common.engine_profile import EngineProfile, StepCost, prefill_pairs
+from pdcluster.planner.serving_path import measure_serving_path
 from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_kwargs, prepare_environment
 
@@ -211,6 +213,7 @@ def profile_engine(
     kv_bytes = layers * kv_heads * head * 2 * dtype.itemsize
     transfer_blocks = max(1, min(cache.num_gpu_blocks or 1, -(-budget // block_size)))
     gbps = measure_transfer_gbps((transfer_blocks, kv_heads, block_size, 2 * head), dtype, layers, block_size, transport)
+    vocab = e.vocab
     e.close()
     tp = config.parallel_config.tensor_parallel_size
     if torch.cuda.is_available():
@@ -219,7 +222,7 @@ def profile_engine(
         cores = len(os.sched_getaffinity(0))
         hardware, gpus, short = f"CPU, {cores} cores", 0, f"cpu{cores}"
     measured = f"measured by `pdcluster profile` on {hardware}"
-    return EngineProfile(
+    profile = EngineProfile(
         name=name or f"{short}-{os.path.basename(model.model.rstrip('/'))}",
         estimate=False,
         hardware=hardware,
@@ -246,3 +249,9 @@ def profile_engine(
         },
         measurements={"prefill": prefill + hits, "decode": decode, "transfer_gbps": gbps, "fit_relative_error": errors},
     )
+    profile.serving_path, profile.measurements["serving_path"] = measure_serving_path(engine, profile, transport, vocab, repeats + 1)
+    profile.sources["serving_path"] = (
+        f"{measured}: requests one at a time through a 1P+1D of this engine (both paths), each one's TTFT and gaps "
+        "less the step model's prediction for it alone, median"
+    )
+    return profile

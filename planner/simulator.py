@@ -8,7 +8,8 @@ refreshed every `health_interval_s`, with the router's own between-poll counts (
 its workers. Each replica is a `SimEngine` (vLLM-style continuous
 batching); a prompt prefilled remotely reserves blocks on its decode replica, moves its KV
 at the profile's transfer rate (overlapping the last prompt step, as per-layer streaming
-does), and its first token comes from the decode replica's next step.
+does), and its first token comes from the decode replica's next step. The decode profile's
+measured serving path (`ServingPath`) adds its fixed costs to each request's tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class ClusterShape:
     prefill_replicas: int
     decode_replicas: int
     router: RouterConfig = field(default_factory=RouterConfig)
+    # Every replica on the same cores (one machine's local cluster, as `pdcluster serve` starts
+    # it there): the engines computing at once share them.
+    shared_cores: bool = False
 
     @property
     def cost_per_hour(self) -> float:
@@ -139,8 +143,11 @@ class ClusterSimulation:
         work = engine.next_step()
         if work is None:
             return
-        engine.busy = True
         seconds, prompt_seconds = engine.step_seconds(work)
+        if self.shape.shared_cores:  # as long as the engines computing now would take, each alone
+            sharing = 1 + sum(r.engine.busy for r in (*self.prefills, *self.decodes))
+            seconds, prompt_seconds = seconds * sharing, prompt_seconds * sharing
+        engine.busy = True
         self._at(self.now + seconds, self._step_done, replica, work, seconds, prompt_seconds)
 
     def _step_done(self, replica: _Replica, work, seconds: float, prompt_seconds: float) -> None:
@@ -171,14 +178,20 @@ class ClusterSimulation:
         local_prompt = 0 if placement.worker else request.input_tokens  # queued on the decode worker, as the router counts it
         reservation = decode.view.load.reserve_decode(request.output_tokens, local_prompt)
 
+        # The serving path delays the first token, and each later one a little more.
+        path = self.shape.decode.serving_path
+        delay = path.first_token_s(remote=placement.worker is not None)
+
         def on_token(seq: SimSequence, now: float) -> None:
+            nonlocal delay
             if reservation.tokens(1, now):
-                outcome.first_token = now
+                outcome.first_token = now + delay
                 if placement.chosen is not None:
-                    self.predictor.observe(placement.chosen.choice, placement.chosen.ttft_s, now - outcome.arrival)
+                    self.predictor.observe(placement.chosen.choice, placement.chosen.ttft_s, outcome.ttft)
             else:
-                outcome.gaps.append(now - outcome.last_token)
-            outcome.last_token = now
+                delay += path.token_s
+                outcome.gaps.append(now + delay - outcome.last_token)
+            outcome.last_token = now + delay
 
         def on_answered(seq: SimSequence, now: float) -> None:
             reservation.release()

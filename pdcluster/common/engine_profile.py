@@ -13,6 +13,10 @@ request in the same forward pass) takes
 `pdcluster profile` fits the four coefficients to measurements on a real engine; the
 reference profiles derive them from a roofline. Either way the raw inputs and the source of
 every number travel in the file.
+
+Around the engines, the serving path (the router, the Decode and Prefill RPCs, the KV
+handoff, streaming) adds its own time to each request and token (`ServingPath`), which
+`pdcluster profile` measures on a 1P+1D of the engine and the simulator adds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,20 @@ class StepCost(BaseModel):
         )
 
 
+class ServingPath(BaseModel):
+    """What pdcluster's serving path adds to the engines' own time (what the step model
+    predicts for a request alone on an idle 1P+1D), in seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_s: float = Field(0.0, ge=0)  # to the TTFT of a prompt computed on its decode worker
+    remote_request_s: float = Field(0.0, ge=0)  # to the TTFT of a prompt prefilled remotely
+    token_s: float = Field(0.0, ge=0)  # to each gap between later tokens
+
+    def first_token_s(self, remote: bool) -> float:
+        return self.remote_request_s if remote else self.request_s
+
+
 def prefill_pairs(chunk: int, before: int) -> float:
     """Attention pairs of a prompt chunk of `chunk` tokens after `before` tokens of context."""
     return chunk * (before + chunk / 2)
@@ -63,6 +81,7 @@ class EngineProfile(BaseModel):
     step: StepCost
     transfer_gbps: float = Field(gt=0)  # KV between a prefill and a decode replica
     transfer_latency_s: float = Field(0.0, ge=0)  # per transfer, on top of bytes / rate
+    serving_path: ServingPath = Field(default_factory=ServingPath)  # zero: not measured (reference profiles)
     cost_per_hour: float = Field(0.0, ge=0)  # USD for one replica
     sources: dict[str, str] = Field(default_factory=dict)  # field -> where its number comes from
     measurements: dict = Field(default_factory=dict)  # the raw samples a measured profile was fitted to

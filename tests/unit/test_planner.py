@@ -9,15 +9,18 @@ import pytest
 
 from pdcluster.cluster.cluster_spec import ClusterSpec
 from pdcluster.cluster.pool_cost import PoolCostMeter
-from pdcluster.common.engine_profile import StepCost, load_profile
+from pdcluster.common.engine_profile import ServingPath, StepCost, load_profile
 from pdcluster.common.worker_record import Role
 from pdcluster.planner.plan import plan, retimed
 from pdcluster.planner.plan_spec import plan_spec
 from pdcluster.planner.profile_files import REFERENCE_DIR, profile_for_tp, tp_sizes
 from pdcluster.planner.profiler import fit_step_cost
 from pdcluster.planner.roofline import reference_profiles
-from pdcluster.planner.workloads import TraceScaling, load_trace
+from pdcluster.planner.serving_path import OUTPUT_TOKENS, predicted_alone
+from pdcluster.planner.simulator import ClusterShape, ClusterSimulation
+from pdcluster.planner.workloads import RequestShape, TraceScaling, load_trace
 from pdcluster.protos import worker_pb2
+from pdcluster.router.config import RouterConfig
 
 from tests.support.paths import TRACES
 
@@ -48,6 +51,39 @@ def test_step_cost_fit_recovers_known_coefficients():
     fitted = fit_step_cost(rows, [truth.seconds(*r) for r in rows])
     for name, value in truth.model_dump().items():
         assert getattr(fitted, name) == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_the_simulator_adds_the_measured_serving_path(remote):
+    """A request alone on an idle 1P+1D: the step model's TTFT and gaps, plus the profile's
+    serving path (what `pdcluster profile` measured beyond them), each once."""
+    bare = load_profile(REFERENCE_DIR / "h100-llama-3-8b-tp1.json")
+    path = ServingPath(request_s=0.004, remote_request_s=0.025, token_s=0.0005)
+    served = bare.model_copy(update={"serving_path": path})
+    ttft, gap = predicted_alone(served, 1000, remote)  # the profile's own path left out
+    shape = ClusterShape(served, served, 1, 1, RouterConfig(bypass_prefill_below_tokens=1 if remote else 1_000_000))
+    (outcome,) = ClusterSimulation(shape).run([RequestShape(0.0, 1000, OUTPUT_TOKENS)])
+    assert outcome.placement == ("remote" if remote else "short_prompt")
+    assert outcome.ttft == pytest.approx(ttft + path.first_token_s(remote))
+    assert len(outcome.gaps) == OUTPUT_TOKENS - 1 and min(outcome.gaps) == pytest.approx(gap + path.token_s, rel=0.05)
+    assert outcome.tpot == pytest.approx(sum(outcome.gaps) / len(outcome.gaps))
+
+
+def test_engines_on_shared_cores_slow_each_other():
+    """Two prompts at once on two co-located replicas: on separate hardware each takes what it
+    takes alone; on one machine's shared cores, the one that starts while the other computes
+    takes twice as long."""
+    profile = load_profile(REFERENCE_DIR / "h100-llama-3-8b-tp1.json")
+    both = [RequestShape(0.0, 2000, 2), RequestShape(0.0, 2000, 2)]
+
+    def ttfts(shared: bool) -> list[float]:
+        shape = ClusterShape(None, profile, 0, 2, RouterConfig(), shared_cores=shared)
+        return sorted(o.ttft for o in ClusterSimulation(shape).run(both))
+
+    alone = ttfts(False)
+    assert alone[0] == pytest.approx(alone[1])
+    shared = ttfts(True)
+    assert shared[0] == pytest.approx(alone[0]) and shared[1] == pytest.approx(2 * alone[1])
 
 
 def test_traces_load_scaled_with_their_shared_prefixes():
