@@ -50,7 +50,7 @@ FAULTS = (
     "redis-down",
 )
 RATE = 2.0  # requests/s, open loop
-LOAD_S = 12.0  # arrivals per fault window
+LOAD_S = 12.0  # arrivals per fault window (default)
 FAULT_AT_S = 4.0  # into the window
 MAX_TOKENS = 24
 REQUEST_TIMEOUT_S = 300.0
@@ -208,8 +208,8 @@ class Load:
 
 
 class Battery:
-    def __init__(self, cluster: ChaosCluster, load: Load) -> None:
-        self.cluster, self.load = cluster, load
+    def __init__(self, cluster: ChaosCluster, load: Load, load_s: float = LOAD_S) -> None:
+        self.cluster, self.load, self.load_s = cluster, load, load_s
         self.expected: list[list[int]] = []
         self.baseline_slowest = 0.0
         self.notes: list[str] = []
@@ -233,7 +233,7 @@ class Battery:
             injected_at[0] = time.monotonic()
             inject()
 
-        requests, lost, wrong, slowest, _ = asyncio.run(self.load.run(LOAD_S, RATE, self.expected, fire))
+        requests, lost, wrong, slowest, _ = asyncio.run(self.load.run(self.load_s, RATE, self.expected, fire))
         self.notes += [f"lost: {e}" for e in sorted(set(self.load.errors))[:3]]
         self.notes += [f"wrong: {w}" for w in self.load.wrong[:3]]
         if undo is not None:
@@ -417,11 +417,16 @@ def _prompts(count: int) -> list[list[int]]:
 
 
 def main(
-    json_output: bool = False, faults: Sequence[str] = FAULTS, prefill: int = 2, decode: int = 2, serve_flags: Sequence[str] = ()
+    json_output: bool = False,
+    faults: Sequence[str] = FAULTS,
+    prefill: int = 2,
+    decode: int = 2,
+    serve_flags: Sequence[str] = (),
+    load_s: float = LOAD_S,
 ) -> int:
     cluster = ChaosCluster(prefill, decode, serve_flags)
     try:
-        battery = Battery(cluster, Load(cluster.grpc, _prompts(24)))
+        battery = Battery(cluster, Load(cluster.grpc, _prompts(24)), load_s)
         rows = [battery.baseline()]
         print(
             f"{'fault':<16} {'requests':>8} {'lost':>5} {'wrong':>6} {'slowest s':>10} {'extra s':>8} {'heal s':>7} {'KV rest':>8} {'strays':>7}  note"

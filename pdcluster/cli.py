@@ -209,7 +209,7 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"pdcluster profile: not vLLM engine flags: {' '.join(unknown)}", file=sys.stderr)
         return 2
     engine = EngineConfig(model=args.model, kv_cache_gib=args.kv_cache_gib, **engine_args)
-    profile = profile_engine(engine, args.kv_transport, args.quick, args.cost_per_hour, args.name)
+    profile = profile_engine(engine, args.kv_transport, args.quick, args.cost_per_hour, args.name, args.serving_path)
     profile.save(args.out)
     s = profile.step
     print(
@@ -380,7 +380,14 @@ def _bench_transfer(args: argparse.Namespace) -> int:
 def _bench_chaos(args: argparse.Namespace) -> int:
     from pdcluster.bench.chaos_bench import main as bench_main
 
-    return bench_main(json_output=args.json, faults=args.faults, prefill=args.prefill, decode=args.decode, serve_flags=args.vllm_flags)
+    return bench_main(
+        json_output=args.json,
+        faults=args.faults,
+        prefill=args.prefill,
+        decode=args.decode,
+        serve_flags=args.vllm_flags,
+        load_s=args.load_seconds,
+    )
 
 
 def _bench_prefix(args: argparse.Namespace) -> int:
@@ -481,7 +488,7 @@ def _bench_simcheck(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pdcluster.bench.chaos_bench import FAULTS
+    from pdcluster.bench.chaos_bench import FAULTS, LOAD_S
     from pdcluster.cluster.cluster_spec import add_cluster_flags
     from pdcluster.planner.workloads import COMPARE_RATES, COMPARE_WORKLOADS
     from pdcluster.router.config import PREFILL_ROUTING_MODES
@@ -529,6 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--cores", type=int, default=0, help="run on the first N cores, as one pool's worker would (default: all)")
     profile.add_argument("--cost-per-hour", type=float, default=0.0, help="USD per hour of one replica")
     profile.add_argument("--quick", action="store_true", help="fewer samples (for tests)")
+    profile.add_argument(
+        "--no-serving-path",
+        dest="serving_path",
+        action="store_false",
+        help="skip measuring the serving path's own costs on a 1P+1D of the engine (they stay 0 in the profile)",
+    )
     profile.set_defaults(func=_profile, takes_vllm_flags=True)
 
     for name, helptext in (
@@ -579,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
     chaos.add_argument("--prefill", type=int, default=2, help="prefill workers")
     chaos.add_argument("--decode", type=int, default=2, help="decode workers")
+    chaos.add_argument(
+        "--load-seconds", type=float, default=LOAD_S, help="arrivals (2 req/s) in each fault's window; the fault fires 4 s in"
+    )
     chaos.set_defaults(func=_bench_chaos, takes_vllm_flags=True)
     prefix = bench_sub.add_parser("prefix", help="prefix-cache hit rate and TTFT of each --prefill-routing mode on a trace replay")
     _add_trace_flags(prefix)

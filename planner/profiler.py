@@ -178,9 +178,14 @@ def measure_transfer_gbps(layer_shape: tuple[int, ...], dtype, num_layers: int, 
 
 
 def profile_engine(
-    engine: EngineConfig, transport: str = "auto", quick: bool = False, cost_per_hour: float = 0.0, name: str = ""
+    engine: EngineConfig,
+    transport: str = "auto",
+    quick: bool = False,
+    cost_per_hour: float = 0.0,
+    name: str = "",
+    serving_path: bool = True,
 ) -> EngineProfile:
-    """Measure `engine` here and fit its profile."""
+    """Measure `engine` here and fit its profile (without `serving_path`, its serving path stays 0)."""
     import torch
 
     e = _Engine(engine)
@@ -249,6 +254,9 @@ def profile_engine(
         },
         measurements={"prefill": prefill + hits, "decode": decode, "transfer_gbps": gbps, "fit_relative_error": errors},
     )
+    if not serving_path:
+        profile.sources["serving_path"] = "not measured (pdcluster profile --no-serving-path)"
+        return profile
     profile.serving_path, profile.measurements["serving_path"] = measure_serving_path(engine, profile, transport, vocab, repeats + 1)
     profile.sources["serving_path"] = (
         f"{measured}: requests one at a time through a 1P+1D of this engine (both paths), each one's TTFT and gaps "

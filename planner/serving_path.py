@@ -50,7 +50,6 @@ def measure_serving_path(
 ) -> tuple[ServingPath, dict]:
     """Measure on a 1P+1D of `engine` here; returns the path's costs and the samples behind them."""
     cores = set(os.sched_getaffinity(0))
-    lengths = [n for n in LENGTHS if n + OUTPUT_TOKENS < profile.max_model_len]
     log_dir = tempfile.mkdtemp(prefix="pdcluster-profile-serving-path-")
     started, remote_url = start_pdcluster(
         engine, [(Role.PREFILL, cores), (Role.DECODE, cores)], log_dir, ["--bypass-prefill-below", str(BYPASS_BELOW[True])], transport
@@ -59,10 +58,16 @@ def measure_serving_path(
         workers = [p for p in started if p.role != "router"]
         local = start_router(engine.model, workers, ["--bypass-prefill-below", str(BYPASS_BELOW[False])], log_dir)
         started.append(local)
-        urls = {True: remote_url, False: wait_ready(local).router.http}
-        measured = asyncio.run(_one_at_a_time(urls, lengths, repeats, vocab))
+        return serving_path_through({True: remote_url, False: wait_ready(local).router.http}, profile, vocab, repeats)
     finally:
         stop_all(started)
+
+
+def serving_path_through(urls: dict[bool, str], profile: EngineProfile, vocab: int, repeats: int) -> tuple[ServingPath, dict]:
+    """Measure through two routers over one 1P+1D of the profiled engine: {True: the one that
+    prefills every prompt remotely, False: the one that computes every prompt on decode}."""
+    lengths = [n for n in LENGTHS if n + OUTPUT_TOKENS < profile.max_model_len]
+    measured = asyncio.run(_one_at_a_time(urls, lengths, repeats, vocab))
     samples: dict[str, list] = {"remote": [], "local": []}
     for (remote, length), results in measured.items():
         ttft, gap = predicted_alone(profile, length, remote)

@@ -45,6 +45,7 @@ def test_profile_simulate_plan_serve(tmp_path):
         *EAGER,
         "--kv-transport",
         "tcp",
+        "--no-serving-path",  # measured through a running cluster in test_router_api
         "--cost-per-hour",
         "0.5",
         "--out",
@@ -61,10 +62,7 @@ def test_profile_simulate_plan_serve(tmp_path):
     assert hits and profile.measurements["decode"] and profile.transfer_gbps > 0
     # The fitted model predicts the samples it came from, in order of magnitude at worst.
     assert max(profile.measurements["fit_relative_error"]) < 1.0
-    # The serving path costs each request and token something beyond the engine's steps, on both paths.
-    path, samples = profile.serving_path, profile.measurements["serving_path"]
-    assert path.request_s > 0 and path.remote_request_s > 0 and "serving_path" in profile.sources
-    assert len(samples["remote"]) == len(samples["local"]) >= 6
+    assert profile.serving_path.remote_request_s == 0 and "not measured" in profile.sources["serving_path"]
 
     sim = last_json(
         pdcluster(

@@ -21,7 +21,9 @@ import openai
 import pytest
 
 from pdcluster.bench.trace_receiver import ReceivedSpan, TraceReceiver
+from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.tiny_model.generate import CORPUS
+from pdcluster.planner.serving_path import LENGTHS, serving_path_through
 from pdcluster.protos import inference_pb2 as ipb
 from pdcluster.protos import inference_pb2_grpc as igrpc
 from pdcluster.protos import worker_pb2 as wpb
@@ -212,6 +214,26 @@ def test_one_request_is_one_trace_across_router_workers_engines_and_kv_transfer(
         assert send.attributes["pdcluster.kv_bytes"] > 0 and not send.error and not receive.error
         # NIXL's handshake: the consumer's target blocks and agent, asked for under the send.
         assert [s.parent_id for s in spans if s.name == "kv_transfer.nixl_handshake"] == [send.span_id]
+
+
+def test_the_profilers_serving_path_measurement_through_both_paths(cluster, tokenizer):
+    """`pdcluster profile`'s serving path, measured as it measures it: requests one at a time
+    through a router that prefills remotely (this cluster's) and one that computes every prompt
+    on the decode worker, each less the step model's prediction for it alone."""
+    router, workers = cluster
+    local = start_router([w.address for w in workers], ["--bypass-prefill-below", "1000000", *SERVED_AS])
+    try:
+        urls = {True: router_url(cluster), False: local.record.http}
+        profile = load_profile(ROOT / "bench" / "profiles" / "cpu2-tiny.json")  # this model's, measured here
+        path, samples = serving_path_through(urls, profile, len(tokenizer), repeats=2)
+    finally:
+        local.stop()
+    assert {s["prompt_tokens"] for s in samples["remote"]} == {s["prompt_tokens"] for s in samples["local"]} == set(LENGTHS)
+    assert len(samples["remote"]) == len(samples["local"]) == 2 * len(LENGTHS)
+    # Both paths cost something beyond the engines' steps; the remote one its RPC and KV handoff more.
+    assert path.remote_request_s > path.request_s > 0
+    for s in samples["remote"] + samples["local"]:
+        assert s["ttft_s"] > 0 and s["predicted_ttft_s"] > 0
 
 
 def test_a_worker_started_for_one_role_refuses_to_switch(cluster):
