@@ -39,7 +39,6 @@ from pdcluster.common.worker_record import Role
 from pdcluster.planner.local_cluster import start_pdcluster, start_router
 from pdcluster.worker.config import EngineConfig
 
-PATHS = ("vllm", "disaggregated", "bypass")
 ROUTER_PATH_FLAGS = {"disaggregated": ["--bypass-prefill-below", "1"], "bypass": ["--bypass-prefill-below", "1000000"]}
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pdcluster.common.tracing import CLIENT, end_span, start_span
+from pdcluster.common.tracing import CLIENT, ending, start_span
 from pdcluster.kv_transfer.kv_transfer_service import KVClient, TransferFailed
 from pdcluster.kv_transfer.nixl_agent import NixlAgent, NixlWriteFailed
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
@@ -59,15 +59,8 @@ class NixlProducer:
 
     async def target(self, t: OutgoingTransfer) -> pb.NixlTargetReply | None:
         """Where to write `t`, or None when TCP should carry it. Raises TransferFailed."""
-        span = start_span("kv_transfer.nixl_handshake", t.span, CLIENT, {"server.address": t.endpoint})
-        failure: BaseException | None = None
-        try:
+        with ending(start_span("kv_transfer.nixl_handshake", t.span, CLIENT, {"server.address": t.endpoint})):
             return await self._target(t)
-        except Exception as e:
-            failure = e
-            raise
-        finally:
-            end_span(span, failure)
 
     async def _target(self, t: OutgoingTransfer) -> pb.NixlTargetReply | None:
         auto = self._settings.transport == "auto"

@@ -27,7 +27,7 @@ from vllm.exceptions import VLLMValidationError
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.sample_wire import decode_logprobs
-from pdcluster.common.tracing import CLIENT, SERVER, end_span, start_span, with_trace, worker_rpc_span
+from pdcluster.common.tracing import CLIENT, SERVER, end_span, ending, start_span, with_trace, worker_rpc_span
 from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
 from pdcluster.router import worker_calls
@@ -186,23 +186,19 @@ class RequestFlow:
             prefill_task = self._start_prefill(route.prefill, message, usage, span)
             decode.end_if_fails(prefill_task)
         continuation = _continuation(self.tokenizer, sent, params) if sent else None
-        failure: BaseException | None = None
         try:
-            async for chunk in decode.chunks():
-                if reservation.tokens(len(chunk.token_ids), time.monotonic()):
-                    self._observe_prediction(route.placement, reservation.stream.first_token_at - route.placed_at)
-                if prefill_task is not None and not prefill_task.done():
-                    # Its reply holds what the first delta reports: prompt logprobs, cached tokens.
-                    await asyncio.shield(prefill_task)
-                if route.prefill is None and not sent:
-                    usage.cached_tokens = usage.cached_tokens or chunk.num_cached_tokens
-                    usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(chunk.prompt_logprobs)
-                yield _delta(chunk, continuation, params)
-        except Exception as e:
-            failure = e
-            raise
+            with ending(decode_span):
+                async for chunk in decode.chunks():
+                    if reservation.tokens(len(chunk.token_ids), time.monotonic()):
+                        self._observe_prediction(route.placement, reservation.stream.first_token_at - route.placed_at)
+                    if prefill_task is not None and not prefill_task.done():
+                        # Its reply holds what the first delta reports: prompt logprobs, cached tokens.
+                        await asyncio.shield(prefill_task)
+                    if route.prefill is None and not sent:
+                        usage.cached_tokens = usage.cached_tokens or chunk.num_cached_tokens
+                        usage.prompt_logprobs = usage.prompt_logprobs or decode_logprobs(chunk.prompt_logprobs)
+                    yield _delta(chunk, continuation, params)
         finally:
-            end_span(decode_span, failure)
             reservation.release()
             decode.close()
             if prefill_task is not None and not prefill_task.done():

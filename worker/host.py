@@ -28,7 +28,7 @@ from pdcluster.common.files import write_atomically
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.tls import add_port
-from pdcluster.common.tracing import SERVER, context_of, end_span, name_service, worker_rpc_span
+from pdcluster.common.tracing import SERVER, context_of, ending, name_service, worker_rpc_span
 from pdcluster.common.worker_auth import WorkerTokenCheck
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord
 from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
@@ -263,15 +263,10 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
     @contextlib.contextmanager
     def traced(self, method: str, context):
         """The server side of a Worker RPC, in the caller's trace (its gRPC metadata)."""
-        span = worker_rpc_span(method, context_of(context.invocation_metadata()), SERVER, {"pdcluster.worker_id": self.worker_id})
-        failure = None
-        try:
+        with ending(
+            worker_rpc_span(method, context_of(context.invocation_metadata()), SERVER, {"pdcluster.worker_id": self.worker_id})
+        ) as span:
             yield span
-        except Exception as e:
-            failure = e
-            raise
-        finally:
-            end_span(span, failure)
 
     @contextlib.contextmanager
     def admitted(self):

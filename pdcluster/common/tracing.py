@@ -11,9 +11,9 @@ OpenTelemetry's spans are no-ops and nothing is injected.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -65,14 +65,12 @@ def draw_ids_unseeded() -> None:
         provider.id_generator = _UnseededIds()
 
 
-def start_span(
-    name: str, parent: Context | Span | None, kind: SpanKind = INTERNAL, attributes: Mapping | None = None, start_ns: int | None = None
-) -> Span:
+def start_span(name: str, parent: Context | Span | None, kind: SpanKind = INTERNAL, attributes: Mapping | None = None) -> Span:
     """A span under `parent` (a context, a span, or none: a new trace). The caller ends it;
     nothing becomes current, so it is safe across the yields of a stream."""
     if isinstance(parent, Span):
         parent = trace.set_span_in_context(parent)
-    return trace.get_tracer(_TRACER).start_span(name, context=parent, kind=kind, attributes=attributes, start_time=start_ns)
+    return trace.get_tracer(_TRACER).start_span(name, context=parent, kind=kind, attributes=attributes)
 
 
 def worker_rpc_span(method: str, parent: Context | Span | None, kind: SpanKind, attributes: Mapping | None = None) -> Span:
@@ -85,6 +83,20 @@ def end_span(span: Span, failure: str | BaseException | None = None) -> None:
     if failure:
         span.set_status(Status(StatusCode.ERROR, str(failure)))
     span.end()
+
+
+@contextlib.contextmanager
+def ending(span: Span) -> Iterator[Span]:
+    """End `span` when the block ends, failed if it raised; without making it current (safe
+    around the yields of a stream)."""
+    failure: BaseException | None = None
+    try:
+        yield span
+    except Exception as e:
+        failure = e
+        raise
+    finally:
+        end_span(span, failure)
 
 
 def headers_of(span: Span | None) -> dict[str, str]:
@@ -107,8 +119,3 @@ def context_of(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None) ->
 def with_trace(metadata: tuple, span: Span) -> tuple:
     """gRPC call metadata carrying `span` as the callee's parent."""
     return (*metadata, *headers_of(span).items())
-
-
-def now_ns() -> int:
-    """A span timestamp (wall-clock nanoseconds, as OpenTelemetry takes them)."""
-    return time.time_ns()
