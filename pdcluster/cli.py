@@ -317,51 +317,54 @@ def _print_simulation(results: list[dict], shape) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import asdict
 
     from pdcluster.planner.plan import ATTAINMENT, plan
     from pdcluster.planner.plan_spec import write_plan_spec
-    from pdcluster.planner.profile_files import profile_for_tp, resolve_profile_path, tp_sizes
+    from pdcluster.planner.profile_files import profiles_by_size
+    from pdcluster.planner.workloads import COMPARE_WORKLOADS
     from pdcluster.router.config import parse_router_args
 
     try:
-        path = resolve_profile_path(args.profile)
-        profiles = {tp: profile_for_tp(path, tp) for tp in tp_sizes(path)}
+        profiles = profiles_by_size(args.profile)
         cost = {role: float(usd) for role, usd in (kv.split("=") for kv in args.cost.split(",") if kv)}
         if set(cost) - {"prefill", "decode"}:
             raise ValueError(f"--cost takes prefill=USD_PER_HOUR,decode=USD_PER_HOUR, not {args.cost!r}")
-        requests = _trace_requests(args, max(p.max_model_len for p in profiles.values()))
+        if args.trace:
+            requests = _trace_requests(args, max(p.max_model_len for p in profiles.values()))
+        elif args.workload:
+            requests = COMPARE_WORKLOADS[args.workload].shapes(args.requests, 1.0)
+        else:
+            raise ValueError("give --trace FILE or --workload NAME")
     except (ValueError, KeyError) as e:
         print(f"pdcluster plan: {e}", file=sys.stderr)
         return 2
     router = parse_router_args(shlex.split(args.router_flags))
-    print(f"planning for {len(requests)} requests with TP sizes {sorted(profiles)}, up to {args.max_gpus} GPUs...", flush=True)
-    for tp, p in sorted(profiles.items()):
+    on_gpus = any(p.gpus_per_replica for p in profiles.values())
+    budget, unit = (args.max_gpus, "GPUs") if on_gpus else (args.cores or len(os.sched_getaffinity(0)), "cores")
+    label = {size: f"TP{size}" if on_gpus else f"{size}-core" for size in sorted(profiles)}
+    print(f"planning for {len(requests)} requests with {', '.join(label.values())} replicas, up to {budget} {unit}...", flush=True)
+    for size, p in sorted(profiles.items()):
         if refused := sum(not p.holds(r.input_tokens, r.output_tokens) for r in requests):
-            print(f"  a TP{tp} replica refuses {refused} of them: longer than its max_model_len {p.max_model_len}", flush=True)
-    candidates = plan(profiles, requests, args.slo_ttft_ms, args.slo_itl_ms, args.max_gpus, cost, router)
-    print(f"\n{'configuration':<28} {'GPUs':>4} {'$/h':>8} {'goodput req/s':>14} {'req per $':>10}  basis")
-    for c in candidates[: args.top]:
+            print(f"  a {label[size]} replica refuses {refused} of them: longer than its max_model_len {p.max_model_len}", flush=True)
+    result = plan(profiles, requests, args.slo_ttft_ms, args.slo_itl_ms, budget, cost, router)
+    print(f"\n{'configuration':<34} {unit:>5} {'$/h':>8} {'goodput req/s':>14} {'req per $':>10}  basis")
+    for c in result.candidates[: args.top]:
         basis = "per-phase estimate" if c.estimated else "simulated whole"
-        print(f"{c.describe():<28} {c.gpus:>4} {c.cost_per_hour:>8.2f} {c.goodput_rate:>14.2f} {c.requests_per_dollar:>10.0f}  {basis}")
-    best = candidates[0]
-    best_split = next((c for c in candidates if not c.colocated), None)
+        print(f"{c.describe():<34} {c.units:>5} {c.cost_per_hour:>8.2f} {c.goodput_rate:>14.2f} {c.requests_per_dollar:>10.0f}  {basis}")
+    chosen = result.chosen
+    print(f"\nchosen: {chosen.describe()} on {chosen.units} {unit}.\nwhy: {result.reason}")
     rc = 0
-    if best.goodput_rate == 0:
-        print(f"\nno configuration on up to {args.max_gpus} GPUs serves {ATTAINMENT:.0%} of these requests within the SLOs.")
+    if chosen.goodput_rate == 0:
+        print(f"no configuration on up to {budget} {unit} serves {ATTAINMENT:.0%} of these requests within the SLOs.")
         if args.write_spec:
             print(f"pdcluster plan: no cluster spec written to {args.write_spec}", file=sys.stderr)
             rc = 1
-    elif best.colocated:
-        print(f"\nco-located beats every disaggregated configuration here: {best.describe()} on {best.gpus} GPUs.")
-    elif best_split is not None:
-        print(f"\nbest: {best.describe()} on {best.gpus} GPUs.")
-    if args.write_spec and rc == 0:
-        write_plan_spec(args.write_spec, best, profiles)
-        print(f"cluster spec for {best.describe()} written to {args.write_spec} (pdcluster serve --config {args.write_spec})")
+    elif args.write_spec:
+        write_plan_spec(args.write_spec, result, profiles)
+        print(f"cluster spec for {chosen.describe()} written to {args.write_spec} (pdcluster serve --config {args.write_spec})")
     if args.json:
-        from dataclasses import asdict
-
-        print(json.dumps({"best": asdict(best), "candidates": [asdict(c) for c in candidates]}))
+        print(json.dumps({"chosen": asdict(chosen), "reason": result.reason, "candidates": [asdict(c) for c in result.candidates]}))
     return rc
 
 
@@ -474,8 +477,9 @@ def _bench_compare(args: argparse.Namespace) -> int:
         trace=_trace_requests(args, args.max_model_len) if args.trace else (),
         vllm_flags=args.vllm_flags,
         profile=args.profile,
+        plan_with=args.plan_with,
     )
-    return 0 if all(c.colocated.completed and c.pdcluster.completed for c in comparisons) else 1
+    return 0 if all(getattr(c, s).completed for c in comparisons for s in c.systems) else 1
 
 
 def _bench_simcheck(args: argparse.Namespace) -> int:
@@ -490,6 +494,7 @@ def _bench_simcheck(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pdcluster.bench.chaos_bench import FAULTS, LOAD_S
     from pdcluster.cluster.cluster_spec import add_cluster_flags
+    from pdcluster.planner.plan import PLAN_REQUESTS
     from pdcluster.planner.workloads import COMPARE_RATES, COMPARE_WORKLOADS
     from pdcluster.router.config import PREFILL_ROUTING_MODES
 
@@ -546,19 +551,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (
         ("simulate", "simulate a cluster on a profile: latencies, SLO attainment, utilization, $/1M tokens"),
-        ("plan", "search prefill/decode replicas and TP sizes for the best goodput per dollar"),
+        ("plan", "choose the shape for a workload: co-located replicas or a prefill/decode split, and replica sizes"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--profile", required=True, help="profile JSON, or a reference profile's name (e.g. h100-llama-3-8b-tp1)")
         _add_trace_flags(p)
+        p.add_argument("--workload", default="", help="a bench compare workload instead of a trace: " + ", ".join(COMPARE_WORKLOADS))
+        p.add_argument("--requests", type=int, default=40, help=f"with --workload: requests (per rate; plan's default: {PLAN_REQUESTS})")
         p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
         p.add_argument("--slo-itl-ms", type=float, default=100.0, help="bound on each request's TPOT")
         p.add_argument("--router-flags", default="", help="the router's own flags, e.g. '--bypass-prefill-below 64'")
         p.add_argument("--json", action="store_true", help="end with one JSON line")
     simulate_cmd, plan_cmd = sub.choices["simulate"], sub.choices["plan"]
-    simulate_cmd.add_argument("--workload", default="", help="a bench compare workload instead of a trace: " + ", ".join(COMPARE_WORKLOADS))
+    profile_help = "profile JSON, or a reference profile's name (e.g. h100-llama-3-8b-tp1)"
+    simulate_cmd.add_argument("--profile", required=True, help=profile_help)
     simulate_cmd.add_argument("--rates", type=float, nargs="+", default=[1.0], help="with --workload: request rates (req/s)")
-    simulate_cmd.add_argument("--requests", type=int, default=40, help="with --workload: requests per rate")
     simulate_cmd.add_argument("--prefill", type=int, default=1, help="prefill replicas (0: co-located engines)")
     simulate_cmd.add_argument("--decode", type=int, default=1, help="decode replicas")
     simulate_cmd.add_argument("--tp", default="1", help="tensor-parallel size: N, or prefill=N,decode=M (profiles -tpN beside --profile)")
@@ -571,10 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate_cmd.set_defaults(func=_simulate)
     plan_cmd.add_argument("--cost", default="", help="prefill=USD_PER_HOUR,decode=USD_PER_HOUR per GPU (default: the profiles')")
-    plan_cmd.add_argument("--max-gpus", type=int, default=8)
+    plan_cmd.add_argument(
+        "--profile", required=True, nargs="+", help=profile_help + "; several: one per replica size (TP size, or cores on a CPU)"
+    )
+    plan_cmd.add_argument("--max-gpus", type=int, default=8, help="the budget of GPU profiles")
+    plan_cmd.add_argument("--cores", type=int, default=0, help="the budget of CPU profiles (default: this machine's cores)")
     plan_cmd.add_argument("--top", type=int, default=10, help="configurations to print")
     plan_cmd.add_argument("--write-spec", default="", help="write the best configuration as a cluster spec YAML here")
-    plan_cmd.set_defaults(func=_plan)
+    plan_cmd.set_defaults(func=_plan, requests=PLAN_REQUESTS)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -647,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--plot", default="", help="write a PNG of latency percentiles against rate here")
     serve_bench.set_defaults(func=_bench_serve)
     compare = bench_sub.add_parser(
-        "compare", help="co-located vLLM against pdcluster 1P+1D on the same cores, same load (vLLM engine flags go to both)"
+        "compare",
+        help="co-located vLLM against pdcluster 1P+1D and pdcluster as planned, same cores, same load (vLLM engine flags go to all)",
     )
     compare.add_argument("--model", default="", help="HF model directory (default: the generated bench model, ~26M parameters)")
     compare.add_argument("--rates", type=float, nargs="+", default=list(COMPARE_RATES), help="request rates to sweep (req/s)")
@@ -661,6 +672,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         default="",
         help="the workers' profile, for the router's placement (default: bench/profiles/cpuN-bench-llama.json for the bench model)",
+    )
+    compare.add_argument(
+        "--plan-with",
+        nargs="+",
+        default=[],
+        help="the engine's profiles, one per replica size, for `pdcluster plan` to choose each workload's shape "
+        "(default: bench/profiles/cpuN-bench-llama.json for the bench model; without profiles, pdcluster as planned is left out)",
     )
     _add_trace_flags(compare)
     compare.add_argument("--max-model-len", type=int, default=4096, help="with --trace: cap prompt + output at this")

@@ -45,3 +45,18 @@ def resolve_profile_path(name: str) -> Path:
     if reference.exists():
         return reference
     raise ValueError(f"no profile {name!r}: not a file, nor one of {sorted(p.stem for p in REFERENCE_DIR.glob('*.json'))}")
+
+
+def profiles_by_size(names: list[str]) -> dict[int, EngineProfile]:
+    """Each named profile and its -tpN siblings, by replica size (TP size on GPUs, cores on a CPU)."""
+    out: dict[int, EngineProfile] = {}
+    for name in names:
+        path = resolve_profile_path(name)
+        for tp in tp_sizes(path):
+            profile = profile_for_tp(path, tp)
+            if profile.replica_size in out:
+                raise ValueError(
+                    f"two profiles for replicas of size {profile.replica_size}: {out[profile.replica_size].name} and {profile.name}"
+                )
+            out[profile.replica_size] = profile
+    return out

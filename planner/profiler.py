@@ -97,6 +97,12 @@ class _Engine:
 
     def close(self) -> None:
         self.llm.shutdown()
+        # The engine's output handler still awaits its queue: end it in its own loop, or it
+        # fails loudly when the process exits.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
 
 
@@ -222,7 +228,7 @@ def profile_engine(
     e.close()
     tp = config.parallel_config.tensor_parallel_size
     if torch.cuda.is_available():
-        hardware, gpus, short = f"{tp} x {torch.cuda.get_device_name()}", tp, f"gpu-tp{tp}"
+        hardware, gpus, short, cores = f"{tp} x {torch.cuda.get_device_name()}", tp, f"gpu-tp{tp}", 0
     else:
         cores = len(os.sched_getaffinity(0))
         hardware, gpus, short = f"CPU, {cores} cores", 0, f"cpu{cores}"
@@ -234,6 +240,7 @@ def profile_engine(
         model=model.model,
         tensor_parallel_size=tp,
         gpus_per_replica=gpus,
+        cpu_cores=cores,
         block_size=block_size,
         max_num_seqs=sched.max_num_seqs,
         max_num_batched_tokens=sched.max_num_batched_tokens,

@@ -72,6 +72,7 @@ class EngineProfile(BaseModel):
     model: str
     tensor_parallel_size: int = Field(1, ge=1)
     gpus_per_replica: int = Field(0, ge=0)  # 0: a CPU replica
+    cpu_cores: int = Field(0, ge=0)  # the cores a CPU replica computes on (0 on GPUs)
     block_size: int = Field(ge=1)
     max_num_seqs: int = Field(ge=1)
     max_num_batched_tokens: int = Field(ge=1)
@@ -85,6 +86,16 @@ class EngineProfile(BaseModel):
     cost_per_hour: float = Field(0.0, ge=0)  # USD for one replica
     sources: dict[str, str] = Field(default_factory=dict)  # field -> where its number comes from
     measurements: dict = Field(default_factory=dict)  # the raw samples a measured profile was fitted to
+
+    @property
+    def replica_units(self) -> int:
+        """What one replica takes of a plan's budget: its GPUs, or its cores on a CPU."""
+        return self.gpus_per_replica or max(1, self.cpu_cores)
+
+    @property
+    def replica_size(self) -> int:
+        """A replica's size as plans name it: its TP size on GPUs, its cores on a CPU."""
+        return self.tensor_parallel_size if self.gpus_per_replica else max(1, self.cpu_cores)
 
     @property
     def total_blocks(self) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pdcluster.bench.compare_bench import Comparison, goals, goodput_rates
+from pdcluster.bench.compare_bench import Comparison, goals, goodput_rates, planned_workers
 from pdcluster.bench.serve_bench import RateResult, goodput_rate
+from pdcluster.common.worker_record import Role
+from pdcluster.planner.plan import Candidate
 
 
 def result(rate: float, attainment: float, itl_p99: float = 10.0) -> RateResult:
@@ -36,3 +38,21 @@ def test_goals_allow_two_requests_of_noise_and_check_itl_on_prefill_heavy():
     rows[2].pdcluster.slo_attainment = 0.5  # neither reaches 90%: a tie, not 1.5x
     assert goals("prefill-heavy", rows[2:])["goodput_rate_ratio"]["met"]
     assert not goals("prefill-heavy", rows[2:])["goodput_rate_ratio_prefill_heavy"]["met"]
+
+
+def test_pdcluster_as_planned_serves_the_chosen_shape_and_must_match_co_located():
+    colocated = Candidate(2, 2, 0, 1, 2, "core", 0.0, 0.0)
+    split = Candidate(1, 1, 1, 1, 2, "core", 0.0, 0.0)
+    assert planned_workers(colocated, [0, 1]) == [(Role.DECODE, {0, 1})]  # a decode pool alone
+    assert planned_workers(split, [0, 1]) == [(Role.PREFILL, {0}), (Role.DECODE, {1})]
+    rows = [
+        Comparison("prefill-heavy", 1, result(1, 1.0), result(1, 0.5), result(1, 0.975)),
+        Comparison("prefill-heavy", 2, result(2, 0.95), result(2, 0.5), result(2, 0.85)),
+    ]
+    assert rows[0].systems == ["colocated", "pdcluster", "planned"]
+    assert goodput_rates(rows) == {"colocated": 2, "pdcluster": 0.0, "planned": 1}
+    planned = goals("prefill-heavy", rows, "planned")
+    # Only the goals of matching co-located: disaggregation's own are the fixed 1P+1D's.
+    assert set(planned) == {"attainment_never_below_colocated", "goodput_rate_ratio"}
+    assert planned["attainment_never_below_colocated"] == {"rates_below": [2], "met": False}
+    assert planned["goodput_rate_ratio"] == {"value": 0.5, "goal": 1.0, "met": False}

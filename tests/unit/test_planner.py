@@ -4,6 +4,7 @@ scaling, the plan's search, and the controller's cost-per-token meter."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,18 +12,20 @@ from pdcluster.cluster.cluster_spec import ClusterSpec
 from pdcluster.cluster.pool_cost import PoolCostMeter
 from pdcluster.common.engine_profile import ServingPath, StepCost, load_profile
 from pdcluster.common.worker_record import Role
-from pdcluster.planner.plan import plan, retimed
+from pdcluster.planner.plan import SPLIT_MARGIN, plan, retimed
 from pdcluster.planner.plan_spec import plan_spec
 from pdcluster.planner.profile_files import REFERENCE_DIR, profile_for_tp, tp_sizes
 from pdcluster.planner.profiler import fit_step_cost
 from pdcluster.planner.roofline import reference_profiles
 from pdcluster.planner.serving_path import OUTPUT_TOKENS, predicted_alone
 from pdcluster.planner.simulator import ClusterShape, ClusterSimulation
-from pdcluster.planner.workloads import RequestShape, TraceScaling, load_trace
+from pdcluster.planner.workloads import COMPARE_WORKLOADS, RequestShape, TraceScaling, load_trace
 from pdcluster.protos import worker_pb2
 from pdcluster.router.config import RouterConfig
 
 from tests.support.paths import TRACES
+
+BENCH_PROFILES = Path(__file__).parents[2] / "bench" / "profiles"
 
 
 def test_shipped_reference_profiles_are_the_rooflines_and_name_their_sources():
@@ -116,21 +119,60 @@ def test_plan_finds_the_cheapest_configuration_and_writes_a_spec():
     profiles = {tp: profile_for_tp(path, tp) for tp in (1, 2)}
     requests = load_trace(str(TRACES / "azure_2023_code_head.csv"), "azure", TraceScaling(max_requests=40))
     lines = []
-    candidates = plan(profiles, requests, slo_ttft_ms=2000, slo_itl_ms=100, max_gpus=3, cost={"prefill": 2.0}, progress=lines.append)
-    best = candidates[0]
-    assert not best.estimated and best.goodput_rate > 0 and best.gpus <= 3
-    simulated = [c for c in candidates if not c.estimated]
+    result = plan(profiles, requests, slo_ttft_ms=2000, slo_itl_ms=100, budget=3, cost={"prefill": 2.0}, progress=lines.append)
+    best = result.candidates[0]
+    assert not best.estimated and best.goodput_rate > 0 and best.units <= 3
+    simulated = [c for c in result.candidates if not c.estimated]
     assert simulated == sorted(simulated, key=lambda c: c.requests_per_dollar, reverse=True)
     assert {c.colocated for c in simulated} == {True, False}  # both kinds were simulated whole
-    split = next(c for c in candidates if not c.colocated)
-    assert split.prefill_replica_cost == 2.0 * split.prefill_tp  # --cost prefill=2 per GPU-hour
-    assert split.decode_replica_cost == profiles[split.decode_tp].cost_per_hour  # the profile's own price
+    assert result.chosen in simulated and result.chosen.describe() in result.reason
+    split = next(c for c in result.candidates if not c.colocated)
+    assert split.prefill_replica_cost == 2.0 * split.prefill_size  # --cost prefill=2 per GPU-hour
+    assert split.decode_replica_cost == profiles[split.decode_size].cost_per_hour  # the profile's own price
     assert any("TP2" in line for line in lines)
     spec = plan_spec(split, profiles)
     assert isinstance(spec, ClusterSpec)
     assert (spec.prefill.replicas, spec.decode.replicas) == (split.prefill_replicas, split.decode_replicas)
-    assert spec.prefill.tensor_parallel_size == split.prefill_tp and spec.prefill.num_gpus == split.prefill_tp
+    assert spec.prefill.tensor_parallel_size == split.prefill_size and spec.prefill.num_gpus == split.prefill_size
     assert spec.prefill.cost_per_hour == split.prefill_replica_cost and spec.engine.model == profiles[1].model
+
+
+def test_plan_on_cpu_cores_splits_only_where_co_located_loses_by_the_margin_and_says_why():
+    one_core = load_profile(BENCH_PROFILES / "cpu1-bench-llama.json")
+    assert (one_core.cpu_cores, one_core.replica_units, one_core.replica_size) == (1, 1, 1)
+    prompts = COMPARE_WORKLOADS["prefill-heavy"].shapes(30, 1.0)
+    # Long prompts, a tight TPOT SLO: in co-located engines decoding waits behind them.
+    split = plan({1: one_core}, prompts, slo_ttft_ms=20_000, slo_itl_ms=60, budget=2, cost={}, progress=lambda _: None)
+    colocated = max((c for c in split.candidates if c.colocated), key=lambda c: c.goodput_rate)
+    assert split.chosen.describe() == "1P x 1 core + 1D x 1 core" and split.chosen.units == 2
+    assert split.chosen.goodput_rate > SPLIT_MARGIN * colocated.goodput_rate
+    assert "TPOT" in split.reason and "decoding waits behind prompts" in split.reason and colocated.describe() in split.reason
+    # Served: a prefill and a decode pool of one-core workers.
+    spec = plan_spec(split.chosen, {1: one_core})
+    assert (spec.prefill.replicas, spec.decode.replicas, spec.prefill.num_cpus, spec.decode.num_cpus) == (1, 1, 1.0, 1.0)
+    # A loose TPOT SLO: prompts stalling decoding cost nothing, and co-located keeps every core for both.
+    relaxed = plan({1: one_core}, prompts, slo_ttft_ms=20_000, slo_itl_ms=10_000, budget=2, cost={}, progress=lambda _: None)
+    best_split = next(c for c in relaxed.candidates if not c.colocated)
+    assert relaxed.chosen.colocated and relaxed.chosen.goodput_rate * SPLIT_MARGIN >= best_split.goodput_rate
+    assert relaxed.chosen.describe() in relaxed.reason and best_split.describe() in relaxed.reason
+    # Co-located replicas are a decode pool alone: the router computes every prompt there.
+    spec = plan_spec(relaxed.chosen, {1: one_core})
+    assert spec.prefill.replicas == 0 and spec.decode.replicas == relaxed.chosen.decode_replicas
+
+
+def test_plan_takes_a_core_budget_and_profiles_by_size(capsys, tmp_path):
+    from pdcluster.cli import main
+
+    spec = tmp_path / "plan.yaml"
+    profiles = [str(BENCH_PROFILES / f"cpu{n}-bench-llama.json") for n in (1, 2)]
+    argv = ["plan", "--profile", *profiles, "--workload", "prefill-heavy", "--requests", "30", "--cores", "2"]
+    assert main([*argv, "--slo-ttft-ms", "20000", "--slo-itl-ms", "10000", "--write-spec", str(spec), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "with 1-core, 2-core replicas, up to 2 cores" in out and "co-located 1 x 2 cores" in out and "why: " in out
+    chosen = json.loads(out.splitlines()[-1])
+    assert chosen["reason"] in spec.read_text() and chosen["chosen"]["units"] <= 2
+    assert main(["plan", "--profile", profiles[0], profiles[0], "--workload", "balanced"]) == 2  # two profiles of one size
+    assert "two profiles for replicas of size 1" in capsys.readouterr().err
 
 
 def test_plan_says_when_nothing_meets_the_slos_and_writes_no_spec(tmp_path, capsys):
