@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import uvicorn
+import uvloop
 
 from pdcluster.common.files import write_atomically
 from pdcluster.common.tls import add_port
@@ -96,5 +97,5 @@ def run_router(config: RouterConfig) -> int:
     except PortTaken as e:
         logger.error("%s", e)
         return 1
-    asyncio.run(serve_router(config, listeners=listeners))
+    uvloop.run(serve_router(config, listeners=listeners))
     return 0

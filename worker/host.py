@@ -20,6 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -385,4 +386,4 @@ def run_worker(config: WorkerConfig, handler_classes: dict[Role, type]) -> None:
         await host.start()
         await host.serve_until_signalled()
 
-    asyncio.run(main())
+    uvloop.run(main())

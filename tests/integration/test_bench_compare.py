@@ -25,8 +25,9 @@ def test_spawn_confines_the_process_to_the_given_cores(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
+def test_bench_compare_runs_every_system_on_the_same_load(model_dir, tmp_path):
     json_path, png_path = tmp_path / "compare.json", tmp_path / "compare.png"
+    profiles = [str(ROOT / "bench" / "profiles" / f"cpu{n}-bench-llama.json") for n in (1, 2)]
     cmd = [
         sys.executable,
         "-m",
@@ -42,11 +43,13 @@ def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
         "4",
         "--workloads",
         "prefill-heavy",
-        "balanced",
         # The router places prompts by predictions from a profile of another model: its
         # observed TTFTs correct them as requests are served.
         "--profile",
-        str(ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"),
+        profiles[0],
+        # The plan for these cores chooses from the bench model's profiles; its shape serves the tiny model.
+        "--plan-with",
+        *profiles,
         "--json-out",
         str(json_path),
         "--plot",
@@ -58,39 +61,47 @@ def test_bench_compare_runs_both_systems_on_the_same_load(model_dir, tmp_path):
     report = json.loads(json_path.read_text())
     assert report["cores"] == sorted(os.sched_getaffinity(0))
     rows = [(c["workload"], c["rate"]) for c in report["comparisons"]]
-    assert rows == [("prefill-heavy", 2.0), ("prefill-heavy", 4.0), ("balanced", 2.0), ("balanced", 4.0)]
-    assert report["router_flags"][:2] == ["--profile", str(ROOT / "bench" / "profiles" / "cpu1-bench-llama.json")]
+    assert rows == [("prefill-heavy", 2.0), ("prefill-heavy", 4.0)]
+    assert report["router_flags"][:2] == ["--profile", profiles[0]]
     slo = report["slo"]  # the router places by the SLOs the report counts by
     assert report["router_flags"][2:] == ["--slo-ttft-ms", str(slo["ttft_ms"]), "--slo-itl-ms", str(slo["itl_ms"])]
+    systems = ("colocated", "pdcluster", "planned")
+    plan = report["plans"]["prefill-heavy"]
+    assert plan["shape"] in run.stdout and plan["reason"] and plan["router_profile"] in profiles
+    assert plan["chosen"]["units"] <= len(report["cores"])
     for c in report["comparisons"]:
-        for system in ("colocated", "pdcluster"):
+        for system in systems:
             result = c[system]
             assert result["completed"] == result["requests"] == 4, result["errors"]
             assert result["itl_ms"]["p99"] > 0 and result["ttft_ms"]["p99"] > 0
-        assert c["ratios"]["itl_ms"] == pytest.approx(c["pdcluster"]["itl_ms"]["p99"] / c["colocated"]["itl_ms"]["p99"], rel=1e-2)
-        for system in ("colocated", "pdcluster"):
-            result = c[system]
             within = round(result["slo_attainment"] * 4)
             assert within + sum(result["slo_misses"].values()) == 4  # every request: within, or which SLO it missed
-            assert report["slo_attainment"][c["workload"]][system][str(c["rate"])] == result["slo_attainment"]
-    for workload in ("prefill-heavy", "balanced"):
-        for system in ("colocated", "pdcluster"):
-            attainment = report["slo_attainment"][workload][system]
-            # DistServe's goodput: the highest rate before attainment first drops under 90%.
-            expected = 0.0 if attainment["2.0"] < 0.9 else 2.0 if attainment["4.0"] < 0.9 else 4.0
-            assert report["goodput_rate"][workload][system] == expected
+            assert report["slo_attainment"]["prefill-heavy"][system][str(c["rate"])] == result["slo_attainment"]
+        for system in systems[1:]:
+            ratio = c["ratios"][system]["itl_ms"]
+            assert ratio == pytest.approx(c[system]["itl_ms"]["p99"] / c["colocated"]["itl_ms"]["p99"], rel=1e-2)
+    for system in systems:
+        attainment = report["slo_attainment"]["prefill-heavy"][system]
+        # DistServe's goodput: the highest rate before attainment first drops under 90%.
+        expected = 0.0 if attainment["2.0"] < 0.9 else 2.0 if attainment["4.0"] < 0.9 else 4.0
+        assert report["goodput_rate"]["prefill-heavy"][system] == expected
+    goodput = report["goodput_rate"]["prefill-heavy"]
+    for system in systems[1:]:
+        goals = report["goals"]["prefill-heavy"][system]
         # Each goal's figure comes from the sweep, and its verdict from the figure.
-        goodput, ratio = report["goodput_rate"][workload], report["goals"][workload]["goodput_rate_ratio"]
+        ratio = goals["goodput_rate_ratio"]
         if goodput["colocated"]:
-            assert ratio["value"] == pytest.approx(goodput["pdcluster"] / goodput["colocated"], abs=1e-3)
+            assert ratio["value"] == pytest.approx(goodput[system] / goodput["colocated"], abs=1e-3)
             assert ratio["met"] == (ratio["value"] >= ratio["goal"])
         else:
             assert ratio["value"] is None and ratio["met"]  # neither reached 90%: a tie, or pdcluster ahead
-        below = report["goals"][workload]["attainment_never_below_colocated"]
+        below = goals["attainment_never_below_colocated"]
         assert below["met"] == (not below["rates_below"])
-    itl = report["goals"]["prefill-heavy"]["p99_itl_ratio"]
-    assert itl["values"] == [c["ratios"]["itl_ms"] for c in report["comparisons"] if c["workload"] == "prefill-heavy"]
+    # Disaggregation's own goals are the fixed 1P+1D's; as planned, pdcluster has to match co-located.
+    assert set(report["goals"]["prefill-heavy"]["planned"]) == {"goodput_rate_ratio", "attainment_never_below_colocated"}
+    itl = report["goals"]["prefill-heavy"]["pdcluster"]["p99_itl_ratio"]
+    assert itl["values"] == [c["ratios"]["pdcluster"]["itl_ms"] for c in report["comparisons"]]
     assert itl["met"] == all(v <= itl["goal"] for v in itl["values"])
-    assert "goodput (highest rate with >= 90%" in run.stdout
-    assert "ratio = pdcluster / co-located" in run.stdout and "prefill-heavy" in run.stdout
+    assert "goodput (highest rate with >= 90%" in run.stdout and "planned shape: " in run.stdout
+    assert "ratios to co-located" in run.stdout and "co/pd/plan" in run.stdout
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
