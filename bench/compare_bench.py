@@ -286,8 +286,13 @@ def main(
 
     fixed_flags = router_with(profile or default_profile(model, len(cpus) // 2))
     half = len(cpus) // 2
+
+    def colocated(log_dir: str) -> tuple[list[LocalProcess], str]:
+        proc, url = start_colocated(engine, set(cpus), log_dir)
+        return [proc], url
+
     starts: dict[str, Start] = {
-        "colocated": lambda log_dir: (lambda proc, url: ([proc], url))(*start_colocated(engine, set(cpus), log_dir)),
+        "colocated": colocated,
         "pdcluster": lambda log_dir: start_pdcluster(
             engine, [(Role.PREFILL, set(cpus[:half])), (Role.DECODE, set(cpus[half:]))], log_dir, fixed_flags
         ),
