@@ -55,7 +55,8 @@ def test_profile_simulate_plan_serve(tmp_path):
     config = AutoConfig.from_pretrained(ensure_tiny_model())
     head = config.hidden_size // config.num_attention_heads
     assert profile.kv_bytes_per_token == config.num_hidden_layers * config.num_key_value_heads * head * 2 * 4  # float32
-    assert not profile.estimate and profile.hardware == "CPU, 1 cores" and profile.gpus_per_replica == 0 and profile.cost_per_hour == 0.5
+    assert not profile.estimate and profile.hardware == "CPU, 1 cores" and (profile.gpus_per_replica, profile.cpu_cores) == (0, 1)
+    assert profile.cost_per_hour == 0.5
     prefill = sorted((s["tokens"], s["seconds"]) for s in profile.measurements["prefill"] if not s["cached"])
     assert len(prefill) >= 3 and prefill[-1][1] > prefill[0][1]  # longer prompts take longer
     hits = [s for s in profile.measurements["prefill"] if s["cached"]]
@@ -87,7 +88,7 @@ def test_profile_simulate_plan_serve(tmp_path):
             "azure",
             "--length-scale",
             "0.1",
-            "--max-gpus",
+            "--cores",
             "2",
             "--slo-ttft-ms",
             "2000",
@@ -98,8 +99,9 @@ def test_profile_simulate_plan_serve(tmp_path):
             "--json",
         )
     )
-    best = plan["best"]
-    assert best["goodput_rate"] > 0 and not best["estimated"] and best["gpus"] <= 2
+    best = plan["chosen"]  # co-located or a split, each on the 2 cores; served whichever it is
+    assert best["goodput_rate"] > 0 and not best["estimated"] and best["units"] <= 2 and best["unit"] == "core"
+    assert plan["reason"] and plan["reason"] in spec_path.read_text()
     spec = ClusterSpec.model_validate(yaml.safe_load(spec_path.read_text()))
     assert (spec.prefill.replicas, spec.decode.replicas) == (best["prefill_replicas"], best["decode_replicas"])
     assert spec.engine.model == profile.model and spec.decode.cost_per_hour == 0.5
