@@ -204,8 +204,8 @@ def _plans(
     router_flags: list[str],
 ) -> dict[str, tuple[Plan, str]]:
     """Each workload's plan on these cores, and the profile its router predicts with."""
-    profiles = profiles_by_size(paths)
-    path_of = {size: next(p for p in paths if profiles_by_size([p]).get(size)) for size in profiles}
+    profiles = profiles_by_size(paths)  # also refuses two profiles of one size
+    path_of = {size: p for p in paths for size in profiles_by_size([p])}  # the file each size came from
     router = parse_router_args(router_flags)
     shapes = {name: w.shapes(PLAN_REQUESTS, rates[0]) for name, w in workloads.items()}
     if trace:
