@@ -131,7 +131,8 @@ class ChaosCluster:
         deadline = time.monotonic() + REST_TIMEOUT_S
         while time.monotonic() < deadline:
             workers = self.workers()
-            if all(w.running == 0 and w.queued == 0 and w.free_kv_blocks == w.total_kv_blocks > 0 for w in workers):
+            every = len(workers) == sum(self.roles.values())  # an empty view is not "at rest"
+            if every and all(w.running == 0 and w.queued == 0 and w.free_kv_blocks == w.total_kv_blocks > 0 for w in workers):
                 return True
             time.sleep(1.0)
         return False

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 from pdcluster.common.periodic import cancel_all, run_periodically
-from pdcluster.common.registry import RedisRegistry
+from pdcluster.common.registry import HEARTBEAT_TTL_S, RedisRegistry
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.router.routing_policy import PrefixIndex
 from pdcluster.router.worker_pool import WorkerPool
@@ -43,6 +44,28 @@ class MembershipFollower:
         await cancel_all(self._tasks)
 
 
+class RestartGrace:
+    """A Redis that restarts comes back empty, and each live worker re-announces only at its next
+    heartbeat. Until one record lifetime has passed since the restart, a worker missing from the
+    listing is kept, so the restart does not take workers (and their running requests) away."""
+
+    def __init__(self, grace_s: float = HEARTBEAT_TTL_S) -> None:
+        self._grace_s = grace_s
+        self._run_id: str | None = None
+        self._restarted_at = float("-inf")
+        self._members: list[str] = []
+
+    def members(self, run_id: str, listed: list[str], now: float) -> list[str]:
+        if self._run_id is not None and run_id != self._run_id:
+            self._restarted_at = now
+            logger.warning("the registry restarted; keeping %d workers while they re-announce", len(self._members))
+        self._run_id = run_id
+        if now - self._restarted_at < self._grace_s:
+            listed = sorted(set(self._members) | set(listed))
+        self._members = listed
+        return listed
+
+
 def follow_registry(
     pool: WorkerPool, index: PrefixIndex, url: str, cluster_name: str, interval_s: float, follow_token: bool
 ) -> tuple[MembershipFollower, RedisRegistry]:
@@ -50,12 +73,14 @@ def follow_registry(
     `follow_token`, also the cluster token the controller published there."""
     registry = RedisRegistry(url, cluster_name)
     router_id = uuid.uuid4().hex
+    grace = RestartGrace()
 
     async def addresses() -> list[str]:
         token = await registry.token() if follow_token else ""
         if token:  # an empty answer (a Redis that restarted empty) keeps the token known
             pool.metadata = token_metadata(token)
-        return [w.address for w in await registry.workers()]
+        run_id = await registry.server_run_id()
+        return grace.members(run_id, [w.address for w in await registry.workers()], time.monotonic())
 
     async def publish_hint(worker_id: str, hashes: list[int]) -> None:
         with contextlib.suppress(Exception):  # hints are best effort; Redis may be away

@@ -45,6 +45,10 @@ class RedisRegistry:
         await self._redis.set(f"{self._prefix}:token", secrets.token_urlsafe(32), nx=True)
         return await self.token()
 
+    async def server_run_id(self) -> str:
+        """Redis's id for this run of its server: it changes when Redis restarts (empty here)."""
+        return (await self._redis.info("server"))["run_id"]
+
     async def workers(self) -> list[WorkerRecord]:
         keys = [k async for k in self._redis.scan_iter(match=self._worker_key("*"), count=500)]
         if not keys:

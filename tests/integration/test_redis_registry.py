@@ -1,6 +1,6 @@
 """Several routers sharing one real Redis registry: workers announce themselves with a TTL,
-both routers see the same membership and prefix-cache hints, and a killed worker drops
-out of both on its own."""
+both routers see the same membership and prefix-cache hints, a Redis restart (empty) costs
+no worker, and a killed worker drops out of both on its own."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ from tests.support.processes import EAGER, start_router
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    server, url = start_redis()
-    yield url
-    server.terminate()
-    server.wait(10)
+@pytest.fixture
+def redis():
+    """[server, url]: the test restarts the server in place."""
+    held = list(start_redis())
+    yield held
+    held[0].terminate()
+    held[0].wait(10)
 
 
 async def publish_token(url: str, cluster: str, token: str) -> None:
@@ -47,7 +48,8 @@ def wait_for(predicate, timeout_s: float, what: str):
     return result
 
 
-def test_two_routers_share_membership_and_prefix_hints(redis_url, tokenizer):
+def test_two_routers_share_membership_and_prefix_hints(redis, tokenizer):
+    redis_url = redis[1]
     # The workers require the cluster token; the routers are not given it and read it from the
     # registry, where the controller publishes it.
     args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken", *EAGER]
@@ -78,6 +80,16 @@ def test_two_routers_share_membership_and_prefix_hints(redis_url, tokenizer):
         hinted = wait_for(lambda: httpx.get(urls[1] + "/cluster").json()["prefix_index_blocks"], 15, "prefix hint")
         assert hinted == httpx.get(urls[0] + "/cluster").json()["prefix_index_blocks"]
         assert sum(hinted.values()) == len(tokenizer(prompt).input_ids) // 128  # full CPU blocks
+
+        # Redis restarts empty: until the workers re-announce, the routers keep them.
+        redis[0].kill()
+        redis[0].wait(10)
+        redis[0], _ = start_redis(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        until = time.monotonic() + 8  # past the routers' hold (one record lifetime, 5 s)
+        while time.monotonic() < until:
+            for url in urls:
+                assert set(members(url)) == expected, "a Redis restart took workers away"
+            time.sleep(0.2)
 
         # A SIGKILLed worker cannot say goodbye: its record expires and both routers drop it.
         decode = workers[1]
