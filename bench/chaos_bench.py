@@ -408,7 +408,7 @@ async def _hang_up_streams(http: str, grpc_address: str, prompts: list[list[int]
     return hung
 
 
-def _prompts(count: int) -> list[list[int]]:
+def chaos_prompts(count: int) -> list[list[int]]:
     """Long prompts (past the bypass, so prefilled remotely and their KV sent) and short ones."""
     from transformers import AutoTokenizer
 
@@ -427,7 +427,7 @@ def main(
 ) -> int:
     cluster = ChaosCluster(prefill, decode, serve_flags)
     try:
-        battery = Battery(cluster, Load(cluster.grpc, _prompts(24)), load_s)
+        battery = Battery(cluster, Load(cluster.grpc, chaos_prompts(24)), load_s)
         rows = [battery.baseline()]
         print(
             f"{'fault':<16} {'requests':>8} {'lost':>5} {'wrong':>6} {'slowest s':>10} {'extra s':>8} {'heal s':>7} {'KV rest':>8} {'strays':>7}  note"

@@ -59,7 +59,7 @@ class Comparison:
 
     def ratio(self, metric: str, system: str = "pdcluster") -> float | None:
         a, b = (_value(r, metric) for r in (self.colocated, getattr(self, system)))
-        return round(b / a, 3) if a and b is not None else None
+        return float(f"{b / a:.3g}") if a and b is not None else None  # 3 significant digits: ratios run from 0.001 to 1000
 
     @property
     def systems(self) -> list[str]:

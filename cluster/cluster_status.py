@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from pdcluster.cluster.autoscaler import ScalingDecision
+from pdcluster.common.start_marks import StartMarks
 from pdcluster.common.worker_record import Role
 
 
@@ -53,6 +54,8 @@ class ReplicaStatus(BaseModel):
     free_kv_blocks: int
     total_kv_blocks: int
     age_s: float
+    decided_at: float  # when the controller decided to start it (time.time())
+    start: StartMarks | None  # its worker's start marks, once it serves
 
 
 class ClusterStatus(BaseModel):

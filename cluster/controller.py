@@ -43,7 +43,7 @@ class Replica:
     ready: asyncio.Future  # resolves to the WorkerRecord once the worker serves
     state: ReplicaState = ReplicaState.STARTING  # -> ready (<-> switching, to the other role) -> draining
     record: WorkerRecord | None = None
-    created: float = field(default_factory=time.time)
+    created: float = field(default_factory=time.time)  # when it was decided to start it (or adopted)
     failed_checks: int = 0
     stats: worker_pb2.WorkerStats | None = None
 
@@ -61,6 +61,8 @@ class Replica:
             free_kv_blocks=s.free_kv_blocks if s else 0,
             total_kv_blocks=s.total_kv_blocks if s else 0,
             age_s=round(time.time() - self.created, 1),
+            decided_at=self.created,
+            start=r.start if r else None,
         )
 
 
@@ -186,6 +188,23 @@ class ClusterController:
             self.targets[old] += 1
             self.targets[new] -= 1
         return replica.role
+
+    async def scale_pool(self, role: str, replicas: int) -> ScalingDecision:
+        """An operator's target for one pool, within its min and max: the next rounds start or
+        drain replicas to meet it (an enabled autoscaler may move it again later)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        pool = self.spec.pool(Role(role))
+        if not pool.min_replicas <= replicas <= pool.max_replicas:
+            raise ValueError(
+                f"the {role} pool takes {pool.min_replicas} to {pool.max_replicas} replicas (its min_replicas, max_replicas), not {replicas}"
+            )
+        decision = ScalingDecision(time.time(), role, self.targets[Role(role)], replicas, 0.0, "operator: pdcluster scale")
+        if replicas != self.targets[Role(role)]:
+            self.targets[Role(role)] = replicas
+            self._record(decision)
+            self._act(converge(self._views(), self.targets))  # now, not at the next round
+        return decision
 
     async def shutdown(self) -> None:
         await cancel_all(self._tasks)
@@ -318,7 +337,11 @@ class ClusterController:
         pool = self.spec.pool(role)
         handle = self.launcher.launch(self.spec.worker_config(role, replica_id), pool)
         ready = asyncio.ensure_future(self.launcher.wait_ready(handle, READY_TIMEOUT_S))
-        self.replicas.append(Replica(replica_id, role, handle, ready))
+        replica = Replica(replica_id, role, handle, ready)
+        self.replicas.append(replica)
+        # A member as soon as it serves, not at the next round: a scale-up's new replica takes
+        # requests that much sooner.
+        ready.add_done_callback(lambda _: self._spawn(self._check(replica)))
         logger.info("starting %s replica %s (%s)", role, replica_id, pool.bundle())
 
     async def _remove(self, replica: Replica, drain: bool) -> None:

@@ -7,6 +7,8 @@ controller sees a crash of either and replaces the replica.
 
 from __future__ import annotations
 
+import time
+
 from pdcluster.common.processes import LocalProcess, start_process, wait_ready
 from pdcluster.worker.config import WorkerConfig, worker_args, worker_process_kind
 
@@ -15,6 +17,7 @@ class WorkerActor:
     def __init__(self, config_json: str, extra_args: list[str]) -> None:
         import ray
 
+        self._placed = time.time()  # Ray placed it and its process runs: the start's first mark
         config = WorkerConfig.model_validate_json(config_json)
         if not config.host:  # the address of the node it runs on, which only the actor knows
             config = config.model_copy(update={"host": ray.util.get_node_ip_address()})
@@ -26,8 +29,9 @@ class WorkerActor:
         return self._role
 
     def wait_ready(self, timeout_s: float) -> str:
-        """The worker's record (JSON) once it serves."""
-        return wait_ready(self._proc, timeout_s).record.model_dump_json()
+        """The worker's record (JSON) once it serves, its start marks with the placement's."""
+        record = wait_ready(self._proc, timeout_s).worker
+        return record.model_copy(update={"start": record.start.model_copy(update={"placed": self._placed})}).model_dump_json()
 
     def exit_code(self) -> int | None:
         return self._proc.process.poll()

@@ -63,6 +63,8 @@ class PdConnector(KVConnectorBase_V1):
                 config.engine_id,
                 produce=config.is_kv_producer,
                 consume=config.is_kv_consumer,
+                # vLLM sets it on this process's config once the model is compiled
+                compile_seconds=lambda: vllm_config.compilation_config.compilation_time,
             )
 
     # ================================ scheduler side ==================================

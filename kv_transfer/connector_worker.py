@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
@@ -23,13 +24,22 @@ IDLE_STEP_WAIT_S = 0.005
 
 class PdConnectorWorker:
     def __init__(
-        self, settings: KVEndpointSettings, block_size: int, num_blocks: int, engine_id: str, *, produce: bool, consume: bool
+        self,
+        settings: KVEndpointSettings,
+        block_size: int,
+        num_blocks: int,
+        engine_id: str,
+        *,
+        produce: bool,
+        consume: bool,
+        compile_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._settings = settings
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._engine_id = engine_id
         self._produce, self._consume = produce, consume
+        self._compile_seconds = compile_seconds
         self.kv: KVEndpoint | None = None
         self._layer_index: dict[str, int] = {}
 
@@ -37,7 +47,13 @@ class PdConnectorWorker:
         names = list(kv_caches)
         self._layer_index = {n: i for i, n in enumerate(names)}
         self.kv = KVEndpoint(
-            [kv_caches[n] for n in names], self._num_blocks, self._block_size, self._settings, produce=self._produce, consume=self._consume
+            [kv_caches[n] for n in names],
+            self._num_blocks,
+            self._block_size,
+            self._settings,
+            produce=self._produce,
+            consume=self._consume,
+            compile_seconds=self._compile_seconds,
         )
         logger.info("pdcluster KV endpoint %s (layout %s)", self.kv.address, self.kv.layout.signature)
         if self._settings.endpoint_file:

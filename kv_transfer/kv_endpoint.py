@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,8 +38,10 @@ class KVEndpoint:
         *,
         produce: bool,
         consume: bool,
+        compile_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.layers = list(layers)
+        self._compile_seconds = compile_seconds
         self.layout = PagedKVLayout.of(self.layers[0], num_blocks, block_size)
         self.settings = settings
         self.stats = TransferStats()
@@ -91,6 +93,7 @@ class KVEndpoint:
             pending_sends=self.sender.pending if self.sender else 0,
             pending_receives=self.receiver.pending if self.receiver else 0,
             staged_bytes=self.receiver.staged_bytes if self.receiver else 0,
+            engine_compile_seconds=self._compile_seconds(),
         )
 
     def close(self) -> None:

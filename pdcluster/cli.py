@@ -153,19 +153,34 @@ def _write_ready(ready_file: str, router, spec, ray_address: str) -> None:
         write_atomically(ready_file, record.model_dump_json())
 
 
-def _switch(args: argparse.Namespace) -> int:
+def _ask_controller(args: argparse.Namespace, method: str, *call_args):
+    """Call one controller method; a refusal (ValueError there) is printed as the command's error."""
     from pdcluster.cluster.ray_cluster import find_controller
 
     controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
     import ray
 
     try:
-        role = ray.get(controller.switch_replica.remote(args.replica, args.role))
+        return ray.get(getattr(controller, method).remote(*call_args))
     except ray.exceptions.RayTaskError as e:
-        print(f"pdcluster switch: {e.cause if hasattr(e, 'cause') else e}", file=sys.stderr)
+        print(f"pdcluster {args.command}: {e.cause if hasattr(e, 'cause') else e}", file=sys.stderr)
+        return None
+
+
+def _switch(args: argparse.Namespace) -> int:
+    role = _ask_controller(args, "switch_replica", args.replica, args.role)
+    if role is None:
         return 1
     print(f"{args.replica} serves {role}")
     return 0 if role == args.role else 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    decision = _ask_controller(args, "scale_pool", args.role, args.replicas)
+    if decision is None:
+        return 1
+    print(f"{args.role} pool: {decision.from_replicas} -> {decision.to_replicas} replicas")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -393,6 +408,19 @@ def _bench_chaos(args: argparse.Namespace) -> int:
     )
 
 
+def _bench_coldstart(args: argparse.Namespace) -> int:
+    from pdcluster.bench.cold_start_bench import main as bench_main
+    from pdcluster.common.vllm_args import engine_args_from_flags
+    from pdcluster.worker.config import EngineConfig
+
+    engine_args, unknown = engine_args_from_flags(args.vllm_flags)
+    if unknown:
+        print(f"pdcluster bench coldstart: not vLLM engine flags: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    bench_main(EngineConfig(model=args.model, **engine_args), args.roles, args.rounds, json_output=args.json)
+    return 0
+
+
 def _bench_prefix(args: argparse.Namespace) -> int:
     from pdcluster.bench.prefix_bench import main as bench_main
 
@@ -532,6 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--name", default="pdcluster", help="cluster name in the spec")
     switch.set_defaults(func=_switch)
 
+    scale = sub.add_parser("scale", help="set one pool's replica count (within its min and max); replicas start or drain")
+    scale.add_argument("role", choices=ROLES)
+    scale.add_argument("replicas", type=int)
+    scale.add_argument("--address", default="auto", help="Ray address (default: the local one)")
+    scale.add_argument("--name", default="pdcluster", help="cluster name in the spec")
+    scale.set_defaults(func=_scale)
+
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")
     profile.add_argument("--out", default="profile.json", help="where to write the profile")
@@ -606,6 +641,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-seconds", type=float, default=LOAD_S, help="arrivals (2 req/s) in each fault's window; the fault fires 4 s in"
     )
     chaos.set_defaults(func=_bench_chaos, takes_vllm_flags=True)
+    coldstart = bench_sub.add_parser(
+        "coldstart",
+        help="a scale-up from the decision to the new replica's first token, by phase, beside the bare vLLM engine's start",
+    )
+    coldstart.add_argument("--json", action="store_true", help="end with a JSON line")
+    coldstart.add_argument("--roles", nargs="+", choices=ROLES, default=list(ROLES), help="the pools to grow, one after the other")
+    coldstart.add_argument("--rounds", type=int, default=2, help="scale-ups per pool (and bare engine starts); medians are printed")
+    coldstart.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
+    coldstart.set_defaults(func=_bench_coldstart, takes_vllm_flags=True)
     prefix = bench_sub.add_parser("prefix", help="prefix-cache hit rate and TTFT of each --prefill-routing mode on a trace replay")
     _add_trace_flags(prefix)
     prefix.add_argument("--modes", nargs="+", choices=PREFILL_ROUTING_MODES, default=list(PREFILL_ROUTING_MODES))

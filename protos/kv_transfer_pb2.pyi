@@ -132,7 +132,7 @@ class KVStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVStats(_message.Message):
-    __slots__ = ("bytes_sent", "bytes_received", "send_seconds", "receive_seconds", "transfers_sent", "transfers_received", "transfers_failed", "checksum_failures", "send_retries", "recomputes", "expired_leases", "pending_sends", "pending_receives", "staged_bytes", "bytes_sent_by_transport", "bytes_received_by_transport", "transfers_by_transport")
+    __slots__ = ("bytes_sent", "bytes_received", "send_seconds", "receive_seconds", "transfers_sent", "transfers_received", "transfers_failed", "checksum_failures", "send_retries", "recomputes", "expired_leases", "pending_sends", "pending_receives", "staged_bytes", "bytes_sent_by_transport", "bytes_received_by_transport", "transfers_by_transport", "engine_compile_seconds")
     class BytesSentByTransportEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class KVStats(_message.Message):
     BYTES_SENT_BY_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_BY_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_BY_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     bytes_received: int
     send_seconds: float
@@ -188,4 +189,5 @@ class KVStats(_message.Message):
     bytes_sent_by_transport: _containers.ScalarMap[str, int]
     bytes_received_by_transport: _containers.ScalarMap[str, int]
     transfers_by_transport: _containers.ScalarMap[str, int]
-    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., send_seconds: _Optional[float] = ..., receive_seconds: _Optional[float] = ..., transfers_sent: _Optional[int] = ..., transfers_received: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., send_retries: _Optional[int] = ..., recomputes: _Optional[int] = ..., expired_leases: _Optional[int] = ..., pending_sends: _Optional[int] = ..., pending_receives: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., bytes_sent_by_transport: _Optional[_Mapping[str, int]] = ..., bytes_received_by_transport: _Optional[_Mapping[str, int]] = ..., transfers_by_transport: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    engine_compile_seconds: float
+    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., send_seconds: _Optional[float] = ..., receive_seconds: _Optional[float] = ..., transfers_sent: _Optional[int] = ..., transfers_received: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., send_retries: _Optional[int] = ..., recomputes: _Optional[int] = ..., expired_leases: _Optional[int] = ..., pending_sends: _Optional[int] = ..., pending_receives: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., bytes_sent_by_transport: _Optional[_Mapping[str, int]] = ..., bytes_received_by_transport: _Optional[_Mapping[str, int]] = ..., transfers_by_transport: _Optional[_Mapping[str, int]] = ..., engine_compile_seconds: _Optional[float] = ...) -> None: ...

@@ -26,6 +26,11 @@ class WorkerSummary(BaseModel):
     draining: bool
     router_inflight: int  # requests this router has running on it
     lora_adapters: list[str]  # the LoRA adapters its engine holds loaded
+    # Wall-clock marks of its start as this router saw it (0 until then): membership, the
+    # first request sent to it, that request's first token.
+    joined_at: float
+    first_routed_at: float
+    first_token_at: float
 
 
 class ClusterView(BaseModel):

@@ -191,6 +191,9 @@ class RequestFlow:
                 async for chunk in decode.chunks():
                     if reservation.tokens(len(chunk.token_ids), time.monotonic()):
                         self._observe_prediction(route.placement, reservation.stream.first_token_at - route.placed_at)
+                        for worker in (route.decode, route.prefill):
+                            if worker is not None and not worker.first_token_at:
+                                worker.first_token_at = time.time()
                     if prefill_task is not None and not prefill_task.done():
                         # Its reply holds what the first delta reports: prompt logprobs, cached tokens.
                         await asyncio.shield(prefill_task)
@@ -257,6 +260,7 @@ class RequestFlow:
 
     def _note_pick(self, worker: WorkerView, role: Role) -> None:
         worker.load.picked(time.monotonic())
+        worker.first_routed_at = worker.first_routed_at or time.time()
         self.metrics.picks.labels(role, worker.worker_id).inc()
 
     # -- the prefill call ---------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,11 @@ class WorkerView:
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # set when it stops answering
     load: WorkerLoad = field(default_factory=WorkerLoad)
     connection: WorkerConnection | None = None  # None in the simulator and in policy tests
+    # Its start as this router saw it (wall clock; 0 until it happens): it became a member,
+    # was first sent a request, and a request on it first had a token.
+    joined_at: float = field(default_factory=time.time)
+    first_routed_at: float = 0.0
+    first_token_at: float = 0.0
 
     @property
     def stub(self) -> worker_pb2_grpc.WorkerStub:
@@ -84,6 +90,9 @@ class WorkerView:
             draining=s.draining,
             router_inflight=self.load.inflight,
             lora_adapters=list(s.lora_adapters),
+            joined_at=self.joined_at,
+            first_routed_at=self.first_routed_at,
+            first_token_at=self.first_token_at,
         )
 
 
@@ -129,8 +138,8 @@ class WorkerPool:
         for address in wanted - set(self._workers):
             channel = open_channel(address, self._tls, _CHANNEL_OPTIONS)
             self._workers[address] = WorkerView(address, connection=WorkerConnection(channel, worker_pb2_grpc.WorkerStub(channel)))
-            if self._started:
-                self._start_polling(self._workers[address])
+            if self._started:  # a worker that just joined: health-check it now, not an interval from now
+                self._start_polling(self._workers[address], wait_first=False)
 
     def workers(self, role: Role | None = None) -> list[WorkerView]:
         return [w for w in self._workers.values() if role is None or w.role == role]
@@ -168,9 +177,9 @@ class WorkerPool:
             worker.lost = asyncio.Event()
         worker.reachable = True
 
-    def _start_polling(self, worker: WorkerView) -> None:
+    def _start_polling(self, worker: WorkerView, wait_first: bool = True) -> None:
         # One loop per worker, so a frozen worker's slow checks do not delay the others'.
-        self._pollers[worker.address] = run_periodically(lambda: self._poll(worker), self._interval_s, logger, wait_first=True)
+        self._pollers[worker.address] = run_periodically(lambda: self._poll(worker), self._interval_s, logger, wait_first=wait_first)
 
     async def start(self) -> None:
         await self.refresh()

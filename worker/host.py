@@ -20,6 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
+import psutil
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -28,6 +29,7 @@ from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.files import write_atomically
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
+from pdcluster.common.start_marks import StartMarks
 from pdcluster.common.tls import add_port
 from pdcluster.common.tracing import SERVER, context_of, ending, name_service, worker_rpc_span
 from pdcluster.common.worker_auth import WorkerTokenCheck
@@ -115,6 +117,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._tasks: list[asyncio.Task] = []
         self.port = 0
         self.metrics_port = 0
+        self.start_marks = StartMarks(process=psutil.Process().create_time(), main=time.time())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -152,6 +155,8 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_scheduler_stats_logger(self._scheduler_stats)])
         with open(endpoint_file) as f:
             self.kv_endpoint = json.load(f)["endpoint"]
+        self._kv_stats = await fetch_kv_stats(self.kv_endpoint, tls=cfg.tls)  # the engine's compile time, from its process
+        self.start_marks = self.start_marks.model_copy(update={"engine": time.time(), "compile_s": self._kv_stats.engine_compile_seconds})
         self._handlers = {role: cls(self) for role, cls in self._handler_classes.items()}
 
         # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
@@ -192,6 +197,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             kv_endpoint=self.kv_endpoint,
             metrics_port=self.metrics_port,
             pid=os.getpid(),
+            start=self.start_marks,
         )
 
     async def _set_serving(self, serving: bool) -> None:

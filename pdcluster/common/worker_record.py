@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+from pdcluster.common.start_marks import StartMarks
+
 
 class Role(StrEnum):
     PREFILL = "prefill"
@@ -29,6 +31,7 @@ class WorkerRecord(BaseModel):
     kv_endpoint: str  # host:port of its engine's KVTransfer service
     metrics_port: int
     pid: int
+    start: StartMarks = StartMarks()  # when each step of its start happened
 
     @property
     def node(self) -> str:

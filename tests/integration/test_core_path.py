@@ -95,6 +95,15 @@ def test_disaggregated_equals_single_engine_one_at_a_time(pd_pair, prompts, expe
     assert kv_stats(decode).recomputes == recomputes_before
 
 
+def test_each_worker_records_when_its_start_steps_happened(pd_pair, request):
+    compiled = request.node.callspec.params["pd_pair"] == COMPILED_PATH
+    for worker in pd_pair:
+        marks = worker.worker.start  # from its ready file
+        assert 0 < marks.process < marks.main < marks.engine and marks.placed == 0  # no Ray actor here
+        # The compile seconds vLLM counted in the engine's own process, read through its KV endpoint.
+        assert marks.compile_s == kv_stats(worker).engine_compile_seconds and (marks.compile_s > 0) == compiled
+
+
 def test_disaggregated_equals_single_engine_concurrently(pd_pair, prompts, expected):
     prefill, decode = pd_pair
 

@@ -308,3 +308,24 @@ async def test_shutdown_during_a_drain_still_stops_every_replica():
     launcher.drains_wait_for.set()
     await shutdown
     assert [r.stopped for r in launcher.replicas] == [True, True, True]  # each drained, none left running
+
+
+@pytest.mark.asyncio
+async def test_an_operator_scales_a_pool_within_its_bounds_and_the_decision_is_recorded():
+    spec = {"name": "c9", "prefill": {"replicas": 1}, "decode": {"replicas": 1, "max_replicas": 3}}
+    controller, launcher, _ = make_controller(spec)
+    await rounds(controller, 2)
+    decision = await controller.scale_pool("decode", 3)
+    assert (decision.from_replicas, decision.to_replicas) == (1, 3) and "operator" in decision.reason
+    assert len(launcher.live(Role.DECODE)) == 3  # started at once, not at the next round
+    await rounds(controller, 2)
+    status = await controller.status()
+    assert status.pools[Role.DECODE].ready == 3 and status.decisions[-1] == decision
+    started = [r for r in status.replicas if r.role == Role.DECODE]
+    assert sum(r.decided_at >= decision.at for r in started) == 2  # the replicas it added were decided then
+    for wrong in (("decode", 4), ("prefill", 2), ("prefill", 0), ("both", 1)):
+        with pytest.raises(ValueError):
+            await controller.scale_pool(*wrong)
+    await controller.scale_pool("decode", 1)
+    await rounds(controller, 2)
+    assert len(launcher.live(Role.DECODE)) == 1 and (await controller.status()).pools[Role.DECODE].target == 1
