@@ -4,7 +4,7 @@ first served token, phase by phase, beside the bare vLLM engine's own start.
 The ceiling, measured first on the idle machine: a fresh process that imports vLLM, starts
 AsyncLLM on the same engine arguments (no connector) and generates one token
 (`bare_engine_start`). Then a local `pdcluster serve` (1 prefill, 1 decode, each pool able to
-grow to 2) takes sequential requests of fresh random prompts, each long enough to be
+grow to 2) takes sequential requests of fresh random prompts, a quarter second apart, each long enough to be
 prefilled remotely, while `pdcluster scale` moves one pool from 1 replica to 2; the new
 replica's marks (the controller's decision, its actor's placement, its worker's process and
 engine, the router's membership, first route and first token) give its phases
@@ -37,6 +37,7 @@ from pdcluster.worker.engine_args import engine_environment, engine_kwargs
 
 NAME = "coldstart"
 PROMPT_TOKENS = 64  # above the spec's bypass threshold: each prompt goes to a prefill worker
+PACE_S = 0.25  # between requests: the new replica's start has the machine as the bare engine's has
 WAIT_S = 600.0  # for one replica to start and serve, on a busy small machine
 
 
@@ -54,7 +55,8 @@ def bare_engine_start(engine: EngineConfig) -> dict[str, float]:
 
 
 class Requests:
-    """One request at a time, each a fresh random prompt (no prefix cache, no prefix affinity)."""
+    """One request at a time, PACE_S apart, each a fresh random prompt (no prefix cache, no
+    prefix affinity)."""
 
     def __init__(self, url: str) -> None:
         self._url, self._stop = url, threading.Event()
@@ -69,6 +71,7 @@ class Requests:
                 reply = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
                 if reply.status_code != 200:
                     self.errors.append(reply.text[:300])
+                self._stop.wait(PACE_S)
 
     def __enter__(self):
         self._thread.start()

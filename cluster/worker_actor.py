@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from pdcluster.common.processes import LocalProcess, start_process, wait_ready
-from pdcluster.worker.config import WorkerConfig, worker_args, worker_process_kind
+from pdcluster.worker.config import ENGINE_ARGS_CHECKED, WorkerConfig, worker_args, worker_process_kind
 
 
 class WorkerActor:
@@ -18,7 +18,8 @@ class WorkerActor:
         import ray
 
         self._placed = time.time()  # Ray placed it and its process runs: the start's first mark
-        config = WorkerConfig.model_validate_json(config_json)
+        # The controller checked the engine arguments; the worker checks them again as it starts.
+        config = WorkerConfig.model_validate_json(config_json, context={ENGINE_ARGS_CHECKED: True})
         if not config.host:  # the address of the node it runs on, which only the actor knows
             config = config.model_copy(update={"host": ray.util.get_node_ip_address()})
         self._role = config.role

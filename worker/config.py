@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
 from pdcluster.common.processes import ROLE_SWITCHING
@@ -22,6 +22,11 @@ from pdcluster.kv_transfer.settings import KVTransferSettings
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a spec or config is an error, not a default
+
+
+# Validation context: the engine arguments were checked where the config was made (checking
+# imports vLLM, seconds that a replica's start would otherwise wait for).
+ENGINE_ARGS_CHECKED = "engine_args_checked"
 
 
 class EngineConfig(BaseModel):
@@ -36,8 +41,9 @@ class EngineConfig(BaseModel):
     kv_cache_gib: float = Field(1.0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
 
     @model_validator(mode="after")
-    def _vllm_checks(self):
-        check_engine_args(self.vllm_args)
+    def _vllm_checks(self, info: ValidationInfo):
+        if not (info.context or {}).get(ENGINE_ARGS_CHECKED):
+            check_engine_args(self.vllm_args)
         return self
 
     @property
