@@ -92,11 +92,19 @@ class ChaosCluster:
             self.redis_url,
             *serve_flags,
         ]
-        self.proc, self.lines, served = launch_serve(args)
+        try:
+            self.proc, self.lines, served = launch_serve(args)
+        except Exception:
+            self.redis.kill()
+            raise
         self.http, self.grpc = served.router.http, served.router.grpc
-        # One Ray connection for the whole run. The handle outlives the controller's restarts:
-        # Ray sends calls to its next life.
-        self.controller = find_controller("pdcluster", served.ray_address)
+        try:
+            # One Ray connection for the whole run. The handle outlives the controller's restarts:
+            # Ray sends calls to its next life.
+            self.controller = find_controller("pdcluster", served.ray_address)
+        except Exception:  # nothing it started outlives it
+            self.close()
+            raise
 
     def workers(self) -> list[WorkerSummary]:
         return ClusterView.model_validate(httpx.get(self.http + "/cluster", timeout=30).json()).workers

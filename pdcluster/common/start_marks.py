@@ -18,7 +18,9 @@ class StartMarks(BaseModel):
     process: float = 0.0  # the worker process began
     main: float = 0.0  # its imports are done; it starts its engine
     engine: float = 0.0  # its engine serves: model loaded, compiled, KV cache allocated
-    compile_s: float = 0.0  # torch.compile's part of the engine start (0 with --enforce-eager)
+    # torch.compile's part of the engine start, as vLLM counts it: in its VLLM_COMPILE mode only
+    # (GPUs). 0 with --enforce-eager, and on a CPU, where the compile stays in the engine load.
+    compile_s: float = 0.0
 
 
 PHASES = ("placement", "process start", "engine load", "compile", "registration", "first route", "first token")

@@ -101,7 +101,10 @@ def test_each_worker_records_when_its_start_steps_happened(pd_pair, request):
         marks = worker.worker.start  # from its ready file
         assert 0 < marks.process < marks.main < marks.engine and marks.placed == 0  # no Ray actor here
         # The compile seconds vLLM counted in the engine's own process, read through its KV endpoint.
-        assert marks.compile_s == kv_stats(worker).engine_compile_seconds and (marks.compile_s > 0) == compiled
+        # vLLM counts them in its VLLM_COMPILE mode (GPUs); on a CPU it compiles in another mode
+        # (DYNAMO_TRACE_ONCE) and counts nothing, so here a compiled engine's compile stays in its load.
+        assert marks.compile_s == kv_stats(worker).engine_compile_seconds
+        assert marks.compile_s == 0 or compiled
 
 
 def test_disaggregated_equals_single_engine_concurrently(pd_pair, prompts, expected):
