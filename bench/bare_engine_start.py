@@ -1,7 +1,7 @@
 """The bare vLLM engine's own cold start, the ceiling `bench coldstart` compares with: a fresh
 process imports vLLM, starts AsyncLLM on the given engine arguments (pdcluster's engine
 arguments without its connector) and generates one token. Prints, as JSON, the seconds from
-the process's start to its imports' end, to the engine serving, and to the first token.
+the process's start to its imports' end and to the first token.
 
 Run as `python -m pdcluster.bench.bare_engine_start '<engine kwargs as JSON>'`, with the
 environment the workers' engines get."""

@@ -4,9 +4,9 @@ first served token, phase by phase, beside the bare vLLM engine's own start.
 The ceiling, measured first on the idle machine: a fresh process that imports vLLM, starts
 AsyncLLM on the same engine arguments (no connector) and generates one token
 (`bare_engine_start`). Then a local `pdcluster serve` (1 prefill, 1 decode, each pool able to
-grow to 2) takes sequential requests of fresh random prompts, a quarter second apart, each long enough to be
-prefilled remotely, while `pdcluster scale` moves one pool from 1 replica to 2; the new
-replica's marks (the controller's decision, its actor's placement, its worker's process and
+grow to 2) takes sequential requests of fresh random prompts, a quarter second apart, each long
+enough to be prefilled remotely, while `pdcluster scale` moves one pool from 1 replica to 2; the
+new replica's marks (the controller's decision, its actor's placement, its worker's process and
 engine, the router's membership, first route and first token) give its phases
 (`start_phases`). The pool goes back to 1 and the next round starts; the medians are printed
 beside the bare start and their ratio."""
@@ -115,11 +115,10 @@ class ColdStartCluster:
         before = {w.address for w in self.view().workers}
         with Requests(self.url) as requests:
             self.pdcluster("scale", role, "2")
-            deadline = time.monotonic() + WAIT_S
-            while not (new := [w for w in self.view().workers if w.address not in before and w.first_token_at]):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no first token from a new {role} replica in {WAIT_S:.0f}s: {requests.errors[:3]}")
-                time.sleep(0.5)
+            new = self._wait_for(
+                lambda: [w for w in self.view().workers if w.address not in before and w.first_token_at],
+                f"a first token from a new {role} replica (request errors: {requests.errors[:3]})",
+            )
         if requests.errors:
             raise RuntimeError(f"requests failed while the {role} pool grew: {requests.errors[:3]}")
         worker = new[0]
@@ -130,12 +129,14 @@ class ColdStartCluster:
         self._wait_for(lambda: sum(w.role == role for w in self.view().workers) == 1, f"the {role} pool back to 1")
         return phases
 
-    def _wait_for(self, predicate, what: str) -> None:
+    def _wait_for(self, predicate, what: str):
+        """The predicate's first true value, polled every half second for up to WAIT_S."""
         deadline = time.monotonic() + WAIT_S
-        while not predicate():
+        while not (value := predicate()):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}")
+                raise RuntimeError(f"timed out after {WAIT_S:.0f}s waiting for {what}")
             time.sleep(0.5)
+        return value
 
     def close(self) -> None:
         stop_serve(self.proc)

@@ -2,7 +2,7 @@
 decision to start it to the first token it served (the cold start an autoscaler pays).
 
 The marks are wall-clock times (`time.time()`), taken where each step happens: the
-controller (the decision), the Ray actor (placement), the worker (process, engine, serving),
+controller (the decision), the Ray actor (placement), the worker (process, main, engine),
 the router (membership, first route, first token); so they compare across processes on one
 host and, with synced clocks, across hosts."""
 
@@ -30,8 +30,8 @@ def start_phases(decided: float, marks: StartMarks, joined: float, routed: float
     """Seconds per phase, and `total` from the decision to the first token: placement (the
     actor placed and running), process start (spawn and imports), engine load (model and KV
     cache), compile, registration (its Worker service up, the controller and then the router
-    taking it as a member), first route (until
-    the router sends it a request) and first token (until that request's first token)."""
+    taking it as a member), first route (until the router sends it a request) and first token
+    (until that request's first token)."""
     placed = marks.placed or marks.process
     engine_s = marks.engine - marks.main
     seconds = {
