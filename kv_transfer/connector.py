@@ -51,10 +51,13 @@ class PdConnector(KVConnectorBase_V1):
         config = self._kv_transfer_config
         settings = KVEndpointSettings.from_extra_config(config.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size
+        # Both sides count the tier's slots alike: one engine block, every layer, per slot.
+        block_bytes = sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in kv_cache_config.kv_cache_groups)
+        tier_slots = settings.tier_bytes // block_bytes if block_bytes else 0
         self._scheduler: PdConnectorScheduler | None = None
         self._worker: PdConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = PdConnectorScheduler(block_size, config.engine_id)
+            self._scheduler = PdConnectorScheduler(block_size, config.engine_id, tier_slots)
         else:
             self._worker = PdConnectorWorker(
                 settings,
@@ -63,6 +66,7 @@ class PdConnector(KVConnectorBase_V1):
                 config.engine_id,
                 produce=config.is_kv_producer,
                 consume=config.is_kv_consumer,
+                tier_slots=tier_slots,
                 # vLLM sets it on this process's config once the model is compiled
                 compile_seconds=lambda: vllm_config.compilation_config.compilation_time,
             )
@@ -107,6 +111,9 @@ class PdConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self._worker.transfer_results(self._meta() if self.has_connector_metadata() else None, finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         results = self.get_transfer_results(finished_req_ids)

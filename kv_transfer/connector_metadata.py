@@ -45,8 +45,18 @@ class LoadSpec:
     trace: Mapping[str, str] = field(default_factory=dict)  # the request's W3C trace headers
 
 
+@dataclass(frozen=True)
+class TierCopy:
+    """Engine blocks and host tier slots, pairwise: copied one way or the other."""
+
+    block_ids: list[int]
+    slots: list[int]
+
+
 @dataclass
 class PdConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
+    tier_loads: list[TierCopy] = field(default_factory=list)  # before this step's forward pass
+    tier_stores: list[TierCopy] = field(default_factory=list)  # after it
     idle: bool = False  # nothing computes this step: wait for transfers, don't spin

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata, SaveSpec
 from pdcluster.kv_transfer.paged_kv_layout import blocks_for_tokens
+from pdcluster.kv_transfer.scheduled_blocks import running_on
+from pdcluster.kv_transfer.tier_scheduler import TierScheduler
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -33,8 +35,9 @@ class _Producing:
 
 
 class PdConnectorScheduler:
-    def __init__(self, block_size: int, engine_id: str) -> None:
+    def __init__(self, block_size: int, engine_id: str, tier_slots: int = 0) -> None:
         self._block_size = block_size
+        self._tier = TierScheduler(tier_slots, block_size) if tier_slots > 0 else None
         self._engine_id = engine_id
         self._producing: dict[str, _Producing] = {}
         self._awaiting_send: set[str] = set()  # finished requests whose blocks a transfer still reads
@@ -44,11 +47,13 @@ class PdConnectorScheduler:
         # their first step's metadata (whose request data does not carry them).
         self._traces: dict[str, Mapping[str, str]] = {}
 
-    # -- consumer: reserve blocks for KV that will arrive -------------------------------
+    # -- consumer: reserve blocks for KV that will arrive; others: load from the tier ----
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
-        if not params.get(CONSUME) or request.request_id in self._load_claimed:
+        if not params.get(CONSUME):
+            return (self._tier.matched_tokens(request, num_computed_tokens) if self._tier else 0), False
+        if request.request_id in self._load_claimed:
             return 0, False
         remaining = request.num_prompt_tokens - num_computed_tokens
         return (remaining, True) if remaining > 0 else (0, False)
@@ -57,6 +62,8 @@ class PdConnectorScheduler:
         params = request.kv_transfer_params or {}
         if params.get(PRODUCE_TO) and request.trace_headers:
             self._traces[request.request_id] = dict(request.trace_headers)
+        if self._tier is not None:
+            self._tier.after_alloc(request, blocks, 0 if params.get(CONSUME) else num_external_tokens)
         if not params.get(CONSUME) or num_external_tokens <= 0 or request.request_id in self._load_claimed:
             return
         self._load_claimed.add(request.request_id)
@@ -78,6 +85,8 @@ class PdConnectorScheduler:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> PdConnectorMetadata:
         meta = PdConnectorMetadata(loads=self._pending_loads, idle=scheduler_output.total_num_scheduled_tokens == 0)
         self._pending_loads = []
+        if self._tier is not None:
+            self._tier.plan(meta, scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             params = (new.sampling_params.extra_args or {}).get("kv_transfer_params") if new.sampling_params else None
             if params and params.get(PRODUCE_TO):
@@ -89,18 +98,8 @@ class PdConnectorScheduler:
                     trace=self._traces.pop(new.req_id, {}),
                 )
                 self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            state = self._producing.get(req_id)
-            if state is None:
-                continue
-            new_blocks = cached.new_block_ids[i]
-            if new_blocks is not None:
-                if req_id in cached.resumed_req_ids:
-                    state.block_ids = list(new_blocks[0])
-                else:
-                    state.block_ids.extend(new_blocks[0])
-            self._plan_save(meta, req_id, cached.num_computed_tokens[i], scheduler_output)
+        for req_id, _, computed in running_on(self._producing, scheduler_output.scheduled_cached_reqs):
+            self._plan_save(meta, req_id, computed, scheduler_output)
         return meta
 
     def _plan_save(self, meta: PdConnectorMetadata, req_id: str, num_computed: int, out: SchedulerOutput) -> None:
@@ -134,6 +133,8 @@ class PdConnectorScheduler:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._load_claimed.discard(request.request_id)
         self._traces.pop(request.request_id, None)
+        if self._tier is not None:
+            self._tier.finished(request.request_id)
         state = self._producing.pop(request.request_id, None)
         if state is None or not state.started:
             return False, None
@@ -148,6 +149,8 @@ class PdConnectorScheduler:
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._awaiting_send -= set(connector_output.finished_sending or ())
+        if self._tier is not None and connector_output.invalid_block_ids:
+            self._tier.load_failed(connector_output.invalid_block_ids)
 
     def has_pending_push_work(self) -> bool:
         return bool(self._awaiting_send)

@@ -14,6 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 
 from pdcluster.common.files import write_atomically
 from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
+from pdcluster.kv_transfer.host_kv_tier import HostKVTier
 from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 
@@ -32,6 +33,7 @@ class PdConnectorWorker:
         *,
         produce: bool,
         consume: bool,
+        tier_slots: int = 0,
         compile_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._settings = settings
@@ -42,6 +44,10 @@ class PdConnectorWorker:
         self._compile_seconds = compile_seconds
         self.kv: KVEndpoint | None = None
         self._layer_index: dict[str, int] = {}
+        self._tier_slots = tier_slots
+        self.tier: HostKVTier | None = None
+        self._load_errors: set[int] = set()
+        self._unsendable: set[str] = set()  # this step's requests whose tier load failed
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = list(kv_caches)
@@ -56,24 +62,49 @@ class PdConnectorWorker:
             compile_seconds=self._compile_seconds,
         )
         logger.info("pdcluster KV endpoint %s (layout %s)", self.kv.address, self.kv.layout.signature)
+        if self._tier_slots:
+            self.tier = HostKVTier(self.kv.layers, self.kv.layout, self._tier_slots, self._settings.tier_dir, self._engine_id)
+            logger.info("pdcluster host KV tier: %d blocks in %s", self._tier_slots, self.tier.path)
         if self._settings.endpoint_file:
             record = {"endpoint": self.kv.address, "engine_id": self._engine_id, "pid": os.getpid()}
+            if self.tier is not None:
+                record["tier_file"] = self.tier.path
             write_atomically(self._settings.endpoint_file, json.dumps(record))
 
     def start_load_kv(self, meta: PdConnectorMetadata) -> None:
+        for copy in meta.tier_loads:
+            failed = self.tier.load(copy.slots, copy.block_ids)
+            self._load_errors |= failed
+            self.kv.stats.add(tier_blocks_loaded=len(copy.block_ids) - len(failed), tier_checksum_failures=len(failed))
+        if self._load_errors and meta.saves:
+            # vLLM recomputes the failed blocks later, but this step's layers would carry
+            # what they held before: the consumer recomputes the prompt instead.
+            for save in meta.saves:
+                if self._load_errors.intersection(save.block_ids):
+                    self._unsendable.add(save.request_id)
+                    self.kv.sender.fail(save, "a host KV tier block failed its checksum")
         for load in meta.loads:
             self.kv.receiver.expect(load.transfer_id, load.request_id, load.block_ids, load.first_block, load.producer, load.trace)
 
     def save_kv_layer(self, meta: PdConnectorMetadata, layer_name: str) -> None:
         layer = self._layer_index[layer_name]
         for save in meta.saves:
-            if save.end > save.start:
+            if save.end > save.start and save.request_id not in self._unsendable:
                 self.kv.sender.add_layer(save, layer)
 
     def wait_for_save(self, meta: PdConnectorMetadata) -> None:
         for save in meta.saves:
-            if save.final:
+            if save.final and save.request_id not in self._unsendable:
                 self.kv.sender.finalize(save.request_id)
+        self._unsendable.clear()
+        for copy in meta.tier_stores:
+            self.tier.store(copy.block_ids, copy.slots)
+            self.kv.stats.add(tier_blocks_stored=len(copy.block_ids))
+
+    def take_load_errors(self) -> set[int]:
+        """Engine blocks a tier load left unwritten (vLLM recomputes them), once each."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def transfer_results(self, meta: PdConnectorMetadata | None, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         """Requests whose sends finished, and whose loads finished or failed, since the last step."""
@@ -92,6 +123,9 @@ class PdConnectorWorker:
         return results
 
     def shutdown(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
+            self.tier = None
         if self.kv is not None:
             self.kv.close()
             self.kv = None

@@ -67,6 +67,14 @@ class KVSender:
                 self._open.add(save.request_id)
         self._io.call_soon(self._add_layer, save, layer)
 
+    def fail(self, save: SaveSpec, reason: str) -> None:
+        """Send none of this step's blocks of the request and fail its transfer at the
+        consumer, which recomputes the prompt: the blocks are not what the prompt computes."""
+        if save.first:
+            with self._lock:
+                self._open.add(save.request_id)
+        self._io.call_soon(self._fail, save, reason)
+
     def finalize(self, request_id: str) -> None:
         """Every token of the prompt has been announced."""
         self._io.call_soon(self._finalize, request_id)
@@ -97,26 +105,40 @@ class KVSender:
         if t is None:
             if not (save.first and layer == 0):
                 return  # the transfer already ended (failed or aborted)
-            t = OutgoingTransfer(
-                request_id=save.request_id,
-                transfer_id=save.transfer_id,
-                endpoint=save.endpoint,
-                block_ids=[],
-                prompt_blocks=save.prompt_blocks,
-                deadline=time.monotonic() + self._settings.send_timeout_s,
-                span=start_span(
-                    "kv_transfer.send",
-                    context_of(save.trace),
-                    PRODUCER,
-                    {"pdcluster.transfer_id": save.transfer_id, "server.address": save.endpoint},
-                ),
-            )
-            self._transfers[save.request_id] = t
+            t = self._open_transfer(save)
             t.task = asyncio.get_running_loop().create_task(self._drive(t))
         t.block_ids = save.block_ids
         for s, e in split_block_range(save.start, save.end, self._layout.block_bytes, self._settings.chunk_bytes):
             t.ranges.append((layer, s, e))
         t.changed.set()
+
+    def _open_transfer(self, save: SaveSpec) -> OutgoingTransfer:
+        t = OutgoingTransfer(
+            request_id=save.request_id,
+            transfer_id=save.transfer_id,
+            endpoint=save.endpoint,
+            block_ids=[],
+            prompt_blocks=save.prompt_blocks,
+            deadline=time.monotonic() + self._settings.send_timeout_s,
+            span=start_span(
+                "kv_transfer.send",
+                context_of(save.trace),
+                PRODUCER,
+                {"pdcluster.transfer_id": save.transfer_id, "server.address": save.endpoint},
+            ),
+        )
+        self._transfers[save.request_id] = t
+        return t
+
+    def _fail(self, save: SaveSpec, reason: str) -> None:
+        t = self._transfers.get(save.request_id)
+        if t is None:
+            if save.first:  # nothing sent yet: open it only to fail it
+                t = self._open_transfer(save)
+                t.task = asyncio.get_running_loop().create_task(self._finish(t, reason))
+        elif t.task is not None:
+            t.abort_reason = reason
+            t.task.cancel()
 
     def _finalize(self, request_id: str) -> None:
         t = self._transfers.get(request_id)
@@ -152,7 +174,7 @@ class KVSender:
                     self._stats.add(expired_leases=1)
                     break
         except asyncio.CancelledError:
-            failure = "request ended before its prompt was computed"
+            failure = t.abort_reason or "request ended before its prompt was computed"
         except Exception as e:  # never count a transfer that broke as sent
             logger.exception("KV transfer %s broke", t.transfer_id)
             failure = f"unexpected error: {e!r}"

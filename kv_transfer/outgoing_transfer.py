@@ -35,6 +35,7 @@ class OutgoingTransfer:
     task: asyncio.Task | None = None
     transport: str = ""  # the data path of the last attempt
     moved: int = 0  # bytes that attempt moved
+    abort_reason: str = ""  # why the producer cancelled it, when it did
     nixl_held: bool = False  # a NIXL attempt got the consumer's blocks: they stay held until told
     span: Span = NO_SPAN  # from the first layer to its end, in its request's trace
 

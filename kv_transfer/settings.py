@@ -49,6 +49,11 @@ class KVTransferSettings(BaseModel):
     send_retries: int = Field(2, ge=0, description="producer: resends of a transfer the consumer refused (a corrupt chunk)")
     max_staged_bytes: int = Field(2 << 30, ge=0, description="consumer: KV that arrived before its request was scheduled, at most")
     staged_ttl_s: float = Field(60.0, gt=0, description="consumer: how long staged KV waits for its request")
+    tier_dir: str = Field(
+        "",
+        description="where the host KV tier (vLLM's --kv-offloading-size) keeps its blocks: empty for host memory "
+        "(/dev/shm), or a local disk directory",
+    )
 
 
 class KVEndpointSettings(KVTransferSettings):
@@ -57,6 +62,7 @@ class KVEndpointSettings(KVTransferSettings):
     host: str = "127.0.0.1"  # where the KVTransfer service and data channel listen
     auth_token: str = ""  # the cluster's shared secret; peers without it are refused. Empty: no check
     endpoint_file: str = ""  # where the connector writes the endpoint it bound, for the worker to read
+    tier_bytes: int = 0  # the host KV tier's size (vLLM's --kv-offloading-size); 0: no tier
     tls: TLSFiles = Field(default_factory=TLSFiles)  # on the KVTransfer service and the data channel
 
     @classmethod

@@ -20,6 +20,9 @@ class TransferStats:
     send_retries: int = 0
     recomputes: int = 0
     expired_leases: int = 0
+    tier_blocks_stored: int = 0  # copied into the host KV tier
+    tier_blocks_loaded: int = 0  # copied back instead of recomputed
+    tier_checksum_failures: int = 0  # tier blocks that failed their checksum (recomputed)
     # By data path ("tcp", "grpc", "nixl"): what each transfer actually used.
     bytes_sent_by_transport: Counter = field(default_factory=Counter)
     bytes_received_by_transport: Counter = field(default_factory=Counter)

@@ -132,7 +132,7 @@ class KVStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVStats(_message.Message):
-    __slots__ = ("bytes_sent", "bytes_received", "send_seconds", "receive_seconds", "transfers_sent", "transfers_received", "transfers_failed", "checksum_failures", "send_retries", "recomputes", "expired_leases", "pending_sends", "pending_receives", "staged_bytes", "bytes_sent_by_transport", "bytes_received_by_transport", "transfers_by_transport", "engine_compile_seconds")
+    __slots__ = ("bytes_sent", "bytes_received", "send_seconds", "receive_seconds", "transfers_sent", "transfers_received", "transfers_failed", "checksum_failures", "send_retries", "recomputes", "expired_leases", "pending_sends", "pending_receives", "staged_bytes", "bytes_sent_by_transport", "bytes_received_by_transport", "transfers_by_transport", "engine_compile_seconds", "tier_blocks_stored", "tier_blocks_loaded", "tier_checksum_failures")
     class BytesSentByTransportEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,9 @@ class KVStats(_message.Message):
     BYTES_RECEIVED_BY_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_BY_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIER_BLOCKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    TIER_BLOCKS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    TIER_CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     bytes_sent: int
     bytes_received: int
     send_seconds: float
@@ -190,4 +193,7 @@ class KVStats(_message.Message):
     bytes_received_by_transport: _containers.ScalarMap[str, int]
     transfers_by_transport: _containers.ScalarMap[str, int]
     engine_compile_seconds: float
-    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., send_seconds: _Optional[float] = ..., receive_seconds: _Optional[float] = ..., transfers_sent: _Optional[int] = ..., transfers_received: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., send_retries: _Optional[int] = ..., recomputes: _Optional[int] = ..., expired_leases: _Optional[int] = ..., pending_sends: _Optional[int] = ..., pending_receives: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., bytes_sent_by_transport: _Optional[_Mapping[str, int]] = ..., bytes_received_by_transport: _Optional[_Mapping[str, int]] = ..., transfers_by_transport: _Optional[_Mapping[str, int]] = ..., engine_compile_seconds: _Optional[float] = ...) -> None: ...
+    tier_blocks_stored: int
+    tier_blocks_loaded: int
+    tier_checksum_failures: int
+    def __init__(self, bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., send_seconds: _Optional[float] = ..., receive_seconds: _Optional[float] = ..., transfers_sent: _Optional[int] = ..., transfers_received: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., send_retries: _Optional[int] = ..., recomputes: _Optional[int] = ..., expired_leases: _Optional[int] = ..., pending_sends: _Optional[int] = ..., pending_receives: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., bytes_sent_by_transport: _Optional[_Mapping[str, int]] = ..., bytes_received_by_transport: _Optional[_Mapping[str, int]] = ..., transfers_by_transport: _Optional[_Mapping[str, int]] = ..., engine_compile_seconds: _Optional[float] = ..., tier_blocks_stored: _Optional[int] = ..., tier_blocks_loaded: _Optional[int] = ..., tier_checksum_failures: _Optional[int] = ...) -> None: ...

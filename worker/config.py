@@ -44,6 +44,9 @@ class EngineConfig(BaseModel):
     def _vllm_checks(self, info: ValidationInfo):
         if not (info.context or {}).get(ENGINE_ARGS_CHECKED):
             check_engine_args(self.vllm_args)
+        backend = self.vllm_args.get("kv_offloading_backend", "native")
+        if backend != "native":
+            raise ValueError(f"--kv-offloading-backend {backend}: pdcluster's workers keep offloaded KV themselves (native only)")
         return self
 
     @property

@@ -44,8 +44,20 @@ def engine_kwargs(engine: EngineConfig, kv_transfer: dict[str, Any] | None = Non
     if kv_transfer is not None:
         from vllm.config import KVTransferConfig
 
+        kv_transfer = _with_host_tier(kv_transfer, kwargs)
         kwargs["kv_transfer_config"] = KVTransferConfig(**kv_transfer)
     return kwargs
+
+
+def _with_host_tier(kv_transfer: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's offloading flags, served by our connector's host tier: vLLM would replace our
+    connector with its OffloadingConnector (which has no CPU-platform worker)."""
+    size = kwargs.pop("kv_offloading_size", None)
+    kwargs.pop("kv_offloading_backend", None)  # "native": EngineConfig refuses others
+    if size is None:
+        return kv_transfer
+    extra = {**kv_transfer["kv_connector_extra_config"], "tier_bytes": int(size * (1 << 30))}
+    return {**kv_transfer, "kv_connector_extra_config": extra}
 
 
 def pd_kv_transfer(role: str, extra: dict[str, Any], both: bool = False) -> dict[str, Any]:

@@ -50,6 +50,9 @@ class WorkerCollector:
             "pdcluster_kv_send_retries": kv.send_retries,
             "pdcluster_kv_recomputes": kv.recomputes,
             "pdcluster_kv_expired_leases": kv.expired_leases,
+            "pdcluster_kv_tier_blocks_stored": kv.tier_blocks_stored,
+            "pdcluster_kv_tier_blocks_loaded": kv.tier_blocks_loaded,
+            "pdcluster_kv_tier_checksum_failures": kv.tier_checksum_failures,
             "pdcluster_worker_kv_event_batches_missed": host.prefix_cache.missed_batches if host.prefix_cache else 0,
         }
         for family, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):

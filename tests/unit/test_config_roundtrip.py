@@ -11,7 +11,7 @@ from pdcluster.common.worker_record import ROLES, Role
 from pdcluster.kv_transfer.settings import KVEndpointSettings, KVTransferSettings
 from pdcluster.router.config import RouterConfig, parse_router_args
 from pdcluster.worker.config import EngineConfig, parse_worker_config, worker_args
-from pdcluster.worker.engine_args import engine_environment, engine_kwargs
+from pdcluster.worker.engine_args import engine_environment, engine_kwargs, pd_kv_transfer
 
 # vLLM engine arguments by vLLM's names, each unlike vLLM's and pdcluster's defaults.
 ENGINE = {
@@ -87,6 +87,18 @@ def test_every_engine_setting_reaches_vllm():
         "seed": 0,
         "dtype": "float32",
     }
+
+
+def test_vllm_offloading_flags_size_our_connectors_host_tier():
+    # vLLM would swap our connector for its own OffloadingConnector; ours keeps the tier instead.
+    kwargs = engine_kwargs(EngineConfig(kv_offloading_size=0.5), pd_kv_transfer("prefill", {"transport": "tcp"}))
+    assert "kv_offloading_size" not in kwargs
+    config = kwargs["kv_transfer_config"]
+    assert config.kv_connector == "PdConnector"
+    assert config.kv_connector_extra_config == {"transport": "tcp", "tier_bytes": 1 << 29}
+    assert KVEndpointSettings.model_validate(config.kv_connector_extra_config).tier_bytes == 1 << 29
+    with pytest.raises(ValueError, match="--kv-offloading-backend lmcache"):
+        EngineConfig(kv_offloading_size=1, kv_offloading_backend="lmcache")
 
 
 def test_pdcluster_serve_takes_vllm_serve_flags():
@@ -197,6 +209,7 @@ def test_every_kv_transfer_setting_is_set_from_the_spec_and_from_worker_flags():
         "send_retries": 4,
         "max_staged_bytes": 1 << 20,
         "staged_ttl_s": 7.0,
+        "tier_dir": "/var/cache/kv-tier",
     }
     assert set(values) == set(KVTransferSettings.model_fields)
     s = ClusterSpec.model_validate({"decode": {"kv": values}, "prefill": {"kv_transport": "tcp"}})

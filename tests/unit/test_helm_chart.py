@@ -43,6 +43,7 @@ FULL_VALUES = {
         "maxReplicas": 9,
         "replicasPerNode": 2,
         "costPerHour": 2.99,
+        "kvOffloading": {"sizeGiB": 1.5},
         "nodeSelector": {"pool": "h100"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
@@ -120,6 +121,12 @@ def test_pools_get_their_nodes_gpus_and_ray_resources():
         container = group["template"]["spec"]["containers"][0]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert {e["name"] for e in container["env"]} >= {"PDCLUSTER_KV_TOKEN", "PDCLUSTER_API_KEY"}
+    # The prefill pool's host KV tier: an in-memory volume for both replicas on a node, where the spec puts it.
+    (tier,) = [v for v in prefill["template"]["spec"]["volumes"] if v["name"] == "kv-tier"]
+    assert tier["emptyDir"] == {"medium": "Memory", "sizeLimit": "5Gi"}
+    mounts = {m["name"]: m["mountPath"] for m in prefill["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["kv-tier"] == "/var/lib/pdcluster/kv-tier"
+    assert "kv-tier" not in str(decode["template"]["spec"])
 
 
 def test_what_pdcluster_reads_from_the_chart_parses():
@@ -130,7 +137,8 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     assert spec.prefill.max_replicas == 9 and spec.prefill.num_gpus == 1
     assert (spec.prefill.cost_per_hour, spec.decode.cost_per_hour) == (2.99, 0.0)  # the controller's $/1M tokens
     assert spec.engine.quantization == "fp8" and spec.engine.enable_chunked_prefill is True
-    assert spec.prefill.engine == {"max_num_batched_tokens": 16384} and spec.decode.engine == {}
+    assert spec.prefill.engine == {"max_num_batched_tokens": 16384, "kv_offloading_size": 1.5} and spec.decode.engine == {}
+    assert spec.prefill.kv.tier_dir == "/var/lib/pdcluster/kv-tier" and spec.decode.kv.tier_dir == ""
     head = docs[("RayCluster", "demo")]["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     controller = next(c for c in head if c["name"] == "controller")
     args = build_parser().parse_args(controller["command"][1:])

@@ -61,6 +61,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{- end -}}
 
+{{- define "pdcluster.kvTierPath" -}}
+/var/lib/pdcluster/kv-tier
+{{- end -}}
+
 {{- define "pdcluster.tlsArgs" -}}
 {{- if .Values.tls.enabled -}}
 ["--tls-cert", "/etc/pdcluster/tls/tls.crt", "--tls-key", "/etc/pdcluster/tls/tls.key", "--tls-ca", "/etc/pdcluster/tls/ca.crt"]
