@@ -30,7 +30,8 @@ def connect_ray(spec: ClusterSpec) -> None:
     for p in pools:
         if p.node_resource:
             resources[p.node_resource] = resources.get(p.node_resource, 0) + p.max_replicas
-    ray.init(num_cpus=cpus, resources=resources, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    # "local": never the cluster RAY_ADDRESS or a dead head's leftover address file names
+    ray.init(address="local", num_cpus=cpus, resources=resources, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
 
 
 def _single_machine_mode() -> None:

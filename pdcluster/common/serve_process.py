@@ -15,15 +15,17 @@ from pathlib import Path
 from pdcluster.common.worker_record import ServeRecord
 
 
-def launch_serve(args: list[str], timeout_s: float = 400) -> tuple[subprocess.Popen, list[str], ServeRecord]:
-    """`pdcluster serve ARGS` in its own process group, once it serves; the list fills with
-    its output lines as they come. Returns also its ServeRecord (the router's URLs: ARGS can
-    ask for free ports, `--port 0 --grpc-port 0`)."""
+def launch_serve(
+    args: list[str], timeout_s: float = 400, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, list[str], ServeRecord]:
+    """`pdcluster serve ARGS` in its own process group (with `env` over ours), once it serves;
+    the list fills with its output lines as they come. Returns also its ServeRecord (the
+    router's URLs: ARGS can ask for free ports, `--port 0 --grpc-port 0`)."""
     ready = Path(tempfile.mkdtemp(prefix="pdcluster-serve-")) / "ready.json"
     cmd = [sys.executable, "-m", "pdcluster", "serve", "--ready-file", str(ready), *args]
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdcluster.cluster.cluster_status import ClusterStatus
+from pdcluster.common.ports import free_port
 from pdcluster.common.serve_process import launch_serve, stop_serve
 from pdcluster.common.start_marks import PHASES, start_phases
 from pdcluster.common.tiny_model.generate import CORPUS
@@ -44,7 +45,11 @@ def serve():
     """`pdcluster serve --prefill 2 --decode 1` on free ports."""
     # The prefill pool's own engine flags, which must reach its engines and only theirs.
     prefill_args = ["--prefill-args", f"--num-gpu-blocks-override {PREFILL_KV_BLOCKS}"]
-    proc, lines, served = launch_serve(["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *prefill_args, *EAGER])
+    # A dead Ray head's address, as one killed without `ray stop` leaves: a local cluster starts its own Ray.
+    dead_head = {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    proc, lines, served = launch_serve(
+        ["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", *prefill_args, *EAGER], env=dead_head
+    )
     yield proc, served.router.http, lines
     stop_serve(proc)
 
