@@ -16,6 +16,7 @@ from pdcluster.kv_transfer.scheduled_blocks import running_on
 from pdcluster.kv_transfer.tier_scheduler import TierScheduler
 
 if TYPE_CHECKING:
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
@@ -154,3 +155,6 @@ class PdConnectorScheduler:
 
     def has_pending_push_work(self) -> bool:
         return bool(self._awaiting_send)
+
+    def take_events(self) -> list[KVCacheEvent]:
+        return self._tier.take_events() if self._tier is not None else []

@@ -12,6 +12,7 @@ class TierIndex:
         self.num_slots = num_slots
         self._slots: OrderedDict[bytes, int] = OrderedDict()  # oldest use first
         self._free = list(range(num_slots - 1, -1, -1))
+        self._gone: list[bytes] = []  # evicted or dropped since `take_gone`
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -38,7 +39,8 @@ class TierIndex:
         if self._free:
             slot = self._free.pop()
         elif self._slots:
-            _, slot = self._slots.popitem(last=False)
+            evicted, slot = self._slots.popitem(last=False)
+            self._gone.append(evicted)
         else:
             return None
         self._slots[block_hash] = slot
@@ -50,3 +52,9 @@ class TierIndex:
         slot = self._slots.pop(block_hash, None)
         if slot is not None:
             self._free.append(slot)
+            self._gone.append(block_hash)
+
+    def take_gone(self) -> list[bytes]:
+        """Blocks the tier stopped holding since the last call."""
+        gone, self._gone = self._gone, []
+        return gone

@@ -9,9 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
+from vllm.v1.core.kv_cache_utils import BlockHash, maybe_convert_block_hash
+
 from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata, TierCopy
 from pdcluster.kv_transfer.scheduled_blocks import running_on
 from pdcluster.kv_transfer.tier_index import TierIndex
+
+# The medium of the tier's KV events (vLLM's OffloadingConnector says the same), beside the
+# engine cache's own events: routers learn which prefixes a worker can load rather than compute.
+TIER_MEDIUM = "CPU"
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -34,6 +41,7 @@ class TierScheduler:
         self._hits: dict[str, tuple[int, int]] = {}  # request → (first block, blocks) the tier holds
         self._pending_loads: list[TierCopy] = []
         self._loading: dict[int, bytes] = {}  # engine block → the hash loaded into it, to forget a corrupt one
+        self._events: list[KVCacheEvent] = []
 
     def matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
         """Tokens past the computed prefix that the tier holds, in whole blocks, leaving the
@@ -67,15 +75,36 @@ class TierScheduler:
     def _store_computed(self, meta: PdConnectorMetadata, tracked: _Tracked, computed: int) -> None:
         hashes = tracked.request.block_hashes
         full = min(computed // self._block_size, len(hashes), len(tracked.block_ids))
-        block_ids, slots = [], []
+        block_ids, slots, placed = [], [], []
         for i in range(tracked.stored, full):
             slot = self.index.place(hashes[i])
             if slot is not None:
                 block_ids.append(tracked.block_ids[i])
                 slots.append(slot)
+                placed.append(i)
         tracked.stored = max(tracked.stored, full)
         if slots:
             meta.tier_stores.append(TierCopy(block_ids, slots))
+            self._events += [self._stored_event(tracked.request, run) for run in _runs(placed)]
+
+    def _stored_event(self, request: Request, run: range) -> BlockStored:
+        hashes, size, lora = request.block_hashes, self._block_size, request.lora_request
+        return BlockStored(
+            block_hashes=[maybe_convert_block_hash(hashes[i]) for i in run],
+            parent_block_hash=maybe_convert_block_hash(hashes[run.start - 1]) if run.start else None,
+            token_ids=request.all_token_ids[run.start * size : run.stop * size],
+            block_size=size,
+            lora_id=lora.adapter_id if lora else None,
+            medium=TIER_MEDIUM,
+            lora_name=lora.name if lora else None,
+        )
+
+    def take_events(self) -> list[KVCacheEvent]:
+        gone = self.index.take_gone()
+        if gone:
+            self._events.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(BlockHash(h)) for h in gone], medium=TIER_MEDIUM))
+        events, self._events = self._events, []
+        return events
 
     def finished(self, request_id: str) -> None:
         self._tracked.pop(request_id, None)
@@ -87,3 +116,14 @@ class TierScheduler:
             block_hash = self._loading.pop(block_id, None)
             if block_hash is not None:
                 self.index.drop(block_hash)
+
+
+def _runs(indexes: list[int]) -> list[range]:
+    """Ascending indexes as runs of consecutive ones (a BlockStored event is one chain)."""
+    runs: list[range] = []
+    for i in indexes:
+        if runs and runs[-1].stop == i:
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs

@@ -424,10 +424,18 @@ def _bench_coldstart(args: argparse.Namespace) -> int:
 def _bench_prefix(args: argparse.Namespace) -> int:
     from pdcluster.bench.prefix_bench import main as bench_main
 
-    if not args.trace:
-        print("pdcluster bench prefix: --trace is required (a trace whose prompts share prefixes: mooncake)", file=sys.stderr)
+    if args.workload == "agentic":
+        from pdcluster.planner.workloads import AgenticSessions
+
+        trace = AgenticSessions().shapes()
+    elif args.trace:
+        trace = _trace_requests(args, args.max_model_len)
+    else:
+        print("pdcluster bench prefix: --trace (a trace whose prompts share prefixes: mooncake) or --workload agentic", file=sys.stderr)
         return 2
-    report = bench_main(_trace_requests(args, args.max_model_len), tuple(args.modes), json_output=args.json)
+    report = bench_main(
+        trace, tuple(args.modes), json_output=args.json, tier_gib=args.kv_offloading_size, engine_blocks=args.num_gpu_blocks_override
+    )
     return 0 if all(m["failed"] == 0 for m in report["modes"].values()) else 1
 
 
@@ -654,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_flags(prefix)
     prefix.add_argument("--modes", nargs="+", choices=PREFILL_ROUTING_MODES, default=list(PREFILL_ROUTING_MODES))
     prefix.add_argument("--max-model-len", type=int, default=4096, help="cap prompt + output at this")
+    prefix.add_argument("--workload", choices=["agentic"], help="multi-turn agent sessions instead of --trace")
+    prefix.add_argument("--kv-offloading-size", type=float, default=0.0, help="also run each mode with this host KV tier (GiB per worker)")
+    prefix.add_argument("--num-gpu-blocks-override", type=int, default=0, help="the engines' KV cache in blocks (vLLM's flag; 0: as sized)")
     prefix.add_argument("--json", action="store_true", help="end with a JSON line")
     prefix.set_defaults(func=_bench_prefix)
     router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")

@@ -100,6 +100,36 @@ class Workload:
         return out
 
 
+@dataclass(frozen=True)
+class AgenticSessions:
+    """Multi-turn agent sessions, scaled to a small machine from the field figures issue 25
+    plans against (long contexts that grow a little each turn; 96% of turns reuse >= 90% of
+    their input): each turn's prompt is the session's previous prompt and `growth_tokens`
+    more (the answer, a tool's output, the next message), `think_s` after the previous turn
+    arrived. Sessions start `session_gap_s` apart, so their turns interleave."""
+
+    sessions: int = 8
+    turns: int = 6
+    first_prompt_tokens: int = 1536
+    growth_tokens: int = 128
+    output_tokens: int = 32
+    think_s: float = 4.0
+    session_gap_s: float = 0.5
+    block_tokens: int = 128  # one prefix id per this many tokens: a CPU engine's KV block
+    seed: int = 0
+
+    def shapes(self) -> list[RequestShape]:
+        out = []
+        for s in range(self.sessions):
+            ids = ((self.seed * 10_007 + s + 1) << 16) + 1  # this session's blocks, in order
+            for t in range(self.turns):
+                tokens = self.first_prompt_tokens + t * self.growth_tokens
+                blocks = tuple(range(ids, ids + -(-tokens // self.block_tokens)))
+                arrival = s * self.session_gap_s + t * self.think_s
+                out.append(RequestShape(arrival, tokens, self.output_tokens, blocks, self.block_tokens, seed=ids + t))
+        return sorted(out, key=lambda r: r.arrival_s)
+
+
 # `pdcluster bench compare`'s mixes.
 COMPARE_WORKLOADS = {
     # Long prompts, short answers: prefill steps land between a co-located engine's decode steps.

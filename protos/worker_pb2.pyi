@@ -173,16 +173,20 @@ class WatchPrefixCacheRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PrefixCacheUpdate(_message.Message):
-    __slots__ = ("reset", "block_size", "stored", "removed")
+    __slots__ = ("reset", "block_size", "stored", "removed", "tier_stored", "tier_removed")
     RESET_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
+    TIER_STORED_FIELD_NUMBER: _ClassVar[int]
+    TIER_REMOVED_FIELD_NUMBER: _ClassVar[int]
     reset: bool
     block_size: int
     stored: _containers.RepeatedScalarFieldContainer[int]
     removed: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, reset: _Optional[bool] = ..., block_size: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
+    tier_stored: _containers.RepeatedScalarFieldContainer[int]
+    tier_removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reset: _Optional[bool] = ..., block_size: _Optional[int] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ..., tier_stored: _Optional[_Iterable[int]] = ..., tier_removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SwitchRoleRequest(_message.Message):
     __slots__ = ("role",)

@@ -66,3 +66,4 @@ class PrefixCacheWatch:
             self._index.forget(worker_id)
         self._index.record(worker_id, list(update.stored), shared=False)
         self._index.remove(worker_id, update.removed)
+        self._index.update_tier(worker_id, update.tier_stored, update.tier_removed)

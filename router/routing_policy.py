@@ -17,11 +17,13 @@ from pdcluster.router.worker_pool import WorkerView, queued_prefill_tokens
 
 
 class PrefixIndex:
-    """Per worker, the block hashes of prompts it prefilled recently (LRU, bounded)."""
+    """Per worker, the block hashes of prompts it prefilled recently (LRU, bounded), and those
+    its host KV tier holds (from its events)."""
 
     def __init__(self, capacity_blocks: int = 65536) -> None:
         self._capacity = capacity_blocks
         self._blocks: dict[str, OrderedDict[int, None]] = {}
+        self._tier: dict[str, set[int]] = {}
         self.on_record: Callable[[str, list[int]], None] | None = None  # called with (worker_id, hashes) for routing decisions made here
 
     def record(self, worker_id: str, hashes: list[int], shared: bool = True) -> None:
@@ -46,11 +48,28 @@ class PrefixIndex:
             count += 1
         return count
 
+    def held_blocks(self, worker_id: str, hashes: list[int]) -> int:
+        """How many leading blocks of the prompt the worker holds in its engine cache or its tier."""
+        blocks: dict[int, None] = self._blocks.get(worker_id, {})
+        tier = self._tier.get(worker_id, set())
+        count = 0
+        for h in hashes:
+            if h not in blocks and h not in tier:
+                break
+            count += 1
+        return count
+
     def remove(self, worker_id: str, hashes) -> None:
         """The worker evicted these blocks (its engine said so)."""
         blocks: dict[int, None] = self._blocks.get(worker_id, {})
         for h in hashes:
             blocks.pop(h, None)
+
+    def update_tier(self, worker_id: str, stored, removed) -> None:
+        """What the worker's host KV tier took in and let go (its events; bounded by the tier)."""
+        tier = self._tier.setdefault(worker_id, set())
+        tier.update(stored)
+        tier.difference_update(removed)
 
     def sizes(self) -> dict[str, int]:
         """Blocks remembered per worker."""
@@ -58,6 +77,7 @@ class PrefixIndex:
 
     def forget(self, worker_id: str) -> None:
         self._blocks.pop(worker_id, None)
+        self._tier.pop(worker_id, None)
 
 
 # What a worker without a request's LoRA adapter loaded costs in the choice: loading it takes
@@ -66,6 +86,10 @@ class PrefixIndex:
 # spreads once the workers holding it are that much busier than the others.
 ADAPTER_LOAD_COST_REQUESTS = 4
 ADAPTER_LOAD_COST_TOKENS = 1024
+# A block copied back from a worker's host KV tier, as a fraction of computing it: far less
+# (a copy, ~0.1% on this CPU machine; PCIe against the model's FLOPs on a GPU), but not free,
+# so an engine-cache hit wins a tie with a tier hit.
+TIER_LOAD_COST = 0.1
 
 
 def _lacks_adapter(worker: WorkerView, lora_name: str | None) -> bool:
@@ -98,14 +122,18 @@ def pick_prefill_worker(
     workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for, lora_name: str | None = None
 ) -> tuple[WorkerView | None, int]:
     """The worker with the least prefill work ahead once this prompt's cached prefix is
-    subtracted (a LoRA adapter to load counting as tokens; then the least loaded, then the one
-    picked least recently); returns it and the prefix tokens it likely holds.
+    subtracted (a prefix in its host KV tier counting as TIER_LOAD_COST of computing it, a LoRA
+    adapter to load as tokens; then the least loaded, then the one picked least recently);
+    returns it and the prefix tokens it likely holds, in its engine cache or tier.
     `hashes_for(block_size)` gives the prompt's block hashes for a worker's block size."""
     best, best_key, best_overlap = None, None, 0
     for w in workers:
         block_size = max(w.stats.block_size, 1)
-        overlap = index.overlap_blocks(w.worker_id, hashes_for(block_size)) * block_size
-        work = queued_prefill_tokens(w) + prompt_len - overlap + ADAPTER_LOAD_COST_TOKENS * _lacks_adapter(w, lora_name)
+        hashes = hashes_for(block_size)
+        cached = index.overlap_blocks(w.worker_id, hashes) * block_size
+        overlap = max(cached, index.held_blocks(w.worker_id, hashes) * block_size)
+        loaded = TIER_LOAD_COST * (overlap - cached)  # what the tier's blocks cost to copy back
+        work = queued_prefill_tokens(w) + prompt_len - overlap + loaded + ADAPTER_LOAD_COST_TOKENS * _lacks_adapter(w, lora_name)
         key = (work, _load(w), w.load.last_picked)
         if best_key is None or key < best_key:
             best, best_key, best_overlap = w, key, overlap

@@ -14,6 +14,7 @@ import collections
 import logging
 
 from pdcluster.common.prefix_hashes import block_name, chain_root
+from pdcluster.kv_transfer.tier_scheduler import TIER_MEDIUM  # the engine's own events say "GPU", even on a CPU
 from pdcluster.protos import worker_pb2
 
 logger = logging.getLogger("pdcluster.worker.prefix_cache")
@@ -22,10 +23,46 @@ REPLAY_TIMEOUT_S = 5.0
 WATCH_BACKLOG = 1024  # updates a watching router may lag behind before it is dropped (it re-syncs)
 
 
+class _HeldBlocks:
+    """What one medium holds: each vLLM block's name, and how many blocks hold each name
+    (salted twins)."""
+
+    def __init__(self) -> None:
+        self.names: dict[object, int] = {}  # vLLM block hash -> our name
+        self.held: collections.Counter[int] = collections.Counter()
+
+    def add(self, vllm_hash: object, name: int) -> bool:
+        """Whether the name is new here."""
+        if vllm_hash in self.names:
+            return False
+        self.names[vllm_hash] = name
+        self.held[name] += 1
+        return self.held[name] == 1
+
+    def remove(self, vllm_hashes) -> list[int]:
+        """The names no block holds any more."""
+        gone = []
+        for vllm_hash in vllm_hashes:
+            name = self.names.pop(vllm_hash, None)
+            if name is None:
+                continue
+            self.held[name] -= 1
+            if self.held[name] == 0:
+                del self.held[name]
+                gone.append(name)
+        return gone
+
+
+def _changes(before: dict[int, bool], medium: _HeldBlocks) -> tuple[list[int], list[int]]:
+    """Names routers must learn, and names they must forget, from whether they knew each."""
+    stored = [n for n, known in before.items() if not known and n in medium.held]
+    return stored, [n for n, known in before.items() if known and n not in medium.held]
+
+
 class PrefixCacheMirror:
     def __init__(self) -> None:
-        self._names: dict[object, int] = {}  # vLLM block hash -> our name
-        self._held: collections.Counter[int] = collections.Counter()  # our name -> vLLM blocks of that name (salted twins)
+        self._engine = _HeldBlocks()
+        self._tier = _HeldBlocks()  # the host KV tier under the engine (its connector's events)
         self._watchers: set[asyncio.Queue] = set()
         self._next_seq = 0  # the publisher numbers its batches from 0
         self.block_size = 0
@@ -34,7 +71,12 @@ class PrefixCacheMirror:
     @property
     def names(self) -> list[int]:
         """The names of the blocks the engine holds now."""
-        return list(self._held)
+        return list(self._engine.held)
+
+    @property
+    def tier_names(self) -> list[int]:
+        """The names of the blocks its host KV tier holds now."""
+        return list(self._tier.held)
 
     # -- events -> names ------------------------------------------------------------
 
@@ -42,59 +84,57 @@ class PrefixCacheMirror:
         """Fold one vLLM `KVEventBatch` in; the update routers need, or None for no change."""
         from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
-        held_before: dict[int, bool] = {}  # each name that came or went: whether routers knew it
+        # Per medium, each name that came or went: whether routers knew it.
+        held_before: dict[int, dict[int, bool]] = {id(self._engine): {}, id(self._tier): {}}
         reset = False
         for event in batch.events:
             if isinstance(event, BlockStored):
-                came, went = self._store(event), []
+                medium = self._medium(event.medium)
+                came, went = self._store(event, medium), []
             elif isinstance(event, BlockRemoved):
-                came, went = [], self._remove(event.block_hashes)
-            else:  # AllBlocksCleared
-                self._names.clear()
-                self._held.clear()
-                came, went, reset = [], [], True
+                medium = self._medium(event.medium)
+                came, went = [], medium.remove(event.block_hashes)
+            else:  # AllBlocksCleared: the engine's cache was reset
+                self._engine.names.clear()
+                self._engine.held.clear()
+                reset = True
+                continue
+            before = held_before[id(medium)]
             for name in came:
-                held_before.setdefault(name, False)
+                before.setdefault(name, False)
             for name in went:
-                held_before.setdefault(name, True)
+                before.setdefault(name, True)
         if reset:
             return self.snapshot()
-        stored = [n for n, before in held_before.items() if not before and n in self._held]
-        removed = [n for n, before in held_before.items() if before and n not in self._held]
-        if not stored and not removed:
+        stored, removed = _changes(held_before[id(self._engine)], self._engine)
+        tier_stored, tier_removed = _changes(held_before[id(self._tier)], self._tier)
+        if not (stored or removed or tier_stored or tier_removed):
             return None
-        return worker_pb2.PrefixCacheUpdate(block_size=self.block_size, stored=stored, removed=removed)
+        return worker_pb2.PrefixCacheUpdate(
+            block_size=self.block_size, stored=stored, removed=removed, tier_stored=tier_stored, tier_removed=tier_removed
+        )
 
-    def _store(self, event) -> list[int]:
+    def _medium(self, medium: str | None) -> _HeldBlocks:
+        return self._tier if medium == TIER_MEDIUM else self._engine
+
+    def _store(self, event, medium: _HeldBlocks) -> list[int]:
         if event.parent_block_hash is None:
             parent = chain_root(event.lora_name)
-        elif (parent := self._names.get(event.parent_block_hash)) is None:
-            return []  # its prefix was stored before this mirror listened: it cannot be named
+        else:  # the parent may be in either medium: the engine evicts what the tier keeps
+            h = event.parent_block_hash
+            parent = next((m.names[h] for m in (self._engine, self._tier) if h in m.names), None)
+            if parent is None:
+                return []  # its prefix was stored before this mirror listened: it cannot be named
         size = self.block_size = event.block_size
         new = []
         for i, vllm_hash in enumerate(event.block_hashes):
             parent = block_name(event.token_ids[i * size : (i + 1) * size], parent)
-            if vllm_hash not in self._names:
-                self._names[vllm_hash] = parent
-                self._held[parent] += 1
-                if self._held[parent] == 1:
-                    new.append(parent)
+            if medium.add(vllm_hash, parent):
+                new.append(parent)
         return new
 
-    def _remove(self, vllm_hashes) -> list[int]:
-        gone = []
-        for vllm_hash in vllm_hashes:
-            name = self._names.pop(vllm_hash, None)
-            if name is None:
-                continue
-            self._held[name] -= 1
-            if self._held[name] == 0:
-                del self._held[name]
-                gone.append(name)
-        return gone
-
     def snapshot(self) -> worker_pb2.PrefixCacheUpdate:
-        return worker_pb2.PrefixCacheUpdate(reset=True, block_size=self.block_size, stored=self.names)
+        return worker_pb2.PrefixCacheUpdate(reset=True, block_size=self.block_size, stored=self.names, tier_stored=self.tier_names)
 
     # -- routers watching -------------------------------------------------------------
 
