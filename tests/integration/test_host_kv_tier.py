@@ -9,10 +9,11 @@ import os
 
 import pytest
 
+from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.tiny_model.generate import CORPUS
 
 from tests.support.processes import running_pair
-from tests.support.worker_calls import MAX_TOKENS, generate, kv_stats
+from tests.support.worker_calls import MAX_TOKENS, generate, kv_stats, prefix_cache_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,9 @@ def test_evicted_blocks_come_back_from_the_tier_token_exact(tier_pair, prompts, 
     assert after.tier_checksum_failures == before.tier_checksum_failures
     # The decode worker decoded from the KV it received, tier blocks included: nothing recomputed.
     assert kv_stats(decode).recomputes == decode_before.recomputes
+    # Routers watching the prefill worker learn which prefixes its tier holds, by their names.
+    held = asyncio.run(prefix_cache_snapshot(prefill.address))
+    assert {h for p in prompts for h in prompt_block_hashes(p, BLOCK)} <= set(held.tier_stored)
 
 
 def test_a_corrupted_tier_block_is_recomputed_never_decoded(tier_pair, tier_dir, prompts, expected):

@@ -12,23 +12,13 @@ import pytest
 
 from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.tiny_model.generate import CORPUS
-from pdcluster.protos import worker_pb2 as wpb
-from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.processes import running_cluster, start_router
-from tests.support.worker_calls import worker_channel
+from tests.support.worker_calls import prefix_cache_snapshot
 
 pytestmark = pytest.mark.slow
 
 ROUTER_ARGS = ["--enable-prompt-tokens-details"]
-
-
-async def snapshot(address: str) -> wpb.PrefixCacheUpdate:
-    async with worker_channel(address) as channel:
-        stream = wgrpc.WorkerStub(channel).WatchPrefixCache(wpb.WatchPrefixCacheRequest())
-        async for update in stream:
-            stream.cancel()
-            return update
 
 
 def complete(url: str, prompt: list[int]) -> dict:
@@ -50,13 +40,13 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
     prompt = tokens[:600]
     with running_cluster(prefill=2, decode=1, router_args=ROUTER_ARGS) as (router, workers):
         prefills = [w for w in workers if w.role == "prefill"]
-        before = [asyncio.run(snapshot(w.address)) for w in prefills]
+        before = [asyncio.run(prefix_cache_snapshot(w.address)) for w in prefills]
         assert all(s.reset and not s.stored for s in before)  # fresh engines hold nothing
         complete(router.record.http, prompt)
 
         # The worker that computed the prompt now holds its full blocks, named as routers name them.
         def holder():
-            now = [asyncio.run(snapshot(w.address)) for w in prefills]
+            now = [asyncio.run(prefix_cache_snapshot(w.address)) for w in prefills]
             return next(((w, s) for w, s in zip(prefills, now, strict=True) if s.stored), None)
 
         worker, held = wait_for(holder)

@@ -90,3 +90,13 @@ def worker_stats(address: str) -> wpb.WorkerStats:
             return await wgrpc.WorkerStub(channel).Stats(wpb.StatsRequest(), timeout=10)
 
     return asyncio.run(call())
+
+
+async def prefix_cache_snapshot(address: str) -> wpb.PrefixCacheUpdate:
+    """What a prefill worker tells a router its engine cache and host KV tier hold now."""
+    async with worker_channel(address) as channel:
+        stream = wgrpc.WorkerStub(channel).WatchPrefixCache(wpb.WatchPrefixCacheRequest())
+        async for update in stream:
+            stream.cancel()
+            return update
+    raise RuntimeError(f"{address} ended its prefix-cache stream before the snapshot")

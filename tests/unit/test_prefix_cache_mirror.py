@@ -8,6 +8,7 @@ import asyncio
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, ZmqEventPublisher
 
 from pdcluster.common.prefix_hashes import prompt_block_hashes
+from pdcluster.kv_transfer.tier_scheduler import TIER_MEDIUM
 from pdcluster.worker import prefix_cache_mirror
 from pdcluster.worker.prefix_cache_mirror import PrefixCacheMirror
 
@@ -15,9 +16,9 @@ BLOCK = 4
 PROMPT = list(range(100, 112))  # three full blocks
 
 
-def stored(hashes, parent, tokens) -> BlockStored:
+def stored(hashes, parent, tokens, medium="GPU") -> BlockStored:
     return BlockStored(
-        block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=BLOCK, lora_id=None, medium="GPU", lora_name=None
+        block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=BLOCK, lora_id=None, medium=medium, lora_name=None
     )
 
 
@@ -54,6 +55,26 @@ def test_a_name_leaves_only_with_its_last_block_and_a_batch_nets_out():
     mirror.apply(batch(stored([b"d"], None, PROMPT[:4])))
     assert mirror.apply(batch(BlockRemoved(block_hashes=[b"d"], medium="GPU"), stored([b"e"], None, PROMPT[:4]))) is None
     assert mirror.names == name
+
+
+def test_the_host_tiers_blocks_are_named_apart_from_the_engines():
+    mirror = PrefixCacheMirror()
+    names = prompt_block_hashes(PROMPT, BLOCK)
+    mirror.apply(batch(stored([b"h1", b"h2"], None, PROMPT[:8])))
+    # The tier copies both blocks; the engine then evicts the second: routers learn both.
+    update = mirror.apply(
+        batch(stored([b"h1", b"h2"], None, PROMPT[:8], medium=TIER_MEDIUM), BlockRemoved(block_hashes=[b"h2"], medium="GPU"))
+    )
+    assert list(update.tier_stored) == names[:2] and list(update.removed) == names[1:2] and not update.stored
+    # A tier block whose parent only the tier holds still gets its name.
+    assert list(mirror.apply(batch(stored([b"h3"], b"h2", PROMPT[8:], medium=TIER_MEDIUM))).tier_stored) == names[2:]
+    assert mirror.names == names[:1] and sorted(mirror.tier_names) == sorted(names)
+    gone = mirror.apply(batch(BlockRemoved(block_hashes=[b"h1"], medium=TIER_MEDIUM)))
+    assert list(gone.tier_removed) == names[:1] and not gone.removed  # the engine still has it
+    snapshot = mirror.snapshot()
+    assert snapshot.reset and list(snapshot.stored) == names[:1] and sorted(snapshot.tier_stored) == sorted(names[1:])
+    # vLLM resetting its prefix cache clears the engine's blocks, not the tier's.
+    assert list(mirror.apply(batch(AllBlocksCleared())).tier_stored) == list(snapshot.tier_stored)
 
 
 async def test_routers_get_a_snapshot_then_changes_over_vllms_publisher(tmp_path):

@@ -70,6 +70,26 @@ def test_prefill_prefers_the_worker_holding_the_prefix():
     assert pick_prefill([a, b], shared, index)[0] is a
 
 
+def test_a_prefix_in_a_workers_host_tier_counts_almost_as_cached():
+    index = PrefixIndex()
+    a, b, c = worker("a", "prefill"), worker("b", "prefill"), worker("c", "prefill")
+    prompt = list(range(10 * BLOCK)) + [1, 2, 3]
+    hashes = prompt_block_hashes(prompt, BLOCK)
+    index.record("a", hashes[:2])  # its engine kept the first 2 blocks,
+    index.update_tier("a", hashes[2:], [])  # its tier the rest
+    index.update_tier("b", hashes, [])  # b's tier holds all 10
+    chosen, overlap = pick_prefill([c, b], prompt, index)
+    assert chosen is b and overlap == 10 * BLOCK  # loading beats computing
+    index.record("c", hashes)
+    assert pick_prefill([b, c], prompt, index)[0] is c  # a cache hit beats a tier hit
+    assert pick_prefill([a, b], prompt, index) == (a, 10 * BLOCK)  # 2 blocks fewer to load
+    index.update_tier("a", [], hashes[5:6])  # its tier let block 5 go: the rest cannot be used
+    assert index.held_blocks("a", hashes) == 5
+    assert pick_prefill([a, b], prompt, index)[0] is b
+    index.forget("b")
+    assert index.held_blocks("b", hashes) == 0
+
+
 def test_placement_records_its_choice_except_round_robin():
     shared = list(range(4 * BLOCK))
     for routing in ("kv-events", "guess", "round-robin"):
