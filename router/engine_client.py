@@ -63,7 +63,8 @@ class ClusterEngineClient(EngineClient):
         reasoning_ended: bool | None = None,
         reasoning_parser_kwargs: dict | None = None,
         trace_headers=None,
-        **_ignored,  # sessions, KV hints and DP ranks do not change what the pools compute
+        session_id: str | None = None,
+        **_ignored,  # KV hints and DP ranks do not change what the pools compute
     ) -> AsyncGenerator[RequestOutput, None]:
         if sampling_params.n > self._flow.config.max_n:
             raise VLLMValidationError(f"n must be at most {self._flow.config.max_n}", parameter="n", value=sampling_params.n)
@@ -80,7 +81,10 @@ class ClusterEngineClient(EngineClient):
         trace = context_of(trace_headers)
         streams = [
             self._flow.generate(
-                GenerationRequest(sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority, lora_request, trace), usage
+                GenerationRequest(
+                    sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority, lora_request, trace, session_id
+                ),
+                usage,
             )
             for (sample_id, p), usage in zip(samples, usages, strict=True)
         ]

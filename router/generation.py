@@ -19,6 +19,7 @@ class GenerationRequest:
     priority: int = 0  # vLLM's: lower runs first, in the router's queue and on the workers
     lora: LoRARequest | None = None  # vLLM's, as its OpenAI layer resolved the model name
     trace: Context | None = None  # the caller's trace (W3C headers it sent); None: the current one
+    session_id: str | None = None  # vLLM's (X-Session-ID, `session_id`, vllm_xargs): turns stay on one decode worker
 
 
 @dataclass

@@ -142,6 +142,8 @@ def _openai_body(request: inference_pb2.GenerateRequest, default_model: str) -> 
         body["request_id"] = request.request_id
     if request.priority:
         body["priority"] = request.priority
+    if request.session_id:
+        body["session_id"] = request.session_id
     for name in ("temperature", "top_p", "seed", "repetition_penalty", "min_p"):
         if request.HasField(name):
             body[name] = getattr(request, name)

@@ -36,6 +36,13 @@ class RouterMetrics:
         self.resumes = Counter("pdcluster_router_resumes", "Streams resumed on another decode worker mid-generation", registry=r)
         self.picks = Counter("pdcluster_router_worker_picks", "Workers chosen per request", ["role", "worker_id"], registry=r)
         self.bypass = Counter("pdcluster_router_prefill_bypass", "Requests run on a decode worker alone", ["reason"], registry=r)
+        self.sessions = Counter(
+            "pdcluster_router_session_turns",
+            "Turns of conversations with a session id: on their last turn's decode worker (kept), moved off a saturated "
+            "or gone one (moved), or the first this router saw (new)",
+            ["outcome"],
+            registry=r,
+        )
         self.placements = Counter(
             "pdcluster_router_placements",
             "Where prompts were computed (remote: a prefill worker; local: the decode worker), what decided "

@@ -39,6 +39,7 @@ from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement_prediction import PlacementPredictor
 from pdcluster.router.routing_policy import PrefillPlacement, PrefixIndex, pick_decode_worker, place_prefill
+from pdcluster.router.session_affinity import SessionAffinity
 from pdcluster.router.vllm_request_metrics import RequestTimeline
 from pdcluster.router.worker_calls import DecodeCall, WorkerFailed
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
@@ -76,6 +77,7 @@ class RequestFlow:
         self.config = config
         self.metrics = metrics
         self.prefix_index = PrefixIndex(config.prefix_index_blocks)
+        self.sessions = SessionAffinity()
         self.admission = AdmissionGate(config.max_inflight, config.max_queue, metrics)
         profile = load_profile(config.profile) if config.profile else None
         self.predictor = PlacementPredictor(profile, profile, config.slo) if profile else None
@@ -168,7 +170,7 @@ class RequestFlow:
         if params.max_tokens <= 0:  # the lost worker had sent every token but not the finish
             yield TokenDelta([], "", "length")
             return
-        route = await self._route(prompt, params, attempt, request.lora.lora_name if request.lora else None)
+        route = await self._route(prompt, params, attempt, request.lora.lora_name if request.lora else None, request.session_id)
         attempt_id = f"{request.request_id}-{attempt.number}"
         span.add_event("routed", {"pdcluster.attempt": attempt.number, "pdcluster.placement": route.placement.basis})
         computed_on_decode = 0 if route.prefill else len(prompt)  # queued there until its first token
@@ -209,8 +211,14 @@ class RequestFlow:
 
     # -- routing ------------------------------------------------------------------------
 
-    async def _route(self, prompt: list[int], params: SamplingParams, attempt: _Attempt, lora_name: str | None) -> _Route:
-        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens, lora_name)
+    async def _route(
+        self, prompt: list[int], params: SamplingParams, attempt: _Attempt, lora_name: str | None, session_id: str | None
+    ) -> _Route:
+        last = self.sessions.worker_of(session_id)
+        decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens, lora_name, last)
+        if session_id:
+            self.metrics.sessions.labels("new" if not last else "kept" if decode.worker_id == last else "moved").inc()
+            self.sessions.ran_on(session_id, decode.worker_id)
         placed_at = time.monotonic()
         placement = self._place_prefill(prompt, attempt, decode, lora_name)
         self._note_pick(decode, Role.DECODE)

@@ -102,18 +102,27 @@ def _load(worker: WorkerView) -> int:
     return max(stats.running + stats.queued, worker.load.inflight)
 
 
-def pick_decode_worker(workers: list[WorkerView], total_tokens: int, lora_name: str | None = None) -> WorkerView | None:
-    """Prefer workers with room for the whole sequence, then the least loaded (counting a
-    LoRA adapter to load as requests), then the most free KV, then the one picked least
-    recently."""
+def _fits(w: WorkerView, total_tokens: int) -> bool:
+    blocks_needed = -(-total_tokens // max(w.stats.block_size, 1))
+    return w.stats.free_kv_blocks >= blocks_needed or w.stats.total_kv_blocks == 0
+
+
+def pick_decode_worker(
+    workers: list[WorkerView], total_tokens: int, lora_name: str | None = None, session_worker: str = ""
+) -> WorkerView | None:
+    """A conversation's next turn stays on `session_worker`, its last one's, until that worker
+    is saturated: it lacks KV room for the sequence or has requests waiting. Otherwise prefer
+    workers with room for the whole sequence, then the least loaded (counting a LoRA adapter to
+    load as requests), then the most free KV, then the one picked least recently."""
     if not workers:
         return None
+    for w in workers:
+        if w.worker_id == session_worker and _fits(w, total_tokens) and not w.stats.queued:
+            return w
 
     def key(w: WorkerView):
-        blocks_needed = -(-total_tokens // max(w.stats.block_size, 1))
-        fits = w.stats.free_kv_blocks >= blocks_needed or w.stats.total_kv_blocks == 0
         load = _load(w) + ADAPTER_LOAD_COST_REQUESTS * _lacks_adapter(w, lora_name)
-        return (not fits, load, -int(w.stats.free_kv_blocks), w.load.last_picked)
+        return (not _fits(w, total_tokens), load, -int(w.stats.free_kv_blocks), w.load.last_picked)
 
     return min(workers, key=key)
 

@@ -267,6 +267,23 @@ def test_chat_streamed_equals_unary(client, tokenizer):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_a_session_id_reaches_routing_however_vllm_takes_it(cluster, http, client):
+    """vLLM's X-Session-ID header, its `session_id` field and the gRPC field: one conversation."""
+
+    def turns(outcome: str) -> float:
+        return metric(http, "pdcluster_router_session_turns_total", f'outcome="{outcome}"')
+
+    new, kept = turns("new"), turns("kept")
+    session = f"chat-{secrets.token_hex(4)}"
+    client.completions.create(model=MODEL, prompt=SHORT_PROMPT, max_tokens=2, extra_headers={"X-Session-ID": session})
+    messages = [{"role": "user", "content": "And then?"}]
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body={"session_id": session})
+    channel, stub = grpc_stub(cluster)
+    with channel:
+        list(stub.Generate(ipb.GenerateRequest(prompt=SHORT_PROMPT, max_tokens=2, session_id=session)))
+    assert (turns("new") - new, turns("kept") - kept) == (1, 2)
+
+
 def test_n_seed_and_stop(client, long_prompt):
     many = client.completions.create(
         model=MODEL, prompt=long_prompt, max_tokens=8, temperature=1.0, seed=3, n=3, extra_body={"ignore_eos": True}

@@ -47,6 +47,7 @@ class Behaviour:
     failures_left: int | None = None  # how many calls may fail (None: all); share one Behaviour to share the count
     hang_after: int | None = None  # stop answering (this call, and Stats: a frozen worker) after this many tokens
     token_delay_s: float = 0.0
+    queued: int = 0  # requests its Stats say wait in its engine (a saturated worker)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             worker_id=f"{self.role}-{self.address}",
             pid=os.getpid(),
             running=running,
+            queued=self.behaviour.queued,
             free_kv_blocks=1000,
             total_kv_blocks=1000,
             kv_endpoint=f"kv-{self.address}",

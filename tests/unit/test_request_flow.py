@@ -43,11 +43,13 @@ async def fake_cluster(tokenizer, prefill=(Behaviour(),), decode=(Behaviour(),),
             await w.stop()
 
 
-async def run(flow: RequestFlow, prompt=PROMPT, priority: int = 0, lora=None, **params):
+async def run(flow: RequestFlow, prompt=PROMPT, priority: int = 0, lora=None, session_id=None, **params):
     params.setdefault("max_tokens", 12)
     params.setdefault("temperature", 0.0)
     usage = Usage()
-    request = GenerationRequest(uuid.uuid4().hex, list(prompt), SamplingParams(**params), priority=priority, lora=lora)
+    request = GenerationRequest(
+        uuid.uuid4().hex, list(prompt), SamplingParams(**params), priority=priority, lora=lora, session_id=session_id
+    )
     deltas = [d async for d in flow.generate(request, usage)]
     return deltas, usage
 
@@ -98,6 +100,32 @@ async def test_a_lora_request_names_its_adapter_to_both_workers(tokenizer):
             assert (call.request.lora.name, call.request.lora.path) == ("tiny-lora", "/adapters/tiny")
         await run(flow)
         assert not decode.calls_of("Decode")[1].request.HasField("lora")
+
+
+async def test_a_sessions_turns_stay_on_one_decode_worker_until_it_is_saturated(tokenizer):
+    async with fake_cluster(tokenizer, decode=(Behaviour(), Behaviour())) as (flow, (_, d1, d2)):
+
+        def decoded_on() -> list[str]:
+            return [w.address for w in (d1, d2) for _ in w.calls_of("Decode")]
+
+        await run(flow, session_id="chat-1")
+        (first,) = decoded_on()
+        for _ in range(3):  # without a session these would alternate between the two
+            await run(flow, session_id="chat-1")
+        assert decoded_on() == [first] * 4
+        await run(flow)
+        await run(flow)
+        assert sorted(decoded_on()) == sorted([first] * 5 + [d2.address if first == d1.address else d1.address])
+        # Its worker now has requests waiting: the next turn moves, and stays where it moved.
+        busy = d1 if first == d1.address else d2
+        busy.behaviour.queued = 3
+        await asyncio.sleep(0.4)  # the pool's next Stats poll
+        await run(flow, session_id="chat-1")
+        await run(flow, session_id="chat-1")
+        other = (d2 if busy is d1 else d1).calls_of("Decode")
+        assert len(other) == 3  # one request without a session, and the two moved turns
+        assert [metric(flow, "pdcluster_router_session_turns_total", outcome=o) for o in ("new", "kept", "moved")] == [1, 4, 1]
+        assert_at_rest(flow)
 
 
 async def test_short_prompt_bypasses_prefill(tokenizer):
