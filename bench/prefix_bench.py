@@ -91,11 +91,11 @@ def main(
     print(f"\n{len(trace)} requests at {trace_rate(trace):g} req/s, {cache}; tier {tier_gib:g} GiB per worker")
     print(f"ceiling (one unbounded cache): {ceiling:.1%} of prompt tokens cached")
     print(f"{'routing':<20} {'done':>5} {'hit rate':>9} {'/ ceiling':>9} {'recomputed':>11} {'TTFT p50/p90/p99 ms':>22}")
+    recomputed = {label: round(prompt_tokens * (1 - (r.prefix_cache_hit_rate or 0.0))) for label, r in results.items()}
     for label, r in results.items():
         hit = r.prefix_cache_hit_rate or 0.0
-        recomputed = round(prompt_tokens * (1 - hit))
         print(
-            f"{label:<20} {r.completed:>5} {hit:>9.1%} {hit / ceiling if ceiling else 0:>9.2f} {recomputed:>11} {format_ms(r.ttft_ms):>22}"
+            f"{label:<20} {r.completed:>5} {hit:>9.1%} {hit / ceiling if ceiling else 0:>9.2f} {recomputed[label]:>11} {format_ms(r.ttft_ms):>22}"
         )
         for error in r.errors:
             print(f"{'':<20} failed: {error}")
@@ -109,7 +109,7 @@ def main(
         "modes": {
             label: {
                 "prefix_cache_hit_rate": r.prefix_cache_hit_rate,
-                "prompt_tokens_recomputed": round(prompt_tokens * (1 - (r.prefix_cache_hit_rate or 0.0))),
+                "prompt_tokens_recomputed": recomputed[label],
                 "ttft_ms": r.ttft_ms,
                 "completed": r.completed,
                 "failed": r.failed,

@@ -67,8 +67,6 @@ class PdConnectorWorker:
             logger.info("pdcluster host KV tier: %d blocks in %s", self._tier_slots, self.tier.path)
         if self._settings.endpoint_file:
             record = {"endpoint": self.kv.address, "engine_id": self._engine_id, "pid": os.getpid()}
-            if self.tier is not None:
-                record["tier_file"] = self.tier.path
             write_atomically(self._settings.endpoint_file, json.dumps(record))
 
     def start_load_kv(self, meta: PdConnectorMetadata) -> None:

@@ -26,32 +26,31 @@ class HostKVTier:
         directory = directory or DEFAULT_DIR
         _remove_orphans(directory)
         self.path = os.path.join(directory, f"{_PREFIX}{name}-{os.getpid()}")
-        self.slot_bytes = layout.block_bytes * len(layers)
-        self.num_slots = num_slots
-        self._file = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(num_slots, self.slot_bytes))
+        self._file = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(num_slots, layout.block_bytes * len(layers)))
         self._slots = torch.from_numpy(self._file)
         self._checksums = np.zeros(num_slots, dtype=np.uint64)
 
+    def _pieces(self, slot: int):
+        """Each layer with its piece of the slot."""
+        row, bb = self._slots[slot], self._layout.block_bytes
+        return ((layer, row[i * bb : (i + 1) * bb]) for i, layer in enumerate(self._layers))
+
     def store(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
-        bb = self._layout.block_bytes
         for block_id, slot in zip(block_ids, slots, strict=True):
-            row = self._slots[slot]
-            for i, layer in enumerate(self._layers):
-                self._layout.pack(layer, [block_id], into=row[i * bb : (i + 1) * bb])
-            self._checksums[slot] = payload_checksum(tensor_bytes(row))
+            for layer, piece in self._pieces(slot):
+                self._layout.pack(layer, [block_id], into=piece)
+            self._checksums[slot] = payload_checksum(tensor_bytes(self._slots[slot]))
 
     def load(self, slots: Sequence[int], block_ids: Sequence[int]) -> set[int]:
         """Copy slots into engine blocks; returns the blocks left unwritten because their slot
         failed its checksum."""
-        bb = self._layout.block_bytes
         failed: set[int] = set()
         for slot, block_id in zip(slots, block_ids, strict=True):
-            row = self._slots[slot]
-            if payload_checksum(tensor_bytes(row)) != int(self._checksums[slot]):
+            if payload_checksum(tensor_bytes(self._slots[slot])) != int(self._checksums[slot]):
                 failed.add(block_id)
                 continue
-            for i, layer in enumerate(self._layers):
-                self._layout.unpack(tensor_bytes(row[i * bb : (i + 1) * bb]), layer, [block_id])
+            for layer, piece in self._pieces(slot):
+                self._layout.unpack(tensor_bytes(piece), layer, [block_id])
         return failed
 
     def close(self) -> None:

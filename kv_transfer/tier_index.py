@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 class TierIndex:
     def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
         self._slots: OrderedDict[bytes, int] = OrderedDict()  # oldest use first
         self._free = list(range(num_slots - 1, -1, -1))
         self._gone: list[bytes] = []  # evicted or dropped since `take_gone`

@@ -8,7 +8,7 @@ does not already hold in its prefix cache (the approach Dynamo's KV router and l
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from pdcluster.router.config import RouterConfig
@@ -40,24 +40,12 @@ class PrefixIndex:
 
     def overlap_blocks(self, worker_id: str, hashes: list[int]) -> int:
         """How many leading blocks of the prompt the worker is likely to have cached."""
-        blocks: dict[int, None] = self._blocks.get(worker_id, {})
-        count = 0
-        for h in hashes:
-            if h not in blocks:
-                break
-            count += 1
-        return count
+        return _leading(hashes, self._blocks.get(worker_id, {}))
 
     def held_blocks(self, worker_id: str, hashes: list[int]) -> int:
-        """How many leading blocks of the prompt the worker holds in its engine cache or its tier."""
-        blocks: dict[int, None] = self._blocks.get(worker_id, {})
-        tier = self._tier.get(worker_id, set())
-        count = 0
-        for h in hashes:
-            if h not in blocks and h not in tier:
-                break
-            count += 1
-        return count
+        """How many leading blocks of the prompt the worker holds in its engine cache or its
+        tier (never fewer than `overlap_blocks`)."""
+        return _leading(hashes, self._blocks.get(worker_id, {}), self._tier.get(worker_id, set()))
 
     def remove(self, worker_id: str, hashes) -> None:
         """The worker evicted these blocks (its engine said so)."""
@@ -78,6 +66,16 @@ class PrefixIndex:
     def forget(self, worker_id: str) -> None:
         self._blocks.pop(worker_id, None)
         self._tier.pop(worker_id, None)
+
+
+def _leading(hashes: list[int], *held: Container[int]) -> int:
+    """How many of `hashes`, from the first, one of `held` contains, without a gap."""
+    count = 0
+    for h in hashes:
+        if not any(h in blocks for blocks in held):
+            break
+        count += 1
+    return count
 
 
 # What a worker without a request's LoRA adapter loaded costs in the choice: loading it takes
@@ -140,7 +138,7 @@ def pick_prefill_worker(
         block_size = max(w.stats.block_size, 1)
         hashes = hashes_for(block_size)
         cached = index.overlap_blocks(w.worker_id, hashes) * block_size
-        overlap = max(cached, index.held_blocks(w.worker_id, hashes) * block_size)
+        overlap = index.held_blocks(w.worker_id, hashes) * block_size
         loaded = TIER_LOAD_COST * (overlap - cached)  # what the tier's blocks cost to copy back
         work = queued_prefill_tokens(w) + prompt_len - overlap + loaded + ADAPTER_LOAD_COST_TOKENS * _lacks_adapter(w, lora_name)
         key = (work, _load(w), w.load.last_picked)

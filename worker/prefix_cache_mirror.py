@@ -25,23 +25,22 @@ WATCH_BACKLOG = 1024  # updates a watching router may lag behind before it is dr
 
 class _HeldBlocks:
     """What one medium holds: each vLLM block's name, and how many blocks hold each name
-    (salted twins)."""
+    (salted twins); and, within one batch of events, the names that came or went."""
 
     def __init__(self) -> None:
         self.names: dict[object, int] = {}  # vLLM block hash -> our name
         self.held: collections.Counter[int] = collections.Counter()
+        self._known_before: dict[int, bool] = {}  # each name that came or went: whether routers knew it
 
-    def add(self, vllm_hash: object, name: int) -> bool:
-        """Whether the name is new here."""
+    def add(self, vllm_hash: object, name: int) -> None:
         if vllm_hash in self.names:
-            return False
+            return
         self.names[vllm_hash] = name
+        if not self.held[name]:
+            self._known_before.setdefault(name, False)
         self.held[name] += 1
-        return self.held[name] == 1
 
-    def remove(self, vllm_hashes) -> list[int]:
-        """The names no block holds any more."""
-        gone = []
+    def remove(self, vllm_hashes) -> None:
         for vllm_hash in vllm_hashes:
             name = self.names.pop(vllm_hash, None)
             if name is None:
@@ -49,14 +48,19 @@ class _HeldBlocks:
             self.held[name] -= 1
             if self.held[name] == 0:
                 del self.held[name]
-                gone.append(name)
-        return gone
+                self._known_before.setdefault(name, True)
 
+    def clear(self) -> None:
+        self.names.clear()
+        self.held.clear()
+        self._known_before.clear()
 
-def _changes(before: dict[int, bool], medium: _HeldBlocks) -> tuple[list[int], list[int]]:
-    """Names routers must learn, and names they must forget, from whether they knew each."""
-    stored = [n for n, known in before.items() if not known and n in medium.held]
-    return stored, [n for n, known in before.items() if known and n not in medium.held]
+    def changes(self) -> tuple[list[int], list[int]]:
+        """Names routers must learn, and names they must forget, since the last call: within a
+        batch only the end counts."""
+        before, self._known_before = self._known_before, {}
+        stored = [n for n, known in before.items() if not known and n in self.held]
+        return stored, [n for n, known in before.items() if known and n not in self.held]
 
 
 class PrefixCacheMirror:
@@ -84,30 +88,19 @@ class PrefixCacheMirror:
         """Fold one vLLM `KVEventBatch` in; the update routers need, or None for no change."""
         from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
-        # Per medium, each name that came or went: whether routers knew it.
-        held_before: dict[int, dict[int, bool]] = {id(self._engine): {}, id(self._tier): {}}
         reset = False
         for event in batch.events:
             if isinstance(event, BlockStored):
-                medium = self._medium(event.medium)
-                came, went = self._store(event, medium), []
+                self._store(event, self._medium(event.medium))
             elif isinstance(event, BlockRemoved):
-                medium = self._medium(event.medium)
-                came, went = [], medium.remove(event.block_hashes)
+                self._medium(event.medium).remove(event.block_hashes)
             else:  # AllBlocksCleared: the engine's cache was reset
-                self._engine.names.clear()
-                self._engine.held.clear()
+                self._engine.clear()
                 reset = True
-                continue
-            before = held_before[id(medium)]
-            for name in came:
-                before.setdefault(name, False)
-            for name in went:
-                before.setdefault(name, True)
+        stored, removed = self._engine.changes()
+        tier_stored, tier_removed = self._tier.changes()
         if reset:
             return self.snapshot()
-        stored, removed = _changes(held_before[id(self._engine)], self._engine)
-        tier_stored, tier_removed = _changes(held_before[id(self._tier)], self._tier)
         if not (stored or removed or tier_stored or tier_removed):
             return None
         return worker_pb2.PrefixCacheUpdate(
@@ -117,21 +110,18 @@ class PrefixCacheMirror:
     def _medium(self, medium: str | None) -> _HeldBlocks:
         return self._tier if medium == TIER_MEDIUM else self._engine
 
-    def _store(self, event, medium: _HeldBlocks) -> list[int]:
+    def _store(self, event, medium: _HeldBlocks) -> None:
         if event.parent_block_hash is None:
             parent = chain_root(event.lora_name)
         else:  # the parent may be in either medium: the engine evicts what the tier keeps
             h = event.parent_block_hash
             parent = next((m.names[h] for m in (self._engine, self._tier) if h in m.names), None)
             if parent is None:
-                return []  # its prefix was stored before this mirror listened: it cannot be named
+                return  # its prefix was stored before this mirror listened: it cannot be named
         size = self.block_size = event.block_size
-        new = []
         for i, vllm_hash in enumerate(event.block_hashes):
             parent = block_name(event.token_ids[i * size : (i + 1) * size], parent)
-            if medium.add(vllm_hash, parent):
-                new.append(parent)
-        return new
+            medium.add(vllm_hash, parent)
 
     def snapshot(self) -> worker_pb2.PrefixCacheUpdate:
         return worker_pb2.PrefixCacheUpdate(reset=True, block_size=self.block_size, stored=self.names, tier_stored=self.tier_names)
