@@ -25,7 +25,7 @@ from pdcluster.common.vllm_args import (
 )
 from pdcluster.common.worker_record import Role
 from pdcluster.kv_transfer.settings import TRANSPORTS, KVTransferSettings
-from pdcluster.router.config import RouterConfig
+from pdcluster.router.config import PoolCosts, RouterConfig
 from pdcluster.worker.config import EngineConfig, WorkerConfig
 
 
@@ -173,6 +173,7 @@ class ClusterSpec(_Strict):
                 "cluster_name": self.name,
                 "tls": self.tls,
                 "worker_token": self.auth_token,
+                "cost_per_hour": PoolCosts(prefill=self.prefill.cost_per_hour, decode=self.decode.cost_per_hour),
             }
         )
 

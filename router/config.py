@@ -16,6 +16,38 @@ PrefillRouting = Literal["kv-events", "guess", "round-robin"]
 PREFILL_ROUTING_MODES: tuple[str, ...] = get_args(PrefillRouting)
 
 
+class TenantConfig(BaseModel):
+    """One customer of the endpoint: its API keys, its admission class, its limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    api_keys: list[str] = Field(min_length=1, description="`Authorization: Bearer KEY` values that identify the tenant")
+    priority: int = Field(0, description="admission class: a lower class is admitted first; fair shares within a class")
+    max_concurrent: int = Field(0, ge=0, description="requests (samples) admitted or queued at once; past it: 429 (0: no limit)")
+    tokens_per_minute: int = Field(
+        0, ge=0, description="prompt plus generated tokens over the last 60 s; past it: 429 until enough age out (0: no limit)"
+    )
+    models: list[str] = Field(default_factory=list, description="model names it may use (served names or adapters; empty: all)")
+    response_cache: bool = Field(False, description="answer its exact repeats of deterministic requests from the response cache")
+
+
+class ResponseCacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("", description="redis://HOST:PORT/DB of the response cache (default: the --registry)")
+    ttl_s: float = Field(3600.0, gt=0, description="how long a cached response is served")
+
+
+class PoolCosts(BaseModel):
+    """USD per replica-hour of each pool (the spec's pools' `cost_per_hour`): what /v1/usage bills."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefill: float = Field(0.0, ge=0, description="USD per prefill replica-hour")
+    decode: float = Field(0.0, ge=0, description="USD per decode replica-hour")
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in the spec is an error, not a default
 
@@ -47,6 +79,14 @@ class RouterConfig(BaseModel):
     api_key: str = Field(
         "", description="require `Authorization: Bearer KEY`; empty: no auth", json_schema_extra={"env": "PDCLUSTER_API_KEY"}
     )
+    tenants: list[TenantConfig] = Field(
+        default_factory=list, description="the endpoint's tenants; with them, each tenant's keys are the API keys"
+    )
+    tenants_file: str = Field(
+        "", description="a YAML list of tenants (as `tenants:` in the spec), e.g. a mounted Kubernetes Secret; added to `tenants`"
+    )
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    cost_per_hour: PoolCosts = Field(default_factory=PoolCosts, description="set from the spec's pools")
     bypass_prefill_below_tokens: int = Field(
         64,
         description="prompts shorter than this many tokens skip remote prefill (before any prediction)",
@@ -96,6 +136,6 @@ def parse_router_args(argv: list[str] | None = None) -> RouterConfig:
         description="pdcluster router; any other flag is one of `vllm serve`'s, for vLLM's OpenAI layer",
         allow_abbrev=False,  # a vLLM flag must never be taken for a prefix of one of ours
     )
-    add_model_flags(parser, RouterConfig, exclude=("vllm_args", "engine"))  # both: vLLM's flags
+    add_model_flags(parser, RouterConfig, exclude=("vllm_args", "engine", "tenants"))  # vLLM's flags; tenants: --tenants-file
     args, vllm_args = parser.parse_known_args(argv)
     return RouterConfig.model_validate(merged(env_values(RouterConfig), {**flag_values(args), "vllm_args": vllm_args}))

@@ -9,6 +9,7 @@ vLLM RequestOutputs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 
 from vllm.engine.protocol import EngineClient
@@ -25,8 +26,14 @@ from pdcluster.common.tracing import context_of
 from pdcluster.common.worker_record import ROLES
 from pdcluster.protos import worker_pb2
 from pdcluster.router import worker_calls
+from pdcluster.router.caller import Caller, current_caller
+from pdcluster.router.config import TenantConfig
+from pdcluster.router.errors import Overloaded
 from pdcluster.router.generation import GenerationRequest, TokenDelta, Usage
 from pdcluster.router.request_flow import RequestFlow
+from pdcluster.router.response_cache import CachedSample, ResponseCache, cache_key, cacheable
+from pdcluster.router.tenant_usage import TenantUsage, UsageFigures
+from pdcluster.router.tenants import Tenants
 from pdcluster.router.worker_pool import WorkerPool
 
 SUPPORTED_TASKS: tuple[SupportedTask, ...] = ("generate",)
@@ -37,8 +44,20 @@ async def _per_engine(*args, **kwargs):
 
 
 class ClusterEngineClient(EngineClient):
-    def __init__(self, vllm_config, renderer, flow: RequestFlow, pool: WorkerPool, tracing: bool = False) -> None:
-        """`tracing`: the router exports OpenTelemetry spans (vLLM's --otlp-traces-endpoint)."""
+    def __init__(
+        self,
+        vllm_config,
+        renderer,
+        flow: RequestFlow,
+        pool: WorkerPool,
+        tenants: Tenants,
+        usage: TenantUsage,
+        served_name: str,
+        response_cache: ResponseCache | None = None,
+        tracing: bool = False,
+    ) -> None:
+        """`served_name`: the base model's name in usage; `tracing`: the router exports
+        OpenTelemetry spans (vLLM's --otlp-traces-endpoint)."""
         self.vllm_config = vllm_config
         self._tracing = tracing
         self.model_config = vllm_config.model_config
@@ -46,11 +65,24 @@ class ClusterEngineClient(EngineClient):
         self.input_processor = InputProcessor(vllm_config, renderer)
         self._flow = flow
         self._pool = pool
+        self._tenants = tenants
+        self._usage = usage
+        self._served_name = served_name
+        self._cache = response_cache
 
     # -- generation ---------------------------------------------------------------------
 
     def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+        """Before a response starts (so that a refusal is its status): the tenant's limits, then the router's queue."""
+        self._admit(current_caller(), n)
         self._flow.admission.check(n)
+
+    def _admit(self, caller: Caller, n: int) -> None:
+        refusal = self._tenants.admission_refusal(caller.tenant, n, time.monotonic())
+        if refusal is not None:
+            caller.retry_after_s = refusal.retry_after_s
+            self._usage.refusals.labels(caller.tenant.name, refusal.reason).inc()
+            raise Overloaded(refusal.message)
 
     async def generate(
         self,
@@ -77,43 +109,101 @@ class ClusterEngineClient(EngineClient):
         params = sampling_params.clone()
         params.max_tokens = checked.sampling_params.max_tokens
         samples = _samples(checked, request_id, params)
-        usages = [Usage() for _ in samples]
-        trace = context_of(trace_headers)
-        streams = [
-            self._flow.generate(
+        caller = current_caller()
+        tenant = caller.tenant
+        model = lora_request.lora_name if lora_request else self._served_name
+        self._admit(caller, len(samples))  # again: between the check and here, others may have come
+        self._tenants.open[tenant.name] += len(samples)
+        self._tenants.charge(tenant, len(prompt_ids))
+        used = UsageFigures(requests=1, prompt_tokens=len(prompt_ids))
+        try:
+            key = None
+            if self._cache is not None and caller.uses_cache and cacheable(params):
+                key = cache_key(tenant.name, model, prompt_ids, params)
+                if cached := await self._cache.get(key):
+                    caller.cache = "hit"
+                    self._flow.metrics.response_cache.labels("hit").inc()
+                    used.cache_hits, used.cached_tokens = 1, len(prompt_ids)
+                    used.completion_tokens = sum(len(c.token_ids) for c in cached)
+                    for output in _replayed(request_id, prompt_ids, cached, params.output_kind):
+                        yield output
+                    return
+                caller.cache = "miss"
+                self._flow.metrics.response_cache.labels("miss").inc()
+            trace = context_of(trace_headers)
+            requests = [
                 GenerationRequest(
-                    sample_id, prompt_ids, p, reasoning_ended, reasoning_parser_kwargs, priority, lora_request, trace, session_id
-                ),
-                usage,
-            )
-            for (sample_id, p), usage in zip(samples, usages, strict=True)
-        ]
-        outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(samples))]
-        unfinished = len(samples)
-        kind = params.output_kind
+                    sample_id,
+                    prompt_ids,
+                    p,
+                    reasoning_ended,
+                    reasoning_parser_kwargs,
+                    priority,
+                    lora_request,
+                    trace,
+                    session_id,
+                    tenant.name,
+                    tenant.priority,
+                )
+                for sample_id, p in samples
+            ]
+            async for output in self._generate(request_id, requests, params.output_kind, tenant, used, key):
+                yield output
+        finally:
+            self._tenants.open[tenant.name] -= len(samples)
+            self._usage.record(tenant.name, model, used)
+
+    async def _generate(
+        self,
+        request_id: str,
+        requests: list[GenerationRequest],
+        kind: RequestOutputKind,
+        tenant: TenantConfig,
+        used: UsageFigures,
+        key: str | None,
+    ):
+        """The samples' RequestOutputs as `kind` asks; counts what they used in `used`, and
+        stores the whole answer under `key` once every sample finished."""
+        prompt_ids = requests[0].prompt_token_ids
+        usages = [Usage() for _ in requests]
+        streams = [self._flow.generate(request, usage) for request, usage in zip(requests, usages, strict=True)]
+        outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(requests))]
+        whole = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(requests))]
+        unfinished = len(requests)
         prompt_logprobs_shown = False  # in deltas, once: the first sample to have them brings them
-        async for index, delta in merge_async_iterators(*streams):
-            output = outputs[index]
-            _accumulate(output, delta, keep=kind != RequestOutputKind.DELTA)
-            unfinished -= bool(delta.finish_reason)
-            if kind == RequestOutputKind.FINAL_ONLY and unfinished:
-                continue
-            shown = (
-                outputs
-                if kind == RequestOutputKind.FINAL_ONLY
-                else [_as_delta(output, delta) if kind == RequestOutputKind.DELTA else output]
+        try:
+            async for index, delta in merge_async_iterators(*streams):
+                output = outputs[index]
+                _accumulate(output, delta, keep=kind != RequestOutputKind.DELTA)
+                _accumulate(whole[index], delta, keep=key is not None)
+                self._tenants.charge(tenant, len(delta.token_ids))
+                unfinished -= bool(delta.finish_reason)
+                if kind == RequestOutputKind.FINAL_ONLY and unfinished:
+                    continue
+                shown = (
+                    outputs
+                    if kind == RequestOutputKind.FINAL_ONLY
+                    else [_as_delta(output, delta) if kind == RequestOutputKind.DELTA else output]
+                )
+                prompt_logprobs = None if prompt_logprobs_shown else usages[index].prompt_logprobs
+                prompt_logprobs_shown |= kind == RequestOutputKind.DELTA and prompt_logprobs is not None
+                yield RequestOutput(
+                    request_id=request_id,
+                    prompt=None,
+                    prompt_token_ids=prompt_ids,
+                    prompt_logprobs=prompt_logprobs,
+                    outputs=shown,
+                    finished=not unfinished,
+                    num_cached_tokens=max(u.cached_tokens for u in usages),
+                )
+        finally:
+            used.cached_tokens = max(u.cached_tokens for u in usages)
+            used.completion_tokens = sum(u.completion_tokens for u in usages)
+        if key is not None and self._cache is not None and not unfinished:
+            await self._cache.put(
+                key, [CachedSample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason, o.cumulative_logprob) for o in whole]
             )
-            prompt_logprobs = None if prompt_logprobs_shown else usages[index].prompt_logprobs
-            prompt_logprobs_shown |= kind == RequestOutputKind.DELTA and prompt_logprobs is not None
-            yield RequestOutput(
-                request_id=request_id,
-                prompt=None,
-                prompt_token_ids=prompt_ids,
-                prompt_logprobs=prompt_logprobs,
-                outputs=shown,
-                finished=not unfinished,
-                num_cached_tokens=max(u.cached_tokens for u in usages),
-            )
+            self._flow.metrics.response_cache.labels("stored").inc()
 
     async def abort(self, request_id) -> None:
         """Nothing to do: closing the generate() stream cancels the request on its workers."""
@@ -188,6 +278,33 @@ def _samples(checked, request_id: str, params: SamplingParams) -> list[tuple[str
     checked.request_id, checked.external_req_id, checked.sampling_params = request_id, request_id, params
     parent = ParentRequest(checked)
     return [parent.get_child_info(index) for index in range(params.n)]
+
+
+def _replayed(request_id: str, prompt_ids: list[int], cached: list[CachedSample], kind: RequestOutputKind):
+    """A cached answer as RequestOutputs: each sample whole, in one piece (all at once when `kind` is FINAL_ONLY)."""
+    outputs = [
+        CompletionOutput(
+            index=i,
+            text=c.text,
+            token_ids=c.token_ids,
+            cumulative_logprob=c.cumulative_logprob,
+            logprobs=None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+        for i, c in enumerate(cached)
+    ]
+    groups = [outputs] if kind == RequestOutputKind.FINAL_ONLY else [[o] for o in outputs]
+    for number, group in enumerate(groups, 1):
+        yield RequestOutput(
+            request_id=request_id,
+            prompt=None,
+            prompt_token_ids=prompt_ids,
+            prompt_logprobs=None,
+            outputs=group,
+            finished=number == len(groups),
+            num_cached_tokens=len(prompt_ids),
+        )
 
 
 def _accumulate(output: CompletionOutput, delta: TokenDelta, keep: bool) -> None:

@@ -20,6 +20,8 @@ class GenerationRequest:
     lora: LoRARequest | None = None  # vLLM's, as its OpenAI layer resolved the model name
     trace: Context | None = None  # the caller's trace (W3C headers it sent); None: the current one
     session_id: str | None = None  # vLLM's (X-Session-ID, `session_id`, vllm_xargs): turns stay on one decode worker
+    tenant: str = ""  # whose request: admission shares slots fairly between tenants of a class
+    tenant_class: int = 0  # the tenant's admission class (lower first)
 
 
 @dataclass

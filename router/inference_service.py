@@ -20,11 +20,14 @@ from vllm.entrypoints.serve.exception_handling.error_response import ErrorRespon
 
 from pdcluster.common.tracing import context_of
 from pdcluster.protos import inference_pb2, inference_pb2_grpc
+from pdcluster.router.caller import Caller, current_caller, set_caller
 from pdcluster.router.router_service import Router
+from pdcluster.router.tenants import Tenants
 
 _GRPC_CODES = {
     HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
     HTTPStatus.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    HTTPStatus.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
     HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     HTTPStatus.UNPROCESSABLE_ENTITY: grpc.StatusCode.INVALID_ARGUMENT,
@@ -37,6 +40,12 @@ class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+    async def abort(self, context) -> None:
+        """End the call with this status; a refusal for a limit says when to retry (`retry-after`)."""
+        if self.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            context.set_trailing_metadata((("retry-after", str(current_caller().retry_after_s or 1)),))
+        await context.abort(self.code, self.message)
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -58,7 +67,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if payload.get("usage") and finished is not None:
                     finished.usage.CopyFrom(_usage(payload["usage"]))
         except _Refused as e:
-            await context.abort(e.code, e.message)
+            await e.abort(context)
         if finished is not None:
             yield finished
 
@@ -75,7 +84,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if payload.get("usage"):
                     whole.usage.CopyFrom(_usage(payload["usage"]))
         except _Refused as e:
-            await context.abort(e.code, e.message)
+            await e.abort(context)
         return whole
 
     async def _stream(self, request: inference_pb2.GenerateRequest, context):
@@ -83,6 +92,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         metadata = dict(context.invocation_metadata())
         if not self._router.authorizes(metadata.get("authorization", "")):
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
+        caller = Caller.from_headers(self._router.tenants, metadata)
+        set_caller(caller)
+        if refusal := Tenants.model_refusal(caller.tenant, request.model, self._router.served_model_names):
+            raise _Refused(_GRPC_CODES.get(refusal.status, grpc.StatusCode.PERMISSION_DENIED), refusal.message)
         # The caller's trace (W3C traceparent in the metadata), current while vLLM's serving
         # classes run the request: they take trace headers from HTTP requests only.
         trace = context_of(metadata)

@@ -36,6 +36,12 @@ class RouterMetrics:
         self.resumes = Counter("pdcluster_router_resumes", "Streams resumed on another decode worker mid-generation", registry=r)
         self.picks = Counter("pdcluster_router_worker_picks", "Workers chosen per request", ["role", "worker_id"], registry=r)
         self.bypass = Counter("pdcluster_router_prefill_bypass", "Requests run on a decode worker alone", ["reason"], registry=r)
+        self.response_cache = Counter(
+            "pdcluster_router_response_cache",
+            "Deterministic requests asked of the response cache (hit, miss) and answers stored",
+            ["outcome"],
+            registry=r,
+        )
         self.sessions = Counter(
             "pdcluster_router_session_turns",
             "Turns of conversations with a session id: on their last turn's decode worker (kept), moved off a saturated "

@@ -12,6 +12,7 @@ from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 from vllm.entrypoints.launchers.app import build_app
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+from pdcluster.router.caller import current_caller
 from pdcluster.router.cluster_view import ClusterView, ScrapeTargets, scrape_targets
 from pdcluster.router.engine_client import SUPPORTED_TASKS
 from pdcluster.router.router_service import Router
@@ -38,8 +39,16 @@ async def build_openai_app(router: Router) -> FastAPI:
 
 def _add_cluster_view(app: FastAPI, router: Router) -> None:
     def authorized(request: Request) -> None:
-        if not router.authorizes(request.headers.get("authorization", "")):
-            raise HTTPException(401, "a valid API key is required (Authorization: Bearer KEY)")
+        if not router.is_admin(request.headers.get("authorization", "")):
+            raise HTTPException(401, "the router's API key is required (Authorization: Bearer KEY)")
+
+    @app.get("/v1/usage")
+    async def usage(request: Request) -> dict:
+        """The caller's tenant's usage; every tenant's for the router's own key (vLLM's layer checks the key)."""
+        authorization = request.headers.get("authorization", "")
+        if router.is_admin(authorization):
+            return router.usage.report()
+        return router.usage.report([current_caller().tenant.name])
 
     @app.get("/cluster", dependencies=[Depends(authorized)])
     async def cluster() -> ClusterView:

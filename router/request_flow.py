@@ -88,7 +88,7 @@ class RequestFlow:
         timeline = self.metrics.vllm.timeline(len(request.prompt_token_ids), arrived) if self.metrics.vllm else None
         span = start_span("router.request", request.trace, SERVER, {"gen_ai.request.id": request.request_id})
         outcome, finish_reason = "error", "error"
-        async with self.admission.slot(request.priority):
+        async with self.admission.slot(request.priority, request.tenant, request.tenant_class):
             span.add_event("admitted")
             if timeline:
                 timeline.admit()

@@ -12,12 +12,16 @@ from pdcluster.common.tiny_model.generate import ensure_tiny_model
 from pdcluster.common.tracing import start_router_tracing
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flags, vllm_serve_args
 from pdcluster.common.worker_auth import token_metadata
+from pdcluster.common.worker_record import Role
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.engine_client import ClusterEngineClient
 from pdcluster.router.membership import MembershipFollower, follow_registry
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.prefix_cache_watch import PrefixCacheWatch
 from pdcluster.router.request_flow import RequestFlow
+from pdcluster.router.response_cache import ResponseCache
+from pdcluster.router.tenant_usage import TenantUsage
+from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, configured_tenants
 from pdcluster.router.worker_pool import WorkerPool
 
 
@@ -31,7 +35,8 @@ class Router:
         from vllm.usage.usage_lib import UsageContext
 
         self.config = config
-        self.vllm_args = vllm_serve_args(config.model or str(ensure_tiny_model()), config.vllm_args, config.api_key)
+        self.tenants = Tenants(configured_tenants(config), config.api_key)
+        self.vllm_args = vllm_serve_args(config.model or str(ensure_tiny_model()), config.vllm_args, self.tenants.api_keys)
         # As vLLM: served under each --served-model-name, or under --model as given.
         self.served_model_names = self.vllm_args.served_model_name or [self.vllm_args.model]
         # The workers' model config (their engine arguments that shape it, over pdcluster's
@@ -59,7 +64,26 @@ class Router:
         self.metrics = RouterMetrics(self.pool, vllm_config)
         renderer = renderer_from_config(vllm_config)
         self.flow = RequestFlow(self.pool, config, self.metrics, renderer.tokenizer)
-        self.engine = ClusterEngineClient(vllm_config, renderer, self.flow, self.pool, tracing=bool(traces_endpoint))
+        rates = config.cost_per_hour
+        self.usage = TenantUsage(
+            self.metrics.registry,
+            lambda: rates.prefill * len(self.pool.healthy(Role.PREFILL)) + rates.decode * len(self.pool.healthy(Role.DECODE)),
+        )
+        cache_url = config.response_cache.url or config.registry
+        self.response_cache = ResponseCache(cache_url, config.response_cache.ttl_s, config.cluster_name) if cache_url else None
+        if self.response_cache is None and any(t.response_cache for t in self.tenants.configured):
+            raise ValueError("a tenant uses the response cache, which needs Redis: set response_cache.url or --registry")
+        self.engine = ClusterEngineClient(
+            vllm_config,
+            renderer,
+            self.flow,
+            self.pool,
+            self.tenants,
+            self.usage,
+            self.served_model_names[0],
+            self.response_cache,
+            tracing=bool(traces_endpoint),
+        )
         self._membership = membership
         self._follower: MembershipFollower | None = None
         self._registry: RedisRegistry | None = None
@@ -68,9 +92,17 @@ class Router:
             self._prefix_watch = PrefixCacheWatch(self.pool, self.flow.prefix_index, config.health_interval_s)
 
     def authorizes(self, authorization: str) -> bool:
-        """Whether an `Authorization` value (header or gRPC metadata) carries the API key, if one is set."""
+        """Whether an `Authorization` value (header or gRPC metadata) carries an API key (the
+        router's or a tenant's), if any is set."""
+        return self.tenants.identify(authorization) is not None
+
+    def is_admin(self, authorization: str) -> bool:
+        """Whether it may see the whole cluster (its workers, every tenant's usage): the router's
+        own key, or, without one, anyone but a tenant."""
         key = self.config.api_key
-        return not key or hmac.compare_digest(authorization, f"Bearer {key}")
+        if key:
+            return hmac.compare_digest(authorization, f"Bearer {key}")
+        return self.tenants.identify(authorization) in (None, DEFAULT_TENANT)
 
     def _forget(self, worker) -> None:
         """A worker left the membership: its cached prefixes left with it."""
@@ -96,6 +128,8 @@ class Router:
             self._prefix_watch.start()
 
     async def close(self) -> None:
+        if self.response_cache is not None:
+            await self.response_cache.close()
         if self._prefix_watch is not None:
             await self._prefix_watch.close()
         if self._follower is not None:

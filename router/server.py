@@ -19,6 +19,7 @@ from pdcluster.common.tls import add_port
 from pdcluster.common.worker_record import RouterRecord
 from pdcluster.protos import inference_pb2_grpc
 from pdcluster.router.body_size_limit import BodySizeLimit
+from pdcluster.router.caller import CallerMiddleware
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.inference_service import InferenceService
 from pdcluster.router.listeners import PortTaken, RouterListeners, bind_listeners
@@ -45,7 +46,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
     https: dict[str, Any] = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
         uvicorn.Config(
-            BodySizeLimit(app, config.max_body_bytes),
+            BodySizeLimit(CallerMiddleware(app, router.tenants, router.served_model_names), config.max_body_bytes),
             log_level="warning",
             access_log=False,
             lifespan="off",

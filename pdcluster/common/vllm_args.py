@@ -73,7 +73,7 @@ def _engine_parser():
     return parser, vars(parser.parse_args([]))
 
 
-def vllm_serve_args(model_dir: str, flags: list[str], api_key: str = "") -> argparse.Namespace:
+def vllm_serve_args(model_dir: str, flags: list[str], api_keys: list[str] | None = None) -> argparse.Namespace:
     """`vllm serve MODEL FLAGS`, parsed and checked by vLLM: the model (tokenizer, context
     length, generation defaults) and the serving options (served model names, chat template,
     tool and reasoning parsers, ...), written as a vLLM user writes them."""
@@ -81,8 +81,8 @@ def vllm_serve_args(model_dir: str, flags: list[str], api_key: str = "") -> argp
 
     args = _serve_parser().parse_args(["--model", model_dir, *flags])
     validate_parsed_serve_args(args)
-    if api_key:
-        args.api_key = [api_key]
+    if api_keys:
+        args.api_key = api_keys
     return args
 
 

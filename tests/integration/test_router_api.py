@@ -661,3 +661,130 @@ def test_vllm_bench_serve_runs_against_the_router_unmodified(cluster, model_dir,
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "vllm_bench.json").read_text())
     assert result["completed"] == 8 and result["total_output_tokens"] == 8 * 8
+
+
+TENANTS = [
+    {"name": "acme", "api_keys": ["k-acme"], "response_cache": True},
+    {"name": "solo", "api_keys": ["k-solo"], "max_concurrent": 1},
+    {"name": "bursty", "api_keys": ["k-bursty"]},
+    {"name": "beta", "api_keys": ["k-beta"], "tokens_per_minute": 150},
+    {"name": "gamma", "api_keys": ["k-gamma"], "models": ["another-model"]},
+]
+
+
+def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_path, redis_url):
+    tenants_file = tmp_path / "tenants.yaml"
+    tenants_file.write_text(json.dumps(TENANTS))  # YAML, as a mounted Secret holds it
+    workers = cluster[1]
+    args = [
+        "--tenants-file",
+        str(tenants_file),
+        "--api-key",
+        "admin",
+        "--response-cache-url",
+        redis_url,
+        "--cost-per-hour-prefill",
+        "4",
+        "--cost-per-hour-decode",
+        "6",
+    ]
+    router = start_router([w.address for w in workers], [*args, "--max-inflight", "1", "--max-queue", "16", *SERVED_AS])
+    served: dict[str, list] = {}  # what each tenant was told it used
+
+    def complete(key: str, **kwargs) -> httpx.Response:
+        body = {"model": MODEL, "prompt": "The old mill", "max_tokens": 16, "temperature": 0, **kwargs}
+        response = http.post("/v1/completions", json=body, headers={"authorization": f"Bearer {key}"})
+        if response.status_code == 200:
+            served.setdefault(key, []).append(response.json()["usage"])
+        return response
+
+    try:
+        with httpx.Client(base_url=router.record.http, timeout=120) as http:
+            # A model the tenant may not use: 403, on both front doors.
+            assert _error(complete("k-gamma"), 403)["message"] == f"tenant gamma may not use the model {MODEL}"
+            with grpc.insecure_channel(router.record.grpc) as channel:
+                with pytest.raises(grpc.RpcError) as e:
+                    igrpc.InferenceStub(channel).Complete(
+                        ipb.GenerateRequest(prompt="hi", max_tokens=2), metadata=[("authorization", "Bearer k-gamma")]
+                    )
+                assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+            # The response cache: a greedy repeat is the same answer, from Redis; a sampled one never is.
+            first = complete("k-acme")
+            assert first.headers["x-response-cache"] == "miss"
+            again = complete("k-acme")
+            assert again.headers["x-response-cache"] == "hit" and again.json()["choices"] == first.json()["choices"]
+            body = {"model": MODEL, "prompt": "The old mill", "max_tokens": 16, "temperature": 0, "stream": True}
+            body["stream_options"] = {"include_usage": True}
+            streamed = http.post("/v1/completions", json=body, headers={"authorization": "Bearer k-acme"})
+            chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+            assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == first.json()["choices"][0]["text"]
+            served["k-acme"].append(chunks[-1]["usage"])
+            sampled = complete("k-acme", temperature=1.0)
+            assert "x-response-cache" not in sampled.headers
+            assert metric(http, "pdcluster_router_response_cache_total", 'outcome="hit"') == 2
+            assert metric(http, "pdcluster_router_response_cache_total", 'outcome="miss"') == 1
+            # The cache is opt in: another tenant's same request is computed.
+            assert "x-response-cache" not in complete("k-bursty").headers
+
+            # A tenant past its concurrency gets a 429 that says when to retry.
+            long = threading.Thread(target=complete, args=("k-solo",), kwargs={"max_tokens": 150, "ignore_eos": True})
+            long.start()
+            deadline = time.monotonic() + 60
+            while metric(http, "pdcluster_router_inflight_requests") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused = complete("k-solo")
+            assert (
+                _error(refused, 429)["message"].startswith("tenant solo has 1 requests running") and refused.headers["retry-after"] == "1"
+            )
+            long.join()
+
+            # Fair turns: while bursty's burst queues behind one slot, beta's requests take every other turn.
+            finished: list[str] = []
+            lock = threading.Lock()
+
+            def one(key: str, name: str) -> None:
+                assert complete(key, max_tokens=24, ignore_eos=True).status_code == 200
+                with lock:
+                    finished.append(name)
+
+            burst = [threading.Thread(target=one, args=("k-bursty", f"bursty{i}")) for i in range(6)]
+            for t in burst:
+                t.start()
+            while metric(http, "pdcluster_router_queue_depth") < 5 and time.monotonic() < deadline + 60:
+                time.sleep(0.05)
+            betas = [threading.Thread(target=one, args=("k-beta", f"beta{i}")) for i in range(2)]
+            for t in betas:
+                t.start()
+            for t in burst + betas:
+                t.join()
+            # Queued: bursty 1-5, then beta 0-1. First come would finish beta last; taking turns,
+            # beta's second is done while at least two of bursty's wait (one turn of slack).
+            assert max(finished.index("beta0"), finished.index("beta1")) <= len(finished) - 3, finished
+
+            # Tokens per minute: beta's two requests and one more pass 150 tokens; the next is refused until they age out.
+            assert complete("k-beta", max_tokens=100, ignore_eos=True).status_code == 200
+            over = complete("k-beta")
+            assert _error(over, 429)["message"] == "tenant beta used its 150 tokens per minute; retry later"
+            assert 1 < int(over.headers["retry-after"]) <= 60
+
+            # Usage: each tenant sees its own, equal to what its responses said; the router's key sees all, with cost.
+            mine = http.get("/v1/usage", headers={"authorization": "Bearer k-acme"}).json()
+            assert list(mine["tenants"]) == ["acme"]
+            acme = mine["tenants"]["acme"]["models"][MODEL]
+            told = served["k-acme"]
+            assert acme["requests"] == len(told) == 4 and acme["cache_hits"] == 2
+            assert acme["prompt_tokens"] == sum(u["prompt_tokens"] for u in told)
+            assert acme["completion_tokens"] == sum(u["completion_tokens"] for u in told)
+            everyone = http.get("/v1/usage", headers={"authorization": "Bearer admin"}).json()
+            assert {"acme", "solo", "bursty", "beta"} <= set(everyone["tenants"]) and everyone["cost_per_hour"] == 10  # 1 P + 1 D
+            beta = everyone["tenants"]["beta"]
+            assert beta["completion_tokens"] == sum(u["completion_tokens"] for u in served["k-beta"]) and beta["cost_usd"] > 0
+            assert beta["usd_per_million_tokens"] == pytest.approx(
+                beta["cost_usd"] * 1e6 / (beta["prompt_tokens"] + beta["completion_tokens"]), rel=1e-2
+            )
+            assert metric(http, "pdcluster_tenant_refusals_total", 'reason="tokens",tenant="beta"') == 1
+            assert metric(http, "pdcluster_tenant_requests_total", f'model="{MODEL}",tenant="bursty"') == 7
+            assert http.get("/cluster", headers={"authorization": "Bearer k-acme"}).status_code == 401  # a tenant is not the operator
+    finally:
+        router.stop()

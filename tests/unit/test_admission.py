@@ -72,3 +72,30 @@ def test_a_full_queue_refuses_and_the_slots_come_back():
             pass
 
     asyncio.run(run())
+
+
+def test_a_tenants_burst_does_not_starve_another_of_its_class():
+    async def run() -> list[str]:
+        g = gate(2, 20)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def request(name: str, tenant: str, tenant_class: int = 0) -> None:
+            async with g.slot(0, tenant, tenant_class):
+                order.append(name)
+                await release.wait()
+
+        tasks = [asyncio.create_task(request(f"a{i}", "a")) for i in range(8)]  # a's burst takes both slots, 6 queue
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(request(f"b{i}", "b")) for i in range(2)]
+        tasks.append(asyncio.create_task(request("gold", "c", tenant_class=-1)))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    order = asyncio.run(run())
+    # The lower class first; then the tenants of a class take turns.
+    assert order[:2] == ["a0", "a1"] and order[2] == "gold"
+    assert order[3:7] == ["a2", "b0", "a3", "b1"], order  # turns: a, b, a, b, then the rest of a's
+    assert sorted(order) == sorted([f"a{i}" for i in range(8)] + ["b0", "b1", "gold"])

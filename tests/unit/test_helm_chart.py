@@ -35,6 +35,7 @@ FULL_VALUES = {
         "vllmArgs": ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
         "profileJSON": (ROOT / "bench" / "profiles" / "cpu1-bench-llama.json").read_text(),
         "slo": {"ttftMs": 2000, "itlMs": 50},
+        "tenantsSecret": "pd-tenants",
     },
     "autoscaling": {"signal": "slo"},
     "prefill": {
@@ -147,6 +148,12 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     config = parse_router_args(router["args"])
     assert config.registry == spec.registry and config.tls.enabled and config.host == "0.0.0.0"
     assert config.vllm_args == ["--served-model-name", "llama", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    # Tenants from their Secret; usage billed at the pools' rates.
+    assert config.tenants_file == "/etc/pdcluster/tenants/tenants.yaml" and config.response_cache.ttl_s == 3600
+    assert {"name": "tenants", "mountPath": "/etc/pdcluster/tenants", "readOnly": True} in router["volumeMounts"]
+    volumes = docs[("Deployment", "demo-router")]["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tenants", "secret": {"secretName": "pd-tenants"}} in volumes
+    assert (config.cost_per_hour.prefill, config.cost_per_hour.decode) == (2.99, 0.0)
     # The profile travels in the ConfigMap; router and controller read it where the config is mounted.
     profile = EngineProfile.model_validate_json(docs[("ConfigMap", "demo-spec")]["data"]["profile.json"])
     assert profile.name == "cpu1-bench-llama-v1-s0"

@@ -1,0 +1,92 @@
+"""Tenants as the router decides on them: keys to tenants, the spec's and a file's tenants
+checked, the concurrency and tokens-per-minute limits with when to retry, the models a tenant
+may use, and usage with each tenant's share of the cost."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from pdcluster.router.config import RouterConfig, TenantConfig
+from pdcluster.router.tenant_usage import TenantUsage, UsageFigures
+from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, TokenWindow, configured_tenants
+
+ACME = TenantConfig(name="acme", api_keys=["k-acme", "k-acme-2"], max_concurrent=2, tokens_per_minute=1000, models=["small"])
+BETA = TenantConfig(name="beta", api_keys=["k-beta"], priority=1)
+
+
+def test_keys_name_their_tenant_and_the_routers_own_key_names_none():
+    tenants = Tenants([ACME, BETA], admin_key="admin")
+    assert tenants.identify("Bearer k-acme-2") == ACME and tenants.identify("Bearer k-beta") == BETA
+    assert tenants.identify("Bearer admin") == DEFAULT_TENANT
+    assert tenants.identify("Bearer nobody") is None and tenants.identify("") is None
+    assert sorted(tenants.api_keys) == ["admin", "k-acme", "k-acme-2", "k-beta"]
+    assert Tenants([]).identify("") == DEFAULT_TENANT  # no keys at all: everyone is the default tenant
+
+
+def test_tenants_come_from_the_spec_and_a_file_and_are_checked(tmp_path):
+    listed = tmp_path / "tenants.yaml"
+    listed.write_text(yaml.safe_dump([{"name": "beta", "api_keys": ["k-beta"], "priority": 1}]))
+    config = RouterConfig(tenants=[ACME], tenants_file=str(listed))
+    assert configured_tenants(config) == [ACME, BETA]
+    with pytest.raises(ValueError, match="names must be unique: acme"):
+        configured_tenants(RouterConfig(tenants=[ACME, ACME]))
+    with pytest.raises(ValueError, match="one tenant only"):
+        configured_tenants(RouterConfig(tenants=[ACME], api_key="k-acme"))
+    listed.write_text(yaml.safe_dump([{"name": "x", "api_keys": []}]))
+    with pytest.raises(ValidationError, match="api_keys"):
+        configured_tenants(RouterConfig(tenants_file=str(listed)))
+
+
+def test_a_tenant_past_its_concurrency_or_tokens_is_refused_with_when_to_retry():
+    tenants = Tenants([ACME])
+    assert tenants.admission_refusal(ACME, 2, now=0.0) is None
+    tenants.open["acme"] = 1
+    refusal = tenants.admission_refusal(ACME, 2, now=0.0)
+    assert refusal is not None and refusal.status == 429 and refusal.reason == "concurrency" and refusal.retry_after_s == 1
+    tenants.open["acme"] = 0
+    window = tenants._tokens["acme"]
+    window.add(600, now=10.2)
+    window.add(500, now=30.7)
+    refusal = tenants.admission_refusal(ACME, 1, now=40.0)
+    # 1100 tokens in the last minute: under 1000 once the first 600 age out, at 70 s.
+    assert refusal is not None and refusal.reason == "tokens" and refusal.retry_after_s == 30
+    assert tenants.admission_refusal(ACME, 1, now=70.5) is None
+    assert tenants.admission_refusal(BETA, 100, now=0.0) is None  # no limits
+
+
+def test_the_token_window_forgets_what_is_older_than_a_minute():
+    window = TokenWindow()
+    window.add(5, now=0.5)
+    window.add(7, now=0.9)
+    window.add(11, now=59.9)
+    assert window.seconds_until_under(20, now=30.0) == 30  # second 0's 12 tokens age out at 60 s
+    assert window.used(59.9) == 23 and window.used(60.0) == 11
+
+
+def test_a_tenant_may_use_only_its_models():
+    served = ["tiny", "tiny-alias"]
+    assert Tenants.model_refusal(ACME, "small", served) is None
+    refusal = Tenants.model_refusal(ACME, "tiny-alias", served)
+    assert refusal is not None and refusal.status == 403 and "may not use the model tiny" in refusal.message
+    assert Tenants.model_refusal(ACME, None, served) is not None  # no model named: the base model
+    assert Tenants.model_refusal(BETA, "anything", served) is None  # no list: every model
+
+
+def test_usage_shares_the_cost_by_tokens_served():
+    usage = TenantUsage(CollectorRegistry(), cost_per_hour=lambda: 36.0)
+    usage._accrued_at -= 100  # 100 s of a $36/h cluster: $1
+    usage.record("acme", "tiny", UsageFigures(requests=3, prompt_tokens=600, cached_tokens=100, completion_tokens=150))
+    usage.record("acme", "lora-a", UsageFigures(requests=1, prompt_tokens=50, completion_tokens=200))
+    usage.record("beta", "tiny", UsageFigures(requests=4, prompt_tokens=300, completion_tokens=200, cache_hits=1))
+    report = usage.report()
+    acme, beta = report["tenants"]["acme"], report["tenants"]["beta"]
+    assert (acme["requests"], acme["prompt_tokens"], acme["cached_tokens"], acme["completion_tokens"]) == (4, 650, 100, 350)
+    assert acme["models"]["lora-a"]["completion_tokens"] == 200 and beta["cache_hits"] == 1
+    assert report["cost_usd"] == pytest.approx(1.0, rel=1e-3)
+    assert acme["cost_usd"] == pytest.approx(1.0 * 1000 / 1500, rel=1e-3)
+    assert beta["usd_per_1k_requests"] == pytest.approx(1.0 * 500 / 1500 / 4 * 1000, rel=1e-3)
+    assert beta["usd_per_million_tokens"] == pytest.approx(1.0 / 1500 * 1e6, rel=1e-3)
+    assert list(usage.report(["beta"])["tenants"]) == ["beta"]
