@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,35 @@ class RateResult:
     # What the server's own counters (`counters` of `replay`) moved by over this run.
     server_counters: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Per tenant of a mixed run (--tenant): these figures over its requests, its share of the
+    # tokens served, and that share of the cost.
+    tenants: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchTenant:
+    """One of the callers a run mixes (`--tenant NAME:KEY:WEIGHT[:MODEL]`): its API key, its
+    share of the arrivals, and the model it asks for ("": the run's)."""
+
+    name: str
+    api_key: str
+    weight: float = 1.0
+    model: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> BenchTenant:
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not parts[0] or not parts[1]:
+            raise ValueError(f"--tenant takes NAME:KEY:WEIGHT[:MODEL], not {text!r}")
+        weight = float(parts[2])
+        if weight <= 0:
+            raise ValueError(f"--tenant {parts[0]}: the weight must be positive")
+        return cls(parts[0], parts[1], weight, parts[3] if len(parts) == 4 else "")
+
+
+def assign_tenants(tenants: list[BenchTenant], count: int, seed: int) -> list[BenchTenant]:
+    """Each request's tenant, drawn by weight from `seed`: the same mix for every server."""
+    return random.Random(seed).choices(tenants, weights=[t.weight for t in tenants], k=count)
 
 
 async def run_rate(
@@ -65,24 +95,45 @@ async def run_rate(
     api_key: str = "",
     progress=None,
     cost_per_hour: float = 0.0,
+    tenants: list[BenchTenant] | None = None,
 ) -> RateResult:
-    """Sends each request at its arrival time (open loop), whatever the server's progress."""
+    """Sends each request at its arrival time (open loop), whatever the server's progress;
+    `tenants`: each request's caller (None: one caller with `api_key`)."""
+    callers = tenants or [BenchTenant("", api_key)] * len(requests)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         tasks = []
-        for request in requests:
+        for request, caller in zip(requests, callers, strict=True):
             prompt = request.prompt_tokens(vocab)
             delay = start + request.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(stream_request(session, url, model, prompt, request.output_tokens, api_key))
+            task = asyncio.create_task(stream_request(session, url, caller.model or model, prompt, request.output_tokens, caller.api_key))
             if progress is not None:
                 task.add_done_callback(lambda _: progress.update(1))
             tasks.append(task)
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+    summary = _summary(rate, results, duration, slo_ttft_ms, slo_itl_ms, cost_per_hour)
+    if tenants:
+        all_tokens = sum(r.prompt_tokens + r.output_tokens for r in results if r.ok)
+        for name in dict.fromkeys(t.name for t in callers):
+            mine = [r for r, caller in zip(results, callers, strict=True) if caller.name == name]
+            tokens = sum(r.prompt_tokens + r.output_tokens for r in mine if r.ok)
+            figures = asdict(
+                _summary(rate, mine, duration, slo_ttft_ms, slo_itl_ms, cost_per_hour * tokens / all_tokens if all_tokens else 0)
+            )
+            # Its share of the tokens the cluster served, and that share of the run's cost.
+            figures["share"] = round(tokens / all_tokens, 4) if all_tokens else 0.0
+            figures["cost_usd"] = round(cost_per_hour * duration / 3600 * figures["share"], 6)
+            summary.tenants[name] = {k: v for k, v in figures.items() if k not in ("tenants", "server_counters")}
+    return summary
+
+
+def _summary(rate: float, results: list, duration: float, slo_ttft_ms: float, slo_itl_ms: float, cost_per_hour: float) -> RateResult:
+    """`results`' figures over a run of `duration` s; `cost_per_hour`: what they cost (their share)."""
     done = [r for r in results if r.ok]
     late = [(r.ttft_s * 1e3 > slo_ttft_ms, r.tpot_s * 1e3 > slo_itl_ms) for r in done]
     good = [r for r, (slow_first, slow_rest) in zip(done, late, strict=True) if not (slow_first or slow_rest)]
@@ -100,7 +151,7 @@ async def run_rate(
         itl_ms=percentiles_ms([g for r in done for g in r.gaps_s]),
         tpot_ms=percentiles_ms([r.tpot_s for r in done]),
         e2e_ms=percentiles_ms([r.e2e_s for r in done]),
-        slo_attainment=round(len(good) / len(results), 4),
+        slo_attainment=round(len(good) / len(results), 4) if results else 0.0,
         goodput_req_per_s=round(len(good) / duration, 3),
         prefix_cache_hit_rate=round(sum(r.cached_tokens for r in reported) / sum(r.prompt_tokens for r in reported), 4)
         if reported
@@ -165,9 +216,10 @@ def sweep(
     quiet: bool = False,
     cost_per_hour: float = 0.0,
     counters: Callable[[], dict[str, float]] | None = None,
+    tenants: list[BenchTenant] | None = None,
 ) -> list[RateResult]:
-    """One open-loop run per rate; rate i draws its requests and arrivals from seed + i, so
-    any server given the same arguments gets the same load (and `pdcluster simulate` too)."""
+    """One open-loop run per rate; rate i draws its requests, arrivals and callers from seed +
+    i, so any server given the same arguments gets the same load (and `pdcluster simulate` too)."""
     return [
         replay(
             url,
@@ -181,6 +233,7 @@ def sweep(
             quiet=quiet,
             cost_per_hour=cost_per_hour,
             counters=counters,
+            tenants=assign_tenants(tenants, requests, workload.seed + i) if tenants else None,
         )
         for i, rate in enumerate(rates)
     ]
@@ -241,27 +294,37 @@ def main(
     quiet: bool = False,
     trace: list[RequestShape] | None = None,
     cost_per_hour: float = 0.0,
+    tenants: list[BenchTenant] | None = None,
 ) -> list[RateResult]:
-    """A sweep of `workload` over `rates`, or, given a `trace`, one replay of it."""
+    """A sweep of `workload` over `rates`, or, given a `trace`, one replay of it; `tenants`:
+    the callers to mix, by weight (None: one, with `api_key`)."""
     from transformers import AutoTokenizer
 
     from pdcluster.common.tiny_model.generate import ensure_tiny_model
 
     url = url.rstrip("/").removesuffix("/v1")
     vocab = len(AutoTokenizer.from_pretrained(tokenizer or str(ensure_tiny_model())))
-    model = model or asyncio.run(served_model(url, api_key))
+    model = model or asyncio.run(served_model(url, api_key or (tenants[0].api_key if tenants else "")))
     if trace:
         span = trace[-1].arrival_s - trace[0].arrival_s
         rate = round(len(trace) / span, 3) if span > 0 else float(len(trace))
-        results = [replay(url, model, rate, trace, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet=quiet, cost_per_hour=cost_per_hour)]
+        callers = assign_tenants(tenants, len(trace), workload.seed) if tenants else None
+        results = [
+            replay(
+                url, model, rate, trace, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet=quiet, cost_per_hour=cost_per_hour, tenants=callers
+            )
+        ]
     else:
-        results = sweep(url, model, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet, cost_per_hour)
+        results = sweep(
+            url, model, rates, requests, workload, vocab, slo_ttft_ms, slo_itl_ms, api_key, quiet, cost_per_hour, tenants=tenants
+        )
     report = {
         "url": url,
         "model": model,
         "workload": "trace" if trace else asdict(workload),
         "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
         "cost_per_hour": cost_per_hour,
+        "tenants": [{"name": t.name, "weight": t.weight, "model": t.model or model} for t in tenants or ()],
         "results": [asdict(r) for r in results],
     }
     if not quiet:
@@ -288,3 +351,9 @@ def print_results(results: list[RateResult]) -> None:
             f"{r.rate:>6g} {r.completed:>5} {r.req_per_s:>7.2f} {r.output_tok_per_s:>8.1f} {format_ms(r.ttft_ms):>24} "
             f"{format_ms(r.itl_ms):>22} {format_ms(r.tpot_ms, ('p50', 'p99')):>16} {format_ms(r.e2e_ms, ('p50', 'p99')):>18} {r.slo_attainment:>8.2%} {cost:>16}"
         )
+        for name, t in r.tenants.items():  # a mixed run: each tenant's own figures, its share and cost
+            print(
+                f"{'':>6} {t['completed']:>5} {t['req_per_s']:>7.2f} {t['output_tok_per_s']:>8.1f} {format_ms(t['ttft_ms']):>24} "
+                f"{format_ms(t['itl_ms']):>22} {format_ms(t['tpot_ms'], ('p50', 'p99')):>16} {format_ms(t['e2e_ms'], ('p50', 'p99')):>18} "
+                f"{t['slo_attainment']:>8.2%}  tenant {name}: {t['share']:.1%} of tokens, ${t['cost_usd']:.4f}"
+            )

@@ -461,6 +461,7 @@ def _bench_latency(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
+    from pdcluster.bench.serve_bench import BenchTenant
     from pdcluster.bench.serve_bench import main as bench_main
     from pdcluster.planner.workloads import Workload
 
@@ -474,6 +475,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     )
     try:
         trace = _trace_requests(args, args.max_model_len) if args.trace else None
+        tenants = [BenchTenant.parse(t) for t in args.tenant] or None
     except ValueError as e:
         print(f"pdcluster bench serve: {e}", file=sys.stderr)
         return 2
@@ -491,6 +493,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         json_path=args.json_out,
         plot_path=args.plot,
         api_key=args.api_key,
+        tenants=tenants,
     )
     return 0 if all(r.completed for r in results) else 1
 
@@ -695,6 +698,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--model", default="", help="model name to send (default: the server's first)")
     serve_bench.add_argument("--tokenizer", default="", help="HF tokenizer directory for prompt token ids (default: the tiny model)")
     serve_bench.add_argument("--api-key", default=os.environ.get("PDCLUSTER_API_KEY", ""))
+    serve_bench.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY:WEIGHT[:MODEL]",
+        help="mix callers: each request is one tenant's, by weight, with its key (and model); repeat per tenant. "
+        "Reports each tenant's latencies, SLO attainment, share of the tokens and cost",
+    )
     serve_bench.add_argument("--rates", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="request rates to sweep (req/s)")
     serve_bench.add_argument("--requests", type=int, default=50, help="requests per rate")
     serve_bench.add_argument("--prompt-tokens", type=int, default=512, help="mean prompt length")
