@@ -673,6 +673,10 @@ TENANTS = [
 
 
 def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_path, redis_url):
+    from pdcluster.bench.serve_bench import BenchTenant
+    from pdcluster.bench.serve_bench import main as bench_serve
+    from pdcluster.planner.workloads import Workload
+
     tenants_file = tmp_path / "tenants.yaml"
     tenants_file.write_text(json.dumps(TENANTS))  # YAML, as a mounted Secret holds it
     workers = cluster[1]
@@ -739,28 +743,35 @@ def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_pat
             )
             long.join()
 
-            # Fair turns: while bursty's burst queues behind one slot, beta's requests take every other turn.
+            # Fair turns: one long request holds the only slot while bursty's burst queues, then
+            # beta's two requests; once the slot frees, the tenants take turns.
             finished: list[str] = []
-            lock = threading.Lock()
 
-            def one(key: str, name: str) -> None:
-                assert complete(key, max_tokens=24, ignore_eos=True).status_code == 200
-                with lock:
-                    finished.append(name)
+            def one(key: str, tenant: str, max_tokens: int = 24) -> None:
+                assert complete(key, max_tokens=max_tokens, ignore_eos=True).status_code == 200
+                finished.append(tenant)  # one request at a time: finishing order is admission order
 
-            burst = [threading.Thread(target=one, args=("k-bursty", f"bursty{i}")) for i in range(6)]
-            for t in burst:
-                t.start()
-            while metric(http, "pdcluster_router_queue_depth") < 5 and time.monotonic() < deadline + 60:
+            def queued_at_least(depth: int) -> None:
+                while metric(http, "pdcluster_router_queue_depth") < depth:
+                    assert time.monotonic() < deadline, "requests did not queue"
+                    time.sleep(0.05)
+
+            deadline = time.monotonic() + 60
+            threads = [threading.Thread(target=one, args=("k-solo", "solo", 300))]
+            threads[0].start()
+            while metric(http, "pdcluster_router_inflight_requests") < 1:
+                assert time.monotonic() < deadline, "the long request did not start"
                 time.sleep(0.05)
-            betas = [threading.Thread(target=one, args=("k-beta", f"beta{i}")) for i in range(2)]
-            for t in betas:
-                t.start()
-            for t in burst + betas:
+            for key, tenant, count in (("k-bursty", "bursty", 6), ("k-beta", "beta", 2)):
+                queued = metric(http, "pdcluster_router_queue_depth")
+                threads += [threading.Thread(target=one, args=(key, tenant)) for _ in range(count)]
+                for t in threads[-count:]:
+                    t.start()
+                queued_at_least(queued + count)
+            for t in threads:
                 t.join()
-            # Queued: bursty 1-5, then beta 0-1. First come would finish beta last; taking turns,
-            # beta's second is done while at least two of bursty's wait (one turn of slack).
-            assert max(finished.index("beta0"), finished.index("beta1")) <= len(finished) - 3, finished
+            # First come would run beta's two last; taking turns, they run second and fourth.
+            assert finished == ["solo", "bursty", "beta", "bursty", "beta", "bursty", "bursty", "bursty", "bursty"], finished
 
             # Tokens per minute: beta's two requests and one more pass 150 tokens; the next is refused until they age out.
             assert complete("k-beta", max_tokens=100, ignore_eos=True).status_code == 200
@@ -786,5 +797,18 @@ def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_pat
             assert metric(http, "pdcluster_tenant_refusals_total", 'reason="tokens",tenant="beta"') == 1
             assert metric(http, "pdcluster_tenant_requests_total", f'model="{MODEL}",tenant="bursty"') == 7
             assert http.get("/cluster", headers={"authorization": "Bearer k-acme"}).status_code == 401  # a tenant is not the operator
+
+            # `bench serve` mixing two tenants: each one's figures, and its share of the tokens and cost.
+            before = http.get("/v1/usage", headers={"authorization": "Bearer admin"}).json()["tenants"]
+            workload = Workload(prompt_tokens=40, output_tokens=4, distribution="fixed", seed=5)
+            mixed = [BenchTenant("acme", "k-acme", 1.0), BenchTenant("bursty", "k-bursty", 2.0)]
+            (result,) = bench_serve(router.record.http, [4.0], 8, workload, quiet=True, cost_per_hour=3.6, tenants=mixed)
+            assert result.completed == 8 and set(result.tenants) == {"acme", "bursty"}, result.errors
+            after = http.get("/v1/usage", headers={"authorization": "Bearer admin"}).json()["tenants"]
+            for name, figures in result.tenants.items():
+                assert figures["failed"] == 0 and figures["completed"] == after[name]["requests"] - before[name]["requests"]
+                assert figures["completed"] * 4 == after[name]["completion_tokens"] - before[name]["completion_tokens"]
+                assert figures["cost_usd"] == pytest.approx(3.6 * result.duration_s / 3600 * figures["share"], rel=1e-2)
+            assert sum(t["share"] for t in result.tenants.values()) == pytest.approx(1.0, abs=1e-3)
     finally:
         router.stop()
