@@ -16,9 +16,9 @@ from pdcluster.kv_transfer.settings import TRANSPORTS
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
-    from pdcluster.common.tiny_model.generate import ensure_tiny_model
+    from pdcluster.common.tiny_model.generate import VARIANTS, ensure_tiny_model
 
-    print(ensure_tiny_model(args.out))
+    print(ensure_tiny_model(args.out, VARIANTS[args.variant]))
     return 0
 
 
@@ -440,9 +440,13 @@ def _bench_prefix(args: argparse.Namespace) -> int:
 
 
 def _bench_router(args: argparse.Namespace) -> int:
+    if args.prompt_tokens:
+        from pdcluster.bench.router_vs_vllm_bench import main as long_main
+
+        return long_main(args.prompt_tokens, args.requests or 3, args.json, args.disaggregated)
     from pdcluster.bench.router_bench import main as bench_main
 
-    return bench_main(json_output=args.json, concurrency=args.concurrency, requests=args.requests, model=args.model)
+    return bench_main(json_output=args.json, concurrency=args.concurrency, requests=args.requests or 200, model=args.model)
 
 
 def _bench_latency(args: argparse.Namespace) -> int:
@@ -544,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_sub = model.add_subparsers(dest="model_command", required=True)
     tiny = model_sub.add_parser("tiny", help="generate (once) the tiny test model; prints its directory")
     tiny.add_argument("--out", default=None, help="directory to write it to (default: the cache)")
+    tiny.add_argument(
+        "--variant",
+        choices=["tiny", "bench", "long"],
+        default="tiny",
+        help="tiny: 4 layers, 4K positions; bench: ~26M parameters, for bench compare; long: tiny with 128K positions",
+    )
     tiny.set_defaults(func=_model_tiny)
 
     serve = sub.add_parser(
@@ -673,7 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")
     router.add_argument("--json", action="store_true", help="end with a JSON line")
     router.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    router.add_argument("--requests", type=int, default=200, help="requests per path and concurrency")
+    router.add_argument("--requests", type=int, default=0, help="requests per path and concurrency (default 200; 3 per length)")
+    router.add_argument(
+        "--prompt-tokens",
+        type=int,
+        nargs="+",
+        default=[],
+        help="long text prompts of these lengths (e.g. 1024 32768 100000) on the 128K-position tiny model, against "
+        "vLLM's own server on the same prompts, one at a time",
+    )
+    router.add_argument("--disaggregated", action="store_true", help="with --prompt-tokens: also through 1P+1D (the whole path)")
     router.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
     router.set_defaults(func=_bench_router)
     latency = bench_sub.add_parser(

@@ -63,6 +63,12 @@ BENCH_MODEL = TinyModelSpec(
 )
 
 
+# For long prompts (32K to 128K tokens): the tiny model with 128K positions, otherwise the same.
+LONG_MODEL = TinyModelSpec(name="tiny-llama-long", version=1, max_position_embeddings=131072)
+
+VARIANTS = {"tiny": TinyModelSpec(), "bench": BENCH_MODEL, "long": LONG_MODEL}
+
+
 def default_cache_root() -> Path:
     root = os.environ.get("PDCLUSTER_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "pdcluster")
     return Path(root) / "models"
