@@ -90,3 +90,17 @@ def test_usage_shares_the_cost_by_tokens_served():
     assert beta["usd_per_1k_requests"] == pytest.approx(1.0 * 500 / 1500 / 4 * 1000, rel=1e-3)
     assert beta["usd_per_million_tokens"] == pytest.approx(1.0 / 1500 * 1e6, rel=1e-3)
     assert list(usage.report(["beta"])["tenants"]) == ["beta"]
+
+
+def test_bench_serve_tenants_parse_and_mix_by_weight():
+    from pdcluster.bench.serve_bench import BenchTenant, assign_tenants
+
+    big, small = BenchTenant.parse("big:k-big:4"), BenchTenant.parse("small:k:1:lora-a")
+    assert (big.name, big.api_key, big.weight, big.model) == ("big", "k-big", 4.0, "")
+    assert small.model == "lora-a"
+    for bad in ("big", "big:k", ":k:1", "big:k:0", "big:k:x"):
+        with pytest.raises(ValueError):
+            BenchTenant.parse(bad)
+    mix = assign_tenants([big, small], 1000, seed=3)
+    assert mix == assign_tenants([big, small], 1000, seed=3)  # seeded: every server gets the same mix
+    assert 0.75 < mix.count(big) / 1000 < 0.85
