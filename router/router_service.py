@@ -20,6 +20,7 @@ from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.prefix_cache_watch import PrefixCacheWatch
 from pdcluster.router.request_flow import RequestFlow
 from pdcluster.router.response_cache import ResponseCache
+from pdcluster.router.tenant_registry import publish_tenants, registry_tenants
 from pdcluster.router.tenant_usage import TenantUsage
 from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, configured_tenants
 from pdcluster.router.worker_pool import WorkerPool
@@ -35,7 +36,12 @@ class Router:
         from vllm.usage.usage_lib import UsageContext
 
         self.config = config
-        self.tenants = Tenants(configured_tenants(config), config.api_key)
+        tenants = configured_tenants(config)
+        if config.registry and tenants:
+            publish_tenants(config.registry, config.cluster_name, tenants)
+        elif config.registry:
+            tenants = registry_tenants(config.registry, config.cluster_name)
+        self.tenants = Tenants(tenants, config.api_key)
         self.vllm_args = vllm_serve_args(config.model or str(ensure_tiny_model()), config.vllm_args, self.tenants.api_keys)
         # As vLLM: served under each --served-model-name, or under --model as given.
         self.served_model_names = self.vllm_args.served_model_name or [self.vllm_args.model]

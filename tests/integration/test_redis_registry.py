@@ -1,5 +1,5 @@
 """Several routers sharing one real Redis registry: workers announce themselves with a TTL,
-both routers see the same membership and prefix-cache hints, a Redis restart (empty) costs
+both routers see the same membership, tenants and prefix-cache hints, a Redis restart (empty) costs
 no worker, and a killed worker drops out of both on its own."""
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def wait_for(predicate, timeout_s: float, what: str):
     return result
 
 
-def test_two_routers_share_membership_and_prefix_hints(redis, tokenizer):
+def test_two_routers_share_membership_tenants_and_prefix_hints(redis, tokenizer, tmp_path):
     redis_url = redis[1]
+    tenants_file = tmp_path / "tenants.yaml"
+    tenants_file.write_text('[{"name": "acme", "api_keys": ["k-acme"]}]')
     # The workers require the cluster token; the routers are not given it and read it from the
     # registry, where the controller publishes it.
     args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken", *EAGER]
@@ -59,8 +61,13 @@ def test_two_routers_share_membership_and_prefix_hints(redis, tokenizer):
         asyncio.run(publish_token(redis_url, "regtest", "t0ken"))
         for w in workers:
             wait_ready(w)
-        routers = [start_router([], ["--registry", redis_url, "--cluster-name", "regtest"]) for _ in range(2)]
+        # Router 0 is given the tenants and keeps them in the registry; router 1 serves them from there.
+        registry = ["--registry", redis_url, "--cluster-name", "regtest"]
+        routers = [start_router([], [*registry, "--tenants-file", str(tenants_file)]), start_router([], registry)]
         urls = [r.record.http for r in routers]
+        acme = {"authorization": "Bearer k-acme"}
+        for url in urls:
+            assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60).status_code == 401
 
         def members(url):
             return {w["address"]: w for w in httpx.get(url + "/cluster", timeout=10).json()["workers"]}
@@ -75,8 +82,11 @@ def test_two_routers_share_membership_and_prefix_hints(redis, tokenizer):
 
         # A prefill routed by router 0 becomes a prefix hint in router 1.
         prompt = tokenizer.decode(tokenizer(CORPUS.read_text()).input_ids[:600])
-        reply = httpx.post(urls[0] + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0}, timeout=120)
+        reply = httpx.post(
+            urls[0] + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0}, headers=acme, timeout=120
+        )
         assert reply.status_code == 200, reply.text
+        assert httpx.post(urls[1] + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers=acme, timeout=120).status_code == 200
         hinted = wait_for(lambda: httpx.get(urls[1] + "/cluster").json()["prefix_index_blocks"], 15, "prefix hint")
         assert hinted == httpx.get(urls[0] + "/cluster").json()["prefix_index_blocks"]
         assert sum(hinted.values()) == len(tokenizer(prompt).input_ids) // 128  # full CPU blocks
