@@ -25,6 +25,8 @@ class Caller:
     wants_cache: bool | None = None  # the request's own word; None: the tenant's setting
     retry_after_s: int | None = None  # set with a refusal for a limit
     cache: str = ""  # "hit" or "miss" once the cache was asked
+    responses_api: bool = False  # a /v1/responses request: its turns chain by response id
+    previous_response_id: str | None = None
 
     @classmethod
     def from_headers(cls, tenants: Tenants, headers: dict[str, str]) -> Caller:
@@ -67,9 +69,12 @@ class CallerMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         caller = Caller.from_headers(self._tenants, headers)
         set_caller(caller)
-        if caller.tenant.models and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+        caller.responses_api = scope["path"] == "/v1/responses"
+        if scope["method"] == "POST" and (caller.responses_api or (caller.tenant.models and scope["path"].startswith("/v1/"))):
             body, receive = await _read_body(receive)
-            if refusal := Tenants.model_refusal(caller.tenant, _model_named(body), self._served_names):
+            named = _json_fields(body)
+            caller.previous_response_id = _text(named.get("previous_response_id"))
+            if refusal := Tenants.model_refusal(caller.tenant, _text(named.get("model")), self._served_names):
                 return await _refusal_response(refusal)(scope, receive, send)
 
         async def send_with_headers(message):
@@ -85,12 +90,16 @@ class CallerMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def _model_named(body: bytes) -> str | None:
+def _json_fields(body: bytes) -> dict:
     try:
-        model = json.loads(body).get("model")
-    except (ValueError, AttributeError):
-        return None  # vLLM's own parsing answers a malformed body
-    return model if isinstance(model, str) else None
+        fields = json.loads(body)
+    except ValueError:
+        return {}  # vLLM's own parsing answers a malformed body
+    return fields if isinstance(fields, dict) else {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 async def _read_body(receive):

@@ -131,6 +131,8 @@ class ClusterEngineClient(EngineClient):
                 caller.cache = "miss"
                 self._flow.metrics.response_cache.labels("miss").inc()
             trace = context_of(trace_headers)
+            # vLLM runs a response as sub-requests "<response id>_<n>".
+            response_id = request_id.rsplit("_", 1)[0] if caller.responses_api else None
             requests = [
                 GenerationRequest(
                     sample_id,
@@ -142,8 +144,10 @@ class ClusterEngineClient(EngineClient):
                     lora_request,
                     trace,
                     session_id,
-                    tenant.name,
-                    tenant.priority,
+                    response_id=response_id,
+                    continues=caller.previous_response_id,
+                    tenant=tenant.name,
+                    tenant_class=tenant.priority,
                 )
                 for sample_id, p in samples
             ]

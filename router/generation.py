@@ -20,6 +20,10 @@ class GenerationRequest:
     lora: LoRARequest | None = None  # vLLM's, as its OpenAI layer resolved the model name
     trace: Context | None = None  # the caller's trace (W3C headers it sent); None: the current one
     session_id: str | None = None  # vLLM's (X-Session-ID, `session_id`, vllm_xargs): turns stay on one decode worker
+    # A Responses API turn: the id of its response (its conversation's key from now on) and of
+    # the response it continues (`previous_response_id`), for the same affinity as a session id.
+    response_id: str | None = None
+    continues: str | None = None
     tenant: str = ""  # whose request: admission shares slots fairly between tenants of a class
     tenant_class: int = 0  # the tenant's admission class (lower first)
 

@@ -170,7 +170,7 @@ class RequestFlow:
         if params.max_tokens <= 0:  # the lost worker had sent every token but not the finish
             yield TokenDelta([], "", "length")
             return
-        route = await self._route(prompt, params, attempt, request.lora.lora_name if request.lora else None, request.session_id)
+        route = await self._route(prompt, params, attempt, request.lora.lora_name if request.lora else None, request)
         attempt_id = f"{request.request_id}-{attempt.number}"
         span.add_event("routed", {"pdcluster.attempt": attempt.number, "pdcluster.placement": route.placement.basis})
         computed_on_decode = 0 if route.prefill else len(prompt)  # queued there until its first token
@@ -212,13 +212,16 @@ class RequestFlow:
     # -- routing ------------------------------------------------------------------------
 
     async def _route(
-        self, prompt: list[int], params: SamplingParams, attempt: _Attempt, lora_name: str | None, session_id: str | None
+        self, prompt: list[int], params: SamplingParams, attempt: _Attempt, lora_name: str | None, request: GenerationRequest
     ) -> _Route:
-        last = self.sessions.worker_of(session_id)
+        # A conversation is its session id, or a chain of Responses: each turn found by the
+        # response it continues, and kept under its own response's id for the next.
+        asked = request.session_id or request.continues
+        last = self.sessions.worker_of(asked)
         decode = pick_decode_worker(await self._decode_candidates(attempt), len(prompt) + params.max_tokens, lora_name, last)
-        if session_id:
+        if asked:
             self.metrics.sessions.labels("new" if not last else "kept" if decode.worker_id == last else "moved").inc()
-            self.sessions.ran_on(session_id, decode.worker_id)
+        self.sessions.ran_on(request.session_id or request.response_id, decode.worker_id)
         placed_at = time.monotonic()
         placement = self._place_prefill(prompt, attempt, decode, lora_name)
         self._note_pick(decode, Role.DECODE)

@@ -284,6 +284,30 @@ def test_a_session_id_reaches_routing_however_vllm_takes_it(cluster, http, clien
     assert (turns("new") - new, turns("kept") - kept) == (1, 2)
 
 
+def test_a_chain_of_responses_keeps_its_decode_worker(cluster):
+    """The Responses API's previous_response_id alone (no session id) is a conversation too."""
+    router = start_router([w.address for w in cluster[1]], SERVED_AS, env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"})
+    try:
+        with httpx.Client(base_url=router.record.http, timeout=120) as http:
+
+            def turn(text: str, previous: str | None) -> str:
+                body = {"model": MODEL, "input": text, "max_output_tokens": 4, "temperature": 0}
+                if previous:
+                    body["previous_response_id"] = previous
+                response = http.post("/v1/responses", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["id"]
+
+            first = turn("The old mill", None)
+            second = turn("And then?", first)
+            turn("And after that?", second)
+            # The first turn starts the chain; each later one finds the worker its previous response ran on.
+            assert metric(http, "pdcluster_router_session_turns_total", 'outcome="kept"') == 2
+            assert metric(http, "pdcluster_router_session_turns_total", 'outcome="new"') == 0
+    finally:
+        router.stop()
+
+
 def test_n_seed_and_stop(client, long_prompt):
     many = client.completions.create(
         model=MODEL, prompt=long_prompt, max_tokens=8, temperature=1.0, seed=3, n=3, extra_body={"ignore_eos": True}
