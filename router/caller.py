@@ -29,10 +29,13 @@ class Caller:
     previous_response_id: str | None = None
 
     @classmethod
-    def from_headers(cls, tenants: Tenants, headers: dict[str, str]) -> Caller:
+    def from_headers(cls, tenants: Tenants, headers: dict[str, str]) -> Caller | None:
+        """The caller its headers (or gRPC metadata) name; None for a key nobody holds."""
+        tenant = tenants.identify(headers.get("authorization", ""))
+        if tenant is None:
+            return None
         word = headers.get(CACHE_HEADER, "").strip().lower()
-        wants = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}.get(word)
-        return cls(tenants.identify(headers.get("authorization", "")) or DEFAULT_TENANT, wants)
+        return cls(tenant, {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}.get(word))
 
     @property
     def uses_cache(self) -> bool:
@@ -67,7 +70,7 @@ class CallerMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        caller = Caller.from_headers(self._tenants, headers)
+        caller = Caller.from_headers(self._tenants, headers) or Caller()  # an unknown key: vLLM's check answers 401
         set_caller(caller)
         caller.responses_api = scope["path"] == "/v1/responses"
         if scope["method"] == "POST" and (caller.responses_api or (caller.tenant.models and scope["path"].startswith("/v1/"))):

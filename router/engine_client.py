@@ -167,21 +167,25 @@ class ClusterEngineClient(EngineClient):
         key: str | None,
     ):
         """The samples' RequestOutputs as `kind` asks; counts what they used in `used`, and
-        stores the whole answer under `key` once every sample finished."""
+        stores the whole answer under `key` once every sample finished, before the last output."""
         prompt_ids = requests[0].prompt_token_ids
         usages = [Usage() for _ in requests]
         streams = [self._flow.generate(request, usage) for request, usage in zip(requests, usages, strict=True)]
-        outputs = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(requests))]
-        whole = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(len(requests))]
+        outputs = _empty_outputs(len(requests))
+        # The outputs hold each sample whole unless they are deltas; then the cache needs its own copy.
+        whole = _empty_outputs(len(requests)) if key is not None and kind == RequestOutputKind.DELTA else outputs
         unfinished = len(requests)
         prompt_logprobs_shown = False  # in deltas, once: the first sample to have them brings them
         try:
             async for index, delta in merge_async_iterators(*streams):
                 output = outputs[index]
                 _accumulate(output, delta, keep=kind != RequestOutputKind.DELTA)
-                _accumulate(whole[index], delta, keep=key is not None)
+                if whole is not outputs:
+                    _accumulate(whole[index], delta, keep=True)
                 self._tenants.charge(tenant, len(delta.token_ids))
                 unfinished -= bool(delta.finish_reason)
+                if key is not None and not unfinished:
+                    await self._store(key, whole)
                 if kind == RequestOutputKind.FINAL_ONLY and unfinished:
                     continue
                 shown = (
@@ -203,11 +207,12 @@ class ClusterEngineClient(EngineClient):
         finally:
             used.cached_tokens = max(u.cached_tokens for u in usages)
             used.completion_tokens = sum(u.completion_tokens for u in usages)
-        if key is not None and self._cache is not None and not unfinished:
-            await self._cache.put(
-                key, [CachedSample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason, o.cumulative_logprob) for o in whole]
-            )
-            self._flow.metrics.response_cache.labels("stored").inc()
+
+    async def _store(self, key: str, whole: list[CompletionOutput]) -> None:
+        assert self._cache is not None  # a key is made only with a cache
+        samples = [CachedSample(list(o.token_ids), o.text, o.finish_reason, o.stop_reason, o.cumulative_logprob) for o in whole]
+        await self._cache.put(key, samples)
+        self._flow.metrics.response_cache.labels("stored").inc()
 
     async def abort(self, request_id) -> None:
         """Nothing to do: closing the generate() stream cancels the request on its workers."""
@@ -282,6 +287,10 @@ def _samples(checked, request_id: str, params: SamplingParams) -> list[tuple[str
     checked.request_id, checked.external_req_id, checked.sampling_params = request_id, request_id, params
     parent = ParentRequest(checked)
     return [parent.get_child_info(index) for index in range(params.n)]
+
+
+def _empty_outputs(count: int) -> list[CompletionOutput]:
+    return [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None) for i in range(count)]
 
 
 def _replayed(request_id: str, prompt_ids: list[int], cached: list[CachedSample], kind: RequestOutputKind):

@@ -90,9 +90,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _stream(self, request: inference_pb2.GenerateRequest, context):
         """The request's chunks as vLLM streams them (OpenAI JSON), usage last."""
         metadata = dict(context.invocation_metadata())
-        if not self._router.authorizes(metadata.get("authorization", "")):
-            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
         caller = Caller.from_headers(self._router.tenants, metadata)
+        if caller is None:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
         set_caller(caller)
         if refusal := Tenants.model_refusal(caller.tenant, request.model, self._router.served_model_names):
             raise _Refused(_GRPC_CODES.get(refusal.status, grpc.StatusCode.PERMISSION_DENIED), refusal.message)

@@ -97,11 +97,6 @@ class Router:
         if config.prefill_routing == "kv-events":
             self._prefix_watch = PrefixCacheWatch(self.pool, self.flow.prefix_index, config.health_interval_s)
 
-    def authorizes(self, authorization: str) -> bool:
-        """Whether an `Authorization` value (header or gRPC metadata) carries an API key (the
-        router's or a tenant's), if any is set."""
-        return self.tenants.identify(authorization) is not None
-
     def is_admin(self, authorization: str) -> bool:
         """Whether it may see the whole cluster (its workers, every tenant's usage): the router's
         own key, or, without one, anyone but a tenant."""

@@ -80,11 +80,8 @@ class Tenants:
         self._admin_key = admin_key
         self.open: Counter[str] = Counter()  # requests (samples) admitted or queued, per tenant
         self._tokens = {t.name: TokenWindow() for t in tenants}
-
-    @property
-    def api_keys(self) -> list[str]:
-        """Every key the HTTP layer accepts (vLLM's --api-key list): the router's own and the tenants'."""
-        return [k for k in [self._admin_key, *(k for t in self.configured for k in t.api_keys)] if k]
+        # Every key the HTTP layer accepts (vLLM's --api-key list): the router's own and the tenants'.
+        self.api_keys = [k for k in [admin_key, *(k for t in tenants for k in t.api_keys)] if k]
 
     def identify(self, authorization: str) -> TenantConfig | None:
         """The tenant an `Authorization` value names: DEFAULT_TENANT for the router's own key (or
