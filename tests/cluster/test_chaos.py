@@ -1,8 +1,12 @@
 """The chaos battery (`pdcluster bench chaos`) as a test: under steady load on a real
-`pdcluster serve --prefill 2 --decode 2` with a Redis registry, each fault in turn (SIGKILL
-and SIGSTOP of each worker role, the controller killed, Redis killed, KV connections cut,
-garbage on every port, clients hanging up) loses no request, changes no greedy answer,
-leaves every KV block free and no stray process, and the cluster heals."""
+`pdcluster serve --prefill 2 --decode 2` with a Redis registry, each fault in turn (SIGSTOP
+of each worker role, SIGKILL of a decode worker, the controller killed, Redis killed, KV
+connections cut, garbage on every port, clients hanging up) loses no request, changes no
+greedy answer, leaves every KV block free and no stray process, and the cluster heals.
+
+The battery's one other fault, SIGKILL of a prefill worker, costs the suite a minute and a
+half of engine restart and is the same heal as the decode worker's; its retry is
+test_worker_faults' and the whole battery's figures are in bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ from tests.support.processes import EAGER
 
 pytestmark = pytest.mark.slow
 
+# The battery's order, less sigkill-prefill.
+FAULTS = ("client-hangup", "garbage", "kv-cut", "controller-kill", "sigstop-prefill", "sigkill-decode", "sigstop-decode", "redis-down")
+
 
 @pytest.mark.timeout(1900)  # the battery's own bound (1800 s) rules, not the suite's per-test 900 s
 def test_every_fault_loses_nothing_and_heals():
     run = subprocess.run(
-        [sys.executable, "-m", "pdcluster", "bench", "chaos", "--json", "--load-seconds", "7", *EAGER],
+        [sys.executable, "-m", "pdcluster", "bench", "chaos", "--json", "--load-seconds", "7", "--faults", *FAULTS, *EAGER],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,8 +38,7 @@ def test_every_fault_loses_nothing_and_heals():
     assert run.stdout.strip(), run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     rows = {row["fault"]: row for row in report["faults"]}
-    kills = {f"{sig}-{role}" for sig in ("sigkill", "sigstop") for role in ("prefill", "decode")}
-    assert set(rows) == kills | {"controller-kill", "redis-down", "kv-cut", "garbage", "client-hangup"}
+    assert set(rows) == set(FAULTS)
     for fault, row in rows.items():
         assert row["requests"] >= 10, row
         assert row["lost"] == 0 and row["wrong"] == 0, row

@@ -13,7 +13,7 @@ import pytest
 from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.tiny_model.generate import CORPUS
 
-from tests.support.processes import running_cluster, start_router
+from tests.support.processes import running_cluster, start_routers
 from tests.support.worker_calls import prefix_cache_snapshot
 
 pytestmark = pytest.mark.slow
@@ -54,8 +54,7 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
         assert len(names) == 600 // held.block_size and set(names) <= set(held.stored)
 
         # A second router never sent this prompt anywhere; the events tell it where the prefix is.
-        second = start_router([w.address for w in workers], ROUTER_ARGS)
-        guessing = start_router([w.address for w in workers], [*ROUTER_ARGS, "--prefill-routing", "guess"])
+        second, guessing = start_routers([w.address for w in workers], [ROUTER_ARGS, [*ROUTER_ARGS, "--prefill-routing", "guess"]])
         try:
             http = second.record.http
 

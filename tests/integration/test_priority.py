@@ -67,7 +67,7 @@ async def finish_order(router, engine_queue=None) -> list[str]:
 
         async def run_long() -> None:
             # Long enough (seconds) that every other request is queued before it ends.
-            body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
+            body = {"prompt": PROMPT, "max_tokens": 800, "temperature": 0, "ignore_eos": True, "stream": True}
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: {"):
