@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shlex
@@ -20,6 +21,52 @@ def _model_tiny(args: argparse.Namespace) -> int:
 
     print(ensure_tiny_model(args.out, VARIANTS[args.variant]))
     return 0
+
+
+def _lab_up(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pdcluster.lab.lab_hosts import LabError, up
+    from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
+
+    try:
+        spec = LabSpec(**{field: getattr(args, field) for field in LabSpec.model_fields})  # the flags are its fields
+        up(spec)
+    except (LabError, ValidationError) as e:
+        print(f"pdcluster lab up: {e}", file=sys.stderr)
+        return 1
+    hosts = spec.hosts()
+    if args.json:
+        print(json.dumps({"name": spec.name, "hosts": [h.model_dump() for h in hosts]}))
+        return 0
+    for h in hosts:
+        print(f"{h.name:<12} {h.address:<15} {h.resource or 'Ray head, Redis :' + str(REDIS_PORT) if spec.ray else ''}")
+    head = spec.host("head").address
+    print(f"lab {spec.name} is up. Try: pdcluster lab exec head -- pdcluster serve --address {head}:{RAY_PORT} --host {head}")
+    return 0
+
+
+def _lab_down(args: argparse.Namespace) -> int:
+    from pdcluster.lab.lab_hosts import down
+
+    removed = down(args.name)
+    print(f"lab {args.name}: removed {', '.join(removed)}" if removed else f"no lab {args.name} was up")
+    return 0
+
+
+def _lab_exec(args: argparse.Namespace) -> int:
+    from pdcluster.lab.lab_hosts import LabError, host_command, host_env
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("pdcluster lab exec: give a command after the host: pdcluster lab exec HOST -- CMD ...", file=sys.stderr)
+        return 2
+    try:
+        command = host_command(args.name, args.host, argv)
+    except (LabError, ValueError) as e:
+        print(f"pdcluster lab exec: {e}", file=sys.stderr)
+        return 1
+    os.execvpe(command[0], command, host_env())
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -587,6 +634,27 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--address", default="auto", help="Ray address (default: the local one)")
     scale.add_argument("--name", default="pdcluster", help="cluster name in the spec")
     scale.set_defaults(func=_scale)
+
+    lab = sub.add_parser("lab", help="emulated hosts on this Linux machine (network namespaces, root), each a Ray node")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    lab_up = lab_sub.add_parser("up", help="build a lab: a head (Ray head, Redis) and hosts per pool, on a bridge")
+    lab_up.add_argument("--name", default="pdlab", help="the lab's name (its namespaces' prefix)")
+    lab_up.add_argument("--prefill-hosts", type=int, default=1)
+    lab_up.add_argument("--decode-hosts", type=int, default=1)
+    lab_up.add_argument("--router-hosts", type=int, default=0)
+    lab_up.add_argument("--link", default=None, help="each host's link, RATE[,DELAY] as tc says them: 10gbit or 10gbit,200us")
+    lab_up.add_argument("--subnet", default="10.77.0.0/24", help="the lab's addresses, only inside its namespaces")
+    lab_up.add_argument("--no-ray", dest="ray", action="store_false", help="the network alone, no Ray nodes or Redis")
+    lab_up.add_argument("--json", action="store_true")
+    lab_up.set_defaults(func=_lab_up)
+    lab_down = lab_sub.add_parser("down", help="kill every process on the lab's hosts and remove its namespaces and links")
+    lab_down.add_argument("--name", default="pdlab")
+    lab_down.set_defaults(func=_lab_down)
+    lab_exec = lab_sub.add_parser("exec", help="run a command on one of the lab's hosts: pdcluster lab exec HOST -- CMD ...")
+    lab_exec.add_argument("host", help="head, prefill-1, decode-1, router-1, ...")
+    lab_exec.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
+    lab_exec.add_argument("--name", default="pdlab")
+    lab_exec.set_defaults(func=_lab_exec)
 
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")

@@ -6,6 +6,7 @@ refusal's Retry-After, a cache hit) for the front door to put on the response.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -17,6 +18,7 @@ from pdcluster.router.config import TenantConfig
 from pdcluster.router.tenants import DEFAULT_TENANT, Refusal, Tenants
 
 CACHE_HEADER = "x-response-cache"  # request: on/off (over the tenant's setting); response: hit/miss
+CACHE_WORDS = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 
 
 @dataclass
@@ -30,12 +32,15 @@ class Caller:
 
     @classmethod
     def from_headers(cls, tenants: Tenants, headers: dict[str, str]) -> Caller | None:
-        """The caller its headers (or gRPC metadata) name; None for a key nobody holds."""
+        """The caller its headers (or gRPC metadata) name; None for a key nobody holds.
+        ValueError for a cache word that is neither on nor off."""
         tenant = tenants.identify(headers.get("authorization", ""))
         if tenant is None:
             return None
-        word = headers.get(CACHE_HEADER, "").strip().lower()
-        return cls(tenant, {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}.get(word))
+        word = headers.get(CACHE_HEADER)
+        if word is not None and word.strip().lower() not in CACHE_WORDS:
+            raise ValueError(f"{CACHE_HEADER} is on or off (true/false, 1/0), not {word!r}")
+        return cls(tenant, None if word is None else CACHE_WORDS[word.strip().lower()])
 
     @property
     def uses_cache(self) -> bool:
@@ -59,18 +64,23 @@ def set_caller(caller: Caller) -> None:
 
 class CallerMiddleware:
     """ASGI: identifies the caller, refuses a model its tenant may not use (before vLLM parses
-    the body), and adds `Retry-After` to 429s and `x-response-cache` to cached answers."""
+    the body), and adds `Retry-After` to 429s and `x-response-cache` to answers the cache was
+    asked for, streamed ones included. `refused(tenant, reason)` counts each refusal."""
 
-    def __init__(self, app, tenants: Tenants, served_names: list[str]) -> None:
+    def __init__(self, app, tenants: Tenants, served_names: list[str], refused: Callable[[str, str], None]) -> None:
         self.app = app
         self._tenants = tenants
         self._served_names = served_names
+        self._refused = refused
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        caller = Caller.from_headers(self._tenants, headers) or Caller()  # an unknown key: vLLM's check answers 401
+        try:
+            caller = Caller.from_headers(self._tenants, headers) or Caller()  # an unknown key: vLLM's check answers 401
+        except ValueError as e:
+            return await _refusal_response(Refusal(HTTPStatus.BAD_REQUEST, "header", str(e)))(scope, receive, send)
         set_caller(caller)
         caller.responses_api = scope["path"] == "/v1/responses"
         if scope["method"] == "POST" and (caller.responses_api or (caller.tenant.models and scope["path"].startswith("/v1/"))):
@@ -78,19 +88,30 @@ class CallerMiddleware:
             named = _json_fields(body)
             caller.previous_response_id = _text(named.get("previous_response_id"))
             if refusal := Tenants.model_refusal(caller.tenant, _text(named.get("model")), self._served_names):
+                self._refused(caller.tenant.name, refusal.reason)
                 return await _refusal_response(refusal)(scope, receive, send)
+        # A stream's headers leave before its first chunk is made, and with it the cache's
+        # answer: a caller who uses the cache gets the headers with the first chunk.
+        held: list[dict] = []
 
         async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                extra = []
-                if message["status"] == HTTPStatus.TOO_MANY_REQUESTS:
-                    extra.append((b"retry-after", str(caller.retry_after_s or 1).encode()))
-                if caller.cache:
-                    extra.append((CACHE_HEADER.encode(), caller.cache.encode()))
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
-            await send(message)
+            if message["type"] == "http.response.start" and caller.uses_cache:
+                held.append(message)
+                return
+            if held:
+                await send(_with_caller_headers(held.pop(), caller))
+            await send(_with_caller_headers(message, caller) if message["type"] == "http.response.start" else message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _with_caller_headers(start: dict, caller: Caller) -> dict:
+    extra = []
+    if start["status"] == HTTPStatus.TOO_MANY_REQUESTS:
+        extra.append((b"retry-after", str(caller.retry_after_s or 1).encode()))
+    if caller.cache:
+        extra.append((CACHE_HEADER.encode(), caller.cache.encode()))
+    return {**start, "headers": [*start.get("headers", ()), *extra]}
 
 
 def _json_fields(body: bytes) -> dict:

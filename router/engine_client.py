@@ -81,7 +81,7 @@ class ClusterEngineClient(EngineClient):
         refusal = self._tenants.admission_refusal(caller.tenant, n, time.monotonic())
         if refusal is not None:
             caller.retry_after_s = refusal.retry_after_s
-            self._usage.refusals.labels(caller.tenant.name, refusal.reason).inc()
+            self._usage.refused(caller.tenant.name, refusal.reason)
             raise Overloaded(refusal.message)
 
     async def generate(

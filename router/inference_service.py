@@ -90,11 +90,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _stream(self, request: inference_pb2.GenerateRequest, context):
         """The request's chunks as vLLM streams them (OpenAI JSON), usage last."""
         metadata = dict(context.invocation_metadata())
-        caller = Caller.from_headers(self._router.tenants, metadata)
+        try:
+            caller = Caller.from_headers(self._router.tenants, metadata)
+        except ValueError as e:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if caller is None:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
         set_caller(caller)
         if refusal := Tenants.model_refusal(caller.tenant, request.model, self._router.served_model_names):
+            self._router.usage.refused(caller.tenant.name, refusal.reason)
             raise _Refused(_GRPC_CODES.get(refusal.status, grpc.StatusCode.PERMISSION_DENIED), refusal.message)
         # The caller's trace (W3C traceparent in the metadata), current while vLLM's serving
         # classes run the request: they take trace headers from HTTP requests only.

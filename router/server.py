@@ -46,7 +46,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
     https: dict[str, Any] = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
         uvicorn.Config(
-            BodySizeLimit(CallerMiddleware(app, router.tenants, router.served_model_names), config.max_body_bytes),
+            BodySizeLimit(CallerMiddleware(app, router.tenants, router.served_model_names, router.usage.refused), config.max_body_bytes),
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -43,12 +43,15 @@ class TenantUsage:
             "pdcluster_tenant_cached_tokens", "Prompt tokens served from a cache, per tenant and model", labels, registry=registry
         )
         self._generated = Counter("pdcluster_tenant_generation_tokens", "Generated tokens, per tenant and model", labels, registry=registry)
-        self.refusals = Counter(
+        self._refusals = Counter(
             "pdcluster_tenant_refusals",
-            "Requests refused for a tenant's limit (concurrency, tokens)",
+            "Requests refused for a tenant's limit (concurrency, tokens) or a model it may not use (model)",
             ["tenant", "reason"],
             registry=registry,
         )
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self._refusals.labels(tenant, reason).inc()
 
     def _accrue(self) -> None:
         """The cost since the last call, at the current rate (replicas change rarely)."""

@@ -10,19 +10,21 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pdcluster.common.worker_record import ServeRecord
 
 
 def launch_serve(
-    args: list[str], timeout_s: float = 400, env: dict[str, str] | None = None
+    args: list[str], timeout_s: float = 400, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
 ) -> tuple[subprocess.Popen, list[str], ServeRecord]:
     """`pdcluster serve ARGS` in its own process group (with `env` over ours), once it serves;
     the list fills with its output lines as they come. Returns also its ServeRecord (the
-    router's URLs: ARGS can ask for free ports, `--port 0 --grpc-port 0`)."""
-    ready = Path(tempfile.mkdtemp(prefix="pdcluster-serve-")) / "ready.json"
-    cmd = [sys.executable, "-m", "pdcluster", "serve", "--ready-file", str(ready), *args]
+    router's URLs: ARGS can ask for free ports, `--port 0 --grpc-port 0`). `prefix` runs it
+    elsewhere, e.g. on a lab host (whose /tmp is its own: the ready file goes to /var/tmp)."""
+    ready = Path(tempfile.mkdtemp(prefix="pdcluster-serve-", dir="/var/tmp" if prefix else None)) / "ready.json"
+    cmd = [*prefix, sys.executable, "-m", "pdcluster", "serve", "--ready-file", str(ready), *args]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},

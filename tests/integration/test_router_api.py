@@ -737,6 +737,19 @@ def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_pat
                         ipb.GenerateRequest(prompt="hi", max_tokens=2), metadata=[("authorization", "Bearer k-gamma")]
                     )
                 assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                with pytest.raises(grpc.RpcError) as e:  # a cache word neither on nor off
+                    igrpc.InferenceStub(channel).Complete(
+                        ipb.GenerateRequest(prompt="hi", max_tokens=2),
+                        metadata=[("authorization", "Bearer k-acme"), ("x-response-cache", "sometimes")],
+                    )
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-response-cache is on or off" in e.value.details()
+            assert metric(http, "pdcluster_tenant_refusals_total", 'reason="model",tenant="gamma"') == 2
+            unclear = http.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "hi"},
+                headers={"authorization": "Bearer k-acme", "x-response-cache": "sometimes"},
+            )
+            assert "x-response-cache is on or off" in _error(unclear, 400)["message"]
 
             # The response cache: a greedy repeat is the same answer, from Redis; a sampled one never is.
             first = complete("k-acme")
@@ -746,6 +759,7 @@ def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_pat
             body = {"model": MODEL, "prompt": "The old mill", "max_tokens": 16, "temperature": 0, "stream": True}
             body["stream_options"] = {"include_usage": True}
             streamed = http.post("/v1/completions", json=body, headers={"authorization": "Bearer k-acme"})
+            assert streamed.headers["x-response-cache"] == "hit"
             chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
             assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == first.json()["choices"][0]["text"]
             served["k-acme"].append(chunks[-1]["usage"])

@@ -24,6 +24,8 @@ ALLOWED = {
     "planner": {"common", "protos", "router", "worker", "kv_transfer", "cluster.cluster_spec"},
     # The one process that hosts both roles' handlers.
     "pdcluster/role_switching_worker.py": {"common", "worker", "prefill_worker", "decode_worker"},
+    # Emulated hosts for a multi-host cluster on one machine: a tool beside the cluster, not part of it.
+    "pdcluster/lab": {"common"},
     # The CLI and the benchmarks may use anything; nothing imports them.
     "pdcluster/cli.py": {"*"},
     "pdcluster/__main__.py": {"*"},

@@ -1,14 +1,19 @@
 """Tenants as the router decides on them: keys to tenants, the spec's and a file's tenants
 checked, the concurrency and tokens-per-minute limits with when to retry, the models a tenant
-may use, and usage with each tenant's share of the cost."""
+may use, and usage with each tenant's share of the cost; the front door's middleware that
+refuses and marks answers."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import yaml
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from pdcluster.router.caller import CallerMiddleware, current_caller
 from pdcluster.router.config import RouterConfig, TenantConfig
 from pdcluster.router.tenant_usage import TenantUsage, UsageFigures
 from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, TokenWindow, configured_tenants
@@ -73,6 +78,35 @@ def test_a_tenant_may_use_only_its_models():
     assert refusal is not None and refusal.status == 403 and "may not use the model tiny" in refusal.message
     assert Tenants.model_refusal(ACME, None, served) is not None  # no model named: the base model
     assert Tenants.model_refusal(BETA, "anything", served) is None  # no list: every model
+
+
+async def test_the_front_door_refuses_bad_words_and_marks_cached_streams():
+    """The cache's answer is known only once the first chunk is made, after a stream's headers
+    would have left: they wait for it. A cache word neither on nor off is a 400; a model the
+    tenant may not use a 403, counted."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def stream() -> StreamingResponse:
+        async def chunks():
+            current_caller().cache = "hit"  # as the engine client marks it, on its first output
+            yield b"data: {}\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    refused: list[tuple[str, str]] = []
+    tenants = Tenants([ACME, BETA.model_copy(update={"response_cache": True})])
+    door = CallerMiddleware(app, tenants, ["tiny"], lambda tenant, reason: refused.append((tenant, reason)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(door), base_url="http://router") as client:
+        beta = {"authorization": "Bearer k-beta"}
+        reply = await client.post("/v1/completions", json={"stream": True}, headers=beta)
+        assert reply.headers["x-response-cache"] == "hit" and reply.text == "data: {}\n\n"
+        off = await client.post("/v1/completions", json={}, headers={**beta, "x-response-cache": "off"})
+        assert off.status_code == 200 and "x-response-cache" not in off.headers
+        bad = await client.post("/v1/completions", json={}, headers={**beta, "x-response-cache": "maybe"})
+        assert bad.status_code == 400 and "x-response-cache is on or off" in bad.json()["error"]["message"]
+        forbidden = await client.post("/v1/completions", json={"model": "tiny"}, headers={"authorization": "Bearer k-acme"})
+        assert forbidden.status_code == 403 and refused == [("acme", "model")]
 
 
 def test_usage_shares_the_cost_by_tokens_served():

@@ -1,0 +1,200 @@
+"""Brings a lab up and down, and runs commands on its hosts. Each host is a network namespace
+(its own address, cabled to the lab's bridge) with its own PID, mount and UTS namespaces, held
+by an init process: `ray stop` on one host sees only that host's processes, and killing the
+init ends every process the host ran. `down` finds a lab by its namespaces, so it cleans up
+after a crash too."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pdcluster.lab.lab_network import network_commands
+from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
+
+STATE_DIR = Path("/run/pdcluster-lab")
+TMP_ROOT = Path("/var/tmp/pdcluster-lab")  # each host's /tmp (not under /tmp: a host binds its own over it)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def up(spec: LabSpec) -> dict:
+    """Builds the lab; on any failure tears down what it built. Returns its state."""
+    _check_machine()
+    if existing_namespaces(spec.name):
+        raise LabError(f"lab {spec.name} is up already: `pdcluster lab down --name {spec.name}` first")
+    try:
+        for command in network_commands(spec):
+            _run(command)
+        anchors = {host.name: _start_init(spec, host) for host in spec.hosts()}
+        state = {"spec": spec.model_dump(), "anchors": anchors}
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / f"{spec.name}.json").write_text(json.dumps(state))
+        if spec.ray:
+            _start_ray(spec)
+        return state
+    except BaseException:
+        down(spec.name)
+        raise
+
+
+def down(name: str) -> list[str]:
+    """Kills every process in the lab's namespaces and deletes them (their links go with them)."""
+    removed = []
+    for netns in existing_namespaces(name):
+        pids = [int(pid) for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_gone(pids)
+        _run(["ip", "netns", "del", netns])
+        removed.append(netns)
+    (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
+    shutil.rmtree(TMP_ROOT / name, ignore_errors=True)
+    return removed
+
+
+def load(name: str) -> tuple[LabSpec, dict[str, int]]:
+    path = STATE_DIR / f"{name}.json"
+    if not path.exists():
+        raise LabError(f"no lab {name} is up (`pdcluster lab up` builds one)")
+    state = json.loads(path.read_text())
+    return LabSpec.model_validate(state["spec"]), state["anchors"]
+
+
+def host_command(name: str, host: str, argv: list[str]) -> list[str]:
+    """`argv` as run on the lab's host: in its network, PID, mount and UTS namespaces, from the
+    current directory (the machine's files are every host's, as a shared home would be)."""
+    spec, anchors = load(name)
+    spec.host(host)  # a clear error for a host the lab lacks
+    return ["nsenter", "--target", str(anchors[host]), "--net", "--pid", "--mount", "--uts", f"--wd={os.getcwd()}", "--", *argv]
+
+
+def host_env() -> dict[str, str]:
+    # The lab is a private network on one machine: its Ray runs without token authentication.
+    return {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def existing_namespaces(name: str) -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    return sorted(line.split()[0] for line in listed if line.split() and line.split()[0].startswith(f"{name}-"))
+
+
+def host_tmp(name: str, host: str) -> Path:
+    """A host's /tmp, as the machine sees it (its processes' logs are there)."""
+    return TMP_ROOT / name / host
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+
+
+def _check_machine() -> None:
+    if os.geteuid() != 0:
+        raise LabError("a lab needs root: it makes network, PID and mount namespaces")
+    missing = [tool for tool in ("ip", "tc", "nsenter", "unshare", "mount") if shutil.which(tool) is None]
+    if missing:
+        raise LabError(f"a lab needs {', '.join(missing)} (iproute2, util-linux)")
+
+
+def _run(command: list[str], env: dict | None = None) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        if "qdisc kind is unknown" in detail and "netem" in command:
+            detail += " (this kernel has no netem: a link's delay cannot be emulated here; give a rate alone)"
+        raise LabError(f"`{' '.join(command)}` failed: {detail}")
+    return done.stdout
+
+
+def _start_init(spec: LabSpec, host: LabHost) -> int:
+    tmp = host_tmp(spec.name, host.name)
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.chmod(0o1777)
+    init = [sys.executable, "-m", "pdcluster.lab.host_init", str(tmp), host.name]
+    unshare = ["unshare", "--pid", "--mount", "--uts", "--fork", "--mount-proc", "--propagation", "private", *init]
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", host.netns, *unshare], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        raise LabError(f"host {host.name} did not start: {proc.communicate(timeout=10)[1].decode(errors='replace')[-2000:]}")
+    import psutil
+
+    (init_process,) = psutil.Process(proc.pid).children()  # unshare's child: PID 1 of the host
+    return init_process.pid
+
+
+def _start_ray(spec: LabSpec) -> None:
+    head = spec.host("head")
+    ray = [str(Path(sys.executable).with_name("ray"))]
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    _on(
+        spec,
+        head,
+        [*ray, "start", "--head", "--node-ip-address", head.address, "--port", str(RAY_PORT), "--include-dashboard=false", *common],
+    )
+    redis = [
+        "redis-server",
+        "--bind",
+        head.address,
+        "--port",
+        str(REDIS_PORT),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    subprocess.Popen(
+        host_command(spec.name, head.name, redis), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    for host in spec.hosts():
+        if host.role == "head":
+            continue
+        resources = json.dumps({host.resource: 1})
+        address = f"{head.address}:{RAY_PORT}"
+        _on(spec, host, [*ray, "start", "--address", address, "--node-ip-address", host.address, "--resources", resources, *common])
+    _wait_for_nodes(spec, len(spec.hosts()))
+
+
+def _on(spec: LabSpec, host: LabHost, argv: list[str]) -> str:
+    return _run(host_command(spec.name, host.name, argv), env=host_env())
+
+
+def _wait_for_nodes(spec: LabSpec, count: int, timeout_s: float = 120) -> None:
+    head = spec.host("head")
+    probe = [
+        sys.executable,
+        "-c",
+        f"import ray; ray.init(address='{head.address}:{RAY_PORT}', log_to_driver=False); print(len([n for n in ray.nodes() if n['Alive']]))",
+    ]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = _on(spec, head, probe).strip().splitlines()[-1]
+        if int(alive) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"only {alive} of the lab's {count} Ray nodes joined in {timeout_s:.0f}s")
+        time.sleep(1)
