@@ -22,8 +22,8 @@ def launch_serve(
     """`pdcluster serve ARGS` in its own process group (with `env` over ours), once it serves;
     the list fills with its output lines as they come. Returns also its ServeRecord (the
     router's URLs: ARGS can ask for free ports, `--port 0 --grpc-port 0`). `prefix` runs it
-    elsewhere, e.g. on a lab host (whose /tmp is its own: the ready file goes to /var/tmp)."""
-    ready = Path(tempfile.mkdtemp(prefix="pdcluster-serve-", dir="/var/tmp" if prefix else None)) / "ready.json"
+    elsewhere, e.g. on a lab host."""
+    ready = Path(tempfile.mkdtemp(prefix="pdcluster-serve-")) / "ready.json"
     cmd = [*prefix, sys.executable, "-m", "pdcluster", "serve", "--ready-file", str(ready), *args]
     proc = subprocess.Popen(
         cmd,

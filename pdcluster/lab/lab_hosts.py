@@ -1,8 +1,9 @@
 """Brings a lab up and down, and runs commands on its hosts. Each host is a network namespace
 (its own address, cabled to the lab's bridge) with its own PID, mount and UTS namespaces, held
 by an init process: `ray stop` on one host sees only that host's processes, and killing the
-init ends every process the host ran. `down` finds a lab by its namespaces, so it cleans up
-after a crash too."""
+init ends every process the host ran. The machine's files are every host's, as a shared home
+would be (a checkout anywhere, /tmp included, runs on every host). `down` finds a lab by its
+namespaces, so it cleans up after a crash too."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pdcluster.lab.lab_network import network_commands
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
 
 STATE_DIR = Path("/run/pdcluster-lab")
-TMP_ROOT = Path("/var/tmp/pdcluster-lab")  # each host's /tmp (not under /tmp: a host binds its own over it)
 
 
 class LabError(RuntimeError):
@@ -60,7 +60,7 @@ def down(name: str) -> list[str]:
         _run(["ip", "netns", "del", netns])
         removed.append(netns)
     (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
-    shutil.rmtree(TMP_ROOT / name, ignore_errors=True)
+    shutil.rmtree(ray_dir(name), ignore_errors=True)
     return removed
 
 
@@ -90,9 +90,9 @@ def existing_namespaces(name: str) -> list[str]:
     return sorted(line.split()[0] for line in listed if line.split() and line.split()[0].startswith(f"{name}-"))
 
 
-def host_tmp(name: str, host: str) -> Path:
-    """A host's /tmp, as the machine sees it (its processes' logs are there)."""
-    return TMP_ROOT / name / host
+def ray_dir(name: str) -> Path:
+    """The lab's Ray sessions and logs, every host's under the session the head made."""
+    return Path("/tmp/pdcluster-lab") / name / "ray"
 
 
 def _wait_gone(pids: list[int], timeout_s: float = 10) -> None:
@@ -128,10 +128,7 @@ def _run(command: list[str], env: dict | None = None) -> str:
 
 
 def _start_init(spec: LabSpec, host: LabHost) -> int:
-    tmp = host_tmp(spec.name, host.name)
-    tmp.mkdir(parents=True, exist_ok=True)
-    tmp.chmod(0o1777)
-    init = [sys.executable, "-m", "pdcluster.lab.host_init", str(tmp), host.name]
+    init = [sys.executable, "-m", "pdcluster.lab.host_init", host.name]
     unshare = ["unshare", "--pid", "--mount", "--uts", "--fork", "--mount-proc", "--propagation", "private", *init]
     proc = subprocess.Popen(
         ["ip", "netns", "exec", host.netns, *unshare], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True

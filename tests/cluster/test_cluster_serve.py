@@ -1,6 +1,7 @@
 """`pdcluster serve` on a local Ray: pools as Ray actors, the controller healing a killed
-decode worker while requests stream (none lost, exact text), `pdcluster status` with the
-replacement's cold start by phase, and a clean shutdown that leaves no process behind."""
+decode worker while requests stream (none lost, exact text, its engine gone with it, every KV
+block free after), `pdcluster status` with the replacement's cold start by phase, and a clean
+shutdown that leaves no process behind."""
 
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
         t.start()
     first_token.wait()  # every request is streaming
     decode = next(w for w in workers if w["role"] == "decode")
+    engine = psutil.Process(decode["pid"]).children(recursive=True)  # its vLLM engine core
+    assert engine
     os.kill(decode["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
     for t in threads:
@@ -133,6 +136,13 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     heal_s = time.monotonic() - killed_at
     assert len(decodes) == 1 and decodes[0]["healthy"] and decodes[0]["pid"] != decode["pid"]
     print(f"decode pool healed {heal_s:.1f}s after SIGKILL (engine start included)")
+    # The killed worker's engine went with it; the streams it held left no KV behind anywhere.
+    _, alive = psutil.wait_procs(engine, timeout=30)
+    assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), [p.pid for p in alive]
+    deadline = time.monotonic() + 30
+    while not all(w["running"] == w["queued"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] for w in cluster_workers(url)):
+        assert time.monotonic() < deadline, cluster_workers(url)
+        time.sleep(1)
 
     # The replacement's first request: its cold start, phase by phase, from the heal's decision.
     assert httpx.post(url + "/v1/completions", json={"prompt": "The mill", "max_tokens": 2}, timeout=120).status_code == 200

@@ -1,5 +1,5 @@
 """A cluster across hosts, on a `pdcluster lab` (network namespaces on a bridge, each host a
-Ray node with its own address, PID space and /tmp): `pdcluster serve --address` from the head
+Ray node with its own address and PID space): `pdcluster serve --address` from the head
 places the prefill pool on the prefill host and the decode pool on the decode host. Each worker
 listens on its own host's address only; the KV crosses the link between them (the decode host's
 eth0 receives it), over NIXL; the answers equal plain vLLM's. The lab's hosts have shaped links
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import psutil
 import pytest
@@ -20,7 +18,7 @@ import yaml
 
 from pdcluster.common.serve_process import launch_serve
 from pdcluster.common.tiny_model.generate import CORPUS
-from pdcluster.lab.lab_hosts import down, existing_namespaces, host_command, host_env, host_tmp, load, up
+from pdcluster.lab.lab_hosts import down, existing_namespaces, host_command, host_env, load, ray_dir, up
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.processes import reference_outputs
@@ -58,7 +56,7 @@ def lab():
 
 
 @pytest.fixture(scope="module")
-def served(lab):
+def served(lab, tmp_path_factory):
     spec = {
         "name": "multihost",
         "engine": {"enforce_eager": True},
@@ -66,7 +64,7 @@ def served(lab):
         "decode": {"replicas": 1, "node_resource": "decode_pool"},
         "router": {"bypass_prefill_below_tokens": 32},
     }
-    spec_path = Path(tempfile.mkdtemp(dir="/var/tmp")) / "spec.yaml"  # not in /tmp: each host has its own
+    spec_path = tmp_path_factory.mktemp("multihost") / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     args = ["--config", str(spec_path), "--address", f"{HEAD}:{RAY_PORT}", "--host", HEAD, "--registry", f"redis://{HEAD}:{REDIS_PORT}"]
     _, _, record = launch_serve(args, prefix=host_command(LAB.name, "head", []), env=host_env())
@@ -120,7 +118,7 @@ def test_the_links_are_shaped_and_down_leaves_nothing(lab):
     assert existing_namespaces(LAB.name) == sorted(f"{LAB.name}-{h}" for h in ("head", "prefill-1", "decode-1", "switch"))
     down(LAB.name)  # (last in the module; the fixture's own down then finds nothing)
     assert existing_namespaces(LAB.name) == [] and not any(alive(pid) for pid in inits.values())
-    assert not host_tmp(LAB.name, "head").exists()
+    assert not ray_dir(LAB.name).exists()
 
 
 def link_bytes(host: str) -> int:

@@ -47,6 +47,8 @@ def test_local_cluster_yaml_passes_ray_validation():
     prepared = ray_validate(load("ray/local.yaml"))
     assert prepared["provider"]["type"] == "local"
     assert any("--resources" in c for c in prepared["worker_start_ray_commands"])
+    # The machines get the checkout `ray up` runs from, not a clone of some URL.
+    assert prepared["file_mounts"] == {"~/pdcluster": "."} and not any("git clone" in c for c in prepared["setup_commands"])
 
 
 def test_ray_validation_catches_a_broken_config():
