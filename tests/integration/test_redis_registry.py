@@ -20,7 +20,7 @@ from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
-from tests.support.processes import EAGER, start_routers
+from tests.support.processes import EAGER, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,9 @@ def test_two_routers_share_membership_tenants_and_prefix_hints(redis, tokenizer,
             wait_ready(w)
         # Router 0 is given the tenants and keeps them in the registry; router 1 serves them from there.
         registry = ["--registry", redis_url, "--cluster-name", "regtest"]
-        routers = start_routers([], [[*registry, "--tenants-file", str(tenants_file)], registry])
+        # One after the other: router 1 reads the tenants router 0 wrote at its start.
+        routers = [start_router([], [*registry, "--tenants-file", str(tenants_file)])]
+        routers.append(start_router([], registry))
         urls = [r.record.http for r in routers]
         acme = {"authorization": "Bearer k-acme"}
         for url in urls:
