@@ -60,7 +60,7 @@ def down(name: str) -> list[str]:
         _run(["ip", "netns", "del", netns])
         removed.append(netns)
     (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
-    shutil.rmtree(ray_dir(name), ignore_errors=True)
+    shutil.rmtree(lab_dir(name), ignore_errors=True)
     return removed
 
 
@@ -90,9 +90,13 @@ def existing_namespaces(name: str) -> list[str]:
     return sorted(line.split()[0] for line in listed if line.split() and line.split()[0].startswith(f"{name}-"))
 
 
+def lab_dir(name: str) -> Path:
+    return Path("/tmp/pdcluster-lab") / name
+
+
 def ray_dir(name: str) -> Path:
     """The lab's Ray sessions and logs, every host's under the session the head made."""
-    return Path("/tmp/pdcluster-lab") / name / "ray"
+    return lab_dir(name) / "ray"
 
 
 def _wait_gone(pids: list[int], timeout_s: float = 10) -> None:
@@ -146,11 +150,9 @@ def _start_ray(spec: LabSpec) -> None:
     head = spec.host("head")
     ray = [str(Path(sys.executable).with_name("ray"))]
     common = ["--num-cpus", "1", "--disable-usage-stats"]
-    _on(
-        spec,
-        head,
-        [*ray, "start", "--head", "--node-ip-address", head.address, "--port", str(RAY_PORT), "--include-dashboard=false", *common],
-    )
+    # The lab's own temp dir: its sessions never mix with a local Ray's in /tmp/ray.
+    head_only = ["--port", str(RAY_PORT), "--include-dashboard=false", f"--temp-dir={ray_dir(spec.name)}"]
+    _on(spec, head, [*ray, "start", "--head", "--node-ip-address", head.address, *head_only, *common])
     redis = [
         "redis-server",
         "--bind",

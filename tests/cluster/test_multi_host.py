@@ -18,7 +18,7 @@ import yaml
 
 from pdcluster.common.serve_process import launch_serve
 from pdcluster.common.tiny_model.generate import CORPUS
-from pdcluster.lab.lab_hosts import down, existing_namespaces, host_command, host_env, load, ray_dir, up
+from pdcluster.lab.lab_hosts import down, existing_namespaces, host_command, host_env, lab_dir, load, ray_dir, up
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.processes import reference_outputs
@@ -118,9 +118,10 @@ def test_the_links_are_shaped_and_down_leaves_nothing(lab):
     assert "tbf" in qdisc and "rate 2Gbit" in qdisc, qdisc
     inits = load(LAB.name)[1]
     assert existing_namespaces(LAB.name) == sorted(f"{LAB.name}-{h}" for h in ("head", "prefill-1", "decode-1", "switch"))
+    assert (ray_dir(LAB.name) / "session_latest").exists()  # the lab's Ray kept to the lab's own directory
     down(LAB.name)  # (last in the module; the fixture's own down then finds nothing)
     assert existing_namespaces(LAB.name) == [] and not any(alive(pid) for pid in inits.values())
-    assert not ray_dir(LAB.name).exists()
+    assert not lab_dir(LAB.name).exists()
 
 
 def link_bytes(host: str) -> int:

@@ -98,10 +98,8 @@ def wait_for(condition, timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
-def complete(client, prompt: list[int], max_tokens: int, stream: bool = False):
+def complete(client, prompt: list[int], max_tokens: int) -> str:
     kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
-    if stream:
-        return client.completions.create(stream=True, **kwargs)
     return client.completions.create(**kwargs).choices[0].text
 
 
