@@ -56,6 +56,7 @@ class ReplicaStatus(BaseModel):
     age_s: float
     decided_at: float  # when the controller decided to start it (time.time())
     start: StartMarks | None  # its worker's start marks, once it serves
+    cut_off: str = ""  # why it is kept though the controller cannot reach it (a partition)
 
 
 class ClusterStatus(BaseModel):

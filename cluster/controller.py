@@ -20,7 +20,17 @@ from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision, SLOLoad, p
 from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
 from pdcluster.cluster.cluster_status import ClusterStatus, Heal, PoolStatus, ReplicaStatus, StartFailure
 from pdcluster.cluster.pool_cost import PoolCostMeter
-from pdcluster.cluster.reconcile_policy import Action, Drain, ReplicaState, ReplicaView, Start, Switch, converge, scale
+from pdcluster.cluster.reconcile_policy import (
+    Action,
+    Drain,
+    ReplicaState,
+    ReplicaView,
+    Start,
+    Switch,
+    converge,
+    replacement_reason,
+    scale,
+)
 from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, ReplicaHandle, ReplicaLauncher, WorkerProbe
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.periodic import cancel_all, run_periodically
@@ -45,6 +55,7 @@ class Replica:
     record: WorkerRecord | None = None
     created: float = field(default_factory=time.time)  # when it was decided to start it (or adopted)
     failed_checks: int = 0
+    cut_off: str = ""  # why it is kept though the controller cannot reach it
     stats: worker_pb2.WorkerStats | None = None
 
     def describe(self) -> ReplicaStatus:
@@ -63,6 +74,7 @@ class Replica:
             age_s=round(time.time() - self.created, 1),
             decided_at=self.created,
             start=r.start if r else None,
+            cut_off=self.cut_off,
         )
 
 
@@ -310,12 +322,20 @@ class ClusterController:
             replica.stats = await self.probe.stats(replica.record)
             if replica.stats.role and replica.stats.role != replica.role:  # switched by an earlier life of the controller
                 replica.role = Role(replica.stats.role)
-            replica.failed_checks = 0
         except Exception:
             replica.failed_checks += 1
-        exited = await self.launcher.exit_code(replica.handle)
-        if exited is not None or replica.failed_checks >= self.spec.unhealthy_after:
-            reason = f"exited with {exited}" if exited is not None else f"{replica.failed_checks} failed health checks"
+        else:
+            if replica.cut_off:
+                logger.info("%s replica %s at %s is reachable again", replica.role, replica.id, replica.record.address)
+            replica.failed_checks, replica.cut_off = 0, ""
+            return
+        # It did not answer: ask its own node whether it runs (and, after enough checks, serves).
+        report = await self.launcher.process(replica.handle, ask_worker=replica.failed_checks >= self.spec.unhealthy_after)
+        reason, cut_off = replacement_reason(replica.failed_checks, self.spec.unhealthy_after, report)
+        if cut_off and not replica.cut_off:
+            logger.warning("%s replica %s at %s: %s", replica.role, replica.id, replica.record.address, cut_off)
+        replica.cut_off = cut_off
+        if reason:
             logger.warning("%s replica %s at %s is down (%s): replacing it", replica.role, replica.id, replica.record.address, reason)
             self._open_heals.append(Heal(replica.role, replica.id, reason, time.time()))
             await self._remove(replica, drain=False)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from pdcluster.cluster.cluster_spec import PoolSpec
-from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, LiveReplica
+from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, LiveReplica, Process, ProcessReport
 from pdcluster.cluster.worker_actor import WorkerActor
 from pdcluster.common.tls import TLSFiles, open_channel
 from pdcluster.common.worker_auth import token_metadata
@@ -76,13 +76,14 @@ class RayReplicaLauncher:
         except RayTaskError as e:  # the worker's own error (its log's path and last lines), not Ray's wrapper
             raise (e.cause or e) from None
 
-    async def exit_code(self, handle: RayReplica) -> int | None:
+    async def process(self, handle: RayReplica, ask_worker: bool) -> ProcessReport:
         try:
-            return await asyncio.wait_for(handle.actor.exit_code.remote(), STATS_TIMEOUT_S)
+            state, code = await asyncio.wait_for(handle.actor.process.remote(ask_worker, STATS_TIMEOUT_S), 2 * STATS_TIMEOUT_S)
         except TimeoutError:
-            return None
-        except Exception:  # the actor itself is gone (its node died)
-            return -1
+            return ProcessReport(Process.NODE_UNREACHABLE)
+        except Exception:  # the actor itself is gone (Ray ruled its node dead)
+            return ProcessReport(Process.EXITED, -1)
+        return ProcessReport(Process(state), code)
 
     async def live_replicas(self) -> list[LiveReplica]:
         import ray

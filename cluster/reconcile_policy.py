@@ -4,7 +4,8 @@ then act through one actuator). The same decisions drive the unit tests with no 
 
 - `scale`: the autoscaler's new targets per pool and, with role switching, which replica
   moves to a pool that must grow instead of a new one starting there;
-- `converge`: the replicas to start or drain so that each pool meets its target.
+- `converge`: the replicas to start or drain so that each pool meets its target;
+- `replacement_reason`: whether a replica that fails its checks is dead, or only cut off.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from enum import StrEnum
 
 from pdcluster.cluster.autoscaler import Autoscaler, ScalingDecision
 from pdcluster.cluster.cluster_spec import AutoscalingSpec, PoolSpec
+from pdcluster.cluster.replica_launcher import Process, ProcessReport
 from pdcluster.common.worker_record import ROLES, Role, other_role
 
 
@@ -119,3 +121,24 @@ def converge(replicas: list[ReplicaView], targets: dict[Role, int]) -> list[Acti
             order = sorted(active, key=lambda r: (r.state == ReplicaState.READY, r.busy))
             actions += [Drain(r.id) for r in order[:surplus]]
     return actions
+
+
+def replacement_reason(failed_checks: int, unhealthy_after: int, report: ProcessReport) -> tuple[str, str]:
+    """(why to replace the replica, or ""; why it is kept though unreachable, or ""). A worker
+    that answers on its own node is only cut off from the controller; a node that does not
+    answer is cut off or gone, which Ray rules on (it declares the node dead, and the replica
+    exits with it). Either way a partition's end finds the worker as it was, not replaced."""
+    if report.process == Process.EXITED:
+        return f"exited with {report.exit_code}", ""
+    if failed_checks < unhealthy_after:
+        return "", ""
+    if report.process == Process.HUNG:
+        return f"{failed_checks} failed health checks, and no answer on its own node either", ""
+    return "", f"{failed_checks} failed health checks, but {_KEPT[report.process]}: cut off, kept"
+
+
+_KEPT = {
+    Process.SERVING: "it answers on its own node",
+    Process.NODE_UNREACHABLE: "its node does not answer either (Ray rules whether it is gone)",
+    Process.RUNNING: "its process runs",
+}

@@ -7,6 +7,7 @@ places each replica with Ray; tests drive the controller with a fake one.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
 from pdcluster.cluster.cluster_spec import PoolSpec
@@ -20,6 +21,21 @@ ReplicaHandle = Any
 
 
 REPLICA_ID_PREFIX = "replica-"  # replica ids name no role: a replica may switch pools
+
+
+class Process(StrEnum):
+    """What a replica's own node says of its worker process."""
+
+    RUNNING = "running"  # it runs (its node was not asked more)
+    SERVING = "serving"  # it answers its node: whoever cannot reach it is cut off from it
+    HUNG = "hung"  # it runs, but does not answer even on its own node
+    EXITED = "exited"
+    NODE_UNREACHABLE = "node unreachable"  # a partition, or a host gone: Ray rules which
+
+
+class ProcessReport(NamedTuple):
+    process: Process
+    exit_code: int | None = None  # once EXITED (-1: its node is gone)
 
 
 class LiveReplica(NamedTuple):
@@ -40,8 +56,9 @@ class ReplicaLauncher(Protocol):
     async def wait_ready(self, handle: ReplicaHandle, timeout_s: float) -> WorkerRecord:
         """The replica's record once it serves; raises if it fails to start."""
 
-    async def exit_code(self, handle: ReplicaHandle) -> int | None:
-        """None while the replica's process runs; its exit code (or -1 if it is gone) after."""
+    async def process(self, handle: ReplicaHandle, ask_worker: bool) -> ProcessReport:
+        """Whether the replica's process runs and, with `ask_worker` (the controller cannot
+        reach it), whether it answers on its own node."""
 
     async def live_replicas(self) -> list[LiveReplica]:
         """The replicas of this cluster still running, so a restarted controller adopts them

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from pdcluster.common.grpc_links import server_options
 from pdcluster.common.tls import TLSFiles, add_port, open_channel
 from pdcluster.kv_transfer.chunk_header import ChunkChecksumError, ChunkError, KVChunkHeader
 from pdcluster.kv_transfer.grpc_options import bulk_channel_options
@@ -178,7 +179,7 @@ class KVTransferService:
 
 
 async def start_kv_server(service: KVTransferService, settings: KVEndpointSettings) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=bulk_channel_options(settings.chunk_bytes))
+    server = grpc.aio.server(options=server_options(bulk_channel_options(settings.chunk_bytes)))
     server.add_generic_rpc_handlers((service.handler(),))
     port = add_port(server, f"{settings.host}:{settings.port}", settings.tls)
     if port == 0:

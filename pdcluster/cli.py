@@ -69,6 +69,22 @@ def _lab_exec(args: argparse.Namespace) -> int:
     os.execvpe(command[0], command, host_env())
 
 
+def _lab_cut(args: argparse.Namespace) -> int:
+    from pdcluster.lab.lab_hosts import LabError, cut, restore
+
+    try:
+        if args.lab_command == "cut":
+            cut(args.name, args.host, args.peers)
+        else:
+            restore(args.name, args.host)
+    except (LabError, ValueError) as e:
+        print(f"pdcluster lab {args.lab_command}: {e}", file=sys.stderr)
+        return 1
+    whom = ", ".join(args.peers) if getattr(args, "peers", None) else "every host"
+    print(f"{args.host} is cut off from {whom}" if args.lab_command == "cut" else f"{args.host} is connected again")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -247,7 +263,7 @@ def _status(args: argparse.Namespace) -> int:
     for r in status.replicas:
         print(
             f"    {r.id:<18} {r.role:<8} {r.state:<9} {r.address:<22} pid {r.pid:<7} running {r.running:<3} "
-            f"free KV {r.free_kv_blocks}/{r.total_kv_blocks}  up {r.age_s:.0f}s"
+            f"free KV {r.free_kv_blocks}/{r.total_kv_blocks}  up {r.age_s:.0f}s" + (f"  UNREACHABLE: {r.cut_off}" if r.cut_off else "")
         )
     for d in status.decisions[-10:]:
         print(f"  autoscaler {time.strftime('%H:%M:%S', time.localtime(d.at))} {d.role} {d.from_replicas} -> {d.to_replicas}: {d.reason}")
@@ -655,6 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
     lab_exec.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
     lab_exec.add_argument("--name", default="pdlab")
     lab_exec.set_defaults(func=_lab_exec)
+    lab_cut = lab_sub.add_parser("cut", help="cut a host off the lab's network (its cable), or from some hosts only (a partition)")
+    lab_cut.add_argument("host")
+    lab_cut.add_argument("--from", dest="peers", nargs="+", default=[], metavar="HOST", help="only from these hosts")
+    lab_cut.add_argument("--name", default="pdlab")
+    lab_cut.set_defaults(func=_lab_cut)
+    lab_restore = lab_sub.add_parser("restore", help="undo every cut of a host")
+    lab_restore.add_argument("host")
+    lab_restore.add_argument("--name", default="pdlab")
+    lab_restore.set_defaults(func=_lab_cut)
 
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")

@@ -4,7 +4,9 @@ A decode stream opens first (the decode engine reserves blocks for the prompt an
 for its KV), then the prefill worker computes the prompt and pushes the KV to it. A failed
 prefill or decode worker is excluded and the request tried again elsewhere; a decode
 worker lost mid-stream is resumed on another from the prompt plus the tokens already
-sent, so the caller sees one uninterrupted stream.
+sent, so the caller sees one uninterrupted stream. Where no other is left, a worker that
+answers its health checks again since it failed the request (a partition that ended) is
+tried again.
 
 An attempt runs in steps: route it (`_route`), build its messages (`worker_requests`),
 reserve the load it puts on its workers (`WorkerLoad`), call the workers (`worker_calls`),
@@ -54,7 +56,9 @@ logger = logging.getLogger("pdcluster.router.flow")
 @dataclass
 class _Attempt:
     number: int
-    excluded: set = field(default_factory=set)
+    # The workers it failed on, each with its `lost` event at the time: the worker's next
+    # healthy poll replaces that event, so a worker back since then is told apart.
+    excluded: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -154,7 +158,7 @@ class RequestFlow:
             except WorkerFailed as e:
                 logprob_base = logprob_sum
                 self.pool.mark_unreachable(e.worker)
-                attempt.excluded.add(e.worker)
+                attempt.excluded[e.worker] = e.worker.lost
                 attempt.number += 1
                 if sent:
                     self.metrics.resumes.inc()
@@ -228,7 +232,9 @@ class RequestFlow:
         return _Route(decode, placement, placed_at)
 
     def _candidates(self, role: Role, attempt: _Attempt) -> list[WorkerView]:
-        return [w for w in self.pool.healthy(role) if w not in attempt.excluded]
+        healthy = self.pool.healthy(role)
+        untried = [w for w in healthy if w not in attempt.excluded]
+        return untried or [w for w in healthy if attempt.excluded.get(w) is not w.lost]
 
     async def _decode_candidates(self, attempt: _Attempt) -> list[WorkerView]:
         """Healthy decode workers; while there are none (one being replaced), wait a bounded time."""

@@ -15,6 +15,7 @@ import uvicorn
 import uvloop
 
 from pdcluster.common.files import write_atomically
+from pdcluster.common.grpc_links import server_options
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_record import RouterRecord
 from pdcluster.protos import inference_pb2_grpc
@@ -36,7 +37,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
     router = Router(config, membership)
     await router.start()
     app = await build_openai_app(router)
-    grpc_server = grpc.aio.server()
+    grpc_server = grpc.aio.server(options=server_options())
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router, app.state), grpc_server)
     grpc_port = add_port(grpc_server, f"{config.host}:{listeners.release_grpc_port()}", config.tls, clients_need_cert=False)
     await grpc_server.start()

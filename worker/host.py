@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.files import write_atomically
+from pdcluster.common.grpc_links import server_options
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.start_marks import StartMarks
@@ -162,7 +163,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
         # do not belong here; only room for long prompts' token lists.
         self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+            options=server_options([("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]),
             interceptors=[WorkerTokenCheck(cfg.auth_token)],
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)

@@ -16,11 +16,15 @@ from pdcluster.common.worker_record import WorkerRecord
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TTL_S = 5.0
+# A command on a connection whose peer vanished (a cut link) fails after this, instead of
+# waiting for TCP to give up; the next one reconnects. Blocking reads of the prefix channel
+# are exempt (redis-py waits on them without a timeout).
+REDIS_TIMEOUT_S = 2.0
 
 
 class RedisRegistry:
     def __init__(self, url: str, cluster_name: str = "pdcluster") -> None:
-        self._redis = aioredis.from_url(url)
+        self._redis = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
         self._prefix = f"pdcluster:{cluster_name}"
 
     def _worker_key(self, worker_id: str) -> str:

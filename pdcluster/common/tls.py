@@ -9,6 +9,8 @@ import ssl
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdcluster.common.grpc_links import channel_options
+
 
 class TLSFiles(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,7 +62,8 @@ def add_port(server: grpc.aio.Server, address: str, tls: TLSFiles, clients_need_
     return server.add_insecure_port(address)
 
 
-def open_channel(address: str, tls: TLSFiles, options=None) -> grpc.aio.Channel:
+def open_channel(address: str, tls: TLSFiles, options=()) -> grpc.aio.Channel:
+    options = channel_options(options)
     if tls.enabled:
         return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
     return grpc.aio.insecure_channel(address, options=options)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from pdcluster.lab.lab_network import network_commands
+from pdcluster.lab.lab_network import cut_commands, network_commands, restore_commands
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
 
 STATE_DIR = Path("/run/pdcluster-lab")
@@ -62,6 +62,24 @@ def down(name: str) -> list[str]:
     (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
     shutil.rmtree(lab_dir(name), ignore_errors=True)
     return removed
+
+
+def cut(name: str, host: str, peers: list[str]) -> None:
+    """Cut the host off from every other host, or from `peers` only (a partition)."""
+    spec, _ = load(name)
+    cut_off = spec.host(host)
+    others = [spec.host(peer) for peer in peers]
+    if cut_off in others:
+        raise LabError(f"{host} cannot be cut off from itself")
+    for command in cut_commands(spec, cut_off, others):
+        _run(command)
+
+
+def restore(name: str, host: str) -> None:
+    """Undo every cut of the host."""
+    spec, _ = load(name)
+    for command in restore_commands(spec, spec.host(host)):
+        _run(command)
 
 
 def load(name: str) -> tuple[LabSpec, dict[str, int]]:

@@ -19,8 +19,8 @@ def network_commands(spec: LabSpec) -> list[list[str]]:
         ["ip", "-n", sw, "link", "set", "br0", "up"],
     ]
     prefix = spec.subnet.split("/")[1]
-    for i, host in enumerate(spec.hosts()):
-        port = f"port{i}"
+    for host in spec.hosts():
+        port = _port(spec, host)
         commands += [
             ["ip", "netns", "add", host.netns],
             ["ip", "link", "add", "eth0", "netns", host.netns, "type", "veth", "peer", "name", port, "netns", sw],
@@ -33,6 +33,38 @@ def network_commands(spec: LabSpec) -> list[list[str]]:
         if spec.link:
             commands.append(shape_commands(host, spec.link))
     return commands
+
+
+def cut_commands(spec: LabSpec, host: LabHost, peers: list[LabHost]) -> list[list[str]]:
+    """Cut a host off: from every host (its cable: its port on the bridge goes down), or from
+    the given peers only (a partition: a route to nowhere each way). Packets are dropped
+    silently, as on a broken link; connections wait, and live on if it returns in time."""
+    if not peers:
+        return [["ip", "-n", spec.switch_netns, "link", "set", _port(spec, host), "down"]]
+    commands = []
+    for peer in peers:
+        commands += [
+            ["ip", "-n", host.netns, "route", "replace", "blackhole", f"{peer.address}/32"],
+            ["ip", "-n", peer.netns, "route", "replace", "blackhole", f"{host.address}/32"],
+        ]
+    return commands
+
+
+def restore_commands(spec: LabSpec, host: LabHost) -> list[list[str]]:
+    """Undo every cut of the host: its cable back, and the partitions from it gone both ways."""
+    commands = [
+        ["ip", "-n", spec.switch_netns, "link", "set", _port(spec, host), "up"],
+        ["ip", "-n", host.netns, "route", "flush", "type", "blackhole"],
+    ]
+    for peer in spec.hosts():
+        if peer != host:
+            commands.append(["ip", "-n", peer.netns, "route", "flush", "type", "blackhole", "to", f"{host.address}/32"])
+    return commands
+
+
+def _port(spec: LabSpec, host: LabHost) -> str:
+    """The host's port on the lab's bridge."""
+    return f"port{spec.hosts().index(host)}"
 
 
 def shape_commands(host: LabHost, link: str) -> list[str]:

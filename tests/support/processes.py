@@ -76,13 +76,24 @@ def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env:
         stop_all(workers)
 
 
-def reference_outputs(prompts: list[list[int]], max_tokens: int, tmp_path, compiled: bool = False) -> list[list[int]]:
+def reference_outputs(
+    prompts: list[list[int]], max_tokens: int, tmp_path, compiled: bool = False, ignore_eos: bool = False
+) -> list[list[int]]:
     """Greedy output token ids of one plain vLLM engine (no connector), in its own process;
     compiled or eager like the workers it is compared with."""
     prompts_path, out_path = tmp_path / "prompts.json", tmp_path / "outputs.json"
     prompts_path.write_text(json.dumps(prompts))
     subprocess.run(
-        [sys.executable, "-m", "tests.support.reference_engine", str(prompts_path), str(out_path), str(max_tokens), str(compiled)],
+        [
+            sys.executable,
+            "-m",
+            "tests.support.reference_engine",
+            str(prompts_path),
+            str(out_path),
+            str(max_tokens),
+            str(compiled),
+            str(ignore_eos),
+        ],
         cwd=ROOT,
         check=True,
         timeout=600,

@@ -11,7 +11,7 @@ import pytest
 from pdcluster.cluster.cluster_spec import ClusterSpec, PoolSpec
 from pdcluster.cluster.cluster_status import ClusterStatus
 from pdcluster.cluster.controller import ClusterController
-from pdcluster.cluster.replica_launcher import LiveReplica
+from pdcluster.cluster.replica_launcher import LiveReplica, Process, ProcessReport
 from pdcluster.common.worker_record import Role, WorkerRecord
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
@@ -34,6 +34,7 @@ class FakeReplica:
         self.started.set()
         self.exit_code: int | None = None
         self.hung = False
+        self.cut_off = ""  # "worker": only the worker is unreachable from the controller; "node": its whole node
         self.stats = worker_pb2.WorkerStats(role=config.role, worker_id=config.worker_id, total_kv_blocks=100, free_kv_blocks=100)
         self.stopped: bool | None = None  # drained (True) or stopped at once (False)
 
@@ -56,8 +57,12 @@ class FakeLauncher:
         await handle.started.wait()
         return handle.record
 
-    async def exit_code(self, handle: FakeReplica) -> int | None:
-        return handle.exit_code
+    async def process(self, handle: FakeReplica, ask_worker: bool) -> ProcessReport:
+        if handle.exit_code is not None:
+            return ProcessReport(Process.EXITED, handle.exit_code)
+        if handle.cut_off:  # from the controller: its node says it serves, or does not answer at all
+            return ProcessReport(Process.NODE_UNREACHABLE if handle.cut_off == "node" else Process.SERVING)
+        return ProcessReport(Process.HUNG if ask_worker and handle.hung else Process.RUNNING)
 
     async def live_replicas(self) -> list[LiveReplica]:
         return [LiveReplica(r.config.worker_id, r.config.role, r) for r in self.replicas if r.stopped is None]
@@ -79,7 +84,9 @@ class FakeProbe:
 
     async def stats(self, record: WorkerRecord) -> worker_pb2.WorkerStats:
         replica = next(r for r in self._launcher.replicas if r.record == record)
-        if replica.hung:
+        if replica.exit_code is not None:
+            raise ConnectionRefusedError("no worker there")
+        if replica.hung or replica.cut_off:
             raise TimeoutError("no answer")
         return replica.stats
 
@@ -150,6 +157,28 @@ async def test_a_hung_replica_is_replaced_after_its_failed_checks():
     assert hung.stopped is False
     await rounds(controller)
     assert len(launcher.live(Role.PREFILL)) == 1 and launcher.live(Role.PREFILL)[0] is not hung
+    assert "no answer on its own node either" in (await controller.status()).heals[0].reason
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cut", ["worker", "node"])
+async def test_a_replica_cut_off_by_a_partition_is_kept_and_reachable_again_after(cut):
+    controller, launcher, _ = make_controller({"unhealthy_after": 3})
+    await rounds(controller, 2)
+    cut_off = launcher.live(Role.DECODE)[0]
+    cut_off.cut_off = cut
+    await rounds(controller, 6)
+    assert cut_off.stopped is None and launcher.live(Role.DECODE) == [cut_off]  # not replaced, nothing new started
+    (status,) = [r for r in (await controller.status()).replicas if r.id == cut_off.config.worker_id]
+    assert status.state == "ready" and "cut off, kept" in status.cut_off
+    assert ("answers on its own node" if cut == "worker" else "its node does not answer") in status.cut_off
+    cut_off.cut_off = ""
+    await rounds(controller)
+    (status,) = [r for r in (await controller.status()).replicas if r.id == cut_off.config.worker_id]
+    assert status.cut_off == "" and not (await controller.status()).heals
+    cut_off.exit_code = -1  # Ray ruled its node dead: then it is replaced
+    await rounds(controller, 2)
+    assert cut_off.stopped is False and len(launcher.live(Role.DECODE)) == 1
 
 
 @pytest.mark.asyncio

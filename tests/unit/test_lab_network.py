@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pdcluster.lab.lab_network import network_commands, rate_bits
+from pdcluster.lab.lab_network import cut_commands, network_commands, rate_bits, restore_commands
 from pdcluster.lab.lab_spec import LabSpec
 
 
@@ -34,6 +34,22 @@ def test_each_host_is_cabled_to_the_switch_and_its_link_shaped():
     delayed = [" ".join(c) for c in network_commands(LabSpec(name="lab1", decode_hosts=0, link="1gbit,200us"))]
     assert "ip netns exec lab1-head tc qdisc replace dev eth0 root netem delay 200us rate 1gbit" in delayed
     assert rate_bits("500mbit") == 5e8 and rate_bits("1gbps") == 8e9
+
+
+def test_a_host_is_cut_off_by_its_cable_or_by_routes_to_nowhere_and_restored():
+    spec = LabSpec(name="lab1", prefill_hosts=1, decode_hosts=1)
+    decode, head = spec.host("decode-1"), spec.host("head")
+    assert [" ".join(c) for c in cut_commands(spec, decode, [])] == ["ip -n lab1-switch link set port2 down"]
+    assert [" ".join(c) for c in cut_commands(spec, decode, [head])] == [
+        "ip -n lab1-decode-1 route replace blackhole 10.77.0.1/32",
+        "ip -n lab1-head route replace blackhole 10.77.0.21/32",
+    ]
+    assert [" ".join(c) for c in restore_commands(spec, decode)] == [
+        "ip -n lab1-switch link set port2 up",
+        "ip -n lab1-decode-1 route flush type blackhole",
+        "ip -n lab1-head route flush type blackhole to 10.77.0.21/32",
+        "ip -n lab1-prefill-1 route flush type blackhole to 10.77.0.21/32",
+    ]
 
 
 @pytest.mark.parametrize(

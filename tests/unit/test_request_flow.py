@@ -189,6 +189,19 @@ async def test_frozen_decode_worker_is_found_lost_and_its_stream_resumed(tokeniz
         assert_at_rest(flow)
 
 
+async def test_the_only_decode_worker_cut_off_and_back_resumes_its_stream_there(tokenizer):
+    # A partition: the worker stops answering, is found lost, and answers again when it ends.
+    async with fake_cluster(tokenizer, decode=(Behaviour(hang_after=4),)) as (flow, (_, decode)):
+        deltas_task = asyncio.ensure_future(run(flow))
+        await until(lambda: decode.calls_of("Decode") and decode.calls_of("Decode")[0].outcome == "cancelled")
+        decode.behaviour = Behaviour()
+        decode.frozen.clear()
+        deltas, _ = await asyncio.wait_for(deltas_task, 30)
+        assert tokens_of(deltas) == expected_tokens(PROMPT, 12)
+        assert len(decode.calls_of("Decode")) == 2 and metric(flow, "pdcluster_router_resumes_total") == 1
+        assert_at_rest(flow)
+
+
 async def test_request_the_worker_refuses_as_invalid_is_the_clients_error_and_not_retried(tokenizer):
     async with fake_cluster(tokenizer, decode=(Behaviour(fail_after=0, fail_code=grpc.StatusCode.INVALID_ARGUMENT),)) as (flow, workers):
         with pytest.raises(VLLMValidationError, match="fails after 0 tokens"):
@@ -214,7 +227,8 @@ async def test_a_client_that_goes_away_cancels_the_request_on_its_workers(tokeni
 async def test_no_decode_worker_left_is_a_503_after_the_attempts(tokenizer):
     failing = Behaviour(fail_after=2)
     async with fake_cluster(tokenizer, decode=(failing, failing)) as (flow, _):
-        with pytest.raises(NoCapacity, match="no healthy decode worker"):
+        # Both answer their health checks, so each is tried again once the other failed too.
+        with pytest.raises(NoCapacity, match="request failed on 4 workers"):
             await run(flow)
         assert metric(flow, "pdcluster_router_requests_total", outcome="unavailable") == 1
         assert_at_rest(flow)
