@@ -33,6 +33,7 @@ from pdcluster.cluster.reconcile_policy import (
 )
 from pdcluster.cluster.replica_launcher import REPLICA_ID_PREFIX, ReplicaHandle, ReplicaLauncher, WorkerProbe
 from pdcluster.common.engine_profile import load_profile
+from pdcluster.common.logs import configure_logging
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord, other_role
@@ -80,7 +81,7 @@ class Replica:
 
 class ClusterController:
     def __init__(self, spec_json: str, launcher: ReplicaLauncher | None = None, probe: WorkerProbe | None = None) -> None:
-        logging.basicConfig(level=logging.INFO)
+        configure_logging()
         self.spec = ClusterSpec.model_validate_json(spec_json)
         if launcher is None or probe is None:  # the Ray actor: replicas on Ray, probed over gRPC
             from pdcluster.cluster.ray_launcher import GrpcWorkerProbe, RayReplicaLauncher

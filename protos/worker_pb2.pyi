@@ -101,7 +101,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "worker_id", "pid", "running", "queued", "free_kv_blocks", "total_kv_blocks", "kv_bytes_sent", "kv_bytes_received", "kv_endpoint", "model", "queued_prefill_tokens", "block_size", "draining", "max_model_len", "kv_transport", "kv_bytes_by_transport", "kv_transfers_by_transport", "prompt_tokens", "generation_tokens", "busy_seconds", "prefill_seconds_p90", "itl_seconds_p90", "metrics_port", "lora_adapters")
+    __slots__ = ("role", "worker_id", "pid", "running", "queued", "free_kv_blocks", "total_kv_blocks", "kv_bytes_sent", "kv_bytes_received", "kv_endpoint", "model", "queued_prefill_tokens", "block_size", "draining", "max_model_len", "kv_transport", "kv_bytes_by_transport", "kv_transfers_by_transport", "prompt_tokens", "generation_tokens", "busy_seconds", "prefill_seconds_p90", "itl_seconds_p90", "metrics_port", "lora_adapters", "kv_compatibility")
     class KvBytesByTransportEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,13 @@ class WorkerStats(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class KvCompatibilityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +148,7 @@ class WorkerStats(_message.Message):
     ITL_SECONDS_P90_FIELD_NUMBER: _ClassVar[int]
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    KV_COMPATIBILITY_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: str
     pid: int
@@ -166,7 +174,8 @@ class WorkerStats(_message.Message):
     itl_seconds_p90: float
     metrics_port: int
     lora_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_bytes_by_transport: _Optional[_Mapping[str, int]] = ..., kv_transfers_by_transport: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., prefill_seconds_p90: _Optional[float] = ..., itl_seconds_p90: _Optional[float] = ..., metrics_port: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    kv_compatibility: _containers.ScalarMap[str, str]
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_endpoint: _Optional[str] = ..., model: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_transport: _Optional[str] = ..., kv_bytes_by_transport: _Optional[_Mapping[str, int]] = ..., kv_transfers_by_transport: _Optional[_Mapping[str, int]] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., prefill_seconds_p90: _Optional[float] = ..., itl_seconds_p90: _Optional[float] = ..., metrics_port: _Optional[int] = ..., lora_adapters: _Optional[_Iterable[str]] = ..., kv_compatibility: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WatchPrefixCacheRequest(_message.Message):
     __slots__ = ()

@@ -26,6 +26,7 @@ class WorkerSummary(BaseModel):
     draining: bool
     router_inflight: int  # requests this router has running on it
     lora_adapters: list[str]  # the LoRA adapters its engine holds loaded
+    kv_compatibility: dict[str, str] = {}  # what a peer must match to exchange KV with it
     # Wall-clock marks of its start as this router saw it (0 until then): membership, the
     # first request sent to it, that request's first token.
     joined_at: float

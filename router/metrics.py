@@ -36,6 +36,13 @@ class RouterMetrics:
         self.resumes = Counter("pdcluster_router_resumes", "Streams resumed on another decode worker mid-generation", registry=r)
         self.picks = Counter("pdcluster_router_worker_picks", "Workers chosen per request", ["role", "worker_id"], registry=r)
         self.bypass = Counter("pdcluster_router_prefill_bypass", "Requests run on a decode worker alone", ["reason"], registry=r)
+        self.kv_incompatible = Counter(
+            "pdcluster_router_kv_incompatible",
+            "Requests whose decode worker could not take a prefill worker's KV (another model, dtype, block size, "
+            "TP, speculative config or version), by the first field that differs; the prompt went elsewhere",
+            ["field"],
+            registry=r,
+        )
         self.response_cache = Counter(
             "pdcluster_router_response_cache",
             "Deterministic requests asked of the response cache (hit, miss) and answers stored",
@@ -81,7 +88,7 @@ class RouterMetrics:
             self.requests.labels(outcome)
         for role in ROLES:
             self.retries.labels(role)
-        for reason in ("short_prompt", "no_prefill_worker", "prefill_backlog", "predicted"):
+        for reason in ("short_prompt", "no_prefill_worker", "kv_incompatible", "prefill_backlog", "predicted"):
             self.bypass.labels(reason)
         for placement in ("remote", "local"):
             self.ttft_prediction_ratio.labels(placement)

@@ -27,6 +27,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from pdcluster.common.engine_profile import load_profile
+from pdcluster.common.kv_compatibility import describe_mismatch
 from pdcluster.common.prefix_hashes import prompt_block_hashes
 from pdcluster.common.sample_wire import decode_logprobs
 from pdcluster.common.tracing import CLIENT, SERVER, end_span, ending, start_span, with_trace, worker_rpc_span
@@ -85,6 +86,7 @@ class RequestFlow:
         self.admission = AdmissionGate(config.max_inflight, config.max_queue, metrics)
         profile = load_profile(config.profile) if config.profile else None
         self.predictor = PlacementPredictor(profile, profile, config.slo) if profile else None
+        self._incompatible_pairs: set[tuple[str, str]] = set()  # (prefill, decode) worker ids already logged
 
     async def generate(self, request: GenerationRequest, usage: Usage):
         """Yield the request's TokenDeltas; fills `usage` as it goes. Admission applies."""
@@ -257,6 +259,7 @@ class RequestFlow:
             self.predictor,
             lora_name,
         )
+        self._count_incompatible(placement, decode)
         kept = "none" if placement.chosen is None else "kept" if placement.chosen.misses(self.config.slo) == 0 else "missed"
         self.metrics.placements.labels("remote" if placement.worker else "local", placement.basis, kept).inc()
         if placement.worker is None:
@@ -265,6 +268,20 @@ class RequestFlow:
             self._note_pick(placement.worker, Role.PREFILL)
             self.metrics.prefix_hit_tokens.inc(placement.overlap_tokens)
         return placement
+
+    def _count_incompatible(self, placement: PrefillPlacement, decode: WorkerView) -> None:
+        for differs in {differs for _, differs in placement.incompatible}:
+            self.metrics.kv_incompatible.labels(differs).inc()
+        for prefill, differs in placement.incompatible:
+            if (prefill.worker_id, decode.worker_id) not in self._incompatible_pairs:  # once per pair, not per request
+                self._incompatible_pairs.add((prefill.worker_id, decode.worker_id))
+                ours, theirs = prefill.stats.kv_compatibility, decode.stats.kv_compatibility
+                logger.warning(
+                    "prefill worker %s cannot hand its KV to decode worker %s (%s): their prompts go elsewhere",
+                    prefill.worker_id,
+                    decode.worker_id,
+                    describe_mismatch(differs, ours, theirs),
+                )
 
     def _observe_prediction(self, placement: PrefillPlacement, observed_s: float) -> None:
         """The first token of a prompt placed by prediction: how far off the prediction was."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pdcluster.common.kv_compatibility import kv_mismatch
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.placement_prediction import LOCAL, Outlook, PlacementPredictor
 from pdcluster.router.worker_pool import WorkerView, queued_prefill_tokens
@@ -166,9 +167,11 @@ class PrefillPlacement:
 
     worker: WorkerView | None
     overlap_tokens: int = 0
-    bypass: str = ""  # short_prompt | no_prefill_worker | prefill_backlog | predicted
+    bypass: str = ""  # short_prompt | no_prefill_worker | kv_incompatible | prefill_backlog | predicted
     chosen: Outlook | None = None
     passed_over: Outlook | None = None
+    # Prefill workers whose KV the decode worker could not take, each with the field that differs.
+    incompatible: tuple[tuple[WorkerView, str], ...] = ()
 
     @property
     def basis(self) -> str:
@@ -195,6 +198,27 @@ def place_prefill(
     with `kv-events` routing the worker's own events then confirm or correct that."""
     if should_bypass_prefill(prompt_len, config.bypass_prefill_below_tokens):
         return PrefillPlacement(None, bypass="short_prompt")
+    theirs = decode.stats.kv_compatibility if decode.stats else {}
+    mismatches = [(w, kv_mismatch(w.stats.kv_compatibility if w.stats else {}, theirs)) for w in candidates]
+    incompatible = tuple((w, field) for w, field in mismatches if field is not None)
+    if incompatible:
+        candidates = [w for w, field in mismatches if field is None]
+        if not candidates:
+            return PrefillPlacement(None, bypass="kv_incompatible", incompatible=incompatible)
+    placement = _place_compatible(candidates, decode, prompt_len, index, hashes_for, config, predictor, lora_name)
+    return replace(placement, incompatible=incompatible) if incompatible else placement
+
+
+def _place_compatible(
+    candidates: list[WorkerView],
+    decode: WorkerView,
+    prompt_len: int,
+    index: PrefixIndex,
+    hashes_for: Callable[[int], list[int]],
+    config: RouterConfig,
+    predictor: PlacementPredictor | None,
+    lora_name: str | None,
+) -> PrefillPlacement:
     if config.prefill_routing == "round-robin":
         prefill, overlap = min(candidates, key=lambda w: w.load.last_picked, default=None), 0
     else:

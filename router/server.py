@@ -16,6 +16,7 @@ import uvloop
 
 from pdcluster.common.files import write_atomically
 from pdcluster.common.grpc_links import server_options
+from pdcluster.common.logs import configure_logging
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_record import RouterRecord
 from pdcluster.protos import inference_pb2_grpc
@@ -93,7 +94,7 @@ async def _stop_with(server: uvicorn.Server, grpc_server: grpc.aio.Server, grace
 
 def run_router(config: RouterConfig) -> int:
     """Entry point of `python -m pdcluster.router`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         listeners = bind_listeners(config)
     except PortTaken as e:

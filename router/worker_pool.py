@@ -90,6 +90,7 @@ class WorkerView:
             draining=s.draining,
             router_inflight=self.load.inflight,
             lora_adapters=list(s.lora_adapters),
+            kv_compatibility=dict(s.kv_compatibility),
             joined_at=self.joined_at,
             first_routed_at=self.first_routed_at,
             first_token_at=self.first_token_at,

@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.files import write_atomically
 from pdcluster.common.grpc_links import server_options
+from pdcluster.common.kv_compatibility import kv_compatibility
+from pdcluster.common.logs import configure_logging
 from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import HEARTBEAT_INTERVAL_S, RedisRegistry
 from pdcluster.common.start_marks import StartMarks
@@ -159,6 +161,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._kv_stats = await fetch_kv_stats(self.kv_endpoint, tls=cfg.tls)  # the engine's compile time, from its process
         self.start_marks = self.start_marks.model_copy(update={"engine": time.time(), "compile_s": self._kv_stats.engine_compile_seconds})
         self._handlers = {role: cls(self) for role, cls in self._handler_classes.items()}
+        self.kv_compatibility = kv_compatibility(self.engine.vllm_config)
 
         # Token streams and small RPCs: the bulk-KV options (16 MiB frames, write buffering)
         # do not belong here; only room for long prompts' token lists.
@@ -359,6 +362,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             pid=os.getpid(),
             metrics_port=self.metrics_port,
             lora_adapters=self.lora.loaded,
+            kv_compatibility=self.kv_compatibility,
             running=sched.num_running_reqs if sched else 0,
             queued=sched.num_waiting_reqs if sched else 0,
             free_kv_blocks=int(total * (1.0 - usage)),
@@ -386,7 +390,7 @@ class _Refused(Exception):
 
 def run_worker(config: WorkerConfig, handler_classes: dict[Role, type]) -> None:
     """Entry point of `python -m pdcluster.prefill_worker` / `decode_worker` / `role_switching_worker`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
 
     async def main() -> None:
         host = WorkerHost(config, handler_classes)

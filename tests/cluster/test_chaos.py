@@ -1,13 +1,15 @@
 """The chaos battery (`pdcluster bench chaos`) as a test: under steady load on a real
 `pdcluster serve --prefill 2 --decode 2` with a Redis registry, each fault in turn (SIGKILL
-of a prefill worker, SIGSTOP of each worker role, the controller killed, Redis killed, KV
-connections cut, garbage on every port, clients hanging up) loses no request, changes no
-greedy answer, leaves every KV block free and no stray process, and the cluster heals.
+and SIGSTOP of a prefill worker, the controller killed, Redis killed, KV connections cut,
+garbage on every port, clients hanging up) loses no request, changes no greedy answer, leaves
+every KV block free and no stray process, and the cluster heals.
 
-The battery's SIGKILL of a decode worker costs the suite a minute and a half, most of it an
-engine restarting, and is tested where it is cheaper: killed under streaming load and healed,
-with its engine gone and the KV at rest, in test_cluster_serve; its streams resumed in
-test_worker_faults. The whole battery's figures are in bench/RESULTS.md."""
+The battery's faults of a decode worker cost the suite a minute each, most of it an engine
+restarting, and are tested where it is cheaper. SIGKILL: killed under streaming load and
+healed, with its engine gone and the KV at rest, in test_cluster_serve; its streams resumed in
+test_worker_faults. SIGSTOP: the router leaves the frozen worker and resumes its streams in
+test_worker_faults; the controller finds a frozen worker and replaces it here, in
+sigstop-prefill. The whole battery's figures are in bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ from tests.support.processes import EAGER
 
 pytestmark = pytest.mark.slow
 
-# The battery's order, less sigkill-decode. (Without sigkill-prefill too, twice in two runs a
-# 160-token prompt's first token differed from the fault-free answer, under sigstop-decode and
-# under redis-down: not yet understood, see the issue notes; with it, never in the runs before.)
-FAULTS = ("client-hangup", "garbage", "kv-cut", "controller-kill", "sigkill-prefill", "sigstop-prefill", "sigstop-decode", "redis-down")
+# The battery's order, less the decode worker's faults. (Without sigkill-prefill too, twice in
+# two runs a 160-token prompt's first token differed from the fault-free answer, under
+# sigstop-decode and under redis-down: not yet understood, see the issue notes; with it, never
+# in the runs before.)
+FAULTS = ("client-hangup", "garbage", "kv-cut", "controller-kill", "sigkill-prefill", "sigstop-prefill", "redis-down")
 
 
 @pytest.mark.timeout(1900)  # the battery's own bound (1800 s) rules, not the suite's per-test 900 s

@@ -1,0 +1,53 @@
+"""Pools that drifted apart: a prefill worker on another checkpoint of the same model shape
+(its KV has the decode worker's layout, dtype and size, so nothing in the transfer itself
+would object) is never paired with the decode worker. The router names the field that
+differs, counts it, and has the decode worker compute the prompt: the answers are the decode
+model's own, as plain vLLM gives them, and no KV moves."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from pdcluster.common.processes import stop_all
+from pdcluster.common.tiny_model.generate import CORPUS, TinyModelSpec, ensure_tiny_model
+
+from tests.support.processes import running_pair, start_router
+from tests.support.router_metrics import metric
+from tests.support.vllm_reference import ENGINE_FLAGS
+from tests.support.worker_calls import worker_stats
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def drifted():
+    other_checkpoint = ensure_tiny_model(spec=TinyModelSpec(seed=1))
+    with running_pair(["--model", str(other_checkpoint), *ENGINE_FLAGS], ENGINE_FLAGS) as (prefill, decode):
+        router = start_router([prefill.address, decode.address], ["--bypass-prefill-below", "32"])
+        try:
+            yield router, prefill, decode
+        finally:
+            stop_all([router])
+
+
+def test_kv_of_another_checkpoint_is_refused_and_the_prompt_computed_where_it_decodes(drifted, vllm_reference, tokenizer):
+    router, prefill, decode = drifted
+    ids = tokenizer(CORPUS.read_text()).input_ids
+    prompts = [ids[:200], ids[300:480]]
+    with httpx.Client(base_url=router.record.http, timeout=120) as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
+        answers = [http.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["token_ids"] for p in prompts]
+        assert answers == vllm_reference.greedy(prompts, MAX_TOKENS)
+        assert metric(http, "pdcluster_router_kv_incompatible_total", 'field="weights"') == len(prompts)
+        assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="kv_incompatible"') == len(prompts)
+        workers = {w["role"]: w["kv_compatibility"] for w in http.get("/cluster").json()["workers"]}
+    # Everything else matches: the same engine settings and versions, only the weights differ.
+    assert {k for k in workers["prefill"] if workers["prefill"][k] != workers["decode"][k]} == {"weights"}
+    assert workers["decode"]["dtype"] == "float32" and workers["decode"]["pdcluster"] and workers["decode"]["vllm"]
+    assert worker_stats(prefill.address).kv_bytes_sent == 0 and worker_stats(decode.address).kv_bytes_received == 0
+    log = router.log_tail(400)
+    assert "cannot hand its KV to decode worker" in log and "(weights " in log
