@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Container
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pdcluster.common.kv_compatibility import kv_mismatch
 from pdcluster.router.config import RouterConfig
@@ -201,37 +201,20 @@ def place_prefill(
     theirs = decode.stats.kv_compatibility if decode.stats else {}
     mismatches = [(w, kv_mismatch(w.stats.kv_compatibility if w.stats else {}, theirs)) for w in candidates]
     incompatible = tuple((w, field) for w, field in mismatches if field is not None)
-    if incompatible:
-        candidates = [w for w, field in mismatches if field is None]
-        if not candidates:
-            return PrefillPlacement(None, bypass="kv_incompatible", incompatible=incompatible)
-    placement = _place_compatible(candidates, decode, prompt_len, index, hashes_for, config, predictor, lora_name)
-    return replace(placement, incompatible=incompatible) if incompatible else placement
-
-
-def _place_compatible(
-    candidates: list[WorkerView],
-    decode: WorkerView,
-    prompt_len: int,
-    index: PrefixIndex,
-    hashes_for: Callable[[int], list[int]],
-    config: RouterConfig,
-    predictor: PlacementPredictor | None,
-    lora_name: str | None,
-) -> PrefillPlacement:
+    candidates = [w for w, field in mismatches if field is None]
     if config.prefill_routing == "round-robin":
         prefill, overlap = min(candidates, key=lambda w: w.load.last_picked, default=None), 0
     else:
         prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for, lora_name)
     if prefill is None:
-        return PrefillPlacement(None, bypass="no_prefill_worker")
+        return PrefillPlacement(None, bypass="kv_incompatible" if incompatible else "no_prefill_worker", incompatible=incompatible)
     if prefill_backlog_too_deep(prefill, config.local_prefill_above_queued_tokens):
-        return PrefillPlacement(None, bypass="prefill_backlog")
+        return PrefillPlacement(None, bypass="prefill_backlog", incompatible=incompatible)
     chosen = passed_over = None
     if predictor is not None and config.local_prefill_above_queued_tokens <= 0:
         chosen, passed_over = predictor.choose(prefill, decode, prompt_len, overlap)
         if chosen.choice == LOCAL:
-            return PrefillPlacement(None, bypass="predicted", chosen=chosen, passed_over=passed_over)
+            return PrefillPlacement(None, bypass="predicted", chosen=chosen, passed_over=passed_over, incompatible=incompatible)
     if config.prefill_routing != "round-robin":
         index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
-    return PrefillPlacement(prefill, overlap, chosen=chosen, passed_over=passed_over)
+    return PrefillPlacement(prefill, overlap, chosen=chosen, passed_over=passed_over, incompatible=incompatible)
