@@ -39,6 +39,7 @@ class PoolStatus(BaseModel):
     max: int
     ready: int
     failed_starts_in_a_row: int  # since the last replica that started; `pdcluster serve` gives up at 3
+    outdated: int = 0  # replicas a rolling restart has yet to replace
     resources: dict[str, float]  # one replica's placement-group bundle
 
 

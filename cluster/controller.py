@@ -57,6 +57,7 @@ class Replica:
     created: float = field(default_factory=time.time)  # when it was decided to start it (or adopted)
     failed_checks: int = 0
     cut_off: str = ""  # why it is kept though the controller cannot reach it
+    outdated: bool = False  # a rolling restart replaces it
     stats: worker_pb2.WorkerStats | None = None
 
     def describe(self) -> ReplicaStatus:
@@ -167,6 +168,7 @@ class ClusterController:
                     min=self.spec.pool(role).min_replicas,
                     max=self.spec.pool(role).max_replicas,
                     ready=self.ready_count(role),
+                    outdated=sum(r.role == role and r.outdated and r.state != ReplicaState.DRAINING for r in self.replicas),
                     failed_starts_in_a_row=self.failed_starts_in_a_row[role],
                     resources=self.spec.pool(role).bundle(),
                 )
@@ -216,8 +218,20 @@ class ClusterController:
         if replicas != self.targets[Role(role)]:
             self.targets[Role(role)] = replicas
             self._record(decision)
-            self._act(converge(self._views(), self.targets))  # now, not at the next round
+            self._act(converge(self._views(), self.targets, self._max_replicas()))  # now, not at the next round
         return decision
+
+    async def restart_pool(self, role: str) -> int:
+        """An operator's rolling restart: every replica of the pool is replaced, one at a time,
+        each drained once its replacement serves (see `converge`). Returns how many will be."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        replaced = [r for r in self.replicas if r.role == role and r.state != ReplicaState.DRAINING]
+        for replica in replaced:
+            replica.outdated = True
+        logger.info("rolling restart of the %s pool: %d replicas to replace", role, len(replaced))
+        self._act(converge(self._views(), self.targets, self._max_replicas()))
+        return len(replaced)
 
     async def shutdown(self) -> None:
         await cancel_all(self._tasks)
@@ -245,10 +259,13 @@ class ClusterController:
             for decision in decisions:
                 self._record(decision)
             self._act(switches)
-        self._act(converge(self._views(), self.targets))
+        self._act(converge(self._views(), self.targets, self._max_replicas()))
 
     def _views(self) -> list[ReplicaView]:
-        return [ReplicaView(r.id, r.role, r.state, r.stats.running + r.stats.queued if r.stats else 0) for r in self.replicas]
+        return [ReplicaView(r.id, r.role, r.state, r.stats.running + r.stats.queued if r.stats else 0, r.outdated) for r in self.replicas]
+
+    def _max_replicas(self) -> dict[Role, int]:
+        return {role: self.spec.pool(role).max_replicas for role in ROLES}
 
     def _pools(self) -> dict[Role, PoolSpec]:
         return {role: self.spec.pool(role) for role in ROLES}

@@ -4,7 +4,8 @@ then act through one actuator). The same decisions drive the unit tests with no 
 
 - `scale`: the autoscaler's new targets per pool and, with role switching, which replica
   moves to a pool that must grow instead of a new one starting there;
-- `converge`: the replicas to start or drain so that each pool meets its target;
+- `converge`: the replicas to start or drain so that each pool meets its target, and, in a
+  rolling restart, replaces its outdated replicas one at a time;
 - `replacement_reason`: whether a replica that fails its checks is dead, or only cut off.
 """
 
@@ -34,6 +35,7 @@ class ReplicaView:
     role: Role
     state: ReplicaState
     busy: int = 0  # running + queued requests, at its last check
+    outdated: bool = False  # to be replaced (a rolling restart)
 
 
 @dataclass(frozen=True)
@@ -109,18 +111,35 @@ def _switch_donor(
     return min(ready[role], key=lambda r: r.busy)
 
 
-def converge(replicas: list[ReplicaView], targets: dict[Role, int]) -> list[Action]:
-    """Starts for pools under their target; drains for pools over it: replicas still starting
-    first, then the least busy ready ones."""
+def converge(replicas: list[ReplicaView], targets: dict[Role, int], max_replicas: dict[Role, int]) -> list[Action]:
+    """Starts for pools under their target; drains for pools over it: outdated replicas first,
+    then those still starting, then the least busy ready ones.
+
+    A pool with outdated replicas is replaced one replica at a time: one more than its target
+    starts (where its max allows), and once it serves an outdated one drains; at its max, an
+    outdated one drains first and its replacement starts at once. Its running requests finish
+    on the draining one, so none is lost."""
     actions: list[Action] = []
     for role in ROLES:
         active = [r for r in replicas if r.role == role and r.state != ReplicaState.DRAINING]
-        actions += [Start(role)] * (targets[role] - len(active))
-        surplus = len(active) - targets[role]
+        outdated = [r for r in active if r.outdated]
+        want = targets[role] + _surge(outdated, targets[role], max_replicas[role])
+        starting = any(r.state == ReplicaState.STARTING for r in active)
+        if outdated and not starting and len(active) >= want:
+            actions.append(Drain(outdated[0].id))
+            active.remove(outdated[0])
+            want = targets[role] + _surge(outdated[1:], targets[role], max_replicas[role])
+        actions += [Start(role)] * (want - len(active))
+        surplus = len(active) - want
         if surplus > 0:
-            order = sorted(active, key=lambda r: (r.state == ReplicaState.READY, r.busy))
+            order = sorted(active, key=lambda r: (not r.outdated, r.state == ReplicaState.READY, r.busy))
             actions += [Drain(r.id) for r in order[:surplus]]
     return actions
+
+
+def _surge(outdated: list[ReplicaView], target: int, max_replicas: int) -> int:
+    """One replica over the target while outdated ones remain, where the pool's max allows."""
+    return 1 if outdated and target < max_replicas else 0
 
 
 def replacement_reason(failed_checks: int, unhealthy_after: int, report: ProcessReport) -> tuple[str, str]:

@@ -216,11 +216,11 @@ def _write_ready(ready_file: str, router, spec, ray_address: str) -> None:
         write_atomically(ready_file, record.model_dump_json())
 
 
-def _ask_controller(args: argparse.Namespace, method: str, *call_args):
+def _ask_controller(args: argparse.Namespace, method: str, *call_args, controller=None):
     """Call one controller method; a refusal (ValueError there) is printed as the command's error."""
     from pdcluster.cluster.ray_cluster import find_controller
 
-    controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
+    controller = controller or find_controller(args.name, args.address)  # before importing ray: it sets Ray up
     import ray
 
     try:
@@ -244,6 +244,28 @@ def _scale(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.role} pool: {decision.from_replicas} -> {decision.to_replicas} replicas")
     return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from pdcluster.cluster.ray_cluster import find_controller
+
+    controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
+    import ray
+
+    count = _ask_controller(args, "restart_pool", args.role, controller=controller)
+    if count is None:
+        return 1
+    print(f"{args.role} pool: replacing {count} replicas, one at a time", flush=True)
+
+    began = time.monotonic()
+    while time.monotonic() - began < args.timeout:
+        pool = ray.get(controller.status.remote()).pools[args.role]
+        if pool.outdated == 0 and pool.ready >= pool.target:
+            print(f"{args.role} pool restarted: {count} replicas replaced in {time.monotonic() - began:.0f}s")
+            return 0
+        time.sleep(1)
+    print(f"pdcluster restart: {pool.outdated} {args.role} replicas still to replace after {args.timeout:.0f}s", file=sys.stderr)
+    return 1
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -650,6 +672,15 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--address", default="auto", help="Ray address (default: the local one)")
     scale.add_argument("--name", default="pdcluster", help="cluster name in the spec")
     scale.set_defaults(func=_scale)
+
+    restart = sub.add_parser(
+        "restart", help="rolling restart: replace every replica of a pool, one at a time, each drained once its replacement serves"
+    )
+    restart.add_argument("role", choices=ROLES)
+    restart.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the last replacement")
+    restart.add_argument("--address", default="auto", help="Ray address (default: the local one)")
+    restart.add_argument("--name", default="pdcluster", help="cluster name in the spec")
+    restart.set_defaults(func=_restart)
 
     lab = sub.add_parser("lab", help="emulated hosts on this Linux machine (network namespaces, root), each a Ray node")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

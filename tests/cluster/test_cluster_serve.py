@@ -91,8 +91,7 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     assert len(everything) >= 1 and all(ip.is_loopback for ip in everything), everything
     assert httpx.get(url + "/health").status_code == 200
 
-    grpc_address = next(line for line in lines if line.startswith("pdcluster ready")).split("grpc ")[1].split(",")[0]
-    channel = grpc.insecure_channel(grpc_address)
+    channel = grpc.insecure_channel(grpc_address(lines))
     stub = igrpc.InferenceStub(channel)
     ids = tokenizer(CORPUS.read_text()).input_ids
     requests = [
@@ -101,31 +100,19 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     ]
     expected = [list(stub.Complete(r).token_ids) for r in requests]
 
-    results: dict[int, list[int]] = {}
-    first_token = threading.Barrier(len(requests) + 1, timeout=120)
-
-    def stream(i: int) -> None:
-        tokens: list[int] = []
-        for n, reply in enumerate(stub.Generate(requests[i])):
-            tokens += reply.token_ids
-            if n == 0:
-                first_token.wait()
-        results[i] = tokens
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    first_token.wait()  # every request is streaming
     decode = next(w for w in workers if w["role"] == "decode")
     engine = psutil.Process(decode["pid"]).children(recursive=True)  # its vLLM engine core
     assert engine
-    os.kill(decode["pid"], signal.SIGKILL)
-    killed_at = time.monotonic()
-    for t in threads:
-        t.join(600)
-    channel.close()
+    killed_at = [0.0]
+
+    def kill() -> None:
+        os.kill(decode["pid"], signal.SIGKILL)
+        killed_at[0] = time.monotonic()
+
     # No request lost: each completes with exactly the greedy tokens of an undisturbed run.
-    assert [results.get(i) for i in range(len(requests))] == expected
+    assert streamed_through(stub, requests, kill) == expected
+    channel.close()
+    killed_at = killed_at[0]
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -161,6 +148,69 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     print(f"replacement's cold start: {phases}")
     assert replacement.decided_at >= heal.detected_at and replacement.start.placed > 0 and replacement.start.compile_s == 0  # eager
     assert all(phases[p] >= 0 for p in PHASES) and phases["total"] == pytest.approx(sum(phases[p] for p in PHASES), abs=0.05)
+
+
+def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer):
+    """At its max (one replica), the decode pool drains its worker first: the running streams
+    finish there, a request sent meanwhile waits for the replacement, and both are exact."""
+    proc, url, lines = serve
+    (old,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
+    channel = grpc.insecure_channel(grpc_address(lines))
+    stub = igrpc.InferenceStub(channel)
+    ids = tokenizer(CORPUS.read_text()).input_ids
+    requests = [
+        ipb.GenerateRequest(prompt_token_ids=ids[i * 90 : i * 90 + 120], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        for i in range(4)
+    ]
+    expected = [list(stub.Complete(r).token_ids) for r in requests]
+    restart: list[subprocess.Popen] = []
+
+    def roll() -> None:
+        restart.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pdcluster", "restart", "decode"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+
+    assert streamed_through(stub, requests[:3], roll) == expected[:3]  # they ran through the drain
+    assert list(stub.Complete(requests[3], timeout=300).token_ids) == expected[3]  # on the replacement
+    out, err = restart[0].communicate(timeout=600)
+    channel.close()
+    assert restart[0].returncode == 0 and "decode pool restarted: 1 replicas replaced" in out, err[-3000:]
+    (new,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
+    assert new["id"] != old["id"] and new["healthy"] and not psutil.pid_exists(old["pid"])
+    assert all(w["free_kv_blocks"] == w["total_kv_blocks"] for w in cluster_workers(url))
+
+
+def grpc_address(lines: list[str]) -> str:
+    return next(line for line in lines if line.startswith("pdcluster ready")).split("grpc ")[1].split(",")[0]
+
+
+def streamed_through(stub, requests: list, event) -> list[list[int]]:
+    """Each request's streamed tokens, with `event()` called once every stream has its first."""
+    results: dict[int, list[int]] = {}
+    first_token = threading.Barrier(len(requests) + 1, timeout=120)
+
+    def stream(i: int) -> None:
+        tokens: list[int] = []
+        for n, reply in enumerate(stub.Generate(requests[i])):
+            tokens += reply.token_ids
+            if n == 0:
+                first_token.wait()
+        results[i] = tokens
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    first_token.wait()  # every request is streaming
+    event()
+    for t in threads:
+        t.join(600)
+    return [results.get(i) for i in range(len(requests))]
 
 
 def exported_metric_names(url: str) -> set[str]:

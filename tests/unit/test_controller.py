@@ -44,12 +44,15 @@ class FakeLauncher:
         self.replicas: list[FakeReplica] = []
         self._numbers = itertools.count(1)
         self.drains_wait_for: asyncio.Event | None = None
+        self.starts_wait = False  # new replicas serve only when the test sets their `started`
 
     def node_address(self) -> str:
         return "127.0.0.1"
 
     def launch(self, config: WorkerConfig, pool: PoolSpec) -> FakeReplica:
         replica = FakeReplica(config, pool, next(self._numbers))
+        if self.starts_wait:
+            replica.started.clear()
         self.replicas.append(replica)
         return replica
 
@@ -358,3 +361,40 @@ async def test_an_operator_scales_a_pool_within_its_bounds_and_the_decision_is_r
     await controller.scale_pool("decode", 1)
     await rounds(controller, 2)
     assert len(launcher.live(Role.DECODE)) == 1 and (await controller.status()).pools[Role.DECODE].target == 1
+
+
+@pytest.mark.asyncio
+async def test_a_rolling_restart_replaces_one_replica_at_a_time_each_after_its_replacement_serves():
+    controller, launcher, _ = make_controller({"decode": {"replicas": 2, "max_replicas": 3}})
+    await rounds(controller, 2)
+    old = launcher.live(Role.DECODE)
+    launcher.starts_wait = True
+    assert await controller.restart_pool("decode") == 2
+    await rounds(controller, 3)
+    new = [r for r in launcher.live(Role.DECODE) if r not in old]
+    assert len(new) == 1 and all(r.stopped is None for r in old)  # one over the target; nothing drained before it serves
+    assert (await controller.status()).pools[Role.DECODE].outdated == 2
+    new[0].started.set()
+    await rounds(controller, 2)
+    assert [r.stopped for r in old] == [True, None]  # drained, so its running requests finish
+    second = [r for r in launcher.live(Role.DECODE) if r not in old and r is not new[0]]
+    assert len(second) == 1  # the next replacement, at once
+    second[0].started.set()
+    await rounds(controller, 3)
+    assert [r.stopped for r in old] == [True, True] and launcher.live(Role.DECODE) == [new[0], second[0]]
+    status = await controller.status()
+    assert status.pools[Role.DECODE].outdated == 0 and status.pools[Role.DECODE].ready == 2
+    assert len(launcher.live(Role.PREFILL)) == 1 and len(launcher.replicas) == 5  # the other pool untouched
+    with pytest.raises(ValueError, match="role must be one of"):
+        await controller.restart_pool("router")
+
+
+@pytest.mark.asyncio
+async def test_a_pool_at_its_max_drains_an_old_replica_first_and_starts_its_replacement_at_once():
+    controller, launcher, _ = make_controller({})  # one decode replica, max 1
+    await rounds(controller, 2)
+    (old,) = launcher.live(Role.DECODE)
+    assert await controller.restart_pool("decode") == 1
+    await rounds(controller)
+    (new,) = launcher.live(Role.DECODE)
+    assert old.stopped is True and new is not old
