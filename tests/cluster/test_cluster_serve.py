@@ -93,12 +93,7 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
 
     channel = grpc.insecure_channel(grpc_address(lines))
     stub = igrpc.InferenceStub(channel)
-    ids = tokenizer(CORPUS.read_text()).input_ids
-    requests = [
-        ipb.GenerateRequest(prompt_token_ids=ids[i * 150 : i * 150 + 200], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-        for i in range(3)
-    ]
-    expected = [list(stub.Complete(r).token_ids) for r in requests]
+    requests, expected = greedy_requests(stub, tokenizer, count=3, stride=150, length=200)
 
     decode = next(w for w in workers if w["role"] == "decode")
     engine = psutil.Process(decode["pid"]).children(recursive=True)  # its vLLM engine core
@@ -157,12 +152,7 @@ def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer)
     (old,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
     channel = grpc.insecure_channel(grpc_address(lines))
     stub = igrpc.InferenceStub(channel)
-    ids = tokenizer(CORPUS.read_text()).input_ids
-    requests = [
-        ipb.GenerateRequest(prompt_token_ids=ids[i * 90 : i * 90 + 120], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-        for i in range(4)
-    ]
-    expected = [list(stub.Complete(r).token_ids) for r in requests]
+    requests, expected = greedy_requests(stub, tokenizer, count=4, stride=90, length=120)
     restart: list[subprocess.Popen] = []
 
     def roll() -> None:
@@ -184,6 +174,16 @@ def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer)
     (new,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
     assert new["id"] != old["id"] and new["healthy"] and not psutil.pid_exists(old["pid"])
     assert all(w["free_kv_blocks"] == w["total_kv_blocks"] for w in cluster_workers(url))
+
+
+def greedy_requests(stub, tokenizer, count: int, stride: int, length: int) -> tuple[list, list[list[int]]]:
+    """Greedy requests on the corpus, with their answers from the undisturbed cluster."""
+    ids = tokenizer(CORPUS.read_text()).input_ids
+    requests = [
+        ipb.GenerateRequest(prompt_token_ids=ids[i * stride : i * stride + length], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        for i in range(count)
+    ]
+    return requests, [list(stub.Complete(r).token_ids) for r in requests]
 
 
 def grpc_address(lines: list[str]) -> str:

@@ -188,7 +188,11 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, tokenizer, t
         assert w["free_kv_blocks"] == w["total_kv_blocks"], w
     status = on_host("head", STATUS)
     assert status["heals"] == [] and all(r["cut_off"] == "" for r in status["replicas"]), status
-    print(f"decode host cut {CUT_S:.0f} s: healthy again {back_after:.1f} s after its cable came back")
+    resumes = on_host(
+        "head",
+        f"import httpx; print(sum(float(l.split()[-1]) for l in httpx.get('{served.router.http}/metrics').text.splitlines() if l.startswith('pdcluster_router_resumes_total')))",
+    )
+    print(f"decode host cut {CUT_S:.0f} s: healthy again {back_after:.1f} s after its cable came back; streams resumed: {resumes}")
 
 
 def test_the_links_are_shaped_and_down_leaves_nothing(lab):
