@@ -1,8 +1,10 @@
 """A cluster across hosts, on a `pdcluster lab` (network namespaces on a bridge, each host a
 Ray node with its own address and PID space): `pdcluster serve --address` from the head
-places the prefill pool on the prefill host and the decode pool on the decode host. Each worker
-listens on its own host's address only; the KV crosses the link between them (the decode host's
-eth0 receives it); the answers equal plain vLLM's. The decode host's cable is cut for 10 s
+places the prefill pool on the prefill host and the decode pool on the decode host, all of it
+over mutual TLS. Each worker listens on its own host's address only; the KV crosses the link
+between them (the decode host's eth0 receives it); the answers equal plain vLLM's. A second
+router on a host of its own follows the same Redis registry and gives the same answers; a
+worker refuses a caller from there without the cluster's certificate. The decode host's cable is cut for 10 s
 under long streams and put back: no stream is lost or changed, the controller does not replace
 the worker that was only unreachable, the router has it back within seconds, and the KV comes
 to rest. The lab's hosts have shaped links (a token bucket), and `lab down` leaves nothing
@@ -20,17 +22,21 @@ import psutil
 import pytest
 import yaml
 
+from pdcluster.common.processes import LocalProcess, spawn, wait_ready
 from pdcluster.common.serve_process import launch_serve
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.lab.lab_hosts import cut, down, existing_namespaces, host_command, host_env, lab_dir, load, ray_dir, restore, up
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
+from tests.support.certificates import make_certificates
 from tests.support.processes import reference_outputs
 
 pytestmark = pytest.mark.slow
 
-LAB = LabSpec(name="pdtest", subnet="10.78.0.0/24", link="2gbit")
+LAB = LabSpec(name="pdtest", subnet="10.78.0.0/24", link="2gbit", router_hosts=1)
 HEAD = LAB.host("head").address
+ROUTER_HOST = LAB.host("router-1").address
+CERTS = lab_dir(LAB.name) / "certs"  # made when the lab is up, gone with it
 MAX_TOKENS = 16
 CUT_S = 10.0  # shorter than Ray's own verdict on a silent node (~15 s and more): a partition, not a host lost
 STREAM_TOKENS = 1500  # long enough to be running when the cable is cut, well after the first token
@@ -74,7 +80,7 @@ def on_host(host: str, code: str, *args: str) -> object:
     """Runs Python `code` on a lab host (the router is reachable only from inside the lab); its
     last printed line, as JSON."""
     command = host_command(LAB.name, host, [sys.executable, "-c", code, *args])
-    done = subprocess.run(command, capture_output=True, text=True, env=host_env(), timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, env=lab_env(), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -88,10 +94,22 @@ def lab():
         down(LAB.name)
 
 
+def lab_env() -> dict[str, str]:
+    """A lab host's environment, whose HTTPS clients (httpx) trust the cluster's CA."""
+    return {**host_env(), "SSL_CERT_FILE": str(CERTS / "ca.pem")}
+
+
 @pytest.fixture(scope="module")
-def served(lab, tmp_path_factory):
+def certs(lab):
+    CERTS.mkdir(parents=True, exist_ok=True)
+    return make_certificates(CERTS, tuple(h.address for h in LAB.hosts()))
+
+
+@pytest.fixture(scope="module")
+def served(lab, certs, tmp_path_factory):
     spec = {
         "name": "multihost",
+        "tls": certs["member"].model_dump(),
         "engine": {"enforce_eager": True},
         "prefill": {"replicas": 1, "node_resource": "prefill_pool"},
         "decode": {"replicas": 1, "node_resource": "decode_pool"},
@@ -105,8 +123,42 @@ def served(lab, tmp_path_factory):
     # The lab's teardown ends the cluster with every process on its hosts.
 
 
-def test_workers_serve_from_their_own_hosts_and_the_kv_crosses_the_link(served, tokenizer, tmp_path):
-    assert served.router.http == f"http://{HEAD}:8000"
+@pytest.fixture(scope="module")
+def second_router(served, certs, tmp_path_factory):
+    """A router on its own host, following the head's registry (membership and token)."""
+    member = certs["member"]
+    run_dir = tmp_path_factory.mktemp("router-1")
+    ready = str(run_dir / "ready.json")
+    argv = [sys.executable, "-m", "pdcluster.router", "--ready-file", ready, "--host", ROUTER_HOST, "--port", "8000", "--grpc-port", "0"]
+    argv += ["--registry", f"redis://{HEAD}:{REDIS_PORT}", "--cluster-name", "multihost", "--bypass-prefill-below", "32"]
+    argv += ["--tls-cert", member.cert, "--tls-key", member.key, "--tls-ca", member.ca]
+    with open(run_dir / "router.log", "wb") as log:
+        router = LocalProcess("router", spawn(host_command(LAB.name, "router-1", argv), log, lab_env()), str(run_dir / "router.log"), ready)
+    yield wait_ready(router).router
+    # The lab's teardown ends it with every process on its host.
+
+
+@pytest.fixture(scope="module")
+def prompts_and_answers(tokenizer, tmp_path_factory) -> tuple[list[list[int]], list[list[int]]]:
+    ids = tokenizer(CORPUS.read_text()).input_ids
+    prompts = [ids[:400], ids[200:900]]
+    return prompts, reference_outputs(prompts, MAX_TOKENS, tmp_path_factory.mktemp("reference"))
+
+
+def completions(router_http: str, prompts: list[list[int]], host: str = "head") -> list[list[int]]:
+    """Greedy answers of the router at `router_http`, asked from a lab host, as token ids."""
+    tokens = on_host(
+        host,
+        "import httpx, json\n"
+        f"prompts = {json.dumps(prompts)}\n"
+        f"replies = [httpx.post('{router_http}/v1/completions', json={{'prompt': p, 'max_tokens': {MAX_TOKENS}, 'temperature': 0, 'ignore_eos': True, 'logprobs': 0, 'return_tokens_as_token_ids': True}}, timeout=120).json() for p in prompts]\n"
+        "print(json.dumps([r['choices'][0]['logprobs']['tokens'] for r in replies]))",
+    )
+    return [[int(t.removeprefix("token_id:")) for t in answer] for answer in tokens]
+
+
+def test_workers_serve_from_their_own_hosts_and_the_kv_crosses_the_link(served, prompts_and_answers):
+    assert served.router.http == f"https://{HEAD}:8000"
     workers = on_host(
         "head", f"import httpx; print(__import__('json').dumps(httpx.get('{served.router.http}/cluster', timeout=30).json()['workers']))"
     )
@@ -119,29 +171,37 @@ def test_workers_serve_from_their_own_hosts_and_the_kv_crosses_the_link(served, 
         listening = on_host(f"{role}-1", LISTENING, str(w["pid"]))
         assert address in listening and set(listening) <= {address, "127.0.0.1"}, (role, listening)
 
-    ids = tokenizer(CORPUS.read_text()).input_ids
-    prompts = [ids[:400], ids[200:900]]
+    prompts, expected = prompts_and_answers
     received_before = link_bytes("decode-1")
-    answers = on_host(
-        "head",
-        "import httpx, json\n"
-        f"prompts = {json.dumps(prompts)}\n"
-        f"replies = [httpx.post('{served.router.http}/v1/completions', json={{'prompt': p, 'max_tokens': {MAX_TOKENS}, 'temperature': 0, 'ignore_eos': True, 'logprobs': 0, 'return_tokens_as_token_ids': True}}, timeout=120).json() for p in prompts]\n"
-        "print(json.dumps([r['choices'][0]['logprobs']['tokens'] for r in replies]))",
-    )
-    expected = reference_outputs(prompts, MAX_TOKENS, tmp_path)
-    assert [[int(t.removeprefix("token_id:")) for t in a] for a in answers] == expected
+    assert completions(served.router.http, prompts) == expected
 
-    decode = next(
-        w
-        for w in on_host("head", f"import httpx, json; print(json.dumps(httpx.get('{served.router.http}/cluster').json()['workers']))")
-        if w["role"] == "decode"
-    )
+    deadline = time.monotonic() + 30
+    while True:  # the router's view of the worker's counters is up to a poll (1 s) old
+        decode = next(w for w in cluster_workers(served) if w["role"] == "decode")
+        if sum(decode["kv_transfers_by_transport"].values()) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     # Over NIXL, or the TCP channel where `auto` fell back for one (/cluster says which).
     by_transport = decode["kv_transfers_by_transport"]
     assert sum(by_transport.values()) == 2 and set(by_transport) <= {"nixl", "tcp"}, by_transport
     # The KV reached the decode host through its link (not shared memory), with the tokens and RPCs.
     assert link_bytes("decode-1") - received_before >= decode["kv_bytes_received"] > 0
+
+
+def test_a_router_on_another_host_shares_the_registry_and_mutual_tls_holds(served, second_router, prompts_and_answers):
+    assert second_router.http == f"https://{ROUTER_HOST}:8000"
+    prompts, expected = prompts_and_answers
+    assert completions(second_router.http, prompts, host="router-1") == expected
+    members = {w["id"] for w in cluster_workers(served)}
+    seen = on_host(
+        "router-1",
+        f"import httpx, json; print(json.dumps([w['id'] for w in httpx.get('{second_router.http}/cluster', timeout=30).json()['workers']]))",
+    )
+    assert set(seen) == members and len(members) == 2
+    # From that host, a worker refuses a caller without the cluster's certificate, TLS or not.
+    worker = next(w for w in cluster_workers(served) if w["role"] == "decode")["address"]
+    refused = on_host("router-1", REFUSED, worker, str(CERTS / "ca.pem"))
+    assert refused == {"plaintext": "UNAVAILABLE", "no_client_cert": "UNAVAILABLE"}, refused
 
 
 def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, tokenizer, tmp_path):
@@ -156,7 +216,7 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, tokenizer, t
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=host_env(),
+        env=lab_env(),
     )
     try:
         deadline = time.monotonic() + 120
@@ -201,13 +261,26 @@ def test_the_links_are_shaped_and_down_leaves_nothing(lab):
     ).stdout
     assert "tbf" in qdisc and "rate 2Gbit" in qdisc, qdisc
     inits = load(LAB.name)[1]
-    assert existing_namespaces(LAB.name) == sorted(f"{LAB.name}-{h}" for h in ("head", "prefill-1", "decode-1", "switch"))
+    assert existing_namespaces(LAB.name) == sorted(f"{LAB.name}-{h}" for h in ("head", "prefill-1", "decode-1", "router-1", "switch"))
     assert (ray_dir(LAB.name) / "session_latest").exists()  # the lab's Ray kept to the lab's own directory
     down(LAB.name)  # (last in the module; the fixture's own down then finds nothing)
     assert existing_namespaces(LAB.name) == [] and not any(alive(pid) for pid in inits.values())
     assert not lab_dir(LAB.name).exists()
 
 
+REFUSED = """
+import grpc, json, sys
+from pdcluster.protos import worker_pb2, worker_pb2_grpc
+address, ca = sys.argv[1], open(sys.argv[2], "rb").read()
+def code(channel):
+    try:
+        worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+        return "OK"
+    except grpc.RpcError as e:
+        return e.code().name
+print(json.dumps({"plaintext": code(grpc.insecure_channel(address)),
+                  "no_client_cert": code(grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca)))}))
+"""
 STATUS = f"""
 import json, subprocess, sys
 out = subprocess.run([sys.executable, "-m", "pdcluster", "status", "--json", "--name", "multihost", "--address", "{HEAD}:{RAY_PORT}"],

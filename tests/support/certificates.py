@@ -9,20 +9,21 @@ from pathlib import Path
 from pdcluster.common.tls import TLSFiles
 
 
-def make_certificates(directory: Path) -> dict[str, TLSFiles]:
+def make_certificates(directory: Path, addresses: tuple[str, ...] = ()) -> dict[str, TLSFiles]:
     """The cluster's CA and a certificate it signed ("member"); and an outsider's self-made
-    pair that presents the same CA file but is not signed by it ("outsider")."""
+    pair that presents the same CA file but is not signed by it ("outsider"). Each names
+    localhost, 127.0.0.1 and `addresses`."""
     ca_cert, ca_key = _issue("pdcluster test CA", ca=True)
     ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
-    member = _write(directory, "member", *_issue("pdcluster member", ca_cert, ca_key))
-    outsider = _write(directory, "outsider", *_issue("outsider"))
+    member = _write(directory, "member", *_issue("pdcluster member", ca_cert, ca_key, addresses=addresses))
+    outsider = _write(directory, "outsider", *_issue("outsider", addresses=addresses))
     return {
         "member": TLSFiles(cert=member[0], key=member[1], ca=ca_path),
         "outsider": TLSFiles(cert=outsider[0], key=outsider[1], ca=ca_path),
     }
 
 
-def _issue(name: str, issuer=None, issuer_key=None, ca: bool = False):
+def _issue(name: str, issuer=None, issuer_key=None, ca: bool = False, addresses: tuple[str, ...] = ()):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -43,7 +44,10 @@ def _issue(name: str, issuer=None, issuer_key=None, ca: bool = False):
     )
     if not ca:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", *addresses))]
+            ),
+            critical=False,
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     cert = builder.sign(issuer_key or key, hashes.SHA256())
     return cert, key
