@@ -29,6 +29,7 @@ from pdcluster.kv_transfer.connector_metadata import SaveSpec
 from pdcluster.kv_transfer.kv_endpoint import KVEndpoint
 from pdcluster.kv_transfer.nixl_agent import nixl_api
 from pdcluster.kv_transfer.settings import TRANSPORTS, KVEndpointSettings
+from pdcluster.lab.lab_hosts import enter_network
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 DTYPE = torch.bfloat16
@@ -69,13 +70,16 @@ def _nixl_agent(name: str, layers: list[torch.Tensor]):
     return agent
 
 
-def _consumer(conn, tokens: int, settings: KVEndpointSettings) -> None:
-    """Child process: a KV consumer endpoint, a raw TCP sink and a NIXL agent."""
+def _consumer(conn, tokens: int, settings: KVEndpointSettings, lab_host: tuple[str, str] | None) -> None:
+    """Child process: a KV consumer endpoint, a raw TCP sink and a NIXL agent; on a lab's host
+    (lab, host) where given."""
+    if lab_host:
+        settings = settings.model_copy(update={"host": enter_network(*lab_host)})
     layers = _paged_layers(tokens, fill=False)
     nixl = _nixl_agent(f"consumer-{uuid.uuid4().hex}", layers)
     endpoint = KVEndpoint(layers, layers[0].shape[0], BLOCK, settings, produce=False, consume=True)
-    sink = socket.create_server(("127.0.0.1", 0))
-    conn.send((endpoint.address, sink.getsockname()[1]))
+    sink = socket.create_server((settings.host, 0))
+    conn.send((endpoint.address, sink.getsockname()[:2]))
     buf = bytearray(TCP_CHUNK)
     view = memoryview(buf)
     while True:
@@ -134,10 +138,10 @@ def _kv_once(producer: KVEndpoint, consumer: str, conn, tokens: int) -> float:
     return tokens * TOKEN_BYTES / elapsed / 1e9
 
 
-def _tcp_once(port: int, conn, nbytes: int) -> float:
+def _tcp_once(sink: tuple[str, int], conn, nbytes: int) -> float:
     payload = memoryview(bytearray(TCP_CHUNK))
     conn.send(("tcp", nbytes))
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock = socket.create_connection(sink)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     started = time.perf_counter()
     remaining = nbytes
@@ -196,12 +200,12 @@ def _memcpy_once(nbytes: int) -> float:
     return nbytes / (time.perf_counter() - started) / 1e9
 
 
-def measure(tokens: int, repeats: int, settings: KVEndpointSettings) -> Row:
+def measure(tokens: int, repeats: int, settings: KVEndpointSettings, consumer_host: tuple[str, str] | None = None) -> Row:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_consumer, args=(child, tokens, settings), daemon=True)
+    proc = ctx.Process(target=_consumer, args=(child, tokens, settings, consumer_host), daemon=True)
     proc.start()
-    kv_endpoint, tcp_port = parent.recv()
+    kv_endpoint, tcp_sink = parent.recv()
     layers = _paged_layers(tokens, fill=True)
     nbytes = tokens * TOKEN_BYTES
     transports = [t for t in TRANSPORTS if t != "nixl" or nixl_api()]
@@ -217,7 +221,7 @@ def measure(tokens: int, repeats: int, settings: KVEndpointSettings) -> Row:
             _kv_once(producer, kv_endpoint, parent, tokens)  # warm the connections up
             gbps[transport] = statistics.median(_kv_once(producer, kv_endpoint, parent, tokens) for _ in range(repeats))
         default_transport = next(iter(producers["auto"].stats.snapshot()["transfers_by_transport"]))
-        tcp = statistics.median(_tcp_once(tcp_port, parent, nbytes) for _ in range(repeats))
+        tcp = statistics.median(_tcp_once(tcp_sink, parent, nbytes) for _ in range(repeats))
         nixl_write = _nixl_gbps(layers, parent, tokens, repeats)
         mem = statistics.median(_memcpy_once(nbytes) for _ in range(repeats))
         idle = _idle_cpu_pct((proc.pid, os.getpid()))
@@ -244,8 +248,17 @@ def _idle_cpu_pct(pids: tuple[int, int], seconds: float = 3.0) -> tuple[float, f
     return consumer, producer
 
 
-def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) -> int:
+def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, lab: str = "", hosts: tuple[str, str] = ("", ""), **overrides) -> int:
+    """With `lab`, the producer runs on the lab's host hosts[0] and the consumer on hosts[1]:
+    every path, raw TCP's included, crosses the link between them (NIXL over UCX's TCP)."""
     settings = KVEndpointSettings(**{k: v for k, v in overrides.items() if v is not None})
+    consumer_host = (lab, hosts[1]) if lab else None
+    if lab:
+        # The hosts share this machine's memory: UCX would take its shared-memory transports
+        # and NIXL would never touch the link. Its TCP transport only, as between real hosts.
+        os.environ["UCX_TLS"] = "tcp"
+        settings = settings.model_copy(update={"host": enter_network(lab, hosts[0])})
+        print(f"across lab {lab}: producer on {hosts[0]} ({settings.host}), consumer on {hosts[1]}")
     print(f"KV transfer: {settings.streams_per_transfer} streams, {settings.chunk_bytes / 2**20:g} MiB chunks; GB/s, median of {repeats}")
     print(
         f"{'tokens':>7} {'MiB':>6} {'KV default':>11} {'KV nixl':>8} {'KV tcp':>7} {'KV grpc':>8} {'raw TCP':>8} {'memcpy':>7} "
@@ -253,7 +266,7 @@ def main(json_output: bool = False, repeats: int = 3, sizes=SIZES, **overrides) 
     )
     rows = []
     for tokens in sizes:
-        r = measure(tokens, repeats, settings)
+        r = measure(tokens, repeats, settings, consumer_host)
         rows.append(r)
         print(
             f"{r.tokens:>7} {r.nbytes / 2**20:>6.0f} {r.kv_gbps:>7.2f} ({r.default_transport:<4}) {_gbps(r.kv_nixl_gbps):>7} "

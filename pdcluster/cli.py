@@ -477,6 +477,8 @@ def _bench_transfer(args: argparse.Namespace) -> int:
         sizes=args.tokens,
         streams_per_transfer=args.streams,
         chunk_bytes=args.chunk_mib << 20 if args.chunk_mib else None,
+        lab=args.lab,
+        hosts=tuple(args.hosts),
     )
 
 
@@ -774,6 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384], help="prompt sizes")
     transfer.add_argument("--streams", type=int, default=None, help="streams per transfer (default: the setting)")
     transfer.add_argument("--chunk-mib", type=int, default=None, help="chunk size in MiB (default: the setting)")
+    transfer.add_argument("--lab", default="", help="across this `pdcluster lab`'s link: the producer and consumer on two of its hosts")
+    transfer.add_argument("--hosts", nargs=2, default=["prefill-1", "decode-1"], metavar=("PRODUCER", "CONSUMER"), help="with --lab")
     transfer.set_defaults(func=_bench_transfer)
     chaos = bench_sub.add_parser(
         "chaos", help="faults one at a time under load: requests lost, wrong, slowest, heal time (vLLM engine flags go to the cluster)"

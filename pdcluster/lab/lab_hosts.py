@@ -20,6 +20,7 @@ from pdcluster.lab.lab_network import cut_commands, network_commands, restore_co
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
 
 STATE_DIR = Path("/run/pdcluster-lab")
+_CLONE_NEWNET = 0x40000000
 
 
 class LabError(RuntimeError):
@@ -80,6 +81,20 @@ def restore(name: str, host: str) -> None:
     spec, _ = load(name)
     for command in restore_commands(spec, spec.host(host)):
         _run(command)
+
+
+def enter_network(name: str, host: str) -> str:
+    """Move the calling thread into the host's network (its sockets from now on are the
+    host's; threads it starts later inherit it). Returns the host's address."""
+    import ctypes
+
+    spec, _ = load(name)
+    lab_host = spec.host(host)
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/run/netns/{lab_host.netns}") as netns:
+        if libc.setns(netns.fileno(), _CLONE_NEWNET) != 0:
+            raise LabError(f"cannot enter {host}'s network: {os.strerror(ctypes.get_errno())}")
+    return lab_host.address
 
 
 def load(name: str) -> tuple[LabSpec, dict[str, int]]:
