@@ -69,19 +69,24 @@ def _lab_exec(args: argparse.Namespace) -> int:
     os.execvpe(command[0], command, host_env())
 
 
-def _lab_cut(args: argparse.Namespace) -> int:
-    from pdcluster.lab.lab_hosts import LabError, cut, restore
+def _lab_fault(args: argparse.Namespace) -> int:
+    from pdcluster.lab import lab_hosts
 
     try:
         if args.lab_command == "cut":
-            cut(args.name, args.host, args.peers)
+            lab_hosts.cut(args.name, args.host, args.peers)
         else:
-            restore(args.name, args.host)
-    except (LabError, ValueError) as e:
+            getattr(lab_hosts, args.lab_command)(args.name, args.host)
+    except (lab_hosts.LabError, ValueError) as e:
         print(f"pdcluster lab {args.lab_command}: {e}", file=sys.stderr)
         return 1
-    whom = ", ".join(args.peers) if getattr(args, "peers", None) else "every host"
-    print(f"{args.host} is cut off from {whom}" if args.lab_command == "cut" else f"{args.host} is connected again")
+    done = {
+        "cut": f"cut off from {', '.join(args.peers) if getattr(args, 'peers', None) else 'every host'}",
+        "restore": "connected again",
+        "crash": "crashed: every process on it is gone",
+        "boot": "up again, its Ray node joining the head",
+    }
+    print(f"{args.host} {done[args.lab_command]}")
     return 0
 
 
@@ -708,11 +713,19 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cut.add_argument("host")
     lab_cut.add_argument("--from", dest="peers", nargs="+", default=[], metavar="HOST", help="only from these hosts")
     lab_cut.add_argument("--name", default="pdlab")
-    lab_cut.set_defaults(func=_lab_cut)
+    lab_cut.set_defaults(func=_lab_fault)
     lab_restore = lab_sub.add_parser("restore", help="undo every cut of a host")
     lab_restore.add_argument("host")
     lab_restore.add_argument("--name", default="pdlab")
-    lab_restore.set_defaults(func=_lab_cut)
+    lab_restore.set_defaults(func=_lab_fault)
+    lab_crash = lab_sub.add_parser("crash", help="kill every process on a host at once (a power loss); `lab boot` brings it back")
+    lab_crash.add_argument("host")
+    lab_crash.add_argument("--name", default="pdlab")
+    lab_crash.set_defaults(func=_lab_fault)
+    lab_boot = lab_sub.add_parser("boot", help="a crashed host back: a fresh PID space and its Ray node")
+    lab_boot.add_argument("host")
+    lab_boot.add_argument("--name", default="pdlab")
+    lab_boot.set_defaults(func=_lab_fault)
 
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")

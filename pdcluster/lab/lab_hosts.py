@@ -21,6 +21,7 @@ from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
 
 STATE_DIR = Path("/run/pdcluster-lab")
 _CLONE_NEWNET = 0x40000000
+_RAY_NODE = ["--num-cpus", "1", "--disable-usage-stats"]
 
 
 class LabError(RuntimeError):
@@ -81,6 +82,31 @@ def restore(name: str, host: str) -> None:
     spec, _ = load(name)
     for command in restore_commands(spec, spec.host(host)):
         _run(command)
+
+
+def crash(name: str, host: str) -> None:
+    """Every process on the host killed at once, as in a power loss: its PID 1 dies, and the
+    kernel kills the rest of its PID space with it. Its network stays (its cable is in)."""
+    spec, anchors = load(name)
+    spec.host(host)
+    if host == "head":
+        raise LabError("the head holds Ray's head; crash another host")
+    try:
+        os.kill(anchors[host], signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _wait_gone([anchors[host]])
+
+
+def boot(name: str, host: str) -> None:
+    """The host back after a crash: a fresh PID space, and its Ray node joining the head."""
+    spec, anchors = load(name)
+    lab_host = spec.host(host)
+    anchors[host] = _start_init(spec, lab_host)
+    path = STATE_DIR / f"{name}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "anchors": anchors}))
+    if spec.ray:
+        _start_ray_node(spec, lab_host)
 
 
 def enter_network(name: str, host: str) -> str:
@@ -182,7 +208,7 @@ def _start_init(spec: LabSpec, host: LabHost) -> int:
 def _start_ray(spec: LabSpec) -> None:
     head = spec.host("head")
     ray = [str(Path(sys.executable).with_name("ray"))]
-    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    common = _RAY_NODE
     # The lab's own temp dir: its sessions never mix with a local Ray's in /tmp/ray.
     head_only = ["--port", str(RAY_PORT), "--include-dashboard=false", f"--temp-dir={ray_dir(spec.name)}"]
     _on(spec, head, [*ray, "start", "--head", "--node-ip-address", head.address, *head_only, *common])
@@ -203,12 +229,16 @@ def _start_ray(spec: LabSpec) -> None:
         host_command(spec.name, head.name, redis), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     for host in spec.hosts():
-        if host.role == "head":
-            continue
-        resources = json.dumps({host.resource: 1})
-        address = f"{head.address}:{RAY_PORT}"
-        _on(spec, host, [*ray, "start", "--address", address, "--node-ip-address", host.address, "--resources", resources, *common])
+        if host.role != "head":
+            _start_ray_node(spec, host)
     _wait_for_nodes(spec, len(spec.hosts()))
+
+
+def _start_ray_node(spec: LabSpec, host: LabHost) -> None:
+    ray = str(Path(sys.executable).with_name("ray"))
+    address = f"{spec.host('head').address}:{RAY_PORT}"
+    resources = json.dumps({host.resource: 1})
+    _on(spec, host, [ray, "start", "--address", address, "--node-ip-address", host.address, "--resources", resources, *_RAY_NODE])
 
 
 def _on(spec: LabSpec, host: LabHost, argv: list[str]) -> str:

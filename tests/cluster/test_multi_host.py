@@ -25,7 +25,7 @@ import yaml
 from pdcluster.common.processes import LocalProcess, spawn, wait_ready
 from pdcluster.common.serve_process import launch_serve
 from pdcluster.common.tiny_model.generate import CORPUS
-from pdcluster.lab.lab_hosts import cut, down, existing_namespaces, host_command, host_env, lab_dir, load, ray_dir, restore, up
+from pdcluster.lab.lab_hosts import boot, crash, cut, down, existing_namespaces, host_command, host_env, lab_dir, load, ray_dir, restore, up
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.certificates import make_certificates
@@ -255,6 +255,20 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, tokenizer, t
     print(f"decode host cut {CUT_S:.0f} s: healthy again {back_after:.1f} s after its cable came back; streams resumed: {resumes}")
 
 
+def test_a_crashed_host_loses_every_process_and_boots_back_into_the_cluster(served, second_router):
+    init_pid = load(LAB.name)[1]["router-1"]
+    assert on_host("head", ALIVE_NODES) == len(LAB.hosts())
+    crash(LAB.name, "router-1")  # the second router's host: every process on it at once
+    assert not alive(init_pid)
+    deadline = time.monotonic() + 120
+    while on_host("head", ALIVE_NODES) != len(LAB.hosts()) - 1:  # Ray sees its node gone
+        assert time.monotonic() < deadline, "Ray did not see the crashed host's node go"
+        time.sleep(1)
+    boot(LAB.name, "router-1")
+    assert load(LAB.name)[1]["router-1"] != init_pid
+    assert on_host("head", ALIVE_NODES) == len(LAB.hosts())  # a fresh node on the same address
+
+
 def test_the_links_are_shaped_and_down_leaves_nothing(lab):
     qdisc = subprocess.run(
         host_command(LAB.name, "decode-1", ["tc", "qdisc", "show", "dev", "eth0"]), capture_output=True, text=True
@@ -280,6 +294,12 @@ def code(channel):
         return e.code().name
 print(json.dumps({"plaintext": code(grpc.insecure_channel(address)),
                   "no_client_cert": code(grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca)))}))
+"""
+ALIVE_NODES = f"""
+import os, ray
+ray.init(address="{HEAD}:{RAY_PORT}", log_to_driver=False)
+print(sum(n["Alive"] for n in ray.nodes()), flush=True)
+os._exit(0)  # before Ray's exit handlers, which may print after the answer
 """
 STATUS = f"""
 import json, subprocess, sys
