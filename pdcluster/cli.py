@@ -84,7 +84,7 @@ def _lab_fault(args: argparse.Namespace) -> int:
         "cut": f"cut off from {', '.join(args.peers) if getattr(args, 'peers', None) else 'every host'}",
         "restore": "connected again",
         "crash": "crashed: every process on it is gone",
-        "boot": "up again, its Ray node joining the head",
+        "boot": "up again: a fresh PID space, and its Ray node back where the lab runs Ray",
     }
     print(f"{args.host} {done[args.lab_command]}")
     return 0
@@ -709,23 +709,19 @@ def build_parser() -> argparse.ArgumentParser:
     lab_exec.add_argument("argv", nargs=argparse.REMAINDER, help="the command")
     lab_exec.add_argument("--name", default="pdlab")
     lab_exec.set_defaults(func=_lab_exec)
-    lab_cut = lab_sub.add_parser("cut", help="cut a host off the lab's network (its cable), or from some hosts only (a partition)")
-    lab_cut.add_argument("host")
-    lab_cut.add_argument("--from", dest="peers", nargs="+", default=[], metavar="HOST", help="only from these hosts")
-    lab_cut.add_argument("--name", default="pdlab")
-    lab_cut.set_defaults(func=_lab_fault)
-    lab_restore = lab_sub.add_parser("restore", help="undo every cut of a host")
-    lab_restore.add_argument("host")
-    lab_restore.add_argument("--name", default="pdlab")
-    lab_restore.set_defaults(func=_lab_fault)
-    lab_crash = lab_sub.add_parser("crash", help="kill every process on a host at once (a power loss); `lab boot` brings it back")
-    lab_crash.add_argument("host")
-    lab_crash.add_argument("--name", default="pdlab")
-    lab_crash.set_defaults(func=_lab_fault)
-    lab_boot = lab_sub.add_parser("boot", help="a crashed host back: a fresh PID space and its Ray node")
-    lab_boot.add_argument("host")
-    lab_boot.add_argument("--name", default="pdlab")
-    lab_boot.set_defaults(func=_lab_fault)
+    host_faults = {
+        "cut": "cut a host off the lab's network (its cable), or from some hosts only (a partition)",
+        "restore": "undo every cut of a host",
+        "crash": "kill every process on a host at once (a power loss); `lab boot` brings it back",
+        "boot": "a crashed host back: a fresh PID space and its Ray node",
+    }
+    for command, help_text in host_faults.items():
+        fault = lab_sub.add_parser(command, help=help_text)
+        fault.add_argument("host")
+        fault.add_argument("--name", default="pdlab")
+        if command == "cut":
+            fault.add_argument("--from", dest="peers", nargs="+", default=[], metavar="HOST", help="only from these hosts")
+        fault.set_defaults(func=_lab_fault)
 
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")
     profile.add_argument("--model", default="", help="HF model directory (default: the tiny generated model)")
