@@ -14,7 +14,7 @@ import msgpack
 import redis.asyncio as aioredis
 from vllm.sampling_params import SamplingParams, SamplingType
 
-from pdcluster.common.registry import REDIS_TIMEOUT_S
+from pdcluster.common.registry import redis_client
 
 logger = logging.getLogger("pdcluster.router.response_cache")
 
@@ -45,7 +45,7 @@ def cache_key(tenant: str, model: str, prompt_ids: list[int], params: SamplingPa
 class ResponseCache:
     def __init__(self, url: str, ttl_s: float, cluster_name: str) -> None:
         # A Redis behind a cut link is a miss after a short wait, not a stalled request.
-        self._redis = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+        self._redis = redis_client(url)
         self._ttl_ms = int(ttl_s * 1000)
         self._prefix = f"pdcluster:{cluster_name}:response:"
 

@@ -104,14 +104,19 @@ _MODULES = {
 
 
 def start_process(
-    role: str, args: Sequence[str] = (), env: dict | None = None, log_dir: str | None = None, cpus: set[int] | None = None
+    role: str,
+    args: Sequence[str] = (),
+    env: dict | None = None,
+    log_dir: str | None = None,
+    cpus: set[int] | None = None,
+    prefix: Sequence[str] = (),
 ) -> LocalProcess:
     """Spawn a `role` process (prefill, decode, role_switching or router), on the given CPU cores if any;
-    `wait_ready` blocks until it serves."""
+    `prefix` runs it elsewhere, e.g. on a lab host. `wait_ready` blocks until it serves."""
     run_dir = tempfile.mkdtemp(prefix=f"pdcluster-{role}-", dir=log_dir)
     ready = os.path.join(run_dir, "ready.json")
     log_path = os.path.join(run_dir, f"{role}.log")
-    cmd = [sys.executable, "-m", _MODULES[role], "--ready-file", ready, *args]
+    cmd = [*prefix, sys.executable, "-m", _MODULES[role], "--ready-file", ready, *args]
     log = open(log_path, "wb")
     return LocalProcess(role=role, process=spawn(cmd, log, env, cpus), log_path=log_path, ready_file=ready)
 

@@ -22,9 +22,14 @@ HEARTBEAT_TTL_S = 5.0
 REDIS_TIMEOUT_S = 2.0
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """An asyncio Redis client whose commands fail after REDIS_TIMEOUT_S."""
+    return aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+
+
 class RedisRegistry:
     def __init__(self, url: str, cluster_name: str = "pdcluster") -> None:
-        self._redis = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+        self._redis = redis_client(url)
         self._prefix = f"pdcluster:{cluster_name}"
 
     def _worker_key(self, worker_id: str) -> str:

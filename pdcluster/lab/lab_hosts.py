@@ -36,10 +36,7 @@ def up(spec: LabSpec) -> dict:
     try:
         for command in network_commands(spec):
             _run(command)
-        anchors = {host.name: _start_init(spec, host) for host in spec.hosts()}
-        state = {"spec": spec.model_dump(), "anchors": anchors}
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / f"{spec.name}.json").write_text(json.dumps(state))
+        state = _save(spec, {host.name: _start_init(spec, host) for host in spec.hosts()})
         if spec.ray:
             _start_ray(spec)
         return state
@@ -61,7 +58,7 @@ def down(name: str) -> list[str]:
         _wait_gone(pids)
         _run(["ip", "netns", "del", netns])
         removed.append(netns)
-    (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
+    _state_file(name).unlink(missing_ok=True)
     shutil.rmtree(lab_dir(name), ignore_errors=True)
     return removed
 
@@ -102,9 +99,7 @@ def boot(name: str, host: str) -> None:
     """The host back after a crash: a fresh PID space, and its Ray node joining the head."""
     spec, anchors = load(name)
     lab_host = spec.host(host)
-    anchors[host] = _start_init(spec, lab_host)
-    path = STATE_DIR / f"{name}.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "anchors": anchors}))
+    _save(spec, {**anchors, host: _start_init(spec, lab_host)})
     if spec.ray:
         _start_ray_node(spec, lab_host)
 
@@ -124,7 +119,7 @@ def enter_network(name: str, host: str) -> str:
 
 
 def load(name: str) -> tuple[LabSpec, dict[str, int]]:
-    path = STATE_DIR / f"{name}.json"
+    path = _state_file(name)
     if not path.exists():
         raise LabError(f"no lab {name} is up (`pdcluster lab up` builds one)")
     state = json.loads(path.read_text())
@@ -147,6 +142,18 @@ def host_env() -> dict[str, str]:
 def existing_namespaces(name: str) -> list[str]:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
     return sorted(line.split()[0] for line in listed if line.split() and line.split()[0].startswith(f"{name}-"))
+
+
+def _state_file(name: str) -> Path:
+    return STATE_DIR / f"{name}.json"
+
+
+def _save(spec: LabSpec, anchors: dict[str, int]) -> dict:
+    """The lab's state (its spec, and each host's PID 1, which `host_command` enters), on disk."""
+    state = {"spec": spec.model_dump(), "anchors": anchors}
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    _state_file(spec.name).write_text(json.dumps(state))
+    return state
 
 
 def lab_dir(name: str) -> Path:
@@ -207,11 +214,9 @@ def _start_init(spec: LabSpec, host: LabHost) -> int:
 
 def _start_ray(spec: LabSpec) -> None:
     head = spec.host("head")
-    ray = [str(Path(sys.executable).with_name("ray"))]
-    common = _RAY_NODE
     # The lab's own temp dir: its sessions never mix with a local Ray's in /tmp/ray.
     head_only = ["--port", str(RAY_PORT), "--include-dashboard=false", f"--temp-dir={ray_dir(spec.name)}"]
-    _on(spec, head, [*ray, "start", "--head", "--node-ip-address", head.address, *head_only, *common])
+    _on(spec, head, [_ray(), "start", "--head", "--node-ip-address", head.address, *head_only, *_RAY_NODE])
     redis = [
         "redis-server",
         "--bind",
@@ -235,10 +240,13 @@ def _start_ray(spec: LabSpec) -> None:
 
 
 def _start_ray_node(spec: LabSpec, host: LabHost) -> None:
-    ray = str(Path(sys.executable).with_name("ray"))
     address = f"{spec.host('head').address}:{RAY_PORT}"
     resources = json.dumps({host.resource: 1})
-    _on(spec, host, [ray, "start", "--address", address, "--node-ip-address", host.address, "--resources", resources, *_RAY_NODE])
+    _on(spec, host, [_ray(), "start", "--address", address, "--node-ip-address", host.address, "--resources", resources, *_RAY_NODE])
+
+
+def _ray() -> str:
+    return str(Path(sys.executable).with_name("ray"))
 
 
 def _on(spec: LabSpec, host: LabHost, argv: list[str]) -> str:

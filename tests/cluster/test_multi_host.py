@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from pdcluster.common.processes import LocalProcess, spawn, wait_ready
+from pdcluster.common.processes import start_process, wait_ready
 from pdcluster.common.serve_process import launch_serve
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.lab.lab_hosts import boot, crash, cut, down, existing_namespaces, host_command, host_env, lab_dir, load, ray_dir, restore, up
@@ -124,16 +124,13 @@ def served(lab, certs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def second_router(served, certs, tmp_path_factory):
+def second_router(served, certs):
     """A router on its own host, following the head's registry (membership and token)."""
     member = certs["member"]
-    run_dir = tmp_path_factory.mktemp("router-1")
-    ready = str(run_dir / "ready.json")
-    argv = [sys.executable, "-m", "pdcluster.router", "--ready-file", ready, "--host", ROUTER_HOST, "--port", "8000", "--grpc-port", "0"]
-    argv += ["--registry", f"redis://{HEAD}:{REDIS_PORT}", "--cluster-name", "multihost", "--bypass-prefill-below", "32"]
-    argv += ["--tls-cert", member.cert, "--tls-key", member.key, "--tls-ca", member.ca]
-    with open(run_dir / "router.log", "wb") as log:
-        router = LocalProcess("router", spawn(host_command(LAB.name, "router-1", argv), log, lab_env()), str(run_dir / "router.log"), ready)
+    args = ["--host", ROUTER_HOST, "--port", "8000", "--grpc-port", "0", "--bypass-prefill-below", "32"]
+    args += ["--registry", f"redis://{HEAD}:{REDIS_PORT}", "--cluster-name", "multihost"]
+    args += ["--tls-cert", member.cert, "--tls-key", member.key, "--tls-ca", member.ca]
+    router = start_process("router", args, env=lab_env(), prefix=host_command(LAB.name, "router-1", []))
     yield wait_ready(router).router
     # The lab's teardown ends it with every process on its host.
 
@@ -159,10 +156,7 @@ def completions(router_http: str, prompts: list[list[int]], host: str = "head") 
 
 def test_workers_serve_from_their_own_hosts_and_the_kv_crosses_the_link(served, prompts_and_answers):
     assert served.router.http == f"https://{HEAD}:8000"
-    workers = on_host(
-        "head", f"import httpx; print(__import__('json').dumps(httpx.get('{served.router.http}/cluster', timeout=30).json()['workers']))"
-    )
-    hosts = {w["role"]: w for w in workers}
+    hosts = {w["role"]: w for w in cluster_workers(served.router.http)}
     assert set(hosts) == {"prefill", "decode"}
     for role, w in hosts.items():
         address = LAB.host(f"{role}-1").address
@@ -177,7 +171,7 @@ def test_workers_serve_from_their_own_hosts_and_the_kv_crosses_the_link(served, 
 
     deadline = time.monotonic() + 30
     while True:  # the router's view of the worker's counters is up to a poll (1 s) old
-        decode = next(w for w in cluster_workers(served) if w["role"] == "decode")
+        decode = next(w for w in cluster_workers(served.router.http) if w["role"] == "decode")
         if sum(decode["kv_transfers_by_transport"].values()) >= 2 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -192,14 +186,11 @@ def test_a_router_on_another_host_shares_the_registry_and_mutual_tls_holds(serve
     assert second_router.http == f"https://{ROUTER_HOST}:8000"
     prompts, expected = prompts_and_answers
     assert completions(second_router.http, prompts, host="router-1") == expected
-    members = {w["id"] for w in cluster_workers(served)}
-    seen = on_host(
-        "router-1",
-        f"import httpx, json; print(json.dumps([w['id'] for w in httpx.get('{second_router.http}/cluster', timeout=30).json()['workers']]))",
-    )
-    assert set(seen) == members and len(members) == 2
+    members = {w["id"] for w in cluster_workers(served.router.http)}
+    seen = {w["id"] for w in cluster_workers(second_router.http, host="router-1")}
+    assert seen == members and len(members) == 2
     # From that host, a worker refuses a caller without the cluster's certificate, TLS or not.
-    worker = next(w for w in cluster_workers(served) if w["role"] == "decode")["address"]
+    worker = next(w for w in cluster_workers(served.router.http) if w["role"] == "decode")["address"]
     refused = on_host("router-1", REFUSED, worker, str(CERTS / "ca.pem"))
     assert refused == {"plaintext": "UNAVAILABLE", "no_client_cert": "UNAVAILABLE"}, refused
 
@@ -207,7 +198,7 @@ def test_a_router_on_another_host_shares_the_registry_and_mutual_tls_holds(serve
 def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, tokenizer, tmp_path):
     ids = tokenizer(CORPUS.read_text()).input_ids
     prompts = [ids[i * 50 : i * 50 + 40 + i] for i in range(4)]
-    before = {w["role"]: w for w in cluster_workers(served)}
+    before = {w["role"]: w for w in cluster_workers(served.router.http)}
     started = tmp_path / "started"
     client = subprocess.Popen(
         host_command(
@@ -241,7 +232,7 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, tokenizer, t
     assert [r["tokens"] for r in results] == reference_outputs(prompts, STREAM_TOKENS, tmp_path, ignore_eos=True)  # 0 lost, 0 wrong
     # Back within the channels' reconnect backoff (2 s at most), not gRPC's default 120 s.
     assert back_after < 30, back_after
-    after = {w["role"]: w for w in cluster_workers(served)}
+    after = {w["role"]: w for w in cluster_workers(served.router.http)}
     # Only unreachable: the same workers, none replaced, the KV at rest.
     assert {r: (w["id"], w["pid"]) for r, w in after.items()} == {r: (w["id"], w["pid"]) for r, w in before.items()}
     for w in after.values():
@@ -309,10 +300,9 @@ print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps
 """
 
 
-def cluster_workers(served) -> list[dict]:
-    return on_host(
-        "head", f"import httpx, json; print(json.dumps(httpx.get('{served.router.http}/cluster', timeout=30).json()['workers']))"
-    )
+def cluster_workers(http: str, host: str = "head") -> list[dict]:
+    """The workers the router at `http` lists in its `/cluster`, asked from a lab host."""
+    return on_host(host, f"import httpx, json; print(json.dumps(httpx.get('{http}/cluster', timeout=30).json()['workers']))")
 
 
 def healthy_again_after(served, since: float) -> float:
