@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -26,9 +25,10 @@ def _model_tiny(args: argparse.Namespace) -> int:
 def _lab_up(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from pdcluster.lab.lab_hosts import LabError, up
+    from pdcluster.lab.lab_hosts import LabError, cluster_yaml, up
     from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
+    args.ray = args.ray and not args.ssh  # with sshd, `ray up` starts Ray
     try:
         spec = LabSpec(**{field: getattr(args, field) for field in LabSpec.model_fields})  # the flags are its fields
         up(spec)
@@ -42,7 +42,14 @@ def _lab_up(args: argparse.Namespace) -> int:
     for h in hosts:
         print(f"{h.name:<12} {h.address:<15} {h.resource or 'Ray head, Redis :' + str(REDIS_PORT) if spec.ray else ''}")
     head = spec.host("head").address
-    print(f"lab {spec.name} is up. Try: pdcluster lab exec head -- pdcluster serve --address {head}:{RAY_PORT} --host {head}")
+    if spec.ssh:
+        on_head = f"pdcluster lab exec --name {spec.name} head -- .venv/bin/ray"
+        print(f"lab {spec.name} is up, each host with sshd. Try, from the checkout:\n  {on_head} up -y {cluster_yaml(spec.name)}")
+        print(
+            f"  {on_head} exec {cluster_yaml(spec.name)} 'cd ~/pdcluster && .venv/bin/pdcluster serve --address auto --config deploy/cluster.example.yaml --host 0.0.0.0'"
+        )
+    else:
+        print(f"lab {spec.name} is up. Try: pdcluster lab exec head -- pdcluster serve --address {head}:{RAY_PORT} --host {head}")
     return 0
 
 
@@ -95,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pdcluster.cluster.cluster_spec import load_cluster_spec
     from pdcluster.cluster.ray_cluster import connect_ray, start_controller
+    from pdcluster.common.process_lifetime import on_stop_signals
     from pdcluster.router.listeners import PortTaken, bind_listeners
     from pdcluster.router.server import serve_router
 
@@ -116,8 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     ray_address = ray.get_runtime_context().gcs_address  # in the ready record: tools find this cluster there
 
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
-        signal.signal(sig, lambda *_: stop.set())
+    on_stop_signals(stop.set)  # after ray.init, which installs its own handlers
     controller = None
     try:
         controller = start_controller(spec)
@@ -141,13 +148,22 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 0
     finally:
-        print("stopping workers...", flush=True)
+        _tell("stopping workers...")
         if controller is not None:
             try:
                 ray.get(controller.shutdown.remote(), timeout=120)
             except Exception as e:  # still shut Ray down below
-                print(f"controller shutdown: {e}", file=sys.stderr)
+                _tell(f"controller shutdown: {e}", sys.stderr)
         ray.shutdown()
+
+
+def _tell(text: str, file=None) -> None:
+    """print, where the terminal may be gone (its SSH session ended: writes fail with EIO):
+    the shutdown that follows must not be cut short by it."""
+    try:
+        print(text, file=file or sys.stdout, flush=True)
+    except OSError:
+        pass
 
 
 def _start_failure_text(cause: str) -> str:
@@ -699,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_up.add_argument("--link", default=None, help="each host's link, RATE[,DELAY] as tc says them: 10gbit or 10gbit,200us")
     lab_up.add_argument("--subnet", default="10.77.0.0/24", help="the lab's addresses, only inside its namespaces")
     lab_up.add_argument("--no-ray", dest="ray", action="store_false", help="the network alone, no Ray nodes or Redis")
+    lab_up.add_argument("--ssh", action="store_true", help="sshd and a home on every host, Ray left to `ray up` (deploy/ray/local.yaml)")
     lab_up.add_argument("--json", action="store_true")
     lab_up.set_defaults(func=_lab_up)
     lab_down = lab_sub.add_parser("down", help="kill every process on the lab's hosts and remove its namespaces and links")

@@ -1,5 +1,5 @@
 """Running the router: the HTTP API (uvicorn) and the gRPC Inference service in one event
-loop, until SIGINT/SIGTERM; then both stop accepting and let running requests finish."""
+loop, until SIGINT, SIGTERM or SIGHUP; then both stop accepting and let running requests finish."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import logging
 import math
 import os
-import signal
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ import uvloop
 from pdcluster.common.files import write_atomically
 from pdcluster.common.grpc_links import server_options
 from pdcluster.common.logs import configure_logging
+from pdcluster.common.process_lifetime import on_stop_signals
 from pdcluster.common.tls import add_port
 from pdcluster.common.worker_record import RouterRecord
 from pdcluster.protos import inference_pb2_grpc
@@ -57,8 +57,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
         )
     )
     # Ours, so that uvicorn re-raising the signal after its shutdown only asks us to stop too.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    on_stop_signals(lambda: setattr(server, "should_exit", True))
     info = RouterRecord(
         http=f"{'https' if config.tls.enabled else 'http'}://{config.host}:{http_port}",
         grpc=f"{config.host}:{grpc_port}",

@@ -11,10 +11,13 @@ PYTHON=${PYTHON:-python3}
 missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+# `pdcluster lab up --ssh` (and its test) runs sshd on each emulated host; `ray up` needs rsync.
+[ -x /usr/sbin/sshd ] || missing="$missing openssh-server"
+command -v rsync >/dev/null 2>&1 || missing="$missing rsync"
 if [ -n "$missing" ]; then
   { command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null; } \
-    || echo "could not install$missing: install them for the Redis registry and the metrics tests" >&2
+    || echo "could not install$missing: install them for the Redis registry, the metrics tests and the lab's sshd" >&2
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip

@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from pdcluster.lab import lab_ssh
 from pdcluster.lab.lab_network import cut_commands, network_commands, restore_commands
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
 
@@ -30,13 +33,15 @@ class LabError(RuntimeError):
 
 def up(spec: LabSpec) -> dict:
     """Builds the lab; on any failure tears down what it built. Returns its state."""
-    _check_machine()
+    _check_machine(spec)
     if existing_namespaces(spec.name):
         raise LabError(f"lab {spec.name} is up already: `pdcluster lab down --name {spec.name}` first")
     try:
         for command in network_commands(spec):
             _run(command)
         state = _save(spec, {host.name: _start_init(spec, host) for host in spec.hosts()})
+        if spec.ssh:
+            _make_ssh_hosts(spec)
         if spec.ray:
             _start_ray(spec)
         return state
@@ -59,7 +64,7 @@ def down(name: str) -> list[str]:
         _run(["ip", "netns", "del", netns])
         removed.append(netns)
     _state_file(name).unlink(missing_ok=True)
-    shutil.rmtree(lab_dir(name), ignore_errors=True)
+    shutil.rmtree(lab_dir(name), ignore_errors=True)  # its homes' links to the checkout go, never what they point at
     return removed
 
 
@@ -100,6 +105,8 @@ def boot(name: str, host: str) -> None:
     spec, anchors = load(name)
     lab_host = spec.host(host)
     _save(spec, {**anchors, host: _start_init(spec, lab_host)})
+    if spec.ssh:
+        _boot_ssh_host(spec, lab_host)
     if spec.ray:
         _start_ray_node(spec, lab_host)
 
@@ -179,12 +186,37 @@ def _wait_gone(pids: list[int], timeout_s: float = 10) -> None:
             time.sleep(0.05)
 
 
-def _check_machine() -> None:
+def cluster_yaml(name: str) -> Path:
+    """The lab's Ray cluster config (`ray up` it from the head), where the lab has sshd."""
+    return lab_dir(name) / "cluster.yaml"
+
+
+def _check_machine(spec: LabSpec) -> None:
     if os.geteuid() != 0:
         raise LabError("a lab needs root: it makes network, PID and mount namespaces")
     missing = [tool for tool in ("ip", "tc", "nsenter", "unshare", "mount") if shutil.which(tool) is None]
     if missing:
         raise LabError(f"a lab needs {', '.join(missing)} (iproute2, util-linux)")
+    if spec.ssh:
+        missing = [tool for tool in (lab_ssh.SSHD, "ssh", "ssh-keygen", "rsync") if shutil.which(tool) is None]
+        if missing:
+            raise LabError(f"a lab with --ssh needs {', '.join(missing)} (apt install openssh-server rsync)")
+        if not lab_ssh.LOCAL_YAML.exists():
+            raise LabError(f"a lab with --ssh runs `ray up` on the checkout's {lab_ssh.LOCAL_YAML}, which is missing")
+
+
+def _make_ssh_hosts(spec: LabSpec) -> None:
+    lab = lab_dir(spec.name)
+    lab_ssh.make_keys(lab)
+    for host in spec.hosts():
+        lab_ssh.make_home(spec, lab, host)
+        _boot_ssh_host(spec, host)
+    cluster_yaml(spec.name).write_text(yaml.safe_dump(lab_ssh.cluster_config(spec, lab), sort_keys=False))
+
+
+def _boot_ssh_host(spec: LabSpec, host: LabHost) -> None:
+    for command in lab_ssh.host_boot_commands(lab_dir(spec.name), host):
+        _on(spec, host, command)
 
 
 def _run(command: list[str], env: dict | None = None) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 # Each host's role and the Ray resource its node advertises (the pools' `node_resource`).
 POOL_RESOURCES = {"prefill": "prefill_pool", "decode": "decode_pool", "router": "router_pool"}
@@ -33,6 +33,7 @@ class LabSpec(BaseModel):
     router_hosts: int = Field(0, ge=0, le=8)
     link: str | None = Field(None, description="each host's link: RATE[,DELAY], e.g. 10gbit or 10gbit,200us")
     ray: bool = Field(True, description="start a Ray node on every host (the head's with Redis)")
+    ssh: bool = Field(False, description="sshd and a home of its own on every host, for `ray up` (deploy/ray/local.yaml)")
 
     @field_validator("subnet")
     @classmethod
@@ -48,6 +49,12 @@ class LabSpec(BaseModel):
         if value is not None:
             link_shape(value)
         return value
+
+    @model_validator(mode="after")
+    def _ray_from_ray_up(self) -> LabSpec:
+        if self.ssh and self.ray:
+            raise ValueError("a lab with sshd gets its Ray from `ray up` on the lab's cluster.yaml: the lab starts none (ray: false)")
+        return self
 
     def hosts(self) -> list[LabHost]:
         base = ipaddress.ip_network(self.subnet).network_address

@@ -51,6 +51,27 @@ def test_local_cluster_yaml_passes_ray_validation():
     assert prepared["file_mounts"] == {"~/pdcluster": "."} and not any("git clone" in c for c in prepared["setup_commands"])
 
 
+def test_the_labs_cluster_yaml_is_local_yaml_for_its_hosts(tmp_path):
+    from pdcluster.lab.lab_spec import LabSpec
+    from pdcluster.lab.lab_ssh import cluster_config
+
+    spec = LabSpec(name="lab1", prefill_hosts=2, decode_hosts=1, router_hosts=1, ssh=True, ray=False)
+    config = cluster_config(spec, tmp_path)
+    prepared = ray_validate(config)
+    assert prepared["provider"] == {
+        "type": "local",
+        "head_ip": "10.77.0.1",
+        "worker_ips": ["10.77.0.11", "10.77.0.12", "10.77.0.21", "10.77.0.31"],
+    }
+    assert prepared["auth"] == {"ssh_user": "root", "ssh_private_key": str(tmp_path / "ssh" / "id_ed25519")}
+    # local.yaml's own start commands, as written; only the install goes (the hosts share this checkout).
+    local = load("ray/local.yaml")
+    assert config["head_start_ray_commands"] == local["head_start_ray_commands"]
+    assert config["worker_start_ray_commands"] == local["worker_start_ray_commands"]
+    assert config["setup_commands"] == [c for c in local["setup_commands"] if "install.sh" not in c] != local["setup_commands"]
+    assert config["file_mounts"] == {}
+
+
 def test_ray_validation_catches_a_broken_config():
     broken = load("ray/aws.yaml")
     broken["available_node_types"]["prefill_gpu"]["max_workers"] = "many"

@@ -59,6 +59,7 @@ def test_a_host_is_cut_off_by_its_cable_or_by_routes_to_nowhere_and_restored():
         ({"link": "1gbit,soon"}, "a link's delay is like 200us"),
         ({"subnet": "8.8.8.0/24"}, "private IPv4"),
         ({"name": "Lab-1"}, "should match pattern"),
+        ({"ssh": True, "ray": True}, "gets its Ray from `ray up`"),
     ],
 )
 def test_a_lab_that_cannot_be_is_refused_before_anything_is_made(fields, message):
