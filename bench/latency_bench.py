@@ -9,6 +9,12 @@ engine computes at a time), or with `pin_workers` the prefill worker the first c
 decode worker the second. Prompts are random tokens, new each time, so no prefix cache helps.
 It prints TTFT and ITL medians of each and what pdcluster adds to vLLM's.
 
+With `lab`, the prefill and decode workers run on two hosts of a `pdcluster lab` (its link,
+shaped or not, between them; UCX over TCP, as between machines), and this process, the
+routers, vLLM's own server and the trace receiver on its head: vLLM's server is then the
+prompt's prefill alone, with nothing crossing a link, and the disaggregated path's TTFT says
+whether the layer-wise transfer still hides behind the prefill.
+
 With traces (the default), every process exports OpenTelemetry spans (vLLM's
 `--otlp-traces-endpoint`, vLLM's own server included, so both carry the same cost) to a
 receiver here, each request in its own trace, and it prints where each path's time to first
@@ -140,13 +146,16 @@ def main(
     kv_transport: str = "auto",
     pin_workers: bool = False,
     traces: bool = True,
+    lab: str = "",
+    hosts: tuple[str, str] = ("prefill-1", "decode-1"),
 ) -> int:
     from transformers import AutoTokenizer
 
     from pdcluster.common.tiny_model.generate import ensure_tiny_model
 
     model = model or str(ensure_tiny_model())
-    receiver = TraceReceiver() if traces else None
+    head, placed = _on_lab(lab, hosts) if lab else ("127.0.0.1", {})
+    receiver = TraceReceiver(host=head) if traces else None
     tracing = {"otlp_traces_endpoint": receiver.endpoint} if receiver else {}
     router_tracing = ["--otlp-traces-endpoint", receiver.endpoint] if receiver else []
     engine = EngineConfig(model=model, max_model_len=max(lengths) + max_tokens + 16, **tracing)
@@ -163,6 +172,7 @@ def main(
             log_dir,
             [*ROUTER_PATH_FLAGS["disaggregated"], *router_tracing],
             kv_transport,
+            placed,
         )
         started += processes
         workers = [p for p in processes if p.role != "router"]
@@ -183,6 +193,7 @@ def main(
     print(
         f"one request at a time, {max_tokens} output tokens, {requests} requests per path and length, KV over {kv_transport},"
         f" workers {'on a core each' if pin_workers else 'on every core'},"
+        f"{f' across lab {lab} (prefill on {hosts[0]}, decode on {hosts[1]});' if lab else ''}"
         f" {'traced' if traces else 'untraced'}; ceiling = vLLM's own server"
     )
     print(f"{'prompt':>7} {'path':>14} {'TTFT p50 ms':>12} {'added':>8} {'ratio':>6} {'ITL p50 ms':>11} {'added':>7}")
@@ -199,3 +210,15 @@ def main(
     if json_output:
         print(json.dumps([asdict(r) for r in measured]))
     return 0
+
+
+def _on_lab(lab: str, hosts: tuple[str, str]) -> tuple[str, dict[Role, tuple[str, list[str]]]]:
+    """Move this process onto the lab's head (what it starts from now on runs there); returns
+    the head's address and where each worker runs: its host's address and the command prefix
+    that runs it there."""
+    from pdcluster.lab.lab_hosts import enter_network, host_command, load
+
+    os.environ["UCX_TLS"] = "tcp"  # as between machines: no shared memory across the link
+    spec, _ = load(lab)
+    placed = {role: (spec.host(host).address, host_command(lab, host, [])) for role, host in zip((Role.PREFILL, Role.DECODE), hosts)}
+    return enter_network(lab, "head"), placed

@@ -569,6 +569,8 @@ def _bench_latency(args: argparse.Namespace) -> int:
         kv_transport=args.kv_transport,
         pin_workers=args.pin_workers,
         traces=args.traces,
+        lab=args.lab,
+        hosts=tuple(args.hosts),
     )
 
 
@@ -865,6 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="without OpenTelemetry tracing (and without the per-phase breakdown it gives)",
     )
+    latency.add_argument("--lab", default="", help="the workers on two hosts of this `pdcluster lab`, the rest on its head")
+    latency.add_argument("--hosts", nargs=2, default=["prefill-1", "decode-1"], metavar=("PREFILL", "DECODE"), help="with --lab")
     latency.set_defaults(func=_bench_latency)
     serve_bench = bench_sub.add_parser("serve", help="open-loop load (Poisson arrivals) against an OpenAI-compatible URL")
     serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")

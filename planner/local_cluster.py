@@ -3,7 +3,7 @@ and `pdcluster profile`'s serving-path costs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pdcluster.common.processes import LocalProcess, start_process, stop_all, wait_ready
 from pdcluster.common.worker_record import Role
@@ -22,10 +22,19 @@ def start_pdcluster(
     log_dir: str,
     router_flags: Sequence[str] = (),
     kv_transport: str = "auto",
+    hosts: Mapping[Role, tuple[str, Sequence[str]]] = {},
 ) -> tuple[list[LocalProcess], str]:
-    """A worker of each role on its cores, and the router; returns them and its URL."""
-    configs = [(WorkerConfig(role=role, engine=engine, kv={"transport": kv_transport}), cpus) for role, cpus in workers_on]
-    workers = [start_process(c.role, worker_args(c), engine_env(cpus, engine), log_dir, cpus) for c, cpus in configs]
+    """A worker of each role on its cores, and the router; returns them and its URL. `hosts`
+    runs a role's worker elsewhere: its address there, and the command prefix that runs it
+    there (a lab host's)."""
+    placed = {role: {"host": address} for role, (address, _) in hosts.items()}
+    configs = [
+        (WorkerConfig(role=role, engine=engine, kv={"transport": kv_transport}, **placed.get(role, {})), cpus) for role, cpus in workers_on
+    ]
+    workers = [
+        start_process(c.role, worker_args(c), engine_env(cpus, engine), log_dir, cpus, prefix=hosts[c.role][1] if c.role in hosts else ())
+        for c, cpus in configs
+    ]
     started = list(workers)
     try:
         for w in workers:
