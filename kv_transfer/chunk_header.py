@@ -50,6 +50,7 @@ class KVChunkHeader:
     payload_bytes: int
     checksum: int
     auth_token: str = ""
+    compatibility: str = ""  # the producer engine's KV compatibility digest; must match the consumer's
 
     def encode(self) -> bytes:
         return msgpack.packb(asdict(self), use_bin_type=True)
@@ -69,7 +70,7 @@ class KVChunkHeader:
         return header
 
     def validate(self) -> None:
-        for name in ("transfer_id", "dtype", "layout", "auth_token"):
+        for name in ("transfer_id", "dtype", "layout", "auth_token", "compatibility"):
             value = getattr(self, name)
             if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
                 raise ChunkError(f"chunk header field {name!r} is not a short string")

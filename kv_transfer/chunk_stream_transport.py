@@ -63,5 +63,6 @@ class ChunkStreamTransport:
             payload_bytes=sum(p.nbytes for p in parts),
             checksum=payload_checksum(*parts),
             auth_token=self._settings.auth_token,
+            compatibility=self._settings.compatibility,
         )
         return header.encode(), parts

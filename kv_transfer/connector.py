@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
+from pdcluster.common.kv_compatibility import kv_compatibility, kv_digest
 from pdcluster.common.process_lifetime import die_with_parent
 from pdcluster.common.tracing import draw_ids_unseeded
 from pdcluster.kv_transfer.connector_metadata import PdConnectorMetadata
@@ -52,6 +53,8 @@ class PdConnector(KVConnectorBase_V1):
         draw_ids_unseeded()  # our transfer spans here, and vLLM's
         config = self._kv_transfer_config
         settings = KVEndpointSettings.from_extra_config(config.kv_connector_extra_config)
+        if role != KVConnectorRole.SCHEDULER:
+            settings = settings.model_copy(update={"compatibility": kv_digest(kv_compatibility(vllm_config))})
         block_size = vllm_config.cache_config.block_size
         # Both sides count the tier's slots alike: one engine block, every layer, per slot.
         block_bytes = sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in kv_cache_config.kv_cache_groups)

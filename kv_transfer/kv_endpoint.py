@@ -51,7 +51,7 @@ class KVEndpoint:
         self.receiver = KVReceiver(self.layers, self.layout, settings, self.stats, self.progress) if consume else None
         self._producer_watch = ProducerWatch(self.receiver.transfers, settings, self.io) if self.receiver else None
         self.nixl_consumer = (
-            NixlConsumer(self.nixl, self.receiver.transfers, self.layers, self.stats) if self.receiver and self.nixl else None
+            NixlConsumer(self.nixl, self.receiver.transfers, self.layers, self.stats, settings) if self.receiver and self.nixl else None
         )
         self._client = KVClient(settings) if produce else None
         self.sender = None

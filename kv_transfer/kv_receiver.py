@@ -218,6 +218,7 @@ class KVReceiver:
         return self.landed(landing)
 
     def _check_compatible(self, header: KVChunkHeader) -> None:
+        self._settings.check_compatibility(header.compatibility)
         layout = self._layout
         if header.layout != layout.signature or header.dtype != layout.dtype_name:
             raise ChunkError(

@@ -19,6 +19,7 @@ from pdcluster.kv_transfer.chunk_header import ChunkError
 from pdcluster.kv_transfer.incoming_transfers import ExpectedTransfer, IncomingTransfers, TransferNotWanted
 from pdcluster.kv_transfer.nixl_agent import NixlAgent
 from pdcluster.kv_transfer.nixl_write_notice import NixlWriteNotice
+from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.transfer_stats import TransferStats
 from pdcluster.protos import kv_transfer_pb2 as pb
 
@@ -33,8 +34,16 @@ HOLD_MARGIN_S = 2.0
 
 
 class NixlConsumer:
-    def __init__(self, agent: NixlAgent, transfers: IncomingTransfers, layers: Sequence[torch.Tensor], stats: TransferStats) -> None:
+    def __init__(
+        self,
+        agent: NixlAgent,
+        transfers: IncomingTransfers,
+        layers: Sequence[torch.Tensor],
+        stats: TransferStats,
+        settings: KVEndpointSettings,
+    ) -> None:
         self._agent = agent
+        self._settings = settings
         self._transfers = transfers
         self._layers = list(layers)
         self._stats = stats
@@ -42,8 +51,9 @@ class NixlConsumer:
         self._reader: asyncio.Task | None = None
 
     async def target(self, request: pb.NixlTargetRequest) -> pb.NixlTargetReply:
-        """Raises ChunkError for a producer whose KV layout differs, TransferNotWanted for a
-        transfer that ended here."""
+        """Raises ChunkError for a producer whose KV layout or engine differs, TransferNotWanted
+        for a transfer that ended here."""
+        self._settings.check_compatibility(request.compatibility)
         layout = self._agent.layout
         if request.layout != layout.signature or request.dtype != layout.dtype_name:
             raise ChunkError(

@@ -78,6 +78,7 @@ class NixlProducer:
                 layout=layout.signature,
                 dtype=layout.dtype_name,
                 lease_ms=max(int((t.deadline - now) * 1000), 1),
+                compatibility=self._settings.compatibility,
             )
             reply = await self._client.nixl_target(t.endpoint, request)
             if reply.status == pb.NixlTargetReply.COMPLETE:

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdcluster.common.tls import TLSFiles
+from pdcluster.kv_transfer.chunk_header import ChunkError
 
 Transport = Literal["auto", "tcp", "grpc", "nixl"]
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
@@ -64,10 +65,23 @@ class KVEndpointSettings(KVTransferSettings):
     endpoint_file: str = ""  # where the connector writes the endpoint it bound, for the worker to read
     tier_bytes: int = 0  # the host KV tier's size (vLLM's --kv-offloading-size); 0: no tier
     tls: TLSFiles = Field(default_factory=TLSFiles)  # on the KVTransfer service and the data channel
+    # A digest of what a peer's KV must match (pdcluster.common.kv_compatibility), set by the
+    # connector from its engine's config: KV from an engine whose digest differs is refused.
+    compatibility: str = ""
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> KVEndpointSettings:
         return cls.model_validate(extra or {})
+
+    def check_compatibility(self, theirs: str) -> None:
+        """Refuse KV from an engine that differs from this one in what KV depends on: the
+        router pairs only matching workers, but its view can be a poll old (a worker restarted
+        on another checkpoint). Without a digest of our own, no check."""
+        if self.compatibility and theirs != self.compatibility:
+            raise ChunkError(
+                f"KV from an engine that differs from this one (compatibility {theirs or 'unstated'} != {self.compatibility}:"
+                " another model, dtype, block size, TP, speculative config or version; the router's /cluster names the field)"
+            )
 
     def check_token(self, token: str) -> None:
         """Refuse a peer that does not present the cluster's shared token."""

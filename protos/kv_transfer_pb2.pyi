@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NixlTargetRequest(_message.Message):
-    __slots__ = ("transfer_id", "auth_token", "producer_agent", "known_agent", "wait_ms", "layout", "dtype", "lease_ms")
+    __slots__ = ("transfer_id", "auth_token", "producer_agent", "known_agent", "wait_ms", "layout", "dtype", "lease_ms", "compatibility")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class NixlTargetRequest(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPATIBILITY_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     auth_token: str
     producer_agent: str
@@ -25,7 +26,8 @@ class NixlTargetRequest(_message.Message):
     layout: str
     dtype: str
     lease_ms: int
-    def __init__(self, transfer_id: _Optional[str] = ..., auth_token: _Optional[str] = ..., producer_agent: _Optional[str] = ..., known_agent: _Optional[str] = ..., wait_ms: _Optional[int] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    compatibility: str
+    def __init__(self, transfer_id: _Optional[str] = ..., auth_token: _Optional[str] = ..., producer_agent: _Optional[str] = ..., known_agent: _Optional[str] = ..., wait_ms: _Optional[int] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., lease_ms: _Optional[int] = ..., compatibility: _Optional[str] = ...) -> None: ...
 
 class NixlWrittenRequest(_message.Message):
     __slots__ = ("transfer_id", "auth_token", "producer_agent")

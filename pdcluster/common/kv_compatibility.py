@@ -55,6 +55,12 @@ def weights_digest(model_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def kv_digest(fields: Mapping[str, str]) -> str:
+    """One short string for all the fields, which the KV transfer carries with the KV: equal
+    where the fields are."""
+    return hashlib.sha256(json.dumps(dict(fields), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def kv_mismatch(ours: Mapping[str, str], theirs: Mapping[str, str]) -> str | None:
     """The first field on which the two differ, or None where their KV fits. A worker that
     states none (an older one, or a test's fake) matches only another that states none."""

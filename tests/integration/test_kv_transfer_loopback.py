@@ -209,6 +209,31 @@ def test_peer_without_the_cluster_token_is_refused(pair, transport):
         intruder.close()
 
 
+def test_kv_of_an_engine_that_differs_is_refused_and_its_load_fails_at_once(transport):
+    """The router pairs only matching workers; should its view be stale, the consumer refuses
+    KV from an engine whose compatibility digest differs, and fails the load at once (vLLM
+    computes the prompt) instead of decoding from it."""
+    ours = KVEndpointSettings(transport=transport, compatibility="c0ffee")
+    cons = endpoint(paged_layers(seed=None), ours, consume=True)
+    other = endpoint(paged_layers(seed=2), ours.model_copy(update={"compatibility": "decaf0"}), consume=False)
+    same = endpoint(paged_layers(seed=1), ours, consume=False)
+    try:
+        cons.receiver.expect("t1", "r1", DST_BLOCKS, 0)
+        send(other, cons.address)
+        assert poll_consumer(cons) == ({"r1"}, {"r1"})
+        assert not cons.layers[0].any()  # nothing was written
+        assert wait_until(lambda: other.sender.poll({"r1"}))
+        assert other.stats.snapshot()["transfers_failed"] == 1
+        cons.receiver.expect("t2", "r2", DST_BLOCKS, 0)
+        send(same, cons.address, transfer_id="t2", request_id="r2")  # an engine that matches gets through
+        assert poll_consumer(cons) == ({"r2"}, set())
+        assert_same_kv(same, cons)
+    finally:
+        other.close()
+        same.close()
+        cons.close()
+
+
 @pytest.mark.parametrize("transport", CHUNKED)
 @pytest.mark.parametrize("pair", [{"staged_ttl_s": 0.3}], indirect=True)
 def test_orphaned_staged_kv_expires(pair):
