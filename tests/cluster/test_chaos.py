@@ -39,7 +39,21 @@ FAULTS = ("garbage", "kv-cut", "sigkill-prefill", "sigstop-prefill")
 @pytest.mark.timeout(1900)  # the battery's own bound (1800 s) rules, not the suite's per-test 900 s
 def test_every_fault_loses_nothing_and_heals():
     run = subprocess.run(
-        [sys.executable, "-m", "pdcluster", "bench", "chaos", "--json", "--load-seconds", "7", "--decode", "1", "--faults", *FAULTS, *EAGER],
+        [
+            sys.executable,
+            "-m",
+            "pdcluster",
+            "bench",
+            "chaos",
+            "--json",
+            "--load-seconds",
+            "7",
+            "--decode",
+            "1",
+            "--faults",
+            *FAULTS,
+            *EAGER,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
