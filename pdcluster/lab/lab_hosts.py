@@ -54,7 +54,7 @@ def down(name: str) -> list[str]:
     """Kills every process in the lab's namespaces and deletes them (their links go with them)."""
     removed = []
     for netns in existing_namespaces(name):
-        pids = [int(pid) for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()]
+        pids = netns_pids(netns)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -144,6 +144,11 @@ def host_command(name: str, host: str, argv: list[str]) -> list[str]:
 def host_env() -> dict[str, str]:
     # The lab is a private network on one machine: its Ray runs without token authentication.
     return {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def netns_pids(netns: str) -> list[int]:
+    """Every process in the network namespace (a lab host's, or its switch's)."""
+    return [int(pid) for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()]
 
 
 def existing_namespaces(name: str) -> list[str]:

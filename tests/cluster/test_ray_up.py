@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from pdcluster.common.worker_record import ServeRecord
-from pdcluster.lab.lab_hosts import cluster_yaml, down, existing_namespaces, host_command, lab_dir, up
+from pdcluster.lab.lab_hosts import cluster_yaml, down, existing_namespaces, host_command, lab_dir, netns_pids, up
 from pdcluster.lab.lab_spec import RAY_PORT, LabSpec
 
 pytestmark = pytest.mark.slow
@@ -46,9 +46,9 @@ def lab_processes(words: tuple[str, ...]) -> list[str]:
     """Command lines of the processes on the lab's hosts that hold any of `words`."""
     found = []
     for netns in existing_namespaces(LAB.name):
-        for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split():
+        for pid in netns_pids(netns):
             try:
-                command = " ".join(psutil.Process(int(pid)).cmdline())
+                command = " ".join(psutil.Process(pid).cmdline())
             except psutil.NoSuchProcess:
                 continue
             if any(word in command for word in words):
