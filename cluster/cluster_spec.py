@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pdcluster.common.tls import TLSFiles
 from pdcluster.common.vllm_args import (
@@ -26,7 +26,7 @@ from pdcluster.common.vllm_args import (
 from pdcluster.common.worker_record import Role
 from pdcluster.kv_transfer.settings import TRANSPORTS, KVTransferSettings
 from pdcluster.router.config import PoolCosts, RouterConfig
-from pdcluster.worker.config import EngineConfig, WorkerConfig
+from pdcluster.worker.config import ENGINE_ARGS_CHECKED, EngineConfig, WorkerConfig
 
 
 class _Strict(BaseModel):
@@ -52,8 +52,9 @@ class PoolSpec(_Strict):
 
     @field_validator("engine")
     @classmethod
-    def _vllm_engine_args(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_engine_args(value)
+    def _vllm_engine_args(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if not (info.context or {}).get(ENGINE_ARGS_CHECKED):
+            check_engine_args(value)
         return value
 
     @model_validator(mode="before")
@@ -145,7 +146,7 @@ class ClusterSpec(_Strict):
     def worker_config(self, role: Role, worker_id: str) -> WorkerConfig:
         """Everything one replica of the pool needs, handed to its process whole."""
         pool = self.pool(role)
-        return WorkerConfig(
+        fields = dict(
             role=role,
             worker_id=worker_id,
             host=self.bind_host(),
@@ -157,11 +158,14 @@ class ClusterSpec(_Strict):
             engine=self.pool_engine(role),
             role_switching=self.autoscaling.role_switching,
         )
+        return WorkerConfig.model_validate(fields, context={ENGINE_ARGS_CHECKED: True})
 
     def pool_engine(self, role: Role) -> EngineConfig:
-        """The spec's engine with the pool's own engine arguments and tensor parallelism on top."""
+        """The spec's engine with the pool's own engine arguments and tensor parallelism on top
+        (each checked by vLLM where the spec was made)."""
         pool = self.pool(role)
-        return EngineConfig.model_validate({**self.engine.model_dump(), **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size})
+        merged = {**self.engine.model_dump(), **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size}
+        return EngineConfig.model_validate(merged, context={ENGINE_ARGS_CHECKED: True})
 
     def router_config(self) -> RouterConfig:
         """The router in front of this cluster: its spec section plus what it shares with the cluster."""

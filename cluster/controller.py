@@ -38,6 +38,7 @@ from pdcluster.common.periodic import cancel_all, run_periodically
 from pdcluster.common.registry import RedisRegistry
 from pdcluster.common.worker_record import ROLES, Role, WorkerRecord, other_role
 from pdcluster.protos import worker_pb2
+from pdcluster.worker.config import ENGINE_ARGS_CHECKED
 
 logger = logging.getLogger("pdcluster.controller")
 
@@ -83,7 +84,8 @@ class Replica:
 class ClusterController:
     def __init__(self, spec_json: str, launcher: ReplicaLauncher | None = None, probe: WorkerProbe | None = None) -> None:
         configure_logging()
-        self.spec = ClusterSpec.model_validate_json(spec_json)
+        # Checked by vLLM where it was made; checking again would import vLLM here (seconds).
+        self.spec = ClusterSpec.model_validate_json(spec_json, context={ENGINE_ARGS_CHECKED: True})
         if launcher is None or probe is None:  # the Ray actor: replicas on Ray, probed over gRPC
             from pdcluster.cluster.ray_launcher import GrpcWorkerProbe, RayReplicaLauncher
 

@@ -22,6 +22,7 @@ import pytest
 
 from pdcluster.bench.trace_receiver import ReceivedSpan, TraceReceiver
 from pdcluster.common.engine_profile import load_profile
+from pdcluster.common.processes import stop_all
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.planner.serving_path import LENGTHS, serving_path_through
 from pdcluster.protos import inference_pb2 as ipb
@@ -30,7 +31,7 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.paths import ROOT, TRACES
-from tests.support.processes import running_cluster, start_router
+from tests.support.processes import running_cluster, start_routers
 from tests.support.router_metrics import metric
 from tests.support.vllm_reference import ENGINE_FLAGS
 from tests.support.worker_calls import kv_stats, worker_channel, worker_stats
@@ -42,6 +43,7 @@ MAX_TOKENS = 24
 MODEL = "tiny-llama-v2-s0"
 # vLLM's own flag, passed through the router to vLLM's OpenAI layer.
 SERVED_AS = ["--served-model-name", MODEL]
+PREDICTING_PROFILE = ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,32 @@ def http(cluster):
 @pytest.fixture(scope="module")
 def client(cluster):
     return openai.OpenAI(base_url=router_url(cluster) + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def routers(cluster, tmp_path_factory, redis_url) -> dict:
+    """More routers in front of the cluster's workers, each for one test below and set up as it
+    needs, started together: a router's start is seconds of imports on one core, and the two
+    cores import two at a time."""
+    tenants_file = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    tenants_file.write_text(json.dumps(TENANTS))  # YAML, as a mounted Secret holds it
+    tenants = ["--tenants-file", str(tenants_file), "--api-key", "admin", "--response-cache-url", redis_url]
+    each = {
+        "local prefill": ["--bypass-prefill-below", "1000000"],
+        "responses": [],
+        "drained": [],
+        "admission": ["--max-inflight", "1", "--max-queue", "1", "--api-key", "s3cret"],
+        "prefill backlog": ["--bypass-prefill-below", str(BYPASS_BELOW), "--local-prefill-above-queued", "1"],
+        "predicted": ["--bypass-prefill-below", str(BYPASS_BELOW), "--profile", str(PREDICTING_PROFILE), "--slo-ttft-ms", "5"],
+        "tenants": [*tenants, "--cost-per-hour-prefill", "4", "--cost-per-hour-decode", "6", "--max-inflight", "1", "--max-queue", "16"],
+    }
+    # vLLM's response store, for the chain of responses; the other tests never ask it.
+    store = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+    started = start_routers([w.address for w in cluster[1]], [[*args, *SERVED_AS] for args in each.values()], env=store)
+    try:
+        yield dict(zip(each, started))
+    finally:
+        stop_all(started)
 
 
 def router_url(cluster) -> str:
@@ -216,12 +244,11 @@ def test_one_request_is_one_trace_across_router_workers_engines_and_kv_transfer(
         assert [s.parent_id for s in spans if s.name == "kv_transfer.nixl_handshake"] == [send.span_id]
 
 
-def test_the_profilers_serving_path_measurement_through_both_paths(cluster, tokenizer):
+def test_the_profilers_serving_path_measurement_through_both_paths(cluster, routers, tokenizer):
     """`pdcluster profile`'s serving path, measured as it measures it: requests one at a time
     through a router that prefills remotely (this cluster's) and one that computes every prompt
     on the decode worker, each less the step model's prediction for it alone."""
-    router, workers = cluster
-    local = start_router([w.address for w in workers], ["--bypass-prefill-below", "1000000", *SERVED_AS])
+    local = routers["local prefill"]
     try:
         urls = {True: router_url(cluster), False: local.record.http}
         profile = load_profile(ROOT / "bench" / "profiles" / "cpu2-tiny.json")  # this model's, measured here
@@ -285,9 +312,9 @@ def test_a_session_id_reaches_routing_however_vllm_takes_it(cluster, http, clien
     assert (turns("new") - new, turns("kept") - kept) == (1, 2)
 
 
-def test_a_chain_of_responses_keeps_its_decode_worker(cluster):
+def test_a_chain_of_responses_keeps_its_decode_worker(routers):
     """The Responses API's previous_response_id alone (no session id) is a conversation too."""
-    router = start_router([w.address for w in cluster[1]], SERVED_AS, env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"})
+    router = routers["responses"]
     try:
         with httpx.Client(base_url=router.record.http, timeout=120) as http:
 
@@ -429,9 +456,8 @@ def test_oversized_bodies_get_a_readable_413(http, cluster):
     assert http.get("/health").status_code == 200
 
 
-def test_router_drains_on_sigterm(cluster, long_prompt):
-    workers = cluster[1]
-    router = start_router([w.address for w in workers], SERVED_AS)
+def test_router_drains_on_sigterm(routers, long_prompt):
+    router = routers["drained"]
     try:
         url = router.record.http
         request = {
@@ -481,9 +507,8 @@ def test_router_drains_on_sigterm(cluster, long_prompt):
         router.stop()
 
 
-def test_admission_control_and_api_key(cluster, long_prompt):
-    workers = cluster[1]
-    router = start_router([w.address for w in workers], ["--max-inflight", "1", "--max-queue", "1", "--api-key", "s3cret", *SERVED_AS])
+def test_admission_control_and_api_key(routers, long_prompt):
+    router = routers["admission"]
     try:
         url = router.record.http
         with httpx.Client(base_url=url, timeout=120) as http:
@@ -551,14 +576,12 @@ def concurrent_texts(router, kwargs: dict, count: int) -> list[str]:
     return texts
 
 
-def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long_prompt):
+def test_prefill_backlog_runs_prompts_on_the_decode_worker(routers, client, long_prompt):
     """With --local-prefill-above-queued, prompts that arrive while the prefill worker is busy
     are computed on the decode worker instead, with the same greedy text."""
     kwargs = dict(model=MODEL, prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
     expected = client.completions.create(**kwargs).choices[0].text
-    router = start_router(
-        [w.address for w in cluster[1]], ["--bypass-prefill-below", str(BYPASS_BELOW), "--local-prefill-above-queued", "1", *SERVED_AS]
-    )
+    router = routers["prefill backlog"]
     try:
         assert concurrent_texts(router, kwargs, 6) == [expected] * 6
         with httpx.Client(base_url=router.record.http, timeout=60) as http:
@@ -569,15 +592,13 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(cluster, client, long
         router.stop()
 
 
-def test_predicted_placement_serves_the_same_answers_and_reports_its_predictions(cluster, client, long_prompt):
+def test_predicted_placement_serves_the_same_answers_and_reports_its_predictions(routers, client, long_prompt):
     """With --profile, each prompt goes where the SLOs are best kept (here a 5 ms TTFT SLO no
     prompt keeps: the smaller overshoot wins); every one is counted by what decided it, and
     its observed TTFT against the prediction."""
     kwargs = dict(model=MODEL, prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
     expected = client.completions.create(**kwargs).choices[0].text
-    profile = ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"
-    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), "--profile", str(profile), "--slo-ttft-ms", "5", *SERVED_AS]
-    router = start_router([w.address for w in cluster[1]], router_args)
+    router = routers["predicted"]
     try:
         assert concurrent_texts(router, kwargs, 6) == [expected] * 6
         with httpx.Client(base_url=router.record.http, timeout=60) as http:
@@ -697,27 +718,12 @@ TENANTS = [
 ]
 
 
-def test_tenants_limits_fair_turns_usage_and_the_response_cache(cluster, tmp_path, redis_url):
+def test_tenants_limits_fair_turns_usage_and_the_response_cache(routers):
     from pdcluster.bench.serve_bench import BenchTenant
     from pdcluster.bench.serve_bench import main as bench_serve
     from pdcluster.planner.workloads import Workload
 
-    tenants_file = tmp_path / "tenants.yaml"
-    tenants_file.write_text(json.dumps(TENANTS))  # YAML, as a mounted Secret holds it
-    workers = cluster[1]
-    args = [
-        "--tenants-file",
-        str(tenants_file),
-        "--api-key",
-        "admin",
-        "--response-cache-url",
-        redis_url,
-        "--cost-per-hour-prefill",
-        "4",
-        "--cost-per-hour-decode",
-        "6",
-    ]
-    router = start_router([w.address for w in workers], [*args, "--max-inflight", "1", "--max-queue", "16", *SERVED_AS])
+    router = routers["tenants"]
     served: dict[str, list] = {}  # what each tenant was told it used
 
     def complete(key: str, **kwargs) -> httpx.Response:
