@@ -49,17 +49,19 @@ FAKE_BASE_CONFIG = {
     "rsync_filter": [],
 }
 
+# One node of each type from the start (a pool's first replica then waits for no node launch,
+# twice in this module); the tests scale each pool to a second node and back.
 NODE_TYPES = {
     "prefill_node": {
         "resources": {"CPU": 1, "prefill_pool": 1, "object_store_memory": 200_000_000},
         "node_config": {},
-        "min_workers": 0,
+        "min_workers": 1,
         "max_workers": 2,
     },
     "decode_node": {
         "resources": {"CPU": 1, "decode_pool": 1, "object_store_memory": 200_000_000},
         "node_config": {},
-        "min_workers": 0,
+        "min_workers": 1,
         "max_workers": 2,
     },
 }
