@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +20,7 @@ from pdcluster.protos import worker_pb2
 from pdcluster.worker.config import WorkerConfig
 
 from tests.support.hand_profile import profile
+from tests.support.paths import ROOT
 
 
 class FakeReplica:
@@ -398,3 +402,26 @@ async def test_a_pool_at_its_max_drains_an_old_replica_first_and_starts_its_repl
     await rounds(controller)
     (new,) = launcher.live(Role.DECODE)
     assert old.stopped is True and new is not old
+
+
+CONTROLLER_STARTS = """
+import json, sys
+from pdcluster.cluster.controller import ClusterController
+from pdcluster.common.worker_record import Role
+controller = ClusterController(sys.argv[1], launcher=object(), probe=object())
+engine = controller.spec.worker_config(Role.PREFILL, "replica-1").engine
+print(json.dumps({"vllm imported": "vllm" in sys.modules, "engine": engine.vllm_args}))
+"""
+
+
+def test_the_controller_takes_its_spec_and_makes_worker_configs_without_importing_vllm():
+    """vLLM checked the spec's engine arguments where the spec was made. The controller (a Ray
+    actor, started again after a crash) does not import vLLM to check them again: that was
+    seconds of every `pdcluster serve` start and every controller restart."""
+    spec = ClusterSpec.model_validate({"engine": {"dtype": "float32"}, "prefill": {"engine": {"max_num_seqs": 4}}})
+    done = subprocess.run(
+        [sys.executable, "-c", CONTROLLER_STARTS, spec.model_dump_json()], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen == {"vllm imported": False, "engine": {"dtype": "float32", "max_num_seqs": 4, "tensor_parallel_size": 1}}
