@@ -1,6 +1,10 @@
 """The host KV tier (vLLM's `--kv-offloading-size`) on real engines, disaggregated: prompt
 blocks the engine evicted come back from the tier token-exact, and a tier block corrupted on
-disk is caught by its checksum and recomputed, never decoded."""
+disk is caught by its checksum and recomputed, never decoded.
+
+These two engines run vLLM's default multiprocess CPU executor (a model process apart from the
+engine core; the rest of the suite runs the model in the engine core's process, as pdcluster
+does on CPU): our connector's worker side, the tier included, lives in that model process."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ BLOCK = 128  # vLLM's CPU block size
 ENGINE_BLOCKS = 10  # the engine's whole KV cache: fewer blocks than a round of prompts needs
 NUM_PROMPTS = 6
 PROMPT_TOKENS = 3 * BLOCK + 10  # 3 full blocks the tier can serve, and a partial one
+MULTIPROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 ENGINE = ["--kv-offloading-size", "0.05", "--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--max-model-len", "1024"]
 
 
@@ -32,7 +37,7 @@ def tier_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tier_pair(tier_dir):
-    with running_pair([*ENGINE, "--kv-tier-dir", str(tier_dir)], ENGINE) as pair:
+    with running_pair([*ENGINE, "--kv-tier-dir", str(tier_dir)], ENGINE, env=MULTIPROCESS) as pair:
         yield pair
 
 
@@ -52,6 +57,15 @@ def run_round(pair, prompts, expected) -> None:
     for prompt, want in zip(prompts, expected):
         tokens, _, _ = asyncio.run(generate(prefill, decode, prompt))
         assert tokens == want
+
+
+def test_the_multiprocess_executor_transfers_token_exact(tier_pair, vllm_reference):
+    prompts = [list(range(20, 20 + n)) for n in (5, 200)]  # under a block, and over one
+    prefill, decode = tier_pair
+    before = kv_stats(decode)
+    run_round(tier_pair, prompts, vllm_reference.greedy(prompts, MAX_TOKENS))
+    after = kv_stats(decode)
+    assert after.transfers_received - before.transfers_received == len(prompts) and after.recomputes == before.recomputes
 
 
 def test_evicted_blocks_come_back_from_the_tier_token_exact(tier_pair, prompts, expected):

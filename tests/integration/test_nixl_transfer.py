@@ -83,6 +83,7 @@ def test_a_chunked_prompt_is_written_chunk_by_chunk(endpoints):
         assert not transfer.failure
     prod.sender.finalize("r1")
     assert poll_consumer(cons) == ({"r1"}, set())
+    assert wait_until(lambda: prod.sender.poll({"r1"})) == {"r1"}  # the producer counts it once it is done
     assert_same_kv(prod, cons)
     assert prod.stats.snapshot()["bytes_sent_by_transport"] == {"nixl": kv_bytes(prod)}
 

@@ -81,19 +81,16 @@ def reference_outputs(
 ) -> list[list[int]]:
     """Greedy output token ids of one plain vLLM engine (no connector), in its own process;
     compiled or eager like the workers it is compared with."""
-    prompts_path, out_path = tmp_path / "prompts.json", tmp_path / "outputs.json"
-    prompts_path.write_text(json.dumps(prompts))
+    return reference_answers([(p, max_tokens, ignore_eos) for p in prompts], tmp_path, compiled)
+
+
+def reference_answers(requests: list[tuple[list[int], int, bool]], tmp_path, compiled: bool = False) -> list[list[int]]:
+    """As `reference_outputs`, each request (prompt, max_tokens, ignore_eos) its own: one engine
+    start for answers of several lengths."""
+    requests_path, out_path = tmp_path / "requests.json", tmp_path / "outputs.json"
+    requests_path.write_text(json.dumps([{"prompt": p, "max_tokens": n, "ignore_eos": e} for p, n, e in requests]))
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.support.reference_engine",
-            str(prompts_path),
-            str(out_path),
-            str(max_tokens),
-            str(compiled),
-            str(ignore_eos),
-        ],
+        [sys.executable, "-m", "tests.support.reference_engine", str(requests_path), str(out_path), str(compiled)],
         cwd=ROOT,
         check=True,
         timeout=600,
