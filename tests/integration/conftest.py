@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.vllm_reference import running_vllm_reference
+from pdcluster.bench.trace_receiver import TraceReceiver
+
+from tests.support.processes import running_pair
+from tests.support.vllm_reference import ENGINE_FLAGS, LORA_FLAGS, running_vllm_reference
 
 
 @pytest.fixture(scope="package")
@@ -13,3 +16,22 @@ def vllm_reference(model_dir, tmp_path_factory):
     before the cluster tests start theirs."""
     with running_vllm_reference(model_dir, tmp_path_factory.mktemp("vllm-reference")) as reference:
         yield reference
+
+
+@pytest.fixture(scope="package")
+def traces():
+    """An OTLP receiver the shared pair's engines (and the routers that ask) export spans to."""
+    receiver = TraceReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="package")
+def shared_pair(traces):
+    """One prefill and one decode worker on the tiny model with the reference's engine flags
+    (float32, LoRA on) and tracing, for the modules that put routers of their own in front of
+    plain workers (test_router_api, test_vllm_parity): one engine pair's start, not one each.
+    A test reads the workers' counters as differences, since another module used them before."""
+    args = [*ENGINE_FLAGS, *LORA_FLAGS, "--otlp-traces-endpoint", traces.endpoint]
+    with running_pair(args, args) as pair:
+        yield pair

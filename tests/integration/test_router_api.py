@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from pdcluster.bench.trace_receiver import ReceivedSpan, TraceReceiver
+from pdcluster.bench.trace_receiver import ReceivedSpan
 from pdcluster.common.engine_profile import load_profile
 from pdcluster.common.processes import stop_all
 from pdcluster.common.tiny_model.generate import CORPUS
@@ -31,9 +31,8 @@ from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
 from tests.support.paths import ROOT, TRACES
-from tests.support.processes import running_cluster, start_routers
+from tests.support.processes import start_router, start_routers
 from tests.support.router_metrics import metric
-from tests.support.vllm_reference import ENGINE_FLAGS
 from tests.support.worker_calls import kv_stats, worker_channel, worker_stats
 
 pytestmark = pytest.mark.slow
@@ -47,18 +46,13 @@ PREDICTING_PROFILE = ROOT / "bench" / "profiles" / "cpu1-bench-llama.json"
 
 
 @pytest.fixture(scope="module")
-def traces():
-    receiver = TraceReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture(scope="module")
-def cluster(traces):
-    tracing = ["--otlp-traces-endpoint", traces.endpoint]  # vLLM's flag: the router and both engines export there
-    router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVED_AS, *tracing]
-    with running_cluster(worker_args=[*ENGINE_FLAGS, *tracing], router_args=router_args) as (router, workers):
-        yield router, workers
+def cluster(shared_pair, traces):
+    tracing = ["--otlp-traces-endpoint", traces.endpoint]  # vLLM's flag: the router exports there, as the engines do
+    router = start_router([w.address for w in shared_pair], ["--bypass-prefill-below", str(BYPASS_BELOW), *SERVED_AS, *tracing])
+    try:
+        yield router, list(shared_pair)
+    finally:
+        router.stop()
 
 
 @pytest.fixture(scope="module")

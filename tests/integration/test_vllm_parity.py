@@ -7,7 +7,6 @@ streamed and not."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -18,13 +17,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdcluster.common.tiny_model.generate import CORPUS, ensure_tiny_model
-from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
 
 from tests.support.paths import DEPLOY
-from tests.support.processes import running_cluster
+from tests.support.processes import start_router
 from tests.support.prometheus import running_prometheus
 from tests.support.router_metrics import metric
 from tests.support.vllm_reference import ENGINE_FLAGS, LORA_FLAGS, RUNTIME_LORA_ENV
+from tests.support.worker_calls import kv_stats
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +60,23 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def servers(vllm_reference):
+def servers(vllm_reference, shared_pair, decode_kv_at_start):
     """{"vllm": url, "pdcluster": url}: each serves the model under --model as given, with the
     same engine flags (pdcluster's workers take them) and serving flags (the router hands them
     to vLLM's layer), a chat template of our own among them, LoRA on with two adapters
     (--lora-modules) and vLLM's runtime adapter loading allowed."""
     router_args = ["--bypass-prefill-below", str(BYPASS_BELOW), *ENGINE_FLAGS, *LORA_FLAGS, *vllm_reference.serve_flags]
-    with running_cluster(worker_args=[*ENGINE_FLAGS, *LORA_FLAGS], router_args=router_args, router_env=RUNTIME_LORA_ENV) as (router, _):
+    router = start_router([w.address for w in shared_pair], router_args, RUNTIME_LORA_ENV)
+    try:
         yield {"vllm": vllm_reference.url, "pdcluster": router.record.http}
+    finally:
+        router.stop()
+
+
+@pytest.fixture(scope="module")
+def decode_kv_at_start(shared_pair):
+    """The shared decode worker's KV counters before this module's requests."""
+    return kv_stats(shared_pair[1])
 
 
 @pytest.fixture(scope="module")
@@ -327,13 +335,12 @@ def test_tokenize_and_detokenize(servers, long_prompt):
     assert ours.status_code == vllm.status_code == 200 and ours.json() == vllm.json()
 
 
-def test_the_disaggregated_answers_above_were_decoded_from_transferred_kv(servers):
+def test_the_disaggregated_answers_above_were_decoded_from_transferred_kv(servers, shared_pair, decode_kv_at_start):
     """Parity alone would hold if every KV load failed and the decode worker recomputed the
     prompt: the decode worker received the transfers and recomputed none."""
-    workers = httpx.get(servers["pdcluster"] + "/cluster").json()["workers"]
-    (decode,) = [w for w in workers if w["role"] == "decode"]
-    stats = asyncio.run(fetch_kv_stats(decode["kv_endpoint"]))
-    assert stats.transfers_received > 10 and stats.recomputes == 0 and stats.transfers_failed == 0
+    before, now = decode_kv_at_start, kv_stats(shared_pair[1])
+    assert now.transfers_received - before.transfers_received > 10
+    assert now.recomputes == before.recomputes and now.transfers_failed == before.transfers_failed
 
 
 # What vLLM's Grafana dashboard (examples/observability/prometheus_grafana/grafana.json in vLLM's
