@@ -27,11 +27,16 @@ def traces():
 
 
 @pytest.fixture(scope="package")
-def shared_pair(traces):
-    """One prefill and one decode worker on the tiny model with the reference's engine flags
-    (float32, LoRA on) and tracing, for the modules that put routers of their own in front of
-    plain workers (test_router_api, test_vllm_parity): one engine pair's start, not one each.
-    A test reads the workers' counters as differences, since another module used them before."""
-    args = [*ENGINE_FLAGS, *LORA_FLAGS, "--otlp-traces-endpoint", traces.endpoint]
-    with running_pair(args, args) as pair:
+def shared_worker_args(traces) -> list[str]:
+    """The shared pair's worker flags: the reference's engine flags (float32, LoRA on), tracing."""
+    return [*ENGINE_FLAGS, *LORA_FLAGS, "--otlp-traces-endpoint", traces.endpoint]
+
+
+@pytest.fixture(scope="package")
+def shared_pair(shared_worker_args):
+    """One prefill and one decode worker on the tiny model, for the modules that put routers of
+    their own in front of plain workers (test_prefix_cache_events, test_router_api,
+    test_vllm_parity): one engine pair's start, not one each. A test reads the workers' state
+    as differences, since another module may have used them before."""
+    with running_pair(shared_worker_args, shared_worker_args) as pair:
         yield pair

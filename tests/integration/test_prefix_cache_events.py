@@ -1,24 +1,29 @@
 """Prefix routing from vLLM's KV cache events, on real engines: a prefill worker mirrors its
 engine's BlockStored events under the names routers give prompt blocks, and a router that
-never routed a prompt still sends its prefix to the worker that holds it."""
+never routed a prompt still sends its prefix to the worker that holds it. The workers: the
+shared pair and a second prefill worker of this test's own."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import httpx
 import pytest
 
 from pdcluster.common.prefix_hashes import prompt_block_hashes
+from pdcluster.common.processes import start_process, stop_all, wait_ready
 from pdcluster.common.tiny_model.generate import CORPUS
+from pdcluster.common.worker_record import Role
 
-from tests.support.processes import running_cluster, start_routers
+from tests.support.processes import EAGER, start_router, start_routers
 from tests.support.worker_calls import prefix_cache_snapshot
 
 pytestmark = pytest.mark.slow
 
 ROUTER_ARGS = ["--enable-prompt-tokens-details"]
+BLOCK = 128  # vLLM's CPU block size
 
 
 def complete(url: str, prompt: list[int]) -> dict:
@@ -35,37 +40,43 @@ def wait_for(predicate, timeout_s: float = 30.0):
     return value
 
 
-def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokenizer):
+def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokenizer, shared_pair, shared_worker_args):
     tokens = tokenizer(CORPUS.read_text()).input_ids  # 665 tokens
-    prompt = tokens[:600]
-    with running_cluster(prefill=2, decode=1, router_args=ROUTER_ARGS) as (router, workers):
-        prefills = [w for w in workers if w.role == "prefill"]
+    prompt = random.Random(7).sample(tokens, 600)  # in an order no other test sends to the shared pair
+    # Two prefill workers: the shared pair's and one of this test's own.
+    extra = start_process(Role.PREFILL, [*shared_worker_args, *EAGER])
+    started = [extra]
+    try:
+        wait_ready(extra)
+        prefills, decode = [shared_pair[0], extra], shared_pair[1]
+        workers = [*prefills, decode]
         before = [asyncio.run(prefix_cache_snapshot(w.address)) for w in prefills]
-        assert all(s.reset and not s.stored for s in before)  # fresh engines hold nothing
+        names = prompt_block_hashes(prompt, BLOCK)
+        assert all(s.reset and not set(names) & set(s.stored) for s in before)  # nobody holds the prompt yet
+        router = start_router([w.address for w in workers], ROUTER_ARGS)
+        started.append(router)
         complete(router.record.http, prompt)
 
         # The worker that computed the prompt now holds its full blocks, named as routers name them.
         def holder():
             now = [asyncio.run(prefix_cache_snapshot(w.address)) for w in prefills]
-            return next(((w, s) for w, s in zip(prefills, now, strict=True) if s.stored), None)
+            return next(((w, s) for w, s in zip(prefills, now, strict=True) if set(names) <= set(s.stored)), None)
 
         worker, held = wait_for(holder)
-        names = prompt_block_hashes(prompt, held.block_size)
-        assert len(names) == 600 // held.block_size and set(names) <= set(held.stored)
+        assert held.block_size == BLOCK and len(names) == 600 // BLOCK
 
         # A second router never sent this prompt anywhere; the events tell it where the prefix is.
         second, guessing = start_routers([w.address for w in workers], [ROUTER_ARGS, [*ROUTER_ARGS, "--prefill-routing", "guess"]])
-        try:
-            http = second.record.http
+        started += [second, guessing]
+        http = second.record.http
 
-            def index_of(url):
-                return httpx.get(url + "/cluster", timeout=30).json()["prefix_index_blocks"]
+        def index_of(url):
+            return httpx.get(url + "/cluster", timeout=30).json()["prefix_index_blocks"]
 
-            assert wait_for(lambda: index_of(http).get(worker.record.worker_id, 0) >= len(names))
-            assert not index_of(guessing.record.http)  # guesses come only from its own routing
-            sibling = prompt[: len(names) * held.block_size] + tokens[600:]
-            usage = complete(http, sibling)
-            assert usage["prompt_tokens_details"]["cached_tokens"] >= len(names) * held.block_size
-        finally:
-            second.stop()
-            guessing.stop()
+        assert wait_for(lambda: index_of(http).get(worker.record.worker_id, 0) >= len(names))
+        assert not index_of(guessing.record.http)  # guesses come only from its own routing
+        sibling = prompt[: len(names) * BLOCK] + tokens[600:]
+        usage = complete(http, sibling)
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= len(names) * BLOCK
+    finally:
+        stop_all(started)
