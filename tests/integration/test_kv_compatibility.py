@@ -9,12 +9,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from pdcluster.common.processes import stop_all
+from pdcluster.common.processes import start_process, stop_all, wait_ready
 from pdcluster.common.tiny_model.generate import CORPUS, TinyModelSpec, ensure_tiny_model
+from pdcluster.common.worker_record import Role
 
-from tests.support.processes import running_pair, start_router
+from tests.support.processes import EAGER, start_router
 from tests.support.router_metrics import metric
-from tests.support.vllm_reference import ENGINE_FLAGS
 from tests.support.worker_calls import worker_stats
 
 pytestmark = pytest.mark.slow
@@ -23,20 +23,25 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def drifted():
+def drifted(shared_pair, shared_worker_args):
+    """A prefill worker of the other checkpoint (otherwise the shared pair's flags), the shared
+    decode worker, and a router in front of both."""
     other_checkpoint = ensure_tiny_model(spec=TinyModelSpec(seed=1))
-    with running_pair(["--model", str(other_checkpoint), *ENGINE_FLAGS], ENGINE_FLAGS) as (prefill, decode):
-        router = start_router([prefill.address, decode.address], ["--bypass-prefill-below", "32"])
-        try:
-            yield router, prefill, decode
-        finally:
-            stop_all([router])
+    prefill, decode = start_process(Role.PREFILL, ["--model", str(other_checkpoint), *shared_worker_args, *EAGER]), shared_pair[1]
+    started = [prefill]
+    try:
+        wait_ready(prefill)
+        started.append(start_router([prefill.address, decode.address], ["--bypass-prefill-below", "32"]))
+        yield started[1], prefill, decode
+    finally:
+        stop_all(started)
 
 
 def test_kv_of_another_checkpoint_is_refused_and_the_prompt_computed_where_it_decodes(drifted, vllm_reference, tokenizer):
     router, prefill, decode = drifted
     ids = tokenizer(CORPUS.read_text()).input_ids
     prompts = [ids[:200], ids[300:480]]
+    received_before = worker_stats(decode.address).kv_bytes_received
     with httpx.Client(base_url=router.record.http, timeout=120) as http:
         model = http.get("/v1/models").json()["data"][0]["id"]
         body = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
@@ -48,6 +53,6 @@ def test_kv_of_another_checkpoint_is_refused_and_the_prompt_computed_where_it_de
     # Everything else matches: the same engine settings and versions, only the weights differ.
     assert {k for k in workers["prefill"] if workers["prefill"][k] != workers["decode"][k]} == {"weights"}
     assert workers["decode"]["dtype"] == "float32" and workers["decode"]["pdcluster"] and workers["decode"]["vllm"]
-    assert worker_stats(prefill.address).kv_bytes_sent == 0 and worker_stats(decode.address).kv_bytes_received == 0
+    assert worker_stats(prefill.address).kv_bytes_sent == 0 and worker_stats(decode.address).kv_bytes_received == received_before
     log = router.log_tail(400)
     assert "cannot hand its KV to decode worker" in log and "(weights " in log
