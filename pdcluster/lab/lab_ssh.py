@@ -85,10 +85,9 @@ def host_boot_commands(lab: Path, host: LabHost) -> list[list[str]]:
     route (the way a machine's own tools, Ray's address detection among them, find its
     address); and its sshd."""
     ray_tmp = lab / "home" / f"{host.name}.ray"
-    ray_tmp.mkdir(exist_ok=True)
     return [
         *(["mount", "--bind", str(lab / "home" / f"{host.name}.{name}"), f"/etc/{name}"] for name in ("passwd", "hosts", "resolv.conf")),
-        ["mkdir", "-p", "/tmp/ray"],
+        ["mkdir", "-p", "/tmp/ray", str(ray_tmp)],
         ["mount", "--bind", str(ray_tmp), "/tmp/ray"],
         ["ip", "route", "replace", "default", "dev", "eth0"],
         ["mkdir", "-p", "/run/sshd"],
