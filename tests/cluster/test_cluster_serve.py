@@ -32,6 +32,7 @@ from pdcluster.protos import inference_pb2_grpc as igrpc
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
+from tests.support.kv_at_rest import workers_at_rest
 from tests.support.paths import ROOT
 from tests.support.processes import EAGER
 
@@ -57,15 +58,6 @@ def serve():
 
 def cluster_workers(url: str) -> list[dict]:
     return httpx.get(url + "/cluster", timeout=30).json()["workers"]
-
-
-def wait_for_kv_at_rest(url: str, timeout_s: float = 30) -> None:
-    """Until every worker runs and queues nothing and holds no KV block, as the router sees them
-    (its view of a worker's counters is up to a poll, a second, old)."""
-    deadline = time.monotonic() + timeout_s
-    while not all(w["running"] == w["queued"] == 0 and w["free_kv_blocks"] == w["total_kv_blocks"] for w in cluster_workers(url)):
-        assert time.monotonic() < deadline, cluster_workers(url)
-        time.sleep(1)
 
 
 def listening_addresses(pid: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -130,7 +122,7 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     # The killed worker's engine went with it; the streams it held left no KV behind anywhere.
     _, alive = psutil.wait_procs(engine, timeout=30)
     assert all(p.status() == psutil.STATUS_ZOMBIE for p in alive), [p.pid for p in alive]
-    wait_for_kv_at_rest(url)
+    workers_at_rest(lambda: cluster_workers(url))
 
     # The replacement's first request: its cold start, phase by phase, from the heal's decision.
     assert httpx.post(url + "/v1/completions", json={"prompt": "The mill", "max_tokens": 2}, timeout=120).status_code == 200
@@ -179,7 +171,7 @@ def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer)
     assert restart[0].returncode == 0 and "decode pool restarted: 1 replicas replaced" in out, err[-3000:]
     (new,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
     assert new["id"] != old["id"] and new["healthy"] and not psutil.pid_exists(old["pid"])
-    wait_for_kv_at_rest(url)
+    workers_at_rest(lambda: cluster_workers(url))
 
 
 def greedy_requests(stub, tokenizer, count: int, stride: int, length: int) -> tuple[list, list[list[int]]]:

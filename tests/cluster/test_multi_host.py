@@ -29,6 +29,7 @@ from pdcluster.lab.lab_hosts import boot, crash, cut, down, existing_namespaces,
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.certificates import make_certificates
+from tests.support.kv_at_rest import workers_at_rest
 from tests.support.processes import reference_answers
 
 pytestmark = pytest.mark.slow
@@ -143,7 +144,8 @@ def references(tokenizer, tmp_path_factory) -> dict[str, tuple[list[list[int]], 
     prompts = {"short": [ids[:400], ids[200:900]], "streams": [ids[i * 50 : i * 50 + 40 + i] for i in range(4)]}
     requests = [(p, MAX_TOKENS, False) for p in prompts["short"]] + [(p, STREAM_TOKENS, True) for p in prompts["streams"]]
     answers = reference_answers(requests, tmp_path_factory.mktemp("reference"))
-    return {"short": (prompts["short"], answers[:2]), "streams": (prompts["streams"], answers[2:])}
+    short = len(prompts["short"])
+    return {"short": (prompts["short"], answers[:short]), "streams": (prompts["streams"], answers[short:])}
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +242,7 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, 
     assert [r["tokens"] for r in results] == expected  # 0 lost, 0 wrong
     # Back within the channels' reconnect backoff (2 s at most), not gRPC's default 120 s.
     assert back_after < 30, back_after
-    after = {w["role"]: w for w in workers_at_rest(served.router.http)}
+    after = {w["role"]: w for w in workers_at_rest(lambda: cluster_workers(served.router.http))}
     # Only unreachable: the same workers, none replaced, the KV at rest.
     assert {r: (w["id"], w["pid"]) for r, w in after.items()} == {r: (w["id"], w["pid"]) for r, w in before.items()}
     status = on_host("head", STATUS)
@@ -309,18 +311,6 @@ print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps
 def cluster_workers(http: str, host: str = "head") -> list[dict]:
     """The workers the router at `http` lists in its `/cluster`, asked from a lab host."""
     return on_host(host, f"import httpx, json; print(json.dumps(httpx.get('{http}/cluster', timeout=30).json()['workers']))")
-
-
-def workers_at_rest(http: str, timeout_s: float = 30) -> list[dict]:
-    """`cluster_workers` once every worker holds no KV block (the router's view of a worker's
-    counters is up to a poll, a second, old)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        workers = cluster_workers(http)
-        if all(w["free_kv_blocks"] == w["total_kv_blocks"] for w in workers):
-            return workers
-        assert time.monotonic() < deadline, workers
-        time.sleep(1)
 
 
 def healthy_again_after(served, since: float) -> float:
