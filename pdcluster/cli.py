@@ -82,6 +82,8 @@ def _lab_fault(args: argparse.Namespace) -> int:
     try:
         if args.lab_command == "cut":
             lab_hosts.cut(args.name, args.host, args.peers)
+        elif args.lab_command == "impair":
+            lab_hosts.impair(args.name, args.host, args.peer, args.delay_ms, args.loss)
         else:
             getattr(lab_hosts, args.lab_command)(args.name, args.host)
     except (lab_hosts.LabError, ValueError) as e:
@@ -90,6 +92,7 @@ def _lab_fault(args: argparse.Namespace) -> int:
     done = {
         "cut": f"cut off from {', '.join(args.peers) if getattr(args, 'peers', None) else 'every host'}",
         "restore": "connected again",
+        "impair": f"sends to {getattr(args, 'peer', '')} {getattr(args, 'delay_ms', 0):g} ms late, losing {getattr(args, 'loss', 0):.1%}",
         "crash": "crashed: every process on it is gone",
         "boot": "up again: a fresh PID space, and its Ray node back where the lab runs Ray",
     }
@@ -730,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_exec.set_defaults(func=_lab_exec)
     host_faults = {
         "cut": "cut a host off the lab's network (its cable), or from some hosts only (a partition)",
-        "restore": "undo every cut of a host",
+        "restore": "undo every cut and impairment of a host",
+        "impair": "delay and drop what a host sends to one peer (netem's job, by a relay: this kernel has no netem)",
         "crash": "kill every process on a host at once (a power loss); `lab boot` brings it back",
         "boot": "a crashed host back: a fresh PID space and its Ray node",
     }
@@ -740,6 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
         fault.add_argument("--name", default="pdlab")
         if command == "cut":
             fault.add_argument("--from", dest="peers", nargs="+", default=[], metavar="HOST", help="only from these hosts")
+        if command == "impair":
+            fault.add_argument("--to", dest="peer", required=True, metavar="HOST", help="the peer whose packets are impaired")
+            fault.add_argument("--delay-ms", type=float, default=0.0, help="added one-way delay")
+            fault.add_argument("--loss", type=float, default=0.0, help="share of packets dropped, e.g. 0.05")
         fault.set_defaults(func=_lab_fault)
 
     profile = sub.add_parser("profile", help="measure this machine's engine (any vLLM engine flags) into a profile for simulate and plan")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pdcluster.lab import lab_ssh
+from pdcluster.lab import lab_ssh, link_impairment
 from pdcluster.lab.lab_network import cut_commands, network_commands, restore_commands
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabHost, LabSpec
 
@@ -80,10 +80,62 @@ def cut(name: str, host: str, peers: list[str]) -> None:
 
 
 def restore(name: str, host: str) -> None:
-    """Undo every cut of the host."""
+    """Undo every cut and impairment of the host."""
     spec, _ = load(name)
+    relays = _impairments(spec.host(host))
+    for relay in relays:
+        relay.terminate()
+    _wait_gone([relay.pid for relay in relays])
     for command in restore_commands(spec, spec.host(host)):
         _run(command)
+
+
+def impair(name: str, host: str, peer: str, delay_ms: float, loss: float) -> None:
+    """What `host` sends to `peer` arrives `delay_ms` late, and `loss` of it not at all (a
+    relay in the host's network, `link_impairment`); `restore` ends it."""
+    spec, _ = load(name)
+    sender, receiver = spec.host(host), spec.host(peer)
+    if sender == receiver:
+        raise LabError(f"{host} cannot impair its link to itself")
+    if not (delay_ms >= 0 and 0 <= loss < 1):
+        raise LabError(f"a delay is >= 0 ms and a loss in [0, 1): not {delay_ms} ms, {loss}")
+    if _impairments(sender):
+        raise LabError(f"{host}'s link is impaired already: `pdcluster lab restore {host}` first")
+    mac = json.loads(_run(["ip", "-j", "-n", receiver.netns, "link", "show", "eth0"]))[0]["address"]
+    argv = ["--peer", receiver.address, "--peer-mac", mac, "--src", sender.address]
+    stats = impairment_stats(name, host)
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    stats.unlink(missing_ok=True)
+    argv += ["--delay-ms", str(delay_ms), "--loss", str(loss), "--stats", str(stats)]
+    relay = subprocess.Popen(
+        ["ip", "netns", "exec", sender.netns, sys.executable, "-m", "pdcluster.lab.link_impairment", *argv],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # lives on after the command that started it; `down` kills it with the host's network
+    )
+    assert relay.stdout is not None
+    if relay.stdout.readline().strip() != link_impairment.READY:
+        relay.kill()
+        raise LabError(f"the link impairment on {host} did not start (exit {relay.wait()})")
+
+
+def impairment_stats(name: str, host: str) -> Path:
+    """What the host's last impairment relayed and dropped (written when `restore` ends it)."""
+    return lab_dir(name) / f"impairment-{host}.json"
+
+
+def _impairments(host: LabHost) -> list:
+    import psutil
+
+    relays = []
+    for pid in netns_pids(host.netns):
+        try:
+            process = psutil.Process(pid)
+            if "pdcluster.lab.link_impairment" in process.cmdline():
+                relays.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return relays
 
 
 def crash(name: str, host: str) -> None:

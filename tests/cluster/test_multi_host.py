@@ -8,7 +8,8 @@ worker refuses a caller from there without the cluster's certificate. The decode
 under long streams and put back: no stream is lost or changed, the controller does not replace
 the worker that was only unreachable, the router has it back within seconds, and the KV comes
 to rest. The lab's hosts have shaped links (a token bucket), and `lab down` leaves nothing
-behind. Where namespaces cannot be made (not root, no iproute2), the lab's error fails the
+behind. 50 ms and 5% loss on the KV link (a relay: this kernel has no netem) change no answer.
+Where namespaces cannot be made (not root, no iproute2), the lab's error fails the
 module."""
 
 from __future__ import annotations
@@ -25,7 +26,22 @@ import yaml
 from pdcluster.common.processes import start_process, wait_ready
 from pdcluster.common.serve_process import launch_serve
 from pdcluster.common.tiny_model.generate import CORPUS
-from pdcluster.lab.lab_hosts import boot, crash, cut, down, existing_namespaces, host_command, host_env, lab_dir, load, ray_dir, restore, up
+from pdcluster.lab.lab_hosts import (
+    boot,
+    crash,
+    cut,
+    down,
+    existing_namespaces,
+    host_command,
+    host_env,
+    impair,
+    impairment_stats,
+    lab_dir,
+    load,
+    ray_dir,
+    restore,
+    up,
+)
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.certificates import make_certificates
@@ -206,6 +222,33 @@ def test_a_router_on_another_host_shares_the_registry_and_mutual_tls_holds(serve
     assert refused == {"plaintext": "UNAVAILABLE", "no_client_cert": "UNAVAILABLE"}, refused
 
 
+def test_a_slow_lossy_kv_link_loses_nothing(served, prompts_and_answers):
+    """50 ms more and 5% of packets lost on the way from the prefill host to the decode host: the
+    KV still crosses (not recomputed) and the answers are unchanged."""
+    prompts, expected = prompts_and_answers
+    transfers = kv_transfers(served)
+    impair(LAB.name, "prefill-1", "decode-1", delay_ms=50, loss=0.05)
+    try:
+        rtt = on_host("prefill-1", CONNECT_TIME, LAB.host("decode-1").address, "22")  # a refused port answers at once
+        answers = completions(served.router.http, prompts)
+    finally:
+        restore(LAB.name, "prefill-1")
+    relay = json.loads(impairment_stats(LAB.name, "prefill-1").read_text())
+    assert rtt >= 0.05, rtt
+    assert answers == expected
+    assert relay["relayed"] > 0 and relay["dropped"] > 0, relay
+    deadline = time.monotonic() + 30
+    while kv_transfers(served) < transfers + len(prompts):  # the router's view is up to a poll old
+        assert time.monotonic() < deadline, (transfers, kv_transfers(served))
+        time.sleep(0.5)
+    print(f"KV link +50 ms, 5% loss: {relay['relayed']} packets relayed, {relay['dropped']} dropped; round trip {rtt * 1000:.1f} ms")
+
+
+def kv_transfers(served) -> int:
+    decode = next(w for w in cluster_workers(served.router.http) if w["role"] == "decode")
+    return sum(decode["kv_transfers_by_transport"].values())
+
+
 def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, tmp_path):
     prompts, expected = references["streams"]
     before = {w["role"]: w for w in cluster_workers(served.router.http)}
@@ -281,6 +324,15 @@ def test_the_links_are_shaped_and_down_leaves_nothing(lab):
     assert not lab_dir(LAB.name).exists()
 
 
+CONNECT_TIME = """
+import socket, sys, time
+started = time.monotonic()
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()
+except ConnectionRefusedError:
+    pass
+print(time.monotonic() - started)
+"""
 REFUSED = """
 import grpc, json, sys
 from pdcluster.protos import worker_pb2, worker_pb2_grpc
