@@ -114,6 +114,13 @@ class ChaosCluster:
 
         return ray.get(self.controller.status.remote(), timeout=STATUS_TIMEOUT_S)
 
+    def kill_redis(self) -> None:
+        self.redis.kill()
+        self.redis.wait()
+
+    def start_redis(self) -> None:
+        self.redis, _ = start_redis(self.redis_port)
+
     def whole(self) -> bool:
         """Every pool at its size with healthy workers, seen by the router and the controller."""
         try:
@@ -307,11 +314,10 @@ class Battery:
 
     def _redis_down(self):
         def inject() -> None:
-            self.cluster.redis.kill()
-            self.cluster.redis.wait()
+            self.cluster.kill_redis()
             self.notes.append("redis-server SIGKILLed; back empty after 5 s")
             time.sleep(5.0)
-            self.cluster.redis, _ = start_redis(self.cluster.redis_port)
+            self.cluster.start_redis()
 
         return inject, None
 
@@ -427,15 +433,24 @@ def chaos_prompts(count: int) -> list[list[int]]:
 
 def main(
     json_output: bool = False,
-    faults: Sequence[str] = FAULTS,
+    faults: Sequence[str] | None = None,
     prefill: int = 2,
     decode: int = 2,
     serve_flags: Sequence[str] = (),
     load_s: float = LOAD_S,
+    lab: bool = False,
 ) -> int:
-    cluster = ChaosCluster(prefill, decode, serve_flags)
+    """`lab`: on a lab of emulated hosts, with the network's faults (`chaos_lab`)."""
+    if lab:
+        from pdcluster.bench import chaos_lab
+
+        cluster: ChaosCluster = chaos_lab.LabChaosCluster(serve_flags)
+        battery_type: type[Battery] = chaos_lab.LabBattery
+        faults = faults or chaos_lab.LAB_FAULTS
+    else:
+        cluster, battery_type, faults = ChaosCluster(prefill, decode, serve_flags), Battery, faults or FAULTS
     try:
-        battery = Battery(cluster, Load(cluster.grpc, chaos_prompts(24)), load_s)
+        battery = battery_type(cluster, Load(cluster.grpc, chaos_prompts(24)), load_s)
         rows = [battery.baseline()]
         print(
             f"{'fault':<16} {'requests':>8} {'lost':>5} {'wrong':>6} {'slowest s':>10} {'extra s':>8} {'heal s':>7} {'KV rest':>8} {'strays':>7}  note"

@@ -83,7 +83,7 @@ def _lab_fault(args: argparse.Namespace) -> int:
         if args.lab_command == "cut":
             lab_hosts.cut(args.name, args.host, args.peers)
         elif args.lab_command == "impair":
-            lab_hosts.impair(args.name, args.host, args.peer, args.delay_ms, args.loss)
+            lab_hosts.impair(args.name, args.host, args.peers, args.delay_ms, args.loss)
         else:
             getattr(lab_hosts, args.lab_command)(args.name, args.host)
     except (lab_hosts.LabError, ValueError) as e:
@@ -92,7 +92,7 @@ def _lab_fault(args: argparse.Namespace) -> int:
     done = {
         "cut": f"cut off from {', '.join(args.peers) if getattr(args, 'peers', None) else 'every host'}",
         "restore": "connected again",
-        "impair": f"sends to {getattr(args, 'peer', '')} {getattr(args, 'delay_ms', 0):g} ms late, losing {getattr(args, 'loss', 0):.1%}",
+        "impair": f"sends to {', '.join(getattr(args, 'peers', []))} {getattr(args, 'delay_ms', 0):g} ms late, losing {getattr(args, 'loss', 0):.1%}",
         "crash": "crashed: every process on it is gone",
         "boot": "up again: a fresh PID space, and its Ray node back where the lab runs Ray",
     }
@@ -508,7 +508,13 @@ def _bench_transfer(args: argparse.Namespace) -> int:
 
 def _bench_chaos(args: argparse.Namespace) -> int:
     from pdcluster.bench.chaos_bench import main as bench_main
+    from pdcluster.bench.chaos_lab import LAB_FAULTS
 
+    misplaced = [fault for fault in args.faults or () if (fault in LAB_FAULTS) != args.lab]
+    if misplaced:
+        where = "run on a lab: add --lab" if not args.lab else "run on one host: drop --lab"
+        print(f"pdcluster bench chaos: {' '.join(misplaced)} {where}", file=sys.stderr)
+        return 2
     return bench_main(
         json_output=args.json,
         faults=args.faults,
@@ -516,6 +522,7 @@ def _bench_chaos(args: argparse.Namespace) -> int:
         decode=args.decode,
         serve_flags=args.vllm_flags,
         load_s=args.load_seconds,
+        lab=args.lab,
     )
 
 
@@ -649,6 +656,7 @@ def _bench_simcheck(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from pdcluster.bench.chaos_bench import FAULTS, LOAD_S
+    from pdcluster.bench.chaos_lab import LAB_FAULTS
     from pdcluster.cluster.cluster_spec import add_cluster_flags
     from pdcluster.planner.plan import PLAN_REQUESTS
     from pdcluster.planner.workloads import COMPARE_RATES, COMPARE_WORKLOADS
@@ -745,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
         if command == "cut":
             fault.add_argument("--from", dest="peers", nargs="+", default=[], metavar="HOST", help="only from these hosts")
         if command == "impair":
-            fault.add_argument("--to", dest="peer", required=True, metavar="HOST", help="the peer whose packets are impaired")
+            fault.add_argument("--to", dest="peers", nargs="+", required=True, metavar="HOST", help="the peers whose packets are impaired")
             fault.add_argument("--delay-ms", type=float, default=0.0, help="added one-way delay")
             fault.add_argument("--loss", type=float, default=0.0, help="share of packets dropped, e.g. 0.05")
         fault.set_defaults(func=_lab_fault)
@@ -819,9 +827,16 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos", help="faults one at a time under load: requests lost, wrong, slowest, heal time (vLLM engine flags go to the cluster)"
     )
     chaos.add_argument("--json", action="store_true", help="end with a JSON line")
-    chaos.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
+    chaos.add_argument(
+        "--faults", nargs="+", choices=[*FAULTS, *LAB_FAULTS], help=f"default: {' '.join(FAULTS)}; with --lab, {' '.join(LAB_FAULTS)}"
+    )
     chaos.add_argument("--prefill", type=int, default=2, help="prefill workers")
     chaos.add_argument("--decode", type=int, default=2, help="decode workers")
+    chaos.add_argument(
+        "--lab",
+        action="store_true",
+        help="on a lab of emulated hosts (`pdcluster lab`, root): a head, a prefill host, two decode hosts and a router host, with the network's faults",
+    )
     chaos.add_argument(
         "--load-seconds", type=float, default=LOAD_S, help="arrivals (2 req/s) in each fault's window; the fault fires 4 s in"
     )

@@ -90,19 +90,21 @@ def restore(name: str, host: str) -> None:
         _run(command)
 
 
-def impair(name: str, host: str, peer: str, delay_ms: float, loss: float) -> None:
-    """What `host` sends to `peer` arrives `delay_ms` late, and `loss` of it not at all (a
+def impair(name: str, host: str, peers: list[str], delay_ms: float, loss: float) -> None:
+    """What `host` sends to `peers` arrives `delay_ms` late, and `loss` of it not at all (a
     relay in the host's network, `link_impairment`); `restore` ends it."""
     spec, _ = load(name)
-    sender, receiver = spec.host(host), spec.host(peer)
-    if sender == receiver:
-        raise LabError(f"{host} cannot impair its link to itself")
+    sender, receivers = spec.host(host), [spec.host(peer) for peer in peers]
+    if sender in receivers or not receivers:
+        raise LabError(f"{host} impairs its links to other hosts: not to {', '.join(peers) or 'none'}")
     if not (delay_ms >= 0 and 0 <= loss < 1):
         raise LabError(f"a delay is >= 0 ms and a loss in [0, 1): not {delay_ms} ms, {loss}")
     if _impairments(sender):
         raise LabError(f"{host}'s link is impaired already: `pdcluster lab restore {host}` first")
-    mac = json.loads(_run(["ip", "-j", "-n", receiver.netns, "link", "show", "eth0"]))[0]["address"]
-    argv = ["--peer", receiver.address, "--peer-mac", mac, "--src", sender.address]
+    argv = ["--src", sender.address]
+    for receiver in receivers:
+        mac = json.loads(_run(["ip", "-j", "-n", receiver.netns, "link", "show", "eth0"]))[0]["address"]
+        argv += ["--peer", f"{receiver.address}={mac}"]
     stats = impairment_stats(name, host)
     stats.parent.mkdir(parents=True, exist_ok=True)
     stats.unlink(missing_ok=True)
@@ -125,17 +127,36 @@ def impairment_stats(name: str, host: str) -> Path:
 
 
 def _impairments(host: LabHost) -> list:
+    return _processes(host, "pdcluster.lab.link_impairment")
+
+
+def _processes(host: LabHost, argument: str) -> list:
+    """The host's processes with `argument` on their command line."""
     import psutil
 
-    relays = []
+    found = []
     for pid in netns_pids(host.netns):
         try:
             process = psutil.Process(pid)
-            if "pdcluster.lab.link_impairment" in process.cmdline():
-                relays.append(process)
+            if argument in " ".join(process.cmdline()):
+                found.append(process)
         except psutil.NoSuchProcess:
             pass
-    return relays
+    return found
+
+
+def kill_redis(name: str) -> None:
+    """The head's Redis registry gone at once (SIGKILL), and with it everything it held."""
+    spec, _ = load(name)
+    processes = _processes(spec.host("head"), "redis-server")
+    for process in processes:
+        process.kill()
+    _wait_gone([process.pid for process in processes])
+
+
+def start_redis(name: str) -> None:
+    """The head's Redis registry (empty: it keeps nothing on disk)."""
+    _start_redis(load(name)[0])
 
 
 def crash(name: str, host: str) -> None:
@@ -166,15 +187,30 @@ def boot(name: str, host: str) -> None:
 def enter_network(name: str, host: str) -> str:
     """Move the calling thread into the host's network (its sockets from now on are the
     host's; threads it starts later inherit it). Returns the host's address."""
-    import ctypes
-
     spec, _ = load(name)
     lab_host = spec.host(host)
-    libc = ctypes.CDLL(None, use_errno=True)
     with open(f"/run/netns/{lab_host.netns}") as netns:
-        if libc.setns(netns.fileno(), _CLONE_NEWNET) != 0:
-            raise LabError(f"cannot enter {host}'s network: {os.strerror(ctypes.get_errno())}")
+        _set_network(netns.fileno(), f"{host}'s network")
     return lab_host.address
+
+
+def own_network() -> int:
+    """The calling thread's network, as a descriptor for `return_to_network`."""
+    return os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+
+
+def return_to_network(network: int) -> None:
+    """Back to a network `own_network` kept (`down` kills every process in a lab host's)."""
+    _set_network(network, "this process's own network")
+    os.close(network)
+
+
+def _set_network(fd: int, what: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        raise LabError(f"cannot enter {what}: {os.strerror(ctypes.get_errno())}")
 
 
 def load(name: str) -> tuple[LabSpec, dict[str, int]]:
@@ -306,6 +342,15 @@ def _start_ray(spec: LabSpec) -> None:
     # The lab's own temp dir: its sessions never mix with a local Ray's in /tmp/ray.
     head_only = ["--port", str(RAY_PORT), "--include-dashboard=false", f"--temp-dir={ray_dir(spec.name)}"]
     _on(spec, head, [_ray(), "start", "--head", "--node-ip-address", head.address, *head_only, *_RAY_NODE])
+    _start_redis(spec)
+    for host in spec.hosts():
+        if host.role != "head":
+            _start_ray_node(spec, host)
+    _wait_for_nodes(spec, len(spec.hosts()))
+
+
+def _start_redis(spec: LabSpec) -> None:
+    head = spec.host("head")
     redis = [
         "redis-server",
         "--bind",
@@ -322,10 +367,6 @@ def _start_ray(spec: LabSpec) -> None:
     subprocess.Popen(
         host_command(spec.name, head.name, redis), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    for host in spec.hosts():
-        if host.role != "head":
-            _start_ray_node(spec, host)
-    _wait_for_nodes(spec, len(spec.hosts()))
 
 
 def _start_ray_node(spec: LabSpec, host: LabHost) -> None:

@@ -1,9 +1,9 @@
 """A lossy, slow link between two lab hosts, without the kernel's netem (which this project's
-kernels lack): what one host sends to one peer is routed into a TUN device, and this process,
+kernels lack): what one host sends to some peers is routed into a TUN device, and this process,
 in the host's network, drops a share of the packets and sends the rest out of eth0 after a
 fixed delay. One direction, as netem on one interface; the reply path is untouched.
 
-`python -m pdcluster.lab.link_impairment --peer IP --peer-mac MAC --src IP --delay-ms D --loss P
+`python -m pdcluster.lab.link_impairment --peer IP=MAC [--peer ...] --src IP --delay-ms D --loss P
 --stats FILE`, run in the host's network namespace (`lab_hosts.impair` starts it). SIGTERM takes
 the route away with the TUN device and writes what it relayed and dropped to FILE."""
 
@@ -29,8 +29,8 @@ READY = "impairing"  # its first line on stdout, once the route is in place
 
 
 class Impairment:
-    def __init__(self, tun: int, out: socket.socket, peer_mac: bytes, delay_s: float, loss: float) -> None:
-        self.tun, self.out, self.peer_mac = tun, out, peer_mac
+    def __init__(self, tun: int, out: socket.socket, macs: dict[bytes, bytes], delay_s: float, loss: float) -> None:
+        self.tun, self.out, self.macs = tun, out, macs  # each peer's IPv4 address (4 bytes) to its MAC
         self.delay_s, self.loss = delay_s, loss
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()  # FIFO: one delay for all
         self.relayed = self.dropped = 0
@@ -44,6 +44,8 @@ class Impairment:
                 packet = os.read(self.tun, 65536)
             except BlockingIOError:
                 break
+            if packet[0] >> 4 != 4 or packet[16:20] not in self.macs:  # the device's own IPv6 chatter
+                continue
             if self.random.random() < self.loss:
                 self.dropped += 1
                 continue
@@ -60,7 +62,7 @@ class Impairment:
 
     def _send(self, packet: bytes) -> None:
         try:
-            self.out.sendto(packet, ("eth0", _ETH_P_IP, 0, 0, self.peer_mac))
+            self.out.sendto(packet, ("eth0", _ETH_P_IP, 0, 0, self.macs[packet[16:20]]))  # by its destination
             self.relayed += 1
         except OSError:  # a full or downed link loses the packet, as a real one would
             self.dropped += 1
@@ -75,15 +77,18 @@ def open_tun(name: str) -> int:
 async def run(args: argparse.Namespace) -> dict:
     device = "impair0"
     tun = open_tun(device)
-    for command in (
+    peers = dict(peer.split("=") for peer in args.peer)
+    commands = [
         ["ip", "link", "set", device, "up"],
-        # Replies come back on eth0 while the route to the peer points here: no reverse-path check.
+        # Replies come back on eth0 while the routes to the peers point here: no reverse-path check.
         ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.eth0.rp_filter=0"],
-        ["ip", "route", "replace", f"{args.peer}/32", "dev", device, "src", args.src],
-    ):
+    ]
+    commands += [["ip", "route", "replace", f"{ip}/32", "dev", device, "src", args.src] for ip in peers]
+    for command in commands:
         subprocess.run(command, check=True)
     out = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(_ETH_P_IP))
-    impairment = Impairment(tun, out, bytes.fromhex(args.peer_mac.replace(":", "")), args.delay_ms / 1000, args.loss)
+    macs = {socket.inet_aton(ip): bytes.fromhex(mac.replace(":", "")) for ip, mac in peers.items()}
+    impairment = Impairment(tun, out, macs, args.delay_ms / 1000, args.loss)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -94,7 +99,7 @@ async def run(args: argparse.Namespace) -> dict:
     await stop.wait()
     os.close(tun)  # its route goes with the device
     return {
-        "peer": args.peer,
+        "peers": sorted(peers),
         "delay_ms": args.delay_ms,
         "loss": args.loss,
         "relayed": impairment.relayed,
@@ -105,8 +110,7 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--peer", required=True)
-    parser.add_argument("--peer-mac", required=True)
+    parser.add_argument("--peer", action="append", required=True, help="IP=MAC of a peer whose packets are impaired")
     parser.add_argument("--src", required=True)
     parser.add_argument("--delay-ms", type=float, default=0.0)
     parser.add_argument("--loss", type=float, default=0.0)

@@ -3,7 +3,7 @@ Ray node with its own address and PID space): `pdcluster serve --address` from t
 places the prefill pool on the prefill host and the decode pool on the decode host, all of it
 over mutual TLS. Each worker listens on its own host's address only; the KV crosses the link
 between them (the decode host's eth0 receives it); the answers equal plain vLLM's. A second
-router on a host of its own follows the same Redis registry and gives the same answers; a
+router on a host of its own follows the same Redis registry and gives the same answers, also while the head's Redis is gone; a
 worker refuses a caller from there without the cluster's certificate. The decode host's cable is cut for 10 s
 under long streams and put back: no stream is lost or changed, the controller does not replace
 the worker that was only unreachable, the router has it back within seconds, and the KV comes
@@ -36,10 +36,12 @@ from pdcluster.lab.lab_hosts import (
     host_env,
     impair,
     impairment_stats,
+    kill_redis,
     lab_dir,
     load,
     ray_dir,
     restore,
+    start_redis,
     up,
 )
 from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
@@ -222,12 +224,24 @@ def test_a_router_on_another_host_shares_the_registry_and_mutual_tls_holds(serve
     assert refused == {"plaintext": "UNAVAILABLE", "no_client_cert": "UNAVAILABLE"}, refused
 
 
+def test_a_router_on_another_host_serves_through_the_heads_redis_lost(served, second_router, prompts_and_answers):
+    prompts, expected = prompts_and_answers
+    kill_redis(LAB.name)
+    try:
+        answers = completions(second_router.http, prompts, host="router-1")
+        workers = cluster_workers(second_router.http, host="router-1")
+    finally:
+        start_redis(LAB.name)  # empty: the workers announce themselves again
+    assert answers == expected
+    assert sorted(w["role"] for w in workers if w["healthy"]) == ["decode", "prefill"], workers
+
+
 def test_a_slow_lossy_kv_link_loses_nothing(served, prompts_and_answers):
     """50 ms more and 5% of packets lost on the way from the prefill host to the decode host: the
     KV still crosses (not recomputed) and the answers are unchanged."""
     prompts, expected = prompts_and_answers
     transfers = kv_transfers(served)
-    impair(LAB.name, "prefill-1", "decode-1", delay_ms=50, loss=0.05)
+    impair(LAB.name, "prefill-1", ["decode-1"], delay_ms=50, loss=0.05)
     try:
         rtt = on_host("prefill-1", CONNECT_TIME, LAB.host("decode-1").address, "22")  # a refused port answers at once
         answers = completions(served.router.http, prompts)
