@@ -129,13 +129,10 @@ class NixlProducer:
                     src, dst = layout.regions(agent.spans[layer], blocks), layout.regions(spans[layer], dst_blocks[start:end])
                     in_flight.append(agent.write(peer, src, dst, notice.encode()))
                     written += (end - start) * layout.block_bytes
-                still = []
-                for handle in in_flight:
-                    if agent.done(handle):
-                        agent.release(peer, handle)
-                    else:
-                        still.append(handle)
-                in_flight = still
+                    # Progress the writes posted so far before the next checksum: over UCX's
+                    # TCP transport nothing moves between progress calls.
+                    in_flight = self._progress(peer, in_flight)
+                in_flight = self._progress(peer, in_flight)
                 if in_flight:
                     await asyncio.sleep(WRITE_POLL_S)
                 elif t.cursor >= len(t.ranges):
@@ -157,6 +154,16 @@ class NixlProducer:
             raise self._unreachable(t.endpoint, failure)
         await self.written(t)
         return written
+
+    def _progress(self, peer: str, in_flight: list) -> list:
+        """The writes still in flight (checking each progresses them); the finished released."""
+        still = []
+        for handle in in_flight:
+            if self._agent.done(handle):
+                self._agent.release(peer, handle)
+            else:
+                still.append(handle)
+        return still
 
     async def written(self, t: OutgoingTransfer) -> None:
         """Tell the consumer none of our writes of `t` is in flight any more, so it may hand
