@@ -277,6 +277,18 @@ def load_cluster_spec(args: argparse.Namespace, vllm_flags: Sequence[str] = ()) 
     return spec
 
 
+def upgrade_spec(configs: Sequence[str], vllm_flags: Sequence[str], pool_args: dict[str, str]) -> ClusterSpec:
+    """The spec a rolling upgrade moves a pool to: what `pdcluster serve` would build from the
+    same spec files and flags (`pool_args`: each role's --ROLE-args)."""
+    args = argparse.Namespace(
+        config=list(configs),
+        kv_transport=None,
+        **{f"{role}_args": pool_args.get(role, "") for role in ("prefill", "decode")},
+        **{path: None for _, path, _ in _SERVE_FLAGS},
+    )
+    return load_cluster_spec(args, vllm_flags)
+
+
 def _merged(base: dict, over: dict) -> dict:
     """`over` on top of `base`, mapping into mapping (two cluster specs given)."""
     out = dict(base)

@@ -223,11 +223,17 @@ class ClusterController:
             self._act(converge(self._views(), self.targets, self._max_replicas()))  # now, not at the next round
         return decision
 
-    async def restart_pool(self, role: str) -> int:
+    async def restart_pool(self, role: str, spec_json: str = "") -> int:
         """An operator's rolling restart: every replica of the pool is replaced, one at a time,
-        each drained once its replacement serves (see `converge`). Returns how many will be."""
+        each drained once its replacement serves (see `converge`). With a spec, a rolling
+        upgrade: the replacements (and the pool's later replicas) take its engine and its
+        section for the pool. Returns how many will be replaced."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if spec_json:
+            new = ClusterSpec.model_validate_json(spec_json, context={ENGINE_ARGS_CHECKED: True})  # checked where it was made
+            self.spec = self.spec.model_copy(update={"engine": new.engine, Role(role).value: new.pool(Role(role))})
+            logger.info("%s pool upgraded to engine %s", role, self.spec.pool_engine(Role(role)).vllm_args)
         replaced = [r for r in self.replicas if r.role == role and r.state != ReplicaState.DRAINING]
         for replica in replaced:
             replica.outdated = True

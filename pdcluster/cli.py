@@ -276,10 +276,21 @@ def _restart(args: argparse.Namespace) -> int:
     controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
     import ray
 
-    count = _ask_controller(args, "restart_pool", args.role, controller=controller)
+    spec_json = ""
+    if args.config or args.vllm_flags or args.prefill_args or args.decode_args:
+        from pdcluster.cluster.cluster_spec import upgrade_spec
+
+        try:
+            spec_json = upgrade_spec(
+                args.config, args.vllm_flags, {"prefill": args.prefill_args, "decode": args.decode_args}
+            ).model_dump_json()
+        except ValueError as e:  # pydantic's and vLLM's refusals both
+            print(f"pdcluster restart: {e}", file=sys.stderr)
+            return 2
+    count = _ask_controller(args, "restart_pool", args.role, spec_json, controller=controller)
     if count is None:
         return 1
-    print(f"{args.role} pool: replacing {count} replicas, one at a time", flush=True)
+    print(f"{args.role} pool: replacing {count} replicas, one at a time{' with the new spec' if spec_json else ''}", flush=True)
 
     began = time.monotonic()
     while time.monotonic() - began < args.timeout:
@@ -716,7 +727,15 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the last replacement")
     restart.add_argument("--address", default="auto", help="Ray address (default: the local one)")
     restart.add_argument("--name", default="pdcluster", help="cluster name in the spec")
-    restart.set_defaults(func=_restart)
+    restart.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="a rolling upgrade: the new spec, as `serve --config` takes it (with vLLM flags, as serve's)",
+    )
+    for role in ("prefill", "decode"):
+        restart.add_argument(f"--{role}-args", default="", help=f"with the upgrade's spec: vLLM engine flags for the {role} pool only")
+    restart.set_defaults(func=_restart, takes_vllm_flags=True)
 
     lab = sub.add_parser("lab", help="emulated hosts on this Linux machine (network namespaces, root), each a Ray node")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 200
 PREFILL_KV_BLOCKS = 100  # room for every prompt here, and unlike the default
+UPGRADED_KV_BLOCKS = 150  # the decode pool's after its rolling upgrade
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +144,10 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     assert all(phases[p] >= 0 for p in PHASES) and phases["total"] == pytest.approx(sum(phases[p] for p in PHASES), abs=0.05)
 
 
-def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer):
-    """At its max (one replica), the decode pool drains its worker first: the running streams
-    finish there, a request sent meanwhile waits for the replacement, and both are exact."""
+def test_a_rolling_upgrade_of_the_decode_pool_loses_no_request(serve, tokenizer):
+    """`pdcluster restart decode` with a new spec's flags: at its max (one replica), the decode
+    pool drains its worker first: the running streams finish there, a request sent meanwhile
+    waits for the replacement, which runs the new engine arguments, and both are exact."""
     proc, url, lines = serve
     (old,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
     channel = grpc.insecure_channel(grpc_address(lines))
@@ -156,7 +158,16 @@ def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer)
     def roll() -> None:
         restart.append(
             subprocess.Popen(
-                [sys.executable, "-m", "pdcluster", "restart", "decode"],
+                [
+                    sys.executable,
+                    "-m",
+                    "pdcluster",
+                    "restart",
+                    "decode",
+                    *EAGER,
+                    "--decode-args",
+                    f"--num-gpu-blocks-override {UPGRADED_KV_BLOCKS}",
+                ],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -171,6 +182,7 @@ def test_a_rolling_restart_of_the_decode_pool_loses_no_request(serve, tokenizer)
     assert restart[0].returncode == 0 and "decode pool restarted: 1 replicas replaced" in out, err[-3000:]
     (new,) = [w for w in cluster_workers(url) if w["role"] == "decode"]
     assert new["id"] != old["id"] and new["healthy"] and not psutil.pid_exists(old["pid"])
+    assert new["total_kv_blocks"] == UPGRADED_KV_BLOCKS != old["total_kv_blocks"]  # the new spec's engine
     workers_at_rest(lambda: cluster_workers(url))
 
 

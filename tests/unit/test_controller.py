@@ -404,6 +404,23 @@ async def test_a_pool_at_its_max_drains_an_old_replica_first_and_starts_its_repl
     assert old.stopped is True and new is not old
 
 
+@pytest.mark.asyncio
+async def test_a_rolling_upgrade_starts_the_replacements_on_the_new_spec_and_leaves_the_other_pool_as_it_was():
+    controller, launcher, _ = make_controller({"engine": {"max_num_seqs": 8}})
+    await rounds(controller, 2)
+    (old,) = launcher.live(Role.DECODE)
+    new_spec = ClusterSpec.model_validate(
+        {"engine": {"max_num_seqs": 16}, "decode": {"engine": {"num_gpu_blocks_override": 120}, "cost_per_hour": 3.0}}
+    )
+    assert await controller.restart_pool("decode", new_spec.model_dump_json()) == 1
+    await rounds(controller)
+    (new,) = launcher.live(Role.DECODE)
+    assert old.stopped is True and new is not old
+    assert new.config.engine.vllm_args["max_num_seqs"] == 16 and new.config.engine.vllm_args["num_gpu_blocks_override"] == 120
+    assert new.pool.cost_per_hour == 3.0
+    assert launcher.live(Role.PREFILL)[0].config.engine.vllm_args["max_num_seqs"] == 8  # not restarted: as it started
+
+
 CONTROLLER_STARTS = """
 import json, sys
 from pdcluster.cluster.controller import ClusterController
