@@ -7,7 +7,8 @@ router on a host of its own follows the same Redis registry and gives the same a
 worker refuses a caller from there without the cluster's certificate. The decode host's cable is cut for 10 s
 under long streams and put back: no stream is lost or changed, the controller does not replace
 the worker that was only unreachable, the router has it back within seconds, and the KV comes
-to rest. The lab's hosts have shaped links (a token bucket), and `lab down` leaves nothing
+to rest. A rolling upgrade of the decode pool (`pdcluster restart decode --config NEW`) under
+long streams loses none and changes no answer. The lab's hosts have shaped links (a token bucket), and `lab down` leaves nothing
 behind. 50 ms and 5% loss on the KV link (a relay: this kernel has no netem) change no answer.
 Where namespaces cannot be made (not root, no iproute2), the lab's error fails the
 module."""
@@ -58,6 +59,7 @@ ROUTER_HOST = LAB.host("router-1").address
 CERTS = lab_dir(LAB.name) / "certs"  # made when the lab is up, gone with it
 MAX_TOKENS = 16
 CUT_S = 10.0  # shorter than Ray's own verdict on a silent node (~15 s and more): a partition, not a host lost
+UPGRADED_KV_BLOCKS = 150  # the decode pool's after its rolling upgrade
 STREAM_TOKENS = 1500  # long enough to be running when the cable is cut, well after the first token
 STREAMS = """
 import asyncio, json, sys, time, httpx
@@ -124,9 +126,8 @@ def certs(lab):
     return make_certificates(CERTS, tuple(h.address for h in LAB.hosts()))
 
 
-@pytest.fixture(scope="module")
-def served(lab, certs, tmp_path_factory):
-    spec = {
+def cluster_spec(certs) -> dict:
+    return {
         "name": "multihost",
         "tls": certs["member"].model_dump(),
         "engine": {"enforce_eager": True},
@@ -134,8 +135,12 @@ def served(lab, certs, tmp_path_factory):
         "decode": {"replicas": 1, "node_resource": "decode_pool"},
         "router": {"bypass_prefill_below_tokens": 32},
     }
+
+
+@pytest.fixture(scope="module")
+def served(lab, certs, tmp_path_factory):
     spec_path = tmp_path_factory.mktemp("multihost") / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    spec_path.write_text(yaml.safe_dump(cluster_spec(certs)))
     args = ["--config", str(spec_path), "--address", f"{HEAD}:{RAY_PORT}", "--host", HEAD, "--registry", f"redis://{HEAD}:{REDIS_PORT}"]
     _, _, record = launch_serve(args, prefix=host_command(LAB.name, "head", []), env=host_env())
     yield record
@@ -309,6 +314,47 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, 
         f"import httpx; print(sum(float(l.split()[-1]) for l in httpx.get('{served.router.http}/metrics').text.splitlines() if l.startswith('pdcluster_router_resumes_total')))",
     )
     print(f"decode host cut {CUT_S:.0f} s: healthy again {back_after:.1f} s after its cable came back; streams resumed: {resumes}")
+
+
+def test_a_rolling_upgrade_of_the_decode_pool_loses_no_stream(served, certs, references, prompts_and_answers, tmp_path):
+    """`pdcluster restart decode --config NEW` from the head, under long streams: the decode
+    host's one worker drains (its streams finish there), the replacement runs the new spec's
+    engine on the same host, and every answer is exact, before and after."""
+    prompts, expected = references["streams"]
+    (old,) = [w for w in cluster_workers(served.router.http) if w["role"] == "decode"]
+    upgraded = cluster_spec(certs)
+    upgraded["decode"]["engine"] = {"num_gpu_blocks_override": UPGRADED_KV_BLOCKS}
+    spec_path = tmp_path / "upgraded.yaml"
+    spec_path.write_text(yaml.safe_dump(upgraded))
+    started = tmp_path / "started"
+    client = subprocess.Popen(
+        host_command(
+            LAB.name, "head", [sys.executable, "-c", STREAMS, served.router.http, json.dumps(prompts), str(STREAM_TOKENS), str(started)]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=lab_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert client.poll() is None and time.monotonic() < deadline, "no tokens"
+            time.sleep(0.05)
+        restart = [sys.executable, "-m", "pdcluster", "restart", "decode", "--config", str(spec_path)]
+        restart += ["--address", f"{HEAD}:{RAY_PORT}", "--name", "multihost"]
+        done = subprocess.run(host_command(LAB.name, "head", restart), capture_output=True, text=True, env=lab_env(), timeout=600)
+        out, err = client.communicate(timeout=300)
+    finally:
+        client.kill()
+    assert done.returncode == 0 and "decode pool restarted: 1 replicas replaced" in done.stdout, done.stderr[-3000:]
+    assert client.returncode == 0, err[-3000:]
+    assert [r.get("tokens") for r in json.loads(out.strip().splitlines()[-1])] == expected  # they ran through the drain
+    (new,) = [w for w in workers_at_rest(lambda: cluster_workers(served.router.http)) if w["role"] == "decode"]
+    assert new["id"] != old["id"] and new["address"].startswith(LAB.host("decode-1").address + ":")
+    assert new["total_kv_blocks"] == UPGRADED_KV_BLOCKS != old["total_kv_blocks"]  # the new spec's engine
+    short, answers = prompts_and_answers
+    assert completions(served.router.http, short) == answers  # on the upgraded worker
 
 
 def test_a_crashed_host_loses_every_process_and_boots_back_into_the_cluster(served, second_router):
