@@ -6,7 +6,7 @@ same model and engine flags, (b) on the disaggregated path (every prompt to the 
 worker) and (c) on the bypass path (every prompt on the decode worker alone), through two
 routers over the same workers. Every process may use every core (at concurrency 1 only one
 engine computes at a time), or with `pin_workers` the prefill worker the first core and the
-decode worker the second. Prompts are random tokens, new each time, so no prefix cache helps.
+decode worker the second, as two machines would, and vLLM's server the first core too. Prompts are random tokens, new each time, so no prefix cache helps.
 It prints TTFT and ITL medians of each and what pdcluster adds to vLLM's.
 
 With `lab`, the prefill and decode workers run on two hosts of a `pdcluster lab` (its link,
@@ -164,7 +164,9 @@ def main(
     log_dir = tempfile.mkdtemp(prefix="pdcluster-bench-latency-")
     started = []
     try:
-        colocated, vllm_url = start_colocated(engine, cores, log_dir)
+        # Pinned, the workers stand for two machines, and vLLM's server computes on the prefill
+        # worker's core: the prompt's prefill alone, on the hardware the prefill pool has.
+        colocated, vllm_url = start_colocated(engine, {0} if pin_workers else cores, log_dir)
         started.append(colocated)
         processes, disaggregated_url = start_pdcluster(
             engine,
