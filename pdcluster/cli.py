@@ -523,8 +523,8 @@ def _bench_chaos(args: argparse.Namespace) -> int:
 
     misplaced = [fault for fault in args.faults or () if (fault in LAB_FAULTS) != args.lab]
     if misplaced:
-        where = "run on a lab: add --lab" if not args.lab else "run on one host: drop --lab"
-        print(f"pdcluster bench chaos: {' '.join(misplaced)} {where}", file=sys.stderr)
+        where = "faults of a lab: add --lab" if not args.lab else "faults of one host: drop --lab"
+        print(f"pdcluster bench chaos: {', '.join(misplaced)}: {where}", file=sys.stderr)
         return 2
     return bench_main(
         json_output=args.json,
