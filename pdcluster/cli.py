@@ -273,10 +273,7 @@ def _scale(args: argparse.Namespace) -> int:
 def _restart(args: argparse.Namespace) -> int:
     from pdcluster.cluster.ray_cluster import find_controller
 
-    controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
-    import ray
-
-    spec_json = ""
+    spec_json = ""  # checked before anything connects: a bad flag is the error shown
     if args.config or args.vllm_flags or args.prefill_args or args.decode_args:
         from pdcluster.cluster.cluster_spec import upgrade_spec
 
@@ -287,6 +284,9 @@ def _restart(args: argparse.Namespace) -> int:
         except ValueError as e:  # pydantic's and vLLM's refusals both
             print(f"pdcluster restart: {e}", file=sys.stderr)
             return 2
+    controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
+    import ray
+
     count = _ask_controller(args, "restart_pool", args.role, spec_json, controller=controller)
     if count is None:
         return 1
