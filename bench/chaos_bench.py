@@ -160,8 +160,12 @@ class ChaosCluster:
         found = []
         for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
             cmd = " ".join(p.info["cmdline"] or ())
-            ours = "pdcluster.prefill_worker" in cmd or "pdcluster.decode_worker" in cmd or "EngineCore" in cmd
-            if ours and p.info["create_time"] >= self.started - 1 and p.pid not in live and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if (
+                worker_or_engine(cmd)
+                and p.info["create_time"] >= self.started - 1
+                and p.pid not in live
+                and p.info["status"] != psutil.STATUS_ZOMBIE
+            ):
                 found.append(f"{p.pid} {cmd[:80]}")
         return found
 
@@ -381,6 +385,11 @@ class Battery:
                 except grpc.RpcError as e:
                     refused += e.code() == grpc.StatusCode.UNAUTHENTICATED
         return refused
+
+
+def worker_or_engine(command_line: str) -> bool:
+    """A worker process of either role, or the engine process vLLM spawns for it."""
+    return any(mark in command_line for mark in ("pdcluster.prefill_worker", "pdcluster.decode_worker", "EngineCore"))
 
 
 def _send_garbage(host: str, port: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from pdcluster.bench.chaos_bench import Battery, ChaosCluster
+from pdcluster.bench.chaos_bench import Battery, ChaosCluster, worker_or_engine
 from pdcluster.cluster.cluster_status import ClusterStatus
 from pdcluster.common.processes import start_process, wait_ready
 from pdcluster.common.serve_process import launch_serve
@@ -113,8 +113,7 @@ class LabChaosCluster(ChaosCluster):
                 try:
                     process = psutil.Process(pid)
                     cmd = " ".join(process.cmdline())
-                    ours = "pdcluster.prefill_worker" in cmd or "pdcluster.decode_worker" in cmd or "EngineCore" in cmd
-                    if ours and pid not in live and process.status() != psutil.STATUS_ZOMBIE:
+                    if worker_or_engine(cmd) and pid not in live and process.status() != psutil.STATUS_ZOMBIE:
                         found.append(f"{host.name} {pid} {cmd[:80]}")
                 except psutil.NoSuchProcess:
                     pass

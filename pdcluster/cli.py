@@ -761,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     host_faults = {
         "cut": "cut a host off the lab's network (its cable), or from some hosts only (a partition)",
         "restore": "undo every cut and impairment of a host",
-        "impair": "delay and drop what a host sends to one peer (netem's job, by a relay: this kernel has no netem)",
+        "impair": "delay and drop what a host sends to some peers (netem's job, by a relay: this kernel has no netem)",
         "crash": "kill every process on a host at once (a power loss); `lab boot` brings it back",
         "boot": "a crashed host back: a fresh PID space and its Ray node",
     }

@@ -268,10 +268,9 @@ def kv_transfers(served) -> int:
     return sum(decode["kv_transfers_by_transport"].values())
 
 
-def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, tmp_path):
-    prompts, expected = references["streams"]
-    before = {w["role"]: w for w in cluster_workers(served.router.http)}
-    started = tmp_path / "started"
+def streams_going(served, prompts: list[list[int]], started) -> subprocess.Popen:
+    """STREAM_TOKENS-token greedy streams of the prompts from the head, once every one has its
+    first tokens (`started` appears then); the client prints each stream's tokens at its end."""
     client = subprocess.Popen(
         host_command(
             LAB.name, "head", [sys.executable, "-c", STREAMS, served.router.http, json.dumps(prompts), str(STREAM_TOKENS), str(started)]
@@ -281,13 +280,22 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, 
         text=True,
         env=lab_env(),
     )
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        if client.poll() is not None:
+            raise AssertionError(client.stderr.read()[-3000:])
+        if time.monotonic() > deadline:
+            client.kill()
+            raise AssertionError("no tokens")
+        time.sleep(0.05)
+    return client
+
+
+def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, tmp_path):
+    prompts, expected = references["streams"]
+    before = {w["role"]: w for w in cluster_workers(served.router.http)}
+    client = streams_going(served, prompts, tmp_path / "started")
     try:
-        deadline = time.monotonic() + 120
-        while not started.exists():  # every stream has its first tokens
-            assert client.poll() is None and time.monotonic() < deadline, (
-                client.stderr.read()[-3000:] if client.poll() is not None else "no tokens"
-            )
-            time.sleep(0.05)
         cut(LAB.name, "decode-1", [])
         time.sleep(CUT_S)
         restore(LAB.name, "decode-1")
@@ -326,21 +334,8 @@ def test_a_rolling_upgrade_of_the_decode_pool_loses_no_stream(served, certs, ref
     upgraded["decode"]["engine"] = {"num_gpu_blocks_override": UPGRADED_KV_BLOCKS}
     spec_path = tmp_path / "upgraded.yaml"
     spec_path.write_text(yaml.safe_dump(upgraded))
-    started = tmp_path / "started"
-    client = subprocess.Popen(
-        host_command(
-            LAB.name, "head", [sys.executable, "-c", STREAMS, served.router.http, json.dumps(prompts), str(STREAM_TOKENS), str(started)]
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=lab_env(),
-    )
+    client = streams_going(served, prompts, tmp_path / "started")
     try:
-        deadline = time.monotonic() + 120
-        while not started.exists():
-            assert client.poll() is None and time.monotonic() < deadline, "no tokens"
-            time.sleep(0.05)
         restart = [sys.executable, "-m", "pdcluster", "restart", "decode", "--config", str(spec_path)]
         restart += ["--address", f"{HEAD}:{RAY_PORT}", "--name", "multihost"]
         done = subprocess.run(host_command(LAB.name, "head", restart), capture_output=True, text=True, env=lab_env(), timeout=600)
