@@ -385,9 +385,15 @@ def _profiles(args: argparse.Namespace):
 
     tp = dict(prefill=args.tp, decode=args.tp) if args.tp.isdigit() else dict(kv.split("=") for kv in args.tp.split(","))
     return {
-        role: profile_for_tp(resolve_profile_path(getattr(args, f"{role}_profile") or args.profile), int(tp[role]))
+        role: _kv_blocks(profile_for_tp(resolve_profile_path(getattr(args, f"{role}_profile") or args.profile), int(tp[role])), args)
         for role in ("prefill", "decode")
     }
+
+
+def _kv_blocks(profile, args: argparse.Namespace):
+    """The profile with vLLM's --num-gpu-blocks-override applied: its KV cache in blocks."""
+    blocks = args.num_gpu_blocks_override
+    return profile.model_copy(update={"kv_capacity_tokens": blocks * profile.block_size}) if blocks else profile
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -395,7 +401,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from pdcluster.planner.simulator import ClusterShape, simulate
-    from pdcluster.planner.workloads import COMPARE_WORKLOADS
+    from pdcluster.planner.workloads import COMPARE_WORKLOADS, AgenticSessions
     from pdcluster.router.config import parse_router_args
 
     try:
@@ -407,9 +413,12 @@ def _simulate(args: argparse.Namespace) -> int:
             args.decode,
             parse_router_args(shlex.split(args.router_flags)),
             shared_cores=args.shared_cores,
+            tier_gib=args.kv_offloading_size,
         )
         if args.trace:
             runs = [("trace", _trace_requests(args, profiles["decode"].max_model_len))]
+        elif args.workload == "agentic":  # its sessions set their own pace: no rates
+            runs = [("agentic", AgenticSessions().shapes())]
         elif args.workload:
             workload = COMPARE_WORKLOADS[args.workload]
             # As `bench serve` sweeps: rate i draws from seed + i.
@@ -435,17 +444,18 @@ def _print_simulation(results: list[dict], shape) -> None:
     print(
         f"simulated {shape.prefill_replicas} prefill + {shape.decode_replicas} decode replicas "
         f"({'co-located' if not shape.prefill_replicas else 'disaggregated'}), ${shape.cost_per_hour:.2f}/h"
+        + (f", a {shape.tier_gib:g} GiB host KV tier under each" if shape.tier_gib else "")
     )
     print(
         f"{'rate':>6} {'done':>6} {'req/s':>7} {'TTFT p50/p90/p99 ms':>24} {'ITL p50/p90/p99 ms':>22} {'TPOT p50/p99 ms':>16} "
-        f"{'in SLO':>7} {'util P/D':>10} {'$/1M in/out':>16}"
+        f"{'in SLO':>7} {'cached':>7} {'util P/D':>10} {'$/1M in/out':>16}"
     )
     for r in results:
         util = "/".join(f"{r['pools'][p]['utilization']:.0%}" if p in r["pools"] else "-" for p in ("prefill", "decode"))
         cost = r["cost_usd_per_million_tokens"]
         print(
             f"{r['rate']!s:>6} {r['completed']:>6} {r['req_per_s']:>7.2f} {format_ms(r['ttft_ms']):>24} {format_ms(r['itl_ms']):>22} "
-            f"{format_ms(r['tpot_ms'], ('p50', 'p99')):>16} {r['slo_attainment']:>7.1%} {util:>10} "
+            f"{format_ms(r['tpot_ms'], ('p50', 'p99')):>16} {r['slo_attainment']:>7.1%} {r['prefix_hit_rate']:>7.1%} {util:>10} "
             f"{cost['input'] or 0:>7.3f}/{cost['output'] or 0:<8.3f}"
         )
 
@@ -457,16 +467,18 @@ def _plan(args: argparse.Namespace) -> int:
     from pdcluster.planner.plan import ATTAINMENT, plan
     from pdcluster.planner.plan_spec import write_plan_spec
     from pdcluster.planner.profile_files import profiles_by_size
-    from pdcluster.planner.workloads import COMPARE_WORKLOADS
+    from pdcluster.planner.workloads import COMPARE_WORKLOADS, AgenticSessions
     from pdcluster.router.config import parse_router_args
 
     try:
-        profiles = profiles_by_size(args.profile)
+        profiles = {size: _kv_blocks(p, args) for size, p in profiles_by_size(args.profile).items()}
         cost = {role: float(usd) for role, usd in (kv.split("=") for kv in args.cost.split(",") if kv)}
         if set(cost) - {"prefill", "decode"}:
             raise ValueError(f"--cost takes prefill=USD_PER_HOUR,decode=USD_PER_HOUR, not {args.cost!r}")
         if args.trace:
             requests = _trace_requests(args, max(p.max_model_len for p in profiles.values()))
+        elif args.workload == "agentic":  # as many sessions as make --requests: few requests fit one batch at any rate
+            requests = AgenticSessions(sessions=max(1, args.requests // AgenticSessions.turns)).shapes()
         elif args.workload:
             requests = COMPARE_WORKLOADS[args.workload].shapes(args.requests, 1.0)
         else:
@@ -482,13 +494,19 @@ def _plan(args: argparse.Namespace) -> int:
     for size, p in sorted(profiles.items()):
         if refused := sum(not p.holds(r.input_tokens, r.output_tokens) for r in requests):
             print(f"  a {label[size]} replica refuses {refused} of them: longer than its max_model_len {p.max_model_len}", flush=True)
-    result = plan(profiles, requests, args.slo_ttft_ms, args.slo_itl_ms, budget, cost, router)
+    try:
+        result = plan(
+            profiles, requests, args.slo_ttft_ms, args.slo_itl_ms, budget, cost, router, tier_sizes=tuple(args.kv_offloading_size)
+        )
+    except ValueError as e:  # a profile without what a tier needs
+        print(f"pdcluster plan: {e}", file=sys.stderr)
+        return 2
     print(f"\n{'configuration':<34} {unit:>5} {'$/h':>8} {'goodput req/s':>14} {'req per $':>10}  basis")
     for c in result.candidates[: args.top]:
         basis = "per-phase estimate" if c.estimated else "simulated whole"
         print(f"{c.describe():<34} {c.units:>5} {c.cost_per_hour:>8.2f} {c.goodput_rate:>14.2f} {c.requests_per_dollar:>10.0f}  {basis}")
     chosen = result.chosen
-    print(f"\nchosen: {chosen.describe()} on {chosen.units} {unit}.\nwhy: {result.reason}")
+    print(f"\nchosen: {chosen.describe()} on {chosen.units} {unit}{chosen.describe_tier()}.\nwhy: {result.reason}")
     rc = 0
     if chosen.goodput_rate == 0:
         print(f"no configuration on up to {budget} {unit} serves {ATTAINMENT:.0%} of these requests within the SLOs.")
@@ -499,7 +517,17 @@ def _plan(args: argparse.Namespace) -> int:
         write_plan_spec(args.write_spec, result, profiles)
         print(f"cluster spec for {chosen.describe()} written to {args.write_spec} (pdcluster serve --config {args.write_spec})")
     if args.json:
-        print(json.dumps({"chosen": asdict(chosen), "reason": result.reason, "candidates": [asdict(c) for c in result.candidates]}))
+        candidates = [asdict(c) for c in result.candidates]
+        print(
+            json.dumps(
+                {
+                    "chosen": asdict(chosen),
+                    "reason": result.reason,
+                    "candidates": candidates,
+                    "tier_sizes": [asdict(t) for t in result.tier_sizes],
+                }
+            )
+        )
     return rc
 
 
@@ -800,10 +828,20 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         _add_trace_flags(p)
-        p.add_argument("--workload", default="", help="a bench compare workload instead of a trace: " + ", ".join(COMPARE_WORKLOADS))
+        p.add_argument(
+            "--workload",
+            default="",
+            help="instead of a trace, a bench compare workload (" + ", ".join(COMPARE_WORKLOADS) + "), or bench prefix's agentic sessions",
+        )
         p.add_argument("--requests", type=int, default=40, help=f"with --workload: requests (per rate; plan's default: {PLAN_REQUESTS})")
         p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
         p.add_argument("--slo-itl-ms", type=float, default=100.0, help="bound on each request's TPOT")
+        p.add_argument(
+            "--num-gpu-blocks-override",
+            type=int,
+            default=0,
+            help="vLLM's flag: every replica's KV cache in blocks, instead of its profile's",
+        )
         p.add_argument("--router-flags", default="", help="the router's own flags, e.g. '--bypass-prefill-below 64'")
         p.add_argument("--json", action="store_true", help="end with one JSON line")
     simulate_cmd, plan_cmd = sub.choices["simulate"], sub.choices["plan"]
@@ -820,6 +858,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every replica on the same cores, as a local `pdcluster serve` runs them on one machine (the profile's cores)",
     )
+    simulate_cmd.add_argument(
+        "--kv-offloading-size", type=float, default=0.0, help="a host KV tier of this many GiB under every replica (vLLM's flag)"
+    )
     simulate_cmd.set_defaults(func=_simulate)
     plan_cmd.add_argument("--cost", default="", help="prefill=USD_PER_HOUR,decode=USD_PER_HOUR per GPU (default: the profiles')")
     plan_cmd.add_argument(
@@ -827,6 +868,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cmd.add_argument("--max-gpus", type=int, default=8, help="the budget of GPU profiles")
     plan_cmd.add_argument("--cores", type=int, default=0, help="the budget of CPU profiles (default: this machine's cores)")
+    plan_cmd.add_argument(
+        "--kv-offloading-size",
+        type=float,
+        nargs="+",
+        default=[],
+        help="host KV tier sizes (GiB per replica, 0 for none) to choose from: the plan sizes the chosen shape's tier",
+    )
     plan_cmd.add_argument("--top", type=int, default=10, help="configurations to print")
     plan_cmd.add_argument("--write-spec", default="", help="write the best configuration as a cluster spec YAML here")
     plan_cmd.set_defaults(func=_plan, requests=PLAN_REQUESTS)

@@ -9,11 +9,15 @@ budget; the most promising splits, and co-located engines on the same budget, ar
 simulated whole. Goodput is DistServe's: the highest request rate at which at least 90% of
 requests meet both SLOs. A split is chosen only where it beats co-located by a margin: it
 pays a serving path (the handoff, the KV transfer) the simulator models only roughly.
+
+Given host KV tier sizes (`--kv-offloading-size`, GiB per replica), the shapes are searched
+with the largest under every replica, then the chosen shape's tier is sized: the smallest
+whose goodput is within the search's resolution of the best size's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pdcluster.common.engine_profile import EngineProfile
 from pdcluster.planner.simulator import ClusterShape, simulate
@@ -49,6 +53,7 @@ class Candidate:
     decode_replica_cost: float
     goodput_rate: float = 0.0  # req/s
     estimated: bool = True  # False once simulated whole
+    tier_gib: float = 0.0  # the host KV tier under every replica, GiB
 
     @property
     def cost_per_hour(self) -> float:
@@ -71,9 +76,21 @@ class Candidate:
         prefill, decode = self.size_label(self.prefill_size), self.size_label(self.decode_size)
         return f"{self.prefill_replicas}P x {prefill} + {self.decode_replicas}D x {decode}"
 
+    def describe_tier(self) -> str:
+        return f", a {self.tier_gib:g} GiB host KV tier under each replica" if self.tier_gib else ""
+
     def value(self, priced: bool) -> float:
         """What the plan maximizes: goodput per dollar, or goodput where nothing has a price."""
         return self.requests_per_dollar if priced else self.goodput_rate
+
+
+@dataclass
+class TierSize:
+    """The chosen shape with a host KV tier of `gib` under every replica."""
+
+    gib: float
+    goodput_rate: float  # req/s
+    prefix_hit_rate: float  # prompt tokens not computed (engine cache and tier), at that rate
 
 
 @dataclass
@@ -81,6 +98,7 @@ class Plan:
     candidates: list[Candidate]  # best first by goodput per dollar (those simulated whole first)
     chosen: Candidate  # the shape to serve
     reason: str  # why, in words
+    tier_sizes: list[TierSize] = field(default_factory=list)  # the chosen shape at each tier size given
 
 
 def retimed(requests: list[RequestShape], rate: float) -> list[RequestShape]:
@@ -124,24 +142,27 @@ def plan(
     cost: dict[str, float],
     router: RouterConfig = RouterConfig(),
     progress=print,
+    tier_sizes: tuple[float, ...] = (),
 ) -> Plan:
     """`profiles` maps each replica size to its profile; `budget` is in GPUs (cores on a CPU);
     `cost` maps prefill/decode to USD per GPU-hour (missing: each profile's own price;
-    co-located engines are priced as decode GPUs)."""
+    co-located engines are priced as decode GPUs); `tier_sizes`: host KV tier sizes (GiB per
+    replica) to choose from."""
     unit = "GPU" if any(p.gpus_per_replica for p in profiles.values()) else "core"
+    tier_gib = max(tier_sizes, default=0.0)
 
-    def shaped(p_size: int, d_size: int, n_p: int, n_d: int) -> ClusterShape:
+    def shaped(p_size: int, d_size: int, n_p: int, n_d: int, tier: float | None = None) -> ClusterShape:
         def priced(role: str, p: EngineProfile) -> EngineProfile:
             return p.model_copy(update={"cost_per_hour": cost[role] * p.replica_units}) if role in cost else p
 
         prefill = priced("prefill", profiles[p_size]) if n_p else None
-        return ClusterShape(prefill, priced("decode", profiles[d_size]), n_p, n_d, router)
+        return ClusterShape(prefill, priced("decode", profiles[d_size]), n_p, n_d, router, tier_gib=tier_gib if tier is None else tier)
 
     def candidate(p_size: int, d_size: int, n_p: int, n_d: int, rate: float, estimated: bool) -> Candidate:
         shape = shaped(p_size, d_size, n_p, n_d)
         units = n_p * profiles[p_size].replica_units + n_d * profiles[d_size].replica_units
         prefill_cost = shape.prefill.cost_per_hour if shape.prefill else 0.0
-        return Candidate(p_size, d_size, n_p, n_d, units, unit, prefill_cost, shape.decode.cost_per_hour, rate, estimated)
+        return Candidate(p_size, d_size, n_p, n_d, units, unit, prefill_cost, shape.decode.cost_per_hour, rate, estimated, tier_gib)
 
     mean_prompt = sum(r.input_tokens for r in requests) // len(requests)
     first = {size: 1.0 / max(1e-3, p.prefill_seconds(mean_prompt)) for size, p in profiles.items()}
@@ -182,12 +203,38 @@ def plan(
     candidates.sort(key=lambda c: (not c.estimated, *by_value(c)), reverse=True)
     chosen, other = choose(candidates, priced)
 
-    def outcome(c: Candidate, rate: float) -> dict:
-        shape = shaped(c.prefill_size, c.decode_size, c.prefill_replicas, c.decode_replicas)
+    def outcome(c: Candidate, rate: float, tier: float | None = None) -> dict:
+        shape = shaped(c.prefill_size, c.decode_size, c.prefill_replicas, c.decode_replicas, tier)
         return simulate(shape, retimed(requests, rate), slo_ttft_ms, slo_itl_ms)
 
     reason = shape_reason(chosen, other, priced, mean_prompt, outcome, slo_ttft_ms, slo_itl_ms)
-    return Plan(candidates, chosen, reason)
+    if not tier_sizes:
+        return Plan(candidates, chosen, reason)
+    sizes = []
+    for gib in sorted(set(tier_sizes)):
+        shape = shaped(chosen.prefill_size, chosen.decode_size, chosen.prefill_replicas, chosen.decode_replicas, gib)
+        rate = goodput_rate(shape, requests, slo_ttft_ms, slo_itl_ms, chosen.goodput_rate or first[chosen.decode_size])
+        hit_rate = outcome(chosen, rate or chosen.goodput_rate or 1.0, gib)["prefix_hit_rate"]
+        sizes.append(TierSize(gib, rate, hit_rate))
+        progress(
+            f"  {chosen.describe()} with {gib:g} GiB tiers: {rate:.2f} req/s within SLOs, {hit_rate:.0%} of prompt tokens not computed"
+        )
+    best = max(s.goodput_rate for s in sizes)
+    tier = next(s for s in sizes if s.goodput_rate * (1 + TOLERANCE) >= best)  # the smallest within the search's resolution
+    chosen.tier_gib, chosen.goodput_rate = tier.gib, tier.goodput_rate
+    return Plan(candidates, chosen, f"{reason.rstrip('.')}. {tier_reason(tier, sizes)}", sizes)
+
+
+def tier_reason(chosen: TierSize, sizes: list[TierSize]) -> str:
+    """Why this host KV tier size, in words."""
+    figures = f"shapes compared with {max(s.gib for s in sizes):g} GiB; " + "; ".join(
+        f"{s.gib:g} GiB: {s.goodput_rate:.2f} req/s, {s.prefix_hit_rate:.0%} of prompt tokens not computed" for s in sizes
+    )
+    if not chosen.gib:
+        return f"No host KV tier: a larger one adds less than {TOLERANCE:.0%} to goodput ({figures})."
+    if chosen.gib < max(s.gib for s in sizes):
+        return f"Host KV tier: {chosen.gib:g} GiB per replica, the smallest within {TOLERANCE:.0%} of the best goodput ({figures})."
+    return f"Host KV tier: {chosen.gib:g} GiB per replica: each smaller one loses more than {TOLERANCE:.0%} of goodput ({figures})."
 
 
 def choose(candidates: list[Candidate], priced: bool) -> tuple[Candidate, Candidate | None]:

@@ -33,6 +33,7 @@ def plan_spec(best: Candidate, profiles: dict[int, EngineProfile]) -> ClusterSpe
                 "max_num_seqs": decode.max_num_seqs,
                 "max_num_batched_tokens": decode.max_num_batched_tokens,
                 "max_model_len": decode.max_model_len,
+                **({"kv_offloading_size": best.tier_gib} if best.tier_gib else {}),
             },
             "prefill": pool(best.prefill_size, best.prefill_replicas, best.prefill_replica_cost),
             "decode": pool(best.decode_size, best.decode_replicas, best.decode_replica_cost),
@@ -44,6 +45,8 @@ def write_plan_spec(path: str, chosen: Plan, profiles: dict[int, EngineProfile])
     best = chosen.chosen
     spec = plan_spec(best, profiles)
     with open(path, "w") as f:
-        f.write(f"# pdcluster plan: {best.describe()}, {best.goodput_rate:.2f} req/s within SLOs, ${best.cost_per_hour:.2f}/h\n")
+        f.write(
+            f"# pdcluster plan: {best.describe()}{best.describe_tier()}, {best.goodput_rate:.2f} req/s within SLOs, ${best.cost_per_hour:.2f}/h\n"
+        )
         f.write(f"# why: {chosen.reason}\n")
         yaml.safe_dump(spec.model_dump(exclude_defaults=True), f, sort_keys=False)

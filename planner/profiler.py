@@ -9,6 +9,8 @@ the chosen KV transport, and fit the profile's step-cost model to it.
 - KV bytes per token from the model's config, and the KV capacity vLLM allocated;
 - transfer GB/s: this model's KV blocks between two KV endpoints on loopback, over the
   transport chosen (`auto`: NIXL where installed, else TCP);
+- host KV tier GB/s: this model's KV blocks stored into a host KV tier and loaded back, as
+  the connector copies them (`--kv-offloading-size`);
 - the serving path's own costs, on a 1P+1D of the engine (`serving_path`).
 
 The four step-cost coefficients are a non-negative least-squares fit to all samples in
@@ -143,6 +145,32 @@ def _measure_decode(engine: _Engine, batches: list[int], contexts: list[int], ca
     return samples
 
 
+def measure_tier_gbps(layer_shape: tuple[int, ...], dtype, num_layers: int, block_size: int, repeats: int = 3) -> float:
+    """KV blocks of this shape stored into a host KV tier (in host memory) and loaded back, as
+    the connector does: GB/s over both copies, checksums included."""
+    import torch
+
+    from pdcluster.kv_transfer.host_kv_tier import HostKVTier
+    from pdcluster.kv_transfer.paged_kv_layout import PagedKVLayout
+
+    num_blocks = layer_shape[0]
+    layers = [torch.randn(layer_shape).to(dtype) for _ in range(num_layers)]
+    tier = HostKVTier(layers, PagedKVLayout.of(layers[0], num_blocks, block_size), num_blocks, "", "profile")
+    blocks = list(range(num_blocks))
+    nbytes = sum(t.numel() * t.element_size() for t in layers)
+    rates = []
+    try:
+        for _ in range(repeats + 1):  # the first one faults the file's pages in
+            started = time.perf_counter()
+            tier.store(blocks, blocks)
+            if tier.load(blocks, blocks):
+                raise RuntimeError("a host KV tier block failed its checksum while profiling")
+            rates.append(2 * nbytes / (time.perf_counter() - started) / 1e9)
+    finally:
+        tier.close()
+    return statistics.median(rates[1:])
+
+
 def measure_transfer_gbps(layer_shape: tuple[int, ...], dtype, num_layers: int, block_size: int, transport: str, repeats: int = 3) -> float:
     """KV of this shape between two endpoints on loopback, over `transport`: GB/s end to end."""
     import torch
@@ -224,6 +252,7 @@ def profile_engine(
     kv_bytes = layers * kv_heads * head * 2 * dtype.itemsize
     transfer_blocks = max(1, min(cache.num_gpu_blocks or 1, -(-budget // block_size)))
     gbps = measure_transfer_gbps((transfer_blocks, kv_heads, block_size, 2 * head), dtype, layers, block_size, transport)
+    tier_gbps = measure_tier_gbps((transfer_blocks, kv_heads, block_size, 2 * head), dtype, layers, block_size)
     vocab = e.vocab
     e.close()
     tp = config.parallel_config.tensor_parallel_size
@@ -250,6 +279,7 @@ def profile_engine(
         step=step,
         transfer_gbps=gbps,
         transfer_latency_s=0.0,
+        tier_gbps=tier_gbps,
         cost_per_hour=cost_per_hour,
         sources={
             "step": f"{measured}: fitted to the samples under measurements (median relative error "
@@ -257,9 +287,16 @@ def profile_engine(
             "kv_capacity_tokens": f"{measured}: the KV blocks vLLM allocated",
             "kv_bytes_per_token": "the model's config: layers x KV heads x head size x 2 x dtype bytes",
             "transfer_gbps": f"{measured}: {transfer_blocks} blocks per layer between two KV endpoints on loopback, transport {transport}",
+            "tier_gbps": f"{measured}: {transfer_blocks} blocks stored into a host KV tier in host memory and loaded back, checksums included",
             "cost_per_hour": "given with --cost-per-hour" if cost_per_hour else "not given (0)",
         },
-        measurements={"prefill": prefill + hits, "decode": decode, "transfer_gbps": gbps, "fit_relative_error": errors},
+        measurements={
+            "prefill": prefill + hits,
+            "decode": decode,
+            "transfer_gbps": gbps,
+            "tier_gbps": tier_gbps,
+            "fit_relative_error": errors,
+        },
     )
     if not serving_path:
         profile.sources["serving_path"] = "not measured (pdcluster profile --no-serving-path)"

@@ -1,7 +1,8 @@
 """Reference profiles for GPUs this machine does not have, from a roofline.
 
 Compute from the datasheet's dense BF16 peak, memory traffic from its HBM bandwidth,
-tensor-parallel all-reduces over NVLink, KV transfers over one 400 Gb/s NIC per GPU. The
+tensor-parallel all-reduces over NVLink, KV transfers over one 400 Gb/s NIC per GPU, the host
+KV tier over each GPU's PCIe link. The
 efficiencies that turn peaks into expected figures are estimates, named as such in each
 profile's `sources`; `python -m pdcluster.planner.roofline` rewrites the shipped files, and
 a unit test checks they are what this module computes.
@@ -98,6 +99,7 @@ ATTENTION_EFFICIENCY = 0.5  # FlashAttention-class prefill kernels
 HBM_EFFICIENCY = 0.8  # streaming weights and KV
 NVLINK_GBPS = 450 * 0.7  # one direction of NVLink 4's 900 GB/s, at 70%
 NIC_GBPS = 50 * 0.8  # one ConnectX-7 400 Gb/s NIC per GPU (as in DGX H100/H200), at 80%
+PCIE_GBPS = 64 * 0.8  # each GPU's PCIe Gen5 x16 link to host memory (the host KV tier), one direction, at 80%
 STEP_OVERHEAD_S = 0.0015  # scheduler, sampling and launches per engine step
 TRANSFER_LATENCY_S = 0.0005  # NIXL/UCX RDMA write completion and notification per transfer
 ACTIVATION_RESERVE_GIB = 4  # per GPU, besides weights and KV
@@ -141,6 +143,7 @@ def reference_profile(gpu_key: str, model_key: str, tp: int) -> EngineProfile | 
         step=step,
         transfer_gbps=tp * NIC_GBPS,
         transfer_latency_s=TRANSFER_LATENCY_S,
+        tier_gbps=tp * PCIE_GBPS,
         cost_per_hour=round(tp * gpu.usd_per_hour, 2),
         sources={
             "hardware": gpu.source,
@@ -157,6 +160,7 @@ def reference_profile(gpu_key: str, model_key: str, tp: int) -> EngineProfile | 
             f"{ACTIVATION_RESERVE_GIB} GiB of activations per GPU",
             "transfer_gbps": f"{estimate}: one 400 Gb/s ConnectX-7 NIC per GPU (DGX H100/H200 layout) at 80%",
             "transfer_latency_s": f"{estimate}: RDMA write completion and notification",
+            "tier_gbps": f"{estimate}: each GPU's PCIe Gen5 x16 link to host memory (64 GB/s one way) at 80%",
             "max_model_len": f"Llama 3.1's {MAX_MODEL_LEN} tokens, or what the KV cache holds if less (vLLM refuses more)",
             "max_num_seqs": "vLLM 0.32 `vllm serve` default on GPUs with >= 70 GiB (EngineArgs)",
             "max_num_batched_tokens": "vLLM 0.32 `vllm serve` default on GPUs with >= 70 GiB (EngineArgs)",

@@ -2,7 +2,10 @@
 running request its next token or prompt chunk, then admits waiting requests while it has
 token budget (`max_num_batched_tokens`), sequence slots (`max_num_seqs`) and KV blocks;
 prompts are computed in chunks (chunked prefill), and admitted prompts reuse the prefix
-blocks still in the replica's cache. The step's duration comes from the profile's cost model."""
+blocks still in the replica's cache, then those its host KV tier holds (as our connector's
+tier: every full block computed is kept there, LRU; a load or a store is a copy at the
+profile's `tier_gbps`, inside the step, as the connector copies before the forward pass).
+The step's duration comes from the profile's cost model."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pdcluster.common.engine_profile import EngineProfile, prefill_pairs
 from pdcluster.planner.workloads import RequestShape
+from pdcluster.router.routing_policy import PrefixIndex, leading_blocks
 
 
 @dataclass(eq=False)
@@ -30,6 +34,7 @@ class SimSequence:
     cached_tokens: int = 0
     kv_ready: bool = True  # False: its prompt's KV is still on the way from a prefill worker
     prompt_seconds: float = 0.0  # engine time of the steps that computed its prompt
+    copy_seconds: float = 0.0  # host KV tier copies (loads and stores) its first step carries
 
     @property
     def prompt_left(self) -> int:
@@ -45,6 +50,7 @@ class StepWork:
     tokens: int = 0
     pairs: float = 0.0
     context: int = 0
+    copy_s: float = 0.0  # host KV tier copies
     chunks: list[tuple[SimSequence, int]] = field(default_factory=list)
     decoding: list[SimSequence] = field(default_factory=list)
 
@@ -58,7 +64,9 @@ class StepWork:
 
 
 class SimEngine:
-    def __init__(self, worker_id: str, profile: EngineProfile) -> None:
+    def __init__(self, worker_id: str, profile: EngineProfile, tier_blocks: int = 0, index: PrefixIndex | None = None) -> None:
+        """`tier_blocks`: its host KV tier's size (0: none); `index`: the router's prefix index,
+        told what the cache evicts and the tier holds (as KV events tell a router)."""
         self.worker_id = worker_id
         self.profile = profile
         self.total_blocks = profile.total_blocks
@@ -67,6 +75,10 @@ class SimEngine:
         self.running: list[SimSequence] = []
         self.awaiting_kv: set[SimSequence] = set()  # blocks allocated, KV not yet landed
         self.cache: OrderedDict[int, None] = OrderedDict()  # prefix-cached block hashes, LRU
+        self.tier: OrderedDict[int, None] = OrderedDict()  # the host KV tier's block hashes, LRU
+        self.tier_blocks = tier_blocks
+        self.index = index
+        self.prompt_tokens = {"engine_cache": 0, "tier": 0, "computed": 0}  # where admitted prompts' tokens came from
         self.busy = False
         self.busy_seconds = 0.0
         self.prompt_seconds = 0.0  # the share of busy time spent on prompt tokens
@@ -97,18 +109,25 @@ class SimEngine:
         sequence.blocks = need
         if sequence.compute_from:
             return True
-        hit, leading = 0, True
-        for h in (sequence.hashes_for or request.block_hashes)(self.profile.block_size):
-            if leading and h in self.cache:
-                hit += 1
-            else:
-                leading = False
-                self.cache[h] = None
-            self.cache.move_to_end(h)
-        while len(self.cache) > self.total_blocks:
-            self.cache.popitem(last=False)
-        sequence.cached_tokens = min(hit * self.profile.block_size, request.input_tokens - 1)
+        hashes = (sequence.hashes_for or request.block_hashes)(self.profile.block_size)
+        hit = leading_blocks(hashes, self.cache)
+        # The tier offers whole blocks short of the prompt's last token (vLLM samples from it).
+        loaded = leading_blocks(hashes[hit : (request.input_tokens - 1) // self.profile.block_size], self.tier) if self.tier_blocks else 0
+        evicted = _touch(self.cache, hashes, self.total_blocks)
+        if self.index is not None and evicted:
+            self.index.remove(self.worker_id, evicted)
+        stored = [h for h in hashes if h not in self.tier] if self.tier_blocks else []
+        if self.tier_blocks:
+            dropped = _touch(self.tier, hashes, self.tier_blocks)
+            if self.index is not None:
+                self.index.update_tier(self.worker_id, stored, dropped)
+        sequence.copy_seconds = self.profile.tier_copy_seconds(loaded + len(stored))
+        from_cache = min(hit * self.profile.block_size, request.input_tokens - 1)
+        sequence.cached_tokens = min((hit + loaded) * self.profile.block_size, request.input_tokens - 1)
         sequence.computed = max(sequence.computed, sequence.cached_tokens)
+        self.prompt_tokens["engine_cache"] += from_cache
+        self.prompt_tokens["tier"] += sequence.cached_tokens - from_cache
+        self.prompt_tokens["computed"] += request.input_tokens - sequence.cached_tokens
         return True
 
     def next_step(self) -> StepWork | None:
@@ -135,14 +154,15 @@ class SimEngine:
                 continue
             self.running.append(s)
             budget -= work.add_chunk(s, budget)
+            work.copy_s += s.copy_seconds
         return work if work.tokens else None
 
     def step_seconds(self, work: StepWork) -> tuple[float, float]:
         """The step's duration and the part of it spent on prompt tokens."""
         step = self.profile.step
-        total = step.seconds(work.tokens, work.pairs, work.context)
+        total = step.seconds(work.tokens, work.pairs, work.context) + work.copy_s
         prompt_tokens = sum(n for _, n in work.chunks)
-        prompt = step.per_token_s * prompt_tokens + step.per_prefill_pair_s * work.pairs
+        prompt = step.per_token_s * prompt_tokens + step.per_prefill_pair_s * work.pairs + work.copy_s
         decode = step.per_token_s * len(work.decoding) + step.per_decode_context_token_s * work.context
         share = prompt / (prompt + decode) if prompt + decode else 0.0
         return total, total * share
@@ -173,3 +193,11 @@ class SimEngine:
             self.running.remove(s)
             self.release(s)
             s.on_done(s, now)
+
+
+def _touch(lru: OrderedDict[int, None], hashes: list[int], capacity: int) -> list[int]:
+    """Put `hashes` at the recent end of `lru`; returns what falls out past `capacity`."""
+    for h in hashes:
+        lru[h] = None
+        lru.move_to_end(h)
+    return [lru.popitem(last=False)[0] for _ in range(len(lru) - capacity)]

@@ -9,7 +9,10 @@ its workers. Each replica is a `SimEngine` (vLLM-style continuous
 batching); a prompt prefilled remotely reserves blocks on its decode replica, moves its KV
 at the profile's transfer rate (overlapping the last prompt step, as per-layer streaming
 does), and its first token comes from the decode replica's next step. The decode profile's
-measured serving path (`ServingPath`) adds its fixed costs to each request's tokens.
+measured serving path (`ServingPath`) adds its fixed costs to each request's tokens. With a
+host KV tier under every replica (`tier_gib`, as `--kv-offloading-size`), prompts reuse what
+their replica's cache has evicted, and the router's prefix index learns what each prefill
+replica's cache and tier hold, as KV events tell it (`kv-events` routing).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ class ClusterShape:
     # Every replica on the same cores (one machine's local cluster, as `pdcluster serve` starts
     # it there): the engines computing at once share them.
     shared_cores: bool = False
+    tier_gib: float = 0.0  # a host KV tier under every replica (vLLM's --kv-offloading-size), GiB; 0: none
+
+    def __post_init__(self) -> None:
+        for profile in (self.prefill, self.decode):
+            if self.tier_gib and profile is not None and not profile.tier_gbps:
+                raise ValueError(f"profile {profile.name} has no host KV tier rate (tier_gbps): measure it again with `pdcluster profile`")
 
     @property
     def cost_per_hour(self) -> float:
@@ -74,8 +83,8 @@ class RequestOutcome:
 
 
 class _Replica:
-    def __init__(self, role: Role, index: int, profile: EngineProfile) -> None:
-        self.engine = SimEngine(f"{role}-{index}", profile)
+    def __init__(self, role: Role, index: int, profile: EngineProfile, tier_gib: float, prefix_index: PrefixIndex | None) -> None:
+        self.engine = SimEngine(f"{role}-{index}", profile, profile.tier_blocks(tier_gib), prefix_index)
         self.view = WorkerView(address=self.engine.worker_id, reachable=True)
         self.role = role
         self.refresh()
@@ -98,9 +107,11 @@ class _Replica:
 class ClusterSimulation:
     def __init__(self, shape: ClusterShape) -> None:
         self.shape = shape
-        self.prefills = [_Replica(Role.PREFILL, i, shape.prefill) for i in range(shape.prefill_replicas)]
-        self.decodes = [_Replica(Role.DECODE, i, shape.decode) for i in range(shape.decode_replicas)]
         self.index = PrefixIndex(shape.router.prefix_index_blocks)
+        # Only prefill workers' KV events reach a router, and only with kv-events routing.
+        events = self.index if shape.router.prefill_routing == "kv-events" else None
+        self.prefills = [_Replica(Role.PREFILL, i, shape.prefill, shape.tier_gib, events) for i in range(shape.prefill_replicas)]
+        self.decodes = [_Replica(Role.DECODE, i, shape.decode, shape.tier_gib, None) for i in range(shape.decode_replicas)]
         # With a profile named, the router predicts placements; here from the engines' own profile.
         self.predictor = None
         if shape.router.profile:
@@ -264,6 +275,8 @@ def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dic
             "cost_per_hour": round(profile.cost_per_hour * len(replicas), 4),
         }
     cost = sim.shape.cost_per_hour * hours
+    prompt_tokens = {k: sum(r.engine.prompt_tokens[k] for r in (*sim.prefills, *sim.decodes)) for k in ("engine_cache", "tier", "computed")}
+    all_prompt_tokens = sum(prompt_tokens.values())
     good = [o for o in done if within_slos(o, slo_ttft_ms, slo_itl_ms)]
     return {
         "requests": len(sim.outcomes),
@@ -278,6 +291,9 @@ def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dic
         "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
         "slo_attainment": round(len(good) / len(sim.outcomes), 4),
         "placements": dict(collections.Counter(o.placement for o in sim.outcomes)),
+        # Where the prompts' tokens came from: a replica's cache, its host KV tier, or computed.
+        "prompt_tokens": prompt_tokens,
+        "prefix_hit_rate": round(1 - prompt_tokens["computed"] / all_prompt_tokens, 4) if all_prompt_tokens else 0.0,
         "pools": pools,
         "gpus": sim.shape.gpus,
         "cost_per_hour": round(sim.shape.cost_per_hour, 4),

@@ -41,12 +41,12 @@ class PrefixIndex:
 
     def overlap_blocks(self, worker_id: str, hashes: list[int]) -> int:
         """How many leading blocks of the prompt the worker is likely to have cached."""
-        return _leading(hashes, self._blocks.get(worker_id, {}))
+        return leading_blocks(hashes, self._blocks.get(worker_id, {}))
 
     def held_blocks(self, worker_id: str, hashes: list[int]) -> int:
         """How many leading blocks of the prompt the worker holds in its engine cache or its
         tier (never fewer than `overlap_blocks`)."""
-        return _leading(hashes, self._blocks.get(worker_id, {}), self._tier.get(worker_id, set()))
+        return leading_blocks(hashes, self._blocks.get(worker_id, {}), self._tier.get(worker_id, set()))
 
     def remove(self, worker_id: str, hashes) -> None:
         """The worker evicted these blocks (its engine said so)."""
@@ -69,7 +69,7 @@ class PrefixIndex:
         self._tier.pop(worker_id, None)
 
 
-def _leading(hashes: list[int], *held: Container[int]) -> int:
+def leading_blocks(hashes: list[int], *held: Container[int]) -> int:
     """How many of `hashes`, from the first, one of `held` contains, without a gap."""
     count = 0
     for h in hashes:

@@ -82,6 +82,9 @@ class EngineProfile(BaseModel):
     step: StepCost
     transfer_gbps: float = Field(gt=0)  # KV between a prefill and a decode replica
     transfer_latency_s: float = Field(0.0, ge=0)  # per transfer, on top of bytes / rate
+    # The host KV tier's copy rate (vLLM's --kv-offloading-size): a block stored into it or
+    # loaded back, checksum included. 0: not measured (a profile from before tiers).
+    tier_gbps: float = Field(0.0, ge=0)
     serving_path: ServingPath = Field(default_factory=ServingPath)  # zero: not measured (reference profiles)
     cost_per_hour: float = Field(0.0, ge=0)  # USD for one replica
     sources: dict[str, str] = Field(default_factory=dict)  # field -> where its number comes from
@@ -136,6 +139,14 @@ class EngineProfile(BaseModel):
 
     def transfer_seconds(self, tokens: int) -> float:
         return self.transfer_latency_s + tokens * self.kv_bytes_per_token / (self.transfer_gbps * 1e9)
+
+    def tier_blocks(self, gib: float) -> int:
+        """Engine blocks (every layer) a host KV tier of `gib` GiB holds."""
+        return int(gib * (1 << 30)) // (self.kv_bytes_per_token * self.block_size)
+
+    def tier_copy_seconds(self, blocks: int) -> float:
+        """Blocks stored into the host KV tier or loaded back from it."""
+        return blocks * self.block_size * self.kv_bytes_per_token / (self.tier_gbps * 1e9) if blocks else 0.0
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.model_dump(), indent=1) + "\n")

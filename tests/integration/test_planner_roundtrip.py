@@ -60,7 +60,7 @@ def test_profile_simulate_plan_serve(tmp_path):
     prefill = sorted((s["tokens"], s["seconds"]) for s in profile.measurements["prefill"] if not s["cached"])
     assert len(prefill) >= 3 and prefill[-1][1] > prefill[0][1]  # longer prompts take longer
     hits = [s for s in profile.measurements["prefill"] if s["cached"]]
-    assert hits and profile.measurements["decode"] and profile.transfer_gbps > 0
+    assert hits and profile.measurements["decode"] and profile.transfer_gbps > 0 and profile.tier_gbps > 0
     # The fitted model predicts the samples it came from, in order of magnitude at worst.
     assert max(profile.measurements["fit_relative_error"]) < 1.0
     assert profile.serving_path.remote_request_s == 0 and "not measured" in profile.sources["serving_path"]
@@ -70,6 +70,21 @@ def test_profile_simulate_plan_serve(tmp_path):
             "simulate", "--profile", str(profile_path), "--workload", "prefill-heavy", "--rates", "1", "2", "--requests", "20", "--json"
         )
     )
+    tiered = last_json(
+        pdcluster(
+            "simulate",
+            "--profile",
+            str(profile_path),
+            "--workload",
+            "prefill-heavy",
+            "--requests",
+            "20",
+            "--kv-offloading-size",
+            "0.25",
+            "--json",
+        )
+    )
+    assert sum(tiered["prompt_tokens"].values()) == sum(sim["results"][0]["prompt_tokens"].values()) > 0
     assert [r["rate"] for r in sim["results"]] == [1.0, 2.0]
     for r in sim["results"]:
         assert r["completed"] == 20 and set(r["ttft_ms"]) == {"p50", "p90", "p99"}
@@ -94,6 +109,9 @@ def test_profile_simulate_plan_serve(tmp_path):
             "2000",
             "--slo-itl-ms",
             "200",
+            "--kv-offloading-size",
+            "0",
+            "0.25",
             "--write-spec",
             str(spec_path),
             "--json",
@@ -102,6 +120,8 @@ def test_profile_simulate_plan_serve(tmp_path):
     best = plan["chosen"]  # co-located or a split, each on the 2 cores; served whichever it is
     assert best["goodput_rate"] > 0 and not best["estimated"] and best["units"] <= 2 and best["unit"] == "core"
     assert plan["reason"] and plan["reason"] in spec_path.read_text()
+    # This trace's prompts share nothing: a tier keeps nothing worth loading, and none is planned.
+    assert [t["gib"] for t in plan["tier_sizes"]] == [0, 0.25] and best["tier_gib"] == 0 and "No host KV tier" in plan["reason"]
     spec = ClusterSpec.model_validate(yaml.safe_load(spec_path.read_text()))
     assert (spec.prefill.replicas, spec.decode.replicas) == (best["prefill_replicas"], best["decode_replicas"])
     assert spec.engine.model == profile.model and spec.decode.cost_per_hour == 0.5

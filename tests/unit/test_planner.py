@@ -19,10 +19,11 @@ from pdcluster.planner.profiler import fit_step_cost
 from pdcluster.planner.roofline import reference_profiles
 from pdcluster.planner.serving_path import OUTPUT_TOKENS, predicted_alone
 from pdcluster.planner.simulator import ClusterShape, ClusterSimulation
-from pdcluster.planner.workloads import COMPARE_WORKLOADS, RequestShape, TraceScaling, load_trace
+from pdcluster.planner.workloads import COMPARE_WORKLOADS, AgenticSessions, RequestShape, TraceScaling, load_trace
 from pdcluster.protos import worker_pb2
 from pdcluster.router.config import RouterConfig
 
+from tests.support.hand_profile import profile as hand_profile
 from tests.support.paths import TRACES
 
 BENCH_PROFILES = Path(__file__).parents[2] / "bench" / "profiles"
@@ -188,6 +189,28 @@ def test_plan_says_when_nothing_meets_the_slos_and_writes_no_spec(tmp_path, caps
     assert "a TP2 replica refuses" in out.out and "longer than its max_model_len 14736" in out.out
     assert "no configuration on up to 2 GPUs serves 90%" in out.out and "no cluster spec written" in out.err
     assert not spec.exists()
+
+
+def test_plan_sizes_the_host_kv_tier_of_the_chosen_shape():
+    # Agent sessions whose turns grow a prompt of 128 tokens by 16: 8 sessions overflow a
+    # 512-token engine cache between a session's turns, so only a tier keeps the TTFT SLO
+    # (a turn computed whole takes over 150 ms on this hand profile, a reloaded one ~40 ms).
+    p = hand_profile(kv_capacity_tokens=512, tier_gbps=0.1, cpu_cores=1)
+    sessions = AgenticSessions(8, 6, 128, 16, 4, think_s=2.0, session_gap_s=0.25, block_tokens=16).shapes()
+    sizes = (0.0, 0.0005, 0.002, 0.01)  # GiB: 0, 33, 134 and 671 blocks of 16 tokens
+    result = plan({1: p}, sessions, slo_ttft_ms=150, slo_itl_ms=100, budget=2, cost={}, progress=lambda _: None, tier_sizes=sizes)
+    by_size = {t.gib: t for t in result.tier_sizes}
+    assert by_size[0.0].goodput_rate == 0 and by_size[0.0].prefix_hit_rate == 0  # every turn computed whole
+    assert by_size[0.01].goodput_rate > 0 and by_size[0.01].prefix_hit_rate > 0.7
+    assert by_size[0.0005].goodput_rate == 0  # 33 blocks: the sessions' turns push each other out
+    # The smallest within the search's resolution of the best: 0.002 GiB, not the largest offered.
+    assert result.chosen.tier_gib == 0.002 and by_size[0.002].goodput_rate * 1.1 >= by_size[0.01].goodput_rate
+    assert result.chosen.goodput_rate == by_size[0.002].goodput_rate
+    assert "Host KV tier: 0.002 GiB per replica, the smallest within 10% of the best goodput" in result.reason
+    assert plan_spec(result.chosen, {1: p}).engine.vllm_args["kv_offloading_size"] == 0.002  # served with vLLM's flag
+    # A profile from before tiers cannot size one.
+    with pytest.raises(ValueError, match="no host KV tier rate"):
+        plan({1: hand_profile(cpu_cores=1)}, sessions[:4], 150, 100, budget=1, cost={}, progress=lambda _: None, tier_sizes=(1.0,))
 
 
 def test_pool_cost_meter_divides_each_pool_cost_by_the_clusters_tokens():

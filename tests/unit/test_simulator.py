@@ -107,3 +107,61 @@ def test_a_request_no_replica_can_hold_is_refused_and_counts_against_attainment(
         assert report["placements"]["rejected"] == 2
         assert report["completed"] == 1
         assert report["slo_attainment"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+# A host KV tier on the hand profile: 4 engine blocks of 16 tokens; a block is 16 000 bytes,
+# copied in or out of the tier in 1.6 ms at 0.01 GB/s.
+TIER_PROFILE = dict(kv_capacity_tokens=64, tier_gbps=0.01)
+COPY = 0.0016
+
+
+def tier_gib(blocks: float) -> float:
+    return (blocks + 0.5) * 16 * 1000 / (1 << 30)
+
+
+def three_block_prompt(at: float, name: int) -> RequestShape:
+    """48 tokens, three full blocks of its own (the prompt and its first token fill the 4 blocks)."""
+    return RequestShape(at, 48, 2, prefix_blocks=(name,), block_tokens=48, seed=name)
+
+
+def test_a_host_tier_keeps_what_the_cache_evicts_and_loads_it_back():
+    p = profile(**TIER_PROFILE)
+    # A, then B (whose blocks evict A's first two from the 4-block cache), then A again.
+    requests = [three_block_prompt(0.0, 1), three_block_prompt(10.0, 2), three_block_prompt(20.0, 1)]
+    without = run(ClusterShape(None, p, 0, 1), requests)
+    assert [o.ttft for o in without.outcomes] == pytest.approx([BASE + 48 * PER_TOKEN] * 3)  # A is computed again
+    with_tier = run(ClusterShape(None, p, 0, 1, tier_gib=tier_gib(8)), requests)
+    first, _, again = with_tier.outcomes
+    assert first.ttft == pytest.approx(BASE + 48 * PER_TOKEN + 3 * COPY)  # its three blocks stored into the tier
+    # Two blocks load (the tier leaves the prompt's last token to compute): 16 tokens computed.
+    assert again.ttft == pytest.approx(BASE + 16 * PER_TOKEN + 2 * COPY)
+    engine = with_tier.decodes[0].engine
+    assert engine.prompt_tokens == {"engine_cache": 0, "tier": 32, "computed": 3 * 48 - 32}
+    report = simulate(ClusterShape(None, p, 0, 1, tier_gib=tier_gib(8)), requests, slo_ttft_ms=1000, slo_itl_ms=100)
+    assert report["prompt_tokens"] == engine.prompt_tokens and report["prefix_hit_rate"] == pytest.approx(32 / 144, abs=1e-4)
+    # A tier smaller than what came between (3 blocks: B's pushed A's out) keeps nothing of A.
+    small = run(ClusterShape(None, p, 0, 1, tier_gib=tier_gib(3)), requests)
+    assert small.decodes[0].engine.prompt_tokens["tier"] == 0
+
+
+def test_the_router_sees_each_prefill_replicas_tier_and_sends_a_prefix_to_it():
+    p = profile(**TIER_PROFILE)
+    router = RouterConfig(bypass_prefill_below_tokens=0)
+    # A, C, E land on prefill-0 and B, D on prefill-1 (each to the one picked least recently):
+    # by then prefill-0's cache has evicted A, and, without a tier, the least recently picked,
+    # prefill-1, would take A's repeat.
+    requests = [three_block_prompt(10.0 * (i + 1), name) for i, name in enumerate((1, 2, 3, 4, 5, 1))]
+    shape = ClusterShape(p, p, 2, 1, router, tier_gib=tier_gib(12))
+    before = run(shape, requests[:-1])
+    a = requests[0].block_hashes(16)
+    assert before.index.overlap_blocks("prefill-0", a) == 0  # the engine's eviction reached the router
+    assert before.index.held_blocks("prefill-0", a) == 3  # as the tier's blocks did
+    sim = run(shape, requests)
+    assert sim.prefills[0].engine.prompt_tokens["tier"] == 32 and sim.prefills[1].engine.prompt_tokens["tier"] == 0
+    plain = run(ClusterShape(p, p, 2, 1, router), requests)
+    assert plain.prefills[1].engine.prompt_tokens["computed"] == 3 * 48  # B, D and A again
+
+
+def test_a_tier_needs_a_profile_that_measured_it():
+    with pytest.raises(ValueError, match="no host KV tier rate"):
+        ClusterShape(None, profile(), 0, 1, tier_gib=1.0)
