@@ -107,15 +107,14 @@ class SimEngine:
             return False
         self.free_blocks -= need
         sequence.blocks = need
-        if sequence.compute_from:
-            return True
         hashes = (sequence.hashes_for or request.block_hashes)(self.profile.block_size)
+        if sequence.compute_from:  # its KV comes from a prefill worker: cached here, as computed blocks are
+            self._cache(hashes)
+            return True
         hit = leading_blocks(hashes, self.cache)
         # The tier offers whole blocks short of the prompt's last token (vLLM samples from it).
         loaded = leading_blocks(hashes[hit : (request.input_tokens - 1) // self.profile.block_size], self.tier) if self.tier_blocks else 0
-        evicted = _touch(self.cache, hashes, self.total_blocks)
-        if self.index is not None and evicted:
-            self.index.remove(self.worker_id, evicted)
+        self._cache(hashes)
         stored = [h for h in hashes if h not in self.tier] if self.tier_blocks else []
         if self.tier_blocks:
             dropped = _touch(self.tier, hashes, self.tier_blocks)
@@ -129,6 +128,13 @@ class SimEngine:
         self.prompt_tokens["tier"] += sequence.cached_tokens - from_cache
         self.prompt_tokens["computed"] += request.input_tokens - sequence.cached_tokens
         return True
+
+    def _cache(self, hashes: list[int]) -> None:
+        """The prompt's blocks into the prefix cache (the oldest others out), as its events tell the router."""
+        evicted = _touch(self.cache, hashes, self.total_blocks)
+        if self.index is not None:
+            self.index.record(self.worker_id, hashes, shared=False)
+            self.index.remove(self.worker_id, evicted)
 
     def next_step(self) -> StepWork | None:
         """The next step's work, or None when there is nothing to run."""

@@ -11,8 +11,8 @@ at the profile's transfer rate (overlapping the last prompt step, as per-layer s
 does), and its first token comes from the decode replica's next step. The decode profile's
 measured serving path (`ServingPath`) adds its fixed costs to each request's tokens. With a
 host KV tier under every replica (`tier_gib`, as `--kv-offloading-size`), prompts reuse what
-their replica's cache has evicted, and the router's prefix index learns what each prefill
-replica's cache and tier hold, as KV events tell it (`kv-events` routing).
+their replica's cache has evicted. With `kv-events` routing the router's prefix index learns
+what each replica's cache and tier hold, as KV events tell it.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ class ClusterSimulation:
     def __init__(self, shape: ClusterShape) -> None:
         self.shape = shape
         self.index = PrefixIndex(shape.router.prefix_index_blocks)
-        # Only prefill workers' KV events reach a router, and only with kv-events routing.
+        # Every worker's KV events reach the router with kv-events routing.
         events = self.index if shape.router.prefill_routing == "kv-events" else None
         self.prefills = [_Replica(Role.PREFILL, i, shape.prefill, shape.tier_gib, events) for i in range(shape.prefill_replicas)]
-        self.decodes = [_Replica(Role.DECODE, i, shape.decode, shape.tier_gib, None) for i in range(shape.decode_replicas)]
+        self.decodes = [_Replica(Role.DECODE, i, shape.decode, shape.tier_gib, events) for i in range(shape.decode_replicas)]
         # With a profile named, the router predicts placements; here from the engines' own profile.
         self.predictor = None
         if shape.router.profile:

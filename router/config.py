@@ -118,6 +118,13 @@ class RouterConfig(BaseModel):
         "the prefix known from its engine's KV cache events (kv-events) or guessed from where prompts went (guess); "
         "or each in turn (round-robin)",
     )
+    recompute_weight: float = Field(
+        2.0,
+        gt=0,
+        description="in the prefill choice (kv-events, guess), what a prompt token a worker would compute weighs against a "
+        "token already queued there: above 1, the worker holding the prompt's prefix keeps it over a less busy one that "
+        "would compute it again, which costs this prompt and, in capacity taken, the prompts queued behind it",
+    )
     profile: str = Field(
         "",
         description="the workers' engine profile (a `pdcluster profile` file): with it, each prompt is computed where its "

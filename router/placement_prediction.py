@@ -3,7 +3,8 @@
 For one prompt and its decode worker the router predicts
 - remote: its TTFT if a prefill worker computes it (the prompt tokens queued there first, then
   this prompt less the prefix it holds, the KV transfer, and the decode worker's next step);
-- local: its TTFT if the decode worker computes it in chunks beside its running requests, and
+- local: its TTFT if the decode worker computes it (less the prefix it holds) in chunks beside
+  its running requests, and
   what those chunks cost the requests decoding there: each chunked step is longer than a
   decode step, which stretches their time per output token (TPOT); the requests it would push
   past the TPOT SLO count against it.
@@ -99,19 +100,22 @@ class PlacementPredictor:
         )
         return Outlook(REMOTE, ttft * self.scale(REMOTE))  # the decode worker's steps stay as they are
 
-    def local(self, decode: WorkerView, prompt_len: int, now: float) -> Outlook:
+    def local(self, decode: WorkerView, prompt_len: int, now: float, cached: int = 0) -> Outlook:
         p, scale = self.decode_profile, self.scale(LOCAL)
         decoding, context = decoding_requests(decode), decode_context_tokens(decode.stats)
         ahead = p.queued_prompt_seconds(queued_prefill_tokens(decode))
-        steps = p.prefill_steps(prompt_len, decoding=decoding, decode_context=context)
+        steps = p.prefill_steps(prompt_len, cached, decoding=decoding, decode_context=context)
         step = p.decode_step_seconds(decoding, context)
         delay = (ahead + sum(steps) - len(steps) * step) * scale
         return Outlook(LOCAL, (ahead + sum(steps)) * scale, *tpot_cost(decode, step * scale, delay, self.slo, now))
 
-    def choose(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int) -> tuple[Outlook, Outlook]:
-        """The chosen outlook first, then the other."""
+    def choose(
+        self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int, decode_held: int = 0
+    ) -> tuple[Outlook, Outlook]:
+        """The chosen outlook first, then the other (`overlap`, `decode_held`: the prompt's prefix
+        tokens the prefill and the decode worker hold)."""
         now = self.clock()
-        remote, local = self.remote(prefill, decode, prompt_len, overlap), self.local(decode, prompt_len, now)
+        remote, local = self.remote(prefill, decode, prompt_len, overlap), self.local(decode, prompt_len, now, decode_held)
         if (local.misses(self.slo), local.excess(self.slo)) < (remote.misses(self.slo), remote.excess(self.slo)):
             return local, remote
         return remote, local

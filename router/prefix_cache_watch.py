@@ -1,10 +1,11 @@
-"""The router follows each prefill worker's prefix cache into its prefix index.
+"""The router follows each worker's prefix cache into its prefix index.
 
-A prefill worker mirrors its engine's KV cache events (`WatchPrefixCache`: a snapshot, then
-each block stored or evicted, named as the router names a prompt's blocks). With them the
-index knows what a worker really holds: blocks it evicted, prompts other routers sent it,
-an engine that restarted empty. The router still records its own choices at once, since
-the events for a prompt come only once it has been computed.
+A worker mirrors its engine's KV cache events (`WatchPrefixCache`: a snapshot, then each
+block stored or evicted, named as the router names a prompt's blocks). With them the index
+knows what a worker really holds: blocks it evicted, prompts other routers sent it, an engine
+that restarted empty; on a decode worker, a conversation's earlier turns, answers included.
+The router still records its own choices of prefill worker at once, since the events for a
+prompt come only once it has been computed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import grpc
 
 from pdcluster.common.periodic import cancel_all, run_periodically
-from pdcluster.common.worker_record import Role
 from pdcluster.protos import worker_pb2
 from pdcluster.router.routing_policy import PrefixIndex
 from pdcluster.router.worker_pool import WorkerPool, WorkerView
@@ -39,8 +39,8 @@ class PrefixCacheWatch:
         self._streams.clear()
 
     async def _sync(self) -> None:
-        """Watch each prefill worker the pool knows; stop watching those it no longer does."""
-        workers = {w.address: w for w in self._pool.workers(Role.PREFILL)}
+        """Watch each worker the pool knows; stop watching those it no longer does."""
+        workers = {w.address: w for w in self._pool.workers()}
         for address in set(self._streams) - set(workers):
             self._streams.pop(address).cancel()
         for address, worker in workers.items():
@@ -54,7 +54,7 @@ class PrefixCacheWatch:
                     self._apply(worker.worker_id, update)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    logger.info("prefill worker %s publishes no KV events: routing to it by guessed prefixes", worker.address)
+                    logger.info("worker %s publishes no KV events: routing to it by guessed prefixes", worker.address)
                     return
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     logger.warning("prefix-cache events from %s: %s", worker.address, e.details())

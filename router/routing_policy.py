@@ -127,13 +127,19 @@ def pick_decode_worker(
 
 
 def pick_prefill_worker(
-    workers: list[WorkerView], prompt_len: int, index: PrefixIndex, hashes_for, lora_name: str | None = None
+    workers: list[WorkerView],
+    prompt_len: int,
+    index: PrefixIndex,
+    hashes_for,
+    lora_name: str | None = None,
+    recompute_weight: float = 1.0,
 ) -> tuple[WorkerView | None, int]:
-    """The worker with the least prefill work ahead once this prompt's cached prefix is
-    subtracted (a prefix in its host KV tier counting as TIER_LOAD_COST of computing it, a LoRA
-    adapter to load as tokens; then the least loaded, then the one picked least recently);
-    returns it and the prefix tokens it likely holds, in its engine cache or tier.
-    `hashes_for(block_size)` gives the prompt's block hashes for a worker's block size."""
+    """The worker with the least prefill work: the tokens queued there, plus `recompute_weight`
+    times what this prompt would cost there: its tokens less the cached prefix (a prefix in its
+    host KV tier counting as TIER_LOAD_COST of computing it, a LoRA adapter to load as tokens).
+    Then the least loaded, then the one picked least recently. Returns it and the prefix tokens
+    it likely holds, in its engine cache or tier. `hashes_for(block_size)` gives the prompt's
+    block hashes for a worker's block size."""
     best, best_key, best_overlap = None, None, 0
     for w in workers:
         block_size = max(w.stats.block_size, 1)
@@ -141,7 +147,8 @@ def pick_prefill_worker(
         cached = index.overlap_blocks(w.worker_id, hashes) * block_size
         overlap = index.held_blocks(w.worker_id, hashes) * block_size
         loaded = TIER_LOAD_COST * (overlap - cached)  # what the tier's blocks cost to copy back
-        work = queued_prefill_tokens(w) + prompt_len - overlap + loaded + ADAPTER_LOAD_COST_TOKENS * _lacks_adapter(w, lora_name)
+        own = prompt_len - overlap + loaded + ADAPTER_LOAD_COST_TOKENS * _lacks_adapter(w, lora_name)
+        work = queued_prefill_tokens(w) + recompute_weight * own
         key = (work, _load(w), w.load.last_picked)
         if best_key is None or key < best_key:
             best, best_key, best_overlap = w, key, overlap
@@ -167,7 +174,7 @@ class PrefillPlacement:
 
     worker: WorkerView | None
     overlap_tokens: int = 0
-    bypass: str = ""  # short_prompt | no_prefill_worker | kv_incompatible | prefill_backlog | predicted
+    bypass: str = ""  # short_prompt | decode_holds_prefix | no_prefill_worker | kv_incompatible | prefill_backlog | predicted
     chosen: Outlook | None = None
     passed_over: Outlook | None = None
     # Prefill workers whose KV the decode worker could not take, each with the field that differs.
@@ -192,12 +199,20 @@ def place_prefill(
     lora_name: str | None = None,
 ) -> PrefillPlacement:
     """The router's whole prefill choice for one prompt, its decode worker already picked.
-    Rules first: a short prompt, or with `local_prefill_above_queued_tokens` set, a deep
-    prefill backlog, stays on the decode worker; then, with a profile, the predicted outlooks
-    decide. A chosen prefill worker is recorded in `index` as now holding the prompt's blocks:
-    with `kv-events` routing the worker's own events then confirm or correct that."""
+    Rules first: a short prompt, a prompt whose decode worker holds all of it but a short rest
+    (a conversation's next turn, where its earlier turns ran: computed there, nothing moves),
+    or with `local_prefill_above_queued_tokens` set, a deep prefill backlog, stays on the
+    decode worker; then, with a profile, the predicted outlooks decide (the decode worker's
+    prefix counted). A chosen prefill worker is recorded in `index` as now holding the prompt's
+    blocks: with `kv-events` routing the worker's own events then confirm or correct that."""
     if should_bypass_prefill(prompt_len, config.bypass_prefill_below_tokens):
         return PrefillPlacement(None, bypass="short_prompt")
+    decode_held = 0
+    if candidates and config.prefill_routing != "round-robin":  # with no prefill worker, every prompt is local anyway
+        block_size = max(decode.stats.block_size, 1) if decode.stats else 1
+        decode_held = min(index.held_blocks(decode.worker_id, hashes_for(block_size)) * block_size, prompt_len - 1)
+        if decode_held and should_bypass_prefill(prompt_len - decode_held, config.bypass_prefill_below_tokens):
+            return PrefillPlacement(None, bypass="decode_holds_prefix")
     theirs = decode.stats.kv_compatibility if decode.stats else {}
     mismatches = [(w, kv_mismatch(w.stats.kv_compatibility if w.stats else {}, theirs)) for w in candidates]
     incompatible = tuple((w, field) for w, field in mismatches if field is not None)
@@ -205,14 +220,14 @@ def place_prefill(
     if config.prefill_routing == "round-robin":
         prefill, overlap = min(candidates, key=lambda w: w.load.last_picked, default=None), 0
     else:
-        prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for, lora_name)
+        prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for, lora_name, config.recompute_weight)
     if prefill is None:
         return PrefillPlacement(None, bypass="kv_incompatible" if incompatible else "no_prefill_worker", incompatible=incompatible)
     if prefill_backlog_too_deep(prefill, config.local_prefill_above_queued_tokens):
         return PrefillPlacement(None, bypass="prefill_backlog", incompatible=incompatible)
     chosen = passed_over = None
     if predictor is not None and config.local_prefill_above_queued_tokens <= 0:
-        chosen, passed_over = predictor.choose(prefill, decode, prompt_len, overlap)
+        chosen, passed_over = predictor.choose(prefill, decode, prompt_len, overlap, decode_held)
         if chosen.choice == LOCAL:
             return PrefillPlacement(None, bypass="predicted", chosen=chosen, passed_over=passed_over, incompatible=incompatible)
     if config.prefill_routing != "round-robin":

@@ -115,7 +115,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._switching = False  # draining to serve the other role
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self.prefix_cache: PrefixCacheMirror | None = None  # prefill workers whose engine publishes KV events
+        self.prefix_cache: PrefixCacheMirror | None = None  # where the engine publishes KV events
         self.lora = LoRAAdapters()
         self._tasks: list[asyncio.Task] = []
         self.port = 0
@@ -150,11 +150,12 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             **dict(cfg.kv), host=cfg.host, auth_token=cfg.auth_token, endpoint_file=endpoint_file, tls=cfg.tls
         ).model_dump(mode="json")
         kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra, both=cfg.role_switching))
-        if cfg.role == Role.PREFILL or cfg.role_switching:
-            events, replay = follow_kv_events(kwargs, scratch)
-            if events:
-                self.prefix_cache = PrefixCacheMirror()
-                self._tasks.append(asyncio.create_task(self.prefix_cache.follow(events, replay)))
+        # Every role: a prefill worker's prefix places prompts; a decode worker's (a conversation's
+        # earlier turns, answers included) lets a router compute a turn's new tokens there.
+        events, replay = follow_kv_events(kwargs, scratch)
+        if events:
+            self.prefix_cache = PrefixCacheMirror()
+            self._tasks.append(asyncio.create_task(self.prefix_cache.follow(events, replay)))
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[_scheduler_stats_logger(self._scheduler_stats)])
         with open(endpoint_file) as f:
             self.kv_endpoint = json.load(f)["endpoint"]

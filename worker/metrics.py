@@ -35,7 +35,7 @@ class WorkerCollector:
             "pdcluster_kv_pending_sends": kv.pending_sends,
             "pdcluster_kv_pending_receives": kv.pending_receives,
             "pdcluster_kv_staged_bytes": kv.staged_bytes,
-            # What routers are told this worker's prefix cache holds (prefill workers).
+            # What routers are told this worker's prefix cache holds.
             "pdcluster_worker_prefix_cache_blocks": len(host.prefix_cache.names) if host.prefix_cache else 0,
         }
         counters = {

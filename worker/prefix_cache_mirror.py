@@ -1,4 +1,4 @@
-"""A prefill worker's prefix cache, mirrored from its engine's KV events for the routers.
+"""A worker's prefix cache, mirrored from its engine's KV events for the routers.
 
 vLLM publishes BlockStored / BlockRemoved / AllBlocksCleared (msgpack over ZMQ) from its
 scheduler. The worker subscribes on a private IPC socket, names each block as routers name

@@ -1,7 +1,8 @@
 """Prefix routing from vLLM's KV cache events, on real engines: a prefill worker mirrors its
 engine's BlockStored events under the names routers give prompt blocks, and a router that
-never routed a prompt still sends its prefix to the worker that holds it. The workers: the
-shared pair and a second prefill worker of this test's own."""
+never routed a prompt still sends its prefix to the worker that holds it; a conversation's next
+turn is computed on the decode worker that holds its earlier turns. The workers: the shared
+pair and a second prefill worker of this test's own."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.common.worker_record import Role
 
 from tests.support.processes import EAGER, start_router, start_routers
-from tests.support.worker_calls import prefix_cache_snapshot
+from tests.support.router_metrics import metric
+from tests.support.worker_calls import kv_stats, prefix_cache_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +28,11 @@ ROUTER_ARGS = ["--enable-prompt-tokens-details"]
 BLOCK = 128  # vLLM's CPU block size
 
 
-def complete(url: str, prompt: list[int]) -> dict:
-    reply = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0}, timeout=300)
+def complete(url: str, prompt: list[int], max_tokens: int = 2) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=300)
     assert reply.status_code == 200, reply.text
-    return reply.json()["usage"]
+    return reply.json()
 
 
 def wait_for(predicate, timeout_s: float = 30.0):
@@ -55,7 +58,7 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
         assert all(s.reset and not set(names) & set(s.stored) for s in before)  # nobody holds the prompt yet
         router = start_router([w.address for w in workers], ROUTER_ARGS)
         started.append(router)
-        complete(router.record.http, prompt)
+        complete(router.record.http, prompt)["usage"]
 
         # The worker that computed the prompt now holds its full blocks, named as routers name them.
         def holder():
@@ -76,7 +79,35 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
         assert wait_for(lambda: index_of(http).get(worker.record.worker_id, 0) >= len(names))
         assert not index_of(guessing.record.http)  # guesses come only from its own routing
         sibling = prompt[: len(names) * BLOCK] + tokens[600:]
-        usage = complete(http, sibling)
+        usage = complete(http, sibling)["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] >= len(names) * BLOCK
     finally:
         stop_all(started)
+
+
+def test_a_conversations_next_turn_is_computed_where_its_earlier_turns_are(tokenizer, shared_pair, vllm_reference):
+    prefill, decode = shared_pair
+    tokens = tokenizer(CORPUS.read_text()).input_ids
+    first = random.Random(11).sample(tokens, 5 * BLOCK)  # five full blocks, in an order no other test sends
+    router = start_router([prefill.address, decode.address], ROUTER_ARGS)
+    try:
+        http = httpx.Client(base_url=router.record.http, timeout=300)
+        answer = complete(router.record.http, first, max_tokens=8)["choices"][0]["token_ids"]
+        # The first turn was prefilled remotely; its KV, received by the decode worker, is in that
+        # engine's prefix cache, and its events say so to the router.
+        names = prompt_block_hashes(first, BLOCK)
+        held = wait_for(lambda: set(names) <= set(asyncio.run(prefix_cache_snapshot(decode.address)).stored))
+        assert held and wait_for(lambda: http.get("/cluster").json()["prefix_index_blocks"].get(decode.record.worker_id, 0) >= 5)
+        # The next turn: all of it but 40 new tokens on the decode worker, under --bypass-prefill-below (64).
+        turn = first + tokens[:40]
+        moved, bypassed = (
+            kv_stats(decode).bytes_received,
+            metric(http, "pdcluster_router_prefill_bypass_total", 'reason="decode_holds_prefix"'),
+        )
+        reply = complete(router.record.http, turn, max_tokens=8)
+        assert reply["choices"][0]["token_ids"] == vllm_reference.greedy([turn], 8)[0] and answer == vllm_reference.greedy([first], 8)[0]
+        assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 5 * BLOCK  # only the 40 new tokens computed
+        assert metric(http, "pdcluster_router_prefill_bypass_total", 'reason="decode_holds_prefix"') == bypassed + 1
+        assert kv_stats(decode).bytes_received == moved  # no KV moved for it
+    finally:
+        stop_all([router])

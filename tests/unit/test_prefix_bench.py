@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pdcluster.bench.prefix_bench import ideal_hit_rate
+from pdcluster.bench.prefix_bench import ideal_hit_rate, kv_bytes_per_token, new_tokens
+from pdcluster.common.engine_profile import load_profile
 from pdcluster.planner.workloads import RequestShape
 
 
@@ -17,3 +20,12 @@ def test_the_ceiling_counts_leading_blocks_an_earlier_request_had():
     # Hits: 0, 8, 11 (all but the last token, which vLLM always computes), 0.
     assert ideal_hit_rate([first, same_two, whole, other], 4) == pytest.approx((8 + 11) / 44)
     assert ideal_hit_rate([], 4) == 0.0
+    # The new tokens, whose KV a turn must compute and move at least once: the rest.
+    assert new_tokens([first, same_two, whole, other], 4) == 44 - 19
+
+
+def test_kv_bytes_per_token_is_what_vllm_sizes_the_tiny_models_kv_by(model_dir):
+    # The profile measured here took it from vLLM's model config (layers, KV heads, head size; float32).
+    profile = load_profile(Path(__file__).parents[2] / "bench" / "profiles" / "cpu1-tiny.json")
+    assert Path(profile.model).name == Path(model_dir).name
+    assert kv_bytes_per_token(model_dir) == profile.kv_bytes_per_token

@@ -70,6 +70,50 @@ def test_prefill_prefers_the_worker_holding_the_prefix():
     assert pick_prefill([a, b], shared, index)[0] is a
 
 
+def test_recompute_weight_keeps_a_prefix_on_its_holder_against_a_shorter_queue():
+    index = PrefixIndex()
+    holder, idle = worker("holder", "prefill"), worker("idle", "prefill")
+    prompt = list(range(10 * BLOCK)) + [1, 2, 3]
+    index.record("holder", prompt_block_hashes(prompt, BLOCK))  # 10 of its blocks: 3 tokens to compute there
+    holder.stats.queued_prefill_tokens = 15 * BLOCK  # queued there: more than the prefix saves (10 blocks)
+
+    def pick(weight: float):
+        return pick_prefill_worker([holder, idle], len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), None, weight)[0]
+
+    assert pick(1.0) is idle  # 15 blocks queued outweigh 10 blocks recomputed, token for token
+    assert pick(2.0) is holder  # recomputing 10 blocks weighs 20: the prefix stays where it is
+    holder.stats.queued_prefill_tokens = 25 * BLOCK
+    assert pick(2.0) is idle  # a queue longer than that still sends it away
+    assert RouterConfig().recompute_weight == 2.0  # the router's choice (place_prefill passes it)
+    config = RouterConfig(bypass_prefill_below_tokens=0)
+    decode = worker("d", "decode")
+    holder.stats.queued_prefill_tokens = 15 * BLOCK
+    placement = place_prefill([holder, idle], decode, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), config)
+    assert placement.worker is holder and placement.overlap_tokens == 10 * BLOCK
+
+
+def test_a_turn_whose_decode_worker_holds_all_but_a_short_rest_is_computed_there():
+    index = PrefixIndex()
+    prefill, decode = worker("p", "prefill"), worker("d", "decode")
+    earlier = list(range(10 * BLOCK))  # the conversation so far, its KV on the decode worker (its events said so)
+    index.record("d", prompt_block_hashes(earlier, BLOCK), shared=False)
+    config = RouterConfig()  # --bypass-prefill-below 64
+
+    def place(prompt: list[int], config: RouterConfig = config):
+        return place_prefill([prefill], decode, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), config)
+
+    assert place(earlier + [1] * 40).bypass == "decode_holds_prefix"  # 40 new tokens: computed there, nothing moves
+    assert place(earlier + [1] * 200).worker is prefill  # 200 new tokens: over a prefill worker, as any prompt
+    other = [9] * (10 * BLOCK) + [1] * 40  # nothing of it on the decode worker
+    assert place(other).worker is prefill
+    assert place(earlier + [1] * 40, RouterConfig(prefill_routing="round-robin")).worker is prefill  # ignores holdings
+    # Blocks in the decode worker's host KV tier count as held.
+    index.remove("d", prompt_block_hashes(earlier, BLOCK)[5:])
+    assert place(earlier + [1] * 40).worker is prefill
+    index.update_tier("d", prompt_block_hashes(earlier, BLOCK)[5:], [])
+    assert place(earlier + [1] * 40).bypass == "decode_holds_prefix"
+
+
 def test_a_prefix_in_a_workers_host_tier_counts_almost_as_cached():
     index = PrefixIndex()
     a, b, c = worker("a", "prefill"), worker("b", "prefill"), worker("c", "prefill")

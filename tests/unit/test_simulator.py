@@ -64,13 +64,31 @@ def test_prefix_hits_go_to_the_worker_that_holds_them_and_skip_their_tokens():
     # 160-token prompts whose first 128 tokens (two 64-token prefix blocks) are the same.
     first = RequestShape(0.0, 160, 2, prefix_blocks=(7, 8, 100), block_tokens=64, seed=1)
     second = RequestShape(10.0, 160, 2, prefix_blocks=(7, 8, 200), block_tokens=64, seed=2)
-    sim = run(ClusterShape(p, p, 2, 1), [first, second])
+    # Every prompt over a prefill worker (no rest short enough to compute on its decode worker).
+    sim = run(ClusterShape(p, p, 2, 1, RouterConfig(bypass_prefill_below_tokens=0)), [first, second])
     a, b = sim.outcomes
     assert a.ttft == pytest.approx(0.010 + 0.160 + 0.011)
     assert b.ttft == pytest.approx(0.010 + 0.032 + 0.011)  # 128 tokens cached: 32 computed
     # The router's prefix index sent the second to the worker holding the prefix.
     busy = sorted(r.engine.busy_seconds for r in sim.prefills)
     assert busy == pytest.approx([0.0, 0.170 + 0.042])
+
+
+def test_a_prompt_its_decode_worker_holds_but_a_short_rest_is_computed_there():
+    p = profile()
+    first = RequestShape(0.0, 160, 2, prefix_blocks=(7, 8, 100), block_tokens=64, seed=1)
+    second = RequestShape(10.0, 160, 2, prefix_blocks=(7, 8, 200), block_tokens=64, seed=2)
+    # The first prompt's KV landed on the decode worker and stays in its cache, as its events
+    # tell the router: the second's 32 new tokens (under the 64 of --bypass-prefill-below)
+    # are computed there, and nothing moves.
+    sim = run(ClusterShape(p, p, 2, 1), [first, second])
+    a, b = sim.outcomes
+    assert (a.placement, b.placement) == ("remote", "decode_holds_prefix")
+    assert b.ttft == pytest.approx(0.010 + 0.032)  # one step of 32 tokens on the decode worker
+    assert sim.decodes[0].engine.prompt_tokens == {"engine_cache": 128, "tier": 0, "computed": 32}
+    assert sum(r.engine.busy_seconds for r in sim.prefills) == pytest.approx(0.170)  # only the first
+    # Round-robin ignores what workers hold.
+    assert run(ClusterShape(p, p, 2, 1, RouterConfig(prefill_routing="round-robin")), [first, second]).outcomes[1].placement == "remote"
 
 
 def test_router_policies_decide_placement():
