@@ -66,7 +66,7 @@ class StepWork:
 class SimEngine:
     def __init__(self, worker_id: str, profile: EngineProfile, tier_blocks: int = 0, index: PrefixIndex | None = None) -> None:
         """`tier_blocks`: its host KV tier's size (0: none); `index`: the router's prefix index,
-        told what the cache evicts and the tier holds (as KV events tell a router)."""
+        told what its cache and tier take in and let go (as KV events tell a router)."""
         self.worker_id = worker_id
         self.profile = profile
         self.total_blocks = profile.total_blocks
@@ -115,12 +115,7 @@ class SimEngine:
         # The tier offers whole blocks short of the prompt's last token (vLLM samples from it).
         loaded = leading_blocks(hashes[hit : (request.input_tokens - 1) // self.profile.block_size], self.tier) if self.tier_blocks else 0
         self._cache(hashes)
-        stored = [h for h in hashes if h not in self.tier] if self.tier_blocks else []
-        if self.tier_blocks:
-            dropped = _touch(self.tier, hashes, self.tier_blocks)
-            if self.index is not None:
-                self.index.update_tier(self.worker_id, stored, dropped)
-        sequence.copy_seconds = self.profile.tier_copy_seconds(loaded + len(stored))
+        sequence.copy_seconds = self.profile.tier_copy_seconds(loaded + self._keep_in_tier(hashes))
         from_cache = min(hit * self.profile.block_size, request.input_tokens - 1)
         sequence.cached_tokens = min((hit + loaded) * self.profile.block_size, request.input_tokens - 1)
         sequence.computed = max(sequence.computed, sequence.cached_tokens)
@@ -135,6 +130,16 @@ class SimEngine:
         if self.index is not None:
             self.index.record(self.worker_id, hashes, shared=False)
             self.index.remove(self.worker_id, evicted)
+
+    def _keep_in_tier(self, hashes: list[int]) -> int:
+        """The prompt's blocks into the host KV tier (the oldest others out); returns how many it copied in."""
+        if not self.tier_blocks:
+            return 0
+        stored = [h for h in hashes if h not in self.tier]
+        dropped = _touch(self.tier, hashes, self.tier_blocks)
+        if self.index is not None:
+            self.index.update_tier(self.worker_id, stored, dropped)
+        return len(stored)
 
     def next_step(self) -> StepWork | None:
         """The next step's work, or None when there is nothing to run."""
