@@ -96,8 +96,13 @@ def test_a_conversations_next_turn_is_computed_where_its_earlier_turns_are(token
         # The first turn was prefilled remotely; its KV, received by the decode worker, is in that
         # engine's prefix cache, and its events say so to the router.
         names = prompt_block_hashes(first, BLOCK)
-        held = wait_for(lambda: set(names) <= set(asyncio.run(prefix_cache_snapshot(decode.address)).stored))
-        assert held and wait_for(lambda: http.get("/cluster").json()["prefix_index_blocks"].get(decode.record.worker_id, 0) >= 5)
+
+        def router_knows_what_decode_holds() -> bool:
+            held = asyncio.run(prefix_cache_snapshot(decode.address)).stored
+            known = http.get("/cluster").json()["prefix_index_blocks"].get(decode.record.worker_id, 0)
+            return set(names) <= set(held) and known == len(held)  # the router has caught up with the worker's events
+
+        assert wait_for(router_knows_what_decode_holds)
         # The next turn: all of it but 40 new tokens on the decode worker, under --bypass-prefill-below (64).
         turn = first + tokens[:40]
         moved, bypassed = (
