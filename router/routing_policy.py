@@ -132,7 +132,8 @@ def pick_prefill_worker(
     index: PrefixIndex,
     hashes_for,
     lora_name: str | None = None,
-    recompute_weight: float = 1.0,
+    *,
+    recompute_weight: float,
 ) -> tuple[WorkerView | None, int]:
     """The worker with the least prefill work: the tokens queued there, plus `recompute_weight`
     times what this prompt would cost there: its tokens less the cached prefix (a prefix in its
@@ -220,7 +221,9 @@ def place_prefill(
     if config.prefill_routing == "round-robin":
         prefill, overlap = min(candidates, key=lambda w: w.load.last_picked, default=None), 0
     else:
-        prefill, overlap = pick_prefill_worker(candidates, prompt_len, index, hashes_for, lora_name, config.recompute_weight)
+        prefill, overlap = pick_prefill_worker(
+            candidates, prompt_len, index, hashes_for, lora_name, recompute_weight=config.recompute_weight
+        )
     if prefill is None:
         return PrefillPlacement(None, bypass="kv_incompatible" if incompatible else "no_prefill_worker", incompatible=incompatible)
     if prefill_backlog_too_deep(prefill, config.local_prefill_above_queued_tokens):

@@ -25,7 +25,7 @@ from tests.support.worker_views import BLOCK, worker
 
 
 def pick_prefill(workers, prompt, index):
-    return pick_prefill_worker(workers, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs))
+    return pick_prefill_worker(workers, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), recompute_weight=1.0)
 
 
 def test_block_hashes_follow_shared_prefixes():
@@ -77,8 +77,11 @@ def test_recompute_weight_keeps_a_prefix_on_its_holder_against_a_shorter_queue()
     index.record("holder", prompt_block_hashes(prompt, BLOCK))  # 10 of its blocks: 3 tokens to compute there
     holder.stats.queued_prefill_tokens = 15 * BLOCK  # queued there: more than the prefix saves (10 blocks)
 
+    def hashes(block_size: int) -> list[int]:
+        return prompt_block_hashes(prompt, block_size)
+
     def pick(weight: float):
-        return pick_prefill_worker([holder, idle], len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), None, weight)[0]
+        return pick_prefill_worker([holder, idle], len(prompt), index, hashes, recompute_weight=weight)[0]
 
     assert pick(1.0) is idle  # 15 blocks queued outweigh 10 blocks recomputed, token for token
     assert pick(2.0) is holder  # recomputing 10 blocks weighs 20: the prefix stays where it is
@@ -88,7 +91,7 @@ def test_recompute_weight_keeps_a_prefix_on_its_holder_against_a_shorter_queue()
     config = RouterConfig(bypass_prefill_below_tokens=0)
     decode = worker("d", "decode")
     holder.stats.queued_prefill_tokens = 15 * BLOCK
-    placement = place_prefill([holder, idle], decode, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), config)
+    placement = place_prefill([holder, idle], decode, len(prompt), index, hashes, config)
     assert placement.worker is holder and placement.overlap_tokens == 10 * BLOCK
 
 
@@ -241,7 +244,7 @@ def test_a_lora_adapters_prompts_are_named_apart_from_the_base_models_and_each_o
 def test_routing_prefers_workers_holding_the_adapter_while_they_are_not_much_busier():
     for role, pick in (
         ("decode", lambda ws, lora: pick_decode_worker(ws, 100, lora)),
-        ("prefill", lambda ws, lora: pick_prefill_worker(ws, 64, PrefixIndex(), lambda bs: [], lora)[0]),
+        ("prefill", lambda ws, lora: pick_prefill_worker(ws, 64, PrefixIndex(), lambda bs: [], lora, recompute_weight=2.0)[0]),
     ):
         holds = worker("holds", role, lora_adapters=["a"], running=2, queued_prefill_tokens=500)
         lacks = worker("lacks", role, running=0)
