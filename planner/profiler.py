@@ -251,8 +251,9 @@ def profile_engine(
     dtype = model.dtype if isinstance(model.dtype, torch.dtype) else getattr(torch, str(model.dtype))
     kv_bytes = layers * kv_heads * head * 2 * dtype.itemsize
     transfer_blocks = max(1, min(cache.num_gpu_blocks or 1, -(-budget // block_size)))
-    gbps = measure_transfer_gbps((transfer_blocks, kv_heads, block_size, 2 * head), dtype, layers, block_size, transport)
-    tier_gbps = measure_tier_gbps((transfer_blocks, kv_heads, block_size, 2 * head), dtype, layers, block_size)
+    layer_shape = (transfer_blocks, kv_heads, block_size, 2 * head)
+    gbps = measure_transfer_gbps(layer_shape, dtype, layers, block_size, transport)
+    tier_gbps = measure_tier_gbps(layer_shape, dtype, layers, block_size)
     vocab = e.vocab
     e.close()
     tp = config.parallel_config.tensor_parallel_size
