@@ -103,6 +103,24 @@ class AutoscalingSpec(_Strict):
     decode_target_running: int = Field(32, ge=1)  # requests per replica
 
 
+class ModelSpec(_Strict):
+    """One more model the cluster serves beside the spec's own (`engine:`, `prefill:`,
+    `decode:`), with its own engine and pools. `prefill: {replicas: 0}` runs it co-located:
+    its decode workers compute their own prompts."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # its served name, unless vllm_args give one; names its pools
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    prefill: PoolSpec = Field(default_factory=PoolSpec)
+    decode: PoolSpec = Field(default_factory=PoolSpec)
+    # Its `vllm serve` serving flags at the router (--served-model-name, --chat-template, parsers);
+    # the command line's serve the spec's own model only.
+    vllm_args: list[str] = Field(default_factory=list)
+
+    def serving_flags(self) -> list[str]:
+        named = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in self.vllm_args)
+        return self.vllm_args if named else ["--served-model-name", self.name, *self.vllm_args]
+
+
 class ClusterSpec(_Strict):
     name: str = "pdcluster"
     ray_address: str = ""  # empty: start a local Ray instance
@@ -123,6 +141,33 @@ class ClusterSpec(_Strict):
     controller_metrics_port: int = 0  # the controller's Prometheus endpoint; 0 picks a free port
     health_interval_s: float = Field(1.0, gt=0)
     unhealthy_after: int = Field(3, ge=1)  # failed health checks in a row before a replace
+    # More models behind the same router, each with its own engine and pools (see ModelSpec).
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _model_names_unique(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: each name once, not {names}")
+        return self
+
+    def model_clusters(self) -> list[ClusterSpec]:
+        """One single-model spec per model, the spec's own first: each runs under its own
+        controller and name (Ray actors, registry keys), on the same Ray cluster, registry and
+        secret, so pools of several models share nodes through Ray's resources."""
+        clusters = [self.model_copy(update={"models": []})]
+        for model in self.models:
+            update = {
+                "models": [],
+                "name": f"{self.name}-{model.name}",
+                "engine": model.engine,
+                "prefill": model.prefill,
+                "decode": model.decode,
+                "router": self.router.model_copy(update={"vllm_args": model.serving_flags()}),
+                "controller_metrics_port": 0,  # one port per controller
+            }
+            clusters.append(self.model_copy(update=update))
+        return clusters
 
     @model_validator(mode="after")
     def _switching_pools_run_one_engine(self):

@@ -23,7 +23,7 @@ def connect_ray(spec: ClusterSpec) -> None:
         ray.init(address=spec.ray_address, namespace=NAMESPACE, log_to_driver=False)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only instance
-    pools = [spec.prefill, spec.decode]
+    pools = [pool for model in spec.model_clusters() for pool in (model.prefill, model.decode)]
     # Logical CPUs: one engine per pool replica even where the machine has fewer cores.
     cpus = max(os.cpu_count() or 1, int(sum(p.num_cpus * p.max_replicas for p in pools)) + 1)
     resources: dict[str, float] = {}

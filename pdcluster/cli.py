@@ -107,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pdcluster.cluster.ray_cluster import connect_ray, start_controller
     from pdcluster.common.process_lifetime import on_stop_signals
     from pdcluster.router.listeners import PortTaken, bind_listeners
+    from pdcluster.router.model_registry import publish_models
     from pdcluster.router.server import serve_router
 
     try:
@@ -121,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     # Never an open cluster: without a configured secret, one made for this run.
     spec.auth_token = spec.auth_token or os.environ.get("PDCLUSTER_KV_TOKEN") or secrets.token_urlsafe(32)
+    models = spec.model_clusters()  # each with the secret
     stop = threading.Event()
     connect_ray(spec)  # before anything imports ray: it decides how ray is set up
     import ray
@@ -128,36 +130,44 @@ def _serve(args: argparse.Namespace) -> int:
     ray_address = ray.get_runtime_context().gcs_address  # in the ready record: tools find this cluster there
 
     on_stop_signals(stop.set)  # after ray.init, which installs its own handlers
-    controller = None
+    controllers = []
     try:
-        controller = start_controller(spec)
-        waited = _wait_for_pools(controller, stop)
-        if waited != 0:
-            return waited
+        for model in models:  # one controller per model: its pools, healed and scaled on their own
+            controllers.append(start_controller(model))
+        for controller in controllers:
+            waited = _wait_for_pools(controller, stop)
+            if waited != 0:
+                return waited
+        configs = [model.router_config() for model in models]
+        if spec.registry:  # for routers started on their own
+            publish_models(configs)
         if args.no_router:
-            print(f"pdcluster pools ready: {spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers", flush=True)
-            _write_ready(args.ready_file, None, spec, ray_address)
+            print(f"pdcluster pools ready: {_pools_text(models)}", flush=True)
+            _write_ready(args.ready_file, None, models, ray_address)
             stop.wait()
             return 0
-        config = spec.router_config()
-        membership = None if spec.registry else (lambda: controller.members.remote())
+        memberships = None if spec.registry else [controller.members.remote for controller in controllers]
         asyncio.run(
             serve_router(
-                config,
-                on_ready=lambda info: _on_ready(info, spec, args.ready_file, ray_address),
-                membership=membership,
+                configs,
+                on_ready=lambda info: _on_ready(info, models, args.ready_file, ray_address),
+                memberships=memberships,
                 listeners=listeners,
             )
         )
         return 0
     finally:
         _tell("stopping workers...")
-        if controller is not None:
+        for controller in controllers:
             try:
                 ray.get(controller.shutdown.remote(), timeout=120)
             except Exception as e:  # still shut Ray down below
                 _tell(f"controller shutdown: {e}", sys.stderr)
         ray.shutdown()
+
+
+def _pools_text(models) -> str:
+    return ", ".join(f"{m.prefill.replicas} prefill + {m.decode.replicas} decode workers" for m in models)
 
 
 def _tell(text: str, file=None) -> None:
@@ -215,16 +225,16 @@ def _wait_for_pools(controller, stop: threading.Event) -> int:
     return 130
 
 
-def _on_ready(info, spec, ready_file: str, ray_address: str) -> None:
+def _on_ready(info, models, ready_file: str, ray_address: str) -> None:
     print(
-        f"pdcluster ready: {info.http}/v1 (OpenAI), grpc {info.grpc}, model {info.model}, "
-        f"{spec.prefill.replicas} prefill + {spec.decode.replicas} decode workers (Ctrl-C to stop)",
+        f"pdcluster ready: {info.http}/v1 (OpenAI), grpc {info.grpc}, model {', '.join(info.models)}, "
+        f"{_pools_text(models)} (Ctrl-C to stop)",
         flush=True,
     )
-    _write_ready(ready_file, info, spec, ray_address)
+    _write_ready(ready_file, info, models, ray_address)
 
 
-def _write_ready(ready_file: str, router, spec, ray_address: str) -> None:
+def _write_ready(ready_file: str, router, models, ray_address: str) -> None:
     """The typed record of a serving cluster, for scripts (the printed line is for people)."""
     if ready_file:
         from pdcluster.common.files import write_atomically
@@ -233,8 +243,8 @@ def _write_ready(ready_file: str, router, spec, ray_address: str) -> None:
         record = ServeRecord(
             router=router,
             ray_address=ray_address,
-            prefill_workers=spec.prefill.replicas,
-            decode_workers=spec.decode.replicas,
+            prefill_workers=sum(m.prefill.replicas for m in models),
+            decode_workers=sum(m.decode.replicas for m in models),
             pid=os.getpid(),
         )
         write_atomically(ready_file, record.model_dump_json())
@@ -715,9 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", default=None, help="directory to write it to (default: the cache)")
     tiny.add_argument(
         "--variant",
-        choices=["tiny", "bench", "long"],
+        choices=["tiny", "bench", "long", "other"],
         default="tiny",
-        help="tiny: 4 layers, 4K positions; bench: ~26M parameters, for bench compare; long: tiny with 128K positions",
+        help="tiny: 4 layers, 4K positions; bench: ~26M parameters, for bench compare; long: tiny with 128K positions; "
+        "other: tiny with other weights, a second model",
     )
     tiny.set_defaults(func=_model_tiny)
 

@@ -28,6 +28,7 @@ class _Waiting:
 
 class AdmissionGate:
     def __init__(self, max_inflight: int, max_queue: int, metrics) -> None:
+        self._max_inflight = max_inflight
         self._free = max_inflight
         self._max_queue = max_queue
         self._queue: list[_Waiting] = []  # a left client's entry stays until a release skips it
@@ -36,6 +37,14 @@ class AdmissionGate:
         self._turn: dict[int, int] = defaultdict(int)  # per class: the turn being served
         self._next_tag: dict[str, int] = defaultdict(int)  # per tenant: the turn its next queued request gets
         self._metrics = metrics
+
+    @property
+    def running(self) -> int:
+        return self._max_inflight - self._free
+
+    @property
+    def queued(self) -> int:
+        return self._waiting
 
     def check(self, n: int = 1) -> None:
         """Refuse at once when `n` more requests would overflow the queue."""

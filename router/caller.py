@@ -5,7 +5,6 @@ refusal's Retry-After, a cache hit) for the front door to put on the response.""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
+from pdcluster.router.asgi_body import json_fields, read_body, text_field
 from pdcluster.router.config import TenantConfig
 from pdcluster.router.tenants import DEFAULT_TENANT, Refusal, Tenants
 
@@ -67,10 +67,11 @@ class CallerMiddleware:
     the body), and adds `Retry-After` to 429s and `x-response-cache` to answers the cache was
     asked for, streamed ones included. `refused(tenant, reason)` counts each refusal."""
 
-    def __init__(self, app, tenants: Tenants, served_names: list[str], refused: Callable[[str, str], None]) -> None:
+    def __init__(self, app, tenants: Tenants, models: list[list[str]], refused: Callable[[str, str], None]) -> None:
+        """`models`: each model's served names (see Tenants.model_refusal)."""
         self.app = app
         self._tenants = tenants
-        self._served_names = served_names
+        self._models = models
         self._refused = refused
 
     async def __call__(self, scope, receive, send):
@@ -84,10 +85,10 @@ class CallerMiddleware:
         set_caller(caller)
         caller.responses_api = scope["path"] == "/v1/responses"
         if scope["method"] == "POST" and (caller.responses_api or (caller.tenant.models and scope["path"].startswith("/v1/"))):
-            body, receive = await _read_body(receive)
-            named = _json_fields(body)
-            caller.previous_response_id = _text(named.get("previous_response_id"))
-            if refusal := Tenants.model_refusal(caller.tenant, _text(named.get("model")), self._served_names):
+            body, receive = await read_body(receive)
+            named = json_fields(body)
+            caller.previous_response_id = text_field(named.get("previous_response_id"))
+            if refusal := Tenants.model_refusal(caller.tenant, text_field(named.get("model")), self._models):
                 self._refused(caller.tenant.name, refusal.reason)
                 return await _refusal_response(refusal)(scope, receive, send)
         # A stream's headers leave before its first chunk is made, and with it the cache's
@@ -112,36 +113,6 @@ def _with_caller_headers(start: dict, caller: Caller) -> dict:
     if caller.cache:
         extra.append((CACHE_HEADER.encode(), caller.cache.encode()))
     return {**start, "headers": [*start.get("headers", ()), *extra]}
-
-
-def _json_fields(body: bytes) -> dict:
-    try:
-        fields = json.loads(body)
-    except ValueError:
-        return {}  # vLLM's own parsing answers a malformed body
-    return fields if isinstance(fields, dict) else {}
-
-
-def _text(value) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-async def _read_body(receive):
-    """The whole body (its size already bounded by BodySizeLimit), and a receive that replays it."""
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    body = b"".join(chunks)
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay():
-        return pending.pop() if pending else await receive()
-
-    return body, replay
 
 
 def _refusal_response(refusal: Refusal) -> JSONResponse:

@@ -38,6 +38,7 @@ class ClusterView(BaseModel):
     model: str
     workers: list[WorkerSummary]
     prefix_index_blocks: dict[str, int]  # block hashes this router remembers per prefill worker
+    models: dict[str, list[str]]  # each model (its first served name): its workers' ids
 
 
 class ScrapeTargets(BaseModel):

@@ -32,6 +32,34 @@ class TenantConfig(BaseModel):
     response_cache: bool = Field(False, description="answer its exact repeats of deterministic requests from the response cache")
 
 
+class AliasRule(BaseModel):
+    """One rule of a model alias: the model it picks when every condition it states holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("", description="its label in the decision metrics (default: its place, rules[i])")
+    model: str = Field(min_length=1, description="the served model name it picks")
+    min_prompt_tokens: int = Field(0, ge=0, description="prompts of at least this many tokens")
+    max_prompt_tokens: int | None = Field(None, ge=0, description="prompts of at most this many tokens")
+    tenants: list[str] = Field(default_factory=list, description="callers of these tenants (empty: any)")
+    headers: dict[str, str] = Field(default_factory=dict, description="requests with these header values (names in any case)")
+
+
+class ModelAlias(BaseModel):
+    """A model name that stands for others: the first rule that holds picks the model, else the
+    default; a pick whose model is saturated goes to `overflow` instead, unless that one is too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="the name requests give, e.g. auto")
+    rules: list[AliasRule] = Field(default_factory=list)
+    default: str = Field(min_length=1, description="the model when no rule holds")
+    overflow: str = Field("", description="the model a saturated pick goes to (empty: none)")
+    overflow_at_inflight: int = Field(
+        0, ge=0, description="a model is saturated with this many requests running at this router (0: once its requests queue)"
+    )
+
+
 class ResponseCacheConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -86,6 +114,9 @@ class RouterConfig(BaseModel):
         "", description="a YAML list of tenants (as `tenants:` in the spec), e.g. a mounted Kubernetes Secret; added to `tenants`"
     )
     response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    aliases: list[ModelAlias] = Field(
+        default_factory=list, description="model names that resolve, by rules, to served ones (the response names the one that answered)"
+    )
     cost_per_hour: PoolCosts = Field(default_factory=PoolCosts, description="set from the spec's pools")
     bypass_prefill_below_tokens: int = Field(
         64,
@@ -143,6 +174,7 @@ def parse_router_args(argv: list[str] | None = None) -> RouterConfig:
         description="pdcluster router; any other flag is one of `vllm serve`'s, for vLLM's OpenAI layer",
         allow_abbrev=False,  # a vLLM flag must never be taken for a prefix of one of ours
     )
-    add_model_flags(parser, RouterConfig, exclude=("vllm_args", "engine", "tenants"))  # vLLM's flags; tenants: --tenants-file
+    # vLLM's flags; tenants: --tenants-file; aliases: in the spec
+    add_model_flags(parser, RouterConfig, exclude=("vllm_args", "engine", "tenants", "aliases"))
     args, vllm_args = parser.parse_known_args(argv)
     return RouterConfig.model_validate(merged(env_values(RouterConfig), {**flag_values(args), "vllm_args": vllm_args}))

@@ -12,6 +12,7 @@ import json
 from http import HTTPStatus
 
 import grpc
+from fastapi import FastAPI
 from opentelemetry import context as otel_context
 from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -21,7 +22,8 @@ from vllm.entrypoints.serve.exception_handling.error_response import ErrorRespon
 from pdcluster.common.tracing import context_of
 from pdcluster.protos import inference_pb2, inference_pb2_grpc
 from pdcluster.router.caller import Caller, current_caller, set_caller
-from pdcluster.router.router_service import Router
+from pdcluster.router.model_dispatch import app_for, unknown_model_error
+from pdcluster.router.model_routers import ModelRouters
 from pdcluster.router.tenants import Tenants
 
 _GRPC_CODES = {
@@ -49,10 +51,10 @@ class _Refused(Exception):
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: Router, state) -> None:
-        """`state`: the vLLM app's state, holding its serving classes."""
-        self._router = router
-        self._state = state
+    def __init__(self, routers: ModelRouters, apps: list[FastAPI]) -> None:
+        """`apps`: each model's vLLM app, whose state holds its serving classes."""
+        self._routers = routers
+        self._apps = apps
 
     async def Generate(self, request, context):
         finished = None  # the last reply waits for the usage, which vLLM sends after it
@@ -91,38 +93,45 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """The request's chunks as vLLM streams them (OpenAI JSON), usage last."""
         metadata = dict(context.invocation_metadata())
         try:
-            caller = Caller.from_headers(self._router.tenants, metadata)
+            caller = Caller.from_headers(self._routers.endpoint.tenants, metadata)
         except ValueError as e:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if caller is None:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata authorization: Bearer KEY)")
         set_caller(caller)
-        if refusal := Tenants.model_refusal(caller.tenant, request.model, self._router.served_model_names):
-            self._router.usage.refused(caller.tenant.name, refusal.reason)
+        if refusal := Tenants.model_refusal(caller.tenant, request.model, self._routers.model_names):
+            self._routers.endpoint.usage.refused(caller.tenant.name, refusal.reason)
             raise _Refused(_GRPC_CODES.get(refusal.status, grpc.StatusCode.PERMISSION_DENIED), refusal.message)
         # The caller's trace (W3C traceparent in the metadata), current while vLLM's serving
         # classes run the request: they take trace headers from HTTP requests only.
         trace = context_of(metadata)
         token = otel_context.attach(trace) if trace is not None else None
         try:
-            async for payload in self._serve(request):
+            async for payload in self._serve(request, metadata):
                 yield payload
         finally:
             if token is not None:
                 otel_context.detach(token)
 
-    async def _serve(self, request: inference_pb2.GenerateRequest):
+    async def _serve(self, request: inference_pb2.GenerateRequest, metadata: dict):
         given = [bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages)]
         if sum(given) != 1:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of prompt, prompt_token_ids, messages")
-        body = _openai_body(request, self._router.served_model_names[0])
+        body = _openai_body(request, self._routers.served_model_names[0])
+        if request.messages:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            body["prompt"] = request.prompt or list(request.prompt_token_ids)
+        metadata = {k.lower(): v for k, v in metadata.items() if isinstance(v, str)}
+        body["model"] = self._routers.resolve_alias(body, current_caller().tenant.name, metadata) or body["model"]
+        if error := unknown_model_error(self._apps, self._routers, body["model"]):
+            _refuse(error.error.model_dump())
+        state = self._apps[app_for(self._apps, body["model"])].state
         try:
             if request.messages:
-                body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-                result = await self._state.openai_serving_chat.create_chat_completion(ChatCompletionRequest.model_validate(body), None)
+                result = await state.openai_serving_chat.create_chat_completion(ChatCompletionRequest.model_validate(body), None)
             else:
-                body["prompt"] = request.prompt or list(request.prompt_token_ids)
-                result = await self._state.openai_serving_completion.create_completion(CompletionRequest.model_validate(body), None)
+                result = await state.openai_serving_completion.create_completion(CompletionRequest.model_validate(body), None)
         except ValidationError as e:
             raise _Refused(
                 grpc.StatusCode.INVALID_ARGUMENT, "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())

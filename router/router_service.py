@@ -4,7 +4,6 @@ metrics, and vLLM's engine client over them that both front doors (HTTP, gRPC) s
 from __future__ import annotations
 
 import dataclasses
-import hmac
 
 from pdcluster.common.cluster_token import local_cluster_token
 from pdcluster.common.registry import RedisRegistry
@@ -14,34 +13,28 @@ from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS, engine_args_from_flag
 from pdcluster.common.worker_auth import token_metadata
 from pdcluster.common.worker_record import Role
 from pdcluster.router.config import RouterConfig
+from pdcluster.router.endpoint import Endpoint
 from pdcluster.router.engine_client import ClusterEngineClient
 from pdcluster.router.membership import MembershipFollower, follow_registry
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.prefix_cache_watch import PrefixCacheWatch
 from pdcluster.router.request_flow import RequestFlow
-from pdcluster.router.response_cache import ResponseCache
-from pdcluster.router.tenant_registry import publish_tenants, registry_tenants
-from pdcluster.router.tenant_usage import TenantUsage
-from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, configured_tenants
 from pdcluster.router.worker_pool import WorkerPool
 
 
 class Router:
-    def __init__(self, config: RouterConfig, membership=None) -> None:
-        """`membership`: an async callable returning worker addresses (the cluster
-        controller's view); without it, the Redis registry or the fixed `config.workers`."""
+    def __init__(self, config: RouterConfig, endpoint: Endpoint, membership=None) -> None:
+        """One model's router; `endpoint`: what it shares with the other models' routers.
+        `membership`: an async callable returning worker addresses (the cluster controller's
+        view); without it, the Redis registry or the fixed `config.workers`."""
         from vllm.config import ModelConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.renderers import renderer_from_config
         from vllm.usage.usage_lib import UsageContext
 
         self.config = config
-        tenants = configured_tenants(config)
-        if config.registry and tenants:
-            publish_tenants(config.registry, config.cluster_name, tenants)
-        elif config.registry:
-            tenants = registry_tenants(config.registry, config.cluster_name)
-        self.tenants = Tenants(tenants, config.api_key)
+        self.endpoint = endpoint
+        self.tenants = endpoint.tenants
         self.vllm_args = vllm_serve_args(config.model or str(ensure_tiny_model()), config.vllm_args, self.tenants.api_keys)
         # As vLLM: served under each --served-model-name, or under --model as given.
         self.served_model_names = self.vllm_args.served_model_name or [self.vllm_args.model]
@@ -70,24 +63,15 @@ class Router:
         self.metrics = RouterMetrics(self.pool, vllm_config)
         renderer = renderer_from_config(vllm_config)
         self.flow = RequestFlow(self.pool, config, self.metrics, renderer.tokenizer)
-        rates = config.cost_per_hour
-        self.usage = TenantUsage(
-            self.metrics.registry,
-            lambda: rates.prefill * len(self.pool.healthy(Role.PREFILL)) + rates.decode * len(self.pool.healthy(Role.DECODE)),
-        )
-        cache_url = config.response_cache.url or config.registry
-        self.response_cache = ResponseCache(cache_url, config.response_cache.ttl_s, config.cluster_name) if cache_url else None
-        if self.response_cache is None and any(t.response_cache for t in self.tenants.configured):
-            raise ValueError("a tenant uses the response cache, which needs Redis: set response_cache.url or --registry")
         self.engine = ClusterEngineClient(
             vllm_config,
             renderer,
             self.flow,
             self.pool,
             self.tenants,
-            self.usage,
+            endpoint.usage,
             self.served_model_names[0],
-            self.response_cache,
+            endpoint.response_cache,
             tracing=bool(traces_endpoint),
         )
         self._membership = membership
@@ -97,13 +81,16 @@ class Router:
         if config.prefill_routing == "kv-events":
             self._prefix_watch = PrefixCacheWatch(self.pool, self.flow.prefix_index, config.health_interval_s)
 
-    def is_admin(self, authorization: str) -> bool:
-        """Whether it may see the whole cluster (its workers, every tenant's usage): the router's
-        own key, or, without one, anyone but a tenant."""
-        key = self.config.api_key
-        if key:
-            return hmac.compare_digest(authorization, f"Bearer {key}")
-        return self.tenants.identify(authorization) in (None, DEFAULT_TENANT)
+    def cost_per_hour(self) -> float:
+        """What its healthy workers cost now, at their pools' rates."""
+        rates = self.config.cost_per_hour
+        return rates.prefill * len(self.pool.healthy(Role.PREFILL)) + rates.decode * len(self.pool.healthy(Role.DECODE))
+
+    def saturated(self, at_inflight: int) -> bool:
+        """Whether it takes no more work now: requests queue for admission, `at_inflight` run
+        (0: no such bound), or no decode worker is healthy."""
+        gate = self.flow.admission
+        return gate.queued > 0 or 0 < at_inflight <= gate.running or not self.pool.healthy(Role.DECODE)
 
     def _forget(self, worker) -> None:
         """A worker left the membership: its cached prefixes left with it."""
@@ -129,8 +116,6 @@ class Router:
             self._prefix_watch.start()
 
     async def close(self) -> None:
-        if self.response_cache is not None:
-            await self.response_cache.close()
         if self._prefix_watch is not None:
             await self._prefix_watch.close()
         if self._follower is not None:

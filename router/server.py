@@ -25,21 +25,24 @@ from pdcluster.router.caller import CallerMiddleware
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.inference_service import InferenceService
 from pdcluster.router.listeners import PortTaken, RouterListeners, bind_listeners
+from pdcluster.router.model_registry import with_registry_models
+from pdcluster.router.model_routers import ModelRouters
 from pdcluster.router.openai_frontend import build_openai_app
-from pdcluster.router.router_service import Router
 
 logger = logging.getLogger("pdcluster.router")
 
 
-async def serve_router(config: RouterConfig, on_ready=None, membership=None, listeners: RouterListeners | None = None) -> None:
-    """Serve until a signal; `on_ready(record)` is called once both APIs listen. See Router
-    for `membership`. The ports are bound first (or were, in `listeners`)."""
+async def serve_router(configs: list[RouterConfig], on_ready=None, memberships=None, listeners: RouterListeners | None = None) -> None:
+    """Serve until a signal: one model per config, on the first config's ports (see
+    ModelRouters for `memberships`); `on_ready(record)` is called once both APIs listen. The
+    ports are bound first (or were, in `listeners`)."""
+    config = configs[0]
     listeners = listeners or bind_listeners(config)
-    router = Router(config, membership)
-    await router.start()
-    app = await build_openai_app(router)
+    routers = ModelRouters(configs, memberships)
+    await routers.start()
+    dispatch, apps = await build_openai_app(routers)
     grpc_server = grpc.aio.server(options=server_options())
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(router, app.state), grpc_server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(routers, apps), grpc_server)
     grpc_port = add_port(grpc_server, f"{config.host}:{listeners.release_grpc_port()}", config.tls, clients_need_cert=False)
     await grpc_server.start()
 
@@ -48,7 +51,10 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
     https: dict[str, Any] = dict(ssl_certfile=config.tls.cert, ssl_keyfile=config.tls.key) if config.tls.enabled else {}
     server = uvicorn.Server(
         uvicorn.Config(
-            BodySizeLimit(CallerMiddleware(app, router.tenants, router.served_model_names, router.usage.refused), config.max_body_bytes),
+            BodySizeLimit(
+                CallerMiddleware(dispatch, routers.endpoint.tenants, routers.model_names, routers.endpoint.usage.refused),
+                config.max_body_bytes,
+            ),
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -61,7 +67,8 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
     info = RouterRecord(
         http=f"{'https' if config.tls.enabled else 'http'}://{config.host}:{http_port}",
         grpc=f"{config.host}:{grpc_port}",
-        model=router.served_model_names[0],
+        model=routers.served_model_names[0],
+        models=routers.served_model_names,
         pid=os.getpid(),
     )
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -81,7 +88,7 @@ async def serve_router(config: RouterConfig, on_ready=None, membership=None, lis
     finally:
         server.should_exit = True
         await grpc_drained
-        await router.close()
+        await routers.close()
 
 
 async def _stop_with(server: uvicorn.Server, grpc_server: grpc.aio.Server, grace_s: float) -> None:
@@ -99,5 +106,5 @@ def run_router(config: RouterConfig) -> int:
     except PortTaken as e:
         logger.error("%s", e)
         return 1
-    uvloop.run(serve_router(config, listeners=listeners))
+    uvloop.run(serve_router(with_registry_models(config), listeners=listeners))
     return 0

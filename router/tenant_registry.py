@@ -5,17 +5,12 @@ vLLM's key check, which is built once."""
 
 from __future__ import annotations
 
-import logging
-import time
-
-import redis
 from pydantic import TypeAdapter
 
 from pdcluster.router.config import TenantConfig
+from pdcluster.router.registry_values import publish_value, read_value
 
-logger = logging.getLogger("pdcluster.router.tenants")
 _TENANTS = TypeAdapter(list[TenantConfig])
-READ_WAIT_S = 30.0  # a registry restarting; past this, the router does not start (it would serve without keys)
 
 
 def _key(cluster_name: str) -> str:
@@ -23,27 +18,9 @@ def _key(cluster_name: str) -> str:
 
 
 def publish_tenants(url: str, cluster_name: str, tenants: list[TenantConfig]) -> None:
-    """Best effort: this router serves its own tenants either way."""
-    client = redis.Redis.from_url(url)
-    try:
-        client.set(_key(cluster_name), _TENANTS.dump_json(tenants))
-    except redis.RedisError as e:
-        logger.warning("could not keep the tenants in the registry (other routers will not see them): %s", e)
-    finally:
-        client.close()
+    publish_value(url, _key(cluster_name), _TENANTS.dump_json(tenants), "tenants")
 
 
 def registry_tenants(url: str, cluster_name: str) -> list[TenantConfig]:
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    deadline = time.monotonic() + READ_WAIT_S
-    try:
-        while True:
-            try:
-                stored = client.get(_key(cluster_name))
-                return _TENANTS.validate_json(stored) if stored else []
-            except redis.RedisError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the registry at {url} does not answer, so its tenants are unknown: {e}") from e
-                time.sleep(1.0)
-    finally:
-        client.close()
+    stored = read_value(url, _key(cluster_name), "tenants")
+    return _TENANTS.validate_json(stored) if stored else []

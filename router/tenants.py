@@ -117,10 +117,11 @@ class Tenants:
         return None
 
     @staticmethod
-    def model_refusal(tenant: TenantConfig, requested: str | None, served_names: list[str]) -> Refusal | None:
-        """Refused unless the tenant may use the model a request names (an adapter, or any of
-        the base model's served names; none named: the base model)."""
-        names = [requested] if requested and requested not in served_names else served_names
+    def model_refusal(tenant: TenantConfig, requested: str | None, models: list[list[str]]) -> Refusal | None:
+        """Refused unless the tenant may use the model a request names: any of that model's
+        served names (`models`: each model's, the first model's first; none named: the first
+        model), or the name itself (an adapter, a model alias)."""
+        names = next((names for names in models if requested in names), [requested]) if requested else models[0]
         if not tenant.models or set(names) & set(tenant.models):
             return None
         return Refusal(HTTPStatus.FORBIDDEN, "model", f"tenant {tenant.name} may not use the model {names[0]}")

@@ -45,7 +45,8 @@ class RouterRecord(BaseModel):
 
     http: str  # base URL of the OpenAI API
     grpc: str  # host:port of the Inference service
-    model: str
+    model: str  # the first model's served name
+    models: list[str]  # every model's served names, the first model's first
     pid: int
 
 

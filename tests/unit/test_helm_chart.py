@@ -49,6 +49,14 @@ FULL_VALUES = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },
     "decode": {"nodeSelector": {"pool": "h200"}},
+    "models": [
+        {
+            "name": "small",
+            "engine": {"model": "/models/small", "max_model_len": 4096},
+            "prefill": {"replicas": 0},
+            "decode": {"num_gpus": 1, "node_resource": "decode_pool", "cost_per_hour": 1.2},
+        }
+    ],
 }
 
 
@@ -140,6 +148,10 @@ def test_what_pdcluster_reads_from_the_chart_parses():
     assert spec.engine.quantization == "fp8" and spec.engine.enable_chunked_prefill is True
     assert spec.prefill.engine == {"max_num_batched_tokens": 16384, "kv_offloading_size": 1.5} and spec.decode.engine == {}
     assert spec.prefill.kv.tier_dir == "/var/lib/pdcluster/kv-tier" and spec.decode.kv.tier_dir == ""
+    # A second model, co-located on the decode node group; the routers read it from the registry.
+    small = spec.model_clusters()[1]
+    assert small.name == "demo-small" and small.engine.model == "/models/small" and small.prefill.replicas == 0
+    assert small.decode.node_resource == "decode_pool" and small.router_config().vllm_args == ["--served-model-name", "small"]
     head = docs[("RayCluster", "demo")]["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
     controller = next(c for c in head if c["name"] == "controller")
     args = build_parser().parse_args(controller["command"][1:])

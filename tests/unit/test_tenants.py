@@ -72,11 +72,13 @@ def test_the_token_window_forgets_what_is_older_than_a_minute():
 
 
 def test_a_tenant_may_use_only_its_models():
-    served = ["tiny", "tiny-alias"]
+    served = [["tiny", "tiny-alias"], ["other"]]
     assert Tenants.model_refusal(ACME, "small", served) is None
     refusal = Tenants.model_refusal(ACME, "tiny-alias", served)
     assert refusal is not None and refusal.status == 403 and "may not use the model tiny" in refusal.message
-    assert Tenants.model_refusal(ACME, None, served) is not None  # no model named: the base model
+    assert Tenants.model_refusal(ACME, None, served) is not None  # no model named: the first model
+    assert Tenants.model_refusal(ACME, "other", served) is not None  # another model's names are not its
+    assert Tenants.model_refusal(ACME.model_copy(update={"models": ["other"]}), "other", served) is None
     assert Tenants.model_refusal(BETA, "anything", served) is None  # no list: every model
 
 
@@ -96,7 +98,7 @@ async def test_the_front_door_refuses_bad_words_and_marks_cached_streams():
 
     refused: list[tuple[str, str]] = []
     tenants = Tenants([ACME, BETA.model_copy(update={"response_cache": True})])
-    door = CallerMiddleware(app, tenants, ["tiny"], lambda tenant, reason: refused.append((tenant, reason)))
+    door = CallerMiddleware(app, tenants, [["tiny"]], lambda tenant, reason: refused.append((tenant, reason)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(door), base_url="http://router") as client:
         beta = {"authorization": "Bearer k-beta"}
         reply = await client.post("/v1/completions", json={"stream": True}, headers=beta)

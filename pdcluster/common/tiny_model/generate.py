@@ -66,7 +66,10 @@ BENCH_MODEL = TinyModelSpec(
 # For long prompts (32K to 128K tokens): the tiny model with 128K positions, otherwise the same.
 LONG_MODEL = TinyModelSpec(name="tiny-llama-long", version=1, max_position_embeddings=131072)
 
-VARIANTS = {"tiny": TinyModelSpec(), "bench": BENCH_MODEL, "long": LONG_MODEL}
+# A second model for multi-model clusters: the tiny model's shape, other weights.
+OTHER_MODEL = TinyModelSpec(seed=1)
+
+VARIANTS = {"tiny": TinyModelSpec(), "bench": BENCH_MODEL, "long": LONG_MODEL, "other": OTHER_MODEL}
 
 
 def default_cache_root() -> Path:
