@@ -162,13 +162,18 @@ def second_router(served, certs):
 @pytest.fixture(scope="module")
 def references(tokenizer, tmp_path_factory) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
     """Prompts and a plain vLLM engine's greedy answers, one engine start for all: "short" ones
-    (MAX_TOKENS, to EOS) and the cut cable's "streams" (STREAM_TOKENS each)."""
+    (MAX_TOKENS, to EOS), the lossy link's own "fresh" ones (MAX_TOKENS; no full block in common
+    with the others, so no worker holds their prefix before) and the cut cable's "streams"
+    (STREAM_TOKENS each)."""
     ids = tokenizer(CORPUS.read_text()).input_ids
-    prompts = {"short": [ids[:400], ids[200:900]], "streams": [ids[i * 50 : i * 50 + 40 + i] for i in range(4)]}
-    requests = [(p, MAX_TOKENS, False) for p in prompts["short"]] + [(p, STREAM_TOKENS, True) for p in prompts["streams"]]
-    answers = reference_answers(requests, tmp_path_factory.mktemp("reference"))
-    short = len(prompts["short"])
-    return {"short": (prompts["short"], answers[:short]), "streams": (prompts["streams"], answers[short:])}
+    prompts = {
+        "short": [ids[:400], ids[200:900]],
+        "fresh": [ids[100:500], ids[300:700]],
+        "streams": [ids[i * 50 : i * 50 + 40 + i] for i in range(4)],
+    }
+    requests = [(p, STREAM_TOKENS if name == "streams" else MAX_TOKENS, name == "streams") for name in prompts for p in prompts[name]]
+    answers = iter(reference_answers(requests, tmp_path_factory.mktemp("reference")))
+    return {name: (listed, [next(answers) for _ in listed]) for name, listed in prompts.items()}
 
 
 @pytest.fixture(scope="module")
@@ -241,10 +246,11 @@ def test_a_router_on_another_host_serves_through_the_heads_redis_lost(served, se
     assert sorted(w["role"] for w in workers if w["healthy"]) == ["decode", "prefill"], workers
 
 
-def test_a_slow_lossy_kv_link_loses_nothing(served, prompts_and_answers):
+def test_a_slow_lossy_kv_link_loses_nothing(served, references):
     """50 ms more and 5% of packets lost on the way from the prefill host to the decode host: the
-    KV still crosses (not recomputed) and the answers are unchanged."""
-    prompts, expected = prompts_and_answers
+    KV still crosses (not recomputed) and the answers are unchanged. Prompts no worker holds: the
+    decode worker would compute a prompt whose prefix it holds itself (decode_holds_prefix)."""
+    prompts, expected = references["fresh"]
     transfers = kv_transfers(served)
     impair(LAB.name, "prefill-1", ["decode-1"], delay_ms=50, loss=0.05)
     try:
