@@ -49,7 +49,8 @@ class ModelRouters:
     def resolve_alias(self, body: dict, tenant: str, headers: Mapping[str, str]) -> str | None:
         """The served model the alias `body` names picks for it (the decision counted); None
         when its model is not an alias."""
-        alias = self.endpoint.aliases.get(body.get("model"))  # type: ignore[arg-type]
+        name = body.get("model")
+        alias = self.endpoint.aliases.get(name) if isinstance(name, str) else None
         if alias is None:
             return None
         tokens = prompt_tokens(body, self.router_of(alias.default).flow.tokenizer) if needs_prompt_tokens(alias) else 0
