@@ -1,8 +1,14 @@
-"""A request body read ahead of the app (to see its JSON fields), then replayed to it."""
+"""What middleware reads of an HTTP request ahead of the app: its headers, and its body (to
+see its JSON fields), then replayed to the app."""
 
 from __future__ import annotations
 
 import json
+
+
+def scope_headers(scope) -> dict[str, str]:
+    """The request's headers, names in lower case."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
 
 
 def json_fields(body: bytes) -> dict:

@@ -13,7 +13,7 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-from pdcluster.router.asgi_body import json_fields, read_body, text_field
+from pdcluster.router.asgi_body import json_fields, read_body, scope_headers, text_field
 from pdcluster.router.config import TenantConfig
 from pdcluster.router.tenants import DEFAULT_TENANT, Refusal, Tenants
 
@@ -77,7 +77,7 @@ class CallerMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        headers = scope_headers(scope)
         try:
             caller = Caller.from_headers(self._tenants, headers) or Caller()  # an unknown key: vLLM's check answers 401
         except ValueError as e:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.exception_handling.error_response import ErrorResponse, create_error_response
 
-from pdcluster.router.asgi_body import json_fields, read_body, replaying, text_field
+from pdcluster.router.asgi_body import json_fields, read_body, replaying, scope_headers, text_field
 from pdcluster.router.caller import current_caller
 from pdcluster.router.model_routers import ModelRouters
 
@@ -55,7 +55,7 @@ class ModelDispatch:
             fields = json_fields(body)
             name = text_field(fields.get("model"))
             if name in aliases:
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+                headers = scope_headers(scope)
                 fields["model"] = name = self._routers.resolve_alias(fields, current_caller().tenant.name, headers)
                 scope, receive = _with_body(scope, receive, json.dumps(fields).encode())
             elif error := unknown_model_error(self._apps, self._routers, name):
