@@ -97,3 +97,12 @@ def find_controller(cluster_name: str, address: str):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     return ray.get_actor(controller_name(cluster_name), namespace=NAMESPACE)
+
+
+def model_controllers(cluster_name: str) -> list:
+    """The controllers of a cluster's other models (`<name>-<model>`, from the spec's
+    `models:`), once `find_controller` has joined Ray."""
+    import ray
+
+    names = sorted(n for n in ray.util.list_named_actors() if n.startswith(f"{cluster_name}-") and n != controller_name(cluster_name))
+    return [ray.get_actor(n, namespace=NAMESPACE) for n in names if n.endswith("-controller")]

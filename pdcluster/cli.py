@@ -10,9 +10,13 @@ import shlex
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from pdcluster.common.worker_record import ROLES
 from pdcluster.kv_transfer.settings import TRANSPORTS
+
+if TYPE_CHECKING:
+    from pdcluster.cluster.cluster_status import ClusterStatus
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
@@ -315,7 +319,7 @@ def _restart(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
 
-    from pdcluster.cluster.ray_cluster import find_controller
+    from pdcluster.cluster.ray_cluster import find_controller, model_controllers
 
     controller = find_controller(args.name, args.address)  # before importing ray: it sets Ray up
     import ray
@@ -324,6 +328,12 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(status.model_dump_json())
         return 0
+    for each in [status, *ray.get([c.status.remote() for c in model_controllers(args.name)])]:
+        _print_status(each)
+    return 0
+
+
+def _print_status(status: ClusterStatus) -> None:
     print(f"cluster {status.name} (autoscaling {'on' if status.autoscaling else 'off'})")
     for role, pool in status.pools.items():
         print(f"  {role:<8} ready {pool.ready}/{pool.target} (min {pool.min}, max {pool.max}) per replica {pool.resources}")
@@ -338,7 +348,6 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  healed {h.role}: {h.replaced} ({h.reason}) -> {h.replacement} in {h.seconds}s")
     for f in status.start_failures[-5:]:
         print(f"  failed to start: {f.role} {f.replica}: {_start_failure_text(f.cause)}")
-    return 0
 
 
 def _profile(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """What every model's router behind one endpoint shares: who calls (tenants, their keys and
-limits, the admin key), what each used and its cost, and the response cache."""
+limits, kept with the other routers' through the registry; the admin key), what each used and
+its cost, and the response cache."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.response_cache import ResponseCache
+from pdcluster.router.tenant_load_sync import TenantLoadSync
 from pdcluster.router.tenant_registry import publish_tenants, registry_tenants
 from pdcluster.router.tenant_usage import TenantUsage
 from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, configured_tenants
@@ -26,6 +28,8 @@ class Endpoint:
         elif config.registry:
             tenants = registry_tenants(config.registry, config.cluster_name)
         self.tenants = Tenants(tenants, config.api_key)
+        limited = any(t.max_concurrent or t.tokens_per_minute for t in tenants)
+        self._load_sync = TenantLoadSync(config.registry, config.cluster_name, self.tenants) if config.registry and limited else None
         self.registry = CollectorRegistry()  # the usage metrics
         self.usage = TenantUsage(self.registry, cost_per_hour)
         self.aliases = {alias.name: alias for alias in config.aliases}
@@ -47,6 +51,12 @@ class Endpoint:
             return hmac.compare_digest(authorization, f"Bearer {self._api_key}")
         return self.tenants.identify(authorization) in (None, DEFAULT_TENANT)
 
+    def start(self) -> None:
+        if self._load_sync is not None:
+            self._load_sync.start()
+
     async def close(self) -> None:
+        if self._load_sync is not None:
+            await self._load_sync.close()
         if self.response_cache is not None:
             await self.response_cache.close()

@@ -78,7 +78,7 @@ class ClusterEngineClient(EngineClient):
         self._flow.admission.check(n)
 
     def _admit(self, caller: Caller, n: int) -> None:
-        refusal = self._tenants.admission_refusal(caller.tenant, n, time.monotonic())
+        refusal = self._tenants.admission_refusal(caller.tenant, n, time.time())
         if refusal is not None:
             caller.retry_after_s = refusal.retry_after_s
             self._usage.refused(caller.tenant.name, refusal.reason)
@@ -113,7 +113,7 @@ class ClusterEngineClient(EngineClient):
         tenant = caller.tenant
         model = lora_request.lora_name if lora_request else self._served_name
         self._admit(caller, len(samples))  # again: between the check and here, others may have come
-        self._tenants.open[tenant.name] += len(samples)
+        self._tenants.opened(tenant, len(samples))
         self._tenants.charge(tenant, len(prompt_ids))
         used = UsageFigures(requests=1, prompt_tokens=len(prompt_ids))
         try:
@@ -154,7 +154,7 @@ class ClusterEngineClient(EngineClient):
             async for output in self._generate(request_id, requests, params.output_kind, tenant, used, key):
                 yield output
         finally:
-            self._tenants.open[tenant.name] -= len(samples)
+            self._tenants.closed(tenant, len(samples))
             self._usage.record(tenant.name, model, used)
 
     async def _generate(

@@ -60,6 +60,7 @@ class ModelRouters:
         return decision.model
 
     async def start(self) -> None:
+        self.endpoint.start()
         for router in self.routers:
             await router.start()
 

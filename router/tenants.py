@@ -1,7 +1,8 @@
 """Who sends a request, and what it may do: API keys map to tenants (the spec's `tenants:` and
 --tenants-file's); each tenant has limits on requests at once and on tokens per minute, and
-the models it may use. These are decisions only: a refusal says why and when to come back;
-the engine client and the front doors act on it."""
+the models it may use. Limits hold across the routers that share a registry: what the others'
+requests hold comes in `elsewhere` (router/tenant_load_sync.py). These are decisions only: a
+refusal says why and when to come back; the engine client and the front doors act on it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import hmac
 import math
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 
@@ -46,7 +48,8 @@ def configured_tenants(config: RouterConfig) -> list[TenantConfig]:
 
 
 class TokenWindow:
-    """Tokens charged over the last WINDOW_S seconds, in one-second buckets."""
+    """Tokens charged over the last WINDOW_S seconds, in buckets of one wall-clock second (the
+    routers sharing a registry add up each other's)."""
 
     def __init__(self) -> None:
         self._buckets: deque[list[int]] = deque()  # [second, tokens], oldest first
@@ -58,28 +61,40 @@ class TokenWindow:
         else:
             self._buckets.append([second, tokens])
 
-    def used(self, now: float) -> int:
+    def buckets(self, now: float) -> list[tuple[int, int]]:
         while self._buckets and self._buckets[0][0] <= now - WINDOW_S:
             self._buckets.popleft()
-        return sum(tokens for _, tokens in self._buckets)
+        return [(second, tokens) for second, tokens in self._buckets]
 
-    def seconds_until_under(self, limit: int, now: float) -> int:
-        """Whole seconds until enough of the window's tokens age out for it to hold fewer than `limit`."""
-        used, ages_out = self.used(now), 0.0
-        for second, tokens in self._buckets:
-            if used < limit:
-                break
-            used -= tokens
-            ages_out = second + WINDOW_S - now
-        return max(1, math.ceil(ages_out))
+
+def seconds_until_under(buckets: list[tuple[int, int]], limit: int, now: float) -> int:
+    """Whole seconds until enough of the buckets' tokens age out for them to hold fewer than `limit`."""
+    used, ages_out = sum(tokens for _, tokens in buckets), 0.0
+    for second, tokens in sorted(buckets):
+        if used < limit:
+            break
+        used -= tokens
+        ages_out = second + WINDOW_S - now
+    return max(1, math.ceil(ages_out))
+
+
+@dataclass
+class Elsewhere:
+    """What the other routers' requests of each tenant hold: requests running or queued, and
+    tokens per second over the last minute."""
+
+    open: Counter[str] = field(default_factory=Counter)
+    tokens: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 class Tenants:
     def __init__(self, tenants: list[TenantConfig], admin_key: str = "") -> None:
         self.configured = tenants
         self._admin_key = admin_key
-        self.open: Counter[str] = Counter()  # requests (samples) admitted or queued, per tenant
+        self.open: Counter[str] = Counter()  # requests (samples) admitted or queued here, per tenant
         self._tokens = {t.name: TokenWindow() for t in tenants}
+        self.elsewhere = Elsewhere()
+        self.on_change: Callable[[], None] = lambda: None  # a request started or ended (to tell the other routers)
         # Every key the HTTP layer accepts (vLLM's --api-key list): the router's own and the tenants'.
         self.api_keys = [k for k in [admin_key, *(k for t in tenants for k in t.api_keys)] if k]
 
@@ -96,25 +111,31 @@ class Tenants:
         return None
 
     def admission_refusal(self, tenant: TenantConfig, n: int, now: float) -> Refusal | None:
-        """Why `n` more requests of `tenant` may not start now, if they may not."""
-        if tenant.max_concurrent and self.open[tenant.name] + n > tenant.max_concurrent:
+        """Why `n` more requests of `tenant` may not start at `now` (time.time()), if they may not."""
+        held = self.open[tenant.name] + self.elsewhere.open[tenant.name]
+        if tenant.max_concurrent and held + n > tenant.max_concurrent:
             return Refusal(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 "concurrency",
-                f"tenant {tenant.name} has {self.open[tenant.name]} requests running or queued, its limit is "
-                f"{tenant.max_concurrent}; retry later",
+                f"tenant {tenant.name} has {held} requests running or queued, its limit is {tenant.max_concurrent}; retry later",
                 1,
             )
         if tenant.tokens_per_minute:
-            window = self._tokens[tenant.name]
-            if window.used(now) >= tenant.tokens_per_minute:
+            buckets = self.token_buckets(tenant.name, now)
+            buckets += [b for b in self.elsewhere.tokens.get(tenant.name, []) if b[0] > now - WINDOW_S]
+            if sum(tokens for _, tokens in buckets) >= tenant.tokens_per_minute:
                 return Refusal(
                     HTTPStatus.TOO_MANY_REQUESTS,
                     "tokens",
                     f"tenant {tenant.name} used its {tenant.tokens_per_minute} tokens per minute; retry later",
-                    window.seconds_until_under(tenant.tokens_per_minute, now),
+                    seconds_until_under(buckets, tenant.tokens_per_minute, now),
                 )
         return None
+
+    def token_buckets(self, name: str, now: float) -> list[tuple[int, int]]:
+        """The tokens this router charged to a tenant over the last minute, per second."""
+        window = self._tokens.get(name)
+        return window.buckets(now) if window else []
 
     @staticmethod
     def model_refusal(tenant: TenantConfig, requested: str | None, models: list[list[str]]) -> Refusal | None:
@@ -126,6 +147,14 @@ class Tenants:
             return None
         return Refusal(HTTPStatus.FORBIDDEN, "model", f"tenant {tenant.name} may not use the model {names[0]}")
 
+    def opened(self, tenant: TenantConfig, n: int) -> None:
+        self.open[tenant.name] += n
+        self.on_change()
+
+    def closed(self, tenant: TenantConfig, n: int) -> None:
+        self.open[tenant.name] -= n
+        self.on_change()
+
     def charge(self, tenant: TenantConfig, tokens: int) -> None:
         if tokens and tenant.name in self._tokens:
-            self._tokens[tenant.name].add(tokens, time.monotonic())
+            self._tokens[tenant.name].add(tokens, time.time())

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test layer: the tiny model, its tokenizer, a private Redis."""
+"""Fixtures shared by every test layer: the tiny model, its tokenizer, a private Redis, vLLM's own
+server on the tiny model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pytest
 
 from pdcluster.common.redis_server import start_redis
 from pdcluster.common.tiny_model.generate import ensure_tiny_model
+
+from tests.support.vllm_reference import running_vllm_reference
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,11 @@ def redis_url():
     yield url
     server.kill()
     server.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(model_dir, tmp_path_factory):
+    """vLLM's own server on the tiny model, float32: one engine start for every module that
+    compares with it, the cluster tests' included (idle, it costs memory, not CPU)."""
+    with running_vllm_reference(model_dir, tmp_path_factory.mktemp("vllm-reference")) as reference:
+        yield reference

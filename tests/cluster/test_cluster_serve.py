@@ -1,8 +1,8 @@
 """`pdcluster serve` on a local Ray: pools as Ray actors, the controller healing a killed
-decode worker while requests stream (none lost, exact text, its engine gone with it, every KV
-block free after), `pdcluster status` with the replacement's cold start by phase, a second
-model with pools of its own behind the same endpoint, and a clean shutdown that leaves no
-process behind."""
+decode worker while requests stream (none lost, vLLM's own text, its engine gone with it, every
+KV block free after), `pdcluster status` with the replacement's cold start by phase, a second
+model with pools of its own behind the same endpoint (each model's answers its own vLLM's), and
+a clean shutdown that leaves no process behind."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from pdcluster.worker.engine_args import engine_environment
 from tests.support.kv_at_rest import workers_at_rest
 from tests.support.paths import ROOT
 from tests.support.processes import EAGER
+from tests.support.vllm_reference import ENGINE_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,7 @@ def serve(tmp_path_factory):
     # A dead Ray head's address, as one killed without `ray stop` leaves: a local cluster starts its own Ray.
     dead_head = {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
     proc, lines, served = launch_serve(
-        ["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", "--config", str(spec), *prefill_args, *EAGER],
+        ["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", "--config", str(spec), *prefill_args, *ENGINE_FLAGS, *EAGER],
         env=dead_head,
     )
     yield proc, served.router.http, lines
@@ -110,7 +111,7 @@ def listening_addresses(pid: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6A
     return {getattr(ip, "ipv4_mapped", None) or ip for ip in listening}
 
 
-def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
+def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer, vllm_reference):
     proc, url, lines = serve
     workers = cluster_workers(url)
     assert sorted(w["role"] for w in workers) == ["decode", "prefill", "prefill"]
@@ -136,6 +137,8 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     channel = grpc.insecure_channel(grpc_address(lines))
     stub = igrpc.InferenceStub(channel)
     requests, expected = greedy_requests(stub, tokenizer, count=3, stride=150, length=200)
+    # The first model's answers are its own vLLM's, token for token (float32 on both sides).
+    assert expected == vllm_reference.greedy([list(r.prompt_token_ids) for r in requests], MAX_TOKENS, ignore_eos=True)
 
     decode = next(w for w in workers if w["role"] == "decode")
     engine = psutil.Process(decode["pid"]).children(recursive=True)  # its vLLM engine core
@@ -184,7 +187,7 @@ def test_serve_starts_pools_and_heals_a_killed_decode_worker(serve, tokenizer):
     assert all(phases[p] >= 0 for p in PHASES) and phases["total"] == pytest.approx(sum(phases[p] for p in PHASES), abs=0.05)
 
 
-def test_a_second_model_has_its_own_pools_behind_the_same_endpoint(serve, second_reference, tokenizer):
+def test_a_second_model_has_its_own_pools_behind_the_same_endpoint(serve, second_reference, vllm_reference, tokenizer):
     proc, url, lines = serve
     view = httpx.get(url + "/cluster", timeout=30).json()
     first = view["model"]
@@ -212,7 +215,8 @@ def test_a_second_model_has_its_own_pools_behind_the_same_endpoint(serve, second
         # Each request runs on the pools of the model it names: the second's answers are its vLLM's, token for token.
         expected = [completion(second_reference, SECOND, p) for p in prompts]
         assert [completion(url, SECOND, p) for p in prompts] == expected
-        assert [completion(url, first, p) for p in prompts] != expected  # the first model's weights differ
+        firsts = [completion(url, first, p) for p in prompts]
+        assert firsts == vllm_reference.greedy(prompts, 24, ignore_eos=True) and firsts != expected  # the weights differ
         chat = {"model": SECOND, "messages": [{"role": "user", "content": "The river"}], "max_tokens": 16, "temperature": 0}
         reference_chat = http.post(second_reference + "/v1/chat/completions", json=chat).json()
         assert http.post(url + "/v1/chat/completions", json=chat).json()["choices"] == reference_chat["choices"]
@@ -265,6 +269,10 @@ def test_a_second_model_has_its_own_pools_behind_the_same_endpoint(serve, second
         with pytest.raises(grpc.RpcError) as refused:
             stub.Complete(ipb.GenerateRequest(model="nope", prompt="The river", max_tokens=2))
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in refused.value.details()
+    # `pdcluster status` shows each model's pools, under its own controller.
+    status = subprocess.run([sys.executable, "-m", "pdcluster.cli", "status"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert re.findall(r"^cluster (\S+)", status.stdout, re.M) == ["pdcluster", f"pdcluster-{SECOND}"], status.stdout
 
 
 def greedy_requests(stub, tokenizer, count: int, stride: int, length: int) -> tuple[list, list[list[int]]]:

@@ -7,15 +7,7 @@ import pytest
 from pdcluster.bench.trace_receiver import TraceReceiver
 
 from tests.support.processes import running_pair
-from tests.support.vllm_reference import ENGINE_FLAGS, LORA_FLAGS, running_vllm_reference
-
-
-@pytest.fixture(scope="package")
-def vllm_reference(model_dir, tmp_path_factory):
-    """vLLM's own server on the tiny model, float32: one for every integration module, stopped
-    before the cluster tests start theirs."""
-    with running_vllm_reference(model_dir, tmp_path_factory.mktemp("vllm-reference")) as reference:
-        yield reference
+from tests.support.vllm_reference import ENGINE_FLAGS, LORA_FLAGS
 
 
 @pytest.fixture(scope="package")

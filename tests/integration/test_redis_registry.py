@@ -1,6 +1,6 @@
 """Several routers sharing one real Redis registry: workers announce themselves with a TTL,
-both routers see the same membership, tenants and prefix-cache hints, a Redis restart (empty) costs
-no worker, and a killed worker drops out of both on its own."""
+both routers see the same membership, tenants (and hold their limits together) and prefix-cache
+hints, a Redis restart (empty) costs no worker, and a killed worker drops out of both on its own."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def wait_for(predicate, timeout_s: float, what: str):
 def test_two_routers_share_membership_tenants_and_prefix_hints(redis, tokenizer, tmp_path):
     redis_url = redis[1]
     tenants_file = tmp_path / "tenants.yaml"
-    tenants_file.write_text('[{"name": "acme", "api_keys": ["k-acme"]}]')
+    tenants_file.write_text('[{"name": "acme", "api_keys": ["k-acme"], "max_concurrent": 1, "tokens_per_minute": 1500}]')
     # The workers require the cluster token; the routers are not given it and read it from the
     # registry, where the controller publishes it.
     args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken", *EAGER]
@@ -88,7 +88,15 @@ def test_two_routers_share_membership_tenants_and_prefix_hints(redis, tokenizer,
             urls[0] + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0}, headers=acme, timeout=120
         )
         assert reply.status_code == 200, reply.text
-        assert httpx.post(urls[1] + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers=acme, timeout=120).status_code == 200
+        # acme may run one request at a time: router 1 hears that router 0's ended within a message's trip.
+        wait_for(
+            lambda: (
+                httpx.post(urls[1] + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers=acme, timeout=120).status_code
+                == 200
+            ),
+            5,
+            "router 1 to admit acme",
+        )
         prefill_id = workers[0].record.worker_id  # the decode worker's own prefix cache is in the index too
 
         def prefill_blocks(url: str) -> int:
@@ -96,6 +104,28 @@ def test_two_routers_share_membership_tenants_and_prefix_hints(redis, tokenizer,
 
         hinted = wait_for(lambda: prefill_blocks(urls[1]), 15, "prefix hint")
         assert hinted == prefill_blocks(urls[0]) == len(tokenizer(prompt).input_ids) // 128  # full CPU blocks
+
+        # acme's limits hold across both routers: its stream at router 0 is its one request at router 1 too.
+        def refusal_at(url: str, why: str) -> httpx.Response | None:
+            reply = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers=acme, timeout=60)
+            return reply if reply.status_code == 429 and why in reply.json()["error"]["message"] else None
+
+        stream = {"prompt": "hi", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", urls[0] + "/v1/completions", json=stream, headers=acme, timeout=60) as running:
+            chunks = running.iter_lines()  # kept: a dropped iterator closes the response
+            next(chunks)
+            wait_for(lambda: refusal_at(urls[1], "requests running or queued"), 10, "router 1 to count router 0's stream")
+
+        # Tokens: router 0 spends acme's minute (its own requests refused at last); router 1, which served it a few, refuses too.
+        def spent_at_router_0() -> bool:
+            if refusal_at(urls[0], "tokens per minute"):
+                return True
+            httpx.post(urls[0] + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, headers=acme, timeout=60)
+            return False
+
+        wait_for(spent_at_router_0, 30, "router 0 to spend acme's minute")
+        refused = wait_for(lambda: refusal_at(urls[1], "tokens per minute"), 10, "router 1 to count router 0's tokens")
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
 
         # Redis restarts empty: until the workers re-announce, the routers keep them.
         redis[0].kill()

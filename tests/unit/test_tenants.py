@@ -1,9 +1,12 @@
 """Tenants as the router decides on them: keys to tenants, the spec's and a file's tenants
-checked, the concurrency and tokens-per-minute limits with when to retry, the models a tenant
-may use, and usage with each tenant's share of the cost; the front door's middleware that
-refuses and marks answers."""
+checked, the concurrency and tokens-per-minute limits with when to retry, held across two
+routers through a real Redis, the models a tenant may use, and usage with each tenant's share
+of the cost; the front door's middleware that refuses and marks answers."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import httpx
 import pytest
@@ -15,8 +18,9 @@ from pydantic import ValidationError
 
 from pdcluster.router.caller import CallerMiddleware, current_caller
 from pdcluster.router.config import RouterConfig, TenantConfig
+from pdcluster.router.tenant_load_sync import TenantLoadSync
 from pdcluster.router.tenant_usage import TenantUsage, UsageFigures
-from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, TokenWindow, configured_tenants
+from pdcluster.router.tenants import DEFAULT_TENANT, Tenants, TokenWindow, configured_tenants, seconds_until_under
 
 ACME = TenantConfig(name="acme", api_keys=["k-acme", "k-acme-2"], max_concurrent=2, tokens_per_minute=1000, models=["small"])
 BETA = TenantConfig(name="beta", api_keys=["k-beta"], priority=1)
@@ -60,6 +64,16 @@ def test_a_tenant_past_its_concurrency_or_tokens_is_refused_with_when_to_retry()
     assert refusal is not None and refusal.reason == "tokens" and refusal.retry_after_s == 30
     assert tenants.admission_refusal(ACME, 1, now=70.5) is None
     assert tenants.admission_refusal(BETA, 100, now=0.0) is None  # no limits
+    # What other routers hold counts as this one's.
+    tenants.elsewhere.open["acme"] = 2
+    refusal = tenants.admission_refusal(ACME, 1, now=70.5)
+    assert refusal is not None and refusal.reason == "concurrency" and "has 2 requests" in refusal.message
+    tenants.elsewhere.open["acme"] = 0
+    tenants.elsewhere.tokens["acme"] = [(10, 900), (65, 400)]  # second 10 is out of the window at 70.5: 500 + 400 here
+    assert tenants.admission_refusal(ACME, 1, now=70.5) is None
+    tenants.elsewhere.tokens["acme"].append((69, 200))
+    refusal = tenants.admission_refusal(ACME, 1, now=70.5)
+    assert refusal is not None and refusal.reason == "tokens" and refusal.retry_after_s == 20  # this router's 500 leave at 90
 
 
 def test_the_token_window_forgets_what_is_older_than_a_minute():
@@ -67,8 +81,43 @@ def test_the_token_window_forgets_what_is_older_than_a_minute():
     window.add(5, now=0.5)
     window.add(7, now=0.9)
     window.add(11, now=59.9)
-    assert window.seconds_until_under(20, now=30.0) == 30  # second 0's 12 tokens age out at 60 s
-    assert window.used(59.9) == 23 and window.used(60.0) == 11
+    assert seconds_until_under(window.buckets(30.0), 20, now=30.0) == 30  # second 0's 12 tokens age out at 60 s
+    assert window.buckets(59.9) == [(0, 12), (59, 11)] and window.buckets(60.0) == [(59, 11)]
+
+
+async def test_two_routers_hold_a_tenants_limits_together_through_redis(redis_url):
+    """Each router's requests and tokens count at the other as they start and end; a router
+    that stops counts no more."""
+    routers = [Tenants([ACME, BETA]) for _ in range(2)]
+    syncs = [TenantLoadSync(redis_url, "limits-test", tenants) for tenants in routers]
+
+    async def until(holds, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not holds():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    for sync in syncs:
+        sync.start()
+    try:
+        routers[0].charge(ACME, 1200)
+        routers[0].opened(ACME, 2)
+        routers[0].opened(BETA, 5)  # no limits: not shared
+        await until(lambda: routers[1].elsewhere.open == {"acme": 2}, "router 1 to hear of acme's requests")
+        assert sum(t for _, t in routers[1].elsewhere.tokens["acme"]) == 1200
+        refusal = routers[1].admission_refusal(ACME, 1, time.time())
+        assert refusal is not None and refusal.reason == "concurrency"
+        routers[0].closed(ACME, 2)
+        await until(lambda: routers[1].elsewhere.open == {"acme": 0}, "router 1 to hear they ended")
+        refusal = routers[1].admission_refusal(ACME, 1, time.time())
+        assert refusal is not None and refusal.reason == "tokens" and 1 <= refusal.retry_after_s <= 60
+        await until(lambda: routers[0].elsewhere.open == {"acme": 0}, "router 0 to hear router 1's heartbeat: nothing held")
+        await syncs[0].close()  # gone at once, not after TTL_S
+        await until(lambda: routers[1].elsewhere.open == {}, "router 1 to hear router 0 stopped")
+        assert routers[1].admission_refusal(ACME, 1, time.time()) is None
+    finally:
+        for sync in syncs:
+            await sync.close()
 
 
 def test_a_tenant_may_use_only_its_models():
