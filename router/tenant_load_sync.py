@@ -84,10 +84,12 @@ class TenantLoadSync:
                 await self.publish()
 
     async def _listen(self) -> None:
+        listening = True  # warn once per outage, not once per retry
         while True:  # subscribe again after Redis goes away and comes back
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
+                listening = True
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=HEARTBEAT_S)
                     if message is not None:
@@ -95,8 +97,10 @@ class TenantLoadSync:
                         self.heard(router_id, load, time.monotonic())
                     else:
                         self._recount(time.monotonic())  # the silent drop out
-            except aioredis.RedisError as e:
-                logger.warning("tenant loads from the registry stopped (%s); other routers' requests count as they last were", e)
+            except Exception as e:  # Redis away, or a word this router cannot read: its limits go on locally
+                if listening:
+                    logger.warning("tenant loads from the registry stopped (%s); other routers' requests count until %.0f s old", e, TTL_S)
+                listening = False
                 self._recount(time.monotonic())
                 await asyncio.sleep(HEARTBEAT_S)
             finally:
