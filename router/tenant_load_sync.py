@@ -24,7 +24,6 @@ logger = logging.getLogger("pdcluster.router.tenant_load")
 
 HEARTBEAT_S = 1.0
 TTL_S = 5.0
-COALESCE_S = 0.005  # a burst of starts and ends goes out as one message
 
 
 class TenantLoadSync:
@@ -78,7 +77,7 @@ class TenantLoadSync:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
-            await asyncio.sleep(COALESCE_S)
+            await asyncio.sleep(0)  # the starts and ends of this turn of the loop go out as one message
             self._changed.clear()
             with contextlib.suppress(aioredis.RedisError):  # the listener says so; the next heartbeat catches up
                 await self.publish()
