@@ -24,6 +24,7 @@ logger = logging.getLogger("pdcluster.router.tenant_load")
 
 HEARTBEAT_S = 1.0
 TTL_S = 5.0
+CLOSE_WAIT_S = 2.0
 
 
 class TenantLoadSync:
@@ -36,15 +37,18 @@ class TenantLoadSync:
         self._changed = asyncio.Event()
         self._heard: dict[str, tuple[float, dict]] = {}  # router id -> (when, its load)
         self._tasks: list[asyncio.Task] = []
+        self._closed = False
 
     def start(self) -> None:
         self._tenants.on_change = self._changed.set
         self._tasks = [asyncio.create_task(self._publish_changes()), asyncio.create_task(self._listen())]
 
     async def close(self) -> None:
+        self._closed = True  # the loops end even where a client library swallows a cancellation
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
         with contextlib.suppress(aioredis.RedisError):  # its share is gone at once, not after TTL_S
             await self._redis.publish(self._channel, msgpack.packb([self._id, None]))
         await self._redis.aclose()
@@ -74,9 +78,10 @@ class TenantLoadSync:
         self._tenants.elsewhere = elsewhere
 
     async def _publish_changes(self) -> None:
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), HEARTBEAT_S)
+                async with asyncio.timeout(HEARTBEAT_S):
+                    await self._changed.wait()
             await asyncio.sleep(0)  # the starts and ends of this turn of the loop go out as one message
             self._changed.clear()
             with contextlib.suppress(aioredis.RedisError):  # the listener says so; the next heartbeat catches up
@@ -84,12 +89,12 @@ class TenantLoadSync:
 
     async def _listen(self) -> None:
         listening = True  # warn once per outage, not once per retry
-        while True:  # subscribe again after Redis goes away and comes back
+        while not self._closed:  # subscribe again after Redis goes away and comes back
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
                 listening = True
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=HEARTBEAT_S)
                     if message is not None:
                         router_id, load = msgpack.unpackb(message["data"])
@@ -97,6 +102,8 @@ class TenantLoadSync:
                     else:
                         self._recount(time.monotonic())  # the silent drop out
             except Exception as e:  # Redis away, or a word this router cannot read: its limits go on locally
+                if self._closed:
+                    break
                 if listening:
                     logger.warning("tenant loads from the registry stopped (%s); other routers' requests count until %.0f s old", e, TTL_S)
                 listening = False
