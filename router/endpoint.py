@@ -28,8 +28,9 @@ class Endpoint:
         elif config.registry:
             tenants = registry_tenants(config.registry, config.cluster_name)
         self.tenants = Tenants(tenants, config.api_key)
-        limited = any(t.max_concurrent or t.tokens_per_minute for t in tenants)
-        self._load_sync = TenantLoadSync(config.registry, config.cluster_name, self.tenants) if config.registry and limited else None
+        self._load_sync = (
+            TenantLoadSync(config.registry, config.cluster_name, self.tenants) if config.registry and self.tenants.limited else None
+        )
         self.registry = CollectorRegistry()  # the usage metrics
         self.usage = TenantUsage(self.registry, cost_per_hour)
         self.aliases = {alias.name: alias for alias in config.aliases}

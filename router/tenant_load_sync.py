@@ -33,7 +33,6 @@ class TenantLoadSync:
         self._channel = f"pdcluster:{cluster_name}:tenant-load"
         self._id = uuid.uuid4().hex
         self._tenants = tenants
-        self._limited = [t.name for t in tenants.configured if t.max_concurrent or t.tokens_per_minute]
         self._changed = asyncio.Event()
         self._heard: dict[str, tuple[float, dict]] = {}  # router id -> (when, its load)
         self._tasks: list[asyncio.Task] = []
@@ -55,7 +54,7 @@ class TenantLoadSync:
 
     async def publish(self) -> None:
         now = time.time()
-        load = {name: [self._tenants.open[name], self._tenants.token_buckets(name, now)] for name in self._limited}
+        load = {name: [self._tenants.open[name], self._tenants.token_buckets(name, now)] for name in self._tenants.limited}
         await self._redis.publish(self._channel, msgpack.packb([self._id, load]))
 
     def heard(self, router_id: str, load: dict | None, now: float) -> None:

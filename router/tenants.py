@@ -94,6 +94,8 @@ class Tenants:
         self.open: Counter[str] = Counter()  # requests (samples) admitted or queued here, per tenant
         self._tokens = {t.name: TokenWindow() for t in tenants}
         self.elsewhere = Elsewhere()
+        # The tenants with limits: what the routers sharing a registry tell each other of.
+        self.limited = [t.name for t in tenants if t.max_concurrent or t.tokens_per_minute]
         self.on_change: Callable[[], None] = lambda: None  # a request started or ended (to tell the other routers)
         # Every key the HTTP layer accepts (vLLM's --api-key list): the router's own and the tenants'.
         self.api_keys = [k for k in [admin_key, *(k for t in tenants for k in t.api_keys)] if k]
