@@ -72,6 +72,7 @@ def run_mode(
     slo_ttft_ms: float,
     slo_itl_ms: float,
     router_flags: Sequence[str],
+    kv_transport: str,
 ) -> tuple[RateResult, int]:
     """The replay's result, and the KV bytes the decode worker received during it."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -79,7 +80,8 @@ def run_mode(
     pools = [(Role.PREFILL, set(cpus[:half])), (Role.PREFILL, set(cpus[half:] or cpus)), (Role.DECODE, set(cpus))]
     log_dir = tempfile.mkdtemp(prefix=f"pdcluster-prefix-{mode}-")
     print(f"{mode}: 2 prefill workers + 1 decode worker (logs in {log_dir})...", flush=True)
-    processes, url = start_pdcluster(engine, pools, log_dir, ["--prefill-routing", mode, "--enable-prompt-tokens-details", *router_flags])
+    flags = ["--prefill-routing", mode, "--enable-prompt-tokens-details", *router_flags]
+    processes, url = start_pdcluster(engine, pools, log_dir, flags, kv_transport)
     decode = next(p for p in processes if p.role == Role.DECODE)
     try:
         model = asyncio.run(served_model(url))
@@ -100,6 +102,7 @@ def main(
     tier_gib: float = 0.0,
     engine_blocks: int = 0,
     router_flags: Sequence[str] = (),
+    kv_transport: str = "auto",
 ) -> dict:
     from transformers import AutoTokenizer
 
@@ -115,7 +118,8 @@ def main(
         runs |= {f"{mode} + tier": (mode, tiered) for mode in modes}
     vocab = len(AutoTokenizer.from_pretrained(engine.model))
     runs_out = {
-        label: run_mode(mode, config, trace, vocab, slo_ttft_ms, slo_itl_ms, router_flags) for label, (mode, config) in runs.items()
+        label: run_mode(mode, config, trace, vocab, slo_ttft_ms, slo_itl_ms, router_flags, kv_transport)
+        for label, (mode, config) in runs.items()
     }
     results = {label: result for label, (result, _) in runs_out.items()}
     ceiling = ideal_hit_rate(trace, block_size)
@@ -124,7 +128,9 @@ def main(
     moved = {label: kv for label, (_, kv) in runs_out.items()}
     cache = f"engine cache {engine_blocks} blocks" if engine_blocks else "engine cache as configured"
     flags = f"; router {' '.join(router_flags)}" if router_flags else ""
-    print(f"\n{len(trace)} requests at {trace_rate(trace):g} req/s, {cache}; tier {tier_gib:g} GiB per worker{flags}")
+    print(
+        f"\n{len(trace)} requests at {trace_rate(trace):g} req/s, {cache}; tier {tier_gib:g} GiB per worker; KV over {kv_transport}{flags}"
+    )
     print(f"ceiling (one unbounded cache): {ceiling:.1%} of prompt tokens cached")
     print(
         f"{'routing':<20} {'done':>5} {'hit rate':>9} {'/ ceiling':>9} {'recomputed':>11} {'KV moved/req':>13} {'/ new KV':>9} "
@@ -148,6 +154,7 @@ def main(
         "tier_gib": tier_gib,
         "ceiling_hit_rate": round(ceiling, 4),
         "router_flags": list(router_flags),
+        "kv_transport": kv_transport,
         "new_tokens_kv_bytes": new_kv,
         "modes": {
             label: {

@@ -13,6 +13,7 @@ TRANSFER_ID = "pd_transfer_id"
 PRODUCE_TO = "pd_produce_to"  # consumer KV endpoint: this engine prefills and sends
 CONSUME = "pd_consume"  # this engine waits for the KV instead of computing the prompt
 CONSUME_FROM = "pd_consume_from"  # the producer's KV endpoint, watched while the KV is awaited
+CONSUMER_HOLDS = "pd_consumer_holds"  # prompt tokens the consumer is believed to hold: ask it before sending
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SaveSpec:
     final: bool  # `end` is the prompt's last block
     prompt_blocks: int  # blocks of the whole prompt (a chunked prompt's first steps hold fewer in `block_ids`)
     trace: Mapping[str, str] = field(default_factory=dict)  # the request's W3C trace headers (first step)
+    consumer_holds: int = 0  # prompt tokens the consumer is believed to hold (first step)
 
 
 @dataclass(frozen=True)

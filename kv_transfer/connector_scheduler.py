@@ -10,7 +10,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata, SaveSpec
+from pdcluster.kv_transfer.connector_metadata import (
+    CONSUME,
+    CONSUME_FROM,
+    CONSUMER_HOLDS,
+    PRODUCE_TO,
+    TRANSFER_ID,
+    LoadSpec,
+    PdConnectorMetadata,
+    SaveSpec,
+)
 from pdcluster.kv_transfer.paged_kv_layout import blocks_for_tokens
 from pdcluster.kv_transfer.scheduled_blocks import running_on
 from pdcluster.kv_transfer.tier_scheduler import TierScheduler
@@ -33,6 +42,7 @@ class _Producing:
     started: bool = False  # the worker side has opened the transfer
     final: bool = False
     trace: Mapping[str, str] = field(default_factory=dict)
+    consumer_holds: int = 0
 
 
 class PdConnectorScheduler:
@@ -97,6 +107,7 @@ class PdConnectorScheduler:
                     num_prompt_tokens=len(new.prompt_token_ids or ()),
                     block_ids=list(new.block_ids[0]),
                     trace=self._traces.pop(new.req_id, {}),
+                    consumer_holds=int(params.get(CONSUMER_HOLDS, 0)),
                 )
                 self._plan_save(meta, new.req_id, new.num_computed_tokens, scheduler_output)
         for req_id, _, computed in running_on(self._producing, scheduler_output.scheduled_cached_reqs):
@@ -125,6 +136,7 @@ class PdConnectorScheduler:
                 final=final,
                 prompt_blocks=blocks_for_tokens(state.num_prompt_tokens, self._block_size),
                 trace=state.trace if not state.started else {},
+                consumer_holds=state.consumer_holds if not state.started else 0,
             )
         )
         state.sent_blocks, state.started, state.final = end, True, final

@@ -120,6 +120,7 @@ class KVSender:
             block_ids=[],
             prompt_blocks=save.prompt_blocks,
             deadline=time.monotonic() + self._settings.send_timeout_s,
+            ask_first=save.consumer_holds > 0,
             span=start_span(
                 "kv_transfer.send",
                 context_of(save.trace),

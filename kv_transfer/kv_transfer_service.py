@@ -1,7 +1,7 @@
 """The `KVTransfer` gRPC service and the client that calls it.
 
-gRPC is always the control channel (Abort, Stats, OpenDataChannel, NixlTarget,
-NixlWritten). The KV itself goes on gRPC client streams of `KVChunk` messages (`grpc`; see
+gRPC is always the control channel (Abort, Stats, OpenDataChannel, HeldBlocks,
+NixlTarget, NixlWritten). The KV itself goes on gRPC client streams of `KVChunk` messages (`grpc`; see
 kv_chunk_wire for why they are encoded by hand), on the raw-TCP data channel the service
 hands out (`tcp`; see tcp_transport), or as NIXL one-sided writes into the consumer's
 blocks (`nixl`); transports.py chooses among them.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -24,7 +25,7 @@ from pdcluster.kv_transfer.incoming_transfers import TransferNotWanted
 from pdcluster.kv_transfer.kv_chunk_wire import decode_kv_chunk, encode_kv_chunk
 from pdcluster.kv_transfer.kv_receiver import KVReceiver
 from pdcluster.kv_transfer.kv_staging import StagingFull
-from pdcluster.kv_transfer.nixl_consumer import NixlConsumer
+from pdcluster.kv_transfer.nixl_consumer import MAX_TARGET_WAIT_S, TARGET_POLL_S, NixlConsumer
 from pdcluster.kv_transfer.settings import KVEndpointSettings
 from pdcluster.kv_transfer.tcp_transport import push_over_tcp
 from pdcluster.protos import kv_transfer_pb2 as pb
@@ -38,6 +39,7 @@ STATS = f"/{SERVICE}/Stats"
 OPEN_DATA_CHANNEL = f"/{SERVICE}/OpenDataChannel"
 NIXL_TARGET = f"/{SERVICE}/NixlTarget"
 NIXL_WRITTEN = f"/{SERVICE}/NixlWritten"
+HELD_BLOCKS = f"/{SERVICE}/HeldBlocks"
 
 _RETRYABLE = frozenset(
     {
@@ -122,6 +124,16 @@ class KVTransferService:
         await self._authorize(request.auth_token, context)
         return self._data_channel
 
+    async def held_blocks(self, request: pb.HeldBlocksRequest, context) -> pb.HeldBlocksReply:  # type: ignore[return]  # abort raises
+        await self._authorize(request.auth_token, context)
+        if self._receiver is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this engine is not a KV consumer")
+        transfers = self._receiver.transfers
+        give_up = time.monotonic() + min(request.wait_ms / 1000, MAX_TARGET_WAIT_S)
+        while (t := transfers.get(request.transfer_id)) is None and time.monotonic() < give_up:
+            await asyncio.sleep(TARGET_POLL_S)
+        return pb.HeldBlocksReply(scheduled=t is not None, first_block=t.first_block if t else 0)
+
     async def nixl_target(self, request: pb.NixlTargetRequest, context) -> pb.NixlTargetReply:  # type: ignore[return]  # abort raises
         await self._authorize(request.auth_token, context)
         if self._nixl is None:
@@ -163,6 +175,11 @@ class KVTransferService:
                     self.open_data_channel,
                     request_deserializer=pb.DataChannelRequest.FromString,
                     response_serializer=pb.DataChannel.SerializeToString,
+                ),
+                "HeldBlocks": grpc.unary_unary_rpc_method_handler(
+                    self.held_blocks,
+                    request_deserializer=pb.HeldBlocksRequest.FromString,
+                    response_serializer=pb.HeldBlocksReply.SerializeToString,
                 ),
                 "NixlTarget": grpc.unary_unary_rpc_method_handler(
                     self.nixl_target,
@@ -236,6 +253,13 @@ class KVClient:
             host = reply.host if reply.host not in ("", "0.0.0.0", "::") else endpoint.rsplit(":", 1)[0]
             self._data_channels[endpoint] = (host, reply.port)
         return self._data_channels[endpoint]
+
+    async def held_blocks(self, endpoint: str, transfer_id: str, wait_s: float) -> int:
+        """How many leading blocks of the transfer the consumer holds already: 0 where its
+        request is not scheduled there within `wait_s`. Raises TransferFailed."""
+        request = pb.HeldBlocksRequest(transfer_id=transfer_id, wait_ms=round(wait_s * 1000))
+        reply = await self._control(endpoint, HELD_BLOCKS, request, pb.HeldBlocksReply, timeout=wait_s + 10)
+        return reply.first_block
 
     async def nixl_target(self, endpoint: str, request: pb.NixlTargetRequest) -> pb.NixlTargetReply:
         return await self._control(endpoint, NIXL_TARGET, request, pb.NixlTargetReply, timeout=request.wait_ms / 1000 + 10)

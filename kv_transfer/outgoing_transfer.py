@@ -30,6 +30,8 @@ class OutgoingTransfer:
     state: OutgoingState = OutgoingState.COMPUTING
     ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, first block, end block)
     cursor: int = 0  # ranges the current attempt has taken
+    first_block: int = 0  # the consumer holds the blocks before this (it said so): they are not sent
+    ask_first: bool = False  # the consumer is believed to hold a prefix: hear which blocks before sending
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # a range was announced, or the last
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task | None = None

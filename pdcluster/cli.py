@@ -616,6 +616,7 @@ def _bench_prefix(args: argparse.Namespace) -> int:
         tier_gib=args.kv_offloading_size,
         engine_blocks=args.num_gpu_blocks_override,
         router_flags=shlex.split(args.router_flags),
+        kv_transport=args.kv_transport,
     )
     return 0 if all(m["failed"] == 0 for m in report["modes"].values()) else 1
 
@@ -950,6 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefix.add_argument("--kv-offloading-size", type=float, default=0.0, help="also run each mode with this host KV tier (GiB per worker)")
     prefix.add_argument("--num-gpu-blocks-override", type=int, default=0, help="the engines' KV cache in blocks (vLLM's flag; 0: as sized)")
     prefix.add_argument("--router-flags", default="", help="the router's own flags for every run, e.g. '--bypass-prefill-below 256'")
+    prefix.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "tcp", "grpc"], help="the workers' KV transport")
     prefix.add_argument("--json", action="store_true", help="end with a JSON line")
     prefix.set_defaults(func=_bench_prefix)
     router = bench_sub.add_parser("router", help="router overhead against calling a worker directly")

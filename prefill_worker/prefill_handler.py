@@ -15,7 +15,7 @@ import grpc
 
 from pdcluster.common.sample_wire import encode_logprobs
 from pdcluster.common.tracing import headers_of
-from pdcluster.kv_transfer.connector_metadata import PRODUCE_TO, TRANSFER_ID
+from pdcluster.kv_transfer.connector_metadata import CONSUMER_HOLDS, PRODUCE_TO, TRANSFER_ID
 from pdcluster.protos import worker_pb2
 from pdcluster.worker.recent_latencies import RecentLatencies
 from pdcluster.worker.sampling import INVALID_REQUEST_ERRORS, request_sampling_params
@@ -46,7 +46,7 @@ class PrefillHandler:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required")
         if not target.transfer_id or not target.consumer_endpoint:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target.transfer_id and target.consumer_endpoint are required")
-        kv = {TRANSFER_ID: target.transfer_id, PRODUCE_TO: target.consumer_endpoint}
+        kv = {TRANSFER_ID: target.transfer_id, PRODUCE_TO: target.consumer_endpoint, CONSUMER_HOLDS: target.consumer_prefix_tokens}
         num_tokens = len(request.prompt_token_ids)
         self._queued_tokens += num_tokens
         arrived = time.monotonic()

@@ -7,6 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HeldBlocksRequest(_message.Message):
+    __slots__ = ("transfer_id", "auth_token", "wait_ms")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    auth_token: str
+    wait_ms: int
+    def __init__(self, transfer_id: _Optional[str] = ..., auth_token: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class HeldBlocksReply(_message.Message):
+    __slots__ = ("scheduled", "first_block")
+    SCHEDULED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    scheduled: bool
+    first_block: int
+    def __init__(self, scheduled: _Optional[bool] = ..., first_block: _Optional[int] = ...) -> None: ...
+
 class NixlTargetRequest(_message.Message):
     __slots__ = ("transfer_id", "auth_token", "producer_agent", "known_agent", "wait_ms", "layout", "dtype", "lease_ms", "compatibility")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVTransferTarget(_message.Message):
-    __slots__ = ("transfer_id", "consumer_endpoint")
+    __slots__ = ("transfer_id", "consumer_endpoint", "consumer_prefix_tokens")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     consumer_endpoint: str
-    def __init__(self, transfer_id: _Optional[str] = ..., consumer_endpoint: _Optional[str] = ...) -> None: ...
+    consumer_prefix_tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., consumer_endpoint: _Optional[str] = ..., consumer_prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params", "priority", "lora")

@@ -190,7 +190,7 @@ class RequestFlow:
         )
         prefill_task = None
         if route.prefill is not None:
-            message = prefill_request(request, attempt_id, prompt, params, route.decode)
+            message = prefill_request(request, attempt_id, prompt, params, route.decode, route.placement.decode_held_tokens)
             prefill_task = self._start_prefill(route.prefill, message, usage, span)
             decode.end_if_fails(prefill_task)
         continuation = _continuation(self.tokenizer, sent, params) if sent else None

@@ -175,6 +175,7 @@ class PrefillPlacement:
 
     worker: WorkerView | None
     overlap_tokens: int = 0
+    decode_held_tokens: int = 0  # of the prompt, on its decode worker (the index's view): that KV need not move
     bypass: str = ""  # short_prompt | decode_holds_prefix | no_prefill_worker | kv_incompatible | prefill_backlog | predicted
     chosen: Outlook | None = None
     passed_over: Outlook | None = None
@@ -235,4 +236,4 @@ def place_prefill(
             return PrefillPlacement(None, bypass="predicted", chosen=chosen, passed_over=passed_over, incompatible=incompatible)
     if config.prefill_routing != "round-robin":
         index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
-    return PrefillPlacement(prefill, overlap, chosen=chosen, passed_over=passed_over, incompatible=incompatible)
+    return PrefillPlacement(prefill, overlap, decode_held, chosen=chosen, passed_over=passed_over, incompatible=incompatible)

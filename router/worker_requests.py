@@ -54,14 +54,17 @@ def decode_request(
 
 
 def prefill_request(
-    request: GenerationRequest, attempt_id: str, prompt: list[int], params: SamplingParams, decode: WorkerView
+    request: GenerationRequest, attempt_id: str, prompt: list[int], params: SamplingParams, decode: WorkerView, decode_held: int = 0
 ) -> worker_pb2.PrefillRequest:
-    """The prompt's KV goes to `decode`'s KV endpoint under transfer `attempt_id`."""
+    """The prompt's KV goes to `decode`'s KV endpoint under transfer `attempt_id`; `decode_held`
+    of its tokens are believed to be there already."""
     return worker_pb2.PrefillRequest(
         request_id=attempt_id,
         prompt_token_ids=prompt,
         sampling_params=encode_sampling_params(params),
-        target=worker_pb2.KVTransferTarget(transfer_id=attempt_id, consumer_endpoint=decode.stats.kv_endpoint),
+        target=worker_pb2.KVTransferTarget(
+            transfer_id=attempt_id, consumer_endpoint=decode.stats.kv_endpoint, consumer_prefix_tokens=decode_held
+        ),
         priority=request.priority,
         lora=lora_adapter(request),
     )

@@ -95,6 +95,19 @@ def test_disaggregated_equals_single_engine_one_at_a_time(pd_pair, prompts, expe
     assert kv_stats(decode).recomputes == recomputes_before
 
 
+def test_a_prompt_the_decode_worker_holds_moves_only_the_block_it_lacks(pd_pair, prompts, expected):
+    """The decode worker holds the longest prompt's KV from the test above (its prefix cache),
+    as it holds a conversation's earlier turns: on every data path only the last block, which
+    vLLM does not take from its cache, crosses the link."""
+    prefill, decode = pd_pair
+    sent_before, received_before = kv_stats(prefill).bytes_sent, kv_stats(decode).bytes_received
+    tokens, _, _ = asyncio.run(generate(prefill, decode, prompts[8], decode_holds=len(prompts[8]) - 1))  # as the router would say
+    assert tokens == expected[8]
+    one_block = CPU_BLOCK_SIZE * TINY_KV_BYTES_PER_TOKEN
+    assert kv_stats(decode).bytes_received - received_before == one_block
+    assert kv_stats(prefill).bytes_sent - sent_before == one_block
+
+
 def test_each_worker_records_when_its_start_steps_happened(pd_pair, request):
     compiled = request.node.callspec.params["pd_pair"] == COMPILED_PATH
     for worker in pd_pair:

@@ -107,14 +107,19 @@ def test_chunk_arriving_while_its_request_is_scheduled_is_not_stranded(pair):
 
 
 def test_prefix_cached_blocks_are_left_alone(pair):
+    """...and never sent: told that the consumer holds a prefix, every data path asks it which
+    blocks it holds before sending."""
     prod, cons = pair
     cons.layers[0].select(0, DST_BLOCKS[0]).fill_(7.0)  # a block this engine had cached
     cached = cons.layout.pack(cons.layers[0], DST_BLOCKS[:2]).clone()
     cons.receiver.expect("t1", "r1", DST_BLOCKS, 2)
-    send(prod, cons.address)
+    send(prod, cons.address, consumer_holds=1)
     assert poll_consumer(cons) == ({"r1"}, set())
     assert torch.equal(cons.layout.pack(cons.layers[0], DST_BLOCKS[:2]), cached)
     assert_same_kv(prod, cons, start=2)
+    nbytes = (NUM_BLOCKS - 2) * prod.layout.block_bytes * len(prod.layers)
+    assert wait_until(lambda: prod.sender.poll({"r1"})) == {"r1"}  # the send ended
+    assert prod.stats.snapshot()["bytes_sent"] == cons.stats.snapshot()["bytes_received"] == nbytes
 
 
 @pytest.mark.parametrize("transport", CHUNKED)

@@ -34,9 +34,10 @@ DST_BLOCKS = [10, 2, 41, 33, 5]
 NUM_BLOCKS = len(SRC_BLOCKS)
 
 
-def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1):
+def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1, consumer_holds=0):
     """Announce the prompt's blocks layer by layer as vLLM would, in `steps` steps (chunked
-    prefill: each step holds the blocks allocated so far)."""
+    prefill: each step holds the blocks allocated so far). `consumer_holds`: prompt tokens the
+    router would believe the consumer holds."""
     bounds = [round(NUM_BLOCKS * i / steps) for i in range(steps + 1)]
     for i in range(steps):
         spec = SaveSpec(
@@ -49,6 +50,7 @@ def send(prod, consumer_address, transfer_id="t1", request_id="r1", steps=1):
             first=i == 0,
             final=i == steps - 1,
             prompt_blocks=len(SRC_BLOCKS),
+            consumer_holds=consumer_holds if i == 0 else 0,
         )
         for layer in range(len(prod.layers)):
             prod.sender.add_layer(spec, layer)

@@ -1,6 +1,7 @@
 """A loopback TCP proxy that can flip one byte of a connection's client-to-server stream:
-real corruption in flight, below gRPC or our framing. `corrupt_at` applies to the first
-connection; `arm` to the next one."""
+real corruption in flight, below gRPC or our framing. The byte at offset `corrupt_at` (given
+at start, or to `arm`) is flipped in the first connection whose stream gets that far (a
+connection that carries less, such as a transfer's stream with no chunk to send, is spared)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,18 @@ class CorruptingProxy:
         self._corrupt_at = corrupt_at
 
     async def _handle(self, reader, writer) -> None:
-        corrupt_at, self._corrupt_at = self._corrupt_at, None
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        await asyncio.gather(self._pipe(reader, up_writer, corrupt_at), self._pipe(up_reader, writer, None), return_exceptions=True)
+        await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False), return_exceptions=True)
 
-    async def _pipe(self, reader, writer, corrupt_at: int | None) -> None:
+    async def _pipe(self, reader, writer, to_server: bool) -> None:
         offset = 0
         try:
             while data := await reader.read(1 << 16):
-                if corrupt_at is not None and offset <= corrupt_at < offset + len(data):
+                at = self._corrupt_at if to_server else None
+                if at is not None and offset <= at < offset + len(data):
                     data = bytearray(data)
-                    data[corrupt_at - offset] ^= 0xFF
-                    self.corrupted = True
+                    data[at - offset] ^= 0xFF
+                    self._corrupt_at, self.corrupted = None, True
                 offset += len(data)
                 writer.write(bytes(data))
                 await writer.drain()

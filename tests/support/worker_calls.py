@@ -50,8 +50,9 @@ def greedy_params(max_tokens: int) -> bytes:
     return encode_sampling_params(SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, skip_prefill=False, transfer_id=None):
-    """Route one greedy request the way the router does: reserve on decode, prefill, stream."""
+async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, skip_prefill=False, transfer_id=None, decode_holds=0):
+    """Route one greedy request the way the router does: reserve on decode, prefill, stream.
+    `decode_holds`: prompt tokens the router would believe the decode worker holds."""
     rid = uuid.uuid4().hex
     transfer_id = transfer_id or f"kv-{rid}"
     sampling = greedy_params(MAX_TOKENS)
@@ -66,7 +67,9 @@ async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, s
                     request_id=rid,
                     prompt_token_ids=prefill_prompt or prompt,
                     sampling_params=sampling,
-                    target=wpb.KVTransferTarget(transfer_id=transfer_id, consumer_endpoint=decode.kv_endpoint),
+                    target=wpb.KVTransferTarget(
+                        transfer_id=transfer_id, consumer_endpoint=decode.kv_endpoint, consumer_prefix_tokens=decode_holds
+                    ),
                 )
             )
         tokens: list[int] = []

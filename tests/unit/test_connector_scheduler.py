@@ -15,7 +15,15 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
-from pdcluster.kv_transfer.connector_metadata import CONSUME, CONSUME_FROM, PRODUCE_TO, TRANSFER_ID, LoadSpec, PdConnectorMetadata
+from pdcluster.kv_transfer.connector_metadata import (
+    CONSUME,
+    CONSUME_FROM,
+    CONSUMER_HOLDS,
+    PRODUCE_TO,
+    TRANSFER_ID,
+    LoadSpec,
+    PdConnectorMetadata,
+)
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 64
@@ -170,7 +178,7 @@ def test_abort_before_scheduling_plans_nothing(model_dir):
 def test_producer_sends_blocks_as_computed_and_holds_them_until_sent(model_dir):
     scheduler = make_scheduler(model_dir, "kv_producer")
     prompt_len = 100  # two chunked-prefill steps of 64 tokens
-    request = make_request("p1", prompt_len, {TRANSFER_ID: "t5", PRODUCE_TO: "127.0.0.1:1"}, max_tokens=1)
+    request = make_request("p1", prompt_len, {TRANSFER_ID: "t5", PRODUCE_TO: "127.0.0.1:1", CONSUMER_HOLDS: 48}, max_tokens=1)
     scheduler.add_request(request)
     saves = []
     out = scheduler.schedule()
@@ -181,6 +189,7 @@ def test_producer_sends_blocks_as_computed_and_holds_them_until_sent(model_dir):
     # Full blocks as soon as computed (64 tokens: 4 blocks), then the rest with the prompt's end.
     assert [(s.start, s.end, s.first, s.final) for s in saves] == [(0, 4, True, False), (4, 7, False, True)]
     assert all(s.transfer_id == "t5" and s.endpoint == "127.0.0.1:1" for s in saves)
+    assert [s.consumer_holds for s in saves] == [48, 0]  # the router's word opens the transfer
     # Delayed free: vLLM keeps the blocks while the transfer reads them.
     assert scheduler.connector.has_pending_push_work()
     assert free_blocks(scheduler) == NUM_BLOCKS - 1 - 7

@@ -106,9 +106,11 @@ def test_a_turn_whose_decode_worker_holds_all_but_a_short_rest_is_computed_there
         return place_prefill([prefill], decode, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), config)
 
     assert place(earlier + [1] * 40).bypass == "decode_holds_prefix"  # 40 new tokens: computed there, nothing moves
-    assert place(earlier + [1] * 200).worker is prefill  # 200 new tokens: over a prefill worker, as any prompt
+    remote = place(earlier + [1] * 200)
+    assert remote.worker is prefill  # 200 new tokens: over a prefill worker, as any prompt,
+    assert remote.decode_held_tokens == 10 * BLOCK  # and the producer is told the decode worker holds the rest
     other = [9] * (10 * BLOCK) + [1] * 40  # nothing of it on the decode worker
-    assert place(other).worker is prefill
+    assert place(other).worker is prefill and place(other).decode_held_tokens == 0
     assert place(earlier + [1] * 40, RouterConfig(prefill_routing="round-robin")).worker is prefill  # ignores holdings
     # Blocks in the decode worker's host KV tier count as held.
     index.remove("d", prompt_block_hashes(earlier, BLOCK)[5:])
