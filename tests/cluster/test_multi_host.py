@@ -49,7 +49,6 @@ from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.certificates import make_certificates
 from tests.support.kv_at_rest import workers_at_rest
-from tests.support.processes import reference_answers
 
 pytestmark = pytest.mark.slow
 
@@ -160,8 +159,8 @@ def second_router(served, certs):
 
 
 @pytest.fixture(scope="module")
-def references(tokenizer, tmp_path_factory) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
-    """Prompts and a plain vLLM engine's greedy answers, one engine start for all: "short" ones
+def references(tokenizer, vllm_reference) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
+    """Prompts and vLLM's own server's greedy answers (the suite's shared one): "short" ones
     (MAX_TOKENS, to EOS), the lossy link's own "fresh" ones (MAX_TOKENS; no full block in common
     with the others, so no worker holds their prefix before) and the cut cable's "streams"
     (STREAM_TOKENS each)."""
@@ -171,9 +170,10 @@ def references(tokenizer, tmp_path_factory) -> dict[str, tuple[list[list[int]], 
         "fresh": [ids[100:500], ids[300:700]],
         "streams": [ids[i * 50 : i * 50 + 40 + i] for i in range(4)],
     }
-    requests = [(p, STREAM_TOKENS if name == "streams" else MAX_TOKENS, name == "streams") for name in prompts for p in prompts[name]]
-    answers = iter(reference_answers(requests, tmp_path_factory.mktemp("reference")))
-    return {name: (listed, [next(answers) for _ in listed]) for name, listed in prompts.items()}
+    return {
+        name: (listed, vllm_reference.greedy(listed, STREAM_TOKENS if name == "streams" else MAX_TOKENS, ignore_eos=name == "streams"))
+        for name, listed in prompts.items()
+    }
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,11 @@
-"""Real worker and router processes for tests, and the single-engine reference they are compared with."""
+"""Real worker and router processes for tests."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
-import sys
 
 from pdcluster.common.processes import ROLE_SWITCHING, start_process, stop_all, wait_ready
 from pdcluster.common.worker_record import Role
-
-from tests.support.paths import ROOT
 
 # Compiling the model (torch.compile: ~30 s more per engine start here, more on CI) is not
 # what most tests are about. test_core_path keeps vLLM's compiled default.
@@ -74,26 +69,3 @@ def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env:
         yield tuple(workers)
     finally:
         stop_all(workers)
-
-
-def reference_outputs(
-    prompts: list[list[int]], max_tokens: int, tmp_path, compiled: bool = False, ignore_eos: bool = False
-) -> list[list[int]]:
-    """Greedy output token ids of one plain vLLM engine (no connector), in its own process;
-    compiled or eager like the workers it is compared with."""
-    return reference_answers([(p, max_tokens, ignore_eos) for p in prompts], tmp_path, compiled)
-
-
-def reference_answers(requests: list[tuple[list[int], int, bool]], tmp_path, compiled: bool = False) -> list[list[int]]:
-    """As `reference_outputs`, each request (prompt, max_tokens, ignore_eos) its own: one engine
-    start for answers of several lengths."""
-    requests_path, out_path = tmp_path / "requests.json", tmp_path / "outputs.json"
-    requests_path.write_text(json.dumps([{"prompt": p, "max_tokens": n, "ignore_eos": e} for p, n, e in requests]))
-    subprocess.run(
-        [sys.executable, "-m", "tests.support.reference_engine", str(requests_path), str(out_path), str(compiled)],
-        cwd=ROOT,
-        check=True,
-        timeout=600,
-        stdout=subprocess.DEVNULL,
-    )
-    return json.loads(out_path.read_text())
