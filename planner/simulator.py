@@ -227,7 +227,8 @@ class ClusterSimulation:
         def on_prefilled(seq: SimSequence, now: float) -> None:
             prefill_reservation.release()
             # Layers stream while the prompt computes: what is left is the part the steps did not hide.
-            transfer = self.shape.prefill.transfer_seconds(request.input_tokens)
+            # Blocks the decode worker holds are not sent.
+            transfer = self.shape.prefill.transfer_seconds(request.input_tokens - placement.decode_held_tokens)
             tail = max(self.shape.prefill.transfer_latency_s, transfer - seq.prompt_seconds)
             self._at(now + tail, self._landed, prefill, seq, decode, consumer)
 

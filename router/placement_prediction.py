@@ -2,7 +2,8 @@
 
 For one prompt and its decode worker the router predicts
 - remote: its TTFT if a prefill worker computes it (the prompt tokens queued there first, then
-  this prompt less the prefix it holds, the KV transfer, and the decode worker's next step);
+  this prompt less the prefix it holds, the transfer of the KV the decode worker lacks, and the
+  decode worker's next step);
 - local: its TTFT if the decode worker computes it (less the prefix it holds) in chunks beside
   its running requests, and
   what those chunks cost the requests decoding there: each chunked step is longer than a
@@ -89,13 +90,13 @@ class PlacementPredictor:
         low, high = (math.log(b) for b in _CALIBRATION_BOUNDS)
         self._log_ratio[choice] = min(high, max(low, (1 - _CALIBRATION_WEIGHT) * self._log_ratio[choice] + _CALIBRATION_WEIGHT * raw))
 
-    def remote(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int) -> Outlook:
+    def remote(self, prefill: WorkerView, decode: WorkerView, prompt_len: int, overlap: int, decode_held: int = 0) -> Outlook:
         p, d = self.prefill_profile, self.decode_profile
         decoding, context = decoding_requests(decode), decode_context_tokens(decode.stats)
         ttft = (
             p.queued_prompt_seconds(queued_prefill_tokens(prefill))
             + p.prefill_seconds(prompt_len, cached=min(overlap, prompt_len - 1))
-            + p.transfer_seconds(prompt_len)
+            + p.transfer_seconds(prompt_len - decode_held)  # held blocks are not sent
             + d.decode_step_seconds(decoding + 1, context + prompt_len)
         )
         return Outlook(REMOTE, ttft * self.scale(REMOTE))  # the decode worker's steps stay as they are
@@ -115,7 +116,7 @@ class PlacementPredictor:
         """The chosen outlook first, then the other (`overlap`, `decode_held`: the prompt's prefix
         tokens the prefill and the decode worker hold)."""
         now = self.clock()
-        remote, local = self.remote(prefill, decode, prompt_len, overlap), self.local(decode, prompt_len, now, decode_held)
+        remote, local = self.remote(prefill, decode, prompt_len, overlap, decode_held), self.local(decode, prompt_len, now, decode_held)
         if (local.misses(self.slo), local.excess(self.slo)) < (remote.misses(self.slo), remote.excess(self.slo)):
             return local, remote
         return remote, local

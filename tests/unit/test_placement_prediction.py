@@ -36,6 +36,8 @@ def test_an_idle_cluster_computes_the_prompt_remotely_and_the_prediction_adds_up
     assert other.ttft_s == pytest.approx(0.510)
     # A cached prefix is not computed again.
     assert pred.remote(prefill, decode, PROMPT, 400).ttft_s == pytest.approx(0.110 + 0.0005 + 0.011)
+    # KV the decode worker holds is not sent: 100 tokens x 1000 B at 1 GB/s move.
+    assert pred.remote(prefill, decode, PROMPT, 0, decode_held=400).ttft_s == pytest.approx(0.510 + 0.0001 + 0.011)
 
 
 def test_a_prefill_backlog_sends_the_prompt_to_an_idle_decode_worker():
