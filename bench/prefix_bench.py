@@ -7,8 +7,9 @@ engines say they hold), `guess` (where the router sent prompts before) and `roun
 It reports the prefix-cache hit rate (prompt tokens the engines served from cache, as
 vLLM counts them, over all prompt tokens) and TTFT. The ceiling, from the same trace: the
 hit rate of one unbounded cache that every request passes through. And the KV moved per
-request (what the decode workers received), against the KV of the request's new tokens (those
-no earlier request had: what the ceiling computes): 1x moves each turn's new tokens once.
+request (what every worker received: the decode worker's prompts, and the prefixes prefill
+workers pulled from peers), against the KV of the request's new tokens (those no earlier
+request had: what the ceiling computes): 1x moves each turn's new tokens once.
 
 With `--kv-offloading-size GiB`, each mode runs again with that host KV tier under every
 worker's engine cache (`--num-gpu-blocks-override` shrinks the engine cache to this machine's
@@ -22,6 +23,8 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+
+import httpx
 
 from pdcluster.bench.compare_bench import trace_rate
 from pdcluster.bench.serve_bench import RateResult, replay
@@ -73,8 +76,9 @@ def run_mode(
     slo_itl_ms: float,
     router_flags: Sequence[str],
     kv_transport: str,
-) -> tuple[RateResult, int]:
-    """The replay's result, and the KV bytes the decode worker received during it."""
+) -> tuple[RateResult, int, int]:
+    """The replay's result, the KV bytes the workers received during it, and the prompts whose
+    prefill worker pulled a prefix from a peer."""
     cpus = sorted(os.sched_getaffinity(0))
     half = max(1, len(cpus) // 2)
     pools = [(Role.PREFILL, set(cpus[:half])), (Role.PREFILL, set(cpus[half:] or cpus)), (Role.DECODE, set(cpus))]
@@ -82,14 +86,24 @@ def run_mode(
     print(f"{mode}: 2 prefill workers + 1 decode worker (logs in {log_dir})...", flush=True)
     flags = ["--prefill-routing", mode, "--enable-prompt-tokens-details", *router_flags]
     processes, url = start_pdcluster(engine, pools, log_dir, flags, kv_transport)
-    decode = next(p for p in processes if p.role == Role.DECODE)
+    workers = [p for p in processes if p.role in (Role.PREFILL, Role.DECODE)]
+
+    def received() -> int:
+        return sum(asyncio.run(fetch_kv_stats(w.kv_endpoint)).bytes_received for w in workers)
+
     try:
         model = asyncio.run(served_model(url))
-        received = asyncio.run(fetch_kv_stats(decode.kv_endpoint)).bytes_received
+        before = received()
         result = replay(url, model, trace_rate(trace), trace, vocab, slo_ttft_ms, slo_itl_ms)
-        return result, asyncio.run(fetch_kv_stats(decode.kv_endpoint)).bytes_received - received
+        return result, received() - before, round(router_metric(url, "pdcluster_router_peer_pulls_total"))
     finally:
         stop_all(processes)
+
+
+def router_metric(url: str, name: str) -> float:
+    """The sum of a router metric's series, from its /metrics."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def main(
@@ -121,11 +135,12 @@ def main(
         label: run_mode(mode, config, trace, vocab, slo_ttft_ms, slo_itl_ms, router_flags, kv_transport)
         for label, (mode, config) in runs.items()
     }
-    results = {label: result for label, (result, _) in runs_out.items()}
+    results = {label: result for label, (result, _, _) in runs_out.items()}
     ceiling = ideal_hit_rate(trace, block_size)
     prompt_tokens = sum(r.input_tokens for r in trace)
     new_kv = new_tokens(trace, block_size) * kv_bytes_per_token(engine.model)  # the KV of every turn's new tokens
-    moved = {label: kv for label, (_, kv) in runs_out.items()}
+    moved = {label: kv for label, (_, kv, _) in runs_out.items()}
+    pulls = {label: n for label, (_, _, n) in runs_out.items()}
     cache = f"engine cache {engine_blocks} blocks" if engine_blocks else "engine cache as configured"
     flags = f"; router {' '.join(router_flags)}" if router_flags else ""
     print(
@@ -134,7 +149,7 @@ def main(
     print(f"ceiling (one unbounded cache): {ceiling:.1%} of prompt tokens cached")
     print(
         f"{'routing':<20} {'done':>5} {'hit rate':>9} {'/ ceiling':>9} {'recomputed':>11} {'KV moved/req':>13} {'/ new KV':>9} "
-        f"{'TTFT p50/p90/p99 ms':>22}"
+        f"{'TTFT p50/p90/p99 ms':>22} {'pulls':>6}"
     )
     recomputed = {label: round(prompt_tokens * (1 - (r.prefix_cache_hit_rate or 0.0))) for label, r in results.items()}
     for label, r in results.items():
@@ -142,7 +157,7 @@ def main(
         per_request = moved[label] / max(1, r.completed)
         print(
             f"{label:<20} {r.completed:>5} {hit:>9.1%} {hit / ceiling if ceiling else 0:>9.2f} {recomputed[label]:>11} "
-            f"{per_request / 2**20:>9.2f} MiB {moved[label] / new_kv if new_kv else 0:>8.2f}x {format_ms(r.ttft_ms):>22}"
+            f"{per_request / 2**20:>9.2f} MiB {moved[label] / new_kv if new_kv else 0:>8.2f}x {format_ms(r.ttft_ms):>22} {pulls[label]:>6}"
         )
         for error in r.errors:
             print(f"{'':<20} failed: {error}")
@@ -160,7 +175,8 @@ def main(
             label: {
                 "prefix_cache_hit_rate": r.prefix_cache_hit_rate,
                 "prompt_tokens_recomputed": recomputed[label],
-                "kv_bytes_moved": moved[label],  # received by the decode worker
+                "kv_bytes_moved": moved[label],  # received by every worker (pulls included)
+                "peer_pulls": pulls[label],
                 "kv_bytes_moved_per_request": round(moved[label] / max(1, r.completed)),
                 "kv_moved_over_new_tokens_kv": round(moved[label] / new_kv, 3) if new_kv else None,
                 "ttft_ms": r.ttft_ms,

@@ -14,6 +14,11 @@ PRODUCE_TO = "pd_produce_to"  # consumer KV endpoint: this engine prefills and s
 CONSUME = "pd_consume"  # this engine waits for the KV instead of computing the prompt
 CONSUME_FROM = "pd_consume_from"  # the producer's KV endpoint, watched while the KV is awaited
 CONSUMER_HOLDS = "pd_consumer_holds"  # prompt tokens the consumer is believed to hold: ask it before sending
+# A peer pull: this engine loads the prompt's first PULL_TOKENS tokens (whole blocks) from a peer
+# that holds them, under their own transfer id, and computes only the rest.
+PULL_ID = "pd_pull_id"
+PULL_TOKENS = "pd_pull_tokens"
+PULL_FROM = "pd_pull_from"  # the peer's KV endpoint, watched while the KV is awaited
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from pdcluster.kv_transfer.connector_metadata import (
     CONSUME_FROM,
     CONSUMER_HOLDS,
     PRODUCE_TO,
+    PULL_FROM,
+    PULL_ID,
+    PULL_TOKENS,
     TRANSFER_ID,
     LoadSpec,
     PdConnectorMetadata,
@@ -30,6 +33,28 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+
+@dataclass(frozen=True)
+class _RemoteLoad:
+    """KV a request loads from another engine: the prompt's tokens up to `end`, by `transfer_id`."""
+
+    transfer_id: str
+    end: int
+    producer: str
+
+
+def remote_load(request: Request) -> _RemoteLoad | None:
+    """What the request's `kv_transfer_params` ask this engine to load: a decode worker's whole
+    prompt (CONSUME), or a prefill worker's prefix pulled from a peer (PULL_ID); None: nothing."""
+    params = request.kv_transfer_params or {}
+    if params.get(CONSUME):
+        return _RemoteLoad(params[TRANSFER_ID], request.num_prompt_tokens, params.get(CONSUME_FROM, ""))
+    if params.get(PULL_ID):
+        # The last prompt token is always computed here: it samples the first output token.
+        end = min(int(params.get(PULL_TOKENS, 0)), request.num_prompt_tokens - 1)
+        return _RemoteLoad(params[PULL_ID], end, params.get(PULL_FROM, ""))
+    return None
 
 
 @dataclass
@@ -61,32 +86,33 @@ class PdConnectorScheduler:
     # -- consumer: reserve blocks for KV that will arrive; others: load from the tier ----
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        params = request.kv_transfer_params or {}
-        if not params.get(CONSUME):
+        load = remote_load(request)
+        if load is None:
             return (self._tier.matched_tokens(request, num_computed_tokens) if self._tier else 0), False
         if request.request_id in self._load_claimed:
             return 0, False
-        remaining = request.num_prompt_tokens - num_computed_tokens
+        remaining = load.end - num_computed_tokens
         return (remaining, True) if remaining > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params or {}
         if params.get(PRODUCE_TO) and request.trace_headers:
             self._traces[request.request_id] = dict(request.trace_headers)
+        load = remote_load(request)
         if self._tier is not None:
-            self._tier.after_alloc(request, blocks, 0 if params.get(CONSUME) else num_external_tokens)
-        if not params.get(CONSUME) or num_external_tokens <= 0 or request.request_id in self._load_claimed:
+            self._tier.after_alloc(request, blocks, 0 if load else num_external_tokens)
+        if load is None or num_external_tokens <= 0 or request.request_id in self._load_claimed:
             return
         self._load_claimed.add(request.request_id)
-        num_blocks = blocks_for_tokens(request.num_prompt_tokens, self._block_size)
+        num_blocks = blocks_for_tokens(load.end, self._block_size)
         self._pending_loads.append(
             LoadSpec(
                 request_id=request.request_id,
-                transfer_id=params[TRANSFER_ID],
+                transfer_id=load.transfer_id,
                 block_ids=list(blocks.get_block_ids()[0][:num_blocks]),
                 # vLLM hands us a block-aligned local prefix hit
-                first_block=(request.num_prompt_tokens - num_external_tokens) // self._block_size,
-                producer=params.get(CONSUME_FROM, ""),
+                first_block=(load.end - num_external_tokens) // self._block_size,
+                producer=load.producer,
                 trace=dict(request.trace_headers or {}),
             )
         )

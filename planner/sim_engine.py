@@ -35,6 +35,7 @@ class SimSequence:
     kv_ready: bool = True  # False: its prompt's KV is still on the way from a prefill worker
     prompt_seconds: float = 0.0  # engine time of the steps that computed its prompt
     copy_seconds: float = 0.0  # host KV tier copies (loads and stores) its first step carries
+    pulled: int = 0  # leading prompt tokens a peer sent before this engine computes the rest
 
     @property
     def prompt_left(self) -> int:
@@ -78,7 +79,7 @@ class SimEngine:
         self.tier: OrderedDict[int, None] = OrderedDict()  # the host KV tier's block hashes, LRU
         self.tier_blocks = tier_blocks
         self.index = index
-        self.prompt_tokens = {"engine_cache": 0, "tier": 0, "computed": 0}  # where admitted prompts' tokens came from
+        self.prompt_tokens = {"engine_cache": 0, "tier": 0, "peer": 0, "computed": 0}  # where admitted prompts' tokens came from
         self.busy = False
         self.busy_seconds = 0.0
         self.prompt_seconds = 0.0  # the share of busy time spent on prompt tokens
@@ -118,10 +119,12 @@ class SimEngine:
         sequence.copy_seconds = self.profile.tier_copy_seconds(loaded + self._keep_in_tier(hashes))
         from_cache = min(hit * self.profile.block_size, request.input_tokens - 1)
         sequence.cached_tokens = min((hit + loaded) * self.profile.block_size, request.input_tokens - 1)
-        sequence.computed = max(sequence.computed, sequence.cached_tokens)
+        pulled = max(0, sequence.pulled - sequence.cached_tokens)
+        sequence.computed = max(sequence.computed, sequence.cached_tokens + pulled)
         self.prompt_tokens["engine_cache"] += from_cache
         self.prompt_tokens["tier"] += sequence.cached_tokens - from_cache
-        self.prompt_tokens["computed"] += request.input_tokens - sequence.cached_tokens
+        self.prompt_tokens["peer"] += pulled
+        self.prompt_tokens["computed"] += request.input_tokens - sequence.cached_tokens - pulled
         return True
 
     def _cache(self, hashes: list[int]) -> None:

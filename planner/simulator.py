@@ -232,7 +232,20 @@ class ClusterSimulation:
             tail = max(self.shape.prefill.transfer_latency_s, transfer - seq.prompt_seconds)
             self._at(now + tail, self._landed, prefill, seq, decode, consumer)
 
-        prefill.engine.waiting.append(SimSequence(request, 0, True, on_prefilled, hashes_for=hashes_for))
+        produced = SimSequence(request, 0, True, on_prefilled, hashes_for=hashes_for)
+        pull = placement.pull
+        if pull is None:
+            self._start_prefill(prefill, produced)
+            return
+        # A pulled prefix is present once the peer has sent it (the peer's own step for it is
+        # not charged to the peer's engine: one block, beside its queue).
+        produced.pulled = pull.tokens
+        self._at(
+            self.now + self.shape.prefill.pull_seconds(pull.tokens, pull.tokens - pull.held_tokens), self._start_prefill, prefill, produced
+        )
+
+    def _start_prefill(self, prefill: _Replica, produced: SimSequence) -> None:
+        prefill.engine.waiting.append(produced)
         self._kick(prefill)
 
     def _landed(self, prefill: _Replica, produced: SimSequence, decode: _Replica, consumer: SimSequence) -> None:
@@ -276,7 +289,9 @@ def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dic
             "cost_per_hour": round(profile.cost_per_hour * len(replicas), 4),
         }
     cost = sim.shape.cost_per_hour * hours
-    prompt_tokens = {k: sum(r.engine.prompt_tokens[k] for r in (*sim.prefills, *sim.decodes)) for k in ("engine_cache", "tier", "computed")}
+    prompt_tokens = {
+        k: sum(r.engine.prompt_tokens[k] for r in (*sim.prefills, *sim.decodes)) for k in ("engine_cache", "tier", "peer", "computed")
+    }
     all_prompt_tokens = sum(prompt_tokens.values())
     good = [o for o in done if within_slos(o, slo_ttft_ms, slo_itl_ms)]
     return {
@@ -292,7 +307,7 @@ def report(sim: ClusterSimulation, slo_ttft_ms: float, slo_itl_ms: float) -> dic
         "slo": {"ttft_ms": slo_ttft_ms, "itl_ms": slo_itl_ms},
         "slo_attainment": round(len(good) / len(sim.outcomes), 4),
         "placements": dict(collections.Counter(o.placement for o in sim.outcomes)),
-        # Where the prompts' tokens came from: a replica's cache, its host KV tier, or computed.
+        # Where the prompts' tokens came from: a replica's cache, its host KV tier, a peer (pulled), or computed.
         "prompt_tokens": prompt_tokens,
         "prefix_hit_rate": round(1 - prompt_tokens["computed"] / all_prompt_tokens, 4) if all_prompt_tokens else 0.0,
         "pools": pools,

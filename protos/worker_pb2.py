@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpdcluster/protos/worker.proto\x12\x0cpdcluster.v1\"b\n\x10KVTransferTarget\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsumer_endpoint\x18\x02 \x01(\t\x12\x1e\n\x16\x63onsumer_prefix_tokens\x18\x03 \x01(\r\"\xc8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x06target\x18\x03 \x01(\x0b\x32\x1e.pdcluster.v1.KVTransferTarget\x12\x17\n\x0fsampling_params\x18\x05 \x01(\x0c\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\'\n\x04lora\x18\x07 \x01(\x0b\x32\x19.pdcluster.v1.LoRAAdapterJ\x04\x08\x04\x10\x05\")\n\x0bLoRAAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"f\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x0cJ\x04\x08\x02\x10\x06J\x04\x08\x07\x10\x08\"\xb2\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x17\n\x0fsampling_params\x18\x06 \x01(\x0c\x12\x18\n\x0btransfer_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x14producer_kv_endpoint\x18\x05 \x01(\t\x12\x1c\n\x0freasoning_ended\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x17reasoning_parser_kwargs\x18\x08 \x01(\x0c\x12\x10\n\x08priority\x18\t \x01(\x05\x12\'\n\x04lora\x18\n \x01(\x0b\x32\x19.pdcluster.v1.LoRAAdapterB\x0e\n\x0c_transfer_idB\x12\n\x10_reasoning_endedJ\x04\x08\x03\x10\x04\"\x9c\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x0c\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x0c\x12\x1a\n\x12\x63umulative_logprob\x18\t \x01(\x01\x12\x15\n\x0bstop_string\x18\n \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x0b \x01(\rH\x00\x42\r\n\x0bstop_reason\"\x0e\n\x0cStatsRequest\"\xa8\x07\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x13\n\x0bkv_endpoint\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x15\n\rmax_model_len\x18\x0f \x01(\r\x12\x14\n\x0ckv_transport\x18\x10 \x01(\t\x12P\n\x15kv_bytes_by_transport\x18\x11 \x03(\x0b\x32\x31.pdcluster.v1.WorkerStats.KvBytesByTransportEntry\x12X\n\x19kv_transfers_by_transport\x18\x12 \x03(\x0b\x32\x35.pdcluster.v1.WorkerStats.KvTransfersByTransportEntry\x12\x15\n\rprompt_tokens\x18\x13 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x14 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x15 \x01(\x01\x12\x1b\n\x13prefill_seconds_p90\x18\x16 \x01(\x01\x12\x17\n\x0fitl_seconds_p90\x18\x17 \x01(\x01\x12\x14\n\x0cmetrics_port\x18\x18 \x01(\r\x12\x15\n\rlora_adapters\x18\x19 \x03(\t\x12H\n\x10kv_compatibility\x18\x1a \x03(\x0b\x32..pdcluster.v1.WorkerStats.KvCompatibilityEntry\x1a\x39\n\x17KvBytesByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a=\n\x1bKvTransfersByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14KvCompatibilityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17WatchPrefixCacheRequest\"\x82\x01\n\x11PrefixCacheUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x0e\n\x06stored\x18\x03 \x03(\x04\x12\x0f\n\x07removed\x18\x04 \x03(\x04\x12\x13\n\x0btier_stored\x18\x05 \x03(\x04\x12\x14\n\x0ctier_removed\x18\x06 \x03(\x04\"!\n\x11SwitchRoleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"8\n\x0fSwitchRoleReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x17\n\x0f\x64rained_seconds\x18\x02 \x01(\x01\"\x0f\n\rLoadLoRAReply2\xc1\x03\n\x06Worker\x12\x43\n\x07Prefill\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.pdcluster.v1.DecodeRequest\x1a\x19.pdcluster.v1.DecodeChunk0\x01\x12>\n\x05Stats\x12\x1a.pdcluster.v1.StatsRequest\x1a\x19.pdcluster.v1.WorkerStats\x12\\\n\x10WatchPrefixCache\x12%.pdcluster.v1.WatchPrefixCacheRequest\x1a\x1f.pdcluster.v1.PrefixCacheUpdate0\x01\x12L\n\nSwitchRole\x12\x1f.pdcluster.v1.SwitchRoleRequest\x1a\x1d.pdcluster.v1.SwitchRoleReply\x12\x42\n\x08LoadLoRA\x12\x19.pdcluster.v1.LoRAAdapter\x1a\x1b.pdcluster.v1.LoadLoRAReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpdcluster/protos/worker.proto\x12\x0cpdcluster.v1\"b\n\x10KVTransferTarget\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsumer_endpoint\x18\x02 \x01(\t\x12\x1e\n\x16\x63onsumer_prefix_tokens\x18\x03 \x01(\r\"\xee\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x06target\x18\x03 \x01(\x0b\x32\x1e.pdcluster.v1.KVTransferTarget\x12\x17\n\x0fsampling_params\x18\x05 \x01(\x0c\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\'\n\x04lora\x18\x07 \x01(\x0b\x32\x19.pdcluster.v1.LoRAAdapter\x12$\n\x04pull\x18\x08 \x01(\x0b\x32\x16.pdcluster.v1.PeerPullJ\x04\x08\x04\x10\x05\"T\n\x08PeerPull\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x13\n\x0bheld_tokens\x18\x04 \x01(\r\")\n\x0bLoRAAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"f\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x0cJ\x04\x08\x02\x10\x06J\x04\x08\x07\x10\x08\"\xb2\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x17\n\x0fsampling_params\x18\x06 \x01(\x0c\x12\x18\n\x0btransfer_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x14producer_kv_endpoint\x18\x05 \x01(\t\x12\x1c\n\x0freasoning_ended\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x1f\n\x17reasoning_parser_kwargs\x18\x08 \x01(\x0c\x12\x10\n\x08priority\x18\t \x01(\x05\x12\'\n\x04lora\x18\n \x01(\x0b\x32\x19.pdcluster.v1.LoRAAdapterB\x0e\n\x0c_transfer_idB\x12\n\x10_reasoning_endedJ\x04\x08\x03\x10\x04\"\x9c\x02\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x0c\x12\x17\n\x0fprompt_logprobs\x18\x08 \x01(\x0c\x12\x1a\n\x12\x63umulative_logprob\x18\t \x01(\x01\x12\x15\n\x0bstop_string\x18\n \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x0b \x01(\rH\x00\x42\r\n\x0bstop_reason\"\x0e\n\x0cStatsRequest\"\xa8\x07\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0e\n\x06queued\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\x04\x12\x15\n\rkv_bytes_sent\x18\x08 \x01(\x04\x12\x19\n\x11kv_bytes_received\x18\t \x01(\x04\x12\x13\n\x0bkv_endpoint\x18\n \x01(\t\x12\r\n\x05model\x18\x0b \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x0c \x01(\x04\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x15\n\rmax_model_len\x18\x0f \x01(\r\x12\x14\n\x0ckv_transport\x18\x10 \x01(\t\x12P\n\x15kv_bytes_by_transport\x18\x11 \x03(\x0b\x32\x31.pdcluster.v1.WorkerStats.KvBytesByTransportEntry\x12X\n\x19kv_transfers_by_transport\x18\x12 \x03(\x0b\x32\x35.pdcluster.v1.WorkerStats.KvTransfersByTransportEntry\x12\x15\n\rprompt_tokens\x18\x13 \x01(\x04\x12\x19\n\x11generation_tokens\x18\x14 \x01(\x04\x12\x14\n\x0c\x62usy_seconds\x18\x15 \x01(\x01\x12\x1b\n\x13prefill_seconds_p90\x18\x16 \x01(\x01\x12\x17\n\x0fitl_seconds_p90\x18\x17 \x01(\x01\x12\x14\n\x0cmetrics_port\x18\x18 \x01(\r\x12\x15\n\rlora_adapters\x18\x19 \x03(\t\x12H\n\x10kv_compatibility\x18\x1a \x03(\x0b\x32..pdcluster.v1.WorkerStats.KvCompatibilityEntry\x1a\x39\n\x17KvBytesByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a=\n\x1bKvTransfersByTransportEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14KvCompatibilityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17WatchPrefixCacheRequest\"\x82\x01\n\x11PrefixCacheUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x0e\n\x06stored\x18\x03 \x03(\x04\x12\x0f\n\x07removed\x18\x04 \x03(\x04\x12\x13\n\x0btier_stored\x18\x05 \x03(\x04\x12\x14\n\x0ctier_removed\x18\x06 \x03(\x04\"!\n\x11SwitchRoleRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"8\n\x0fSwitchRoleReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x17\n\x0f\x64rained_seconds\x18\x02 \x01(\x01\"\x0f\n\rLoadLoRAReply2\x89\x04\n\x06Worker\x12\x43\n\x07Prefill\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x46\n\nSendPrefix\x12\x1c.pdcluster.v1.PrefillRequest\x1a\x1a.pdcluster.v1.PrefillReply\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.pdcluster.v1.DecodeRequest\x1a\x19.pdcluster.v1.DecodeChunk0\x01\x12>\n\x05Stats\x12\x1a.pdcluster.v1.StatsRequest\x1a\x19.pdcluster.v1.WorkerStats\x12\\\n\x10WatchPrefixCache\x12%.pdcluster.v1.WatchPrefixCacheRequest\x1a\x1f.pdcluster.v1.PrefixCacheUpdate0\x01\x12L\n\nSwitchRole\x12\x1f.pdcluster.v1.SwitchRoleRequest\x1a\x1d.pdcluster.v1.SwitchRoleReply\x12\x42\n\x08LoadLoRA\x12\x19.pdcluster.v1.LoRAAdapter\x1a\x1b.pdcluster.v1.LoadLoRAReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVTRANSFERTARGET']._serialized_start=47
   _globals['_KVTRANSFERTARGET']._serialized_end=145
   _globals['_PREFILLREQUEST']._serialized_start=148
-  _globals['_PREFILLREQUEST']._serialized_end=348
-  _globals['_LORAADAPTER']._serialized_start=350
-  _globals['_LORAADAPTER']._serialized_end=391
-  _globals['_PREFILLREPLY']._serialized_start=393
-  _globals['_PREFILLREPLY']._serialized_end=495
-  _globals['_DECODEREQUEST']._serialized_start=498
-  _globals['_DECODEREQUEST']._serialized_end=804
-  _globals['_DECODECHUNK']._serialized_start=807
-  _globals['_DECODECHUNK']._serialized_end=1091
-  _globals['_STATSREQUEST']._serialized_start=1093
-  _globals['_STATSREQUEST']._serialized_end=1107
-  _globals['_WORKERSTATS']._serialized_start=1110
-  _globals['_WORKERSTATS']._serialized_end=2046
-  _globals['_WORKERSTATS_KVBYTESBYTRANSPORTENTRY']._serialized_start=1870
-  _globals['_WORKERSTATS_KVBYTESBYTRANSPORTENTRY']._serialized_end=1927
-  _globals['_WORKERSTATS_KVTRANSFERSBYTRANSPORTENTRY']._serialized_start=1929
-  _globals['_WORKERSTATS_KVTRANSFERSBYTRANSPORTENTRY']._serialized_end=1990
-  _globals['_WORKERSTATS_KVCOMPATIBILITYENTRY']._serialized_start=1992
-  _globals['_WORKERSTATS_KVCOMPATIBILITYENTRY']._serialized_end=2046
-  _globals['_WATCHPREFIXCACHEREQUEST']._serialized_start=2048
-  _globals['_WATCHPREFIXCACHEREQUEST']._serialized_end=2073
-  _globals['_PREFIXCACHEUPDATE']._serialized_start=2076
-  _globals['_PREFIXCACHEUPDATE']._serialized_end=2206
-  _globals['_SWITCHROLEREQUEST']._serialized_start=2208
-  _globals['_SWITCHROLEREQUEST']._serialized_end=2241
-  _globals['_SWITCHROLEREPLY']._serialized_start=2243
-  _globals['_SWITCHROLEREPLY']._serialized_end=2299
-  _globals['_LOADLORAREPLY']._serialized_start=2301
-  _globals['_LOADLORAREPLY']._serialized_end=2316
-  _globals['_WORKER']._serialized_start=2319
-  _globals['_WORKER']._serialized_end=2768
+  _globals['_PREFILLREQUEST']._serialized_end=386
+  _globals['_PEERPULL']._serialized_start=388
+  _globals['_PEERPULL']._serialized_end=472
+  _globals['_LORAADAPTER']._serialized_start=474
+  _globals['_LORAADAPTER']._serialized_end=515
+  _globals['_PREFILLREPLY']._serialized_start=517
+  _globals['_PREFILLREPLY']._serialized_end=619
+  _globals['_DECODEREQUEST']._serialized_start=622
+  _globals['_DECODEREQUEST']._serialized_end=928
+  _globals['_DECODECHUNK']._serialized_start=931
+  _globals['_DECODECHUNK']._serialized_end=1215
+  _globals['_STATSREQUEST']._serialized_start=1217
+  _globals['_STATSREQUEST']._serialized_end=1231
+  _globals['_WORKERSTATS']._serialized_start=1234
+  _globals['_WORKERSTATS']._serialized_end=2170
+  _globals['_WORKERSTATS_KVBYTESBYTRANSPORTENTRY']._serialized_start=1994
+  _globals['_WORKERSTATS_KVBYTESBYTRANSPORTENTRY']._serialized_end=2051
+  _globals['_WORKERSTATS_KVTRANSFERSBYTRANSPORTENTRY']._serialized_start=2053
+  _globals['_WORKERSTATS_KVTRANSFERSBYTRANSPORTENTRY']._serialized_end=2114
+  _globals['_WORKERSTATS_KVCOMPATIBILITYENTRY']._serialized_start=2116
+  _globals['_WORKERSTATS_KVCOMPATIBILITYENTRY']._serialized_end=2170
+  _globals['_WATCHPREFIXCACHEREQUEST']._serialized_start=2172
+  _globals['_WATCHPREFIXCACHEREQUEST']._serialized_end=2197
+  _globals['_PREFIXCACHEUPDATE']._serialized_start=2200
+  _globals['_PREFIXCACHEUPDATE']._serialized_end=2330
+  _globals['_SWITCHROLEREQUEST']._serialized_start=2332
+  _globals['_SWITCHROLEREQUEST']._serialized_end=2365
+  _globals['_SWITCHROLEREPLY']._serialized_start=2367
+  _globals['_SWITCHROLEREPLY']._serialized_end=2423
+  _globals['_LOADLORAREPLY']._serialized_start=2425
+  _globals['_LOADLORAREPLY']._serialized_end=2440
+  _globals['_WORKER']._serialized_start=2443
+  _globals['_WORKER']._serialized_end=2964
 # @@protoc_insertion_point(module_scope)

@@ -17,20 +17,34 @@ class KVTransferTarget(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., consumer_endpoint: _Optional[str] = ..., consumer_prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params", "priority", "lora")
+    __slots__ = ("request_id", "prompt_token_ids", "target", "sampling_params", "priority", "lora", "pull")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     target: KVTransferTarget
     sampling_params: bytes
     priority: int
     lora: LoRAAdapter
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling_params: _Optional[bytes] = ..., priority: _Optional[int] = ..., lora: _Optional[_Union[LoRAAdapter, _Mapping]] = ...) -> None: ...
+    pull: PeerPull
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., target: _Optional[_Union[KVTransferTarget, _Mapping]] = ..., sampling_params: _Optional[bytes] = ..., priority: _Optional[int] = ..., lora: _Optional[_Union[LoRAAdapter, _Mapping]] = ..., pull: _Optional[_Union[PeerPull, _Mapping]] = ...) -> None: ...
+
+class PeerPull(_message.Message):
+    __slots__ = ("worker", "kv_endpoint", "tokens", "held_tokens")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HELD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    kv_endpoint: str
+    tokens: int
+    held_tokens: int
+    def __init__(self, worker: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., tokens: _Optional[int] = ..., held_tokens: _Optional[int] = ...) -> None: ...
 
 class LoRAAdapter(_message.Message):
     __slots__ = ("name", "path")

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefillReply.FromString,
                 _registered_method=True)
+        self.SendPrefix = channel.unary_unary(
+                '/pdcluster.v1.Worker/SendPrefix',
+                request_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefillReply.FromString,
+                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdcluster.v1.Worker/Decode',
                 request_serializer=pdcluster_dot_protos_dot_worker__pb2.DecodeRequest.SerializeToString,
@@ -75,6 +80,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendPrefix(self, request, context):
+        """Any role: send the KV of `prompt_token_ids` (a prefix this worker holds, mostly from its
+        cache) to `target`, for a peer that pulls it. `pull` must be absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Decode(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -88,7 +101,7 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchPrefixCache(self, request, context):
-        """Prefill workers: their engine's KV cache events, for routing by real prefix overlap.
+        """Their engine's KV cache events, for routing by real prefix overlap (and a turn to where its conversation is).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +126,11 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
+                    request_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefillReply.SerializeToString,
+            ),
+            'SendPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendPrefix,
                     request_deserializer=pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=pdcluster_dot_protos_dot_worker__pb2.PrefillReply.SerializeToString,
             ),
@@ -167,6 +185,33 @@ class Worker:
             request,
             target,
             '/pdcluster.v1.Worker/Prefill',
+            pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
+            pdcluster_dot_protos_dot_worker__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdcluster.v1.Worker/SendPrefix',
             pdcluster_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
             pdcluster_dot_protos_dot_worker__pb2.PrefillReply.FromString,
             options,

@@ -163,6 +163,13 @@ class RouterConfig(BaseModel):
         "on a prefill worker unless a rule (--bypass-prefill-below, --local-prefill-above-queued) says otherwise",
     )
     slo: SLO = Field(default_factory=SLO, description="the SLOs placement keeps (with --profile)")
+    peer_pull_min_tokens: int = Field(
+        1024,
+        ge=0,
+        description="a prefill worker lacking a prompt prefix that another worker holds pulls its KV from that worker "
+        "when the pull saves at least this many prompt tokens (and, with --profile, is predicted faster than computing "
+        "them); 0: never pull",
+    )
     prefix_index_blocks: int = Field(65536, description="block hashes remembered per prefill worker")
     drain_timeout_s: float = Field(60.0, description="on SIGTERM: how long running requests and streams may take to finish")
     ready_file: str = ""

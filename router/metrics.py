@@ -80,6 +80,15 @@ class RouterMetrics:
         self.prefix_hit_tokens = Counter(
             "pdcluster_router_prefix_hit_tokens", "Prompt tokens routed to a prefill worker expected to hold them", registry=r
         )
+        self.peer_pulls = Counter(
+            "pdcluster_router_peer_pulls",
+            "Prompts whose prefill worker pulls a prefix from a peer, by the peer's role",
+            ["peer_role"],
+            registry=r,
+        )
+        self.peer_pull_tokens = Counter(
+            "pdcluster_router_peer_pull_tokens", "Prompt tokens prefill workers pull from peers instead of computing them", registry=r
+        )
         self.prompt_tokens = Counter("pdcluster_router_prompt_tokens", "Prompt tokens received", registry=r)
         self.output_tokens = Counter("pdcluster_router_output_tokens", "Tokens streamed to clients", registry=r)
         r.register(_PoolCollector(pool))
@@ -90,6 +99,8 @@ class RouterMetrics:
             self.retries.labels(role)
         for reason in ("short_prompt", "no_prefill_worker", "kv_incompatible", "prefill_backlog", "predicted"):
             self.bypass.labels(reason)
+        for role in ROLES:
+            self.peer_pulls.labels(role)
         for placement in ("remote", "local"):
             self.ttft_prediction_ratio.labels(placement)
             self.ttft_prediction_error.labels(placement)

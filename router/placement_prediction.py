@@ -101,6 +101,15 @@ class PlacementPredictor:
         )
         return Outlook(REMOTE, ttft * self.scale(REMOTE))  # the decode worker's steps stay as they are
 
+    def pull_saving_s(self, peer: WorkerView, prompt_len: int, have: int, pulled: int) -> float:
+        """What taking the prompt's first `pulled` tokens from `peer` (the prefill worker holds
+        `have`) saves against computing them: the prefill steps saved, less the peer's queued
+        prompts, its last block and the transfer (negative: the pull is slower)."""
+        p = self.prefill_profile
+        computing = p.prefill_seconds(prompt_len, cached=have) - p.prefill_seconds(prompt_len, cached=pulled)
+        pulling = p.queued_prompt_seconds(queued_prefill_tokens(peer)) + p.pull_seconds(pulled, pulled - have)
+        return computing - pulling
+
     def local(self, decode: WorkerView, prompt_len: int, now: float, cached: int = 0) -> Outlook:
         p, scale = self.decode_profile, self.scale(LOCAL)
         decoding, context = decoding_requests(decode), decode_context_tokens(decode.stats)

@@ -190,7 +190,7 @@ class RequestFlow:
         )
         prefill_task = None
         if route.prefill is not None:
-            message = prefill_request(request, attempt_id, prompt, params, route.decode, route.placement.decode_held_tokens)
+            message = prefill_request(request, attempt_id, prompt, params, route.decode, route.placement)
             prefill_task = self._start_prefill(route.prefill, message, usage, span)
             decode.end_if_fails(prefill_task)
         continuation = _continuation(self.tokenizer, sent, params) if sent else None
@@ -229,7 +229,7 @@ class RequestFlow:
             self.metrics.sessions.labels("new" if not last else "kept" if decode.worker_id == last else "moved").inc()
         self.sessions.ran_on(request.session_id or request.response_id, decode.worker_id)
         placed_at = time.monotonic()
-        placement = self._place_prefill(prompt, attempt, decode, lora_name)
+        placement = self._place_prefill(prompt, attempt, decode, lora_name, peer_pull=params.prompt_logprobs is None)
         self._note_pick(decode, Role.DECODE)
         return _Route(decode, placement, placed_at)
 
@@ -247,7 +247,9 @@ class RequestFlow:
             await asyncio.sleep(0.25)
         return candidates
 
-    def _place_prefill(self, prompt: list[int], attempt: _Attempt, decode: WorkerView, lora_name: str | None) -> PrefillPlacement:
+    def _place_prefill(
+        self, prompt: list[int], attempt: _Attempt, decode: WorkerView, lora_name: str | None, peer_pull: bool
+    ) -> PrefillPlacement:
         hashes: dict[int, list[int]] = {}
         placement = place_prefill(
             self._candidates(Role.PREFILL, attempt),
@@ -258,6 +260,7 @@ class RequestFlow:
             self.config,
             self.predictor,
             lora_name,
+            peer_pull,
         )
         self._count_incompatible(placement, decode)
         kept = "none" if placement.chosen is None else "kept" if placement.chosen.misses(self.config.slo) == 0 else "missed"
@@ -267,6 +270,9 @@ class RequestFlow:
         else:
             self._note_pick(placement.worker, Role.PREFILL)
             self.metrics.prefix_hit_tokens.inc(placement.overlap_tokens)
+        if placement.pull is not None:
+            self.metrics.peer_pulls.labels(placement.pull.peer.stats.role).inc()
+            self.metrics.peer_pull_tokens.inc(placement.pull.tokens - placement.pull.held_tokens)
         return placement
 
     def _count_incompatible(self, placement: PrefillPlacement, decode: WorkerView) -> None:

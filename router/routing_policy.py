@@ -167,6 +167,50 @@ def prefill_backlog_too_deep(prefill: WorkerView, limit_tokens: int) -> bool:
     return limit_tokens > 0 and queued_prefill_tokens(prefill) > limit_tokens
 
 
+@dataclass(frozen=True)
+class PeerPull:
+    """A prefix the chosen prefill worker lacks and `peer` holds: the peer sends its KV, the
+    prefill worker computes only the rest."""
+
+    peer: WorkerView
+    tokens: int  # leading prompt tokens to pull: whole blocks, fewer than the prompt's
+    held_tokens: int  # of them, those the prefill worker holds (not sent)
+
+
+def plan_peer_pull(
+    prefill: WorkerView,
+    overlap: int,
+    peers: list[WorkerView],
+    prompt_len: int,
+    index: PrefixIndex,
+    hashes_for: Callable[[int], list[int]],
+    config: RouterConfig,
+    predictor: PlacementPredictor | None = None,
+) -> PeerPull | None:
+    """The peer whose prefix of the prompt, beyond the `overlap` the prefill worker holds, saves
+    the most: at least `peer_pull_min_tokens` tokens, and then, with a profile, the predicted
+    time saved (computing them, against the peer's queue, its last block and the transfer);
+    without one, those tokens less the peer's queued prompt tokens. None where none saves."""
+    if config.peer_pull_min_tokens <= 0:
+        return None
+    block = max(prefill.stats.block_size, 1)
+    limit = (prompt_len - 1) // block * block  # the prompt's last token is computed where it is sampled
+    best, best_saving = None, 0.0
+    for peer in peers:
+        if peer.worker_id == prefill.worker_id or peer.stats.block_size != prefill.stats.block_size:
+            continue
+        held = min(index.held_blocks(peer.worker_id, hashes_for(block)) * block, limit)
+        if held - overlap < config.peer_pull_min_tokens:
+            continue
+        if predictor is not None:
+            saving = predictor.pull_saving_s(peer, prompt_len, overlap, held)
+        else:
+            saving = held - overlap - queued_prefill_tokens(peer) - block  # the peer computes its last block
+        if saving > best_saving:
+            best, best_saving = PeerPull(peer, held, overlap), saving
+    return best
+
+
 @dataclass
 class PrefillPlacement:
     """Where a prompt is computed: on `worker` (holding `overlap_tokens` of it already), or,
@@ -177,6 +221,7 @@ class PrefillPlacement:
     overlap_tokens: int = 0
     decode_held_tokens: int = 0  # of the prompt, on its decode worker (the index's view): that KV need not move
     bypass: str = ""  # short_prompt | decode_holds_prefix | no_prefill_worker | kv_incompatible | prefill_backlog | predicted
+    pull: PeerPull | None = None  # a prefix the prefill worker takes from a peer instead of computing it
     chosen: Outlook | None = None
     passed_over: Outlook | None = None
     # Prefill workers whose KV the decode worker could not take, each with the field that differs.
@@ -199,14 +244,18 @@ def place_prefill(
     config: RouterConfig,
     predictor: PlacementPredictor | None = None,
     lora_name: str | None = None,
+    peer_pull: bool = True,
 ) -> PrefillPlacement:
     """The router's whole prefill choice for one prompt, its decode worker already picked.
     Rules first: a short prompt, a prompt whose decode worker holds all of it but a short rest
     (a conversation's next turn, where its earlier turns ran: computed there, nothing moves),
     or with `local_prefill_above_queued_tokens` set, a deep prefill backlog, stays on the
     decode worker; then, with a profile, the predicted outlooks decide (the decode worker's
-    prefix counted). A chosen prefill worker is recorded in `index` as now holding the prompt's
-    blocks: with `kv-events` routing the worker's own events then confirm or correct that."""
+    prefix counted). A prefill worker lacking a prefix a peer (another prefill worker, or the
+    decode worker) holds pulls it where `plan_peer_pull` says it pays (not with `peer_pull`
+    False: prompt logprobs are computed from the whole prompt). A chosen prefill worker is
+    recorded in `index` as now holding the prompt's blocks: with `kv-events` routing the
+    worker's own events then confirm or correct that."""
     if should_bypass_prefill(prompt_len, config.bypass_prefill_below_tokens):
         return PrefillPlacement(None, bypass="short_prompt")
     decode_held = 0
@@ -234,6 +283,9 @@ def place_prefill(
         chosen, passed_over = predictor.choose(prefill, decode, prompt_len, overlap, decode_held)
         if chosen.choice == LOCAL:
             return PrefillPlacement(None, bypass="predicted", chosen=chosen, passed_over=passed_over, incompatible=incompatible)
+    pull = None
     if config.prefill_routing != "round-robin":
+        if peer_pull:
+            pull = plan_peer_pull(prefill, overlap, [*candidates, decode], prompt_len, index, hashes_for, config, predictor)
         index.record(prefill.worker_id, hashes_for(max(prefill.stats.block_size, 1)))
-    return PrefillPlacement(prefill, overlap, decode_held, chosen=chosen, passed_over=passed_over, incompatible=incompatible)
+    return PrefillPlacement(prefill, overlap, decode_held, pull=pull, chosen=chosen, passed_over=passed_over, incompatible=incompatible)

@@ -13,6 +13,7 @@ from pdcluster.common.sample_wire import encode_sampling_params
 from pdcluster.protos import worker_pb2
 from pdcluster.router.errors import NoCapacity
 from pdcluster.router.generation import GenerationRequest
+from pdcluster.router.routing_policy import PrefillPlacement
 from pdcluster.router.worker_pool import WorkerView
 
 
@@ -54,19 +55,25 @@ def decode_request(
 
 
 def prefill_request(
-    request: GenerationRequest, attempt_id: str, prompt: list[int], params: SamplingParams, decode: WorkerView, decode_held: int = 0
+    request: GenerationRequest, attempt_id: str, prompt: list[int], params: SamplingParams, decode: WorkerView, placement: PrefillPlacement
 ) -> worker_pb2.PrefillRequest:
-    """The prompt's KV goes to `decode`'s KV endpoint under transfer `attempt_id`; `decode_held`
-    of its tokens are believed to be there already."""
+    """The prompt's KV goes to `decode`'s KV endpoint under transfer `attempt_id`, less the
+    tokens the placement believes are there already; a prefix a peer holds is pulled from it."""
+    pull = placement.pull
     return worker_pb2.PrefillRequest(
         request_id=attempt_id,
         prompt_token_ids=prompt,
         sampling_params=encode_sampling_params(params),
         target=worker_pb2.KVTransferTarget(
-            transfer_id=attempt_id, consumer_endpoint=decode.stats.kv_endpoint, consumer_prefix_tokens=decode_held
+            transfer_id=attempt_id, consumer_endpoint=decode.stats.kv_endpoint, consumer_prefix_tokens=placement.decode_held_tokens
         ),
         priority=request.priority,
         lora=lora_adapter(request),
+        pull=worker_pb2.PeerPull(
+            worker=pull.peer.address, kv_endpoint=pull.peer.stats.kv_endpoint, tokens=pull.tokens, held_tokens=pull.held_tokens
+        )
+        if pull
+        else None,
     )
 
 

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 from pdcluster.common.vllm_args import PDCLUSTER_DEFAULTS
-from pdcluster.common.worker_record import Role
 from pdcluster.worker.config import EngineConfig
 
 
@@ -60,13 +59,14 @@ def _with_host_tier(kv_transfer: dict[str, Any], kwargs: dict[str, Any]) -> dict
     return {**kv_transfer, "kv_connector_extra_config": extra}
 
 
-def pd_kv_transfer(role: str, extra: dict[str, Any], both: bool = False) -> dict[str, Any]:
-    """KVTransferConfig fields that load our connector in the given pool role, or (`both`) ready
-    to produce and consume KV, for a worker that changes role."""
+def pd_kv_transfer(extra: dict[str, Any]) -> dict[str, Any]:
+    """KVTransferConfig fields that load our connector, ready to produce and consume KV in every
+    pool (as vLLM's NIXL connector is): a worker may change role, and any worker may send a peer
+    the prefix it holds, or pull one from a peer."""
     return dict(
         kv_connector="PdConnector",
         kv_connector_module_path="pdcluster.kv_transfer.connector",
-        kv_role="kv_both" if both else "kv_producer" if role == Role.PREFILL else "kv_consumer",
+        kv_role="kv_both",
         kv_connector_extra_config=extra,
         kv_load_failure_policy="recompute",
     )

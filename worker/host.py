@@ -43,6 +43,7 @@ from pdcluster.kv_transfer.vllm_version import check_vllm_version
 from pdcluster.protos import kv_transfer_pb2, worker_pb2, worker_pb2_grpc
 from pdcluster.worker.config import WorkerConfig
 from pdcluster.worker.engine_args import engine_kwargs, follow_kv_events, pd_kv_transfer, prepare_environment
+from pdcluster.worker.kv_production import produce_kv, production_params
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -108,6 +109,7 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         self._handlers: dict[Role, RoleHandler] = {}
         self.engine: AsyncLLM | None = None
         self.kv_endpoint = ""
+        self.kv_settings = KVEndpointSettings()
         self._scheduler_stats: dict = {}
         self._kv_stats = kv_transfer_pb2.KVStats()
         self._active = 0
@@ -146,10 +148,10 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
             name_service("pdcluster-worker" if cfg.role_switching else f"pdcluster-{cfg.role}")
         scratch = tempfile.mkdtemp(prefix="pdcluster-kv-")
         endpoint_file = os.path.join(scratch, "endpoint.json")
-        extra = KVEndpointSettings(
+        self.kv_settings = KVEndpointSettings(
             **dict(cfg.kv), host=cfg.host, auth_token=cfg.auth_token, endpoint_file=endpoint_file, tls=cfg.tls
-        ).model_dump(mode="json")
-        kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(cfg.role, extra, both=cfg.role_switching))
+        )
+        kwargs = engine_kwargs(cfg.engine, pd_kv_transfer(self.kv_settings.model_dump(mode="json")))
         # Every role: a prefill worker's prefix places prompts; a decode worker's (a conversation's
         # earlier turns, answers included) lets a router compute a turn's new tokens there.
         events, replay = follow_kv_events(kwargs, scratch)
@@ -298,6 +300,15 @@ class WorkerHost(worker_pb2_grpc.WorkerServicer):
         try:
             with self.admitted(), self.traced("Prefill", context) as span:
                 return await self.handler.prefill(request, context, span)
+        except _Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def SendPrefix(self, request, context):
+        if request.HasField("pull"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a prefix sent for a peer is not pulled from another")
+        try:
+            with self.admitted(), self.traced("SendPrefix", context) as span:
+                return await produce_kv(self, request, await production_params(request, context), context, span)
         except _Refused as e:
             await context.abort(e.code, e.message)
 

@@ -140,6 +140,12 @@ class EngineProfile(BaseModel):
     def transfer_seconds(self, tokens: int) -> float:
         return self.transfer_latency_s + tokens * self.kv_bytes_per_token / (self.transfer_gbps * 1e9)
 
+    def pull_seconds(self, tokens: int, moved: int) -> float:
+        """A prefix of `tokens` pulled from a peer that holds it: its request there (which
+        computes the prefix's last block, as vLLM always does), and `moved` tokens' KV sent."""
+        last_block = self.prefill_seconds(tokens, cached=max(0, tokens - self.block_size))
+        return self.serving_path.remote_request_s + last_block + self.transfer_seconds(moved)
+
     def tier_blocks(self, gib: float) -> int:
         """Engine blocks (every layer) a host KV tier of `gib` GiB holds."""
         return int(gib * (1 << 30)) // (self.kv_bytes_per_token * self.block_size)

@@ -99,6 +99,30 @@ def test_a_prompt_the_decode_worker_holds_moves_only_the_block_it_lacks(pd_pair,
     assert kv_stats(prefill).bytes_sent - sent_before == one_block
 
 
+def test_a_prefill_worker_pulls_the_prefix_its_decode_worker_holds_and_computes_only_the_rest(pd_pair, tokenizer, vllm_reference):
+    """A conversation's earlier turns are on its decode worker only (computed there); the next
+    turn adds more than a short rest. The prefill worker pulls those blocks from the decode
+    worker, computes the rest, and sends back only the blocks the decode worker lacks."""
+    prefill, decode = pd_pair
+    ids = tokenizer(CORPUS.read_text() * 3).input_ids
+    earlier, turn = ids[350:1850], ids[350:1950]  # 1500 tokens held, 100 new; no other prompt here starts there
+    tokens, _, _ = asyncio.run(generate(None, decode, earlier))  # computed on the decode worker alone
+    pulled = len(earlier) // CPU_BLOCK_SIZE * CPU_BLOCK_SIZE  # whole blocks
+    before = {w.role: kv_stats(w) for w in pd_pair}
+    pull = wpb.PeerPull(worker=decode.address, kv_endpoint=decode.kv_endpoint, tokens=pulled)
+    tokens, reply, _ = asyncio.run(generate(prefill, decode, turn, decode_holds=pulled, pull=pull))
+    assert tokens == vllm_reference.greedy([turn], MAX_TOKENS)[0]
+    assert reply.num_cached_tokens == pulled  # none of it computed on the prefill worker
+    after = {w.role: kv_stats(w) for w in pd_pair}
+    p, d = prefill.role, decode.role
+    block = CPU_BLOCK_SIZE * TINY_KV_BYTES_PER_TOKEN
+    assert after[p].bytes_received - before[p].bytes_received == pulled // CPU_BLOCK_SIZE * block
+    lacking = -(-len(turn) // CPU_BLOCK_SIZE) - pulled // CPU_BLOCK_SIZE  # the turn's blocks past the pulled ones
+    assert after[d].bytes_received - before[d].bytes_received == lacking * block
+    assert after[d].bytes_sent - before[d].bytes_sent == pulled // CPU_BLOCK_SIZE * block
+    assert after[p].recomputes == before[p].recomputes
+
+
 def test_each_worker_records_when_its_start_steps_happened(pd_pair, request):
     compiled = request.node.callspec.params["pd_pair"] == COMPILED_PATH
     for worker in pd_pair:
@@ -235,8 +259,17 @@ def test_bad_input_gets_invalid_argument_and_workers_keep_serving(pd_pair, promp
                 async for _ in d.Decode(req):
                     pass
 
+            target = wpb.KVTransferTarget(transfer_id="x", consumer_endpoint=decode.kv_endpoint)
             codes = [
                 await call(lambda: p.Prefill(wpb.PrefillRequest(request_id="x", prompt_token_ids=[]))),
+                # a prefix sent to a peer is not itself pulled from another
+                await call(
+                    lambda: d.SendPrefix(
+                        wpb.PrefillRequest(
+                            request_id="x", prompt_token_ids=[5] * 300, target=target, pull=wpb.PeerPull(worker="x:1", tokens=128)
+                        )
+                    )
+                ),
                 await call(lambda: p.Prefill(wpb.PrefillRequest(request_id="x", prompt_token_ids=[1, 2]))),
                 await call(lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[10**6]))),
                 await call(lambda: drain(wpb.DecodeRequest(request_id="x", prompt_token_ids=[5] * 5000))),

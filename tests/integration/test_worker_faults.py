@@ -3,13 +3,15 @@
 First they freeze (SIGSTOP: alive, but silent): the router notices a worker missing its
 health checks within seconds, stops waiting on it, and retries or resumes the request
 elsewhere; the frozen worker aborts the request if it ever wakes up. Then they die: a decode
-worker SIGKILLed mid-stream is resumed on another with the exact greedy text; dead prefill
-workers cost a retry, not the request; and the last decode worker, sent SIGTERM, drains its
+worker SIGKILLed mid-stream is resumed on another with the exact greedy text; a prefill
+worker whose peer dies while it pulls a prefix from it computes the prefix itself; dead
+prefill workers cost a retry, not the request; and the last decode worker, sent SIGTERM, drains its
 running stream and exits. The tests run in this order, each leaving the cluster as the next
 expects."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -22,9 +24,12 @@ import openai
 import pytest
 
 from pdcluster.common.tiny_model.generate import BENCH_MODEL, CORPUS, ensure_tiny_model
+from pdcluster.kv_transfer.kv_transfer_service import fetch_kv_stats
+from pdcluster.protos import worker_pb2 as wpb
 
 from tests.support.processes import running_cluster
 from tests.support.router_metrics import metric
+from tests.support.worker_calls import generate, kv_stats
 
 pytestmark = pytest.mark.slow
 
@@ -239,12 +244,42 @@ def test_decode_killed_mid_stream_resumes_with_exact_text(cluster, prompt, long_
     assert http.get("/health").status_code == 200  # one decode worker is enough
 
 
+def test_a_pull_whose_peer_dies_is_computed_instead(cluster):
+    """A prefill worker pulls a long prefix from its peer (as the router plans where a peer holds
+    it), and the peer dies during the pull: the prefill worker computes the prefix itself, and
+    the answer is exact. (The peer stays dead: the next test kills the prefill workers anyway.)"""
+    _, workers = cluster
+    puller, peer = [w for w in workers if w.role == "prefill"]
+    decode = next(w for w in workers if w.role == "decode" and w.process.poll() is None)
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(ensure_tiny_model(spec=BENCH_MODEL))(CORPUS.read_text() * 5).input_ids
+    prompt = ids[1000:3000]  # no test here sent a prompt starting there
+    expected, _, _ = asyncio.run(generate(None, decode, prompt))  # the decode worker alone
+    recomputes_before = kv_stats(puller).recomputes
+
+    async def pull_while_the_peer_dies():
+        freeze(peer)  # it takes the call, and never answers
+        pull = wpb.PeerPull(worker=peer.address, kv_endpoint=peer.kv_endpoint, tokens=len(prompt) // 128 * 128)
+        task = asyncio.create_task(generate(puller, decode, prompt, pull=pull))
+        while not (await fetch_kv_stats(puller.kv_endpoint)).pending_receives:  # the puller's engine awaits the prefix
+            await asyncio.sleep(0.05)
+        os.killpg(peer.process.pid, signal.SIGKILL)  # the worker and its engine
+        return await task
+
+    tokens, reply, _ = asyncio.run(pull_while_the_peer_dies())
+    assert peer.process.wait(10) == -signal.SIGKILL
+    assert tokens == expected
+    assert reply.num_cached_tokens == 0  # computed on the puller, none of it pulled
+    assert kv_stats(puller).recomputes == recomputes_before + 1
+
+
 def test_dead_prefill_workers_cost_a_retry_not_the_request(cluster, prompt):
     router, workers = cluster
     client = openai.OpenAI(base_url=router.record.http + "/v1", api_key="unused", max_retries=0, timeout=300)
     expected = complete_choice(client, prompt, stream=False, max_tokens=32)  # no mid-stream kill here: a short answer will do
     http = httpx.Client(base_url=router.record.http, timeout=60)
-    for prefill in [w for w in workers if w.role == "prefill"]:
+    for prefill in [w for w in workers if w.role == "prefill" and w.process.poll() is None]:
         os.kill(prefill.process.pid, signal.SIGKILL)
         prefill.process.wait(10)
     # Routed before or after the router notices: either way the decode worker computes the prompt.

@@ -50,28 +50,33 @@ def greedy_params(max_tokens: int) -> bytes:
     return encode_sampling_params(SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
-async def generate(prefill, decode, prompt: list[int], *, prefill_prompt=None, skip_prefill=False, transfer_id=None, decode_holds=0):
+async def generate(
+    prefill, decode, prompt: list[int], *, prefill_prompt=None, skip_prefill=False, transfer_id=None, decode_holds=0, pull=None
+):
     """Route one greedy request the way the router does: reserve on decode, prefill, stream.
-    `decode_holds`: prompt tokens the router would believe the decode worker holds."""
+    `decode_holds`: prompt tokens the router would believe the decode worker holds; `pull`: a
+    `PeerPull` for the prefill worker; `prefill` None: the decode worker computes the prompt."""
     rid = uuid.uuid4().hex
-    transfer_id = transfer_id or f"kv-{rid}"
+    transfer_id = None if prefill is None else transfer_id or f"kv-{rid}"
     sampling = greedy_params(MAX_TOKENS)
-    async with worker_channel(prefill.address) as pc, worker_channel(decode.address) as dc:
+    async with worker_channel(decode.address) as dc:
         stream = wgrpc.WorkerStub(dc).Decode(
             wpb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=sampling, transfer_id=transfer_id)
         )
         reply = None
-        if not skip_prefill:
-            reply = await wgrpc.WorkerStub(pc).Prefill(
-                wpb.PrefillRequest(
-                    request_id=rid,
-                    prompt_token_ids=prefill_prompt or prompt,
-                    sampling_params=sampling,
-                    target=wpb.KVTransferTarget(
-                        transfer_id=transfer_id, consumer_endpoint=decode.kv_endpoint, consumer_prefix_tokens=decode_holds
-                    ),
+        if prefill is not None and not skip_prefill:
+            async with worker_channel(prefill.address) as pc:
+                reply = await wgrpc.WorkerStub(pc).Prefill(
+                    wpb.PrefillRequest(
+                        request_id=rid,
+                        prompt_token_ids=prefill_prompt or prompt,
+                        sampling_params=sampling,
+                        target=wpb.KVTransferTarget(
+                            transfer_id=transfer_id, consumer_endpoint=decode.kv_endpoint, consumer_prefix_tokens=decode_holds
+                        ),
+                        pull=pull,
+                    )
                 )
-            )
         tokens: list[int] = []
         finish = ""
         async for chunk in stream:

@@ -91,7 +91,7 @@ def test_every_engine_setting_reaches_vllm():
 
 def test_vllm_offloading_flags_size_our_connectors_host_tier():
     # vLLM would swap our connector for its own OffloadingConnector; ours keeps the tier instead.
-    kwargs = engine_kwargs(EngineConfig(kv_offloading_size=0.5), pd_kv_transfer("prefill", {"transport": "tcp"}))
+    kwargs = engine_kwargs(EngineConfig(kv_offloading_size=0.5), pd_kv_transfer({"transport": "tcp"}))
     assert "kv_offloading_size" not in kwargs
     config = kwargs["kv_transfer_config"]
     assert config.kv_connector == "PdConnector"

@@ -20,6 +20,9 @@ from pdcluster.kv_transfer.connector_metadata import (
     CONSUME_FROM,
     CONSUMER_HOLDS,
     PRODUCE_TO,
+    PULL_FROM,
+    PULL_ID,
+    PULL_TOKENS,
     TRANSFER_ID,
     LoadSpec,
     PdConnectorMetadata,
@@ -198,6 +201,47 @@ def test_producer_sends_blocks_as_computed_and_holds_them_until_sent(model_dir):
     scheduler.update_from_output(out, runner_output([]))
     assert not scheduler.connector.has_pending_push_work()
     assert_empty(scheduler)
+
+
+def test_a_pulled_prefix_is_loaded_then_the_rest_computed_and_the_whole_prompt_sent(model_dir):
+    scheduler = make_scheduler(model_dir, "kv_both")
+    prompt_len = 100
+    kv = {TRANSFER_ID: "t6", PRODUCE_TO: "127.0.0.1:1", PULL_ID: "t6-pull", PULL_TOKENS: 64, PULL_FROM: "127.0.0.1:2"}
+    request = make_request("p2", prompt_len, kv, max_tokens=1)
+    scheduler.add_request(request)
+    out = scheduler.schedule()
+    # Blocks for the pulled 64 tokens (4) are expected from the peer; nothing computes yet.
+    (load,) = out.kv_connector_metadata.loads
+    assert (load.transfer_id, load.first_block, len(load.block_ids), load.producer) == ("t6-pull", 0, 4, "127.0.0.1:2")
+    assert out.total_num_scheduled_tokens == 0 and not out.kv_connector_metadata.saves
+    scheduler.update_from_output(out, runner_output([], finished_recving={"p2"}))
+    saves = []
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"p2": prompt_len - 64}  # only what the peer did not send
+    while not request.is_finished():
+        saves += out.kv_connector_metadata.saves
+        scheduler.update_from_output(out, runner_output([request] if out.num_scheduled_tokens else []))
+        out = scheduler.schedule()
+    # The consumer gets every block of the prompt, the pulled ones included, in one step.
+    assert [(s.transfer_id, s.start, s.end, s.final) for s in saves] == [("t6", 0, 7, True)]
+    scheduler.update_from_output(out, runner_output([], finished_sending={"p2"}))
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, runner_output([]))
+    assert_empty(scheduler)
+
+
+def test_a_failed_pull_is_computed_and_a_pull_never_takes_the_prompts_last_token(model_dir):
+    scheduler = make_scheduler(model_dir, "kv_both")
+    kv = {TRANSFER_ID: "t7", PRODUCE_TO: "127.0.0.1:1", PULL_ID: "t7-pull", PULL_TOKENS: 48, PULL_FROM: "127.0.0.1:2"}
+    request = make_request("p3", 48, kv, max_tokens=1)  # a pull of the whole prompt: its last token stays here
+    scheduler.add_request(request)
+    out = scheduler.schedule()
+    (load,) = out.kv_connector_metadata.loads
+    assert len(load.block_ids) == 3
+    scheduler.update_from_output(out, runner_output([], finished_recving={"p3"}, failed_recving={"p3"}))
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"p3": 48} and not out.kv_connector_metadata.loads  # computed, not asked again
+    assert [(s.start, s.end, s.final) for s in out.kv_connector_metadata.saves] == [(0, 3, True)]
 
 
 def test_plain_requests_are_untouched(model_dir):

@@ -119,6 +119,47 @@ def test_a_turn_whose_decode_worker_holds_all_but_a_short_rest_is_computed_there
     assert place(earlier + [1] * 40).bypass == "decode_holds_prefix"
 
 
+def test_a_prefill_worker_pulls_a_long_prefix_a_peer_holds_when_that_saves_enough():
+    index = PrefixIndex()
+    busy = worker("busy", "prefill", kv_endpoint="busy:1", queued_prefill_tokens=400 * BLOCK)
+    idle = worker("idle", "prefill", kv_endpoint="idle:1")
+    decode = worker("d", "decode", kv_endpoint="d:1")
+    conversation = list(range(100 * BLOCK))
+    prompt = conversation + [1] * (20 * BLOCK + 3)  # a turn adding a long tool output
+    hashes = prompt_block_hashes(prompt, BLOCK)
+    config = RouterConfig(peer_pull_min_tokens=32 * BLOCK)
+
+    def place(idle_holds: int = 10, **kwargs):
+        index.forget("idle")  # what a placement records there is undone
+        index.record("idle", hashes[:idle_holds], shared=False)
+        return place_prefill([busy, idle], decode, len(prompt), index, lambda bs: prompt_block_hashes(prompt, bs), config, **kwargs)
+
+    # The conversation so far is on the decode worker (a turn's answer exists only there); the
+    # idle prefill worker holds its first 10 blocks: it pulls the other 90 from the decode worker.
+    index.record("d", hashes[:100], shared=False)
+    placement = place()
+    assert placement.worker is idle and placement.overlap_tokens == 10 * BLOCK
+    assert placement.pull is not None and placement.pull.peer is decode
+    assert (placement.pull.tokens, placement.pull.held_tokens) == (100 * BLOCK, 10 * BLOCK)
+    assert place(peer_pull=False).pull is None  # prompt logprobs: computed from the whole prompt
+    # The longest prefix wins, in whole blocks short of the prompt's last token; a peer whose
+    # queued prompts outweigh the tokens it would save is not asked.
+    index.record("busy", hashes, shared=False)
+    placement = place()
+    assert placement.worker is idle and placement.pull is not None and placement.pull.peer is decode
+    busy.stats.queued_prefill_tokens = 300 * BLOCK
+    decode.stats.queued_prefill_tokens = 95 * BLOCK  # prompts bypassed to it
+    placement = place()
+    assert placement.worker is idle and placement.pull is None
+    # Too little to gain, pulls off, round-robin (it knows no holdings): no pull.
+    decode.stats.queued_prefill_tokens = 0
+    assert place().pull is not None
+    assert place(idle_holds=80).pull is None  # 20 blocks: under the 32-block minimum
+    assert RouterConfig().peer_pull_min_tokens == 1024
+    for config in (RouterConfig(peer_pull_min_tokens=0), RouterConfig(prefill_routing="round-robin")):
+        assert place().pull is None
+
+
 def test_a_prefix_in_a_workers_host_tier_counts_almost_as_cached():
     index = PrefixIndex()
     a, b, c = worker("a", "prefill"), worker("b", "prefill"), worker("c", "prefill")

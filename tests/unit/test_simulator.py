@@ -74,6 +74,27 @@ def test_prefix_hits_go_to_the_worker_that_holds_them_and_skip_their_tokens():
     assert busy == pytest.approx([0.0, 0.170 + 0.042])
 
 
+def test_a_prefix_only_the_decode_worker_holds_is_pulled_from_it_not_computed():
+    p = profile()
+    # The first turn is short: computed on the decode worker alone. The next adds 272 tokens:
+    # over a prefill worker, which holds none of it and pulls the 128 the decode worker holds.
+    first = RequestShape(0.0, 160, 2, prefix_blocks=(7, 8, 100), block_tokens=64, seed=1)
+    second = RequestShape(10.0, 400, 2, prefix_blocks=(7, 8, 200, 201, 202, 203), block_tokens=64, seed=2)
+
+    def outcomes(pull_min: int):
+        sim = run(ClusterShape(p, p, 2, 1, RouterConfig(bypass_prefill_below_tokens=200, peer_pull_min_tokens=pull_min)), [first, second])
+        return sim, sim.outcomes[1]
+
+    sim, pulled = outcomes(64)
+    assert (sim.outcomes[0].placement, pulled.placement) == ("short_prompt", "remote")
+    assert sum(r.engine.prompt_tokens["peer"] for r in sim.prefills) == 128
+    # The pull: the decode worker's last block of it (10 + 16 ms) and 128 tokens of KV; then
+    # 272 tokens computed (10 + 272 ms) and the decode worker's step (11 ms).
+    assert pulled.ttft == pytest.approx(0.026 + 128 * 1000 / 1e9 + 0.282 + 0.011)
+    _, computed = outcomes(0)  # pulls off: all 400 computed
+    assert computed.ttft == pytest.approx(0.410 + 0.011)
+
+
 def test_a_prompt_its_decode_worker_holds_but_a_short_rest_is_computed_there():
     p = profile()
     first = RequestShape(0.0, 160, 2, prefix_blocks=(7, 8, 100), block_tokens=64, seed=1)
@@ -85,7 +106,7 @@ def test_a_prompt_its_decode_worker_holds_but_a_short_rest_is_computed_there():
     a, b = sim.outcomes
     assert (a.placement, b.placement) == ("remote", "decode_holds_prefix")
     assert b.ttft == pytest.approx(0.010 + 0.032)  # one step of 32 tokens on the decode worker
-    assert sim.decodes[0].engine.prompt_tokens == {"engine_cache": 128, "tier": 0, "computed": 32}
+    assert sim.decodes[0].engine.prompt_tokens == {"engine_cache": 128, "tier": 0, "peer": 0, "computed": 32}
     assert sum(r.engine.busy_seconds for r in sim.prefills) == pytest.approx(0.170)  # only the first
     # Round-robin ignores what workers hold.
     assert run(ClusterShape(p, p, 2, 1, RouterConfig(prefill_routing="round-robin")), [first, second]).outcomes[1].placement == "remote"
@@ -154,7 +175,7 @@ def test_a_host_tier_keeps_what_the_cache_evicts_and_loads_it_back():
     # Two blocks load (the tier leaves the prompt's last token to compute): 16 tokens computed.
     assert again.ttft == pytest.approx(BASE + 16 * PER_TOKEN + 2 * COPY)
     engine = with_tier.decodes[0].engine
-    assert engine.prompt_tokens == {"engine_cache": 0, "tier": 32, "computed": 3 * 48 - 32}
+    assert engine.prompt_tokens == {"engine_cache": 0, "tier": 32, "peer": 0, "computed": 3 * 48 - 32}
     report = simulate(ClusterShape(None, p, 0, 1, tier_gib=tier_gib(8)), requests, slo_ttft_ms=1000, slo_itl_ms=100)
     assert report["prompt_tokens"] == engine.prompt_tokens and report["prefix_hit_rate"] == pytest.approx(32 / 144, abs=1e-4)
     # A tier smaller than what came between (3 blocks: B's pushed A's out) keeps nothing of A.
