@@ -631,6 +631,12 @@ def _bench_router(args: argparse.Namespace) -> int:
     return bench_main(json_output=args.json, concurrency=args.concurrency, requests=args.requests or 200, model=args.model)
 
 
+def _bench_pull(args: argparse.Namespace) -> int:
+    from pdcluster.bench.pull_bench import main as bench_main
+
+    return bench_main(args.prefix_tokens, args.new_tokens, args.samples, args.kv_transport, args.json)
+
+
 def _bench_latency(args: argparse.Namespace) -> int:
     from pdcluster.bench.latency_bench import main as bench_main
 
@@ -969,6 +975,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--disaggregated", action="store_true", help="with --prompt-tokens: also through 1P+1D (the whole path)")
     router.add_argument("--model", default="", help="HF model directory (default: the tiny model)")
     router.set_defaults(func=_bench_router)
+    pull = bench_sub.add_parser("pull", help="a prefill worker's pull of a prefix from a peer, against computing it and against holding it")
+    pull.add_argument("--prefix-tokens", type=int, nargs="+", default=[1024, 2048, 3968], help="prefix lengths")
+    pull.add_argument("--new-tokens", type=int, default=64, help="tokens a turn adds to its prefix")
+    pull.add_argument("--samples", type=int, default=5, help="turns per prefix length and way")
+    pull.add_argument("--kv-transport", default="auto", choices=["auto", "nixl", "tcp", "grpc"], help="the workers' KV transport")
+    pull.add_argument("--json", action="store_true", help="end with a JSON line")
+    pull.set_defaults(func=_bench_pull)
     latency = bench_sub.add_parser(
         "latency", help="one request at a time: TTFT and ITL of the disaggregated and bypass paths beside vLLM's own server"
     )

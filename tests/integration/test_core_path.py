@@ -104,8 +104,10 @@ def test_a_prefill_worker_pulls_the_prefix_its_decode_worker_holds_and_computes_
     turn adds more than a short rest. The prefill worker pulls those blocks from the decode
     worker, computes the rest, and sends back only the blocks the decode worker lacks."""
     prefill, decode = pd_pair
-    ids = tokenizer(CORPUS.read_text() * 3).input_ids
-    earlier, turn = ids[350:1850], ids[350:1950]  # 1500 tokens held, 100 new; no other prompt here starts there
+    ids = tokenizer(CORPUS.read_text() * 4).input_ids
+    # 1500 tokens held, 100 new. No other test's prompt starts there (the corpus repeats every
+    # ~665 tokens), so the shared vLLM reference caches no other test's blocks from it.
+    earlier, turn = ids[420:1920], ids[420:2020]
     tokens, _, _ = asyncio.run(generate(None, decode, earlier))  # computed on the decode worker alone
     pulled = len(earlier) // CPU_BLOCK_SIZE * CPU_BLOCK_SIZE  # whole blocks
     before = {w.role: kv_stats(w) for w in pd_pair}

@@ -577,6 +577,14 @@ def test_prefill_backlog_runs_prompts_on_the_decode_worker(routers, client, long
     expected = client.completions.create(**kwargs).choices[0].text
     router = routers["prefill backlog"]
     try:
+        with httpx.Client(base_url=router.record.http, timeout=60) as http:
+            # This router polls the workers once a second: until it sees the prefill worker idle
+            # again after the request above, every prompt would count as arriving behind it.
+            deadline = time.monotonic() + 30
+            while any(w["role"] == "prefill" and (w["running"] or w["queued"]) for w in http.get("/cluster").json()["workers"]):
+                assert time.monotonic() < deadline, "the prefill worker never looked idle"
+                time.sleep(0.2)
+            time.sleep(1.5)  # and a poll after that, with the worker's queued prompt tokens at 0
         assert concurrent_texts(router, kwargs, 6) == [expected] * 6
         with httpx.Client(base_url=router.record.http, timeout=60) as http:
             # The first prompt goes to the idle prefill worker; some of the rest arrive behind it.
