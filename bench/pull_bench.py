@@ -83,6 +83,10 @@ class _Workers:
         assert first is not None
         return first
 
+    async def block_size(self) -> int:
+        """The prefill engine's KV block size: a pull moves whole blocks."""
+        return (await self._p.Stats(worker_pb2.StatsRequest(), metadata=self._metadata, timeout=10)).block_size
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
@@ -95,7 +99,7 @@ def _greedy(max_tokens: int):
 
 
 async def _measure(workers: _Workers, prefix_tokens: int, new_tokens: int, samples: int, rng: random.Random, vocab: int) -> PullRow:
-    block = 128  # the CPU engine's block size: a pull moves whole blocks
+    block = await workers.block_size()
     pulled = prefix_tokens // block * block
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(samples):
