@@ -19,7 +19,11 @@ def resolve_model(model: str) -> str:
 
 def engine_environment(engine: EngineConfig) -> dict[str, str]:
     """Environment vLLM reads at engine start (CPU KV size must be explicit here)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib)))}
+    env = {}
+    if "kv_cache_memory_bytes" not in engine.vllm_args:
+        # vLLM's own `--kv-cache-memory-bytes` sizes the cache where given: on CPU this variable
+        # would override it.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.kv_cache_gib)))
     if not _has_gpu() and engine.vllm_args.get("tensor_parallel_size", 1) == 1:
         # AsyncLLM keeps its engine core in its own process either way; this only runs
         # the CPU model inside that process instead of a further worker process whose

@@ -24,10 +24,11 @@ MAX_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def drifted(shared_pair, shared_worker_args):
-    """A prefill worker of the other checkpoint (otherwise the shared pair's flags), the shared
-    decode worker, and a router in front of both."""
+    """A prefill worker of the other checkpoint (otherwise the shared pair's flags, but a KV cache
+    sized by vLLM's own flag), the shared decode worker, and a router in front of both."""
     other_checkpoint = ensure_tiny_model(spec=TinyModelSpec(seed=1))
-    prefill, decode = start_process(Role.PREFILL, ["--model", str(other_checkpoint), *shared_worker_args, *EAGER]), shared_pair[1]
+    flags = ["--model", str(other_checkpoint), *shared_worker_args, *EAGER, "--kv-cache-memory-bytes", "256M"]
+    prefill, decode = start_process(Role.PREFILL, flags), shared_pair[1]
     started = [prefill]
     try:
         wait_ready(prefill)
@@ -56,3 +57,10 @@ def test_kv_of_another_checkpoint_is_refused_and_the_prompt_computed_where_it_de
     assert worker_stats(prefill.address).kv_bytes_sent == 0 and worker_stats(decode.address).kv_bytes_received == received_before
     log = router.log_tail(400)
     assert "cannot hand its KV to decode worker" in log and "(weights " in log
+
+
+def test_vllms_kv_cache_memory_bytes_sizes_a_workers_cache(drifted):
+    _, prefill, decode = drifted
+    # The same model shape and dtype: 256 MiB of cache is a quarter of the decode worker's 1 GiB
+    # (pdcluster's default, VLLM_CPU_KVCACHE_SPACE), which would otherwise have overridden the flag.
+    assert 4 * worker_stats(prefill.address).total_kv_blocks == worker_stats(decode.address).total_kv_blocks

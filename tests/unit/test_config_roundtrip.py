@@ -79,6 +79,9 @@ def test_every_engine_setting_reaches_vllm():
     kwargs = engine_kwargs(engine)
     assert kwargs == {"seed": 0, **{k: v for k, v in ENGINE.items() if k != "kv_cache_gib"}}
     assert engine_environment(engine)["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    # vLLM's own flag sizes the KV cache where given: the CPU variable would override it.
+    sized = EngineConfig(kv_cache_memory_bytes=256 << 20)
+    assert engine_kwargs(sized)["kv_cache_memory_bytes"] == 256 << 20 and "VLLM_CPU_KVCACHE_SPACE" not in engine_environment(sized)
     # pdcluster's defaults where vLLM's do not suit a CPU machine; the tiny model in float32.
     assert engine_kwargs(EngineConfig()) | {"model": ""} == {
         "model": "",
