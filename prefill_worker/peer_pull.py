@@ -37,7 +37,7 @@ _ONE_TOKEN = encode_sampling_params(SamplingParams(max_tokens=1))
 class PeerPulls:
     def __init__(self, host) -> None:
         self._host = host
-        self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._kv: KVClient | None = None
 
     def start(self, request: worker_pb2.PrefillRequest, params: SamplingParams, span: Span) -> asyncio.Task | None:
@@ -67,16 +67,18 @@ class PeerPulls:
     async def _fetch(self, peer: str, message: worker_pb2.PrefillRequest, span: Span) -> None:
         metadata = with_trace(token_metadata(self._host.config.auth_token), span)
         try:
-            await self._stub(peer).SendPrefix(message, metadata=metadata, timeout=PULL_TIMEOUT_S)
+            await worker_pb2_grpc.WorkerStub(self._channel(peer)).SendPrefix(message, metadata=metadata, timeout=PULL_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and (channel := self._channels.pop(peer, None)) is not None:
+                await channel.close()  # a peer that left: the router names its replacement by another address
             reason = f"peer {peer} did not send the prefix: {e.code().name} {e.details()}"
             logger.warning("pull %s: %s; computing it here", message.request_id, reason)
             await self._kv_client().abort(self._host.kv_endpoint, message.request_id, reason)
 
-    def _stub(self, peer: str) -> worker_pb2_grpc.WorkerStub:
-        if peer not in self._stubs:
-            self._stubs[peer] = worker_pb2_grpc.WorkerStub(open_channel(peer, self._host.config.tls))
-        return self._stubs[peer]
+    def _channel(self, peer: str) -> grpc.aio.Channel:
+        if peer not in self._channels:
+            self._channels[peer] = open_channel(peer, self._host.config.tls)
+        return self._channels[peer]
 
     def _kv_client(self) -> KVClient:
         if self._kv is None:

@@ -25,7 +25,7 @@ import sys
 import pytest
 
 from tests.support.paths import ROOT
-from tests.support.processes import EAGER
+from tests.support.processes import EAGER, SMALL_KV
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ def test_every_fault_loses_nothing_and_heals():
             "--faults",
             *FAULTS,
             *EAGER,
+            *SMALL_KV,
         ],
         cwd=ROOT,
         capture_output=True,

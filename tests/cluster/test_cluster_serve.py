@@ -41,7 +41,7 @@ from pdcluster.worker.engine_args import engine_environment
 
 from tests.support.kv_at_rest import workers_at_rest
 from tests.support.paths import ROOT
-from tests.support.processes import EAGER
+from tests.support.processes import EAGER, SMALL_KV
 from tests.support.vllm_reference import ENGINE_FLAGS
 
 pytestmark = pytest.mark.slow
@@ -76,8 +76,9 @@ def serve(tmp_path_factory):
     spec.write_text(yaml.safe_dump({"models": models, "router": {"aliases": [auto]}}))
     # A dead Ray head's address, as one killed without `ray stop` leaves: a local cluster starts its own Ray.
     dead_head = {"RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    shape = ["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", "--config", str(spec)]
     proc, lines, served = launch_serve(
-        ["--prefill", "2", "--decode", "1", "--port", "0", "--grpc-port", "0", "--config", str(spec), *prefill_args, *ENGINE_FLAGS, *EAGER],
+        [*shape, *prefill_args, *ENGINE_FLAGS, *EAGER, *SMALL_KV],
         env=dead_head,
     )
     yield proc, served.router.http, lines

@@ -21,13 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdcluster.common.serve_process import launch_serve, stop_serve
 
 from tests.support.certificates import make_certificates
+from tests.support.processes import SMALL_KV_BYTES
 
 pytestmark = pytest.mark.slow
 
 NAME = "switch-test"
 SPEC = {
     "name": NAME,
-    "engine": {"enforce_eager": True},
+    "engine": {"enforce_eager": True, "kv_cache_memory_bytes": SMALL_KV_BYTES},
     "prefill": {"replicas": 1, "max_replicas": 2},
     "decode": {"replicas": 2, "max_replicas": 2},
     # Role-switching workers; the autoscaler itself never acts within the test.

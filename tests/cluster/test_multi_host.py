@@ -49,6 +49,7 @@ from pdcluster.lab.lab_spec import RAY_PORT, REDIS_PORT, LabSpec
 
 from tests.support.certificates import make_certificates
 from tests.support.kv_at_rest import workers_at_rest
+from tests.support.processes import SMALL_KV_BYTES
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +130,7 @@ def cluster_spec(certs) -> dict:
     return {
         "name": "multihost",
         "tls": certs["member"].model_dump(),
-        "engine": {"enforce_eager": True},
+        "engine": {"enforce_eager": True, "kv_cache_memory_bytes": SMALL_KV_BYTES},
         "prefill": {"replicas": 1, "node_resource": "prefill_pool"},
         "decode": {"replicas": 1, "node_resource": "decode_pool"},
         "router": {"bypass_prefill_below_tokens": 32},

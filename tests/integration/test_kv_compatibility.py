@@ -27,7 +27,7 @@ def drifted(shared_pair, shared_worker_args):
     """A prefill worker of the other checkpoint (otherwise the shared pair's flags, but a KV cache
     sized by vLLM's own flag), the shared decode worker, and a router in front of both."""
     other_checkpoint = ensure_tiny_model(spec=TinyModelSpec(seed=1))
-    flags = ["--model", str(other_checkpoint), *shared_worker_args, *EAGER, "--kv-cache-memory-bytes", "256M"]
+    flags = ["--model", str(other_checkpoint), *shared_worker_args, *EAGER, "--kv-cache-memory-bytes", "128M"]
     prefill, decode = start_process(Role.PREFILL, flags), shared_pair[1]
     started = [prefill]
     try:
@@ -61,6 +61,6 @@ def test_kv_of_another_checkpoint_is_refused_and_the_prompt_computed_where_it_de
 
 def test_vllms_kv_cache_memory_bytes_sizes_a_workers_cache(drifted):
     _, prefill, decode = drifted
-    # The same model shape and dtype: 256 MiB of cache is a quarter of the decode worker's 1 GiB
-    # (pdcluster's default, VLLM_CPU_KVCACHE_SPACE), which would otherwise have overridden the flag.
-    assert 4 * worker_stats(prefill.address).total_kv_blocks == worker_stats(decode.address).total_kv_blocks
+    # The same model shape and dtype: 128 MiB of cache is half the decode worker's 256 MiB (the
+    # tests' size, also by this flag); pdcluster's VLLM_CPU_KVCACHE_SPACE would have overridden both.
+    assert 2 * worker_stats(prefill.address).total_kv_blocks == worker_stats(decode.address).total_kv_blocks

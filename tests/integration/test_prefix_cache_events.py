@@ -18,7 +18,7 @@ from pdcluster.common.processes import start_process, stop_all, wait_ready
 from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.common.worker_record import Role
 
-from tests.support.processes import EAGER, start_router, start_routers
+from tests.support.processes import EAGER, SMALL_KV, start_router, start_routers
 from tests.support.router_metrics import metric
 from tests.support.worker_calls import kv_stats, prefix_cache_snapshot
 
@@ -47,7 +47,7 @@ def test_workers_publish_their_prefix_cache_and_a_new_router_routes_by_it(tokeni
     tokens = tokenizer(CORPUS.read_text()).input_ids  # 665 tokens
     prompt = random.Random(7).sample(tokens, 600)  # in an order no other test sends to the shared pair
     # Two prefill workers: the shared pair's and one of this test's own.
-    extra = start_process(Role.PREFILL, [*shared_worker_args, *EAGER])
+    extra = start_process(Role.PREFILL, [*shared_worker_args, *EAGER, *SMALL_KV])
     started = [extra]
     try:
         wait_ready(extra)

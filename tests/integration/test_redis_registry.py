@@ -20,7 +20,7 @@ from pdcluster.common.tiny_model.generate import CORPUS
 from pdcluster.protos import worker_pb2 as wpb
 from pdcluster.protos import worker_pb2_grpc as wgrpc
 
-from tests.support.processes import EAGER, start_router
+from tests.support.processes import EAGER, SMALL_KV, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_two_routers_share_membership_tenants_and_prefix_hints(redis, tokenizer,
     tenants_file.write_text('[{"name": "acme", "api_keys": ["k-acme"], "max_concurrent": 1, "tokens_per_minute": 1500}]')
     # The workers require the cluster token; the routers are not given it and read it from the
     # registry, where the controller publishes it.
-    args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken", *EAGER]
+    args = ["--registry", redis_url, "--cluster-name", "regtest", "--auth-token", "t0ken", *EAGER, *SMALL_KV]
     workers = [start_process("prefill", args), start_process("decode", args)]
     routers = []
     try:

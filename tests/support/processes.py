@@ -10,6 +10,11 @@ from pdcluster.common.worker_record import Role
 # Compiling the model (torch.compile: ~30 s more per engine start here, more on CI) is not
 # what most tests are about. test_core_path keeps vLLM's compiled default.
 EAGER = ["--enforce-eager"]
+# Test engines hold 256 MiB of KV (131,072 tokens of the tiny model), not pdcluster's 1 GiB:
+# the suite keeps several engines up at once (the shared vLLM reference and pair, a module's
+# own), and each one's cache is memory written at its start and held to its end.
+SMALL_KV_BYTES = 256 << 20
+SMALL_KV = ["--kv-cache-memory-bytes", str(SMALL_KV_BYTES)]
 
 
 @contextlib.contextmanager
@@ -23,7 +28,7 @@ def running_cluster(
 ):
     """Workers (eager; able to switch roles if asked) and a router in front of them, each its
     own process; yields (router, workers)."""
-    worker_args = [*worker_args, *EAGER]
+    worker_args = [*worker_args, *EAGER, *SMALL_KV]
 
     def worker(role: Role):
         return start_process(ROLE_SWITCHING, ["--role", role, *worker_args]) if role_switching else start_process(role, worker_args)
@@ -61,7 +66,7 @@ def start_routers(worker_addresses: list[str], each_args: list[list[str]], env: 
 @contextlib.contextmanager
 def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None, compiled: bool = False):
     """A prefill and a decode worker process, ready, stopped on exit."""
-    mode = [] if compiled else EAGER
+    mode = [*([] if compiled else EAGER), *SMALL_KV]
     workers = [start_process(Role.PREFILL, [*prefill_args, *mode], env=env), start_process(Role.DECODE, [*decode_args, *mode], env=env)]
     try:
         for w in workers:

@@ -14,7 +14,7 @@ from pdcluster.common.vllm_server import start_vllm_server
 from pdcluster.worker.config import EngineConfig
 from pdcluster.worker.engine_args import engine_environment
 
-from tests.support.processes import EAGER
+from tests.support.processes import EAGER, SMALL_KV, SMALL_KV_BYTES
 from tests.support.tiny_lora import ensure_tiny_lora
 
 # Tests that compare tokens run float32 on both sides: vLLM's `auto` would make it 16-bit.
@@ -60,9 +60,9 @@ def running_vllm_reference(model: str, directory: Path):
     template.write_text(CHAT_TEMPLATE)
     adapters = {name: str(ensure_tiny_lora(model, seed)) for name, seed in (("tiny-lora-a", 1), ("tiny-lora-b", 2))}
     serve_flags = [*SERVE_FLAGS, "--chat-template", str(template), "--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
-    env = {**os.environ, **engine_environment(EngineConfig()), **RUNTIME_LORA_ENV}
+    env = {**os.environ, **engine_environment(EngineConfig(kv_cache_memory_bytes=SMALL_KV_BYTES)), **RUNTIME_LORA_ENV}
     server, url = start_vllm_server(
-        ["--model", model, "--seed", "0", *ENGINE_FLAGS, *LORA_FLAGS, *EAGER, *serve_flags], env, str(directory / "vllm.log")
+        ["--model", model, "--seed", "0", *ENGINE_FLAGS, *LORA_FLAGS, *EAGER, *SMALL_KV, *serve_flags], env, str(directory / "vllm.log")
     )
     try:
         yield VLLMReference(url, model, serve_flags, adapters)
