@@ -209,7 +209,10 @@ class ClusterSpec(_Strict):
         """The spec's engine with the pool's own engine arguments and tensor parallelism on top
         (each checked by vLLM where the spec was made)."""
         pool = self.pool(role)
-        merged = {**self.engine.model_dump(), **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size}
+        base = self.engine.model_dump()
+        if "kv_cache_memory_bytes" in pool.engine:
+            base.pop("kv_cache_gib", None)  # the pool sizes its own cache, by vLLM's argument
+        merged = {**base, **pool.engine, "tensor_parallel_size": pool.tensor_parallel_size}
         return EngineConfig.model_validate(merged, context={ENGINE_ARGS_CHECKED: True})
 
     def router_config(self) -> RouterConfig:

@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, model_serializer, model_validator
 
 from pdcluster.common.config_flags import add_model_flags, env_values, flag_values, merged
 from pdcluster.common.processes import ROLE_SWITCHING
@@ -38,7 +38,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field("", description="HF model directory (default: the tiny generated model)")
-    kv_cache_gib: float = Field(1.0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: float = Field(
+        1.0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); or give vLLM's kv_cache_memory_bytes instead, not both"
+    )
 
     @model_validator(mode="after")
     def _vllm_checks(self, info: ValidationInfo):
@@ -47,7 +49,18 @@ class EngineConfig(BaseModel):
         backend = self.vllm_args.get("kv_offloading_backend", "native")
         if backend != "native":
             raise ValueError(f"--kv-offloading-backend {backend}: pdcluster's workers keep offloaded KV themselves (native only)")
+        if "kv_cache_gib" in self.model_fields_set and "kv_cache_memory_bytes" in self.vllm_args:
+            raise ValueError("the KV cache size is given twice, as kv_cache_gib (pdcluster's) and kv_cache_memory_bytes (vLLM's): give one")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # kv_cache_gib left to its default stays unset where the dump is read back (a worker's
+        # --config-json), so that beside kv_cache_memory_bytes it is not taken as given twice.
+        data = handler(self)
+        if "kv_cache_gib" not in self.model_fields_set:
+            data.pop("kv_cache_gib", None)
+        return data
 
     @property
     def vllm_args(self) -> dict[str, Any]:

@@ -92,6 +92,23 @@ def test_every_engine_setting_reaches_vllm():
     }
 
 
+def test_the_kv_cache_size_is_given_once():
+    with pytest.raises(ValueError, match="KV cache size is given twice"):
+        EngineConfig(kv_cache_gib=2, kv_cache_memory_bytes=256 << 20)
+    with pytest.raises(ValueError, match="KV cache size is given twice"):
+        parse_worker_config(Role.DECODE, ["--kv-cache-gib", "2", "--kv-cache-memory-bytes", "256M"])
+    # vLLM's argument alone crosses the config's JSON round trip to the worker (pdcluster's
+    # default is not written out, so it is not read back as given).
+    s = ClusterSpec.model_validate({"engine": {"kv_cache_memory_bytes": 256 << 20}})
+    sent = s.worker_config(Role.DECODE, "decode-1")
+    assert parse_worker_config(Role.DECODE, worker_args(sent)).engine.vllm_args["kv_cache_memory_bytes"] == 256 << 20
+    # A pool that sizes its cache by vLLM's argument overrides the spec's kv_cache_gib.
+    s = ClusterSpec.model_validate({"engine": {"kv_cache_gib": 2}, "decode": {"engine": {"kv_cache_memory_bytes": 256 << 20}}})
+    assert s.pool_engine(Role.PREFILL).kv_cache_gib == 2
+    decode = parse_worker_config(Role.DECODE, worker_args(s.worker_config(Role.DECODE, "decode-1"))).engine
+    assert decode.vllm_args["kv_cache_memory_bytes"] == 256 << 20 and "VLLM_CPU_KVCACHE_SPACE" not in engine_environment(decode)
+
+
 def test_vllm_offloading_flags_size_our_connectors_host_tier():
     # vLLM would swap our connector for its own OffloadingConnector; ours keeps the tier instead.
     kwargs = engine_kwargs(EngineConfig(kv_offloading_size=0.5), pd_kv_transfer({"transport": "tcp"}))
