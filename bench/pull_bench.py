@@ -98,8 +98,9 @@ def _greedy(max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
 
-async def _measure(workers: _Workers, prefix_tokens: int, new_tokens: int, samples: int, rng: random.Random, vocab: int) -> PullRow:
-    block = await workers.block_size()
+async def _measure(
+    workers: _Workers, block: int, prefix_tokens: int, new_tokens: int, samples: int, rng: random.Random, vocab: int
+) -> PullRow:
     pulled = prefix_tokens // block * block
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(samples):
@@ -133,8 +134,8 @@ def main(prefix_tokens: list[int], new_tokens: int = 64, samples: int = 5, kv_tr
         async def run() -> list[PullRow]:
             workers = _Workers(prefill, decode)
             try:
-                rng = random.Random(0)
-                return [await _measure(workers, n, new_tokens, samples, rng, vocab) for n in prefix_tokens]
+                rng, block = random.Random(0), await workers.block_size()
+                return [await _measure(workers, block, n, new_tokens, samples, rng, vocab) for n in prefix_tokens]
             finally:
                 await workers.close()
 
