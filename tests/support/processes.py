@@ -66,8 +66,8 @@ def start_routers(worker_addresses: list[str], each_args: list[list[str]], env: 
 @contextlib.contextmanager
 def running_pair(prefill_args: list[str] = (), decode_args: list[str] = (), env: dict | None = None, compiled: bool = False):
     """A prefill and a decode worker process, ready, stopped on exit."""
-    mode = [*([] if compiled else EAGER), *SMALL_KV]
-    workers = [start_process(Role.PREFILL, [*prefill_args, *mode], env=env), start_process(Role.DECODE, [*decode_args, *mode], env=env)]
+    engine = [*([] if compiled else EAGER), *SMALL_KV]
+    workers = [start_process(Role.PREFILL, [*prefill_args, *engine], env=env), start_process(Role.DECODE, [*decode_args, *engine], env=env)]
     try:
         for w in workers:
             wait_ready(w)
