@@ -2,7 +2,9 @@
 Ray node with its own address and PID space): `pdcluster serve --address` from the head
 places the prefill pool on the prefill host and the decode pool on the decode host, all of it
 over mutual TLS. Each worker listens on its own host's address only; the KV crosses the link
-between them (the decode host's eth0 receives it); the answers equal plain vLLM's. A second
+between them (the decode host's eth0 receives it); the answers equal plain vLLM's. A
+conversation's next turn, whose earlier turn's KV only the decode worker holds, is prefilled on
+the prefill host from those blocks pulled across the link, not recomputed. A second
 router on a host of its own follows the same Redis registry and gives the same answers, also while the head's Redis is gone; a
 worker refuses a caller from there without the cluster's certificate. The decode host's cable is cut for 10 s
 under long streams and put back: no stream is lost or changed, the controller does not replace
@@ -61,6 +63,9 @@ MAX_TOKENS = 16
 CUT_S = 10.0  # shorter than Ray's own verdict on a silent node (~15 s and more): a partition, not a host lost
 UPGRADED_KV_BLOCKS = 150  # the decode pool's after its rolling upgrade
 STREAM_TOKENS = 1500  # long enough to be running when the cable is cut, well after the first token
+PULL_ANSWER_TOKENS = 300  # a first turn's answer: with its prompt, two full blocks on the decode worker
+BLOCK = 128  # vLLM's CPU block size
+KV_BYTES_PER_TOKEN = 4 * 2 * 32 * 2 * 4  # the tiny model: 4 layers x 2 KV heads x 32 dims x (K, V) x float32
 STREAMS = """
 import asyncio, json, sys, time, httpx
 url, prompts, max_tokens, started = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -133,7 +138,8 @@ def cluster_spec(certs) -> dict:
         "engine": {"enforce_eager": True, "kv_cache_memory_bytes": SMALL_KV_BYTES},
         "prefill": {"replicas": 1, "node_resource": "prefill_pool"},
         "decode": {"replicas": 1, "node_resource": "decode_pool"},
-        "router": {"bypass_prefill_below_tokens": 32},
+        # Pulls from 128 tokens (one block), not the default 1024: the pull test's conversation is short.
+        "router": {"bypass_prefill_below_tokens": 32, "peer_pull_min_tokens": 128},
     }
 
 
@@ -182,13 +188,13 @@ def prompts_and_answers(references) -> tuple[list[list[int]], list[list[int]]]:
     return references["short"]
 
 
-def completions(router_http: str, prompts: list[list[int]], host: str = "head") -> list[list[int]]:
+def completions(router_http: str, prompts: list[list[int]], host: str = "head", max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     """Greedy answers of the router at `router_http`, asked from a lab host, as token ids."""
     tokens = on_host(
         host,
         "import httpx, json\n"
         f"prompts = {json.dumps(prompts)}\n"
-        f"replies = [httpx.post('{router_http}/v1/completions', json={{'prompt': p, 'max_tokens': {MAX_TOKENS}, 'temperature': 0, 'ignore_eos': True, 'logprobs': 0, 'return_tokens_as_token_ids': True}}, timeout=120).json() for p in prompts]\n"
+        f"replies = [httpx.post('{router_http}/v1/completions', json={{'prompt': p, 'max_tokens': {max_tokens}, 'temperature': 0, 'ignore_eos': True, 'logprobs': 0, 'return_tokens_as_token_ids': True}}, timeout=120).json() for p in prompts]\n"
         "print(json.dumps([r['choices'][0]['logprobs']['tokens'] for r in replies]))",
     )
     return [[int(t.removeprefix("token_id:")) for t in answer] for answer in tokens]
@@ -220,6 +226,39 @@ def test_workers_serve_from_their_own_hosts_and_the_kv_crosses_the_link(served, 
     assert sum(by_transport.values()) == 2 and set(by_transport) <= {"nixl", "tcp"}, by_transport
     # The KV reached the decode host through its link (not shared memory), with the tokens and RPCs.
     assert link_bytes("decode-1") - received_before >= decode["kv_bytes_received"] > 0
+
+
+def test_a_turn_pulls_its_earlier_turns_kv_from_the_decode_host(served, tokenizer, vllm_reference):
+    """A short first turn is computed on the decode worker (under --bypass-prefill-below), so
+    its answer's KV is there only. The next turn adds 100 tokens: the prefill worker on its own
+    host pulls the two full blocks the decode worker holds across the link, computes the rest,
+    and the answer is plain vLLM's."""
+    ids = tokenizer(CORPUS.read_text()).input_ids
+    first = ids[600:620]  # no other prompt here starts there
+    decode_id = worker_view(served, "decode")["id"]
+    known = router_view(served)["prefix_index_blocks"].get(decode_id, 0)
+    (answer,) = completions(served.router.http, [first], max_tokens=PULL_ANSWER_TOKENS)
+    turn = first + answer + ids[:100]
+    held = (len(first) + len(answer) - 1) // BLOCK * BLOCK  # the answer's last token has no KV yet
+    deadline = time.monotonic() + 30
+    while router_view(served)["prefix_index_blocks"].get(decode_id, 0) < known + held // BLOCK:  # its KV events reach the router
+        assert time.monotonic() < deadline, router_view(served)["prefix_index_blocks"]
+        time.sleep(0.5)
+    pulls, pulled_tokens = (
+        router_metric(served, "pdcluster_router_peer_pulls_total"),
+        router_metric(served, "pdcluster_router_peer_pull_tokens_total"),
+    )
+    prefill_before, link_before = worker_view(served, "prefill"), link_bytes("prefill-1")
+    assert completions(served.router.http, [turn]) == vllm_reference.greedy([turn], MAX_TOKENS, ignore_eos=True)
+    assert router_metric(served, "pdcluster_router_peer_pulls_total") == pulls + 1
+    assert router_metric(served, "pdcluster_router_peer_pull_tokens_total") == pulled_tokens + held
+    deadline = time.monotonic() + 30
+    while worker_view(served, "prefill")["kv_bytes_received"] == prefill_before["kv_bytes_received"]:  # up to a poll old
+        assert time.monotonic() < deadline, "the prefill worker received no KV"
+        time.sleep(0.5)
+    received = worker_view(served, "prefill")["kv_bytes_received"] - prefill_before["kv_bytes_received"]
+    assert received == held * KV_BYTES_PER_TOKEN  # the held blocks, no more
+    assert link_bytes("prefill-1") - link_before >= received  # through the prefill host's link
 
 
 def test_a_router_on_another_host_shares_the_registry_and_mutual_tls_holds(served, second_router, prompts_and_answers):
@@ -324,10 +363,7 @@ def test_a_cut_cable_loses_no_stream_and_replaces_no_worker(served, references, 
     assert {r: (w["id"], w["pid"]) for r, w in after.items()} == {r: (w["id"], w["pid"]) for r, w in before.items()}
     status = on_host("head", STATUS)
     assert status["heals"] == [] and all(r["cut_off"] == "" for r in status["replicas"]), status
-    resumes = on_host(
-        "head",
-        f"import httpx; print(sum(float(l.split()[-1]) for l in httpx.get('{served.router.http}/metrics').text.splitlines() if l.startswith('pdcluster_router_resumes_total')))",
-    )
+    resumes = router_metric(served, "pdcluster_router_resumes_total")
     print(f"decode host cut {CUT_S:.0f} s: healthy again {back_after:.1f} s after its cable came back; streams resumed: {resumes}")
 
 
@@ -420,6 +456,23 @@ out = subprocess.run([sys.executable, "-m", "pdcluster", "status", "--json", "--
                      capture_output=True, text=True, timeout=120)
 print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps({{"error": out.stderr[-2000:]}}))
 """
+
+
+def router_view(served) -> dict:
+    """The head router's whole `/cluster`, asked from the head."""
+    return on_host("head", f"import httpx, json; print(json.dumps(httpx.get('{served.router.http}/cluster', timeout=30).json()))")
+
+
+def worker_view(served, role: str) -> dict:
+    return next(w for w in router_view(served)["workers"] if w["role"] == role)
+
+
+def router_metric(served, name: str) -> float:
+    """The sum of a metric's samples on the head router's `/metrics`, asked from the head."""
+    return on_host(
+        "head",
+        f"import httpx; print(sum(float(l.split()[-1]) for l in httpx.get('{served.router.http}/metrics').text.splitlines() if l.startswith('{name}')))",
+    )
 
 
 def cluster_workers(http: str, host: str = "head") -> list[dict]:
