@@ -236,13 +236,15 @@ def test_a_turn_pulls_its_earlier_turns_kv_from_the_decode_host(served, tokenize
     ids = tokenizer(CORPUS.read_text()).input_ids
     first = ids[600:620]  # no other prompt here starts there
     decode_id = worker_view(served, "decode")["id"]
-    known = router_view(served)["prefix_index_blocks"].get(decode_id, 0)
+    known = router_view(served.router.http)["prefix_index_blocks"].get(decode_id, 0)
     (answer,) = completions(served.router.http, [first], max_tokens=PULL_ANSWER_TOKENS)
     turn = first + answer + ids[:100]
     held = (len(first) + len(answer) - 1) // BLOCK * BLOCK  # the answer's last token has no KV yet
     deadline = time.monotonic() + 30
-    while router_view(served)["prefix_index_blocks"].get(decode_id, 0) < known + held // BLOCK:  # its KV events reach the router
-        assert time.monotonic() < deadline, router_view(served)["prefix_index_blocks"]
+    while (
+        router_view(served.router.http)["prefix_index_blocks"].get(decode_id, 0) < known + held // BLOCK
+    ):  # its KV events reach the router
+        assert time.monotonic() < deadline, router_view(served.router.http)["prefix_index_blocks"]
         time.sleep(0.5)
     pulls, pulled_tokens = (
         router_metric(served, "pdcluster_router_peer_pulls_total"),
@@ -458,13 +460,13 @@ print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps
 """
 
 
-def router_view(served) -> dict:
-    """The head router's whole `/cluster`, asked from the head."""
-    return on_host("head", f"import httpx, json; print(json.dumps(httpx.get('{served.router.http}/cluster', timeout=30).json()))")
+def router_view(http: str, host: str = "head") -> dict:
+    """The whole `/cluster` of the router at `http`, asked from a lab host."""
+    return on_host(host, f"import httpx, json; print(json.dumps(httpx.get('{http}/cluster', timeout=30).json()))")
 
 
 def worker_view(served, role: str) -> dict:
-    return next(w for w in router_view(served)["workers"] if w["role"] == role)
+    return next(w for w in cluster_workers(served.router.http) if w["role"] == role)
 
 
 def router_metric(served, name: str) -> float:
@@ -477,7 +479,7 @@ def router_metric(served, name: str) -> float:
 
 def cluster_workers(http: str, host: str = "head") -> list[dict]:
     """The workers the router at `http` lists in its `/cluster`, asked from a lab host."""
-    return on_host(host, f"import httpx, json; print(json.dumps(httpx.get('{http}/cluster', timeout=30).json()['workers']))")
+    return router_view(http, host)["workers"]
 
 
 def healthy_again_after(served, since: float) -> float:
